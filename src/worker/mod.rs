@@ -1,0 +1,436 @@
+//! `rbee worker`: one loaded model, served over HTTP.
+//!
+//! The HTTP server comes up first, so `/v1/ready` and the loading-progress
+//! stream answer while the engine thread loads the model. Once loading ends,
+//! either way, the worker reports to `--callback-url` (its hive). Requests go
+//! to the engine ([`engine`]) and come back as SSE.
+
+pub mod engine;
+pub mod slots;
+pub mod text;
+
+use crate::http::{self, sse, Auth, Body};
+use crate::protocol::{
+    new_id, now_rfc3339, Health, InferenceEvent, InferenceRequest, LoadingEvent, ReadyStatus,
+    WorkerReadyCallback,
+};
+use argh::FromArgs;
+use engine::{Config, Engine, Submission};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+/// Serve one GGUF model: load it with llama.cpp and stream completions over HTTP.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "worker")]
+pub struct Args {
+    /// the GGUF model file to load
+    #[argh(option)]
+    pub model: PathBuf,
+    /// address to listen on (default 127.0.0.1; others need a token)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    pub host: String,
+    /// port to listen on (default 8081)
+    #[argh(option, default = "8081")]
+    pub port: u16,
+    /// this worker's id, as its hive knows it (default: made up)
+    #[argh(option)]
+    pub worker_id: Option<String>,
+    /// URL to POST to once the model is loaded, or has failed to load
+    #[argh(option)]
+    pub callback_url: Option<String>,
+    /// requests decoded together (default 4)
+    #[argh(option, default = "4")]
+    pub slots: u32,
+    /// context of each slot, in tokens (default: the model's, at most 4096)
+    #[argh(option)]
+    pub ctx_size: Option<u32>,
+    /// CPU threads for llama.cpp (default: this machine's cores)
+    #[argh(option)]
+    pub threads: Option<i32>,
+    /// layers to offload to the GPU (default: all when built with a GPU backend, else 0)
+    #[argh(option)]
+    pub gpu_layers: Option<u32>,
+    /// which GPU to use (default 0)
+    #[argh(option, default = "0")]
+    pub device: i32,
+    /// requests that may wait for a slot before new ones get 503 (default 64)
+    #[argh(option, default = "64")]
+    pub queue_size: u32,
+    /// file holding the shared bearer token (else RBEE_TOKEN)
+    #[argh(option)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// What every request handler shares. Cheap to clone.
+#[derive(Clone)]
+struct Worker {
+    engine: Engine,
+    /// The catalog name of the model: its file stem, lower-case.
+    model: Arc<str>,
+    slots: u32,
+    /// The engine's loading state; its last value is `Ready` or `Failed` once loading ends.
+    loading: watch::Receiver<LoadingEvent>,
+    auth: Auth,
+    /// Fired by `POST /v1/admin/shutdown`.
+    shutdown: Arc<tokio::sync::Notify>,
+}
+
+/// Runs the worker until it is told to stop; `Err` is the one-line reason it failed.
+pub async fn run(args: Args) -> Result<(), String> {
+    let auth = Auth::load(args.token_file.as_deref())?;
+    auth.check_bind(&args.host)?;
+    let listener = http::bind(&args.host, args.port).await?;
+    let url = format!(
+        "http://{}:{}",
+        args.host,
+        listener.local_addr().map_or(args.port, |a| a.port())
+    );
+    let model = model_name(&args.model);
+    let config = Config {
+        model_path: args.model.clone(),
+        slots: args.slots.max(1),
+        ctx_size: args.ctx_size,
+        threads: args.threads.unwrap_or_else(default_threads).max(1),
+        gpu_layers: args
+            .gpu_layers
+            .unwrap_or(if crate::GPU_BACKEND { 999 } else { 0 }),
+        main_gpu: args.device,
+        queue_size: args.queue_size,
+    };
+    let (engine, loading, thread) =
+        Engine::start(config).map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    let worker = Worker {
+        engine: engine.clone(),
+        model: model.clone().into(),
+        slots: args.slots.max(1),
+        loading: loading.clone(),
+        auth,
+        shutdown: Arc::new(tokio::sync::Notify::new()),
+    };
+    tracing::info!(
+        "worker listening on {url}, loading {}",
+        args.model.display()
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = {
+        let worker = worker.clone();
+        let mut stop_rx = stop_rx.clone();
+        tokio::spawn(http::serve(
+            listener,
+            move |req| route(worker.clone(), req),
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        ))
+    };
+
+    // Report how loading ended, once, to the hive.
+    let load_result = {
+        let mut loading = loading.clone();
+        let outcome = async {
+            let _ = loading
+                .wait_for(|e| matches!(e, LoadingEvent::Ready | LoadingEvent::Failed { .. }))
+                .await;
+            match &*loading.borrow() {
+                LoadingEvent::Failed { message } => Err(message.clone()),
+                _ => Ok(()),
+            }
+        };
+        tokio::select! {
+            r = outcome => Some(r),
+            () = stop_signal(&worker.shutdown) => None,
+        }
+    };
+    let mut failure = None;
+    let mut stop_now = load_result.is_none();
+    if let Some(result) = load_result {
+        if let Some(callback) = &args.callback_url {
+            let report = WorkerReadyCallback {
+                worker_id: args.worker_id.clone().unwrap_or_else(|| new_id("worker")),
+                url: url.clone(),
+                model: model.clone(),
+                slots: args.slots.max(1),
+                state: if result.is_ok() { "ready" } else { "failed" }.into(),
+                error: result.as_ref().err().cloned(),
+            };
+            if let Err(e) = post_callback(callback, &report, &worker.auth).await {
+                tracing::warn!("could not report to {callback}: {e}");
+            }
+        }
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                failure = Some(e);
+                stop_now = true;
+            }
+        }
+    }
+    if !stop_now {
+        stop_signal(&worker.shutdown).await;
+    }
+    tracing::info!("worker shutting down");
+    engine.shutdown();
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// SIGTERM, Ctrl+C, or `POST /v1/admin/shutdown`.
+async fn stop_signal(admin: &tokio::sync::Notify) {
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+        () = admin.notified() => {}
+    }
+}
+
+async fn post_callback(url: &str, report: &WorkerReadyCallback, auth: &Auth) -> Result<(), String> {
+    let url = url.to_string();
+    let body = serde_json::to_string(report).map_err(|e| e.to_string())?;
+    let token = auth.token().map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let mut req = ureq::post(&url).header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", &format!("Bearer {t}"));
+        }
+        req.send(&body).map(|_| ()).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// The real core count: what llama.cpp should use, not its default of 4.
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism().map_or(4, |n| n.get() as i32)
+}
+
+/// The catalog name of a model file: its stem, lower-case.
+pub fn model_name(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().to_lowercase())
+        .unwrap_or_else(|| "model".into())
+}
+
+async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
+    if let Some(denied) = w.auth.reject(&req) {
+        return denied;
+    }
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/health" | "/v1/health") => {
+            http::json(StatusCode::OK, &Health::alive("worker"))
+        }
+        (&Method::GET, "/v1/ready") => http::json(StatusCode::OK, &ready_status(&w)),
+        (&Method::GET, "/v1/loading/progress") => loading_progress(&w),
+        (&Method::POST, "/v1/inference") => inference(&w, req).await,
+        (&Method::POST, "/v1/admin/shutdown") => {
+            w.shutdown.notify_one();
+            http::json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"status": "shutting_down"}),
+            )
+        }
+        (
+            m,
+            "/health"
+            | "/v1/health"
+            | "/v1/ready"
+            | "/v1/loading/progress"
+            | "/v1/inference"
+            | "/v1/admin/shutdown",
+        ) => http::method_not_allowed(m, &path),
+        _ => http::not_found(&path),
+    }
+}
+
+fn ready_status(w: &Worker) -> ReadyStatus {
+    let (state, error) = match &*w.loading.borrow() {
+        LoadingEvent::Ready => ("ready", None),
+        LoadingEvent::Failed { message } => ("failed", Some(message.clone())),
+        _ => ("loading", None),
+    };
+    let load = w.engine.load();
+    ReadyStatus {
+        ready: state == "ready",
+        state: state.into(),
+        progress_url: "/v1/loading/progress".into(),
+        model: w.model.to_string(),
+        slots_total: w.slots,
+        slots_busy: load.busy(),
+        queue_len: load.queued(),
+        error,
+    }
+}
+
+/// Streams loading progress; a late subscriber gets where loading stands, which
+/// after loading is `ready` (or `failed`) and `[DONE]` at once.
+fn loading_progress(w: &Worker) -> Response<Body> {
+    let (tx, resp) = http::sse_response();
+    let mut loading = w.loading.clone();
+    tokio::spawn(async move {
+        loop {
+            let event = loading.borrow_and_update().clone();
+            let last = matches!(event, LoadingEvent::Ready | LoadingEvent::Failed { .. });
+            if tx.send(sse::event(&event)).await.is_err() {
+                return;
+            }
+            if last {
+                break;
+            }
+            tokio::select! {
+                changed = loading.changed() => if changed.is_err() { break },
+                () = tx.closed() => return,
+            }
+        }
+        let _ = tx.send(sse::DONE.into()).await;
+    });
+    resp
+}
+
+/// Checks a request's fields; the message says what is wrong.
+fn validate(r: &InferenceRequest) -> Result<(), String> {
+    if r.prompt.is_empty() {
+        return Err("prompt is empty".into());
+    }
+    match r.max_tokens {
+        Some(n) if n <= 0 => return Err(format!("max_tokens must be at least 1, got {n}")),
+        Some(n) if n > MAX_TOKENS_LIMIT => {
+            return Err(format!(
+                "max_tokens {n} is absurd: at most {MAX_TOKENS_LIMIT}"
+            ))
+        }
+        _ => {}
+    }
+    if let Some(t) = r.temperature {
+        if !(0.0..=100.0).contains(&t) {
+            return Err(format!("temperature must be between 0 and 100, got {t}"));
+        }
+    }
+    if let Some(p) = r.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {p}"));
+        }
+    }
+    if let Some(k) = r.top_k {
+        if k < 0 {
+            return Err(format!("top_k must be 0 (off) or more, got {k}"));
+        }
+    }
+    if r.stop.len() > 16 || r.stop.iter().any(String::is_empty) {
+        return Err("stop must be at most 16 non-empty strings".into());
+    }
+    Ok(())
+}
+
+/// No context any GGUF model has comes near this; above it is a client bug.
+const MAX_TOKENS_LIMIT: i64 = 1 << 20;
+
+async fn inference(w: &Worker, req: Request<Incoming>) -> Response<Body> {
+    let request: InferenceRequest = match http::read_json(req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if let Err(message) = validate(&request) {
+        return http::error(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message);
+    }
+    match &*w.loading.borrow() {
+        LoadingEvent::Ready => {}
+        LoadingEvent::Failed { message } => {
+            return http::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "MODEL_LOAD_FAILED",
+                format!("the model failed to load: {message}"),
+            )
+        }
+        _ => {
+            return http::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "LOADING",
+                "the model is still loading; watch /v1/loading/progress",
+            )
+        }
+    }
+    let Some(reservation) = w.engine.reserve() else {
+        return http::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "QUEUE_FULL",
+            "every slot is busy and the queue is full; try again shortly",
+        );
+    };
+    let job_id = request.job_id.clone().unwrap_or_else(|| new_id("job"));
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let admission = w.engine.submit(Submission {
+        request,
+        events: events_tx,
+        reservation,
+    });
+    match admission.await {
+        Ok(Ok(())) => {}
+        Ok(Err(rejection)) => {
+            return http::error(StatusCode::BAD_REQUEST, rejection.code, rejection.message)
+        }
+        Err(_) => {
+            return http::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SHUTTING_DOWN",
+                "the worker is shutting down",
+            )
+        }
+    }
+
+    let (tx, resp) = http::sse_response();
+    let started = InferenceEvent::Started {
+        job_id,
+        model: w.model.to_string(),
+        started_at: now_rfc3339(),
+    };
+    tokio::spawn(async move {
+        if tx.send(sse::event(&started)).await.is_err() {
+            return;
+        }
+        let mut ended = false;
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => {
+                        ended = matches!(event, InferenceEvent::End { .. } | InferenceEvent::Error { .. });
+                        if tx.send(sse::event(&event)).await.is_err() {
+                            return; // Dropping `events` tells the engine the client left.
+                        }
+                    }
+                    None => break,
+                },
+                () = tx.closed() => return,
+            }
+        }
+        if !ended {
+            // The engine went away without a word: say so rather than end silently.
+            let lost = InferenceEvent::Error {
+                code: "INFERENCE_FAILED".into(),
+                message: "the engine stopped before the request finished".into(),
+            };
+            let _ = tx.send(sse::event(&lost)).await;
+        }
+        let _ = tx.send(sse::DONE.into()).await;
+    });
+    resp
+}

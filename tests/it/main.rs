@@ -1,0 +1,8 @@
+//! The integration tests: the real `rbee` executable, started on free loopback
+//! ports against the real SmolLM2 model (`make model` fetches it).
+//!
+//! Tests that run a model take turns (`support::serial`): on a 2-core machine
+//! two models decoding at once would only make each other slow.
+
+mod support;
+mod worker;

@@ -1,0 +1,324 @@
+//! Starting `rbee` processes and talking to them, for the tests.
+
+use rbee::http::sse::{Decoder, Frame};
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The SmolLM2 test model: `RBEE_TEST_MODEL`, else where `make model` puts it.
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("RBEE_TEST_MODEL").map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join(".models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "test model {} is missing: run `make model`",
+        path.display()
+    );
+    path
+}
+
+/// One model-running test at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running `rbee` process, killed when dropped (a failing test leaves nothing behind).
+pub struct Proc {
+    child: Child,
+    pub url: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    pub fn start(args: &[&str], port: u16) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rbee"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("rbee starts");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Proc {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the stderr thread drain the pipe.
+                std::thread::sleep(Duration::from_millis(50));
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `rbee worker` on the test model and a free port, not yet waited for.
+pub fn start_worker(extra: &[&str]) -> Proc {
+    let port = free_port();
+    let model = model_path();
+    let port_s = port.to_string();
+    let mut args = vec![
+        "worker",
+        "--model",
+        model.to_str().expect("a UTF-8 path"),
+        "--port",
+        &port_s,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args, port)
+}
+
+/// `rbee worker` that has loaded its model.
+pub fn ready_worker(extra: &[&str]) -> Proc {
+    let w = start_worker(extra);
+    wait_ready(&w);
+    w
+}
+
+pub fn wait_ready(p: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Ok((200, v)) = try_get(&format!("{}/v1/ready", p.url)) {
+            match v["state"].as_str() {
+                Some("ready") => return,
+                Some("failed") => panic!("worker failed to load: {v}\n{}", p.stderr()),
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("worker not ready in time:\n{}", p.stderr());
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+fn status_and_json(resp: ureq::http::Response<ureq::Body>) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let text = resp.into_body().read_to_string().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+pub fn try_get(url: &str) -> Result<(u16, Value), ureq::Error> {
+    agent().get(url).call().map(status_and_json)
+}
+
+pub fn get(url: &str) -> (u16, Value) {
+    try_get(url).unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+pub fn post(url: &str, body: &str) -> (u16, Value) {
+    agent()
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body)
+        .map(status_and_json)
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+}
+
+pub fn request(method: &str, url: &str) -> (u16, Value) {
+    let req = ureq::http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(())
+        .expect("a request");
+    agent()
+        .run(req)
+        .map(status_and_json)
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// An SSE response being read event by event.
+pub struct Sse {
+    reader: ureq::BodyReader<'static>,
+    decoder: Decoder,
+    ready: VecDeque<Frame>,
+}
+
+impl Sse {
+    /// The next event, `None` when the connection ends.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(f) = self.ready.pop_front() {
+                return Some(f);
+            }
+            match self.reader.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.ready.extend(self.decoder.push(&buf[..n])),
+            }
+        }
+    }
+
+    /// The next data event as JSON; panics on `[DONE]` or a closed stream.
+    pub fn next_event(&mut self) -> Value {
+        match self.next_frame() {
+            Some(Frame::Data(d)) => serde_json::from_str(&d).expect("events are JSON"),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    /// Every remaining event up to `[DONE]`; panics if the stream ends without it
+    /// or sends anything after it.
+    pub fn rest(mut self) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            match self.next_frame() {
+                Some(Frame::Data(d)) => events.push(serde_json::from_str(&d).expect("JSON")),
+                Some(Frame::Done) => break,
+                None => panic!("stream closed without [DONE] after {events:?}"),
+            }
+        }
+        assert_eq!(self.next_frame(), None, "nothing may follow [DONE]");
+        events
+    }
+}
+
+/// Opens an SSE stream with GET (body `None`) or POST; a non-200 answer is the error.
+pub fn stream(url: &str, body: Option<&str>) -> Result<Sse, (u16, Value)> {
+    let agent = agent();
+    let resp = match body {
+        Some(b) => agent
+            .post(url)
+            .header("content-type", "application/json")
+            .send(b),
+        None => agent.get(url).call(),
+    }
+    .unwrap_or_else(|e| panic!("{url}: {e}"));
+    if resp.status() != 200 {
+        return Err(status_and_json(resp));
+    }
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(ct, "text/event-stream");
+    Ok(Sse {
+        reader: resp.into_body().into_reader(),
+        decoder: Decoder::new(),
+        ready: VecDeque::new(),
+    })
+}
+
+/// A one-endpoint HTTP server that records the JSON bodies POSTed to it, like
+/// a hive waiting for its workers' callbacks.
+pub struct CallbackServer {
+    pub url: String,
+    bodies: mpsc::Receiver<Value>,
+}
+
+impl CallbackServer {
+    pub fn start() -> CallbackServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!(
+            "http://{}/v1/workers/ready",
+            listener.local_addr().expect("addr")
+        );
+        let (tx, bodies) = mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                let _ = reader.read_exact(&mut body);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        CallbackServer { url, bodies }
+    }
+
+    pub fn next(&self, timeout: Duration) -> Option<Value> {
+        self.bodies.recv_timeout(timeout).ok()
+    }
+}
