@@ -6,7 +6,7 @@
 pub mod sse;
 
 use crate::protocol::{ErrorBody, ErrorDetail};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -130,27 +130,49 @@ pub fn method_not_allowed(method: &hyper::Method, path: &str) -> Response<Body> 
 }
 
 /// Reads a JSON body of at most [`MAX_BODY_BYTES`]; the error is the response to send.
+///
+/// An oversized body is still read to its end (up to [`DRAIN_LIMIT`]) before the
+/// 413 goes out: most clients send the whole body before they read, and would
+/// see a broken pipe instead of the answer if the server hung up on them.
 pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
-    let bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "BODY_TOO_LARGE",
-                format!("request body is over {MAX_BODY_BYTES} bytes"),
-            ))
-        }
-        Err(e) => {
-            return Err(error(
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "BODY_TOO_LARGE",
+            format!("request body is over {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > DRAIN_LIMIT) {
+        return Err(too_large());
+    }
+    let mut body = req.into_body();
+    let mut bytes = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            error(
                 StatusCode::BAD_REQUEST,
                 "INVALID_REQUEST",
                 format!("could not read the request body: {e}"),
-            ))
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if total <= MAX_BODY_BYTES {
+                bytes.extend_from_slice(&data);
+            } else if total > DRAIN_LIMIT {
+                break;
+            }
         }
-    };
+    }
+    if total > MAX_BODY_BYTES {
+        return Err(too_large());
+    }
     serde_json::from_slice(&bytes).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
@@ -159,6 +181,9 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
         )
     })
 }
+
+/// How much of an oversized body is read (and thrown away) so the client hears the 413.
+const DRAIN_LIMIT: usize = 64 << 20;
 
 /// An SSE response fed by the returned sender. Keep-alive comments go out on
 /// their own whenever the stream is idle for [`sse::KEEPALIVE_EVERY`]. When the
