@@ -16,6 +16,7 @@ struct Cli {
 #[derive(FromArgs)]
 #[argh(subcommand)]
 enum Role {
+    Hive(rbee::hive::Args),
     Worker(rbee::worker::Args),
 }
 
@@ -46,6 +47,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match role {
+            Role::Hive(args) => rbee::hive::run(args).await,
             Role::Worker(args) => rbee::worker::run(args).await,
         }
     });

@@ -150,6 +150,118 @@ pub struct WorkerReadyCallback {
     pub error: Option<String>,
 }
 
+/// `POST /v1/models/download` on a hive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadRequest {
+    pub model_ref: String,
+}
+
+/// The answer to a download request. `state` is `complete` when the hive
+/// already had the model (the progress stream then says so at once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownloadStarted {
+    pub download_id: String,
+    pub local_path: String,
+    pub state: String,
+}
+
+/// One event of a hive's `GET /v1/models/download/progress?id=` stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "snake_case")]
+pub enum DownloadEvent {
+    Downloading {
+        bytes_downloaded: u64,
+        bytes_total: u64,
+        /// Megabits per second, over the last second or so.
+        speed_mbps: f64,
+    },
+    Complete {
+        local_path: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// A model in a hive's catalog (`GET /v1/models`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEntry {
+    /// The catalog name: the file stem, lower-case.
+    pub name: String,
+    /// The reference it was added by.
+    pub model_ref: String,
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub architecture: String,
+    pub parameters: u64,
+    pub quantization: String,
+    pub context_length: u64,
+    pub layers: u64,
+    /// The file lives in the hive's own models directory and goes when the entry does;
+    /// a `file:` model registered in place is never deleted by the hive.
+    pub owned: bool,
+    pub added_at: String,
+}
+
+/// `POST /v1/workers/spawn` on a hive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    pub model_ref: String,
+    /// `cpu`, `cuda` or `metal`; absent: the best this hive has.
+    #[serde(default)]
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub device: u32,
+    #[serde(default)]
+    pub slots: Option<u32>,
+    #[serde(default)]
+    pub ctx_size: Option<u32>,
+}
+
+/// A worker as its hive knows it (`GET /v1/workers/list`, and the spawn answer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub worker_id: String,
+    pub url: String,
+    pub model: String,
+    pub model_path: String,
+    pub pid: u32,
+    /// `loading`, `ready`, `stopping` or `failed`.
+    pub state: String,
+    pub slots: u32,
+    pub backend: String,
+    pub device: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub started_at: String,
+}
+
+/// `GET /v1/capabilities` on a hive: what a scheduler needs to place a model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub hostname: String,
+    pub cores: u32,
+    pub ram_total_mb: u64,
+    pub ram_available_mb: u64,
+    pub disk_free_mb: u64,
+    /// The llama.cpp backends this binary was built with.
+    pub backends: Vec<String>,
+    pub gpus: Vec<GpuInfo>,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub name: String,
+    pub description: String,
+    pub memory_total_mb: u64,
+    pub memory_free_mb: u64,
+}
+
 /// The current time as RFC 3339 in UTC, to the second.
 pub fn now_rfc3339() -> String {
     let secs = SystemTime::now()

@@ -80,6 +80,26 @@ where
     }
 }
 
+/// SIGTERM, Ctrl+C, or `admin` being notified (`POST /v1/admin/shutdown`).
+pub async fn stop_signal(admin: &tokio::sync::Notify) {
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+        () = admin.notified() => {}
+    }
+}
+
 /// Binds `host:port`, with an error that says which address could not be had.
 pub async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
     TcpListener::bind((host, port))

@@ -13,7 +13,6 @@ use super::text::{StopMatcher, Utf8Assembler};
 use crate::protocol::{InferenceEvent, InferenceRequest, LoadingEvent, StopReason};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::gguf::GgufContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -21,7 +20,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
@@ -119,7 +118,7 @@ impl Engine {
         watch::Receiver<LoadingEvent>,
         std::thread::JoinHandle<()>,
     )> {
-        let layers_total = gguf_block_count(&config.model_path).unwrap_or(0);
+        let layers_total = crate::gguf::layer_count(&config.model_path).unwrap_or(0);
         let (progress, loading) = watch::channel(progress_event(&config, layers_total, 0.0, 0));
         let (commands, rx) = std_mpsc::channel();
         let load = Arc::new(Load::default());
@@ -190,7 +189,8 @@ fn load_model(
     stopping: &Arc<AtomicBool>,
 ) -> Result<(LlamaBackend, LlamaModel), String> {
     let path = &config.model_path;
-    let size = check_gguf(path)?;
+    crate::gguf::read(path)?;
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
     let backend = LlamaBackend::init().map_err(|e| format!("cannot start llama.cpp: {e}"))?;
     let report = progress.clone();
     let event_config = config.clone();
@@ -244,29 +244,6 @@ fn progress_event(config: &Config, layers_total: u32, fraction: f32, size: u64) 
             ram_mb: mb,
         }
     }
-}
-
-/// The file exists, is readable and starts with the GGUF magic; returns its size.
-fn check_gguf(path: &Path) -> Result<u64, String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| format!("cannot open model file {}: {e}", path.display()))?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut magic = [0u8; 4];
-    if file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
-        return Err(format!("{} is not a GGUF model file", path.display()));
-    }
-    Ok(size)
-}
-
-/// `<architecture>.block_count` from the header, without touching the weights.
-fn gguf_block_count(path: &Path) -> Option<u32> {
-    let gguf = GgufContext::from_file(path)?;
-    let arch = gguf
-        .val_str(gguf.find_key("general.architecture"))?
-        .to_string();
-    let key = gguf.find_key(&format!("{arch}.block_count"));
-    (key >= 0).then(|| gguf.val_u32(key))
 }
 
 /// A request, from the moment its prompt is tokenized until it ends.
@@ -588,6 +565,23 @@ fn sampler_for(request: &InferenceRequest) -> LlamaSampler {
         LlamaSampler::temp(temperature),
         LlamaSampler::dist(seed),
     ])
+}
+
+/// The GPUs llama.cpp can use in this build (none in a CPU-only build).
+pub fn gpus() -> Vec<crate::protocol::GpuInfo> {
+    use llama_cpp_2::LlamaBackendDeviceType as Kind;
+    llama_cpp_2::list_llama_ggml_backend_devices()
+        .into_iter()
+        .filter(|d| matches!(d.device_type, Kind::Gpu | Kind::IntegratedGpu))
+        .enumerate()
+        .map(|(i, d)| crate::protocol::GpuInfo {
+            index: i as u32,
+            name: d.name,
+            description: d.description,
+            memory_total_mb: (d.memory_total >> 20) as u64,
+            memory_free_mb: (d.memory_free >> 20) as u64,
+        })
+        .collect()
 }
 
 /// llama.cpp's own sampling defaults, which is what its users expect.

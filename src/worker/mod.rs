@@ -154,7 +154,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         };
         tokio::select! {
             r = outcome => Some(r),
-            () = stop_signal(&worker.shutdown) => None,
+            () = http::stop_signal(&worker.shutdown) => None,
         }
     };
     let mut failure = None;
@@ -185,7 +185,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         // Serve until told to stop, or until the engine fails for good.
         let mut loading = loading.clone();
         tokio::select! {
-            () = stop_signal(&worker.shutdown) => {}
+            () = http::stop_signal(&worker.shutdown) => {}
             Ok(state) = loading.wait_for(|e| matches!(e, LoadingEvent::Failed { .. })) => {
                 if let LoadingEvent::Failed { message } = &*state {
                     failure = Some(message.clone());
@@ -201,26 +201,6 @@ pub async fn run(args: Args) -> Result<(), String> {
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
-    }
-}
-
-/// SIGTERM, Ctrl+C, or `POST /v1/admin/shutdown`.
-async fn stop_signal(admin: &tokio::sync::Notify) {
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-        () = admin.notified() => {}
     }
 }
 

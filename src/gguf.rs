@@ -1,0 +1,280 @@
+//! Reads the facts a catalog needs from a GGUF file's header, without touching
+//! the weights: architecture, parameter count, quantization, context length and
+//! layer count.
+//!
+//! The header is key/value metadata followed by tensor descriptions; the
+//! weights come after both, so a model of any size is described after reading
+//! a few megabytes at most (the tokenizer's vocabulary is the bulk of it).
+//! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, BufReader, Read};
+use std::path::Path;
+
+/// What the catalog records about a model file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GgufInfo {
+    pub architecture: String,
+    /// Total elements over all tensors.
+    pub parameters: u64,
+    /// The file type's name, such as `Q4_K_M`, or `unknown`.
+    pub quantization: String,
+    pub context_length: u64,
+    pub layers: u64,
+}
+
+/// Reads the header of the GGUF file at `path`.
+pub fn read(path: &Path) -> Result<GgufInfo, String> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| format!("cannot open model file {}: {e}", path.display()))?;
+    parse(&mut BufReader::with_capacity(1 << 16, file))
+        .map_err(|e| format!("{} is not a GGUF model file ({e})", path.display()))
+}
+
+/// Reads just the layer count, for loading progress.
+pub fn layer_count(path: &Path) -> Option<u32> {
+    read(path).ok().and_then(|i| u32::try_from(i.layers).ok())
+}
+
+/// A metadata value: only the kinds the catalog reads are kept.
+enum Value {
+    Uint(u64),
+    Str(String),
+    Other,
+}
+
+/// Largest string or array the parser accepts: a guard against corrupt headers.
+const MAX_LEN: u64 = 1 << 28;
+
+pub fn parse(r: &mut impl Read) -> io::Result<GgufInfo> {
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic)?;
+    if &magic != b"GGUF" {
+        return Err(invalid("no GGUF magic"));
+    }
+    let version = read_u32(r)?;
+    if !(2..=3).contains(&version) {
+        return Err(invalid(&format!("GGUF version {version} is not supported")));
+    }
+    let n_tensors = read_u64(r)?;
+    let n_kv = read_u64(r)?;
+    let mut architecture = String::new();
+    let mut file_type = None;
+    let mut numbers: Vec<(String, u64)> = Vec::new();
+    for _ in 0..n_kv {
+        let key = read_string(r)?;
+        let kind = read_u32(r)?;
+        match read_value(r, kind)? {
+            Value::Str(s) if key == "general.architecture" => architecture = s,
+            Value::Uint(n) if key == "general.file_type" => file_type = Some(n),
+            Value::Uint(n) if key.ends_with(".context_length") || key.ends_with(".block_count") => {
+                numbers.push((key, n));
+            }
+            _ => {}
+        }
+    }
+    let number = |suffix: &str| {
+        numbers
+            .iter()
+            .find(|(k, _)| *k == format!("{architecture}.{suffix}"))
+            .map_or(0, |(_, n)| *n)
+    };
+    let mut parameters = 0u64;
+    for _ in 0..n_tensors {
+        let _name = read_string(r)?;
+        let n_dims = read_u32(r)?;
+        if n_dims > 8 {
+            return Err(invalid("tensor with more than 8 dimensions"));
+        }
+        let mut elements = 1u64;
+        for _ in 0..n_dims {
+            elements = elements.saturating_mul(read_u64(r)?);
+        }
+        let _type = read_u32(r)?;
+        let _offset = read_u64(r)?;
+        parameters = parameters.saturating_add(elements);
+    }
+    Ok(GgufInfo {
+        context_length: number("context_length"),
+        layers: number("block_count"),
+        architecture,
+        parameters,
+        quantization: file_type.map_or("unknown", file_type_name).to_string(),
+    })
+}
+
+/// llama.cpp's `llama_ftype` names.
+fn file_type_name(t: u64) -> &'static str {
+    match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        38 => "MXFP4_MOE",
+        _ => "unknown",
+    }
+}
+
+fn read_value(r: &mut impl Read, kind: u32) -> io::Result<Value> {
+    Ok(match kind {
+        0 | 1 | 7 => Value::Uint(u64::from(read_n::<1>(r)?[0])),
+        2 | 3 => Value::Uint(u64::from(u16::from_le_bytes(read_n(r)?))),
+        4 => Value::Uint(u64::from(read_u32(r)?)),
+        5 => Value::Uint(u64::from(read_u32(r)?)),
+        6 => {
+            read_n::<4>(r)?;
+            Value::Other
+        }
+        8 => Value::Str(read_string(r)?),
+        9 => {
+            let item = read_u32(r)?;
+            let n = read_u64(r)?;
+            if n > MAX_LEN || item == 9 {
+                return Err(invalid("array too long or nested"));
+            }
+            for _ in 0..n {
+                read_value(r, item)?;
+            }
+            Value::Other
+        }
+        10 | 11 => Value::Uint(read_u64(r)?),
+        12 => {
+            read_n::<8>(r)?;
+            Value::Other
+        }
+        _ => return Err(invalid(&format!("unknown metadata type {kind}"))),
+    })
+}
+
+fn read_n<const N: usize>(r: &mut impl Read) -> io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    r.read_exact(&mut b)?;
+    Ok(b)
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    Ok(u32::from_le_bytes(read_n(r)?))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    Ok(u64::from_le_bytes(read_n(r)?))
+}
+
+fn read_string(r: &mut impl Read) -> io::Result<String> {
+    let len = read_u64(r)?;
+    if len > MAX_LEN {
+        return Err(invalid("string too long"));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    r.read_exact(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn invalid(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why.to_string())
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// A minimal GGUF header, written the way llama.cpp writes one.
+    pub fn header(
+        arch: &str,
+        file_type: u32,
+        ctx: u32,
+        blocks: u32,
+        tensors: &[&[u64]],
+    ) -> Vec<u8> {
+        fn s(out: &mut Vec<u8>, v: &str) {
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            out.extend_from_slice(v.as_bytes());
+        }
+        let mut out = b"GGUF".to_vec();
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&6u64.to_le_bytes());
+        s(&mut out, "general.architecture");
+        out.extend_from_slice(&8u32.to_le_bytes());
+        s(&mut out, arch);
+        s(&mut out, "general.file_type");
+        out.extend_from_slice(&4u32.to_le_bytes());
+        out.extend_from_slice(&file_type.to_le_bytes());
+        s(&mut out, &format!("{arch}.context_length"));
+        out.extend_from_slice(&4u32.to_le_bytes());
+        out.extend_from_slice(&ctx.to_le_bytes());
+        s(&mut out, &format!("{arch}.block_count"));
+        out.extend_from_slice(&4u32.to_le_bytes());
+        out.extend_from_slice(&blocks.to_le_bytes());
+        s(&mut out, "tokenizer.ggml.tokens");
+        out.extend_from_slice(&9u32.to_le_bytes());
+        out.extend_from_slice(&8u32.to_le_bytes());
+        out.extend_from_slice(&2u64.to_le_bytes());
+        s(&mut out, "<s>");
+        s(&mut out, "hello");
+        s(&mut out, "general.rope_scale");
+        out.extend_from_slice(&6u32.to_le_bytes());
+        out.extend_from_slice(&1.5f32.to_le_bytes());
+        for (i, dims) in tensors.iter().enumerate() {
+            s(&mut out, &format!("t{i}"));
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in *dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&2u32.to_le_bytes());
+            out.extend_from_slice(&0u64.to_le_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn reads_the_catalog_facts_and_skips_the_rest() {
+        let bytes = header("llama", 15, 8192, 30, &[&[576, 49152], &[576]]);
+        let info = parse(&mut bytes.as_slice()).unwrap();
+        assert_eq!(
+            info,
+            GgufInfo {
+                architecture: "llama".into(),
+                parameters: 576 * 49152 + 576,
+                quantization: "Q4_K_M".into(),
+                context_length: 8192,
+                layers: 30,
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_gguf_or_is_cut_short() {
+        assert!(parse(&mut &b"PK\x03\x04 a zip"[..]).is_err());
+        let bytes = header("llama", 3, 2048, 2, &[&[4, 4]]);
+        assert!(parse(&mut &bytes[..bytes.len() - 3]).is_err());
+    }
+}

@@ -1,0 +1,439 @@
+//! Starting, watching and stopping this machine's workers.
+//!
+//! A worker is this same executable in the worker role, on a model from the
+//! catalog, on a port the hive picks, calling the hive back when loaded. The
+//! hive records it as `loading`, then `ready` (or `failed`) on that callback; a
+//! process that exits on its own, or stays loading past the ready timeout, is
+//! `failed` with the tail of its stderr. Workers die with their hive, even a
+//! SIGKILLed one: each is started with the parent-death signal set, by a
+//! thread that lives as long as the hive (the signal follows the thread that
+//! forked, not the process).
+
+use super::models::Failure;
+use crate::protocol::{
+    new_id, now_rfc3339, ModelEntry, SpawnRequest, WorkerInfo, WorkerReadyCallback,
+};
+use hyper::StatusCode;
+use std::collections::{HashMap, VecDeque};
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Lines of a worker's stderr kept to explain a failure.
+const STDERR_TAIL: usize = 20;
+/// How long a stopping worker gets before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// How this hive starts workers; fixed for the life of the hive.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub exe: PathBuf,
+    /// Where workers listen.
+    pub host: String,
+    /// The host in the URLs the hive gives out for its workers.
+    pub advertise_host: String,
+    pub callback_url: String,
+    pub first_port: u16,
+    pub ready_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub token: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Workers {
+    settings: Arc<Settings>,
+    records: Arc<Mutex<HashMap<String, Record>>>,
+    spawner: std_mpsc::Sender<(Command, oneshot::Sender<std::io::Result<Child>>)>,
+}
+
+struct Record {
+    info: WorkerInfo,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+    /// Since when the worker has had nothing to do, as last seen.
+    idle_since: Option<Instant>,
+    /// The hive asked it to stop: its exit is expected, and removes it.
+    stopping: bool,
+}
+
+impl Workers {
+    pub fn new(settings: Settings) -> std::io::Result<Workers> {
+        let (spawner, jobs) = std_mpsc::channel::<(Command, oneshot::Sender<_>)>();
+        std::thread::Builder::new()
+            .name("spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in jobs {
+                    let _ = reply.send(command.spawn());
+                }
+            })?;
+        Ok(Workers {
+            settings: Arc::new(settings),
+            records: Arc::default(),
+            spawner,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn list(&self) -> Vec<WorkerInfo> {
+        let mut all: Vec<WorkerInfo> = self.lock().values().map(|r| r.info.clone()).collect();
+        all.sort_by(|a, b| a.url.cmp(&b.url));
+        all
+    }
+
+    pub async fn spawn(
+        &self,
+        model: &ModelEntry,
+        req: &SpawnRequest,
+    ) -> Result<WorkerInfo, Failure> {
+        let compiled: Vec<&str> = crate::BACKENDS.split(',').collect();
+        let backend = req
+            .backend
+            .clone()
+            .unwrap_or_else(|| compiled.last().copied().unwrap_or("cpu").to_string());
+        if !["cpu", "cuda", "metal"].contains(&backend.as_str()) {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                format!("backend must be cpu, cuda or metal, not {backend:?}"),
+            ));
+        }
+        if !compiled.contains(&backend.as_str()) {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                "BACKEND_UNAVAILABLE",
+                format!(
+                    "this hive's rbee was built without {backend} (it has {}); rebuild with --features {backend}",
+                    crate::BACKENDS
+                ),
+            ));
+        }
+        let s = &self.settings;
+        let id = new_id("worker");
+        let port = self.free_port()?;
+        let mut command = Command::new(&s.exe);
+        command
+            .arg("worker")
+            .arg("--model")
+            .arg(&model.path)
+            .args(["--host", &s.host, "--port", &port.to_string()])
+            .args(["--worker-id", &id, "--callback-url", &s.callback_url])
+            .args(["--device", &req.device.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if backend == "cpu" {
+            command.args(["--gpu-layers", "0"]);
+        }
+        if let Some(slots) = req.slots {
+            command.args(["--slots", &slots.to_string()]);
+        }
+        if let Some(ctx) = req.ctx_size {
+            command.args(["--ctx-size", &ctx.to_string()]);
+        }
+        // The token travels in the environment, not argv, where `ps` would show it.
+        match &s.token {
+            Some(t) => command.env("RBEE_TOKEN", t),
+            None => command.env_remove("RBEE_TOKEN"),
+        };
+        die_with_parent(&mut command);
+        let (tx, rx) = oneshot::channel();
+        let spawn_failed = |e: String| {
+            Failure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "SPAWN_FAILED",
+                format!("cannot start a worker: {e}"),
+            )
+        };
+        self.spawner
+            .send((command, tx))
+            .map_err(|e| spawn_failed(e.to_string()))?;
+        let mut child = rx
+            .await
+            .map_err(|e| spawn_failed(e.to_string()))?
+            .map_err(|e| spawn_failed(e.to_string()))?;
+
+        let info = WorkerInfo {
+            worker_id: id.clone(),
+            url: format!("http://{}:{port}", s.advertise_host),
+            model: model.name.clone(),
+            model_path: model.path.clone(),
+            pid: child.id(),
+            state: "loading".into(),
+            slots: req.slots.unwrap_or(4),
+            backend,
+            device: req.device,
+            error: None,
+            started_at: now_rfc3339(),
+        };
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        if let Some(pipe) = child.stderr.take() {
+            let tail = stderr.clone();
+            let id = id.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    tracing::debug!(target: "rbee::worker_log", "{id}: {line}");
+                    let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    if tail.len() == STDERR_TAIL {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            });
+        }
+        self.lock().insert(
+            id.clone(),
+            Record {
+                info: info.clone(),
+                stderr,
+                idle_since: None,
+                stopping: false,
+            },
+        );
+        tracing::info!(
+            "spawned {id} (pid {}) for {} on port {port}",
+            info.pid,
+            model.name
+        );
+
+        // Watch the process: its exit, or a load that takes too long.
+        let this = self.clone();
+        let waited_id = id.clone();
+        std::thread::spawn(move || {
+            let status = child.wait();
+            this.exited(
+                &waited_id,
+                status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string()),
+            );
+        });
+        let this = self.clone();
+        let timeout = s.ready_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            this.loading_timed_out(&id, timeout);
+        });
+        Ok(info)
+    }
+
+    /// The lowest port from `first_port` that no worker of ours holds and nobody listens on.
+    fn free_port(&self) -> Result<u16, Failure> {
+        let taken: Vec<String> = self.lock().values().map(|r| r.info.url.clone()).collect();
+        (self.settings.first_port..=u16::MAX)
+            .find(|p| {
+                !taken.iter().any(|u| u.ends_with(&format!(":{p}")))
+                    && std::net::TcpListener::bind((self.settings.host.as_str(), *p)).is_ok()
+            })
+            .ok_or_else(|| {
+                Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "NO_PORT",
+                    format!("no free port from {} up", self.settings.first_port),
+                )
+            })
+    }
+
+    fn tail(record: &Record) -> String {
+        let tail = record.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    fn exited(&self, id: &str, status: String) {
+        // Give the stderr reader a moment to take the last lines.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut records = self.lock();
+        let Some(record) = records.get_mut(id) else {
+            return;
+        };
+        if record.stopping {
+            records.remove(id);
+            tracing::info!("{id} stopped");
+            return;
+        }
+        if record.info.state != "failed" {
+            record.info.state = "failed".into();
+            record.info.error = Some(format!(
+                "the worker exited ({status}): {}",
+                Self::tail(record)
+            ));
+        }
+        tracing::warn!("{id} exited ({status})");
+    }
+
+    fn loading_timed_out(&self, id: &str, timeout: Duration) {
+        let mut records = self.lock();
+        let Some(record) = records.get_mut(id) else {
+            return;
+        };
+        if record.info.state == "loading" {
+            record.info.state = "failed".into();
+            record.info.error = Some(format!(
+                "the worker did not become ready within {}s: {}",
+                timeout.as_secs(),
+                Self::tail(record)
+            ));
+            signal(record.info.pid, libc::SIGKILL);
+        }
+    }
+
+    /// The worker's own report that loading ended.
+    pub fn ready(&self, report: &WorkerReadyCallback) -> Result<WorkerInfo, Failure> {
+        let mut records = self.lock();
+        let record = records.get_mut(&report.worker_id).ok_or_else(|| {
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                "WORKER_NOT_FOUND",
+                format!("this hive did not start a worker {}", report.worker_id),
+            )
+        })?;
+        if record.info.state == "loading" {
+            record.info.state = if report.state == "ready" {
+                "ready"
+            } else {
+                "failed"
+            }
+            .into();
+            record.info.error = report.error.clone();
+            record.info.slots = report.slots;
+            record.idle_since = Some(Instant::now());
+            tracing::info!("{} is {}", report.worker_id, record.info.state);
+        }
+        Ok(record.info.clone())
+    }
+
+    /// Asks a worker to stop (SIGTERM: it ends its streams cleanly), killing it if it lingers.
+    pub fn stop(&self, id: &str) -> Result<WorkerInfo, Failure> {
+        let mut records = self.lock();
+        let record = records.get_mut(id).ok_or_else(|| {
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                "WORKER_NOT_FOUND",
+                format!("no worker {id} on this hive"),
+            )
+        })?;
+        if record.info.state == "failed" {
+            // Already gone (or being killed): forget it.
+            let info = record.info.clone();
+            records.remove(id);
+            return Ok(info);
+        }
+        record.stopping = true;
+        record.info.state = "stopping".into();
+        let pid = record.info.pid;
+        signal(pid, libc::SIGTERM);
+        let this = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(STOP_GRACE).await;
+            if this.lock().contains_key(&id) {
+                tracing::warn!("{id} did not stop in time; killing it");
+                signal(pid, libc::SIGKILL);
+            }
+        });
+        Ok(record.info.clone())
+    }
+
+    /// Stops every worker and waits (a bounded time) for them to be gone.
+    pub async fn stop_all(&self) {
+        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        for id in &ids {
+            let _ = self.stop(id);
+        }
+        let deadline = Instant::now() + STOP_GRACE + Duration::from_secs(1);
+        while !self.lock().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops workers that have had nothing to do for the idle timeout. Runs forever.
+    pub async fn reap_idle(self) {
+        let tick = (self.settings.idle_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .build()
+            .into();
+        loop {
+            tokio::time::sleep(tick).await;
+            let ready: Vec<(String, String)> = self
+                .lock()
+                .values()
+                .filter(|r| r.info.state == "ready")
+                .map(|r| (r.info.worker_id.clone(), r.info.url.clone()))
+                .collect();
+            for (id, url) in ready {
+                let agent = agent.clone();
+                let token = self.settings.token.clone();
+                let busy = tokio::task::spawn_blocking(move || {
+                    worker_busy(&agent, &url, token.as_deref())
+                })
+                .await
+                .ok()
+                .flatten();
+                let Some(busy) = busy else { continue };
+                let idle_for = {
+                    let mut records = self.lock();
+                    let Some(record) = records.get_mut(&id) else {
+                        continue;
+                    };
+                    if busy {
+                        record.idle_since = None;
+                        continue;
+                    }
+                    record.idle_since.get_or_insert_with(Instant::now).elapsed()
+                };
+                if idle_for >= self.settings.idle_timeout {
+                    tracing::info!("stopping {id}: idle for {}s", idle_for.as_secs());
+                    let _ = self.stop(&id);
+                }
+            }
+        }
+    }
+}
+
+/// Whether a worker has requests running or queued; `None` if it did not answer.
+fn worker_busy(agent: &ureq::Agent, url: &str, token: Option<&str>) -> Option<bool> {
+    let mut req = agent.get(&format!("{url}/v1/ready"));
+    if let Some(t) = token {
+        req = req.header("authorization", &format!("Bearer {t}"));
+    }
+    let status: crate::protocol::ReadyStatus = req.call().ok()?.into_body().read_json().ok()?;
+    Some(status.slots_busy > 0 || status.queue_len > 0)
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Has the kernel SIGTERM the child when this (spawner) thread's process dies.
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        command.pre_exec(move || {
+            #[cfg(target_os = "linux")]
+            {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                // The hive may have died before prctl took effect.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = parent;
+            Ok(())
+        });
+    }
+}
