@@ -106,6 +106,23 @@ impl Models {
         let hf = self.hf.clone();
         let remote = blocking(move || hf.resolve(&repo, &pick)).await?;
         let local_path = self.dir.join(&remote.repo).join(&remote.file);
+        if let Some(size) = remote.size {
+            let mut existing = self.dir.clone();
+            while !existing.exists() && existing.pop() {}
+            if let Some(free) = free_space(&existing).filter(|&free| free < size + DISK_MARGIN) {
+                return Err(Failure::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "DISK_FULL",
+                    format!(
+                        "not enough disk space for {}: it is {} MB and {} has {} MB free",
+                        remote.file,
+                        size >> 20,
+                        existing.display(),
+                        free >> 20
+                    ),
+                ));
+            }
+        }
         if let Some(entry) = self.catalog.find("", Some(&local_path)) {
             if local_path.is_file() {
                 return Ok(self.finished(entry));

@@ -466,3 +466,58 @@ fn the_hive_reports_what_this_machine_can_do() {
     let (status, _) = request("DELETE", &format!("{}/v1/workers/list", h.url));
     assert_eq!(status, 405);
 }
+
+#[test]
+fn with_a_token_every_endpoint_but_health_needs_it_and_workers_carry_it() {
+    let _turn = serial();
+    let hf = hf();
+    let data = TempDir::new("hive-token");
+    let port = free_port();
+    let port_s = port.to_string();
+    let h = Proc::start_with_env(
+        &["hive", "--port", &port_s, "--data-dir", data.str()],
+        port,
+        &[("HF_ENDPOINT", &hf.url), ("RBEE_TOKEN", "s3cret")],
+    );
+    wait_until("the hive to answer", Duration::from_secs(30), || {
+        matches!(try_get(&format!("{}/health", h.url)), Ok((200, _)))
+    });
+    let (status, err) = get(&format!("{}/v1/models", h.url));
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (401, Some("UNAUTHORIZED"))
+    );
+
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let authed_post = |path: &str, body: Value| {
+        let resp = agent
+            .post(&format!("{}{path}", h.url))
+            .header("authorization", "Bearer s3cret")
+            .send(body.to_string())
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.into_body().read_json::<Value>().expect("json"))
+    };
+    let model = format!("file:{}", model_path().display());
+    let (status, w) = authed_post("/v1/workers/spawn", json!({"model_ref": model}));
+    assert_eq!(status, 202, "{w}");
+    let url = w["url"].as_str().unwrap().to_string();
+    // The worker got the token too: its callback was accepted, and it guards its own API.
+    wait_until(
+        "the worker to report ready",
+        Duration::from_secs(60),
+        || {
+            let resp = agent
+                .get(&format!("{}/v1/workers/list", h.url))
+                .header("authorization", "Bearer s3cret")
+                .call()
+                .expect("list");
+            resp.into_body().read_json::<Value>().expect("json")[0]["state"] == "ready"
+        },
+    );
+    let (status, _) = get(&format!("{url}/v1/ready"));
+    assert_eq!(status, 401);
+}
