@@ -5,6 +5,7 @@
 pub mod gguf;
 pub mod hive;
 pub mod http;
+pub mod process;
 pub mod protocol;
 pub mod worker;
 

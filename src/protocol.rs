@@ -262,6 +262,81 @@ pub struct GpuInfo {
     pub memory_free_mb: u64,
 }
 
+/// `POST /v1/hives` on the queen: register a hive by name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddHive {
+    pub name: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// A hive as the queen knows it (`GET /v1/hives`). The token is never shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HiveStatus {
+    pub name: String,
+    pub url: String,
+    /// `reachable`, `unreachable` or `unknown` (not checked yet).
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    /// Started by the queen itself on this machine; it stops with the queen.
+    pub managed: bool,
+}
+
+/// `POST /v1/jobs` on the queen.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    /// The hive to run on; absent: any registered hive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub model: String,
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobCreated {
+    pub job_id: String,
+    pub sse_url: String,
+}
+
+/// What the cluster says about a job besides the inference itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClusterEvent {
+    Narration {
+        actor: String,
+        action: String,
+        human: String,
+    },
+    /// A hive's download progress, relayed.
+    Download(DownloadEvent),
+    /// A worker's loading progress, relayed.
+    Loading(LoadingEvent),
+}
+
+/// One event of a queen job stream: the worker's inference events, or the cluster's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum JobEvent {
+    Inference(InferenceEvent),
+    Cluster(ClusterEvent),
+}
+
 /// The current time as RFC 3339 in UTC, to the second.
 pub fn now_rfc3339() -> String {
     let secs = SystemTime::now()
@@ -323,6 +398,30 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_431_723), "2026-11-23T11:02:03Z");
+    }
+
+    #[test]
+    fn job_events_read_back_as_what_was_sent() {
+        let events = [
+            JobEvent::Cluster(ClusterEvent::Narration {
+                actor: "queen".into(),
+                action: "spawn".into(),
+                human: "starting a worker".into(),
+            }),
+            JobEvent::Cluster(ClusterEvent::Download(DownloadEvent::Downloading {
+                bytes_downloaded: 1,
+                bytes_total: 2,
+                speed_mbps: 3.5,
+            })),
+            JobEvent::Cluster(ClusterEvent::Loading(LoadingEvent::Ready)),
+            JobEvent::Inference(InferenceEvent::Token { t: "x".into(), i: 0 }),
+        ];
+        for e in events {
+            let json = serde_json::to_string(&e).unwrap();
+            assert_eq!(serde_json::from_str::<JobEvent>(&json).unwrap(), e, "{json}");
+        }
+        let json = serde_json::to_string(&ClusterEvent::Loading(LoadingEvent::Ready)).unwrap();
+        assert_eq!(json, r#"{"type":"loading","stage":"ready"}"#);
     }
 
     #[test]

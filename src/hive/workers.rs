@@ -5,9 +5,7 @@
 //! hive records it as `loading`, then `ready` (or `failed`) on that callback; a
 //! process that exits on its own, or stays loading past the ready timeout, is
 //! `failed` with the tail of its stderr. Workers die with their hive, even a
-//! SIGKILLed one: each is started with the parent-death signal set, by a
-//! thread that lives as long as the hive (the signal follows the thread that
-//! forked, not the process).
+//! SIGKILLed one ([`crate::process::Spawner`]).
 
 use super::models::Failure;
 use crate::protocol::{
@@ -17,11 +15,10 @@ use hyper::StatusCode;
 use std::collections::{HashMap, VecDeque};
 use std::io::BufRead;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use crate::process::{signal, Spawner};
 
 /// Lines of a worker's stderr kept to explain a failure.
 const STDERR_TAIL: usize = 20;
@@ -47,7 +44,7 @@ pub struct Settings {
 pub struct Workers {
     settings: Arc<Settings>,
     records: Arc<Mutex<HashMap<String, Record>>>,
-    spawner: std_mpsc::Sender<(Command, oneshot::Sender<std::io::Result<Child>>)>,
+    spawner: Spawner,
 }
 
 struct Record {
@@ -61,18 +58,10 @@ struct Record {
 
 impl Workers {
     pub fn new(settings: Settings) -> std::io::Result<Workers> {
-        let (spawner, jobs) = std_mpsc::channel::<(Command, oneshot::Sender<_>)>();
-        std::thread::Builder::new()
-            .name("spawner".into())
-            .spawn(move || {
-                for (mut command, reply) in jobs {
-                    let _ = reply.send(command.spawn());
-                }
-            })?;
         Ok(Workers {
             settings: Arc::new(settings),
             records: Arc::default(),
-            spawner,
+            spawner: Spawner::new()?,
         })
     }
 
@@ -141,22 +130,13 @@ impl Workers {
             Some(t) => command.env("RBEE_TOKEN", t),
             None => command.env_remove("RBEE_TOKEN"),
         };
-        die_with_parent(&mut command);
-        let (tx, rx) = oneshot::channel();
-        let spawn_failed = |e: String| {
+        let mut child = self.spawner.spawn(command).await.map_err(|e| {
             Failure::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "SPAWN_FAILED",
                 format!("cannot start a worker: {e}"),
             )
-        };
-        self.spawner
-            .send((command, tx))
-            .map_err(|e| spawn_failed(e.to_string()))?;
-        let mut child = rx
-            .await
-            .map_err(|e| spawn_failed(e.to_string()))?
-            .map_err(|e| spawn_failed(e.to_string()))?;
+        })?;
 
         let info = WorkerInfo {
             worker_id: id.clone(),
@@ -356,10 +336,6 @@ impl Workers {
     pub async fn reap_idle(self) {
         let tick = (self.settings.idle_timeout / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(2)))
-            .build()
-            .into();
         loop {
             tokio::time::sleep(tick).await;
             let ready: Vec<(String, String)> = self
@@ -369,15 +345,9 @@ impl Workers {
                 .map(|r| (r.info.worker_id.clone(), r.info.url.clone()))
                 .collect();
             for (id, url) in ready {
-                let agent = agent.clone();
-                let token = self.settings.token.clone();
-                let busy = tokio::task::spawn_blocking(move || {
-                    worker_busy(&agent, &url, token.as_deref())
-                })
-                .await
-                .ok()
-                .flatten();
-                let Some(busy) = busy else { continue };
+                let Some(busy) = worker_busy(&url, self.settings.token.as_deref()).await else {
+                    continue;
+                };
                 let idle_for = {
                     let mut records = self.lock();
                     let Some(record) = records.get_mut(&id) else {
@@ -399,41 +369,9 @@ impl Workers {
 }
 
 /// Whether a worker has requests running or queued; `None` if it did not answer.
-fn worker_busy(agent: &ureq::Agent, url: &str, token: Option<&str>) -> Option<bool> {
-    let mut req = agent.get(&format!("{url}/v1/ready"));
-    if let Some(t) = token {
-        req = req.header("authorization", &format!("Bearer {t}"));
-    }
-    let status: crate::protocol::ReadyStatus = req.call().ok()?.into_body().read_json().ok()?;
+async fn worker_busy(url: &str, token: Option<&str>) -> Option<bool> {
+    let url = format!("{url}/v1/ready");
+    let ready = crate::http::client::get::<crate::protocol::ReadyStatus>(&url, token);
+    let status = tokio::time::timeout(Duration::from_secs(5), ready).await.ok()?.ok()?;
     Some(status.slots_busy > 0 || status.queue_len > 0)
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-/// Has the kernel SIGTERM the child when this (spawner) thread's process dies.
-fn die_with_parent(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (prctl, getppid, _exit).
-    unsafe {
-        command.pre_exec(move || {
-            #[cfg(target_os = "linux")]
-            {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                // The hive may have died before prctl took effect.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-            }
-            #[cfg(not(target_os = "linux"))]
-            let _ = parent;
-            Ok(())
-        });
-    }
 }

@@ -3,6 +3,7 @@
 //!
 //! Routing itself lives with each role, as a `match` on method and path.
 
+pub mod client;
 pub mod sse;
 
 use crate::protocol::{ErrorBody, ErrorDetail};

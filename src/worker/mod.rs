@@ -205,18 +205,10 @@ pub async fn run(args: Args) -> Result<(), String> {
 }
 
 async fn post_callback(url: &str, report: &WorkerReadyCallback, auth: &Auth) -> Result<(), String> {
-    let url = url.to_string();
-    let body = serde_json::to_string(report).map_err(|e| e.to_string())?;
-    let token = auth.token().map(str::to_string);
-    tokio::task::spawn_blocking(move || {
-        let mut req = ureq::post(&url).header("content-type", "application/json");
-        if let Some(t) = token {
-            req = req.header("authorization", &format!("Bearer {t}"));
-        }
-        req.send(&body).map(|_| ()).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    http::client::post::<serde_json::Value>(url, auth.token(), report)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The real core count: what llama.cpp should use, not its default of 4.
