@@ -5,8 +5,10 @@
 pub mod gguf;
 pub mod hive;
 pub mod http;
+pub mod keeper;
 pub mod process;
 pub mod protocol;
+pub mod queen;
 pub mod worker;
 
 /// Whether this binary was built with a GPU backend (CUDA or Metal).

@@ -17,6 +17,8 @@ struct Cli {
 #[argh(subcommand)]
 enum Role {
     Hive(rbee::hive::Args),
+    Keeper(rbee::keeper::Args),
+    Queen(rbee::queen::Args),
     Worker(rbee::worker::Args),
 }
 
@@ -34,7 +36,8 @@ fn main() -> ExitCode {
         eprintln!("rbee: name a role; `rbee --help` lists them");
         return ExitCode::from(2);
     };
-    init_tracing();
+    // The keeper is a CLI: its stderr is for the person, not for info logs.
+    init_tracing(if matches!(role, Role::Keeper(_)) { "warn" } else { "info,llama-cpp-2=warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,12 +50,17 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match role {
+            Role::Keeper(args) => return rbee::keeper::run(args).await,
             Role::Hive(args) => rbee::hive::run(args).await,
+            Role::Queen(args) => rbee::queen::run(args).await,
             Role::Worker(args) => rbee::worker::run(args).await,
         }
+        .map(|()| 0)
     });
+    // Stray background tasks must not hold the process open.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("rbee: error: {e}");
             ExitCode::FAILURE
@@ -62,9 +70,9 @@ fn main() -> ExitCode {
 
 /// Logs go to stderr, filtered by `RUST_LOG`; stdout belongs to the keeper's tokens.
 /// llama.cpp is chatty at info level, so it is held to warnings unless asked.
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,0 +1,148 @@
+//! The job table: each job's events, kept from the moment the job starts so a
+//! client that attaches late misses nothing, and its cancellation.
+
+use crate::http::sse;
+use crate::protocol::{ClusterEvent, InferenceEvent, JobEvent};
+use hyper::body::Bytes;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How long a finished job's events stay for a client to read.
+const KEEP_FINISHED: Duration = Duration::from_secs(600);
+
+pub struct Job {
+    pub id: String,
+    /// Every SSE frame so far, `[DONE]` last once finished.
+    frames: Mutex<Vec<Bytes>>,
+    /// The number of frames, for streams waiting on new ones.
+    count: watch::Sender<usize>,
+    /// Set when the job has ended, either way.
+    finished: watch::Sender<Option<Instant>>,
+    cancelled: watch::Sender<bool>,
+}
+
+impl Job {
+    fn new(id: String) -> Job {
+        Job {
+            id,
+            frames: Mutex::default(),
+            count: watch::channel(0).0,
+            finished: watch::channel(None).0,
+            cancelled: watch::channel(false).0,
+        }
+    }
+
+    pub fn push(&self, event: &JobEvent) {
+        self.push_frame(sse::event(event));
+    }
+
+    fn push_frame(&self, frame: Bytes) {
+        let mut frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        frames.push(frame);
+        self.count.send_replace(frames.len());
+    }
+
+    /// A narration line on the job stream.
+    pub fn narrate(&self, actor: &str, action: &str, human: impl Into<String>) {
+        let human = human.into();
+        tracing::info!("{}: [{actor}] {human}", self.id);
+        self.push(&JobEvent::Cluster(ClusterEvent::Narration {
+            actor: actor.into(),
+            action: action.into(),
+            human,
+        }));
+    }
+
+    pub fn fail(&self, code: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::warn!("{}: {code}: {message}", self.id);
+        self.push(&JobEvent::Inference(InferenceEvent::Error {
+            code: code.into(),
+            message,
+        }));
+    }
+
+    /// Ends the stream with `[DONE]`; nothing is pushed after this.
+    pub fn finish(&self) {
+        self.push_frame(Bytes::from_static(sse::DONE));
+        self.finished.send_replace(Some(Instant::now()));
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished.borrow().is_some()
+    }
+
+    pub fn cancel(&self) {
+        self.cancelled.send_replace(true);
+    }
+
+    /// Resolves once the job is cancelled.
+    pub async fn cancelled(&self) {
+        let mut rx = self.cancelled.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Sends every frame, from the first, into `tx` until `[DONE]`; returns false
+    /// if the client left first.
+    pub async fn replay(&self, tx: &tokio::sync::mpsc::Sender<Bytes>) -> bool {
+        let mut count = self.count.subscribe();
+        let mut sent = 0;
+        loop {
+            let pending: Vec<Bytes> = {
+                let frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+                frames[sent..].to_vec()
+            };
+            for frame in pending {
+                let done = frame == sse::DONE;
+                if tx.send(frame).await.is_err() {
+                    return false;
+                }
+                sent += 1;
+                if done {
+                    return true;
+                }
+            }
+            tokio::select! {
+                changed = count.changed() => if changed.is_err() { return true },
+                () = tx.closed() => return false,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct Jobs {
+    jobs: Arc<Mutex<HashMap<String, Arc<Job>>>>,
+}
+
+impl Jobs {
+    pub fn create(&self) -> Arc<Job> {
+        let job = Arc::new(Job::new(crate::protocol::new_id("job")));
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget jobs that finished long ago.
+        jobs.retain(|_, j| {
+            j.finished
+                .borrow()
+                .is_none_or(|at| at.elapsed() < KEEP_FINISHED)
+        });
+        jobs.insert(job.id.clone(), job.clone());
+        job
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Cancels every job that is still running (the queen is stopping).
+    pub fn cancel_all(&self) {
+        for job in self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            job.cancel();
+        }
+    }
+}
