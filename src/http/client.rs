@@ -48,7 +48,9 @@ pub async fn send(
     body: Option<Vec<u8>>,
 ) -> Result<Response<Incoming>, ClientError> {
     let unreachable = |e: String| ClientError::Unreachable(format!("{url}: {e}"));
-    let uri: Uri = url.parse().map_err(|e| unreachable(format!("bad URL: {e}")))?;
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| unreachable(format!("bad URL: {e}")))?;
     if uri.scheme_str() != Some("http") {
         return Err(unreachable("only http:// URLs are supported".into()));
     }
@@ -67,7 +69,10 @@ pub async fn send(
     });
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut req = Request::builder().method(method).uri(path);
-    if let Some(h) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+    if let Some(h) = uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
         req = req.header(HOST, h);
     }
     if let Some(t) = token {
@@ -124,7 +129,11 @@ pub async fn call<T: DeserializeOwned>(
     let exchange = async { read_json(send(method, url, token, body).await?).await };
     tokio::time::timeout(CALL_TIMEOUT, exchange)
         .await
-        .unwrap_or_else(|_| Err(ClientError::Unreachable(format!("{url}: no answer in time"))))
+        .unwrap_or_else(|_| {
+            Err(ClientError::Unreachable(format!(
+                "{url}: no answer in time"
+            )))
+        })
 }
 
 pub async fn get<T: DeserializeOwned>(url: &str, token: Option<&str>) -> Result<T, ClientError> {
@@ -140,12 +149,24 @@ pub async fn post<T: DeserializeOwned>(
 }
 
 /// Opens an SSE stream (POST with a body, or GET).
-pub async fn stream(url: &str, token: Option<&str>, body: Option<&impl Serialize>) -> Result<SseStream, ClientError> {
-    let method = if body.is_some() { Method::POST } else { Method::GET };
+pub async fn stream(
+    url: &str,
+    token: Option<&str>,
+    body: Option<&impl Serialize>,
+) -> Result<SseStream, ClientError> {
+    let method = if body.is_some() {
+        Method::POST
+    } else {
+        Method::GET
+    };
     let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
     let resp = tokio::time::timeout(CALL_TIMEOUT, send(method, url, token, body))
         .await
-        .unwrap_or_else(|_| Err(ClientError::Unreachable(format!("{url}: no answer in time"))))?;
+        .unwrap_or_else(|_| {
+            Err(ClientError::Unreachable(format!(
+                "{url}: no answer in time"
+            )))
+        })?;
     if !resp.status().is_success() {
         return Err(read_json::<serde_json::Value>(resp).await.err().unwrap_or(
             ClientError::Unreachable(format!("{url}: unexpected answer")),

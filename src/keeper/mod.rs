@@ -83,6 +83,9 @@ pub struct Infer {
     /// stop, on exit, whatever this call started
     #[argh(switch)]
     pub ephemeral: bool,
+    /// read the prompt from stdin (also written `-`)
+    #[argh(switch)]
+    pub stdin: bool,
     /// the prompt, as words
     #[argh(positional, greedy)]
     pub words: Vec<String>,
@@ -244,21 +247,30 @@ impl Ctx {
         if self.queen_alive().await {
             return Ok(false);
         }
-        let uri: hyper::Uri = self.queen.parse().map_err(|e| format!("bad queen URL {}: {e}", self.queen))?;
+        let uri: hyper::Uri = self
+            .queen
+            .parse()
+            .map_err(|e| format!("bad queen URL {}: {e}", self.queen))?;
         let host = uri.host().unwrap_or("127.0.0.1");
-        if !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())) {
+        if !(host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()))
+        {
             return Err(format!("the queen at {} is not answering", self.queen));
         }
         self.say("queen is asleep, waking queen");
         let data_dir = crate::data_dir(None);
-        std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
         let log_path = data_dir.join("queen.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
         let mut command = std::process::Command::new(exe);
         command
             .arg("queen")
@@ -266,18 +278,29 @@ impl Ctx {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log);
-        let mut child = crate::process::spawn_detached(command).map_err(|e| format!("cannot start a queen: {e}"))?;
+        let mut child = crate::process::spawn_detached(command)
+            .map_err(|e| format!("cannot start a queen: {e}"))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !self.queen_alive().await {
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("the queen exited ({status}); see {}", log_path.display()));
+                return Err(format!(
+                    "the queen exited ({status}); see {}",
+                    log_path.display()
+                ));
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(format!("the queen did not answer within 30s; see {}", log_path.display()));
+                return Err(format!(
+                    "the queen did not answer within 30s; see {}",
+                    log_path.display()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.say(&format!("queen is up at {} (log: {})", self.queen, log_path.display()));
+        self.say(&format!(
+            "queen is up at {} (log: {})",
+            self.queen,
+            log_path.display()
+        ));
         Ok(true)
     }
 
@@ -300,7 +323,9 @@ impl Ctx {
         if !self.queen_alive().await {
             return Ok(());
         }
-        let _: serde_json::Value = self.call(Method::POST, "/v1/admin/shutdown", None::<&()>).await?;
+        let _: serde_json::Value = self
+            .call(Method::POST, "/v1/admin/shutdown", None::<&()>)
+            .await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
         while self.queen_alive().await {
             if tokio::time::Instant::now() > deadline {
@@ -314,19 +339,29 @@ impl Ctx {
 
 /// Runs a keeper command; the exit code on success (0, or 130 after Ctrl+C).
 pub async fn run(args: Args) -> Result<u8, String> {
-    let token = crate::http::Auth::load(args.token_file.as_deref())?.token().map(str::to_string);
+    let token = crate::http::Auth::load(args.token_file.as_deref())?
+        .token()
+        .map(str::to_string);
     let infer_url = match &args.command {
         Command::Infer(i) => i.queen_url.clone(),
         _ => None,
     };
     let queen = infer_url
         .or(args.queen_url)
-        .or_else(|| std::env::var("RBEE_QUEEN_URL").ok().filter(|u| !u.is_empty()))
+        .or_else(|| {
+            std::env::var("RBEE_QUEEN_URL")
+                .ok()
+                .filter(|u| !u.is_empty())
+        })
         .unwrap_or_else(|| DEFAULT_QUEEN.into())
         .trim_end_matches('/')
         .to_string();
     let quiet = matches!(&args.command, Command::Infer(i) if i.quiet);
-    let ctx = Ctx { queen, token, quiet };
+    let ctx = Ctx {
+        queen,
+        token,
+        quiet,
+    };
     match args.command {
         Command::Infer(i) => infer(&ctx, i).await,
         Command::Queen(q) => queen_cmd(&ctx, &q.action).await.map(|()| 0),
@@ -348,7 +383,14 @@ async fn queen_cmd(ctx: &Ctx, action: &str) -> Result<(), String> {
         "stop" => {
             let was = ctx.queen_alive().await;
             ctx.stop_queen().await?;
-            println!("{}", if was { "queen stopped" } else { "no queen was running" });
+            println!(
+                "{}",
+                if was {
+                    "queen stopped"
+                } else {
+                    "no queen was running"
+                }
+            );
             Ok(())
         }
         "status" => {
@@ -363,13 +405,17 @@ async fn queen_cmd(ctx: &Ctx, action: &str) -> Result<(), String> {
             }
             Ok(())
         }
-        other => Err(format!("unknown queen action {other:?}: use start, stop or status")),
+        other => Err(format!(
+            "unknown queen action {other:?}: use start, stop or status"
+        )),
     }
 }
 
 async fn manage(ctx: &Ctx, command: Command) -> Result<(), String> {
     match command {
-        Command::Hive(HiveCmd { action: HiveAction::Add(a) }) => {
+        Command::Hive(HiveCmd {
+            action: HiveAction::Add(a),
+        }) => {
             let token = match &a.token_file {
                 Some(path) => Some(
                     std::fs::read_to_string(path)
@@ -379,36 +425,83 @@ async fn manage(ctx: &Ctx, command: Command) -> Result<(), String> {
                 ),
                 None => None,
             };
-            let body = AddHive { name: a.name, url: a.url, token };
+            let body = AddHive {
+                name: a.name,
+                url: a.url,
+                token,
+            };
             let h: HiveStatus = ctx.call(Method::POST, "/v1/hives", Some(&body)).await?;
             println!("{}\t{}\t{}", h.name, h.status, h.url);
         }
-        Command::Hive(HiveCmd { action: HiveAction::List(_) }) => {
+        Command::Hive(HiveCmd {
+            action: HiveAction::List(_),
+        }) => {
             let hives: Vec<HiveStatus> = ctx.call(Method::GET, "/v1/hives", None::<&()>).await?;
             for h in hives {
                 let managed = if h.managed { "managed" } else { "registered" };
-                println!("{}\t{}\t{}\t{managed}\t{}", h.name, h.status, h.url, h.last_seen.unwrap_or_default());
-            }
-        }
-        Command::Hive(HiveCmd { action: HiveAction::Remove(r) }) => {
-            let _: serde_json::Value = ctx.call(Method::DELETE, &format!("/v1/hives/{}", r.name), None::<&()>).await?;
-            println!("removed {}", r.name);
-        }
-        Command::Models(ModelsCmd { action: ModelsAction::List(l) }) => {
-            let models: Vec<ModelEntry> = ctx.call(Method::GET, &format!("/v1/hives/{}/models", l.node), None::<&()>).await?;
-            for m in models {
                 println!(
-                    "{}\t{}\t{}\t{} MB\t{}\t{}",
-                    m.name, m.quantization, m.architecture, m.size >> 20, m.model_ref, m.path
+                    "{}\t{}\t{}\t{managed}\t{}",
+                    h.name,
+                    h.status,
+                    h.url,
+                    h.last_seen.unwrap_or_default()
                 );
             }
         }
-        Command::Models(ModelsCmd { action: ModelsAction::Download(d) }) => {
-            let body = DownloadRequest { model_ref: d.model_ref.clone() };
-            let started: DownloadStarted =
-                ctx.call(Method::POST, &format!("/v1/hives/{}/models/download", d.node), Some(&body)).await?;
-            let url = ctx.url(&format!("/v1/hives/{}/models/download/progress?id={}", d.node, started.download_id));
-            let mut stream = client::stream(&url, ctx.token.as_deref(), None::<&()>).await.map_err(|e| e.to_string())?;
+        Command::Hive(HiveCmd {
+            action: HiveAction::Remove(r),
+        }) => {
+            let _: serde_json::Value = ctx
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/hives/{}", r.name),
+                    None::<&()>,
+                )
+                .await?;
+            println!("removed {}", r.name);
+        }
+        Command::Models(ModelsCmd {
+            action: ModelsAction::List(l),
+        }) => {
+            let models: Vec<ModelEntry> = ctx
+                .call(
+                    Method::GET,
+                    &format!("/v1/hives/{}/models", l.node),
+                    None::<&()>,
+                )
+                .await?;
+            for m in models {
+                println!(
+                    "{}\t{}\t{}\t{} MB\t{}\t{}",
+                    m.name,
+                    m.quantization,
+                    m.architecture,
+                    m.size >> 20,
+                    m.model_ref,
+                    m.path
+                );
+            }
+        }
+        Command::Models(ModelsCmd {
+            action: ModelsAction::Download(d),
+        }) => {
+            let body = DownloadRequest {
+                model_ref: d.model_ref.clone(),
+            };
+            let started: DownloadStarted = ctx
+                .call(
+                    Method::POST,
+                    &format!("/v1/hives/{}/models/download", d.node),
+                    Some(&body),
+                )
+                .await?;
+            let url = ctx.url(&format!(
+                "/v1/hives/{}/models/download/progress?id={}",
+                d.node, started.download_id
+            ));
+            let mut stream = client::stream(&url, ctx.token.as_deref(), None::<&()>)
+                .await
+                .map_err(|e| e.to_string())?;
             let mut progress = Progress::new(false);
             while let Some(Frame::Data(data)) = stream.next().await {
                 match serde_json::from_str::<DownloadEvent>(&data) {
@@ -424,21 +517,46 @@ async fn manage(ctx: &Ctx, command: Command) -> Result<(), String> {
             }
             return Err("the download stream ended early".into());
         }
-        Command::Models(ModelsCmd { action: ModelsAction::Remove(r) }) => {
-            let _: serde_json::Value =
-                ctx.call(Method::DELETE, &format!("/v1/hives/{}/models/{}", r.node, r.name), None::<&()>).await?;
+        Command::Models(ModelsCmd {
+            action: ModelsAction::Remove(r),
+        }) => {
+            let _: serde_json::Value = ctx
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/hives/{}/models/{}", r.node, r.name),
+                    None::<&()>,
+                )
+                .await?;
             println!("removed {}", r.name);
         }
-        Command::Workers(WorkersCmd { action: WorkersAction::List(_) }) => {
-            let workers: Vec<serde_json::Value> = ctx.call(Method::GET, "/v1/workers", None::<&()>).await?;
+        Command::Workers(WorkersCmd {
+            action: WorkersAction::List(_),
+        }) => {
+            let workers: Vec<serde_json::Value> =
+                ctx.call(Method::GET, "/v1/workers", None::<&()>).await?;
             for w in workers {
                 let s = |k: &str| w[k].as_str().unwrap_or("").to_string();
-                println!("{}\t{}\t{}\t{}\t{}\t{} slots", s("worker_id"), s("hive"), s("model"), s("state"), s("url"), w["slots"]);
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{} slots",
+                    s("worker_id"),
+                    s("hive"),
+                    s("model"),
+                    s("state"),
+                    s("url"),
+                    w["slots"]
+                );
             }
         }
-        Command::Workers(WorkersCmd { action: WorkersAction::Stop(st) }) => {
-            let _: serde_json::Value =
-                ctx.call(Method::POST, &format!("/v1/workers/{}/shutdown", st.id), None::<&()>).await?;
+        Command::Workers(WorkersCmd {
+            action: WorkersAction::Stop(st),
+        }) => {
+            let _: serde_json::Value = ctx
+                .call(
+                    Method::POST,
+                    &format!("/v1/workers/{}/shutdown", st.id),
+                    None::<&()>,
+                )
+                .await?;
             println!("stopping {}", st.id);
         }
         Command::Infer(_) | Command::Queen(_) => {}
@@ -451,10 +569,12 @@ fn prompt_of(i: &Infer) -> Result<String, String> {
     if let Some(p) = &i.prompt {
         return Ok(p.clone());
     }
-    let from_stdin = i.words == ["-"] || (i.words.is_empty() && !std::io::stdin().is_terminal());
+    let from_stdin = i.stdin || (i.words.is_empty() && !std::io::stdin().is_terminal());
     if from_stdin {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).map_err(|e| format!("cannot read the prompt from stdin: {e}"))?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("cannot read the prompt from stdin: {e}"))?;
         return Ok(s);
     }
     if i.words.is_empty() {
@@ -465,6 +585,9 @@ fn prompt_of(i: &Infer) -> Result<String, String> {
 
 async fn infer(ctx: &Ctx, i: Infer) -> Result<u8, String> {
     let prompt = prompt_of(&i)?;
+    if prompt.trim().is_empty() {
+        return Err("the prompt is empty".into());
+    }
     let started_queen = ctx.ensure_queen().await?;
     let result = infer_on_queen(ctx, &i, prompt).await;
     if i.ephemeral && started_queen {
@@ -475,9 +598,16 @@ async fn infer(ctx: &Ctx, i: Infer) -> Result<u8, String> {
 }
 
 async fn infer_on_queen(ctx: &Ctx, i: &Infer, prompt: String) -> Result<u8, String> {
+    // A relative path means this shell's directory, not the hive's.
+    let model = match std::fs::canonicalize(&i.model) {
+        Ok(abs) if i.model.to_ascii_lowercase().ends_with(".gguf") => {
+            format!("file:{}", abs.display())
+        }
+        _ => i.model.clone(),
+    };
     let req = JobRequest {
         node: i.node.clone(),
-        model: i.model.clone(),
+        model,
         prompt,
         max_tokens: i.max_tokens,
         temperature: i.temperature,
@@ -519,12 +649,18 @@ async fn infer_on_queen(ctx: &Ctx, i: &Infer, prompt: String) -> Result<u8, Stri
                 break;
             }
         };
-        let Ok(event) = serde_json::from_str::<JobEvent>(&data) else { continue };
+        let Ok(event) = serde_json::from_str::<JobEvent>(&data) else {
+            continue;
+        };
         match event {
             JobEvent::Inference(InferenceEvent::Token { t, .. }) => {
                 progress.clear();
                 // A closed stdout (`| head`) is the reader's choice, not an error.
-                if stdout.write_all(t.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+                if stdout
+                    .write_all(t.as_bytes())
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
                     return Ok(0);
                 }
                 wrote = true;
@@ -563,7 +699,12 @@ struct Progress {
 
 impl Progress {
     fn new(quiet: bool) -> Progress {
-        Progress { quiet, tty: std::io::stderr().is_terminal(), drawn: false, last_step: None }
+        Progress {
+            quiet,
+            tty: std::io::stderr().is_terminal(),
+            drawn: false,
+            last_step: None,
+        }
     }
 
     fn show(&mut self, what: &str, done: u64, total: u64, detail: String) {
@@ -573,7 +714,11 @@ impl Progress {
         let pct = (done * 100 / total).min(100);
         if self.tty {
             let filled = (pct / 5) as usize;
-            eprint!("\r{what} [{}{}] {pct:>3}% {detail}\x1b[K", "#".repeat(filled), "-".repeat(20 - filled));
+            eprint!(
+                "\r{what} [{}{}] {pct:>3}% {detail}\x1b[K",
+                "#".repeat(filled),
+                "-".repeat(20 - filled)
+            );
             self.drawn = true;
         } else {
             let step = pct / 10;
@@ -585,18 +730,40 @@ impl Progress {
     }
 
     fn download(&mut self, e: &DownloadEvent) {
-        if let DownloadEvent::Downloading { bytes_downloaded, bytes_total, speed_mbps } = e {
-            let detail = format!("{}/{} MB {speed_mbps:.0} Mbit/s", bytes_downloaded >> 20, bytes_total >> 20);
+        if let DownloadEvent::Downloading {
+            bytes_downloaded,
+            bytes_total,
+            speed_mbps,
+        } = e
+        {
+            let detail = format!(
+                "{}/{} MB {speed_mbps:.0} Mbit/s",
+                bytes_downloaded >> 20,
+                bytes_total >> 20
+            );
             self.show("downloading", *bytes_downloaded, *bytes_total, detail);
         }
     }
 
     fn loading(&mut self, e: &LoadingEvent) {
         match e {
-            LoadingEvent::LoadingToVram { layers_loaded, layers_total, .. }
-            | LoadingEvent::LoadingToRam { layers_loaded, layers_total, .. } => {
+            LoadingEvent::LoadingToVram {
+                layers_loaded,
+                layers_total,
+                ..
+            }
+            | LoadingEvent::LoadingToRam {
+                layers_loaded,
+                layers_total,
+                ..
+            } => {
                 let detail = format!("{layers_loaded}/{layers_total} layers");
-                self.show("loading", u64::from(*layers_loaded), u64::from(*layers_total), detail);
+                self.show(
+                    "loading",
+                    u64::from(*layers_loaded),
+                    u64::from(*layers_total),
+                    detail,
+                );
             }
             LoadingEvent::Ready | LoadingEvent::Failed { .. } => self.clear(),
         }

@@ -48,8 +48,12 @@ pub async fn run(args: Args) -> Result<(), String> {
     auth.check_bind(&args.host)?;
     let listener = http::bind(&args.host, args.port).await?;
     let data_dir = crate::data_dir(args.data_dir.as_deref());
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| format!("cannot create the data directory {}: {e}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir).map_err(|e| {
+        format!(
+            "cannot create the data directory {}: {e}",
+            data_dir.display()
+        )
+    })?;
     let registry = Registry::open(data_dir.clone(), auth.token().map(str::to_string))?;
     tokio::spawn(registry.clone().watch_health());
     let queen = Queen {
@@ -58,16 +62,23 @@ pub async fn run(args: Args) -> Result<(), String> {
         auth,
         shutdown: Arc::new(tokio::sync::Notify::new()),
     };
-    tracing::info!("queen listening on http://{}:{}, data in {}", args.host, args.port, data_dir.display());
+    tracing::info!(
+        "queen listening on http://{}:{}, data in {}",
+        args.host,
+        args.port,
+        data_dir.display()
+    );
     let admin = queen.shutdown.clone();
     let jobs = queen.jobs.clone();
     http::serve(listener, move |req| route(queen.clone(), req), async move {
         http::stop_signal(&admin).await;
         tracing::info!("queen shutting down");
         jobs.cancel_all();
+        // Still answering health while the local hive and its workers stop, so
+        // `rbee keeper queen stop` returns only once everything is gone.
+        registry.stop_local().await;
     })
     .await;
-    registry.stop_local().await;
     Ok(())
 }
 
@@ -78,7 +89,11 @@ fn failure(status: StatusCode, code: &str, message: impl Into<String>) -> Respon
 /// Passes a hive's error answer on as it was.
 fn relayed(e: ClientError, hive: &str) -> Response<Body> {
     match e {
-        ClientError::Status { status, code, message } => failure(status, &code, message),
+        ClientError::Status {
+            status,
+            code,
+            message,
+        } => failure(status, &code, message),
         ClientError::Unreachable(m) => failure(
             StatusCode::BAD_GATEWAY,
             "HIVE_UNREACHABLE",
@@ -95,7 +110,9 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["health"] | ["v1", "health"]) => http::json(StatusCode::OK, &Health::alive("queen")),
+        (&Method::GET, ["health"] | ["v1", "health"]) => {
+            http::json(StatusCode::OK, &Health::alive("queen"))
+        }
         (&Method::GET, ["v1", "hives"]) => http::json(StatusCode::OK, &q.registry.list().await),
         (&Method::POST, ["v1", "hives"]) => {
             let body: AddHive = match http::read_json(req).await {
@@ -105,7 +122,12 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
             match q.registry.add(body) {
                 Ok(conn) => {
                     let _ = q.registry.check(&conn).await;
-                    let status = q.registry.list().await.into_iter().find(|h| h.name == conn.name);
+                    let status = q
+                        .registry
+                        .list()
+                        .await
+                        .into_iter()
+                        .find(|h| h.name == conn.name);
                     http::json(StatusCode::CREATED, &status)
                 }
                 Err(m) => failure(StatusCode::BAD_REQUEST, "INVALID_REQUEST", m),
@@ -113,7 +135,11 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::DELETE, ["v1", "hives", name]) => match q.registry.remove(name) {
             Ok(true) => http::json(StatusCode::OK, &serde_json::json!({"removed": name})),
-            Ok(false) => failure(StatusCode::NOT_FOUND, "UNKNOWN_NODE", format!("no hive named {name}")),
+            Ok(false) => failure(
+                StatusCode::NOT_FOUND,
+                "UNKNOWN_NODE",
+                format!("no hive named {name}"),
+            ),
             Err(m) => failure(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", m),
         },
         (&Method::POST, ["v1", "jobs"]) => create_job(&q, req).await,
@@ -129,21 +155,36 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
                 });
                 resp
             }
-            None => failure(StatusCode::NOT_FOUND, "JOB_NOT_FOUND", format!("no job {id}")),
+            None => failure(
+                StatusCode::NOT_FOUND,
+                "JOB_NOT_FOUND",
+                format!("no job {id}"),
+            ),
         },
         (&Method::DELETE, ["v1", "jobs", id]) => match q.jobs.get(id) {
             Some(job) => {
                 job.cancel();
-                http::json(StatusCode::OK, &serde_json::json!({"job_id": id, "state": "cancelled"}))
+                http::json(
+                    StatusCode::OK,
+                    &serde_json::json!({"job_id": id, "state": "cancelled"}),
+                )
             }
-            None => failure(StatusCode::NOT_FOUND, "JOB_NOT_FOUND", format!("no job {id}")),
+            None => failure(
+                StatusCode::NOT_FOUND,
+                "JOB_NOT_FOUND",
+                format!("no job {id}"),
+            ),
         },
         (&Method::GET, ["v1", "workers"]) => {
             let mut all = Vec::new();
             for hive in q.registry.all().await {
                 let url = format!("{}/v1/workers/list", hive.url);
-                if let Ok(list) = client::get::<Vec<WorkerInfo>>(&url, hive.token.as_deref()).await {
-                    all.extend(list.into_iter().map(|w| HiveWorker { hive: hive.name.clone(), worker: w }));
+                if let Ok(list) = client::get::<Vec<WorkerInfo>>(&url, hive.token.as_deref()).await
+                {
+                    all.extend(list.into_iter().map(|w| HiveWorker {
+                        hive: hive.name.clone(),
+                        worker: w,
+                    }));
                 }
             }
             http::json(StatusCode::OK, &all)
@@ -151,16 +192,30 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         (&Method::POST, ["v1", "workers", id, "shutdown"]) => {
             for hive in q.registry.all().await {
                 let url = format!("{}/v1/workers/list", hive.url);
-                let Ok(list) = client::get::<Vec<WorkerInfo>>(&url, hive.token.as_deref()).await else { continue };
+                let Ok(list) = client::get::<Vec<WorkerInfo>>(&url, hive.token.as_deref()).await
+                else {
+                    continue;
+                };
                 if list.iter().any(|w| w.worker_id == *id) {
                     let url = format!("{}/v1/workers/{id}/shutdown", hive.url);
-                    return match client::post::<WorkerInfo>(&url, hive.token.as_deref(), &()).await {
-                        Ok(w) => http::json(StatusCode::ACCEPTED, &HiveWorker { hive: hive.name, worker: w }),
+                    return match client::post::<WorkerInfo>(&url, hive.token.as_deref(), &()).await
+                    {
+                        Ok(w) => http::json(
+                            StatusCode::ACCEPTED,
+                            &HiveWorker {
+                                hive: hive.name,
+                                worker: w,
+                            },
+                        ),
                         Err(e) => relayed(e, &hive.name),
                     };
                 }
             }
-            failure(StatusCode::NOT_FOUND, "WORKER_NOT_FOUND", format!("no hive has a worker {id}"))
+            failure(
+                StatusCode::NOT_FOUND,
+                "WORKER_NOT_FOUND",
+                format!("no hive has a worker {id}"),
+            )
         }
         (_, ["v1", "hives", name, "models", rest @ ..]) => {
             let hive = match hive_for(&q, name).await {
@@ -171,12 +226,23 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::POST, ["v1", "admin", "shutdown"]) => {
             q.shutdown.notify_one();
-            http::json(StatusCode::ACCEPTED, &serde_json::json!({"status": "shutting_down"}))
+            http::json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"status": "shutting_down"}),
+            )
         }
-        (m, ["health"] | ["v1", "health"] | ["v1", "hives"] | ["v1", "hives", _] | ["v1", "jobs"] | ["v1", "jobs", ..]
-            | ["v1", "workers"] | ["v1", "workers", _, "shutdown"] | ["v1", "admin", "shutdown"]) => {
-            http::method_not_allowed(m, &path)
-        }
+        (
+            m,
+            ["health"]
+            | ["v1", "health"]
+            | ["v1", "hives"]
+            | ["v1", "hives", _]
+            | ["v1", "jobs"]
+            | ["v1", "jobs", ..]
+            | ["v1", "workers"]
+            | ["v1", "workers", _, "shutdown"]
+            | ["v1", "admin", "shutdown"],
+        ) => http::method_not_allowed(m, &path),
         _ => http::not_found(&path),
     }
 }
@@ -201,17 +267,29 @@ async fn hive_for(q: &Queen, name: &str) -> Result<HiveConn, Response<Body>> {
             .await
             .map_err(|m| failure(StatusCode::BAD_GATEWAY, "HIVE_START_FAILED", m));
     }
-    Err(failure(StatusCode::NOT_FOUND, "UNKNOWN_NODE", format!("no hive named {name}")))
+    Err(failure(
+        StatusCode::NOT_FOUND,
+        "UNKNOWN_NODE",
+        format!("no hive named {name}"),
+    ))
 }
 
 /// The model endpoints of one hive, passed through with the queen's token for it.
-async fn hive_models(hive: &HiveConn, method: &Method, rest: &[&str], req: Request<Incoming>) -> Response<Body> {
+async fn hive_models(
+    hive: &HiveConn,
+    method: &Method,
+    rest: &[&str],
+    req: Request<Incoming>,
+) -> Response<Body> {
     let token = hive.token.as_deref();
     match (method, rest) {
-        (&Method::GET, []) => match client::get::<serde_json::Value>(&format!("{}/v1/models", hive.url), token).await {
-            Ok(v) => http::json(StatusCode::OK, &v),
-            Err(e) => relayed(e, &hive.name),
-        },
+        (&Method::GET, []) => {
+            match client::get::<serde_json::Value>(&format!("{}/v1/models", hive.url), token).await
+            {
+                Ok(v) => http::json(StatusCode::OK, &v),
+                Err(e) => relayed(e, &hive.name),
+            }
+        }
         (&Method::POST, ["download"]) => {
             let body: DownloadRequest = match http::read_json(req).await {
                 Ok(b) => b,
@@ -232,7 +310,9 @@ async fn hive_models(hive: &HiveConn, method: &Method, rest: &[&str], req: Reque
                     tokio::spawn(async move {
                         while let Some(frame) = upstream.next().await {
                             let bytes = match frame {
-                                sse::Frame::Data(d) => hyper::body::Bytes::from(format!("data: {d}\n\n")),
+                                sse::Frame::Data(d) => {
+                                    hyper::body::Bytes::from(format!("data: {d}\n\n"))
+                                }
                                 sse::Frame::Done => hyper::body::Bytes::from_static(sse::DONE),
                             };
                             if tx.send(bytes).await.is_err() {
@@ -247,7 +327,8 @@ async fn hive_models(hive: &HiveConn, method: &Method, rest: &[&str], req: Reque
         }
         (&Method::DELETE, [name]) => {
             let url = format!("{}/v1/models/{name}", hive.url);
-            match client::call::<serde_json::Value>(Method::DELETE, &url, token, None::<&()>).await {
+            match client::call::<serde_json::Value>(Method::DELETE, &url, token, None::<&()>).await
+            {
                 Ok(v) => http::json(StatusCode::OK, &v),
                 Err(e) => relayed(e, &hive.name),
             }
@@ -265,10 +346,18 @@ async fn create_job(q: &Queen, req: Request<Incoming>) -> Response<Body> {
         return failure(StatusCode::BAD_REQUEST, "INVALID_REQUEST", "model is empty");
     }
     if body.prompt.is_empty() {
-        return failure(StatusCode::BAD_REQUEST, "INVALID_REQUEST", "prompt is empty");
+        return failure(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            "prompt is empty",
+        );
     }
     if let Some(n) = body.max_tokens.filter(|&n| n <= 0) {
-        return failure(StatusCode::BAD_REQUEST, "INVALID_REQUEST", format!("max_tokens must be at least 1, got {n}"));
+        return failure(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            format!("max_tokens must be at least 1, got {n}"),
+        );
     }
     let job = q.jobs.create();
     let created = JobCreated {

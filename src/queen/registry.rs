@@ -28,6 +28,9 @@ pub struct HiveConn {
     pub token: Option<String>,
 }
 
+/// Whether a hive answered its last health check, and when it last did.
+type Seen = (bool, Option<String>);
+
 /// A hive this queen started and owns.
 struct LocalHive {
     conn: HiveConn,
@@ -38,7 +41,7 @@ struct LocalHive {
 pub struct Registry {
     db: sled::Db,
     /// Last health check per hive name: reachable or not, and when last seen.
-    health: Arc<Mutex<HashMap<String, (bool, Option<String>)>>>,
+    health: Arc<Mutex<HashMap<String, Seen>>>,
     local: Arc<tokio::sync::Mutex<Option<LocalHive>>>,
     spawner: Spawner,
     data_dir: PathBuf,
@@ -131,8 +134,17 @@ impl Registry {
     }
 
     pub async fn list(&self) -> Vec<HiveStatus> {
-        let local_name = self.local.lock().await.as_ref().map(|l| l.conn.name.clone());
-        let health = self.health.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let local_name = self
+            .local
+            .lock()
+            .await
+            .as_ref()
+            .map(|l| l.conn.name.clone());
+        let health = self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         self.all()
             .await
             .into_iter()
@@ -189,7 +201,13 @@ impl Registry {
             if self.check(&l.conn).await.is_ok() {
                 return Ok(l.conn.clone());
             }
-            narrate("restart", format!("the local hive (pid {}) stopped answering; starting a new one", l.pid));
+            narrate(
+                "restart",
+                format!(
+                    "the local hive (pid {}) stopped answering; starting a new one",
+                    l.pid
+                ),
+            );
             signal(l.pid, libc::SIGKILL);
             *local = None;
         }
@@ -205,7 +223,8 @@ impl Registry {
             "start_hive",
             format!("no hive on localhost yet: starting one on port {port}"),
         );
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
         let log_path = self.data_dir.join("hive.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -260,7 +279,10 @@ impl Registry {
         std::thread::spawn(move || {
             let _ = child.wait();
         });
-        narrate("hive_up", format!("local hive is up at {} (pid {pid})", conn.url));
+        narrate(
+            "hive_up",
+            format!("local hive is up at {} (pid {pid})", conn.url),
+        );
         *local = Some(LocalHive {
             conn: conn.clone(),
             pid,

@@ -7,8 +7,9 @@ use super::registry::{HiveConn, Registry, LOCALHOST};
 use crate::http::client::{self, ClientError};
 use crate::http::sse::Frame;
 use crate::protocol::{
-    ClusterEvent, DownloadEvent, DownloadRequest, DownloadStarted, InferenceEvent, InferenceRequest,
-    JobEvent, JobRequest, LoadingEvent, ModelEntry, ReadyStatus, SpawnRequest, WorkerInfo,
+    ClusterEvent, DownloadEvent, DownloadRequest, DownloadStarted, InferenceEvent,
+    InferenceRequest, JobEvent, JobRequest, LoadingEvent, ModelEntry, ReadyStatus, SpawnRequest,
+    WorkerInfo,
 };
 use std::time::Duration;
 
@@ -36,7 +37,9 @@ struct Target {
 /// How an attempt at inference ended, when it did not succeed.
 enum Relay {
     /// The worker vanished; `tokens` were already relayed.
-    Lost { tokens: u32 },
+    Lost {
+        tokens: u32,
+    },
     /// Every slot and the queue were full.
     Busy,
     Failed(JobError),
@@ -50,7 +53,11 @@ pub async fn run(registry: &Registry, job: &Job, req: &JobRequest) -> Result<(),
     loop {
         let target = match find_ready(&hives, &req.model, &excluded).await {
             Some(t) => {
-                job.narrate("queen", "reuse", format!("using worker {} on hive {}", t.worker_id, t.hive.name));
+                job.narrate(
+                    "queen",
+                    "reuse",
+                    format!("using worker {} on hive {}", t.worker_id, t.hive.name),
+                );
                 t
             }
             None => provision(&hives, job, &req.model).await?,
@@ -68,14 +75,20 @@ pub async fn run(registry: &Registry, job: &Job, req: &JobRequest) -> Result<(),
                 job.narrate(
                     "queen",
                     "retry",
-                    format!("worker {} was lost before answering; retrying on another worker", target.worker_id),
+                    format!(
+                        "worker {} was lost before answering; retrying on another worker",
+                        target.worker_id
+                    ),
                 );
                 excluded.push(target.url);
             }
             Err(Relay::Lost { .. }) => {
                 return Err(err(
                     "WORKER_LOST",
-                    format!("worker {} on hive {} stopped mid-stream", target.worker_id, target.hive.name),
+                    format!(
+                        "worker {} on hive {} stopped mid-stream",
+                        target.worker_id, target.hive.name
+                    ),
                 ))
             }
         }
@@ -83,12 +96,19 @@ pub async fn run(registry: &Registry, job: &Job, req: &JobRequest) -> Result<(),
 }
 
 /// The hives this job may use, checked alive.
-async fn candidates(registry: &Registry, job: &Job, node: Option<&str>) -> Result<Vec<HiveConn>, JobError> {
+async fn candidates(
+    registry: &Registry,
+    job: &Job,
+    node: Option<&str>,
+) -> Result<Vec<HiveConn>, JobError> {
     let narrate = |action: &str, human: String| job.narrate("queen", action, human);
     let hives = match node {
         Some(name) => match registry.get(name).await {
             Some(h) => vec![h],
-            None if name == LOCALHOST => vec![registry.ensure_local(narrate).await.map_err(|m| err("HIVE_START_FAILED", m))?],
+            None if name == LOCALHOST => vec![registry
+                .ensure_local(narrate)
+                .await
+                .map_err(|m| err("HIVE_START_FAILED", m))?],
             None => {
                 let known: Vec<String> = registry.all().await.into_iter().map(|h| h.name).collect();
                 return Err(err(
@@ -103,7 +123,10 @@ async fn candidates(registry: &Registry, job: &Job, node: Option<&str>) -> Resul
         None => {
             let all = registry.all().await;
             if all.is_empty() {
-                vec![registry.ensure_local(narrate).await.map_err(|m| err("HIVE_START_FAILED", m))?]
+                vec![registry
+                    .ensure_local(narrate)
+                    .await
+                    .map_err(|m| err("HIVE_START_FAILED", m))?]
             } else {
                 all
             }
@@ -114,7 +137,10 @@ async fn candidates(registry: &Registry, job: &Job, node: Option<&str>) -> Resul
     for hive in hives {
         match registry.check(&hive).await {
             Ok(()) => alive.push(hive),
-            Err(e) => down.push(format!("hive {} at {} is not answering ({e})", hive.name, hive.url)),
+            Err(e) => down.push(format!(
+                "hive {} at {} is not answering ({e})",
+                hive.name, hive.url
+            )),
         }
     }
     if alive.is_empty() {
@@ -128,7 +154,10 @@ async fn candidates(registry: &Registry, job: &Job, node: Option<&str>) -> Resul
 
 /// The catalog entry of `model` on `hive`, if it has it.
 async fn catalog_entry(hive: &HiveConn, model: &str) -> Option<ModelEntry> {
-    let entries: Vec<ModelEntry> = client::get(&format!("{}/v1/models", hive.url), hive.token.as_deref()).await.ok()?;
+    let entries: Vec<ModelEntry> =
+        client::get(&format!("{}/v1/models", hive.url), hive.token.as_deref())
+            .await
+            .ok()?;
     let lower = model.to_lowercase();
     let path = model.strip_prefix("file:").unwrap_or(model);
     entries
@@ -140,20 +169,38 @@ async fn catalog_entry(hive: &HiveConn, model: &str) -> Option<ModelEntry> {
 async fn find_ready(hives: &[HiveConn], model: &str, excluded: &[String]) -> Option<Target> {
     let mut best: Option<(u32, Target)> = None;
     for hive in hives {
-        let Some(entry) = catalog_entry(hive, model).await else { continue };
-        let workers: Vec<WorkerInfo> = client::get(&format!("{}/v1/workers/list", hive.url), hive.token.as_deref())
-            .await
-            .unwrap_or_default();
+        let Some(entry) = catalog_entry(hive, model).await else {
+            continue;
+        };
+        let workers: Vec<WorkerInfo> = client::get(
+            &format!("{}/v1/workers/list", hive.url),
+            hive.token.as_deref(),
+        )
+        .await
+        .unwrap_or_default();
         for w in workers {
             if w.state != "ready" || w.model != entry.name || excluded.contains(&w.url) {
                 continue;
             }
-            let Ok(ready) = client::get::<ReadyStatus>(&format!("{}/v1/ready", w.url), hive.token.as_deref()).await else {
+            let Ok(ready) =
+                client::get::<ReadyStatus>(&format!("{}/v1/ready", w.url), hive.token.as_deref())
+                    .await
+            else {
                 continue;
             };
             let load = ready.slots_busy + ready.queue_len;
-            if ready.ready && ready.slots_busy < ready.slots_total && best.as_ref().is_none_or(|(b, _)| load < *b) {
-                best = Some((load, Target { hive: hive.clone(), url: w.url, worker_id: w.worker_id }));
+            if ready.ready
+                && ready.slots_busy < ready.slots_total
+                && best.as_ref().is_none_or(|(b, _)| load < *b)
+            {
+                best = Some((
+                    load,
+                    Target {
+                        hive: hive.clone(),
+                        url: w.url,
+                        worker_id: w.worker_id,
+                    },
+                ));
             }
         }
     }
@@ -174,13 +221,20 @@ async fn provision(hives: &[HiveConn], job: &Job, model: &str) -> Result<Target,
         None => {
             let hive = hives[0].clone();
             fetch(&hive, job, model).await?;
-            let entry = catalog_entry(&hive, model)
-                .await
-                .ok_or_else(|| err("MODEL_NOT_FOUND", format!("hive {} does not list {model} after fetching it", hive.name)))?;
+            let entry = catalog_entry(&hive, model).await.ok_or_else(|| {
+                err(
+                    "MODEL_NOT_FOUND",
+                    format!("hive {} does not list {model} after fetching it", hive.name),
+                )
+            })?;
             (hive, entry)
         }
     };
-    job.narrate("hive", "spawn", format!("starting a worker for {} on hive {}", entry.name, hive.name));
+    job.narrate(
+        "hive",
+        "spawn",
+        format!("starting a worker for {} on hive {}", entry.name, hive.name),
+    );
     let spawn = SpawnRequest {
         model_ref: entry.name.clone(),
         backend: None,
@@ -188,11 +242,24 @@ async fn provision(hives: &[HiveConn], job: &Job, model: &str) -> Result<Target,
         slots: None,
         ctx_size: None,
     };
-    let worker: WorkerInfo = client::post(&format!("{}/v1/workers/spawn", hive.url), hive.token.as_deref(), &spawn)
-        .await
-        .map_err(|e| err("SPAWN_FAILED", format!("hive {} could not start a worker: {e}", hive.name)))?;
+    let worker: WorkerInfo = client::post(
+        &format!("{}/v1/workers/spawn", hive.url),
+        hive.token.as_deref(),
+        &spawn,
+    )
+    .await
+    .map_err(|e| {
+        err(
+            "SPAWN_FAILED",
+            format!("hive {} could not start a worker: {e}", hive.name),
+        )
+    })?;
     wait_loaded(&hive, &worker, job).await?;
-    job.narrate("worker", "ready", format!("worker {} is ready at {}", worker.worker_id, worker.url));
+    job.narrate(
+        "worker",
+        "ready",
+        format!("worker {} is ready at {}", worker.worker_id, worker.url),
+    );
     Ok(Target {
         hive,
         url: worker.url,
@@ -202,36 +269,60 @@ async fn provision(hives: &[HiveConn], job: &Job, model: &str) -> Result<Target,
 
 /// Has the hive download (or register) the model, relaying progress.
 async fn fetch(hive: &HiveConn, job: &Job, model: &str) -> Result<(), JobError> {
-    job.narrate("hive", "download", format!("hive {} is fetching {model}", hive.name));
-    let req = DownloadRequest { model_ref: model.to_string() };
-    let started: DownloadStarted = client::post(&format!("{}/v1/models/download", hive.url), hive.token.as_deref(), &req)
-        .await
-        .map_err(|e| match e {
-            ClientError::Status { code, message, .. } if code == "MODEL_NOT_FOUND" || code == "REPO_NOT_FOUND" || code == "NO_GGUF" => {
-                err("MODEL_NOT_FOUND", format!("hive {}: {message}", hive.name))
-            }
-            other => err("DOWNLOAD_FAILED", format!("hive {}: {other}", hive.name)),
-        })?;
+    job.narrate(
+        "hive",
+        "download",
+        format!("hive {} is fetching {model}", hive.name),
+    );
+    let req = DownloadRequest {
+        model_ref: model.to_string(),
+    };
+    let started: DownloadStarted = client::post(
+        &format!("{}/v1/models/download", hive.url),
+        hive.token.as_deref(),
+        &req,
+    )
+    .await
+    .map_err(|e| match e {
+        ClientError::Status { code, message, .. }
+            if code == "MODEL_NOT_FOUND" || code == "REPO_NOT_FOUND" || code == "NO_GGUF" =>
+        {
+            err("MODEL_NOT_FOUND", format!("hive {}: {message}", hive.name))
+        }
+        other => err("DOWNLOAD_FAILED", format!("hive {}: {other}", hive.name)),
+    })?;
     if started.state == "complete" {
         return Ok(());
     }
-    let url = format!("{}/v1/models/download/progress?id={}", hive.url, started.download_id);
+    let url = format!(
+        "{}/v1/models/download/progress?id={}",
+        hive.url, started.download_id
+    );
     let mut stream = client::stream(&url, hive.token.as_deref(), None::<&()>)
         .await
         .map_err(|e| err("DOWNLOAD_FAILED", e.to_string()))?;
     while let Some(Frame::Data(data)) = stream.next().await {
-        let Ok(event) = serde_json::from_str::<DownloadEvent>(&data) else { continue };
+        let Ok(event) = serde_json::from_str::<DownloadEvent>(&data) else {
+            continue;
+        };
         job.push(&JobEvent::Cluster(ClusterEvent::Download(event.clone())));
         match event {
             DownloadEvent::Complete { local_path } => {
-                job.narrate("hive", "downloaded", format!("{model} is at {local_path} on hive {}", hive.name));
+                job.narrate(
+                    "hive",
+                    "downloaded",
+                    format!("{model} is at {local_path} on hive {}", hive.name),
+                );
                 return Ok(());
             }
             DownloadEvent::Error { message } => return Err(err("DOWNLOAD_FAILED", message)),
             DownloadEvent::Downloading { .. } => {}
         }
     }
-    Err(err("DOWNLOAD_FAILED", format!("hive {} stopped reporting the download", hive.name)))
+    Err(err(
+        "DOWNLOAD_FAILED",
+        format!("hive {} stopped reporting the download", hive.name),
+    ))
 }
 
 /// Relays a new worker's loading progress until it is ready.
@@ -252,7 +343,9 @@ async fn wait_loaded(hive: &HiveConn, worker: &WorkerInfo, job: &Job) -> Result<
     };
     if let Some(stream) = stream.as_mut() {
         while let Some(Frame::Data(data)) = stream.next().await {
-            let Ok(event) = serde_json::from_str::<LoadingEvent>(&data) else { continue };
+            let Ok(event) = serde_json::from_str::<LoadingEvent>(&data) else {
+                continue;
+            };
             job.push(&JobEvent::Cluster(ClusterEvent::Loading(event.clone())));
             match event {
                 LoadingEvent::Ready => return Ok(()),
@@ -264,12 +357,20 @@ async fn wait_loaded(hive: &HiveConn, worker: &WorkerInfo, job: &Job) -> Result<
     let why = worker_failed(hive, &worker.worker_id)
         .await
         .unwrap_or_else(|| "it stopped answering while loading".into());
-    Err(err("WORKER_FAILED", format!("worker {} failed to load: {why}", worker.worker_id)))
+    Err(err(
+        "WORKER_FAILED",
+        format!("worker {} failed to load: {why}", worker.worker_id),
+    ))
 }
 
 /// The hive's account of why a worker failed, if it has failed.
 async fn worker_failed(hive: &HiveConn, id: &str) -> Option<String> {
-    let workers: Vec<WorkerInfo> = client::get(&format!("{}/v1/workers/list", hive.url), hive.token.as_deref()).await.ok()?;
+    let workers: Vec<WorkerInfo> = client::get(
+        &format!("{}/v1/workers/list", hive.url),
+        hive.token.as_deref(),
+    )
+    .await
+    .ok()?;
     match workers.into_iter().find(|w| w.worker_id == id) {
         Some(w) if w.state == "failed" => Some(w.error.unwrap_or_else(|| "failed".into())),
         Some(_) => None,
@@ -306,8 +407,13 @@ async fn relay(target: &Target, job: &Job, req: &JobRequest) -> Result<(), Relay
     let mut tokens = 0;
     while let Some(frame) = stream.next().await {
         let Frame::Data(data) = frame else { break };
-        let Ok(event) = serde_json::from_str::<InferenceEvent>(&data) else { continue };
-        let terminal = matches!(event, InferenceEvent::End { .. } | InferenceEvent::Error { .. });
+        let Ok(event) = serde_json::from_str::<InferenceEvent>(&data) else {
+            continue;
+        };
+        let terminal = matches!(
+            event,
+            InferenceEvent::End { .. } | InferenceEvent::Error { .. }
+        );
         if matches!(event, InferenceEvent::Token { .. }) {
             tokens += 1;
         }
