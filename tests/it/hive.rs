@@ -392,7 +392,9 @@ fn a_worker_that_cannot_load_is_reported_failed_with_its_stderr() {
     });
     let error = listed["error"].as_str().unwrap_or("");
     assert!(error.contains("truncated.gguf"), "{error}");
-    assert!(!alive(w["pid"].as_u64().unwrap() as u32));
+    // It reports first, then exits.
+    let pid = w["pid"].as_u64().unwrap() as u32;
+    wait_until("the failed worker to exit", Duration::from_secs(20), || !alive(pid));
 }
 
 #[test]
