@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod hive;
 pub mod http;
 pub mod keeper;
+pub mod openai;
 pub mod process;
 pub mod protocol;
 pub mod queen;

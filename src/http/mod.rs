@@ -156,6 +156,18 @@ pub fn method_not_allowed(method: &hyper::Method, path: &str) -> Response<Body> 
 /// 413 goes out: most clients send the whole body before they read, and would
 /// see a broken pipe instead of the answer if the server hung up on them.
 pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let bytes = read_body(req).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+/// Reads a body of at most [`MAX_BODY_BYTES`], as [`read_json`] does.
+pub async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, Response<Body>> {
     let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -194,13 +206,7 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
     if total > MAX_BODY_BYTES {
         return Err(too_large());
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "INVALID_REQUEST",
-            format!("invalid JSON body: {e}"),
-        )
-    })
+    Ok(bytes)
 }
 
 /// How much of an oversized body is read (and thrown away) so the client hears the 413.

@@ -388,6 +388,8 @@ async fn relay(target: &Target, job: &Job, req: &JobRequest) -> Result<(), Relay
         top_k: req.top_k,
         seed: req.seed,
         stop: req.stop.clone(),
+        presence_penalty: None,
+        frequency_penalty: None,
         job_id: Some(job.id.clone()),
     };
     let url = format!("{}/v1/inference", target.url);

@@ -16,7 +16,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use std::num::NonZeroU32;
@@ -85,16 +85,20 @@ pub struct Rejection {
 /// A request on its way to the engine.
 pub struct Submission {
     pub request: InferenceRequest,
+    /// Chat messages (role, content) to render with the model's chat template;
+    /// when present they are the prompt and `request.prompt` is ignored.
+    pub chat: Option<Vec<(String, String)>>,
     /// Where the request's events go; closed when the client has gone away.
     pub events: mpsc::UnboundedSender<InferenceEvent>,
     pub reservation: Reservation,
 }
 
-/// The answer to a submission, once its prompt is tokenized and checked.
-pub type Admission = oneshot::Receiver<Result<(), Rejection>>;
+/// The answer to a submission once its prompt is tokenized and checked: the
+/// prompt's length in tokens.
+pub type Admission = oneshot::Receiver<Result<u32, Rejection>>;
 
 enum Command {
-    Submit(Box<Submission>, oneshot::Sender<Result<(), Rejection>>),
+    Submit(Box<Submission>, oneshot::Sender<Result<u32, Rejection>>),
     Shutdown,
 }
 
@@ -363,7 +367,7 @@ fn serve(
                 Command::Submit(submission, admitted) => {
                     match prepare(model, submission, n_ctx_slot) {
                         Ok(request) => {
-                            let _ = admitted.send(Ok(()));
+                            let _ = admitted.send(Ok(request.tokens.len() as u32));
                             slots.enqueue(request);
                         }
                         Err(rejection) => {
@@ -512,9 +516,15 @@ fn prepare(
     n_ctx_slot: u32,
 ) -> Result<Request, Rejection> {
     let request = &submission.request;
-    let tokens = model
-        .vocab()
-        .tokenize(request.prompt.as_bytes(), true, true);
+    let rendered;
+    let prompt = match &submission.chat {
+        Some(messages) => {
+            rendered = render_chat(model, messages)?;
+            &rendered
+        }
+        None => &request.prompt,
+    };
+    let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
     if tokens.is_empty() {
         return Err(Rejection {
             code: "INVALID_REQUEST",
@@ -536,7 +546,7 @@ fn prepare(
         .max_tokens
         .map_or(room, |n| n.clamp(1, i64::from(room)) as u32);
     Ok(Request {
-        sampler: sampler_for(request),
+        sampler: sampler_for(request, model.n_vocab()),
         stops: StopMatcher::new(request.stop.clone()),
         submission,
         tokens,
@@ -550,21 +560,60 @@ fn prepare(
     })
 }
 
-/// Greedy at temperature 0 (deterministic); else top-k, top-p, temperature, then a seeded draw.
-fn sampler_for(request: &InferenceRequest) -> LlamaSampler {
+/// The model's own chat template from its GGUF metadata; a model without one
+/// gets ChatML (`<|im_start|>role\ncontent<|im_end|>`), the most common format.
+fn render_chat(model: &LlamaModel, messages: &[(String, String)]) -> Result<String, Rejection> {
+    let invalid = |message: String| Rejection {
+        code: "INVALID_REQUEST",
+        message,
+    };
+    let chat: Vec<LlamaChatMessage> = messages
+        .iter()
+        .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid(format!("a message cannot be used: {e}")))?;
+    let template = model
+        .chat_template(None)
+        .or_else(|_| LlamaChatTemplate::new("chatml"))
+        .map_err(|e| invalid(format!("no chat template: {e}")))?;
+    model
+        .apply_chat_template(&template, &chat, true)
+        .or_else(|_| {
+            // llama.cpp knows only its built-in templates; fall back to ChatML.
+            let chatml = LlamaChatTemplate::new("chatml").map_err(|e| e.to_string())?;
+            model
+                .apply_chat_template(&chatml, &chat, true)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| invalid(format!("cannot apply the chat template: {e}")))
+}
+
+/// Greedy at temperature 0 (deterministic); else top-k, top-p, temperature,
+/// then a seeded draw. OpenAI's presence and frequency penalties go first.
+fn sampler_for(request: &InferenceRequest, n_vocab: i32) -> LlamaSampler {
+    let mut chain = Vec::new();
+    let presence = request.presence_penalty.unwrap_or(0.0);
+    let frequency = request.frequency_penalty.unwrap_or(0.0);
+    if presence != 0.0 || frequency != 0.0 {
+        chain.push(LlamaSampler::penalties(
+            n_vocab, 64, 1.0, frequency, presence,
+        ));
+    }
     let temperature = request.temperature.unwrap_or(DEFAULT_TEMPERATURE);
     if temperature <= 0.0 {
-        return LlamaSampler::greedy();
+        chain.push(LlamaSampler::greedy());
+    } else {
+        let seed = request
+            .seed
+            .unwrap_or_else(|| crate::protocol::random_u64() as u32);
+        chain.extend([
+            LlamaSampler::top_k(request.top_k.unwrap_or(DEFAULT_TOP_K)),
+            LlamaSampler::top_p(request.top_p.unwrap_or(DEFAULT_TOP_P), 1),
+            LlamaSampler::temp(temperature),
+            LlamaSampler::dist(seed),
+        ]);
     }
-    let seed = request
-        .seed
-        .unwrap_or_else(|| crate::protocol::random_u64() as u32);
-    LlamaSampler::chain_simple([
-        LlamaSampler::top_k(request.top_k.unwrap_or(DEFAULT_TOP_K)),
-        LlamaSampler::top_p(request.top_p.unwrap_or(DEFAULT_TOP_P), 1),
-        LlamaSampler::temp(temperature),
-        LlamaSampler::dist(seed),
-    ])
+    LlamaSampler::chain_simple(chain)
 }
 
 /// The GPUs llama.cpp can use in this build (none in a CPU-only build).

@@ -10,6 +10,7 @@ pub mod slots;
 pub mod text;
 
 use crate::http::{self, sse, Auth, Body};
+use crate::openai;
 use crate::protocol::{
     new_id, now_rfc3339, Health, InferenceEvent, InferenceRequest, LoadingEvent, ReadyStatus,
     WorkerReadyCallback,
@@ -235,6 +236,16 @@ async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/v1/ready") => http::json(StatusCode::OK, &ready_status(&w)),
         (&Method::GET, "/v1/loading/progress") => loading_progress(&w),
         (&Method::POST, "/v1/inference") => inference(&w, req).await,
+        (&Method::POST, "/v1/chat/completions") => {
+            openai_completion(&w, req, openai::Kind::Chat).await
+        }
+        (&Method::POST, "/v1/completions") => {
+            openai_completion(&w, req, openai::Kind::Completion).await
+        }
+        (&Method::GET, "/v1/models") => http::json(
+            StatusCode::OK,
+            &openai::model_list([(w.model.to_string(), "rbee".to_string())]),
+        ),
         (&Method::POST, "/v1/admin/shutdown") => {
             w.shutdown.notify_one();
             http::json(
@@ -300,8 +311,8 @@ fn loading_progress(w: &Worker) -> Response<Body> {
 }
 
 /// Checks a request's fields; the message says what is wrong.
-fn validate(r: &InferenceRequest) -> Result<(), String> {
-    if r.prompt.is_empty() {
+fn validate(r: &InferenceRequest, chat: bool) -> Result<(), String> {
+    if r.prompt.is_empty() && !chat {
         return Err("prompt is empty".into());
     }
     match r.max_tokens {
@@ -337,59 +348,90 @@ fn validate(r: &InferenceRequest) -> Result<(), String> {
 /// No context any GGUF model has comes near this; above it is a client bug.
 const MAX_TOKENS_LIMIT: i64 = 1 << 20;
 
-async fn inference(w: &Worker, req: Request<Incoming>) -> Response<Body> {
-    let request: InferenceRequest = match http::read_json(req).await {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
-    if let Err(message) = validate(&request) {
-        return http::error(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message);
+/// Hands a checked request to the engine; its events, and the prompt's length in tokens.
+async fn start(
+    w: &Worker,
+    request: InferenceRequest,
+    chat: Option<Vec<(String, String)>>,
+) -> Result<(u32, mpsc::UnboundedReceiver<InferenceEvent>), (StatusCode, &'static str, String)> {
+    if let Err(message) = validate(&request, chat.is_some()) {
+        return Err((StatusCode::BAD_REQUEST, "INVALID_REQUEST", message));
     }
     match &*w.loading.borrow() {
         LoadingEvent::Ready => {}
         LoadingEvent::Failed { message } => {
-            return http::error(
+            return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "MODEL_LOAD_FAILED",
                 format!("the model failed to load: {message}"),
-            )
+            ))
         }
         _ => {
-            return http::error(
+            return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "LOADING",
-                "the model is still loading; watch /v1/loading/progress",
-            )
+                "the model is still loading; watch /v1/loading/progress".into(),
+            ))
         }
     }
     let Some(reservation) = w.engine.reserve() else {
-        return http::error(
+        return Err((
             StatusCode::SERVICE_UNAVAILABLE,
             "QUEUE_FULL",
-            "every slot is busy and the queue is full; try again shortly",
-        );
+            "every slot is busy and the queue is full; try again shortly".into(),
+        ));
     };
-    let job_id = request.job_id.clone().unwrap_or_else(|| new_id("job"));
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
     let admission = w.engine.submit(Submission {
+        chat,
         request,
         events: events_tx,
         reservation,
     });
     match admission.await {
-        Ok(Ok(())) => {}
-        Ok(Err(rejection)) => {
-            return http::error(StatusCode::BAD_REQUEST, rejection.code, rejection.message)
-        }
-        Err(_) => {
-            return http::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "SHUTTING_DOWN",
-                "the worker is shutting down",
-            )
-        }
+        Ok(Ok(prompt_tokens)) => Ok((prompt_tokens, events)),
+        Ok(Err(rejection)) => Err((StatusCode::BAD_REQUEST, rejection.code, rejection.message)),
+        Err(_) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SHUTTING_DOWN",
+            "the worker is shutting down".into(),
+        )),
     }
+}
 
+/// `POST /v1/chat/completions` and `POST /v1/completions`.
+async fn openai_completion(
+    w: &Worker,
+    req: Request<Incoming>,
+    kind: openai::Kind,
+) -> Response<Body> {
+    let body = match http::read_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let prepared = match openai::parse(&body, kind) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    match start(w, prepared.inference, prepared.chat).await {
+        Ok((prompt_tokens, events)) => {
+            let answer = openai::Answer::new(kind, &w.model, prompt_tokens);
+            openai::respond(answer, events, prepared.stream, prepared.include_usage).await
+        }
+        Err((status, code, message)) => openai::error(status, message, None, code),
+    }
+}
+
+async fn inference(w: &Worker, req: Request<Incoming>) -> Response<Body> {
+    let request: InferenceRequest = match http::read_json(req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let job_id = request.job_id.clone().unwrap_or_else(|| new_id("job"));
+    let mut events = match start(w, request, None).await {
+        Ok((_, events)) => events,
+        Err((status, code, message)) => return http::error(status, code, message),
+    };
     let (tx, resp) = http::sse_response();
     let started = InferenceEvent::Started {
         job_id,

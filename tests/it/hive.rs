@@ -394,7 +394,9 @@ fn a_worker_that_cannot_load_is_reported_failed_with_its_stderr() {
     assert!(error.contains("truncated.gguf"), "{error}");
     // It reports first, then exits.
     let pid = w["pid"].as_u64().unwrap() as u32;
-    wait_until("the failed worker to exit", Duration::from_secs(20), || !alive(pid));
+    wait_until("the failed worker to exit", Duration::from_secs(20), || {
+        !alive(pid)
+    });
 }
 
 #[test]

@@ -1,0 +1,402 @@
+//! The OpenAI-compatible API: its wire types, request checks, and the shapes
+//! of its answers, streamed (`chat.completion.chunk` / `text_completion`) or
+//! whole. The worker serves it for its one model; the queen routes it to a
+//! worker by `model` and passes the answer through.
+
+use crate::http::{self, Body};
+use crate::protocol::{InferenceEvent, InferenceRequest, StopReason};
+use hyper::{Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// An error in OpenAI's shape: `{"error":{"message","type","param","code"}}`.
+pub fn error(
+    status: StatusCode,
+    message: impl Into<String>,
+    param: Option<&str>,
+    code: &str,
+) -> Response<Body> {
+    let kind = match status.as_u16() {
+        400 | 413 => "invalid_request_error",
+        401 => "authentication_error",
+        404 => "not_found_error",
+        429 | 503 => "server_busy",
+        _ => "server_error",
+    };
+    http::json(
+        status,
+        &json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}}),
+    )
+}
+
+/// `stop`: a string or a list of them.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(untagged)]
+pub enum Stop {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::None => Vec::new(),
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+/// A message's content: text, or a list of parts of which the text ones count.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/chat/completions` and `POST /v1/completions`; fields OpenAI has
+/// and rbee does not use are accepted and ignored, as its clients send many.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub messages: Option<Vec<Message>>,
+    #[serde(default)]
+    pub prompt: Option<Value>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub stop: Stop,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+/// A request rbee can run: the inference, and the chat messages if any.
+pub struct Prepared {
+    pub inference: InferenceRequest,
+    pub chat: Option<Vec<(String, String)>>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// The model a request names, read without judging the rest (the queen routes by it).
+pub fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct M {
+        model: String,
+    }
+    serde_json::from_slice::<M>(body).ok().map(|m| m.model)
+}
+
+pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, Response<Body>> {
+    let bad = |m: String, param: Option<&str>| {
+        error(StatusCode::BAD_REQUEST, m, param, "invalid_request")
+    };
+    let req: CompletionRequest =
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}"), None))?;
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(bad("only n=1 is supported".into(), Some("n")));
+    }
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    if let Some(n) = max_tokens.filter(|&n| n <= 0) {
+        return Err(bad(
+            format!("max_tokens must be at least 1, got {n}"),
+            Some("max_tokens"),
+        ));
+    }
+    if let Some(t) = req.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+        return Err(bad(
+            format!("temperature must be between 0 and 2, got {t}"),
+            Some("temperature"),
+        ));
+    }
+    let (prompt, chat) = match kind {
+        Kind::Chat => {
+            let messages = req
+                .messages
+                .ok_or_else(|| bad("messages is required".into(), Some("messages")))?;
+            if messages.is_empty() {
+                return Err(bad("messages is empty".into(), Some("messages")));
+            }
+            let mut chat = Vec::new();
+            for m in messages {
+                let role = match m.role.as_str() {
+                    "system" | "developer" => "system",
+                    "user" => "user",
+                    "assistant" => "assistant",
+                    other => {
+                        return Err(bad(
+                            format!("unknown role {other:?}: use system, user or assistant"),
+                            Some("messages"),
+                        ))
+                    }
+                };
+                let text = match m.content {
+                    Some(Content::Text(t)) => t,
+                    Some(Content::Parts(parts)) => parts
+                        .iter()
+                        .filter_map(|p| p.get("text").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join(""),
+                    None => String::new(),
+                };
+                chat.push((role.to_string(), text));
+            }
+            (String::new(), Some(chat))
+        }
+        Kind::Completion => {
+            let prompt = match req.prompt {
+                Some(Value::String(s)) => s,
+                Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+                    a[0].as_str().unwrap_or("").to_string()
+                }
+                Some(Value::Array(_)) => {
+                    return Err(bad(
+                        "only one prompt per request is supported".into(),
+                        Some("prompt"),
+                    ))
+                }
+                _ => return Err(bad("prompt must be a string".into(), Some("prompt"))),
+            };
+            if prompt.is_empty() {
+                return Err(bad("prompt is empty".into(), Some("prompt")));
+            }
+            (prompt, None)
+        }
+    };
+    Ok(Prepared {
+        inference: InferenceRequest {
+            prompt,
+            max_tokens,
+            temperature: Some(req.temperature.unwrap_or(1.0)),
+            top_p: req.top_p,
+            top_k: Some(0),
+            seed: req.seed.map(|s| s as u32),
+            stop: req.stop.into_vec(),
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            job_id: None,
+        },
+        chat,
+        stream: req.stream,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+fn finish_reason(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::MaxTokens => "length",
+        StopReason::Eos | StopReason::StopSequence | StopReason::Cancelled => "stop",
+    }
+}
+
+fn created() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Builds the answer's pieces for one request.
+pub struct Answer {
+    pub kind: Kind,
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+    pub prompt_tokens: u32,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+impl Answer {
+    pub fn new(kind: Kind, model: &str, prompt_tokens: u32) -> Answer {
+        let prefix = if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        };
+        Answer {
+            kind,
+            id: crate::protocol::new_id(prefix),
+            model: model.to_string(),
+            created: created(),
+            prompt_tokens,
+        }
+    }
+
+    fn usage(&self, completion: u32) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: completion,
+            total_tokens: self.prompt_tokens + completion,
+        }
+    }
+
+    /// One streamed chunk carrying `text` (or the role, first), or the finish reason.
+    pub fn chunk(&self, text: Option<&str>, finish: Option<&str>) -> Value {
+        match self.kind {
+            Kind::Chat => {
+                let delta = match (text, finish) {
+                    (_, Some(_)) => json!({}),
+                    (Some(t), None) => json!({"content": t}),
+                    (None, None) => json!({"role": "assistant", "content": ""}),
+                };
+                json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            }
+            Kind::Completion => {
+                json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                       "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}]})
+            }
+        }
+    }
+
+    /// The last streamed chunk when usage was asked for: no choices, just usage.
+    pub fn usage_chunk(&self, completion: u32) -> Value {
+        let object = if self.kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [], "usage": self.usage(completion)})
+    }
+
+    /// The whole answer, not streamed.
+    pub fn whole(&self, text: &str, reason: StopReason, completion: u32) -> Value {
+        let finish = finish_reason(reason);
+        match self.kind {
+            Kind::Chat => {
+                json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": self.usage(completion)})
+            }
+            Kind::Completion => {
+                json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+                "usage": self.usage(completion)})
+            }
+        }
+    }
+}
+
+/// Turns a worker's inference events into the OpenAI answer, streamed or whole.
+///
+/// Not streamed, the answer is awaited here: a client that leaves drops this
+/// future and with it `events`, which cancels the generation.
+pub async fn respond(
+    answer: Answer,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<InferenceEvent>,
+    stream: bool,
+    include_usage: bool,
+) -> Response<Body> {
+    if !stream {
+        let mut text = String::new();
+        return loop {
+            match events.recv().await {
+                Some(InferenceEvent::Token { t, .. }) => text.push_str(&t),
+                Some(InferenceEvent::End {
+                    tokens_out,
+                    stop_reason,
+                    ..
+                }) => {
+                    break http::json(
+                        StatusCode::OK,
+                        &answer.whole(&text, stop_reason, tokens_out),
+                    )
+                }
+                Some(InferenceEvent::Error { code, message }) => {
+                    break error(StatusCode::INTERNAL_SERVER_ERROR, message, None, &code)
+                }
+                Some(InferenceEvent::Started { .. }) => {}
+                None => {
+                    break error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the engine stopped before the answer was complete",
+                        None,
+                        "INFERENCE_FAILED",
+                    )
+                }
+            }
+        };
+    }
+    let (tx, resp) = http::sse_response();
+    tokio::spawn(async move {
+        let send = |v: &Value| crate::http::sse::event(v);
+        // Chat streams open with the assistant's role, as OpenAI's do.
+        if answer.kind == Kind::Chat && tx.send(send(&answer.chunk(None, None))).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(InferenceEvent::Token { t, .. }) => {
+                        if tx.send(send(&answer.chunk(Some(&t), None))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(InferenceEvent::End { tokens_out, stop_reason, .. }) => {
+                        let _ = tx.send(send(&answer.chunk(None, Some(finish_reason(stop_reason))))).await;
+                        if include_usage {
+                            let _ = tx.send(send(&answer.usage_chunk(tokens_out))).await;
+                        }
+                        break;
+                    }
+                    Some(InferenceEvent::Error { code, message }) => {
+                        let _ = tx.send(send(&json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}}))).await;
+                        break;
+                    }
+                    Some(InferenceEvent::Started { .. }) => {}
+                    None => break,
+                },
+                () = tx.closed() => return,
+            }
+        }
+        let _ = tx.send(crate::http::sse::DONE.into()).await;
+    });
+    resp
+}
+
+/// `GET /v1/models` entries.
+pub fn model_list(names: impl IntoIterator<Item = (String, String)>) -> Value {
+    let data: Vec<Value> = names
+        .into_iter()
+        .map(|(id, owner)| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
+        .collect();
+    json!({"object": "list", "data": data})
+}
