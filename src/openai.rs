@@ -119,6 +119,9 @@ pub fn model_of(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<M>(body).ok().map(|m| m.model)
 }
 
+/// Checks a request; the error is the OpenAI-shaped answer to send (built once
+/// per bad request, so its size does not matter).
+#[allow(clippy::result_large_err)]
 pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, Response<Body>> {
     let bad = |m: String, param: Option<&str>| {
         error(StatusCode::BAD_REQUEST, m, param, "invalid_request")

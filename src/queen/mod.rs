@@ -7,7 +7,10 @@ pub mod scheduler;
 
 use crate::http::client::{self, ClientError};
 use crate::http::{self, sse, Auth, Body};
-use crate::protocol::{AddHive, DownloadRequest, Health, JobCreated, JobRequest, WorkerInfo};
+use crate::openai;
+use crate::protocol::{
+    AddHive, DownloadRequest, Health, JobCreated, JobRequest, ModelEntry, WorkerInfo,
+};
 use argh::FromArgs;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -224,6 +227,28 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
             };
             hive_models(&hive, &method, rest, req).await
         }
+        (&Method::POST, ["v1", "chat", "completions"]) => {
+            openai_route(&q, req, openai::Kind::Chat).await
+        }
+        (&Method::POST, ["v1", "completions"]) => {
+            openai_route(&q, req, openai::Kind::Completion).await
+        }
+        (&Method::GET, ["v1", "models"]) => {
+            let mut seen = Vec::new();
+            for hive in q.registry.all().await {
+                let url = format!("{}/v1/models", hive.url);
+                if let Ok(models) =
+                    client::get::<Vec<ModelEntry>>(&url, hive.token.as_deref()).await
+                {
+                    for m in models {
+                        if !seen.iter().any(|(id, _)| *id == m.name) {
+                            seen.push((m.name, hive.name.clone()));
+                        }
+                    }
+                }
+            }
+            http::json(StatusCode::OK, &openai::model_list(seen))
+        }
         (&Method::POST, ["v1", "admin", "shutdown"]) => {
             q.shutdown.notify_one();
             http::json(
@@ -245,6 +270,87 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         ) => http::method_not_allowed(m, &path),
         _ => http::not_found(&path),
     }
+}
+
+/// Routes an OpenAI request by its `model` to a ready (or new) worker and
+/// passes the worker's answer through. A client that leaves drops the
+/// upstream connection, which cancels the generation on the worker.
+async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let body = match http::read_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let prepared = match openai::parse(&body, kind) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    let model = openai::model_of(&body).unwrap_or_default();
+    if model.is_empty() {
+        return openai::error(
+            StatusCode::BAD_REQUEST,
+            "model is required",
+            Some("model"),
+            "invalid_request",
+        );
+    }
+    let job = q.jobs.create();
+    let target = match scheduler::worker_for(&q.registry, &job, &model).await {
+        Ok(t) => t,
+        Err(e) => {
+            let status = match e.code {
+                "MODEL_NOT_FOUND" | "UNKNOWN_NODE" => StatusCode::NOT_FOUND,
+                "HIVE_UNREACHABLE" | "HIVE_START_FAILED" => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            job.fail(e.code, e.message.clone());
+            job.finish();
+            return openai::error(status, e.message, Some("model"), e.code);
+        }
+    };
+    job.finish();
+    let url = format!("{}{path}", target.url);
+    let upstream =
+        match client::send(Method::POST, &url, target.hive.token.as_deref(), Some(body)).await {
+            Ok(r) => r,
+            Err(e) => {
+                return openai::error(StatusCode::BAD_GATEWAY, e.to_string(), None, "WORKER_LOST")
+            }
+        };
+    let status = upstream.status();
+    if !prepared.stream || !status.is_success() {
+        use http_body_util::BodyExt;
+        return match upstream.into_body().collect().await {
+            Ok(collected) => {
+                let mut resp = Response::new(http::full(collected.to_bytes()));
+                *resp.status_mut() = status;
+                resp.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
+            Err(e) => openai::error(
+                StatusCode::BAD_GATEWAY,
+                format!("the worker's answer broke off: {e}"),
+                None,
+                "WORKER_LOST",
+            ),
+        };
+    }
+    let (tx, resp) = http::sse_response();
+    tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let mut body = upstream.into_body();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                if tx.send(data).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    resp
 }
 
 /// A worker with the hive it runs on (`GET /v1/workers`).

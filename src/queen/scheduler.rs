@@ -28,10 +28,19 @@ fn err(code: &'static str, message: impl Into<String>) -> JobError {
 }
 
 /// A worker chosen for a job.
-struct Target {
-    hive: HiveConn,
-    url: String,
-    worker_id: String,
+pub struct Target {
+    pub hive: HiveConn,
+    pub url: String,
+    pub worker_id: String,
+}
+
+/// A ready worker for `model` on any hive, provisioned if need be (the OpenAI front).
+pub async fn worker_for(registry: &Registry, job: &Job, model: &str) -> Result<Target, JobError> {
+    let hives = candidates(registry, job, None).await?;
+    match find_ready(&hives, model, &[]).await {
+        Some(t) => Ok(t),
+        None => provision(&hives, job, model).await,
+    }
 }
 
 /// How an attempt at inference ended, when it did not succeed.

@@ -7,5 +7,6 @@
 mod chain;
 mod hf_server;
 mod hive;
+mod openai;
 mod support;
 mod worker;
