@@ -61,7 +61,7 @@ demo: build model
 PYDEPS := $(MODEL_DIR)/py/openai/__init__.py
 pydeps: $(PYDEPS)
 $(PYDEPS):
-	python3 -m pip install --quiet --disable-pip-version-check --target $(MODEL_DIR)/py openai
+	python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts --root-user-action=ignore --target $(MODEL_DIR)/py openai
 
 test: deps model pydeps
 	$(CARGO) test --release
