@@ -217,26 +217,7 @@ fn from_nothing_running_tokens_reach_the_shell_and_the_next_call_is_warm() {
 fn jobs_route_by_node_and_failures_are_named() {
     let _turn = serial();
     let (one_home, two_home) = (TempDir::new("hive-one"), TempDir::new("hive-two"));
-    let start = |home: &TempDir| {
-        let port = free_port();
-        let worker_port = free_port().to_string();
-        let p = Proc::start(
-            &[
-                "hive",
-                "--port",
-                &port.to_string(),
-                "--data-dir",
-                home.str(),
-                "--worker-port",
-                &worker_port,
-            ],
-            port,
-        );
-        wait_until("a hive", Duration::from_secs(30), || {
-            matches!(try_get(&format!("{}/health", p.url)), Ok((200, _)))
-        });
-        p
-    };
+    let start = |home: &TempDir| start_hive(home, &[], &[]);
     let one = start(&one_home);
     let two = start(&two_home);
     let c = Cluster::new("chain-route", &[]);

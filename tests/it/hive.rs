@@ -20,24 +20,7 @@ fn hf() -> HfServer {
 
 /// A hive on a free port with its own data directory, answering.
 fn hive(data: &TempDir, hf: &HfServer, extra: &[&str]) -> Proc {
-    let port = free_port();
-    let worker_port = free_port().to_string();
-    let port_s = port.to_string();
-    let mut args = vec![
-        "hive",
-        "--port",
-        &port_s,
-        "--data-dir",
-        data.str(),
-        "--worker-port",
-        &worker_port,
-    ];
-    args.extend_from_slice(extra);
-    let p = Proc::start_with_env(&args, port, &[("HF_ENDPOINT", &hf.url), ("HF_TOKEN", "")]);
-    wait_until("the hive to answer", Duration::from_secs(30), || {
-        matches!(try_get(&format!("{}/health", p.url)), Ok((200, _)))
-    });
-    p
+    start_hive(data, extra, &[("HF_ENDPOINT", &hf.url), ("HF_TOKEN", "")])
 }
 
 fn download(h: &Proc, model_ref: &str) -> (u16, Value) {

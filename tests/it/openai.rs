@@ -23,26 +23,7 @@ fn the_official_python_client_works_against_worker_and_queen() {
         TempDir::new("oa-two"),
         TempDir::new("oa-queen"),
     );
-    let hive = |home: &TempDir| {
-        let port = free_port();
-        let worker_port = free_port().to_string();
-        let p = Proc::start(
-            &[
-                "hive",
-                "--port",
-                &port.to_string(),
-                "--data-dir",
-                home.str(),
-                "--worker-port",
-                &worker_port,
-            ],
-            port,
-        );
-        wait_until("a hive", Duration::from_secs(30), || {
-            matches!(try_get(&format!("{}/health", p.url)), Ok((200, _)))
-        });
-        p
-    };
+    let hive = |home: &TempDir| start_hive(home, &[], &[]);
     let (one, two) = (hive(&one_home), hive(&two_home));
     let model = format!("file:{}", model_path().display());
     let (status, _) = post(

@@ -374,15 +374,27 @@ impl Drop for TempDir {
     }
 }
 
-/// Whether a process runs (a zombie waiting to be reaped does not count).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-        Err(_) => false,
-    }
+pub use rbee::process::alive;
+
+/// `rbee hive` on a free port with its own data directory, answering.
+pub fn start_hive(home: &TempDir, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let port = free_port();
+    let (port_s, worker_port) = (port.to_string(), free_port().to_string());
+    let mut args = vec![
+        "hive",
+        "--port",
+        &port_s,
+        "--data-dir",
+        home.str(),
+        "--worker-port",
+        &worker_port,
+    ];
+    args.extend_from_slice(extra);
+    let p = Proc::start_with_env(&args, port, env);
+    wait_until("the hive to answer", Duration::from_secs(30), || {
+        matches!(try_get(&format!("{}/health", p.url)), Ok((200, _)))
+    });
+    p
 }
 
 /// Polls `check` every 20 ms until it holds; panics with `what` after `timeout`.
