@@ -6,7 +6,7 @@ pub mod model_ref;
 pub mod models;
 pub mod workers;
 
-use crate::http::{self, sse, Auth, Body};
+use crate::http::{self, Auth, Body};
 use crate::protocol::{
     Capabilities, DownloadEvent, DownloadRequest, Health, SpawnRequest, WorkerReadyCallback,
 };
@@ -164,7 +164,9 @@ async fn route(h: Hive, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, ["v1", "models", "download", "progress"]) => {
             let id = query_param(req.uri().query(), "id").unwrap_or_default();
             match h.models.progress(&id) {
-                Some(progress) => download_progress(progress),
+                Some(progress) => http::sse_from_watch(progress, |e| {
+                    !matches!(e, DownloadEvent::Downloading { .. })
+                }),
                 None => http::error(
                     StatusCode::NOT_FOUND,
                     "DOWNLOAD_NOT_FOUND",
@@ -223,36 +225,6 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_string())
-}
-
-/// Streams a download's progress from where it stands now to its end.
-fn download_progress(mut progress: tokio::sync::watch::Receiver<DownloadEvent>) -> Response<Body> {
-    let (tx, resp) = http::sse_response();
-    tokio::spawn(async move {
-        loop {
-            let event = progress.borrow_and_update().clone();
-            let last = !matches!(event, DownloadEvent::Downloading { .. });
-            if tx.send(sse::event(&event)).await.is_err() {
-                return;
-            }
-            if last {
-                break;
-            }
-            tokio::select! {
-                changed = progress.changed() => if changed.is_err() {
-                    // The download thread ended: its last word is in the channel.
-                    let event = progress.borrow().clone();
-                    if !matches!(event, DownloadEvent::Downloading { .. }) {
-                        let _ = tx.send(sse::event(&event)).await;
-                    }
-                    break;
-                },
-                () = tx.closed() => return,
-            }
-        }
-        let _ = tx.send(sse::DONE.into()).await;
-    });
-    resp
 }
 
 fn capabilities(models_dir: &std::path::Path) -> Capabilities {

@@ -229,6 +229,37 @@ pub fn sse_response() -> (mpsc::Sender<Bytes>, Response<Body>) {
     (tx, resp)
 }
 
+/// Streams a `watch` channel's values as SSE, from the current one until one
+/// for which `is_last` holds, then `[DONE]`: progress that any number of
+/// subscribers follow, a late one starting from where things stand.
+pub fn sse_from_watch<T>(
+    mut rx: tokio::sync::watch::Receiver<T>,
+    is_last: fn(&T) -> bool,
+) -> Response<Body>
+where
+    T: Serialize + Clone + Send + Sync + 'static,
+{
+    let (tx, resp) = sse_response();
+    tokio::spawn(async move {
+        loop {
+            let value = rx.borrow_and_update().clone();
+            if tx.send(sse::event(&value)).await.is_err() {
+                return;
+            }
+            if is_last(&value) {
+                break;
+            }
+            tokio::select! {
+                // The sender is gone: no value will ever end the stream.
+                changed = rx.changed() => if changed.is_err() { break },
+                () = tx.closed() => return,
+            }
+        }
+        let _ = tx.send(sse::DONE.into()).await;
+    });
+    resp
+}
+
 struct SseStream {
     rx: mpsc::Receiver<Bytes>,
     keepalive: Pin<Box<tokio::time::Sleep>>,

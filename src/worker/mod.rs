@@ -288,26 +288,9 @@ fn ready_status(w: &Worker) -> ReadyStatus {
 /// Streams loading progress; a late subscriber gets where loading stands, which
 /// after loading is `ready` (or `failed`) and `[DONE]` at once.
 fn loading_progress(w: &Worker) -> Response<Body> {
-    let (tx, resp) = http::sse_response();
-    let mut loading = w.loading.clone();
-    tokio::spawn(async move {
-        loop {
-            let event = loading.borrow_and_update().clone();
-            let last = matches!(event, LoadingEvent::Ready | LoadingEvent::Failed { .. });
-            if tx.send(sse::event(&event)).await.is_err() {
-                return;
-            }
-            if last {
-                break;
-            }
-            tokio::select! {
-                changed = loading.changed() => if changed.is_err() { break },
-                () = tx.closed() => return,
-            }
-        }
-        let _ = tx.send(sse::DONE.into()).await;
-    });
-    resp
+    http::sse_from_watch(w.loading.clone(), |e| {
+        matches!(e, LoadingEvent::Ready | LoadingEvent::Failed { .. })
+    })
 }
 
 /// Checks a request's fields; the message says what is wrong.
