@@ -4,47 +4,51 @@
 //! worker by `model` and passes the answer through.
 
 use crate::http::{self, Body};
-use crate::protocol::{InferenceEvent, InferenceRequest, StopReason};
+use crate::protocol::{
+    ApiError, ErrorCode, InferenceEvent, InferenceRequest, SamplingParams, StopReason,
+};
 use hyper::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// An error in OpenAI's shape: `{"error":{"message","type","param","code"}}`.
-pub fn error(
-    status: StatusCode,
-    message: impl Into<String>,
-    param: Option<&str>,
-    code: &str,
-) -> Response<Body> {
-    let kind = match status.as_u16() {
-        400 | 413 => "invalid_request_error",
-        401 => "authentication_error",
-        404 => "not_found_error",
-        429 | 503 => "server_busy",
-        _ => "server_error",
-    };
-    http::json(
-        status,
-        &json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}}),
-    )
+/// An error in OpenAI's shape: `{"error":{"message","type","param","code"}}`,
+/// with the status of its code.
+pub fn error(e: ApiError) -> Response<Body> {
+    let status = http::status_of(e.code);
+    http::json(status, &OpenAiError::from(e))
 }
 
-/// `stop`: a string or a list of them.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(untagged)]
-pub enum Stop {
-    #[default]
-    None,
-    One(String),
-    Many(Vec<String>),
+/// OpenAI's error body.
+#[derive(Serialize)]
+struct OpenAiError {
+    error: OpenAiErrorDetail,
 }
 
-impl Stop {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            Stop::None => Vec::new(),
-            Stop::One(s) => vec![s],
-            Stop::Many(v) => v,
+#[derive(Serialize)]
+struct OpenAiErrorDetail {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<String>,
+    code: &'static str,
+}
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> OpenAiError {
+        let kind = match e.status() {
+            400 | 413 => "invalid_request_error",
+            401 => "authentication_error",
+            404 => "not_found_error",
+            429 | 503 => "server_busy",
+            _ => "server_error",
+        };
+        OpenAiError {
+            error: OpenAiErrorDetail {
+                message: e.message,
+                kind,
+                param: e.param,
+                code: e.code.as_str(),
+            },
         }
     }
 }
@@ -80,15 +84,10 @@ pub struct CompletionRequest {
     pub messages: Option<Vec<Message>>,
     #[serde(default)]
     pub prompt: Option<Value>,
-    pub max_tokens: Option<i64>,
+    /// The newer name for `max_tokens`; it wins when both are given.
     pub max_completion_tokens: Option<i64>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub stop: Stop,
-    pub seed: Option<i64>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
+    #[serde(flatten)]
+    pub sampling: SamplingParams,
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: bool,
@@ -119,38 +118,27 @@ pub fn model_of(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<M>(body).ok().map(|m| m.model)
 }
 
-/// Checks a request; the error is the OpenAI-shaped answer to send (built once
-/// per bad request, so its size does not matter).
-#[allow(clippy::result_large_err)]
-pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, Response<Body>> {
-    let bad = |m: String, param: Option<&str>| {
-        error(StatusCode::BAD_REQUEST, m, param, "invalid_request")
-    };
-    let req: CompletionRequest =
-        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}"), None))?;
+/// Checks a request, sampling with the one rule set (`SamplingParams`).
+pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
+    let req: CompletionRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
     if req.n.is_some_and(|n| n != 1) {
-        return Err(bad("only n=1 is supported".into(), Some("n")));
+        return Err(ApiError::invalid("n", "only n=1 is supported"));
     }
-    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    if let Some(n) = max_tokens.filter(|&n| n <= 0) {
-        return Err(bad(
-            format!("max_tokens must be at least 1, got {n}"),
-            Some("max_tokens"),
-        ));
-    }
-    if let Some(t) = req.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
-        return Err(bad(
-            format!("temperature must be between 0 and 2, got {t}"),
-            Some("temperature"),
-        ));
-    }
+    let mut sampling = req.sampling;
+    sampling.max_tokens = req.max_completion_tokens.or(sampling.max_tokens);
+    sampling.validate()?;
+    // OpenAI's defaults, which differ from llama.cpp's: temperature 1, no top-k.
+    sampling.temperature.get_or_insert(1.0);
+    sampling.top_k.get_or_insert(0);
+    let bad = |m: String, param: &str| ApiError::invalid(param, m);
     let (prompt, chat) = match kind {
         Kind::Chat => {
             let messages = req
                 .messages
-                .ok_or_else(|| bad("messages is required".into(), Some("messages")))?;
+                .ok_or_else(|| bad("messages is required".into(), "messages"))?;
             if messages.is_empty() {
-                return Err(bad("messages is empty".into(), Some("messages")));
+                return Err(bad("messages is empty".into(), "messages"));
             }
             let mut chat = Vec::new();
             for m in messages {
@@ -161,7 +149,7 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, Response<Body>> {
                     other => {
                         return Err(bad(
                             format!("unknown role {other:?}: use system, user or assistant"),
-                            Some("messages"),
+                            "messages",
                         ))
                     }
                 };
@@ -187,13 +175,13 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, Response<Body>> {
                 Some(Value::Array(_)) => {
                     return Err(bad(
                         "only one prompt per request is supported".into(),
-                        Some("prompt"),
+                        "prompt",
                     ))
                 }
-                _ => return Err(bad("prompt must be a string".into(), Some("prompt"))),
+                _ => return Err(bad("prompt must be a string".into(), "prompt")),
             };
             if prompt.is_empty() {
-                return Err(bad("prompt is empty".into(), Some("prompt")));
+                return Err(bad("prompt is empty".into(), "prompt"));
             }
             (prompt, None)
         }
@@ -201,14 +189,7 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, Response<Body>> {
     Ok(Prepared {
         inference: InferenceRequest {
             prompt,
-            max_tokens,
-            temperature: Some(req.temperature.unwrap_or(1.0)),
-            top_p: req.top_p,
-            top_k: Some(0),
-            seed: req.seed.map(|s| s as u32),
-            stop: req.stop.into_vec(),
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
+            sampling,
             job_id: None,
         },
         chat,
@@ -344,16 +325,14 @@ pub async fn respond(
                     )
                 }
                 Some(InferenceEvent::Error { code, message }) => {
-                    break error(StatusCode::INTERNAL_SERVER_ERROR, message, None, &code)
+                    break error(ApiError::new(code, message))
                 }
                 Some(InferenceEvent::Started { .. }) => {}
                 None => {
-                    break error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
+                    break error(ApiError::new(
+                        ErrorCode::InferenceFailed,
                         "the engine stopped before the answer was complete",
-                        None,
-                        "INFERENCE_FAILED",
-                    )
+                    ))
                 }
             }
         };
@@ -381,7 +360,8 @@ pub async fn respond(
                         break;
                     }
                     Some(InferenceEvent::Error { code, message }) => {
-                        let _ = tx.send(send(&json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}}))).await;
+                        let e = OpenAiError::from(ApiError::new(code, message));
+                        let _ = tx.send(crate::http::sse::event(&e)).await;
                         break;
                     }
                     Some(InferenceEvent::Started { .. }) => {}

@@ -28,18 +28,253 @@ impl Health {
             role: role.into(),
         }
     }
+
+    /// The answer to a shutdown request: still alive, on its way out.
+    pub fn stopping(role: &str) -> Health {
+        Health {
+            status: "shutting_down".into(),
+            ..Health::alive(role)
+        }
+    }
 }
+
+/// Declares [`ErrorCode`] from one table: variant, wire name, HTTP status.
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal, $status:literal;)*) => {
+        /// Every error code a role sends, on a plain endpoint or in a stream's
+        /// `error` event. Each knows its HTTP status; roles match on these,
+        /// never on strings.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum ErrorCode {
+            $($(#[$doc])* #[serde(rename = $name)] $variant,)*
+            /// A code this build does not know, from a newer peer: its message still shows.
+            #[serde(other, rename = "UNKNOWN")]
+            Unknown,
+        }
+
+        impl ErrorCode {
+            /// Every code but `Unknown`, for tests and docs.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The HTTP status a plain endpoint answers with.
+            pub fn status(self) -> u16 {
+                match self {
+                    $(ErrorCode::$variant => $status,)*
+                    ErrorCode::Unknown => 502,
+                }
+            }
+
+            /// The name on the wire, as in `INVALID_REQUEST`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $name,)*
+                    ErrorCode::Unknown => "UNKNOWN",
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    // The request itself is wrong.
+    InvalidRequest = "INVALID_REQUEST", 400;
+    BodyTooLarge = "BODY_TOO_LARGE", 413;
+    Unauthorized = "UNAUTHORIZED", 401;
+    NotFound = "NOT_FOUND", 404;
+    MethodNotAllowed = "METHOD_NOT_ALLOWED", 405;
+    InvalidModelRef = "INVALID_MODEL_REF", 400;
+    /// The file is not a GGUF model rbee can load.
+    InvalidModel = "INVALID_MODEL", 400;
+    ContextOverflow = "CONTEXT_OVERFLOW", 400;
+    BackendUnavailable = "BACKEND_UNAVAILABLE", 400;
+    // What it names does not exist.
+    ModelNotFound = "MODEL_NOT_FOUND", 404;
+    RepoNotFound = "REPO_NOT_FOUND", 404;
+    NoGguf = "NO_GGUF", 404;
+    WorkerNotFound = "WORKER_NOT_FOUND", 404;
+    JobNotFound = "JOB_NOT_FOUND", 404;
+    DownloadNotFound = "DOWNLOAD_NOT_FOUND", 404;
+    UnknownNode = "UNKNOWN_NODE", 404;
+    // Busy, or not ready yet: worth trying again.
+    QueueFull = "QUEUE_FULL", 503;
+    Busy = "BUSY", 503;
+    Loading = "LOADING", 503;
+    ShuttingDown = "SHUTTING_DOWN", 503;
+    NoPort = "NO_PORT", 503;
+    // Hugging Face and the disk.
+    HfTokenNeeded = "HF_TOKEN_NEEDED", 401;
+    HfTokenRefused = "HF_TOKEN_REFUSED", 403;
+    Upstream = "UPSTREAM", 502;
+    DiskFull = "DISK_FULL", 507;
+    // Something failed on the way.
+    DownloadFailed = "DOWNLOAD_FAILED", 502;
+    SpawnFailed = "SPAWN_FAILED", 500;
+    WorkerFailed = "WORKER_FAILED", 500;
+    ModelLoadFailed = "MODEL_LOAD_FAILED", 503;
+    InferenceFailed = "INFERENCE_FAILED", 500;
+    WorkerLost = "WORKER_LOST", 502;
+    HiveUnreachable = "HIVE_UNREACHABLE", 502;
+    HiveStartFailed = "HIVE_START_FAILED", 502;
+    /// Nobody answered at an address; the caller knows whether that was a hive or a worker.
+    Unreachable = "UNREACHABLE", 502;
+    Cancelled = "CANCELLED", 409;
+    Internal = "INTERNAL", 500;
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The one error type: what every handler returns, what every client call
+/// fails with, and what an `error` event carries. `param` names the request
+/// field at fault, when one is (OpenAI's clients show it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// A bad request field: `INVALID_REQUEST`, naming the field.
+    pub fn invalid(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: ErrorCode::InvalidRequest,
+            message: message.into(),
+            param: Some(param.into()),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::Internal, message)
+    }
+
+    /// The same error with context in front: `hive mac: <message>`.
+    pub fn context(mut self, what: impl std::fmt::Display) -> ApiError {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
 
 /// The body of every JSON error: `{"error":{"code","message"}}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
-    pub error: ErrorDetail,
+    pub error: ApiError,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ErrorDetail {
-    pub code: String,
-    pub message: String,
+/// How a request samples its tokens: one set of fields and one rule set for
+/// every entry point (the worker's native API, OpenAI's, the queen's jobs),
+/// flattened into each request type. The ranges are OpenAI's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// Absent: generate until end of sequence or until the slot's context is full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<i64>,
+    /// 0 to 2; 0 is greedy and deterministic. Absent: the entry point's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// 0 (off) or more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// A string or a list of at most [`MAX_STOP_SEQUENCES`] non-empty strings.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "one_or_many"
+    )]
+    pub stop: Vec<String>,
+    /// OpenAI's penalties, -2 to 2: 0 (off) by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+}
+
+/// No GGUF model's context comes near this; above it is a client bug.
+pub const MAX_TOKENS_LIMIT: i64 = 1 << 20;
+pub const MAX_STOP_SEQUENCES: usize = 16;
+
+impl SamplingParams {
+    /// The one rule set; the error names the field and the allowed range.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        fn range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
+            match v {
+                Some(x) if !(lo..=hi).contains(&x) => Err(ApiError::invalid(
+                    param,
+                    format!("{param} must be between {lo} and {hi}, got {x}"),
+                )),
+                _ => Ok(()),
+            }
+        }
+        if let Some(n) = self.max_tokens {
+            if !(1..=MAX_TOKENS_LIMIT).contains(&n) {
+                return Err(ApiError::invalid(
+                    "max_tokens",
+                    format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {n}"),
+                ));
+            }
+        }
+        range("temperature", self.temperature, 0.0, 2.0)?;
+        range("top_p", self.top_p, 0.0, 1.0)?;
+        range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
+        if let Some(k) = self.top_k.filter(|&k| k < 0) {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("top_k must be 0 (off) or more, got {k}"),
+            ));
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES || self.stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid(
+                "stop",
+                format!("stop must be at most {MAX_STOP_SEQUENCES} non-empty strings"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `"stop": "x"` or `"stop": ["x", "y"]` (or null).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    })
 }
 
 /// `POST /v1/inference` on a worker.
@@ -47,25 +282,8 @@ pub struct ErrorDetail {
 #[serde(deny_unknown_fields)]
 pub struct InferenceRequest {
     pub prompt: String,
-    /// Absent: generate until end of sequence or until the slot's context is full.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<i64>,
-    /// Absent: 0.8, llama.cpp's default. 0 is greedy and deterministic.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u32>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stop: Vec<String>,
-    /// OpenAI's penalties: 0 (off) by default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f32>,
+    #[serde(flatten)]
+    pub sampling: SamplingParams,
     /// The queen's job id, echoed in `started`; the worker makes one up when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
@@ -100,9 +318,18 @@ pub enum InferenceEvent {
         stop_reason: StopReason,
     },
     Error {
-        code: String,
+        code: ErrorCode,
         message: String,
     },
+}
+
+impl From<ApiError> for InferenceEvent {
+    fn from(e: ApiError) -> InferenceEvent {
+        InferenceEvent::Error {
+            code: e.code,
+            message: e.message,
+        }
+    }
 }
 
 /// One event of a worker's `GET /v1/loading/progress` stream.
@@ -127,12 +354,53 @@ pub enum LoadingEvent {
     },
 }
 
+/// A worker's life, as the worker, its hive and the queen see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Loading,
+    Ready,
+    /// Told to stop, not gone yet (only its hive says this).
+    Stopping,
+    Failed,
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkerState::Loading => "loading",
+            WorkerState::Ready => "ready",
+            WorkerState::Stopping => "stopping",
+            WorkerState::Failed => "failed",
+        })
+    }
+}
+
+/// Whether the queen can reach a hive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiveState {
+    Reachable,
+    Unreachable,
+    /// Not checked yet.
+    Unknown,
+}
+
+impl std::fmt::Display for HiveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HiveState::Reachable => "reachable",
+            HiveState::Unreachable => "unreachable",
+            HiveState::Unknown => "unknown",
+        })
+    }
+}
+
 /// `GET /v1/ready` on a worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReadyStatus {
     pub ready: bool,
-    /// `loading`, `ready` or `failed`.
-    pub state: String,
+    pub state: WorkerState,
     pub progress_url: String,
     pub model: String,
     pub slots_total: u32,
@@ -149,8 +417,8 @@ pub struct WorkerReadyCallback {
     pub url: String,
     pub model: String,
     pub slots: u32,
-    /// `ready` or `failed`.
-    pub state: String,
+    /// `Ready` or `Failed`.
+    pub state: WorkerState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -168,7 +436,14 @@ pub struct DownloadRequest {
 pub struct DownloadStarted {
     pub download_id: String,
     pub local_path: String,
-    pub state: String,
+    pub state: DownloadState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DownloadState {
+    Downloading,
+    Complete,
 }
 
 /// One event of a hive's `GET /v1/models/download/progress?id=` stream.
@@ -234,8 +509,7 @@ pub struct WorkerInfo {
     pub model: String,
     pub model_path: String,
     pub pid: u32,
-    /// `loading`, `ready`, `stopping` or `failed`.
-    pub state: String,
+    pub state: WorkerState,
     pub slots: u32,
     pub backend: String,
     pub device: u32,
@@ -282,8 +556,7 @@ pub struct AddHive {
 pub struct HiveStatus {
     pub name: String,
     pub url: String,
-    /// `reachable`, `unreachable` or `unknown` (not checked yet).
-    pub status: String,
+    pub status: HiveState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
     /// Started by the queen itself on this machine; it stops with the queen.
@@ -299,18 +572,29 @@ pub struct JobRequest {
     pub node: Option<String>,
     pub model: String,
     pub prompt: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u32>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stop: Vec<String>,
+    #[serde(flatten)]
+    pub sampling: SamplingParams,
+}
+
+/// `DELETE /v1/hives/{name}` on the queen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HiveRemoved {
+    pub removed: String,
+}
+
+/// `DELETE /v1/jobs/{id}` on the queen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobCancelled {
+    pub job_id: String,
+    pub state: String,
+}
+
+/// A worker with the hive it runs on (the queen's `GET /v1/workers`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HiveWorker {
+    pub hive: String,
+    #[serde(flatten)]
+    pub worker: WorkerInfo,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -434,6 +718,82 @@ mod tests {
         }
         let json = serde_json::to_string(&ClusterEvent::Loading(LoadingEvent::Ready)).unwrap();
         assert_eq!(json, r#"{"type":"loading","stage":"ready"}"#);
+    }
+
+    #[test]
+    fn error_codes_read_back_and_unknown_ones_survive() {
+        for &code in ErrorCode::ALL {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+            assert!((400..600).contains(&code.status()), "{code}");
+        }
+        let body: ErrorBody =
+            serde_json::from_str(r#"{"error":{"code":"SOMETHING_NEW","message":"m"}}"#).unwrap();
+        assert_eq!(body.error.code, ErrorCode::Unknown);
+        assert_eq!(body.error.message, "m");
+    }
+
+    #[test]
+    fn sampling_is_flattened_and_unknown_fields_are_refused() {
+        let r: InferenceRequest = serde_json::from_str(
+            r#"{"prompt":"p","max_tokens":5,"temperature":0,"stop":"x","seed":-1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.sampling.max_tokens, Some(5));
+        assert_eq!(r.sampling.temperature, Some(0.0));
+        assert_eq!(r.sampling.stop, vec!["x".to_string()]);
+        assert_eq!(r.sampling.seed, Some(-1));
+        let e = serde_json::from_str::<InferenceRequest>(r#"{"prompt":"p","temprature":1}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("temprature"), "{e}");
+        let j: JobRequest =
+            serde_json::from_str(r#"{"model":"m","prompt":"p","stop":["a","b"],"top_k":3}"#)
+                .unwrap();
+        assert_eq!(j.sampling.stop.len(), 2);
+        assert_eq!(j.sampling.top_k, Some(3));
+        assert!(serde_json::from_str::<JobRequest>(r#"{"model":"m","prompt":"p","x":1}"#).is_err());
+    }
+
+    /// One table of inputs and the field each one is refused for.
+    #[test]
+    fn one_rule_set_for_sampling() {
+        let ok = |json: &str| {
+            let p: SamplingParams = serde_json::from_str(json).unwrap();
+            p.validate().map_err(|e| {
+                assert_eq!(e.code, ErrorCode::InvalidRequest);
+                e.param.unwrap_or_default()
+            })
+        };
+        let cases: &[(&str, Result<(), &str>)] = &[
+            (r#"{}"#, Ok(())),
+            (
+                r#"{"temperature":0,"top_p":1,"top_k":0,"max_tokens":1}"#,
+                Ok(()),
+            ),
+            (
+                r#"{"temperature":2,"presence_penalty":-2,"frequency_penalty":2}"#,
+                Ok(()),
+            ),
+            (r#"{"temperature":-1}"#, Err("temperature")),
+            (r#"{"temperature":2.5}"#, Err("temperature")),
+            (r#"{"temperature":100}"#, Err("temperature")),
+            (r#"{"temperature":1e308}"#, Err("temperature")),
+            (r#"{"top_p":2}"#, Err("top_p")),
+            (r#"{"top_p":-0.1}"#, Err("top_p")),
+            (r#"{"top_k":-1}"#, Err("top_k")),
+            (r#"{"max_tokens":0}"#, Err("max_tokens")),
+            (r#"{"max_tokens":-5}"#, Err("max_tokens")),
+            (r#"{"max_tokens":1000000000000}"#, Err("max_tokens")),
+            (r#"{"stop":[""]}"#, Err("stop")),
+            (r#"{"presence_penalty":3}"#, Err("presence_penalty")),
+            (r#"{"frequency_penalty":-2.5}"#, Err("frequency_penalty")),
+        ];
+        for (json, want) in cases {
+            assert_eq!(ok(json), want.map_err(str::to_string), "{json}");
+        }
+        let many = format!(r#"{{"stop":{:?}}}"#, vec!["s"; MAX_STOP_SEQUENCES + 1]);
+        assert_eq!(ok(&many), Err("stop".to_string()));
     }
 
     #[test]

@@ -6,9 +6,10 @@ pub mod model_ref;
 pub mod models;
 pub mod workers;
 
-use crate::http::{self, Auth, Body};
+use crate::http::{self, Auth, Body, Reply, Route};
 use crate::protocol::{
-    Capabilities, DownloadEvent, DownloadRequest, Health, SpawnRequest, WorkerReadyCallback,
+    ApiError, Capabilities, DownloadEvent, DownloadRequest, ErrorCode, Health, SpawnRequest,
+    WorkerReadyCallback,
 };
 use argh::FromArgs;
 use hyper::body::Incoming;
@@ -121,102 +122,113 @@ pub async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-const PATHS: [&str; 9] = [
-    "/health",
-    "/v1/health",
-    "/v1/capabilities",
-    "/v1/models",
-    "/v1/models/download",
-    "/v1/models/download/progress",
-    "/v1/workers/spawn",
-    "/v1/workers/list",
-    "/v1/workers/ready",
+/// The hive's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Endpoint {
+    Health,
+    Capabilities,
+    Models,
+    DeleteModel,
+    Download,
+    DownloadProgress,
+    Spawn,
+    Workers,
+    WorkerReady,
+    StopWorker,
+    Shutdown,
+}
+
+const ROUTES: &[Route<Endpoint>] = &[
+    (Method::GET, "/health", Endpoint::Health),
+    (Method::GET, "/v1/health", Endpoint::Health),
+    (Method::GET, "/v1/capabilities", Endpoint::Capabilities),
+    (Method::GET, "/v1/models", Endpoint::Models),
+    (Method::DELETE, "/v1/models/{}", Endpoint::DeleteModel),
+    (Method::POST, "/v1/models/download", Endpoint::Download),
+    (
+        Method::GET,
+        "/v1/models/download/progress",
+        Endpoint::DownloadProgress,
+    ),
+    (Method::POST, "/v1/workers/spawn", Endpoint::Spawn),
+    (Method::GET, "/v1/workers/list", Endpoint::Workers),
+    (Method::POST, "/v1/workers/ready", Endpoint::WorkerReady),
+    (
+        Method::POST,
+        "/v1/workers/{}/shutdown",
+        Endpoint::StopWorker,
+    ),
+    (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
 ];
 
 async fn route(h: Hive, req: Request<Incoming>) -> Response<Body> {
-    if let Some(denied) = h.auth.reject(&req) {
-        return denied;
-    }
     let path = req.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["health"] | ["v1", "health"]) => {
-            http::json(StatusCode::OK, &Health::alive("hive"))
-        }
-        (&Method::GET, ["v1", "capabilities"]) => {
-            http::json(StatusCode::OK, &capabilities(h.models.models_dir()))
-        }
-        (&Method::GET, ["v1", "models"]) => http::json(StatusCode::OK, &h.models.catalog().list()),
-        (&Method::DELETE, ["v1", "models", name]) => match h.models.delete(name) {
-            Ok(entry) => http::json(StatusCode::OK, &entry),
-            Err(f) => f.response(),
-        },
-        (&Method::POST, ["v1", "models", "download"]) => {
-            let body: DownloadRequest = match http::read_json(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            match h.models.download(&body.model_ref).await {
-                Ok(started) => http::json(StatusCode::ACCEPTED, &started),
-                Err(f) => f.response(),
-            }
-        }
-        (&Method::GET, ["v1", "models", "download", "progress"]) => {
-            let id = query_param(req.uri().query(), "id").unwrap_or_default();
-            match h.models.progress(&id) {
-                Some(progress) => http::sse_from_watch(progress, |e| {
-                    !matches!(e, DownloadEvent::Downloading { .. })
-                }),
-                None => http::error(
-                    StatusCode::NOT_FOUND,
-                    "DOWNLOAD_NOT_FOUND",
-                    format!("no download with id {id:?}"),
-                ),
-            }
-        }
-        (&Method::POST, ["v1", "workers", "spawn"]) => {
-            let body: SpawnRequest = match http::read_json(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            let spawned = async {
-                let model = h.models.find(&body.model_ref).await?;
-                h.workers.spawn(&model, &body).await
-            };
-            match spawned.await {
-                Ok(info) => http::json(StatusCode::ACCEPTED, &info),
-                Err(f) => f.response(),
-            }
-        }
-        (&Method::GET, ["v1", "workers", "list"]) => http::json(StatusCode::OK, &h.workers.list()),
-        (&Method::POST, ["v1", "workers", "ready"]) => {
-            let body: WorkerReadyCallback = match http::read_json(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            match h.workers.ready(&body) {
-                Ok(info) => http::json(StatusCode::OK, &info),
-                Err(f) => f.response(),
-            }
-        }
-        (&Method::POST, ["v1", "workers", id, "shutdown"]) => match h.workers.stop(id) {
-            Ok(info) => http::json(StatusCode::ACCEPTED, &info),
-            Err(f) => f.response(),
-        },
-        (&Method::POST, ["v1", "admin", "shutdown"]) => {
+    let found = h
+        .auth
+        .check(&req)
+        .and_then(|()| http::find(ROUTES, req.method(), &path));
+    let (endpoint, params) = match found {
+        Ok(found) => found,
+        Err(e) => return http::error(e),
+    };
+    let param = params.first().copied().unwrap_or_default();
+    http::reply(match endpoint {
+        Endpoint::Health => Ok(http::json(StatusCode::OK, &Health::alive("hive"))),
+        Endpoint::Capabilities => Ok(http::json(
+            StatusCode::OK,
+            &capabilities(h.models.models_dir()),
+        )),
+        Endpoint::Models => Ok(http::json(StatusCode::OK, &h.models.catalog().list())),
+        Endpoint::DeleteModel => h
+            .models
+            .delete(param)
+            .map(|entry| http::json(StatusCode::OK, &entry)),
+        Endpoint::Download => download(&h, req).await,
+        Endpoint::DownloadProgress => download_progress(&h, &req),
+        Endpoint::Spawn => spawn(&h, req).await,
+        Endpoint::Workers => Ok(http::json(StatusCode::OK, &h.workers.list())),
+        Endpoint::WorkerReady => worker_ready(&h, req).await,
+        Endpoint::StopWorker => h
+            .workers
+            .stop(param)
+            .map(|info| http::json(StatusCode::ACCEPTED, &info)),
+        Endpoint::Shutdown => {
             h.shutdown.notify_one();
-            http::json(
-                StatusCode::ACCEPTED,
-                &serde_json::json!({"status": "shutting_down"}),
-            )
+            Ok(http::json(StatusCode::ACCEPTED, &Health::stopping("hive")))
         }
-        (
-            m,
-            ["v1", "models", _] | ["v1", "workers", _, "shutdown"] | ["v1", "admin", "shutdown"],
-        ) => http::method_not_allowed(m, &path),
-        (m, _) if PATHS.contains(&path.as_str()) => http::method_not_allowed(m, &path),
-        _ => http::not_found(&path),
-    }
+    })
+}
+
+async fn download(h: &Hive, req: Request<Incoming>) -> Reply {
+    let body: DownloadRequest = http::read_json(req).await?;
+    let started = h.models.download(&body.model_ref).await?;
+    Ok(http::json(StatusCode::ACCEPTED, &started))
+}
+
+fn download_progress(h: &Hive, req: &Request<Incoming>) -> Reply {
+    let id = query_param(req.uri().query(), "id").unwrap_or_default();
+    let progress = h.models.progress(&id).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::DownloadNotFound,
+            format!("no download with id {id:?}"),
+        )
+    })?;
+    Ok(http::sse_from_watch(progress, |e| {
+        !matches!(e, DownloadEvent::Downloading { .. })
+    }))
+}
+
+async fn spawn(h: &Hive, req: Request<Incoming>) -> Reply {
+    let body: SpawnRequest = http::read_json(req).await?;
+    let model = h.models.find(&body.model_ref).await?;
+    let info = h.workers.spawn(&model, &body).await?;
+    Ok(http::json(StatusCode::ACCEPTED, &info))
+}
+
+async fn worker_ready(h: &Hive, req: Request<Incoming>) -> Reply {
+    let body: WorkerReadyCallback = http::read_json(req).await?;
+    let info = h.workers.ready(&body)?;
+    Ok(http::json(StatusCode::OK, &info))
 }
 
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
@@ -250,5 +262,15 @@ fn capabilities(models_dir: &std::path::Path) -> Capabilities {
         backends: crate::BACKENDS.split(',').map(str::to_string).collect(),
         gpus: crate::worker::engine::gpus(),
         version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    #[test]
+    fn every_route_answers_a_wrong_method_with_405() {
+        http::assert_routes_are_consistent(ROUTES);
     }
 }

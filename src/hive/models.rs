@@ -11,8 +11,10 @@
 
 use super::catalog::Catalog;
 use super::model_ref::{HfPick, ModelRef};
-use crate::protocol::{new_id, now_rfc3339, DownloadEvent, DownloadStarted, ModelEntry};
-use hyper::StatusCode;
+use crate::protocol::{
+    new_id, now_rfc3339, ApiError, DownloadEvent, DownloadStarted, DownloadState, ErrorCode,
+    ModelEntry,
+};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -21,28 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-
-/// A request that cannot be served, with the HTTP answer it deserves.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Failure {
-        Failure {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    pub fn response(&self) -> hyper::Response<crate::http::Body> {
-        crate::http::error(self.status, self.code, self.message.clone())
-    }
-}
 
 /// Retries of a dropped transfer before the download is given up.
 const MAX_RETRIES: u32 = 5;
@@ -91,9 +71,9 @@ impl Models {
 
     /// Makes sure the model is here: at once for catalog names and local files,
     /// else by starting (or joining) a download whose id is returned.
-    pub async fn download(&self, model_ref: &str) -> Result<DownloadStarted, Failure> {
-        let parsed = ModelRef::parse(model_ref)
-            .map_err(|m| Failure::new(StatusCode::BAD_REQUEST, "INVALID_MODEL_REF", m))?;
+    pub async fn download(&self, model_ref: &str) -> Result<DownloadStarted, ApiError> {
+        let parsed =
+            ModelRef::parse(model_ref).map_err(|m| ApiError::new(ErrorCode::InvalidModelRef, m))?;
         let ModelRef::HuggingFace { repo, pick } = parsed else {
             let entry = self.find(model_ref).await?;
             return Ok(self.finished(entry));
@@ -110,9 +90,8 @@ impl Models {
             let mut existing = self.dir.clone();
             while !existing.exists() && existing.pop() {}
             if let Some(free) = free_space(&existing).filter(|&free| free < size + DISK_MARGIN) {
-                return Err(Failure::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    "DISK_FULL",
+                return Err(ApiError::new(
+                    ErrorCode::DiskFull,
                     format!(
                         "not enough disk space for {}: it is {} MB and {} has {} MB free",
                         remote.file,
@@ -136,7 +115,7 @@ impl Models {
             return Ok(DownloadStarted {
                 download_id: id.clone(),
                 local_path: local_path.display().to_string(),
-                state: "downloading".into(),
+                state: DownloadState::Downloading,
             });
         }
         let id = new_id("dl");
@@ -171,16 +150,15 @@ impl Models {
                 tx.send_replace(last);
             })
             .map_err(|e| {
-                Failure::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "INTERNAL",
+                ApiError::new(
+                    ErrorCode::Internal,
                     format!("cannot start a download thread: {e}"),
                 )
             })?;
         Ok(DownloadStarted {
             download_id: id,
             local_path: local_path.display().to_string(),
-            state: "downloading".into(),
+            state: DownloadState::Downloading,
         })
     }
 
@@ -192,15 +170,12 @@ impl Models {
 
     /// The catalog entry a reference names, registering a local file if needed.
     /// A Hugging Face model must have been downloaded first.
-    pub async fn find(&self, model_ref: &str) -> Result<ModelEntry, Failure> {
-        let parsed = ModelRef::parse(model_ref)
-            .map_err(|m| Failure::new(StatusCode::BAD_REQUEST, "INVALID_MODEL_REF", m))?;
+    pub async fn find(&self, model_ref: &str) -> Result<ModelEntry, ApiError> {
+        let parsed =
+            ModelRef::parse(model_ref).map_err(|m| ApiError::new(ErrorCode::InvalidModelRef, m))?;
         match parsed {
             ModelRef::Name(name) => self.catalog.get(&name).ok_or_else(|| {
-                Failure::new(
-                    StatusCode::NOT_FOUND,
-                    "MODEL_NOT_FOUND",
-                    format!("no model named {name} in this hive's catalog"),
+                ApiError::new(ErrorCode::ModelNotFound, format!("no model named {name} in this hive's catalog"),
                 )
             }),
             ModelRef::File(path) => {
@@ -213,10 +188,7 @@ impl Models {
                 .find(model_ref, None)
                 .filter(|e| Path::new(&e.path).is_file())
                 .ok_or_else(|| {
-                    Failure::new(
-                        StatusCode::NOT_FOUND,
-                        "MODEL_NOT_FOUND",
-                        format!(
+                    ApiError::new(ErrorCode::ModelNotFound, format!(
                             "{model_ref} is not in this hive's catalog: download it first (POST /v1/models/download)"
                         ),
                     )
@@ -225,16 +197,15 @@ impl Models {
     }
 
     /// Removes a model from the catalog, and its file when the hive owns it.
-    pub fn delete(&self, name: &str) -> Result<ModelEntry, Failure> {
-        let internal = |m: String| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", m);
+    pub fn delete(&self, name: &str) -> Result<ModelEntry, ApiError> {
+        let internal = |m: String| ApiError::new(ErrorCode::Internal, m);
         let entry = self
             .catalog
             .remove(name)
             .map_err(internal)?
             .ok_or_else(|| {
-                Failure::new(
-                    StatusCode::NOT_FOUND,
-                    "MODEL_NOT_FOUND",
+                ApiError::new(
+                    ErrorCode::ModelNotFound,
                     format!("no model named {name} in this hive's catalog"),
                 )
             })?;
@@ -264,7 +235,7 @@ impl Models {
         DownloadStarted {
             download_id: id,
             local_path: entry.path,
-            state: "complete".into(),
+            state: DownloadState::Complete,
         }
     }
 
@@ -302,12 +273,11 @@ impl Models {
 }
 
 /// Registers a GGUF file in place (no copy); the hive never deletes it.
-fn register_file(catalog: &Catalog, path: &Path, model_ref: &str) -> Result<ModelEntry, Failure> {
-    let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, "INVALID_MODEL", m);
+fn register_file(catalog: &Catalog, path: &Path, model_ref: &str) -> Result<ModelEntry, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidModel, m);
     let path = std::fs::canonicalize(path).map_err(|e| {
-        Failure::new(
-            StatusCode::NOT_FOUND,
-            "MODEL_NOT_FOUND",
+        ApiError::new(
+            ErrorCode::ModelNotFound,
             format!("cannot open model file {}: {e}", path.display()),
         )
     })?;
@@ -322,7 +292,7 @@ fn register_file(catalog: &Catalog, path: &Path, model_ref: &str) -> Result<Mode
     let entry = entry_for(&path, model_ref, sha256, info, false);
     catalog
         .put(&entry)
-        .map_err(|m| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", m))?;
+        .map_err(|m| ApiError::new(ErrorCode::Internal, m))?;
     tracing::info!("registered {} in place", path.display());
     Ok(entry)
 }
@@ -377,12 +347,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
-) -> Result<T, Failure> {
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(Failure::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL",
+        Err(ApiError::new(
+            ErrorCode::Internal,
             format!("task failed: {e}"),
         ))
     })
@@ -466,34 +435,25 @@ impl HfClient {
     }
 
     /// Refusals common to the listing and the file.
-    fn refusal(&self, status: u16, repo: &str) -> Option<Failure> {
+    fn refusal(&self, status: u16, repo: &str) -> Option<ApiError> {
         match status {
-            401 | 403 if self.token.is_none() => Some(Failure::new(
-                StatusCode::UNAUTHORIZED,
-                "HF_TOKEN_NEEDED",
-                format!(
+            401 | 403 if self.token.is_none() => Some(ApiError::new(ErrorCode::HfTokenNeeded, format!(
                     "Hugging Face refused access to {repo} (HTTP {status}): it is private or gated, or does not exist; set HF_TOKEN to a token that can read it"
                 ),
             )),
-            401 | 403 => Some(Failure::new(
-                StatusCode::FORBIDDEN,
-                "HF_TOKEN_REFUSED",
-                format!(
+            401 | 403 => Some(ApiError::new(ErrorCode::HfTokenRefused, format!(
                     "Hugging Face refused HF_TOKEN for {repo} (HTTP {status}): check the token, and accept the model's license on its page if it is gated"
                 ),
             )),
-            404 => Some(Failure::new(
-                StatusCode::NOT_FOUND,
-                "REPO_NOT_FOUND",
-                format!("no such repository on Hugging Face: {repo}"),
+            404 => Some(ApiError::new(ErrorCode::RepoNotFound, format!("no such repository on Hugging Face: {repo}"),
             )),
             _ => None,
         }
     }
 
-    fn resolve(&self, repo: &str, pick: &HfPick) -> Result<Remote, Failure> {
+    fn resolve(&self, repo: &str, pick: &HfPick) -> Result<Remote, ApiError> {
         let url = format!("{}/api/models/{repo}?blobs=true", self.endpoint);
-        let upstream = |m: String| Failure::new(StatusCode::BAD_GATEWAY, "UPSTREAM", m);
+        let upstream = |m: String| ApiError::new(ErrorCode::Upstream, m);
         let resp = self.get(&url, 0).map_err(upstream)?;
         let status = resp.status().as_u16();
         if let Some(f) = self.refusal(status, repo) {
@@ -512,20 +472,14 @@ impl HfClient {
             .filter(|s| s.rfilename.to_ascii_lowercase().ends_with(".gguf"))
             .collect();
         if ggufs.is_empty() {
-            return Err(Failure::new(
-                StatusCode::NOT_FOUND,
-                "NO_GGUF",
+            return Err(ApiError::new(
+                ErrorCode::NoGguf,
                 format!("{repo} has no .gguf file"),
             ));
         }
         let names: Vec<&str> = ggufs.iter().map(|s| s.rfilename.as_str()).collect();
-        let chosen = choose(&names, pick).map_err(|m| {
-            Failure::new(
-                StatusCode::NOT_FOUND,
-                "MODEL_NOT_FOUND",
-                format!("{repo}: {m}"),
-            )
-        })?;
+        let chosen = choose(&names, pick)
+            .map_err(|m| ApiError::new(ErrorCode::ModelNotFound, format!("{repo}: {m}")))?;
         let sibling = ggufs
             .iter()
             .find(|s| s.rfilename == chosen)

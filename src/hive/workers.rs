@@ -7,12 +7,11 @@
 //! `failed` with the tail of its stderr. Workers die with their hive, even a
 //! SIGKILLed one ([`crate::process::Spawner`]).
 
-use super::models::Failure;
 use crate::process::{signal, Spawner};
 use crate::protocol::{
-    new_id, now_rfc3339, ModelEntry, SpawnRequest, WorkerInfo, WorkerReadyCallback,
+    new_id, now_rfc3339, ApiError, ErrorCode, ModelEntry, SpawnRequest, WorkerInfo,
+    WorkerReadyCallback, WorkerState,
 };
-use hyper::StatusCode;
 use std::collections::{HashMap, VecDeque};
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -79,24 +78,20 @@ impl Workers {
         &self,
         model: &ModelEntry,
         req: &SpawnRequest,
-    ) -> Result<WorkerInfo, Failure> {
+    ) -> Result<WorkerInfo, ApiError> {
         let compiled: Vec<&str> = crate::BACKENDS.split(',').collect();
         let backend = req
             .backend
             .clone()
             .unwrap_or_else(|| compiled.last().copied().unwrap_or("cpu").to_string());
         if !["cpu", "cuda", "metal"].contains(&backend.as_str()) {
-            return Err(Failure::new(
-                StatusCode::BAD_REQUEST,
-                "INVALID_REQUEST",
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
                 format!("backend must be cpu, cuda or metal, not {backend:?}"),
             ));
         }
         if !compiled.contains(&backend.as_str()) {
-            return Err(Failure::new(
-                StatusCode::BAD_REQUEST,
-                "BACKEND_UNAVAILABLE",
-                format!(
+            return Err(ApiError::new(ErrorCode::BackendUnavailable, format!(
                     "this hive's rbee was built without {backend} (it has {}); rebuild with --features {backend}",
                     crate::BACKENDS
                 ),
@@ -131,9 +126,8 @@ impl Workers {
             None => command.env_remove("RBEE_TOKEN"),
         };
         let mut child = self.spawner.spawn(command).await.map_err(|e| {
-            Failure::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "SPAWN_FAILED",
+            ApiError::new(
+                ErrorCode::SpawnFailed,
                 format!("cannot start a worker: {e}"),
             )
         })?;
@@ -144,7 +138,7 @@ impl Workers {
             model: model.name.clone(),
             model_path: model.path.clone(),
             pid: child.id(),
-            state: "loading".into(),
+            state: WorkerState::Loading,
             slots: req.slots.unwrap_or(4),
             backend,
             device: req.device,
@@ -204,7 +198,7 @@ impl Workers {
     }
 
     /// The lowest port from `first_port` that no worker of ours holds and nobody listens on.
-    fn free_port(&self) -> Result<u16, Failure> {
+    fn free_port(&self) -> Result<u16, ApiError> {
         let taken: Vec<String> = self.lock().values().map(|r| r.info.url.clone()).collect();
         (self.settings.first_port..=u16::MAX)
             .find(|p| {
@@ -212,9 +206,8 @@ impl Workers {
                     && std::net::TcpListener::bind((self.settings.host.as_str(), *p)).is_ok()
             })
             .ok_or_else(|| {
-                Failure::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "NO_PORT",
+                ApiError::new(
+                    ErrorCode::NoPort,
                     format!("no free port from {} up", self.settings.first_port),
                 )
             })
@@ -237,8 +230,8 @@ impl Workers {
             tracing::info!("{id} stopped");
             return;
         }
-        if record.info.state != "failed" {
-            record.info.state = "failed".into();
+        if record.info.state != WorkerState::Failed {
+            record.info.state = WorkerState::Failed;
             record.info.error = Some(format!(
                 "the worker exited ({status}): {}",
                 Self::tail(record)
@@ -252,8 +245,8 @@ impl Workers {
         let Some(record) = records.get_mut(id) else {
             return;
         };
-        if record.info.state == "loading" {
-            record.info.state = "failed".into();
+        if record.info.state == WorkerState::Loading {
+            record.info.state = WorkerState::Failed;
             record.info.error = Some(format!(
                 "the worker did not become ready within {}s: {}",
                 timeout.as_secs(),
@@ -264,22 +257,20 @@ impl Workers {
     }
 
     /// The worker's own report that loading ended.
-    pub fn ready(&self, report: &WorkerReadyCallback) -> Result<WorkerInfo, Failure> {
+    pub fn ready(&self, report: &WorkerReadyCallback) -> Result<WorkerInfo, ApiError> {
         let mut records = self.lock();
         let record = records.get_mut(&report.worker_id).ok_or_else(|| {
-            Failure::new(
-                StatusCode::NOT_FOUND,
-                "WORKER_NOT_FOUND",
+            ApiError::new(
+                ErrorCode::WorkerNotFound,
                 format!("this hive did not start a worker {}", report.worker_id),
             )
         })?;
-        if record.info.state == "loading" {
-            record.info.state = if report.state == "ready" {
-                "ready"
+        if record.info.state == WorkerState::Loading {
+            record.info.state = if report.state == WorkerState::Ready {
+                WorkerState::Ready
             } else {
-                "failed"
-            }
-            .into();
+                WorkerState::Failed
+            };
             record.info.error = report.error.clone();
             record.info.slots = report.slots;
             record.idle_since = Some(Instant::now());
@@ -289,23 +280,22 @@ impl Workers {
     }
 
     /// Asks a worker to stop (SIGTERM: it ends its streams cleanly), killing it if it lingers.
-    pub fn stop(&self, id: &str) -> Result<WorkerInfo, Failure> {
+    pub fn stop(&self, id: &str) -> Result<WorkerInfo, ApiError> {
         let mut records = self.lock();
         let record = records.get_mut(id).ok_or_else(|| {
-            Failure::new(
-                StatusCode::NOT_FOUND,
-                "WORKER_NOT_FOUND",
+            ApiError::new(
+                ErrorCode::WorkerNotFound,
                 format!("no worker {id} on this hive"),
             )
         })?;
-        if record.info.state == "failed" {
+        if record.info.state == WorkerState::Failed {
             // Already gone (or being killed): forget it.
             let info = record.info.clone();
             records.remove(id);
             return Ok(info);
         }
         record.stopping = true;
-        record.info.state = "stopping".into();
+        record.info.state = WorkerState::Stopping;
         let pid = record.info.pid;
         signal(pid, libc::SIGTERM);
         let this = self.clone();
@@ -341,7 +331,7 @@ impl Workers {
             let ready: Vec<(String, String)> = self
                 .lock()
                 .values()
-                .filter(|r| r.info.state == "ready")
+                .filter(|r| r.info.state == WorkerState::Ready)
                 .map(|r| (r.info.worker_id.clone(), r.info.url.clone()))
                 .collect();
             for (id, url) in ready {

@@ -3,10 +3,11 @@
 //! streams, not many small calls), JSON helpers, and an SSE reader.
 
 use super::sse::{Decoder, Frame};
+use crate::protocol::{ApiError, ErrorBody, ErrorCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper::{Method, Request, Response, Uri};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -18,26 +19,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a plain (non-streaming) call may take, answer included.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A failed call: nobody answered, or the answer was an error.
-#[derive(Debug, Clone)]
-pub enum ClientError {
-    /// No connection, or it broke.
-    Unreachable(String),
-    /// An HTTP error answer, with rbee's error code and message when it sent one.
-    Status {
-        status: StatusCode,
-        code: String,
-        message: String,
-    },
-}
-
-impl std::fmt::Display for ClientError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ClientError::Unreachable(m) => f.write_str(m),
-            ClientError::Status { message, .. } => f.write_str(message),
-        }
-    }
+/// Nobody answered at `url`, or the exchange broke: `UNREACHABLE`, which the
+/// caller turns into `HIVE_UNREACHABLE` or `WORKER_LOST` as it knows which.
+fn unreachable(url: &str, why: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::Unreachable, format!("{url}: {why}"))
 }
 
 /// Sends one request; the answer's body is left to read.
@@ -46,8 +31,8 @@ pub async fn send(
     url: &str,
     token: Option<&str>,
     body: Option<Vec<u8>>,
-) -> Result<Response<Incoming>, ClientError> {
-    let unreachable = |e: String| ClientError::Unreachable(format!("{url}: {e}"));
+) -> Result<Response<Incoming>, ApiError> {
+    let unreachable = |e: String| unreachable(url, e);
     let uri: Uri = url
         .parse()
         .map_err(|e| unreachable(format!("bad URL: {e}")))?;
@@ -91,31 +76,25 @@ pub async fn send(
 }
 
 /// Reads an answer: the JSON body when the status is 2xx, else the error it carries.
-pub async fn read_json<T: DeserializeOwned>(resp: Response<Incoming>) -> Result<T, ClientError> {
+pub async fn read_json<T: DeserializeOwned>(resp: Response<Incoming>) -> Result<T, ApiError> {
     let status = resp.status();
     let bytes = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| ClientError::Unreachable(format!("the answer broke off: {e}")))?
+        .map_err(|e| ApiError::new(ErrorCode::Unreachable, format!("the answer broke off: {e}")))?
         .to_bytes();
     if !status.is_success() {
-        let parsed: Option<crate::protocol::ErrorBody> = serde_json::from_slice(&bytes).ok();
-        let (code, message) = match parsed {
-            Some(e) => (e.error.code, e.error.message),
-            None => (
-                "HTTP".to_string(),
+        return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => body.error,
+            Err(_) => ApiError::new(
+                ErrorCode::Unknown,
                 format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes).trim()),
             ),
-        };
-        return Err(ClientError::Status {
-            status,
-            code,
-            message,
         });
     }
     serde_json::from_slice(&bytes)
-        .map_err(|e| ClientError::Unreachable(format!("unreadable answer: {e}")))
+        .map_err(|e| ApiError::new(ErrorCode::Unreachable, format!("unreadable answer: {e}")))
 }
 
 /// A JSON call with a time limit.
@@ -124,19 +103,15 @@ pub async fn call<T: DeserializeOwned>(
     url: &str,
     token: Option<&str>,
     body: Option<&impl Serialize>,
-) -> Result<T, ClientError> {
+) -> Result<T, ApiError> {
     let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
     let exchange = async { read_json(send(method, url, token, body).await?).await };
     tokio::time::timeout(CALL_TIMEOUT, exchange)
         .await
-        .unwrap_or_else(|_| {
-            Err(ClientError::Unreachable(format!(
-                "{url}: no answer in time"
-            )))
-        })
+        .unwrap_or_else(|_| Err(unreachable(url, "no answer in time")))
 }
 
-pub async fn get<T: DeserializeOwned>(url: &str, token: Option<&str>) -> Result<T, ClientError> {
+pub async fn get<T: DeserializeOwned>(url: &str, token: Option<&str>) -> Result<T, ApiError> {
     call(Method::GET, url, token, None::<&()>).await
 }
 
@@ -144,7 +119,7 @@ pub async fn post<T: DeserializeOwned>(
     url: &str,
     token: Option<&str>,
     body: &impl Serialize,
-) -> Result<T, ClientError> {
+) -> Result<T, ApiError> {
     call(Method::POST, url, token, Some(body)).await
 }
 
@@ -153,7 +128,7 @@ pub async fn stream(
     url: &str,
     token: Option<&str>,
     body: Option<&impl Serialize>,
-) -> Result<SseStream, ClientError> {
+) -> Result<SseStream, ApiError> {
     let method = if body.is_some() {
         Method::POST
     } else {
@@ -162,15 +137,12 @@ pub async fn stream(
     let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
     let resp = tokio::time::timeout(CALL_TIMEOUT, send(method, url, token, body))
         .await
-        .unwrap_or_else(|_| {
-            Err(ClientError::Unreachable(format!(
-                "{url}: no answer in time"
-            )))
-        })?;
+        .unwrap_or_else(|_| Err(unreachable(url, "no answer in time")))?;
     if !resp.status().is_success() {
-        return Err(read_json::<serde_json::Value>(resp).await.err().unwrap_or(
-            ClientError::Unreachable(format!("{url}: unexpected answer")),
-        ));
+        return Err(read_json::<serde_json::Value>(resp)
+            .await
+            .err()
+            .unwrap_or(unreachable(url, "unexpected answer")));
     }
     Ok(SseStream {
         body: resp.into_body(),

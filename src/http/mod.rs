@@ -1,12 +1,14 @@
 //! The HTTP plumbing every daemon shares: the accept loop with graceful
 //! shutdown, body helpers, JSON errors, bearer-token auth and SSE responses.
 //!
-//! Routing itself lives with each role, as a `match` on method and path.
+//! Each role declares its endpoints in one route table ([`Route`]); [`find`]
+//! matches a request against it, so 404 and 405 come from the table and
+//! cannot drift from what is served.
 
 pub mod client;
 pub mod sse;
 
-use crate::protocol::{ErrorBody, ErrorDetail};
+use crate::protocol::{ApiError, ErrorBody, ErrorCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
@@ -121,33 +123,73 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     resp
 }
 
-/// A JSON error: `{"error":{"code","message"}}`.
-pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
-    json(
-        status,
-        &ErrorBody {
-            error: ErrorDetail {
-                code: code.into(),
-                message: message.into(),
-            },
-        },
-    )
+/// What a handler returns: the answer, or the error to send as JSON.
+pub type Reply = Result<Response<Body>, ApiError>;
+
+/// The HTTP status of an error code.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-pub fn not_found(path: &str) -> Response<Body> {
-    error(
-        StatusCode::NOT_FOUND,
-        "NOT_FOUND",
-        format!("no endpoint {path}"),
-    )
+/// A JSON error: `{"error":{"code","message"}}`, with the code's status.
+pub fn error(e: ApiError) -> Response<Body> {
+    json(status_of(e.code), &ErrorBody { error: e })
 }
 
-pub fn method_not_allowed(method: &hyper::Method, path: &str) -> Response<Body> {
-    error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "METHOD_NOT_ALLOWED",
-        format!("{method} is not allowed on {path}"),
-    )
+impl From<ApiError> for Response<Body> {
+    fn from(e: ApiError) -> Response<Body> {
+        error(e)
+    }
+}
+
+/// A handler's result as the response to send.
+pub fn reply(r: Reply) -> Response<Body> {
+    r.unwrap_or_else(error)
+}
+
+/// One row of a role's route table: method, path pattern, endpoint. In a
+/// pattern, `{}` stands for one path segment, handed to the handler.
+pub type Route<E> = (hyper::Method, &'static str, E);
+
+/// Finds the endpoint for a request in a route table, with the path's `{}`
+/// segments; a path in the table under another method is 405, else 404.
+pub fn find<'p, E: Copy>(
+    table: &[Route<E>],
+    method: &hyper::Method,
+    path: &'p str,
+) -> Result<(E, Vec<&'p str>), ApiError> {
+    let mut path_known = false;
+    for (m, pattern, endpoint) in table {
+        if let Some(params) = match_path(pattern, path) {
+            if m == method {
+                return Ok((*endpoint, params));
+            }
+            path_known = true;
+        }
+    }
+    Err(if path_known {
+        ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{method} is not allowed on {path}"),
+        )
+    } else {
+        ApiError::new(ErrorCode::NotFound, format!("no endpoint {path}"))
+    })
+}
+
+/// The `{}` segments of `path` if it matches `pattern`.
+fn match_path<'p>(pattern: &str, path: &'p str) -> Option<Vec<&'p str>> {
+    let mut params = Vec::new();
+    let mut want = pattern.split('/');
+    let mut have = path.split('/');
+    loop {
+        match (want.next(), have.next()) {
+            (None, None) => return Some(params),
+            (Some("{}"), Some(seg)) if !seg.is_empty() => params.push(seg),
+            (Some(w), Some(h)) if w == h => {}
+            _ => return None,
+        }
+    }
 }
 
 /// Reads a JSON body of at most [`MAX_BODY_BYTES`]; the error is the response to send.
@@ -155,23 +197,17 @@ pub fn method_not_allowed(method: &hyper::Method, path: &str) -> Response<Body> 
 /// An oversized body is still read to its end (up to [`DRAIN_LIMIT`]) before the
 /// 413 goes out: most clients send the whole body before they read, and would
 /// see a broken pipe instead of the answer if the server hung up on them.
-pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let bytes = read_body(req).await?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "INVALID_REQUEST",
-            format!("invalid JSON body: {e}"),
-        )
-    })
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))
 }
 
 /// Reads a body of at most [`MAX_BODY_BYTES`], as [`read_json`] does.
-pub async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, Response<Body>> {
+pub async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "BODY_TOO_LARGE",
+        ApiError::new(
+            ErrorCode::BodyTooLarge,
             format!("request body is over {MAX_BODY_BYTES} bytes"),
         )
     };
@@ -188,9 +224,8 @@ pub async fn read_body(req: Request<Incoming>) -> Result<Vec<u8>, Response<Body>
     let mut total = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "INVALID_REQUEST",
+            ApiError::new(
+                ErrorCode::InvalidRequest,
                 format!("could not read the request body: {e}"),
             )
         })?;
@@ -335,11 +370,13 @@ impl Auth {
         }
     }
 
-    /// The 401 to send, if this request lacks the token. `/health` is always open.
-    pub fn reject(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
-        let token = self.token.as_deref()?;
+    /// Refuses a request that lacks the token. `/health` is always open.
+    pub fn check(&self, req: &Request<Incoming>) -> Result<(), ApiError> {
+        let Some(token) = self.token.as_deref() else {
+            return Ok(());
+        };
         if req.uri().path() == "/health" {
-            return None;
+            return Ok(());
         }
         let given = req
             .headers()
@@ -348,11 +385,10 @@ impl Auth {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            None
+            Ok(())
         } else {
-            Some(error(
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHORIZED",
+            Err(ApiError::new(
+                ErrorCode::Unauthorized,
                 "missing or wrong bearer token",
             ))
         }
@@ -395,6 +431,44 @@ mod tests {
         assert!(body.frame().await.is_none());
     }
 
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum E {
+        Health,
+        Job,
+        JobStream,
+    }
+
+    const TABLE: &[Route<E>] = &[
+        (hyper::Method::GET, "/health", E::Health),
+        (hyper::Method::POST, "/v1/jobs", E::Job),
+        (hyper::Method::GET, "/v1/jobs/{}/stream", E::JobStream),
+    ];
+
+    #[test]
+    fn the_route_table_gives_endpoints_404_and_405() {
+        use hyper::Method;
+        assert_eq!(
+            find(TABLE, &Method::GET, "/health").unwrap(),
+            (E::Health, vec![])
+        );
+        assert_eq!(
+            find(TABLE, &Method::GET, "/v1/jobs/job-1/stream").unwrap(),
+            (E::JobStream, vec!["job-1"])
+        );
+        let code = |m: &Method, p: &str| find(TABLE, m, p).unwrap_err().code;
+        assert_eq!(code(&Method::GET, "/v1/jobs"), ErrorCode::MethodNotAllowed);
+        assert_eq!(
+            code(&Method::DELETE, "/v1/jobs/x/stream"),
+            ErrorCode::MethodNotAllowed
+        );
+        assert_eq!(code(&Method::GET, "/v1/jobs//stream"), ErrorCode::NotFound);
+        assert_eq!(
+            code(&Method::GET, "/v1/jobs/x/stream/more"),
+            ErrorCode::NotFound
+        );
+        assert_eq!(code(&Method::GET, "/nope"), ErrorCode::NotFound);
+    }
+
     #[test]
     fn binding_beyond_loopback_needs_a_token() {
         let none = Auth::default();
@@ -406,5 +480,32 @@ mod tests {
             token: Some("t".into()),
         };
         assert!(some.check_bind("0.0.0.0").is_ok());
+    }
+}
+
+/// For each role's tests: every path of a route table, asked with a method it
+/// does not serve, must be 405 — and with the right one, its own endpoint.
+#[cfg(test)]
+pub fn assert_routes_are_consistent<E: Copy + PartialEq + std::fmt::Debug>(table: &[Route<E>]) {
+    use hyper::Method;
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+    ];
+    for (method, pattern, endpoint) in table {
+        let path = pattern.replace("{}", "x");
+        let (found, _) = find(table, method, &path).expect(pattern);
+        assert_eq!(found, *endpoint, "{method} {pattern}");
+        for other in methods.iter().filter(|m| {
+            !table
+                .iter()
+                .any(|(m2, p2, _)| m2 == *m && match_path(p2, &path).is_some())
+        }) {
+            let e = find(table, other, &path).unwrap_err();
+            assert_eq!(e.code, ErrorCode::MethodNotAllowed, "{other} {path}");
+        }
     }
 }

@@ -5,11 +5,12 @@
 //! one in the background ("queen is asleep, waking queen") and leaves it
 //! running, so the next call is warm.
 
-use crate::http::client::{self, ClientError};
+use crate::http::client;
 use crate::http::sse::Frame;
 use crate::protocol::{
     AddHive, ClusterEvent, DownloadEvent, DownloadRequest, DownloadStarted, Health, HiveStatus,
-    InferenceEvent, JobCreated, JobEvent, JobRequest, LoadingEvent, ModelEntry,
+    HiveWorker, InferenceEvent, JobCreated, JobEvent, JobRequest, LoadingEvent, ModelEntry,
+    SamplingParams,
 };
 use argh::FromArgs;
 use hyper::Method;
@@ -532,18 +533,12 @@ async fn manage(ctx: &Ctx, command: Command) -> Result<(), String> {
         Command::Workers(WorkersCmd {
             action: WorkersAction::List(_),
         }) => {
-            let workers: Vec<serde_json::Value> =
+            let workers: Vec<HiveWorker> =
                 ctx.call(Method::GET, "/v1/workers", None::<&()>).await?;
-            for w in workers {
-                let s = |k: &str| w[k].as_str().unwrap_or("").to_string();
+            for HiveWorker { hive, worker: w } in workers {
                 println!(
-                    "{}\t{}\t{}\t{}\t{}\t{} slots",
-                    s("worker_id"),
-                    s("hive"),
-                    s("model"),
-                    s("state"),
-                    s("url"),
-                    w["slots"]
+                    "{}\t{hive}\t{}\t{}\t{}\t{} slots",
+                    w.worker_id, w.model, w.state, w.url, w.slots
                 );
             }
         }
@@ -609,19 +604,20 @@ async fn infer_on_queen(ctx: &Ctx, i: &Infer, prompt: String) -> Result<u8, Stri
         node: i.node.clone(),
         model,
         prompt,
-        max_tokens: i.max_tokens,
-        temperature: i.temperature,
-        top_p: i.top_p,
-        top_k: i.top_k,
-        seed: i.seed,
-        stop: i.stop.clone(),
+        sampling: SamplingParams {
+            max_tokens: i.max_tokens,
+            temperature: i.temperature,
+            top_p: i.top_p,
+            top_k: i.top_k,
+            seed: i.seed.map(i64::from),
+            stop: i.stop.clone(),
+            ..SamplingParams::default()
+        },
     };
     let job: JobCreated = ctx.call(Method::POST, "/v1/jobs", Some(&req)).await?;
     let mut stream = client::stream(&ctx.url(&job.sse_url), ctx.token.as_deref(), None::<&()>)
         .await
-        .map_err(|e| match e {
-            ClientError::Status { message, .. } | ClientError::Unreachable(message) => message,
-        })?;
+        .map_err(|e| e.message)?;
     let mut progress = Progress::new(ctx.quiet);
     let mut stdout = std::io::stdout();
     let mut wrote = false;

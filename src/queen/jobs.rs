@@ -2,7 +2,7 @@
 //! client that attaches late misses nothing, and its cancellation.
 
 use crate::http::sse;
-use crate::protocol::{ClusterEvent, InferenceEvent, JobEvent};
+use crate::protocol::{ApiError, ClusterEvent, JobEvent};
 use hyper::body::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,13 +55,9 @@ impl Job {
         }));
     }
 
-    pub fn fail(&self, code: &str, message: impl Into<String>) {
-        let message = message.into();
-        tracing::warn!("{}: {code}: {message}", self.id);
-        self.push(&JobEvent::Inference(InferenceEvent::Error {
-            code: code.into(),
-            message,
-        }));
+    pub fn fail(&self, e: ApiError) {
+        tracing::warn!("{}: {}: {}", self.id, e.code, e.message);
+        self.push(&JobEvent::Inference(e.into()));
     }
 
     /// Ends the stream with `[DONE]`; nothing is pushed after this.

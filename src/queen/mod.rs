@@ -5,18 +5,18 @@ pub mod jobs;
 pub mod registry;
 pub mod scheduler;
 
-use crate::http::client::{self, ClientError};
-use crate::http::{self, sse, Auth, Body};
+use crate::http::client;
+use crate::http::{self, sse, Auth, Body, Reply, Route};
 use crate::openai;
 use crate::protocol::{
-    AddHive, DownloadRequest, Health, JobCreated, JobRequest, ModelEntry, WorkerInfo,
+    AddHive, ApiError, DownloadRequest, ErrorCode, Health, HiveRemoved, HiveWorker, JobCancelled,
+    JobCreated, JobRequest, ModelEntry, WorkerInfo,
 };
 use argh::FromArgs;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use jobs::Jobs;
 use registry::{HiveConn, Registry, LOCALHOST};
-use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -85,191 +85,234 @@ pub async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-fn failure(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
-    http::error(status, code, message)
-}
-
-/// Passes a hive's error answer on as it was.
-fn relayed(e: ClientError, hive: &str) -> Response<Body> {
-    match e {
-        ClientError::Status {
-            status,
-            code,
-            message,
-        } => failure(status, &code, message),
-        ClientError::Unreachable(m) => failure(
-            StatusCode::BAD_GATEWAY,
-            "HIVE_UNREACHABLE",
-            format!("hive {hive} is not answering: {m}"),
-        ),
+/// A hive's error answer, passed on as it was; silence becomes `HIVE_UNREACHABLE`.
+fn relayed(e: ApiError, hive: &str) -> ApiError {
+    if e.code == ErrorCode::Unreachable {
+        ApiError::new(
+            ErrorCode::HiveUnreachable,
+            format!("hive {hive} is not answering: {e}"),
+        )
+    } else {
+        e
     }
 }
+
+/// The queen's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Endpoint {
+    Health,
+    Hives,
+    AddHive,
+    RemoveHive,
+    CreateJob,
+    JobStream,
+    CancelJob,
+    Workers,
+    StopWorker,
+    HiveModels,
+    HiveDownload,
+    HiveDownloadProgress,
+    HiveDeleteModel,
+    ChatCompletions,
+    Completions,
+    Models,
+    Shutdown,
+}
+
+const ROUTES: &[Route<Endpoint>] = &[
+    (Method::GET, "/health", Endpoint::Health),
+    (Method::GET, "/v1/health", Endpoint::Health),
+    (Method::GET, "/v1/hives", Endpoint::Hives),
+    (Method::POST, "/v1/hives", Endpoint::AddHive),
+    (Method::DELETE, "/v1/hives/{}", Endpoint::RemoveHive),
+    (Method::POST, "/v1/jobs", Endpoint::CreateJob),
+    (Method::GET, "/v1/jobs/{}/stream", Endpoint::JobStream),
+    (Method::DELETE, "/v1/jobs/{}", Endpoint::CancelJob),
+    (Method::GET, "/v1/workers", Endpoint::Workers),
+    (
+        Method::POST,
+        "/v1/workers/{}/shutdown",
+        Endpoint::StopWorker,
+    ),
+    (Method::GET, "/v1/hives/{}/models", Endpoint::HiveModels),
+    (
+        Method::POST,
+        "/v1/hives/{}/models/download",
+        Endpoint::HiveDownload,
+    ),
+    (
+        Method::GET,
+        "/v1/hives/{}/models/download/progress",
+        Endpoint::HiveDownloadProgress,
+    ),
+    (
+        Method::DELETE,
+        "/v1/hives/{}/models/{}",
+        Endpoint::HiveDeleteModel,
+    ),
+    (
+        Method::POST,
+        "/v1/chat/completions",
+        Endpoint::ChatCompletions,
+    ),
+    (Method::POST, "/v1/completions", Endpoint::Completions),
+    (Method::GET, "/v1/models", Endpoint::Models),
+    (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
+];
 
 async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
-    if let Some(denied) = q.auth.reject(&req) {
-        return denied;
-    }
     let path = req.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let method = req.method().clone();
-    match (&method, segments.as_slice()) {
-        (&Method::GET, ["health"] | ["v1", "health"]) => {
-            http::json(StatusCode::OK, &Health::alive("queen"))
-        }
-        (&Method::GET, ["v1", "hives"]) => http::json(StatusCode::OK, &q.registry.list().await),
-        (&Method::POST, ["v1", "hives"]) => {
-            let body: AddHive = match http::read_json(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            match q.registry.add(body) {
-                Ok(conn) => {
-                    let _ = q.registry.check(&conn).await;
-                    let status = q
-                        .registry
-                        .list()
-                        .await
-                        .into_iter()
-                        .find(|h| h.name == conn.name);
-                    http::json(StatusCode::CREATED, &status)
-                }
-                Err(m) => failure(StatusCode::BAD_REQUEST, "INVALID_REQUEST", m),
-            }
-        }
-        (&Method::DELETE, ["v1", "hives", name]) => match q.registry.remove(name) {
-            Ok(true) => http::json(StatusCode::OK, &serde_json::json!({"removed": name})),
-            Ok(false) => failure(
-                StatusCode::NOT_FOUND,
-                "UNKNOWN_NODE",
-                format!("no hive named {name}"),
-            ),
-            Err(m) => failure(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", m),
+    let found = q
+        .auth
+        .check(&req)
+        .and_then(|()| http::find(ROUTES, req.method(), &path));
+    let (endpoint, params) = match found {
+        Ok(found) => found,
+        Err(e) => return http::error(e),
+    };
+    let param = params.first().copied().unwrap_or_default();
+    http::reply(match endpoint {
+        Endpoint::Health => Ok(http::json(StatusCode::OK, &Health::alive("queen"))),
+        Endpoint::Hives => Ok(http::json(StatusCode::OK, &q.registry.list().await)),
+        Endpoint::AddHive => add_hive(&q, req).await,
+        Endpoint::RemoveHive => remove_hive(&q, param),
+        Endpoint::CreateJob => create_job(&q, req).await,
+        Endpoint::JobStream => job_stream(&q, param),
+        Endpoint::CancelJob => cancel_job(&q, param),
+        Endpoint::Workers => Ok(http::json(StatusCode::OK, &workers(&q).await)),
+        Endpoint::StopWorker => stop_worker(&q, param).await,
+        Endpoint::HiveModels
+        | Endpoint::HiveDownload
+        | Endpoint::HiveDownloadProgress
+        | Endpoint::HiveDeleteModel => match hive_for(&q, param).await {
+            Ok(hive) => hive_models(&hive, endpoint, &params, req).await,
+            Err(e) => Err(e),
         },
-        (&Method::POST, ["v1", "jobs"]) => create_job(&q, req).await,
-        (&Method::GET, ["v1", "jobs", id, "stream"]) => match q.jobs.get(id) {
-            Some(job) => {
-                let (tx, resp) = http::sse_response();
-                tokio::spawn(async move {
-                    // A client that leaves before the end cancels the job.
-                    if !job.replay(&tx).await && !job.is_finished() {
-                        tracing::info!("{}: the client left; cancelling", job.id);
-                        job.cancel();
-                    }
-                });
-                resp
-            }
-            None => failure(
-                StatusCode::NOT_FOUND,
-                "JOB_NOT_FOUND",
-                format!("no job {id}"),
-            ),
-        },
-        (&Method::DELETE, ["v1", "jobs", id]) => match q.jobs.get(id) {
-            Some(job) => {
-                job.cancel();
-                http::json(
-                    StatusCode::OK,
-                    &serde_json::json!({"job_id": id, "state": "cancelled"}),
-                )
-            }
-            None => failure(
-                StatusCode::NOT_FOUND,
-                "JOB_NOT_FOUND",
-                format!("no job {id}"),
-            ),
-        },
-        (&Method::GET, ["v1", "workers"]) => {
-            let mut all = Vec::new();
-            for hive in q.registry.all().await {
-                let url = format!("{}/v1/workers/list", hive.url);
-                if let Ok(list) = client::get::<Vec<WorkerInfo>>(&url, hive.token.as_deref()).await
-                {
-                    all.extend(list.into_iter().map(|w| HiveWorker {
-                        hive: hive.name.clone(),
-                        worker: w,
-                    }));
-                }
-            }
-            http::json(StatusCode::OK, &all)
-        }
-        (&Method::POST, ["v1", "workers", id, "shutdown"]) => {
-            for hive in q.registry.all().await {
-                let url = format!("{}/v1/workers/list", hive.url);
-                let Ok(list) = client::get::<Vec<WorkerInfo>>(&url, hive.token.as_deref()).await
-                else {
-                    continue;
-                };
-                if list.iter().any(|w| w.worker_id == *id) {
-                    let url = format!("{}/v1/workers/{id}/shutdown", hive.url);
-                    return match client::post::<WorkerInfo>(&url, hive.token.as_deref(), &()).await
-                    {
-                        Ok(w) => http::json(
-                            StatusCode::ACCEPTED,
-                            &HiveWorker {
-                                hive: hive.name,
-                                worker: w,
-                            },
-                        ),
-                        Err(e) => relayed(e, &hive.name),
-                    };
-                }
-            }
-            failure(
-                StatusCode::NOT_FOUND,
-                "WORKER_NOT_FOUND",
-                format!("no hive has a worker {id}"),
-            )
-        }
-        (_, ["v1", "hives", name, "models", rest @ ..]) => {
-            let hive = match hive_for(&q, name).await {
-                Ok(h) => h,
-                Err(resp) => return resp,
-            };
-            hive_models(&hive, &method, rest, req).await
-        }
-        (&Method::POST, ["v1", "chat", "completions"]) => {
-            openai_route(&q, req, openai::Kind::Chat).await
-        }
-        (&Method::POST, ["v1", "completions"]) => {
-            openai_route(&q, req, openai::Kind::Completion).await
-        }
-        (&Method::GET, ["v1", "models"]) => {
-            let mut seen = Vec::new();
-            for hive in q.registry.all().await {
-                let url = format!("{}/v1/models", hive.url);
-                if let Ok(models) =
-                    client::get::<Vec<ModelEntry>>(&url, hive.token.as_deref()).await
-                {
-                    for m in models {
-                        if !seen.iter().any(|(id, _)| *id == m.name) {
-                            seen.push((m.name, hive.name.clone()));
-                        }
-                    }
-                }
-            }
-            http::json(StatusCode::OK, &openai::model_list(seen))
-        }
-        (&Method::POST, ["v1", "admin", "shutdown"]) => {
+        Endpoint::ChatCompletions => return openai_route(&q, req, openai::Kind::Chat).await,
+        Endpoint::Completions => return openai_route(&q, req, openai::Kind::Completion).await,
+        Endpoint::Models => Ok(http::json(StatusCode::OK, &models(&q).await)),
+        Endpoint::Shutdown => {
             q.shutdown.notify_one();
-            http::json(
-                StatusCode::ACCEPTED,
-                &serde_json::json!({"status": "shutting_down"}),
-            )
+            Ok(http::json(StatusCode::ACCEPTED, &Health::stopping("queen")))
         }
-        (
-            m,
-            ["health"]
-            | ["v1", "health"]
-            | ["v1", "hives"]
-            | ["v1", "hives", _]
-            | ["v1", "jobs"]
-            | ["v1", "jobs", ..]
-            | ["v1", "workers"]
-            | ["v1", "workers", _, "shutdown"]
-            | ["v1", "admin", "shutdown"],
-        ) => http::method_not_allowed(m, &path),
-        _ => http::not_found(&path),
+    })
+}
+
+async fn add_hive(q: &Queen, req: Request<Incoming>) -> Reply {
+    let body: AddHive = http::read_json(req).await?;
+    let conn = q.registry.add(body)?;
+    let _ = q.registry.check(&conn).await;
+    let status = q
+        .registry
+        .list()
+        .await
+        .into_iter()
+        .find(|h| h.name == conn.name);
+    Ok(http::json(StatusCode::CREATED, &status))
+}
+
+fn remove_hive(q: &Queen, name: &str) -> Reply {
+    if q.registry.remove(name)? {
+        Ok(http::json(
+            StatusCode::OK,
+            &HiveRemoved {
+                removed: name.to_string(),
+            },
+        ))
+    } else {
+        Err(ApiError::new(
+            ErrorCode::UnknownNode,
+            format!("no hive named {name}"),
+        ))
     }
+}
+
+fn job_stream(q: &Queen, id: &str) -> Reply {
+    let job = q
+        .jobs
+        .get(id)
+        .ok_or_else(|| ApiError::new(ErrorCode::JobNotFound, format!("no job {id}")))?;
+    let (tx, resp) = http::sse_response();
+    tokio::spawn(async move {
+        // A client that leaves before the end cancels the job.
+        if !job.replay(&tx).await && !job.is_finished() {
+            tracing::info!("{}: the client left; cancelling", job.id);
+            job.cancel();
+        }
+    });
+    Ok(resp)
+}
+
+fn cancel_job(q: &Queen, id: &str) -> Reply {
+    let job = q
+        .jobs
+        .get(id)
+        .ok_or_else(|| ApiError::new(ErrorCode::JobNotFound, format!("no job {id}")))?;
+    job.cancel();
+    Ok(http::json(
+        StatusCode::OK,
+        &JobCancelled {
+            job_id: id.to_string(),
+            state: "cancelled".into(),
+        },
+    ))
+}
+
+/// Every worker of every hive that answers.
+async fn workers(q: &Queen) -> Vec<HiveWorker> {
+    let mut all = Vec::new();
+    for hive in q.registry.all().await {
+        let url = format!("{}/v1/workers/list", hive.url);
+        if let Ok(list) = client::get::<Vec<WorkerInfo>>(&url, hive.token.as_deref()).await {
+            all.extend(list.into_iter().map(|w| HiveWorker {
+                hive: hive.name.clone(),
+                worker: w,
+            }));
+        }
+    }
+    all
+}
+
+async fn stop_worker(q: &Queen, id: &str) -> Reply {
+    for hive in q.registry.all().await {
+        let url = format!("{}/v1/workers/list", hive.url);
+        let Ok(list) = client::get::<Vec<WorkerInfo>>(&url, hive.token.as_deref()).await else {
+            continue;
+        };
+        if list.iter().any(|w| w.worker_id == *id) {
+            let url = format!("{}/v1/workers/{id}/shutdown", hive.url);
+            let w = client::post::<WorkerInfo>(&url, hive.token.as_deref(), &())
+                .await
+                .map_err(|e| relayed(e, &hive.name))?;
+            return Ok(http::json(
+                StatusCode::ACCEPTED,
+                &HiveWorker {
+                    hive: hive.name,
+                    worker: w,
+                },
+            ));
+        }
+    }
+    Err(ApiError::new(
+        ErrorCode::WorkerNotFound,
+        format!("no hive has a worker {id}"),
+    ))
+}
+
+/// The models of every hive, for OpenAI's `GET /v1/models`.
+async fn models(q: &Queen) -> serde_json::Value {
+    let mut seen = Vec::new();
+    for hive in q.registry.all().await {
+        let url = format!("{}/v1/models", hive.url);
+        if let Ok(models) = client::get::<Vec<ModelEntry>>(&url, hive.token.as_deref()).await {
+            for m in models {
+                if !seen.iter().any(|(id, _)| *id == m.name) {
+                    seen.push((m.name, hive.name.clone()));
+                }
+            }
+        }
+    }
+    openai::model_list(seen)
 }
 
 /// Routes an OpenAI request by its `model` to a ready (or new) worker and
@@ -277,35 +320,29 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
 /// upstream connection, which cancels the generation on the worker.
 async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let body = match http::read_body(req).await {
-        Ok(b) => b,
-        Err(resp) => return resp,
+    let checked = async {
+        let body = http::read_body(req).await?;
+        let prepared = openai::parse(&body, kind)?;
+        let model = openai::model_of(&body).unwrap_or_default();
+        if model.is_empty() {
+            return Err(ApiError::invalid("model", "model is required"));
+        }
+        Ok((body, prepared, model))
     };
-    let prepared = match openai::parse(&body, kind) {
-        Ok(p) => p,
-        Err(resp) => return resp,
+    let (body, prepared, model) = match checked.await {
+        Ok(checked) => checked,
+        Err(e) => return openai::error(e),
     };
-    let model = openai::model_of(&body).unwrap_or_default();
-    if model.is_empty() {
-        return openai::error(
-            StatusCode::BAD_REQUEST,
-            "model is required",
-            Some("model"),
-            "invalid_request",
-        );
-    }
     let job = q.jobs.create();
     let target = match scheduler::worker_for(&q.registry, &job, &model).await {
         Ok(t) => t,
         Err(e) => {
-            let status = match e.code {
-                "MODEL_NOT_FOUND" | "UNKNOWN_NODE" => StatusCode::NOT_FOUND,
-                "HIVE_UNREACHABLE" | "HIVE_START_FAILED" => StatusCode::BAD_GATEWAY,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            job.fail(e.code, e.message.clone());
+            job.fail(e.clone());
             job.finish();
-            return openai::error(status, e.message, Some("model"), e.code);
+            return openai::error(ApiError {
+                param: Some("model".into()),
+                ..e
+            });
         }
     };
     job.finish();
@@ -313,9 +350,7 @@ async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> 
     let upstream =
         match client::send(Method::POST, &url, target.hive.token.as_deref(), Some(body)).await {
             Ok(r) => r,
-            Err(e) => {
-                return openai::error(StatusCode::BAD_GATEWAY, e.to_string(), None, "WORKER_LOST")
-            }
+            Err(e) => return openai::error(ApiError::new(ErrorCode::WorkerLost, e.message)),
         };
     let status = upstream.status();
     if !prepared.stream || !status.is_success() {
@@ -330,12 +365,10 @@ async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> 
                 );
                 resp
             }
-            Err(e) => openai::error(
-                StatusCode::BAD_GATEWAY,
+            Err(e) => openai::error(ApiError::new(
+                ErrorCode::WorkerLost,
                 format!("the worker's answer broke off: {e}"),
-                None,
-                "WORKER_LOST",
-            ),
+            )),
         };
     }
     let (tx, resp) = http::sse_response();
@@ -353,16 +386,8 @@ async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> 
     resp
 }
 
-/// A worker with the hive it runs on (`GET /v1/workers`).
-#[derive(Serialize)]
-struct HiveWorker {
-    hive: String,
-    #[serde(flatten)]
-    worker: WorkerInfo,
-}
-
 /// The named hive; `localhost` with none registered starts the local hive.
-async fn hive_for(q: &Queen, name: &str) -> Result<HiveConn, Response<Body>> {
+async fn hive_for(q: &Queen, name: &str) -> Result<HiveConn, ApiError> {
     if let Some(h) = q.registry.get(name).await {
         return Ok(h);
     }
@@ -371,11 +396,10 @@ async fn hive_for(q: &Queen, name: &str) -> Result<HiveConn, Response<Body>> {
             .registry
             .ensure_local(|_, human| tracing::info!("{human}"))
             .await
-            .map_err(|m| failure(StatusCode::BAD_GATEWAY, "HIVE_START_FAILED", m));
+            .map_err(|m| ApiError::new(ErrorCode::HiveStartFailed, m));
     }
-    Err(failure(
-        StatusCode::NOT_FOUND,
-        "UNKNOWN_NODE",
+    Err(ApiError::new(
+        ErrorCode::UnknownNode,
         format!("no hive named {name}"),
     ))
 }
@@ -383,88 +407,65 @@ async fn hive_for(q: &Queen, name: &str) -> Result<HiveConn, Response<Body>> {
 /// The model endpoints of one hive, passed through with the queen's token for it.
 async fn hive_models(
     hive: &HiveConn,
-    method: &Method,
-    rest: &[&str],
+    endpoint: Endpoint,
+    params: &[&str],
     req: Request<Incoming>,
-) -> Response<Body> {
+) -> Reply {
     let token = hive.token.as_deref();
-    match (method, rest) {
-        (&Method::GET, []) => {
-            match client::get::<serde_json::Value>(&format!("{}/v1/models", hive.url), token).await
-            {
-                Ok(v) => http::json(StatusCode::OK, &v),
-                Err(e) => relayed(e, &hive.name),
-            }
-        }
-        (&Method::POST, ["download"]) => {
-            let body: DownloadRequest = match http::read_json(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
+    let relayed = |e| relayed(e, &hive.name);
+    match endpoint {
+        Endpoint::HiveDownload => {
+            let body: DownloadRequest = http::read_json(req).await?;
             let url = format!("{}/v1/models/download", hive.url);
-            match client::post::<serde_json::Value>(&url, token, &body).await {
-                Ok(v) => http::json(StatusCode::ACCEPTED, &v),
-                Err(e) => relayed(e, &hive.name),
-            }
+            let started: crate::protocol::DownloadStarted =
+                client::post(&url, token, &body).await.map_err(relayed)?;
+            Ok(http::json(StatusCode::ACCEPTED, &started))
         }
-        (&Method::GET, ["download", "progress"]) => {
+        Endpoint::HiveDownloadProgress => {
             let query = req.uri().query().unwrap_or("");
             let url = format!("{}/v1/models/download/progress?{query}", hive.url);
-            match client::stream(&url, token, None::<&()>).await {
-                Ok(mut upstream) => {
-                    let (tx, resp) = http::sse_response();
-                    tokio::spawn(async move {
-                        while let Some(frame) = upstream.next().await {
-                            let bytes = match frame {
-                                sse::Frame::Data(d) => {
-                                    hyper::body::Bytes::from(format!("data: {d}\n\n"))
-                                }
-                                sse::Frame::Done => hyper::body::Bytes::from_static(sse::DONE),
-                            };
-                            if tx.send(bytes).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                    resp
+            let mut upstream = client::stream(&url, token, None::<&()>)
+                .await
+                .map_err(relayed)?;
+            let (tx, resp) = http::sse_response();
+            tokio::spawn(async move {
+                while let Some(frame) = upstream.next().await {
+                    let bytes = match frame {
+                        sse::Frame::Data(d) => hyper::body::Bytes::from(format!("data: {d}\n\n")),
+                        sse::Frame::Done => hyper::body::Bytes::from_static(sse::DONE),
+                    };
+                    if tx.send(bytes).await.is_err() {
+                        return;
+                    }
                 }
-                Err(e) => relayed(e, &hive.name),
-            }
+            });
+            Ok(resp)
         }
-        (&Method::DELETE, [name]) => {
+        Endpoint::HiveDeleteModel => {
+            let name = params.get(1).copied().unwrap_or_default();
             let url = format!("{}/v1/models/{name}", hive.url);
-            match client::call::<serde_json::Value>(Method::DELETE, &url, token, None::<&()>).await
-            {
-                Ok(v) => http::json(StatusCode::OK, &v),
-                Err(e) => relayed(e, &hive.name),
-            }
+            let entry: ModelEntry = client::call(Method::DELETE, &url, token, None::<&()>)
+                .await
+                .map_err(relayed)?;
+            Ok(http::json(StatusCode::OK, &entry))
         }
-        _ => http::not_found(req.uri().path()),
+        _ => {
+            let url = format!("{}/v1/models", hive.url);
+            let models: Vec<ModelEntry> = client::get(&url, token).await.map_err(relayed)?;
+            Ok(http::json(StatusCode::OK, &models))
+        }
     }
 }
 
-async fn create_job(q: &Queen, req: Request<Incoming>) -> Response<Body> {
-    let body: JobRequest = match http::read_json(req).await {
-        Ok(b) => b,
-        Err(resp) => return resp,
-    };
+async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
+    let body: JobRequest = http::read_json(req).await?;
     if body.model.trim().is_empty() {
-        return failure(StatusCode::BAD_REQUEST, "INVALID_REQUEST", "model is empty");
+        return Err(ApiError::invalid("model", "model is empty"));
     }
     if body.prompt.is_empty() {
-        return failure(
-            StatusCode::BAD_REQUEST,
-            "INVALID_REQUEST",
-            "prompt is empty",
-        );
+        return Err(ApiError::invalid("prompt", "prompt is empty"));
     }
-    if let Some(n) = body.max_tokens.filter(|&n| n <= 0) {
-        return failure(
-            StatusCode::BAD_REQUEST,
-            "INVALID_REQUEST",
-            format!("max_tokens must be at least 1, got {n}"),
-        );
-    }
+    body.sampling.validate()?;
     let job = q.jobs.create();
     let created = JobCreated {
         job_id: job.id.clone(),
@@ -474,15 +475,22 @@ async fn create_job(q: &Queen, req: Request<Incoming>) -> Response<Body> {
     tokio::spawn(async move {
         let outcome = tokio::select! {
             r = scheduler::run(&registry, &job, &body) => r,
-            () = job.cancelled() => Err(scheduler::JobError {
-                code: "CANCELLED",
-                message: "the job was cancelled".into(),
-            }),
+            () = job.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the job was cancelled")),
         };
         if let Err(e) = outcome {
-            job.fail(e.code, e.message);
+            job.fail(e);
         }
         job.finish();
     });
-    http::json(StatusCode::CREATED, &created)
+    Ok(http::json(StatusCode::CREATED, &created))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_answers_a_wrong_method_with_405() {
+        http::assert_routes_are_consistent(ROUTES);
+    }
 }

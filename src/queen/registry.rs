@@ -5,7 +5,7 @@
 
 use crate::http::client;
 use crate::process::{signal, Spawner};
-use crate::protocol::{now_rfc3339, AddHive, Health, HiveStatus};
+use crate::protocol::{now_rfc3339, AddHive, ApiError, Health, HiveState, HiveStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -68,7 +68,7 @@ impl Registry {
         })
     }
 
-    pub fn add(&self, hive: AddHive) -> Result<HiveConn, String> {
+    pub fn add(&self, hive: AddHive) -> Result<HiveConn, ApiError> {
         let valid_name = !hive.name.is_empty()
             && hive.name.len() <= 64
             && hive
@@ -76,36 +76,42 @@ impl Registry {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !valid_name {
-            return Err(format!(
-                "hive name {:?} must be 1-64 letters, digits, '-', '_' or '.'",
-                hive.name
+            return Err(ApiError::invalid(
+                "name",
+                format!(
+                    "hive name {:?} must be 1-64 letters, digits, '-', '_' or '.'",
+                    hive.name
+                ),
             ));
         }
         let url = hive.url.trim_end_matches('/').to_string();
         let parsed: Result<hyper::Uri, _> = url.parse();
         if !parsed.is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()) {
-            return Err(format!("hive url {url:?} must look like http://host:port"));
+            return Err(ApiError::invalid(
+                "url",
+                format!("hive url {url:?} must look like http://host:port"),
+            ));
         }
         let conn = HiveConn {
             name: hive.name,
             url,
             token: hive.token.filter(|t| !t.is_empty()),
         };
-        let bytes = serde_json::to_vec(&conn).map_err(|e| e.to_string())?;
+        let bytes = serde_json::to_vec(&conn).map_err(|e| ApiError::internal(e.to_string()))?;
         self.db
             .insert(conn.name.as_bytes(), bytes)
             .and_then(|_| self.db.flush())
-            .map_err(|e| format!("cannot write the hive registry: {e}"))?;
+            .map_err(|e| ApiError::internal(format!("cannot write the hive registry: {e}")))?;
         Ok(conn)
     }
 
     /// Forgets a registered hive; false if there was none by that name.
-    pub fn remove(&self, name: &str) -> Result<bool, String> {
+    pub fn remove(&self, name: &str) -> Result<bool, ApiError> {
         let old = self
             .db
             .remove(name)
             .and_then(|old| self.db.flush().map(|_| old))
-            .map_err(|e| format!("cannot write the hive registry: {e}"))?;
+            .map_err(|e| ApiError::internal(format!("cannot write the hive registry: {e}")))?;
         Ok(old.is_some())
     }
 
@@ -150,15 +156,15 @@ impl Registry {
             .into_iter()
             .map(|h| {
                 let (status, last_seen) = match health.get(&h.name) {
-                    Some((true, seen)) => ("reachable", seen.clone()),
-                    Some((false, seen)) => ("unreachable", seen.clone()),
-                    None => ("unknown", None),
+                    Some((true, seen)) => (HiveState::Reachable, seen.clone()),
+                    Some((false, seen)) => (HiveState::Unreachable, seen.clone()),
+                    None => (HiveState::Unknown, None),
                 };
                 HiveStatus {
                     managed: local_name.as_deref() == Some(h.name.as_str()),
                     name: h.name,
                     url: h.url,
-                    status: status.into(),
+                    status,
                     last_seen,
                 }
             })

@@ -4,28 +4,14 @@
 
 use super::jobs::Job;
 use super::registry::{HiveConn, Registry, LOCALHOST};
-use crate::http::client::{self, ClientError};
+use crate::http::client;
 use crate::http::sse::Frame;
 use crate::protocol::{
-    ClusterEvent, DownloadEvent, DownloadRequest, DownloadStarted, InferenceEvent,
-    InferenceRequest, JobEvent, JobRequest, LoadingEvent, ModelEntry, ReadyStatus, SpawnRequest,
-    WorkerInfo,
+    ApiError, ClusterEvent, DownloadEvent, DownloadRequest, DownloadStarted, DownloadState,
+    ErrorCode, InferenceEvent, InferenceRequest, JobEvent, JobRequest, LoadingEvent, ModelEntry,
+    ReadyStatus, SpawnRequest, WorkerInfo, WorkerState,
 };
 use std::time::Duration;
-
-/// Why a job failed: the code and message of its `error` event.
-#[derive(Debug)]
-pub struct JobError {
-    pub code: &'static str,
-    pub message: String,
-}
-
-fn err(code: &'static str, message: impl Into<String>) -> JobError {
-    JobError {
-        code,
-        message: message.into(),
-    }
-}
 
 /// A worker chosen for a job.
 pub struct Target {
@@ -35,7 +21,7 @@ pub struct Target {
 }
 
 /// A ready worker for `model` on any hive, provisioned if need be (the OpenAI front).
-pub async fn worker_for(registry: &Registry, job: &Job, model: &str) -> Result<Target, JobError> {
+pub async fn worker_for(registry: &Registry, job: &Job, model: &str) -> Result<Target, ApiError> {
     let hives = candidates(registry, job, None).await?;
     match find_ready(&hives, model, &[]).await {
         Some(t) => Ok(t),
@@ -51,10 +37,10 @@ enum Relay {
     },
     /// Every slot and the queue were full.
     Busy,
-    Failed(JobError),
+    Failed(ApiError),
 }
 
-pub async fn run(registry: &Registry, job: &Job, req: &JobRequest) -> Result<(), JobError> {
+pub async fn run(registry: &Registry, job: &Job, req: &JobRequest) -> Result<(), ApiError> {
     let hives = candidates(registry, job, req.node.as_deref()).await?;
     let mut excluded: Vec<String> = Vec::new();
     let mut retried = false;
@@ -78,7 +64,12 @@ pub async fn run(registry: &Registry, job: &Job, req: &JobRequest) -> Result<(),
                 busy_waits += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(Relay::Busy) => return Err(err("BUSY", "every worker for this model stayed busy")),
+            Err(Relay::Busy) => {
+                return Err(ApiError::new(
+                    ErrorCode::Busy,
+                    "every worker for this model stayed busy",
+                ))
+            }
             Err(Relay::Lost { tokens: 0 }) if !retried => {
                 retried = true;
                 job.narrate(
@@ -92,8 +83,8 @@ pub async fn run(registry: &Registry, job: &Job, req: &JobRequest) -> Result<(),
                 excluded.push(target.url);
             }
             Err(Relay::Lost { .. }) => {
-                return Err(err(
-                    "WORKER_LOST",
+                return Err(ApiError::new(
+                    ErrorCode::WorkerLost,
                     format!(
                         "worker {} on hive {} stopped mid-stream",
                         target.worker_id, target.hive.name
@@ -109,7 +100,7 @@ async fn candidates(
     registry: &Registry,
     job: &Job,
     node: Option<&str>,
-) -> Result<Vec<HiveConn>, JobError> {
+) -> Result<Vec<HiveConn>, ApiError> {
     let narrate = |action: &str, human: String| job.narrate("queen", action, human);
     let hives = match node {
         Some(name) => match registry.get(name).await {
@@ -117,11 +108,10 @@ async fn candidates(
             None if name == LOCALHOST => vec![registry
                 .ensure_local(narrate)
                 .await
-                .map_err(|m| err("HIVE_START_FAILED", m))?],
+                .map_err(|m| ApiError::new(ErrorCode::HiveStartFailed, m))?],
             None => {
                 let known: Vec<String> = registry.all().await.into_iter().map(|h| h.name).collect();
-                return Err(err(
-                    "UNKNOWN_NODE",
+                return Err(ApiError::new(ErrorCode::UnknownNode,
                     format!(
                         "no hive named {name}; registered: {} (add one with `rbee keeper hive add`)",
                         if known.is_empty() { "none".to_string() } else { known.join(", ") }
@@ -135,7 +125,7 @@ async fn candidates(
                 vec![registry
                     .ensure_local(narrate)
                     .await
-                    .map_err(|m| err("HIVE_START_FAILED", m))?]
+                    .map_err(|m| ApiError::new(ErrorCode::HiveStartFailed, m))?]
             } else {
                 all
             }
@@ -153,7 +143,7 @@ async fn candidates(
         }
     }
     if alive.is_empty() {
-        return Err(err("HIVE_UNREACHABLE", down.join("; ")));
+        return Err(ApiError::new(ErrorCode::HiveUnreachable, down.join("; ")));
     }
     for d in down {
         job.narrate("queen", "skip_hive", d);
@@ -188,7 +178,7 @@ async fn find_ready(hives: &[HiveConn], model: &str, excluded: &[String]) -> Opt
         .await
         .unwrap_or_default();
         for w in workers {
-            if w.state != "ready" || w.model != entry.name || excluded.contains(&w.url) {
+            if w.state != WorkerState::Ready || w.model != entry.name || excluded.contains(&w.url) {
                 continue;
             }
             let Ok(ready) =
@@ -217,7 +207,7 @@ async fn find_ready(hives: &[HiveConn], model: &str, excluded: &[String]) -> Opt
 }
 
 /// Gets the model onto a hive (downloading if needed), starts a worker, waits for it to load.
-async fn provision(hives: &[HiveConn], job: &Job, model: &str) -> Result<Target, JobError> {
+async fn provision(hives: &[HiveConn], job: &Job, model: &str) -> Result<Target, ApiError> {
     let mut chosen = None;
     for hive in hives {
         if let Some(entry) = catalog_entry(hive, model).await {
@@ -231,8 +221,8 @@ async fn provision(hives: &[HiveConn], job: &Job, model: &str) -> Result<Target,
             let hive = hives[0].clone();
             fetch(&hive, job, model).await?;
             let entry = catalog_entry(&hive, model).await.ok_or_else(|| {
-                err(
-                    "MODEL_NOT_FOUND",
+                ApiError::new(
+                    ErrorCode::ModelNotFound,
                     format!("hive {} does not list {model} after fetching it", hive.name),
                 )
             })?;
@@ -258,8 +248,8 @@ async fn provision(hives: &[HiveConn], job: &Job, model: &str) -> Result<Target,
     )
     .await
     .map_err(|e| {
-        err(
-            "SPAWN_FAILED",
+        ApiError::new(
+            ErrorCode::SpawnFailed,
             format!("hive {} could not start a worker: {e}", hive.name),
         )
     })?;
@@ -277,7 +267,7 @@ async fn provision(hives: &[HiveConn], job: &Job, model: &str) -> Result<Target,
 }
 
 /// Has the hive download (or register) the model, relaying progress.
-async fn fetch(hive: &HiveConn, job: &Job, model: &str) -> Result<(), JobError> {
+async fn fetch(hive: &HiveConn, job: &Job, model: &str) -> Result<(), ApiError> {
     job.narrate(
         "hive",
         "download",
@@ -292,15 +282,16 @@ async fn fetch(hive: &HiveConn, job: &Job, model: &str) -> Result<(), JobError> 
         &req,
     )
     .await
-    .map_err(|e| match e {
-        ClientError::Status { code, message, .. }
-            if code == "MODEL_NOT_FOUND" || code == "REPO_NOT_FOUND" || code == "NO_GGUF" =>
-        {
-            err("MODEL_NOT_FOUND", format!("hive {}: {message}", hive.name))
+    .map_err(|e| match e.code {
+        ErrorCode::ModelNotFound | ErrorCode::RepoNotFound | ErrorCode::NoGguf => {
+            ApiError::new(ErrorCode::ModelNotFound, format!("hive {}: {e}", hive.name))
         }
-        other => err("DOWNLOAD_FAILED", format!("hive {}: {other}", hive.name)),
+        _ => ApiError::new(
+            ErrorCode::DownloadFailed,
+            format!("hive {}: {e}", hive.name),
+        ),
     })?;
-    if started.state == "complete" {
+    if started.state == DownloadState::Complete {
         return Ok(());
     }
     let url = format!(
@@ -309,7 +300,7 @@ async fn fetch(hive: &HiveConn, job: &Job, model: &str) -> Result<(), JobError> 
     );
     let mut stream = client::stream(&url, hive.token.as_deref(), None::<&()>)
         .await
-        .map_err(|e| err("DOWNLOAD_FAILED", e.to_string()))?;
+        .map_err(|e| ApiError::new(ErrorCode::DownloadFailed, e.to_string()))?;
     while let Some(Frame::Data(data)) = stream.next().await {
         let Ok(event) = serde_json::from_str::<DownloadEvent>(&data) else {
             continue;
@@ -324,18 +315,20 @@ async fn fetch(hive: &HiveConn, job: &Job, model: &str) -> Result<(), JobError> 
                 );
                 return Ok(());
             }
-            DownloadEvent::Error { message } => return Err(err("DOWNLOAD_FAILED", message)),
+            DownloadEvent::Error { message } => {
+                return Err(ApiError::new(ErrorCode::DownloadFailed, message))
+            }
             DownloadEvent::Downloading { .. } => {}
         }
     }
-    Err(err(
-        "DOWNLOAD_FAILED",
+    Err(ApiError::new(
+        ErrorCode::DownloadFailed,
         format!("hive {} stopped reporting the download", hive.name),
     ))
 }
 
 /// Relays a new worker's loading progress until it is ready.
-async fn wait_loaded(hive: &HiveConn, worker: &WorkerInfo, job: &Job) -> Result<(), JobError> {
+async fn wait_loaded(hive: &HiveConn, worker: &WorkerInfo, job: &Job) -> Result<(), ApiError> {
     let url = format!("{}/v1/loading/progress", worker.url);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut stream = loop {
@@ -358,7 +351,9 @@ async fn wait_loaded(hive: &HiveConn, worker: &WorkerInfo, job: &Job) -> Result<
             job.push(&JobEvent::Cluster(ClusterEvent::Loading(event.clone())));
             match event {
                 LoadingEvent::Ready => return Ok(()),
-                LoadingEvent::Failed { message } => return Err(err("WORKER_FAILED", message)),
+                LoadingEvent::Failed { message } => {
+                    return Err(ApiError::new(ErrorCode::WorkerFailed, message))
+                }
                 _ => {}
             }
         }
@@ -366,8 +361,8 @@ async fn wait_loaded(hive: &HiveConn, worker: &WorkerInfo, job: &Job) -> Result<
     let why = worker_failed(hive, &worker.worker_id)
         .await
         .unwrap_or_else(|| "it stopped answering while loading".into());
-    Err(err(
-        "WORKER_FAILED",
+    Err(ApiError::new(
+        ErrorCode::WorkerFailed,
         format!("worker {} failed to load: {why}", worker.worker_id),
     ))
 }
@@ -381,7 +376,9 @@ async fn worker_failed(hive: &HiveConn, id: &str) -> Option<String> {
     .await
     .ok()?;
     match workers.into_iter().find(|w| w.worker_id == id) {
-        Some(w) if w.state == "failed" => Some(w.error.unwrap_or_else(|| "failed".into())),
+        Some(w) if w.state == WorkerState::Failed => {
+            Some(w.error.unwrap_or_else(|| "failed".into()))
+        }
         Some(_) => None,
         None => Some("the hive no longer lists it".into()),
     }
@@ -391,29 +388,20 @@ async fn worker_failed(hive: &HiveConn, id: &str) -> Option<String> {
 async fn relay(target: &Target, job: &Job, req: &JobRequest) -> Result<(), Relay> {
     let body = InferenceRequest {
         prompt: req.prompt.clone(),
-        max_tokens: req.max_tokens,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        seed: req.seed,
-        stop: req.stop.clone(),
-        presence_penalty: None,
-        frequency_penalty: None,
+        sampling: req.sampling.clone(),
         job_id: Some(job.id.clone()),
     };
     let url = format!("{}/v1/inference", target.url);
     let mut stream = match client::stream(&url, target.hive.token.as_deref(), Some(&body)).await {
         Ok(s) => s,
-        Err(ClientError::Status { code, .. }) if code == "QUEUE_FULL" => return Err(Relay::Busy),
-        Err(ClientError::Status { code, message, .. }) => {
-            let code = match code.as_str() {
-                "CONTEXT_OVERFLOW" => "CONTEXT_OVERFLOW",
-                "INVALID_REQUEST" => "INVALID_REQUEST",
-                _ => "INFERENCE_FAILED",
-            };
-            return Err(Relay::Failed(err(code, message)));
+        Err(e) => {
+            return Err(match e.code {
+                ErrorCode::QueueFull => Relay::Busy,
+                ErrorCode::Unreachable => Relay::Lost { tokens: 0 },
+                ErrorCode::ContextOverflow | ErrorCode::InvalidRequest => Relay::Failed(e),
+                _ => Relay::Failed(ApiError::new(ErrorCode::InferenceFailed, e.message)),
+            })
         }
-        Err(ClientError::Unreachable(_)) => return Err(Relay::Lost { tokens: 0 }),
     };
     let mut tokens = 0;
     while let Some(frame) = stream.next().await {

@@ -10,7 +10,9 @@
 
 use super::slots::{plan_batch, Phase, PieceKind, Slots};
 use super::text::{StopMatcher, Utf8Assembler};
-use crate::protocol::{InferenceEvent, InferenceRequest, LoadingEvent, StopReason};
+use crate::protocol::{
+    ApiError, ErrorCode, InferenceEvent, LoadingEvent, SamplingParams, StopReason,
+};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -75,16 +77,9 @@ impl Drop for Reservation {
     }
 }
 
-/// Why a request was refused before any event was sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    pub code: &'static str,
-    pub message: String,
-}
-
 /// A request on its way to the engine.
 pub struct Submission {
-    pub request: InferenceRequest,
+    pub request: crate::protocol::InferenceRequest,
     /// Chat messages (role, content) to render with the model's chat template;
     /// when present they are the prompt and `request.prompt` is ignored.
     pub chat: Option<Vec<(String, String)>>,
@@ -95,10 +90,10 @@ pub struct Submission {
 
 /// The answer to a submission once its prompt is tokenized and checked: the
 /// prompt's length in tokens.
-pub type Admission = oneshot::Receiver<Result<u32, Rejection>>;
+pub type Admission = oneshot::Receiver<Result<u32, ApiError>>;
 
 enum Command {
-    Submit(Box<Submission>, oneshot::Sender<Result<u32, Rejection>>),
+    Submit(Box<Submission>, oneshot::Sender<Result<u32, ApiError>>),
     Shutdown,
 }
 
@@ -378,7 +373,7 @@ fn serve(
                 Command::Shutdown => {
                     for r in slots.drain() {
                         r.send(InferenceEvent::Error {
-                            code: "CANCELLED".into(),
+                            code: ErrorCode::Cancelled,
                             message: "the worker is shutting down".into(),
                         });
                     }
@@ -438,7 +433,7 @@ fn serve(
             for piece in &plan {
                 if let Some(r) = slots.get_mut(piece.slot) {
                     r.send(InferenceEvent::Error {
-                        code: "INFERENCE_FAILED".into(),
+                        code: ErrorCode::InferenceFailed,
                         message: format!("llama.cpp could not decode: {e}"),
                     });
                     release(&mut slots, &mut ctx, piece.slot);
@@ -514,7 +509,7 @@ fn prepare(
     model: &LlamaModel,
     submission: Box<Submission>,
     n_ctx_slot: u32,
-) -> Result<Request, Rejection> {
+) -> Result<Request, ApiError> {
     let request = &submission.request;
     let rendered;
     let prompt = match &submission.chat {
@@ -526,28 +521,26 @@ fn prepare(
     };
     let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
     if tokens.is_empty() {
-        return Err(Rejection {
-            code: "INVALID_REQUEST",
-            message: "the prompt has no tokens".into(),
-        });
+        return Err(ApiError::invalid("prompt", "the prompt has no tokens"));
     }
     if tokens.len() >= n_ctx_slot as usize {
-        return Err(Rejection {
-            code: "CONTEXT_OVERFLOW",
-            message: format!(
+        return Err(ApiError::new(
+            ErrorCode::ContextOverflow,
+            format!(
                 "the prompt is {} tokens, and this worker's context is {n_ctx_slot} tokens per \
                  request, with at least one left to generate",
                 tokens.len()
             ),
-        });
+        ));
     }
     let room = n_ctx_slot - tokens.len() as u32;
     let max_tokens = request
+        .sampling
         .max_tokens
         .map_or(room, |n| n.clamp(1, i64::from(room)) as u32);
     Ok(Request {
-        sampler: sampler_for(request, model.n_vocab()),
-        stops: StopMatcher::new(request.stop.clone()),
+        sampler: sampler_for(&request.sampling, model.n_vocab()),
+        stops: StopMatcher::new(request.sampling.stop.clone()),
         submission,
         tokens,
         prompt_done: 0,
@@ -562,11 +555,8 @@ fn prepare(
 
 /// The model's own chat template from its GGUF metadata; a model without one
 /// gets ChatML (`<|im_start|>role\ncontent<|im_end|>`), the most common format.
-fn render_chat(model: &LlamaModel, messages: &[(String, String)]) -> Result<String, Rejection> {
-    let invalid = |message: String| Rejection {
-        code: "INVALID_REQUEST",
-        message,
-    };
+fn render_chat(model: &LlamaModel, messages: &[(String, String)]) -> Result<String, ApiError> {
+    let invalid = |message: String| ApiError::invalid("messages", message);
     let chat: Vec<LlamaChatMessage> = messages
         .iter()
         .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
@@ -590,7 +580,7 @@ fn render_chat(model: &LlamaModel, messages: &[(String, String)]) -> Result<Stri
 
 /// Greedy at temperature 0 (deterministic); else top-k, top-p, temperature,
 /// then a seeded draw. OpenAI's presence and frequency penalties go first.
-fn sampler_for(request: &InferenceRequest, n_vocab: i32) -> LlamaSampler {
+fn sampler_for(request: &SamplingParams, n_vocab: i32) -> LlamaSampler {
     let mut chain = Vec::new();
     let presence = request.presence_penalty.unwrap_or(0.0);
     let frequency = request.frequency_penalty.unwrap_or(0.0);
@@ -605,7 +595,7 @@ fn sampler_for(request: &InferenceRequest, n_vocab: i32) -> LlamaSampler {
     } else {
         let seed = request
             .seed
-            .unwrap_or_else(|| crate::protocol::random_u64() as u32);
+            .map_or_else(|| crate::protocol::random_u64() as u32, |s| s as u32);
         chain.extend([
             LlamaSampler::top_k(request.top_k.unwrap_or(DEFAULT_TOP_K)),
             LlamaSampler::top_p(request.top_p.unwrap_or(DEFAULT_TOP_P), 1),

@@ -9,11 +9,11 @@ pub mod engine;
 pub mod slots;
 pub mod text;
 
-use crate::http::{self, sse, Auth, Body};
+use crate::http::{self, sse, Auth, Body, Reply, Route};
 use crate::openai;
 use crate::protocol::{
-    new_id, now_rfc3339, Health, InferenceEvent, InferenceRequest, LoadingEvent, ReadyStatus,
-    WorkerReadyCallback,
+    new_id, now_rfc3339, ApiError, ErrorCode, Health, InferenceEvent, InferenceRequest,
+    LoadingEvent, ReadyStatus, WorkerReadyCallback, WorkerState,
 };
 use argh::FromArgs;
 use engine::{Config, Engine, Submission};
@@ -167,7 +167,11 @@ pub async fn run(args: Args) -> Result<(), String> {
                 url: url.clone(),
                 model: model.clone(),
                 slots: args.slots,
-                state: if result.is_ok() { "ready" } else { "failed" }.into(),
+                state: if result.is_ok() {
+                    WorkerState::Ready
+                } else {
+                    WorkerState::Failed
+                },
                 error: result.as_ref().err().cloned(),
             };
             if let Err(e) = post_callback(callback, &report, &worker.auth).await {
@@ -205,11 +209,14 @@ pub async fn run(args: Args) -> Result<(), String> {
     }
 }
 
-async fn post_callback(url: &str, report: &WorkerReadyCallback, auth: &Auth) -> Result<(), String> {
+async fn post_callback(
+    url: &str,
+    report: &WorkerReadyCallback,
+    auth: &Auth,
+) -> Result<(), ApiError> {
     http::client::post::<serde_json::Value>(url, auth.token(), report)
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 /// The real core count: what llama.cpp should use, not its default of 4.
@@ -224,58 +231,81 @@ pub fn model_name(path: &std::path::Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
+/// The worker's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Endpoint {
+    Health,
+    Ready,
+    LoadingProgress,
+    Inference,
+    ChatCompletions,
+    Completions,
+    Models,
+    Shutdown,
+}
+
+const ROUTES: &[Route<Endpoint>] = &[
+    (Method::GET, "/health", Endpoint::Health),
+    (Method::GET, "/v1/health", Endpoint::Health),
+    (Method::GET, "/v1/ready", Endpoint::Ready),
+    (
+        Method::GET,
+        "/v1/loading/progress",
+        Endpoint::LoadingProgress,
+    ),
+    (Method::POST, "/v1/inference", Endpoint::Inference),
+    (
+        Method::POST,
+        "/v1/chat/completions",
+        Endpoint::ChatCompletions,
+    ),
+    (Method::POST, "/v1/completions", Endpoint::Completions),
+    (Method::GET, "/v1/models", Endpoint::Models),
+    (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
+];
+
 async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
-    if let Some(denied) = w.auth.reject(&req) {
-        return denied;
-    }
     let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/health" | "/v1/health") => {
-            http::json(StatusCode::OK, &Health::alive("worker"))
-        }
-        (&Method::GET, "/v1/ready") => http::json(StatusCode::OK, &ready_status(&w)),
-        (&Method::GET, "/v1/loading/progress") => loading_progress(&w),
-        (&Method::POST, "/v1/inference") => inference(&w, req).await,
-        (&Method::POST, "/v1/chat/completions") => {
-            openai_completion(&w, req, openai::Kind::Chat).await
-        }
-        (&Method::POST, "/v1/completions") => {
-            openai_completion(&w, req, openai::Kind::Completion).await
-        }
-        (&Method::GET, "/v1/models") => http::json(
+    let found = w
+        .auth
+        .check(&req)
+        .and_then(|()| http::find(ROUTES, req.method(), &path));
+    let endpoint = match found {
+        Ok((endpoint, _)) => endpoint,
+        Err(e) => return http::error(e),
+    };
+    let reply = match endpoint {
+        Endpoint::Health => Ok(http::json(StatusCode::OK, &Health::alive("worker"))),
+        Endpoint::Ready => Ok(http::json(StatusCode::OK, &ready_status(&w))),
+        Endpoint::LoadingProgress => Ok(loading_progress(&w)),
+        Endpoint::Inference => inference(&w, req).await,
+        Endpoint::ChatCompletions => return openai_completion(&w, req, openai::Kind::Chat).await,
+        Endpoint::Completions => return openai_completion(&w, req, openai::Kind::Completion).await,
+        Endpoint::Models => Ok(http::json(
             StatusCode::OK,
             &openai::model_list([(w.model.to_string(), "rbee".to_string())]),
-        ),
-        (&Method::POST, "/v1/admin/shutdown") => {
+        )),
+        Endpoint::Shutdown => {
             w.shutdown.notify_one();
-            http::json(
+            Ok(http::json(
                 StatusCode::ACCEPTED,
-                &serde_json::json!({"status": "shutting_down"}),
-            )
+                &Health::stopping("worker"),
+            ))
         }
-        (
-            m,
-            "/health"
-            | "/v1/health"
-            | "/v1/ready"
-            | "/v1/loading/progress"
-            | "/v1/inference"
-            | "/v1/admin/shutdown",
-        ) => http::method_not_allowed(m, &path),
-        _ => http::not_found(&path),
-    }
+    };
+    http::reply(reply)
 }
 
 fn ready_status(w: &Worker) -> ReadyStatus {
     let (state, error) = match &*w.loading.borrow() {
-        LoadingEvent::Ready => ("ready", None),
-        LoadingEvent::Failed { message } => ("failed", Some(message.clone())),
-        _ => ("loading", None),
+        LoadingEvent::Ready => (WorkerState::Ready, None),
+        LoadingEvent::Failed { message } => (WorkerState::Failed, Some(message.clone())),
+        _ => (WorkerState::Loading, None),
     };
     let load = w.engine.load();
     ReadyStatus {
-        ready: state == "ready",
-        state: state.into(),
+        ready: state == WorkerState::Ready,
+        state,
         progress_url: "/v1/loading/progress".into(),
         model: w.model.to_string(),
         slots_total: w.slots,
@@ -293,75 +323,40 @@ fn loading_progress(w: &Worker) -> Response<Body> {
     })
 }
 
-/// Checks a request's fields; the message says what is wrong.
-fn validate(r: &InferenceRequest, chat: bool) -> Result<(), String> {
+/// Checks a request's fields; the error says what is wrong.
+fn validate(r: &InferenceRequest, chat: bool) -> Result<(), ApiError> {
     if r.prompt.is_empty() && !chat {
-        return Err("prompt is empty".into());
+        return Err(ApiError::invalid("prompt", "prompt is empty"));
     }
-    match r.max_tokens {
-        Some(n) if n <= 0 => return Err(format!("max_tokens must be at least 1, got {n}")),
-        Some(n) if n > MAX_TOKENS_LIMIT => {
-            return Err(format!(
-                "max_tokens {n} is absurd: at most {MAX_TOKENS_LIMIT}"
-            ))
-        }
-        _ => {}
-    }
-    if let Some(t) = r.temperature {
-        if !(0.0..=100.0).contains(&t) {
-            return Err(format!("temperature must be between 0 and 100, got {t}"));
-        }
-    }
-    if let Some(p) = r.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {p}"));
-        }
-    }
-    if let Some(k) = r.top_k {
-        if k < 0 {
-            return Err(format!("top_k must be 0 (off) or more, got {k}"));
-        }
-    }
-    if r.stop.len() > 16 || r.stop.iter().any(String::is_empty) {
-        return Err("stop must be at most 16 non-empty strings".into());
-    }
-    Ok(())
+    r.sampling.validate()
 }
-
-/// No context any GGUF model has comes near this; above it is a client bug.
-const MAX_TOKENS_LIMIT: i64 = 1 << 20;
 
 /// Hands a checked request to the engine; its events, and the prompt's length in tokens.
 async fn start(
     w: &Worker,
     request: InferenceRequest,
     chat: Option<Vec<(String, String)>>,
-) -> Result<(u32, mpsc::UnboundedReceiver<InferenceEvent>), (StatusCode, &'static str, String)> {
-    if let Err(message) = validate(&request, chat.is_some()) {
-        return Err((StatusCode::BAD_REQUEST, "INVALID_REQUEST", message));
-    }
+) -> Result<(u32, mpsc::UnboundedReceiver<InferenceEvent>), ApiError> {
+    validate(&request, chat.is_some())?;
     match &*w.loading.borrow() {
         LoadingEvent::Ready => {}
         LoadingEvent::Failed { message } => {
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                "MODEL_LOAD_FAILED",
+            return Err(ApiError::new(
+                ErrorCode::ModelLoadFailed,
                 format!("the model failed to load: {message}"),
             ))
         }
         _ => {
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                "LOADING",
-                "the model is still loading; watch /v1/loading/progress".into(),
+            return Err(ApiError::new(
+                ErrorCode::Loading,
+                "the model is still loading; watch /v1/loading/progress",
             ))
         }
     }
     let Some(reservation) = w.engine.reserve() else {
-        return Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            "QUEUE_FULL",
-            "every slot is busy and the queue is full; try again shortly".into(),
+        return Err(ApiError::new(
+            ErrorCode::QueueFull,
+            "every slot is busy and the queue is full; try again shortly",
         ));
     };
     let (events_tx, events) = mpsc::unbounded_channel();
@@ -373,11 +368,10 @@ async fn start(
     });
     match admission.await {
         Ok(Ok(prompt_tokens)) => Ok((prompt_tokens, events)),
-        Ok(Err(rejection)) => Err((StatusCode::BAD_REQUEST, rejection.code, rejection.message)),
-        Err(_) => Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            "SHUTTING_DOWN",
-            "the worker is shutting down".into(),
+        Ok(Err(rejection)) => Err(rejection),
+        Err(_) => Err(ApiError::new(
+            ErrorCode::ShuttingDown,
+            "the worker is shutting down",
         )),
     }
 }
@@ -388,33 +382,30 @@ async fn openai_completion(
     req: Request<Incoming>,
     kind: openai::Kind,
 ) -> Response<Body> {
-    let body = match http::read_body(req).await {
-        Ok(b) => b,
-        Err(resp) => return resp,
+    let started = async {
+        let body = http::read_body(req).await?;
+        let prepared = openai::parse(&body, kind)?;
+        let (prompt_tokens, events) = start(w, prepared.inference, prepared.chat).await?;
+        Ok::<_, ApiError>((
+            prepared.stream,
+            prepared.include_usage,
+            prompt_tokens,
+            events,
+        ))
     };
-    let prepared = match openai::parse(&body, kind) {
-        Ok(p) => p,
-        Err(resp) => return resp,
-    };
-    match start(w, prepared.inference, prepared.chat).await {
-        Ok((prompt_tokens, events)) => {
+    match started.await {
+        Ok((stream, include_usage, prompt_tokens, events)) => {
             let answer = openai::Answer::new(kind, &w.model, prompt_tokens);
-            openai::respond(answer, events, prepared.stream, prepared.include_usage).await
+            openai::respond(answer, events, stream, include_usage).await
         }
-        Err((status, code, message)) => openai::error(status, message, None, code),
+        Err(e) => openai::error(e),
     }
 }
 
-async fn inference(w: &Worker, req: Request<Incoming>) -> Response<Body> {
-    let request: InferenceRequest = match http::read_json(req).await {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
+async fn inference(w: &Worker, req: Request<Incoming>) -> Reply {
+    let request: InferenceRequest = http::read_json(req).await?;
     let job_id = request.job_id.clone().unwrap_or_else(|| new_id("job"));
-    let mut events = match start(w, request, None).await {
-        Ok((_, events)) => events,
-        Err((status, code, message)) => return http::error(status, code, message),
-    };
+    let (_, mut events) = start(w, request, None).await?;
     let (tx, resp) = http::sse_response();
     let started = InferenceEvent::Started {
         job_id,
@@ -443,12 +434,22 @@ async fn inference(w: &Worker, req: Request<Incoming>) -> Response<Body> {
         if !ended {
             // The engine went away without a word: say so rather than end silently.
             let lost = InferenceEvent::Error {
-                code: "INFERENCE_FAILED".into(),
+                code: ErrorCode::InferenceFailed,
                 message: "the engine stopped before the request finished".into(),
             };
             let _ = tx.send(sse::event(&lost)).await;
         }
         let _ = tx.send(sse::DONE.into()).await;
     });
-    resp
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_answers_a_wrong_method_with_405() {
+        http::assert_routes_are_consistent(ROUTES);
+    }
 }
