@@ -301,7 +301,13 @@ fn bad_requests_get_clear_errors_and_the_worker_keeps_serving() {
             body(json!({"prompt": "hi", "max_tokens": 1_000_000_000})),
             400,
             "INVALID_REQUEST",
-            "absurd",
+            "between 1 and 1048576",
+        ),
+        (
+            body(json!({"prompt": "hi", "temperature": 3})),
+            400,
+            "INVALID_REQUEST",
+            "temperature must be between 0 and 2",
         ),
         (
             body(json!({"prompt": "hi", "temperature": -1})),
