@@ -83,16 +83,12 @@ struct Worker {
 }
 
 /// Runs the worker until it is told to stop; `Err` is the one-line reason it failed.
+///
+/// Its life is three steps: bind and start loading; wait for loading to end
+/// and report that to the hive; serve until told to stop or until the engine
+/// fails. A stop signal during loading skips straight to the shutdown.
 pub async fn run(args: Args) -> Result<(), String> {
-    if args.slots == 0 {
-        return Err("--slots must be at least 1".into());
-    }
-    if args.threads.is_some_and(|t| t < 1) {
-        return Err("--threads must be at least 1".into());
-    }
-    if args.ctx_size.is_some_and(|c| c < MIN_CTX_SIZE) {
-        return Err(format!("--ctx-size must be at least {MIN_CTX_SIZE} tokens"));
-    }
+    check_flags(&args)?;
     let auth = Auth::load(args.token_file.as_deref())?;
     auth.check_bind(&args.host)?;
     let listener = http::bind(&args.host, args.port).await?;
@@ -101,25 +97,13 @@ pub async fn run(args: Args) -> Result<(), String> {
         args.host,
         listener.local_addr().map_or(args.port, |a| a.port())
     );
-    let model = model_name(&args.model);
-    let config = Config {
-        model_path: args.model.clone(),
-        slots: args.slots,
-        ctx_size: args.ctx_size,
-        threads: args.threads.unwrap_or_else(default_threads),
-        gpu_layers: args
-            .gpu_layers
-            .unwrap_or(if crate::GPU_BACKEND { 999 } else { 0 }),
-        main_gpu: args.device,
-        queue_size: args.queue_size,
-    };
-    let (engine, loading, thread) =
-        Engine::start(config).map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    let (engine, loading, thread) = Engine::start(engine_config(&args))
+        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
     let worker = Worker {
         engine: engine.clone(),
-        model: model.clone().into(),
+        model: model_name(&args.model).into(),
         slots: args.slots,
-        loading: loading.clone(),
+        loading,
         auth,
         shutdown: Arc::new(tokio::sync::Notify::new()),
     };
@@ -127,11 +111,9 @@ pub async fn run(args: Args) -> Result<(), String> {
         "worker listening on {url}, loading {}",
         args.model.display()
     );
-
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = {
         let worker = worker.clone();
-        let mut stop_rx = stop_rx.clone();
         tokio::spawn(http::serve(
             listener,
             move |req| route(worker.clone(), req),
@@ -141,71 +123,98 @@ pub async fn run(args: Args) -> Result<(), String> {
         ))
     };
 
-    // Report how loading ended, once, to the hive.
-    let load_result = {
-        let mut loading = loading.clone();
-        let outcome = async {
-            let _ = loading
-                .wait_for(|e| matches!(e, LoadingEvent::Ready | LoadingEvent::Failed { .. }))
-                .await;
-            match &*loading.borrow() {
-                LoadingEvent::Failed { message } => Err(message.clone()),
-                _ => Ok(()),
-            }
-        };
-        tokio::select! {
-            r = outcome => Some(r),
-            () = http::stop_signal(&worker.shutdown) => None,
-        }
-    };
-    let mut failure = None;
-    let mut stop_now = load_result.is_none();
-    if let Some(result) = load_result {
-        if let Some(callback) = &args.callback_url {
-            let report = WorkerReadyCallback {
-                worker_id: args.worker_id.clone().unwrap_or_else(|| new_id("worker")),
-                url: url.clone(),
-                model: model.clone(),
-                slots: args.slots,
-                state: if result.is_ok() {
-                    WorkerState::Ready
-                } else {
-                    WorkerState::Failed
-                },
-                error: result.as_ref().err().cloned(),
-            };
-            if let Err(e) = post_callback(callback, &report, &worker.auth).await {
-                tracing::warn!("could not report to {callback}: {e}");
-            }
-        }
-        match result {
-            Ok(()) => {}
-            Err(e) => {
-                failure = Some(e);
-                stop_now = true;
-            }
-        }
-    }
-    if !stop_now {
-        // Serve until told to stop, or until the engine fails for good.
-        let mut loading = loading.clone();
-        tokio::select! {
-            () = http::stop_signal(&worker.shutdown) => {}
-            Ok(state) = loading.wait_for(|e| matches!(e, LoadingEvent::Failed { .. })) => {
-                if let LoadingEvent::Failed { message } = &*state {
-                    failure = Some(message.clone());
-                }
-            }
-        }
-    }
+    let outcome = live(&worker, &args, &url).await;
+
     tracing::info!("worker shutting down");
     engine.shutdown();
     let _ = stop_tx.send(true);
     let _ = server.await;
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
+    outcome
+}
+
+/// Refuses flags that cannot work, naming the limit.
+fn check_flags(args: &Args) -> Result<(), String> {
+    if args.slots == 0 || args.slots > MAX_SLOTS {
+        return Err(format!("--slots must be between 1 and {MAX_SLOTS}"));
+    }
+    if args.threads.is_some_and(|t| t < 1) {
+        return Err("--threads must be at least 1".into());
+    }
+    if args.ctx_size.is_some_and(|c| c < MIN_CTX_SIZE) {
+        return Err(format!("--ctx-size must be at least {MIN_CTX_SIZE} tokens"));
+    }
+    if args.queue_size > MAX_QUEUE {
+        return Err(format!("--queue-size must be at most {MAX_QUEUE}"));
+    }
+    Ok(())
+}
+
+/// llama.cpp keeps at most 256 sequences in one context.
+const MAX_SLOTS: u32 = 256;
+/// Waiting requests beyond this are a client stampede, not a queue.
+const MAX_QUEUE: u32 = 100_000;
+
+fn engine_config(args: &Args) -> Config {
+    Config {
+        model_path: args.model.clone(),
+        slots: args.slots,
+        ctx_size: args.ctx_size,
+        threads: args.threads.unwrap_or_else(default_threads),
+        gpu_layers: args
+            .gpu_layers
+            .unwrap_or(if crate::GPU_BACKEND { 999 } else { 0 }),
+        main_gpu: args.device,
+        queue_size: args.queue_size,
+    }
+}
+
+/// The worker's life once it listens: loading, reported to the hive, then
+/// serving. `Err` when loading fails or the engine fails while serving.
+async fn live(w: &Worker, args: &Args, url: &str) -> Result<(), String> {
+    let loaded = tokio::select! {
+        loaded = loading_outcome(w.loading.clone()) => loaded,
+        () = http::stop_signal(&w.shutdown) => return Ok(()),
+    };
+    if let Some(callback) = &args.callback_url {
+        let report = WorkerReadyCallback {
+            worker_id: args.worker_id.clone().unwrap_or_else(|| new_id("worker")),
+            url: url.to_string(),
+            model: w.model.to_string(),
+            slots: args.slots,
+            state: if loaded.is_ok() {
+                WorkerState::Ready
+            } else {
+                WorkerState::Failed
+            },
+            error: loaded.as_ref().err().cloned(),
+        };
+        if let Err(e) = post_callback(callback, &report, &w.auth).await {
+            tracing::warn!("could not report to {callback}: {e}");
+        }
+    }
+    loaded?;
+    let mut loading = w.loading.clone();
+    tokio::select! {
+        () = http::stop_signal(&w.shutdown) => Ok(()),
+        Ok(state) = loading.wait_for(|e| matches!(e, LoadingEvent::Failed { .. })) => {
+            match &*state {
+                LoadingEvent::Failed { message } => Err(message.clone()),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+/// Waits until loading has ended, either way.
+async fn loading_outcome(mut loading: watch::Receiver<LoadingEvent>) -> Result<(), String> {
+    let _ = loading
+        .wait_for(|e| matches!(e, LoadingEvent::Ready | LoadingEvent::Failed { .. }))
+        .await;
+    let state = loading.borrow();
+    match &*state {
+        LoadingEvent::Failed { message } => Err(message.clone()),
+        _ => Ok(()),
     }
 }
 

@@ -491,7 +491,9 @@ fn nonsensical_flags_are_refused_with_the_reason() {
     let model = model_path();
     let model = model.to_str().expect("utf-8");
     for (flag, value, says) in [
-        ("--slots", "0", "--slots must be at least 1"),
+        ("--slots", "0", "--slots must be between 1 and 256"),
+        ("--slots", "4294967295", "--slots must be between 1 and 256"),
+        ("--queue-size", "4294967295", "--queue-size must be at most 100000"),
         ("--ctx-size", "8", "--ctx-size must be at least 64"),
         ("--host", "0.0.0.0", "without a token"),
     ] {
