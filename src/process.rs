@@ -388,14 +388,17 @@ mod tests {
     }
 
     async fn start(script: &str, label: &str, timeout: Duration) -> Result<Started, StartError> {
-        start_daemon(
+        let log = log(label);
+        let result = start_daemon(
             sh(script),
             "the test daemon",
-            &log(label),
+            &log,
             Lifetime::Detached,
             timeout,
-        )
-        .await
+        );
+        let result = result.await;
+        let _ = std::fs::remove_file(&log);
+        result
     }
 
     #[tokio::test]
@@ -423,6 +426,7 @@ mod tests {
         .unwrap();
         assert_eq!(started.addr.port(), 1);
         reap(started.child);
+        let _ = std::fs::remove_file(log("spawner"));
     }
 
     #[tokio::test]
