@@ -23,6 +23,8 @@ enum Role {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: it takes a variable out of the environment.
+    rbee::process::take_ready_pipe();
     // A lone `-` (read the prompt from stdin) looks like an option to argh.
     let argv: Vec<String> = std::env::args()
         .map(|a| if a == "-" { "--stdin".to_string() } else { a })
@@ -92,6 +94,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            // A daemon that fails before it is ready tells its starter why.
+            rbee::process::report_failure(rbee::protocol::StartFailure::Other, &e);
             eprintln!("rbee: error: {e}");
             ExitCode::FAILURE
         }
@@ -100,12 +104,15 @@ fn main() -> ExitCode {
 
 /// Logs go to stderr, filtered by `RUST_LOG`; stdout belongs to the keeper's tokens.
 /// llama.cpp is chatty at info level, so it is held to warnings unless asked.
+/// Colour only on a terminal: a daemon's stderr is usually its log file.
 fn init_tracing(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
 }

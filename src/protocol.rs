@@ -626,6 +626,32 @@ pub enum JobEvent {
     Cluster(ClusterEvent),
 }
 
+/// The one line a child daemon writes on its readiness pipe (`RBEE_READY_FD`)
+/// to whoever started it: bound and ready, or why it could not start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Readiness {
+    Ready {
+        /// The address it listens on; with `--port 0`, the port it was given.
+        addr: std::net::SocketAddr,
+    },
+    Failed {
+        reason: StartFailure,
+        message: String,
+    },
+}
+
+/// Why a child daemon failed to start, where its starter can act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFailure {
+    /// Someone else listens on the port it was asked for (a local hive then takes any port).
+    PortTaken,
+    /// Anything else; the message says what.
+    #[serde(other)]
+    Other,
+}
+
 /// The current time as RFC 3339 in UTC, to the second.
 pub fn now_rfc3339() -> String {
     let secs = SystemTime::now()

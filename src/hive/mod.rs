@@ -66,7 +66,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         crate::parse_duration(&args.ready_timeout).map_err(|e| format!("--ready-timeout: {e}"))?;
     let auth = Auth::load(args.token_file.as_deref())?;
     auth.check_bind(&args.host)?;
-    let listener = http::bind(&args.host, args.port).await?;
+    let listener = crate::process::bind(&args.host, args.port).await?;
     let port = listener.local_addr().map_or(args.port, |a| a.port());
 
     let data_dir = crate::data_dir(args.data_dir.as_deref());
@@ -112,6 +112,10 @@ pub async fn run(args: Args) -> Result<(), String> {
         args.host,
         data_dir.display()
     );
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("no local address: {e}"))?;
+    crate::process::report_ready(addr);
     let admin = hive.shutdown.clone();
     http::serve(listener, move |req| route(hive.clone(), req), async move {
         http::stop_signal(&admin).await;

@@ -2,6 +2,7 @@
 //! results back, and keeps the registry of hives.
 
 pub mod jobs;
+pub mod local_hive;
 pub mod registry;
 pub mod scheduler;
 
@@ -49,7 +50,7 @@ struct Queen {
 pub async fn run(args: Args) -> Result<(), String> {
     let auth = Auth::load(args.token_file.as_deref())?;
     auth.check_bind(&args.host)?;
-    let listener = http::bind(&args.host, args.port).await?;
+    let listener = crate::process::bind(&args.host, args.port).await?;
     let data_dir = crate::data_dir(args.data_dir.as_deref());
     std::fs::create_dir_all(&data_dir).map_err(|e| {
         format!(
@@ -71,6 +72,10 @@ pub async fn run(args: Args) -> Result<(), String> {
         args.port,
         data_dir.display()
     );
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("no local address: {e}"))?;
+    crate::process::report_ready(addr);
     let admin = queen.shutdown.clone();
     let jobs = queen.jobs.clone();
     http::serve(listener, move |req| route(queen.clone(), req), async move {

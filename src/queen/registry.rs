@@ -1,22 +1,19 @@
 //! The queen's hives: the registered ones (in sled, surviving restarts), their
-//! health, and the local hive the queen may start itself.
+//! health, and the local hive the queen may start itself (`local_hive.rs`).
 //!
 //! Only this module and the hive's catalog touch sled.
 
+use super::local_hive::LocalHive;
 use crate::http::client;
-use crate::process::{signal, Spawner};
 use crate::protocol::{now_rfc3339, AddHive, ApiError, Health, HiveState, HiveStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The name of the hive on the queen's own machine.
 pub const LOCALHOST: &str = "localhost";
-/// Where a local hive goes when the port is free (DESIGN.md §1).
-const LOCAL_HIVE_PORT: u16 = 8080;
 /// How often every hive is asked whether it is alive.
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
 
@@ -31,22 +28,13 @@ pub struct HiveConn {
 /// Whether a hive answered its last health check, and when it last did.
 type Seen = (bool, Option<String>);
 
-/// A hive this queen started and owns.
-struct LocalHive {
-    conn: HiveConn,
-    pid: u32,
-}
-
 #[derive(Clone)]
 pub struct Registry {
     db: sled::Db,
     /// Last health check per hive name: reachable or not, and when last seen.
     health: Arc<Mutex<HashMap<String, Seen>>>,
-    local: Arc<tokio::sync::Mutex<Option<LocalHive>>>,
-    spawner: Spawner,
-    data_dir: PathBuf,
-    /// Passed on to a local hive, so the cluster shares one token.
-    token: Option<String>,
+    /// The hive this queen starts itself on `localhost`.
+    local: LocalHive,
 }
 
 impl Registry {
@@ -61,10 +49,7 @@ impl Registry {
         Ok(Registry {
             db,
             health: Arc::default(),
-            local: Arc::default(),
-            spawner: Spawner::new().map_err(|e| format!("cannot start the spawner thread: {e}"))?,
-            data_dir,
-            token,
+            local: LocalHive::new(data_dir, token)?,
         })
     }
 
@@ -127,9 +112,9 @@ impl Registry {
     /// Every hive this queen can use: the registered ones, then its local hive if running.
     pub async fn all(&self) -> Vec<HiveConn> {
         let mut all = self.registered();
-        if let Some(local) = self.local.lock().await.as_ref() {
-            if !all.iter().any(|h| h.name == local.conn.name) {
-                all.push(local.conn.clone());
+        if let Some(local) = self.local.conn().await {
+            if !all.iter().any(|h| h.name == local.name) {
+                all.push(local);
             }
         }
         all
@@ -140,12 +125,7 @@ impl Registry {
     }
 
     pub async fn list(&self) -> Vec<HiveStatus> {
-        let local_name = self
-            .local
-            .lock()
-            .await
-            .as_ref()
-            .map(|l| l.conn.name.clone());
+        let local_name = self.local.conn().await.map(|l| l.name);
         let health = self
             .health
             .lock()
@@ -202,112 +182,11 @@ impl Registry {
 
     /// The local hive, started now if it is not running. `narrate` hears what happens.
     pub async fn ensure_local(&self, narrate: impl Fn(&str, String)) -> Result<HiveConn, String> {
-        let mut local = self.local.lock().await;
-        if let Some(l) = local.as_ref() {
-            if self.check(&l.conn).await.is_ok() {
-                return Ok(l.conn.clone());
-            }
-            narrate(
-                "restart",
-                format!(
-                    "the local hive (pid {}) stopped answering; starting a new one",
-                    l.pid
-                ),
-            );
-            signal(l.pid, libc::SIGKILL);
-            *local = None;
-        }
-        let port = if std::net::TcpListener::bind(("127.0.0.1", LOCAL_HIVE_PORT)).is_ok() {
-            LOCAL_HIVE_PORT
-        } else {
-            std::net::TcpListener::bind(("127.0.0.1", 0))
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .map_err(|e| format!("no free port for a local hive: {e}"))?
-        };
-        narrate(
-            "start_hive",
-            format!("no hive on localhost yet: starting one on port {port}"),
-        );
-        let exe =
-            std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
-        let log_path = self.data_dir.join("hive.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let mut command = Command::new(exe);
-        command
-            .arg("hive")
-            .args(["--port", &port.to_string()])
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        match &self.token {
-            Some(t) => command.env("RBEE_TOKEN", t),
-            None => command.env_remove("RBEE_TOKEN"),
-        };
-        let mut child = self
-            .spawner
-            .spawn(command)
-            .await
-            .map_err(|e| format!("cannot start a local hive: {e}"))?;
-        let conn = HiveConn {
-            name: LOCALHOST.into(),
-            url: format!("http://127.0.0.1:{port}"),
-            token: self.token.clone(),
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.check(&conn).await.is_ok() {
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
-                    "the local hive exited ({status}) while starting; see {}",
-                    log_path.display()
-                ));
-            }
-            if tokio::time::Instant::now() > deadline {
-                signal(child.id(), libc::SIGKILL);
-                return Err(format!(
-                    "the local hive did not answer within 30s; see {}",
-                    log_path.display()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let pid = child.id();
-        // Reap it when it exits, so it leaves no zombie behind.
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
-        narrate(
-            "hive_up",
-            format!("local hive is up at {} (pid {pid})", conn.url),
-        );
-        *local = Some(LocalHive {
-            conn: conn.clone(),
-            pid,
-        });
-        Ok(conn)
+        self.local.ensure(self, narrate).await
     }
 
     /// Stops the local hive, which stops its workers first; waits a bounded time.
     pub async fn stop_local(&self) {
-        let Some(local) = self.local.lock().await.take() else {
-            return;
-        };
-        signal(local.pid, libc::SIGTERM);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while crate::process::alive(local.pid) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if crate::process::alive(local.pid) {
-            signal(local.pid, libc::SIGKILL);
-        }
+        self.local.stop().await;
     }
 }

@@ -8,6 +8,7 @@ mod bench;
 mod chain;
 mod hf_server;
 mod hive;
+mod keeper;
 mod openai;
 mod support;
 mod worker;

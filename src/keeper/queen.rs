@@ -1,0 +1,140 @@
+//! Talking to the queen: calls with the token, and waking a queen that is
+//! asleep (a detached `rbee queen` that reports when it is ready, or why not).
+
+use crate::http::client;
+use crate::process::{self, Lifetime};
+use crate::protocol::{Health, JobCancelled};
+use hyper::Method;
+use std::time::Duration;
+
+/// How long a woken queen may take to report ready: it binds and opens its registry.
+const WAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a queen may take to stop, its local hive and workers first.
+const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// The queen this keeper talks to, and how it reports to the person.
+pub struct Queen {
+    /// Base URL, no trailing slash.
+    pub url: String,
+    pub token: Option<String>,
+    /// Nothing on stderr but a final error (`infer -q`).
+    pub quiet: bool,
+}
+
+impl Queen {
+    /// A line of narration on stderr, unless quiet.
+    pub fn say(&self, line: &str) {
+        if !self.quiet {
+            eprintln!("{line}");
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    pub async fn alive(&self) -> bool {
+        let url = self.url("/health");
+        matches!(client::get::<Health>(&url, None).await, Ok(h) if h.role == "queen")
+    }
+
+    /// One JSON call; the error is the queen's message.
+    pub async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<T, String> {
+        client::call(method, &self.url(path), self.token.as_deref(), body)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// The queen, woken if asleep; true if this call started it.
+    pub async fn wake(&self) -> Result<bool, String> {
+        if self.alive().await {
+            return Ok(false);
+        }
+        let port = wakeable_port(&self.url)?;
+        self.say("queen is asleep, waking queen");
+        let data_dir = crate::data_dir(None);
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+        let log = data_dir.join("queen.log");
+        let mut command = process::own_command("queen").map_err(|e| e.message)?;
+        command.args(["--port", &port.to_string()]);
+        // The queen outlives this call, so the next one is warm; its Child is
+        // dropped here and the queen left to init.
+        process::start_daemon(command, "the queen", &log, Lifetime::Detached, WAKE_TIMEOUT)
+            .await
+            .map_err(|e| e.message)?;
+        self.say(&format!(
+            "queen is up at {} (log: {})",
+            self.url,
+            log.display()
+        ));
+        Ok(true)
+    }
+
+    /// Asks the queen to stop and waits until it no longer answers.
+    pub async fn stop(&self) -> Result<(), String> {
+        if !self.alive().await {
+            return Ok(());
+        }
+        let _: Health = self
+            .call(Method::POST, "/v1/admin/shutdown", None::<&()>)
+            .await?;
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        while self.alive().await {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "the queen did not stop within {}s",
+                    STOP_TIMEOUT.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Cancels a job; a queen that does not answer has no job to cancel.
+    pub async fn cancel(&self, job_id: &str) {
+        let path = format!("/v1/jobs/{job_id}");
+        let _: Result<JobCancelled, _> = self.call(Method::DELETE, &path, None::<&()>).await;
+    }
+}
+
+/// The port to start a queen on for `url`: only a queen on this machine can be
+/// woken, so any other host is an error.
+fn wakeable_port(url: &str) -> Result<u16, String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("bad queen URL {url}: {e}"))?;
+    let host = uri.host().unwrap_or("127.0.0.1");
+    // A woken queen listens on 127.0.0.1, its default.
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return Err(format!("the queen at {url} is not answering"));
+    }
+    Ok(uri.port_u16().unwrap_or(8500))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_queen_on_this_machine_is_woken() {
+        assert_eq!(wakeable_port("http://127.0.0.1:9000"), Ok(9000));
+        assert_eq!(wakeable_port("http://localhost"), Ok(8500));
+        let remote = wakeable_port("http://mac.home.arpa:8500").unwrap_err();
+        assert_eq!(
+            remote,
+            "the queen at http://mac.home.arpa:8500 is not answering"
+        );
+        assert!(wakeable_port("not a url").is_err());
+    }
+}
