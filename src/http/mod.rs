@@ -404,6 +404,33 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// For each role's tests: every path of a route table, asked with a method it
+/// does not serve, must be 405 — and with the right one, its own endpoint.
+#[cfg(test)]
+pub fn assert_routes_are_consistent<E: Copy + PartialEq + std::fmt::Debug>(table: &[Route<E>]) {
+    use hyper::Method;
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+    ];
+    for (method, pattern, endpoint) in table {
+        let path = pattern.replace("{}", "x");
+        let (found, _) = find(table, method, &path).expect(pattern);
+        assert_eq!(found, *endpoint, "{method} {pattern}");
+        for other in methods.iter().filter(|m| {
+            !table
+                .iter()
+                .any(|(m2, p2, _)| m2 == *m && match_path(p2, &path).is_some())
+        }) {
+            let e = find(table, other, &path).unwrap_err();
+            assert_eq!(e.code, ErrorCode::MethodNotAllowed, "{other} {path}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,32 +507,5 @@ mod tests {
             token: Some("t".into()),
         };
         assert!(some.check_bind("0.0.0.0").is_ok());
-    }
-}
-
-/// For each role's tests: every path of a route table, asked with a method it
-/// does not serve, must be 405 — and with the right one, its own endpoint.
-#[cfg(test)]
-pub fn assert_routes_are_consistent<E: Copy + PartialEq + std::fmt::Debug>(table: &[Route<E>]) {
-    use hyper::Method;
-    let methods = [
-        Method::GET,
-        Method::POST,
-        Method::PUT,
-        Method::DELETE,
-        Method::PATCH,
-    ];
-    for (method, pattern, endpoint) in table {
-        let path = pattern.replace("{}", "x");
-        let (found, _) = find(table, method, &path).expect(pattern);
-        assert_eq!(found, *endpoint, "{method} {pattern}");
-        for other in methods.iter().filter(|m| {
-            !table
-                .iter()
-                .any(|(m2, p2, _)| m2 == *m && match_path(p2, &path).is_some())
-        }) {
-            let e = find(table, other, &path).unwrap_err();
-            assert_eq!(e.code, ErrorCode::MethodNotAllowed, "{other} {path}");
-        }
     }
 }

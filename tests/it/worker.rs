@@ -493,7 +493,11 @@ fn nonsensical_flags_are_refused_with_the_reason() {
     for (flag, value, says) in [
         ("--slots", "0", "--slots must be between 1 and 256"),
         ("--slots", "4294967295", "--slots must be between 1 and 256"),
-        ("--queue-size", "4294967295", "--queue-size must be at most 100000"),
+        (
+            "--queue-size",
+            "4294967295",
+            "--queue-size must be at most 100000",
+        ),
         ("--ctx-size", "8", "--ctx-size must be at least 64"),
         ("--host", "0.0.0.0", "without a token"),
     ] {
