@@ -80,6 +80,21 @@ impl Job {
         let _ = rx.wait_for(|c| *c).await;
     }
 
+    /// Every event pushed so far, read back: what a client of the job stream sees.
+    #[cfg(test)]
+    pub fn events(&self) -> Vec<JobEvent> {
+        let frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        let mut decoder = sse::Decoder::new();
+        frames
+            .iter()
+            .flat_map(|f| decoder.push(f))
+            .filter_map(|f| match f {
+                sse::Frame::Data(d) => serde_json::from_str(&d).ok(),
+                sse::Frame::Done => None,
+            })
+            .collect()
+    }
+
     /// Sends every frame, from the first, into `tx` until `[DONE]`; returns false
     /// if the client left first.
     pub async fn replay(&self, tx: &tokio::sync::mpsc::Sender<Bytes>) -> bool {

@@ -1,17 +1,18 @@
 //! `rbee queen`: the orchestrator. It takes jobs, picks a machine, streams
 //! results back, and keeps the registry of hives.
 
+pub mod cluster;
 pub mod jobs;
 pub mod local_hive;
 pub mod registry;
 pub mod scheduler;
 
-use crate::http::client;
+use crate::clients::Events;
 use crate::http::{self, sse, Auth, Body, Reply, Route};
 use crate::openai;
 use crate::protocol::{
-    AddHive, ApiError, DownloadRequest, ErrorCode, Health, HiveRemoved, HiveWorker, JobCancelled,
-    JobCreated, JobRequest, ModelEntry, WorkerInfo,
+    AddHive, ApiError, DownloadEvent, DownloadRequest, ErrorCode, Health, HiveRemoved, HiveWorker,
+    JobCancelled, JobCreated, JobRequest,
 };
 use argh::FromArgs;
 use hyper::body::Incoming;
@@ -212,7 +213,10 @@ async fn add_hive(q: &Queen, req: Request<Incoming>) -> Reply {
         .list()
         .await
         .into_iter()
-        .find(|h| h.name == conn.name);
+        .find(|h| h.name == conn.name)
+        .ok_or_else(|| {
+            ApiError::internal(format!("hive {} vanished as it was added", conn.name))
+        })?;
     Ok(http::json(StatusCode::CREATED, &status))
 }
 
@@ -267,8 +271,7 @@ fn cancel_job(q: &Queen, id: &str) -> Reply {
 async fn workers(q: &Queen) -> Vec<HiveWorker> {
     let mut all = Vec::new();
     for hive in q.registry.all().await {
-        let url = format!("{}/v1/workers/list", hive.url);
-        if let Ok(list) = client::get::<Vec<WorkerInfo>>(&url, hive.token.as_deref()).await {
+        if let Ok(list) = hive.client().workers().await {
             all.extend(list.into_iter().map(|w| HiveWorker {
                 hive: hive.name.clone(),
                 worker: w,
@@ -278,15 +281,16 @@ async fn workers(q: &Queen) -> Vec<HiveWorker> {
     all
 }
 
+/// Stops a worker on whichever hive has it.
 async fn stop_worker(q: &Queen, id: &str) -> Reply {
     for hive in q.registry.all().await {
-        let url = format!("{}/v1/workers/list", hive.url);
-        let Ok(list) = client::get::<Vec<WorkerInfo>>(&url, hive.token.as_deref()).await else {
+        let client = hive.client();
+        let Ok(list) = client.workers().await else {
             continue;
         };
         if list.iter().any(|w| w.worker_id == *id) {
-            let url = format!("{}/v1/workers/{id}/shutdown", hive.url);
-            let w = client::post::<WorkerInfo>(&url, hive.token.as_deref(), &())
+            let w = client
+                .stop_worker(id)
                 .await
                 .map_err(|e| relayed(e, &hive.name))?;
             return Ok(http::json(
@@ -308,8 +312,7 @@ async fn stop_worker(q: &Queen, id: &str) -> Reply {
 async fn models(q: &Queen) -> serde_json::Value {
     let mut seen = Vec::new();
     for hive in q.registry.all().await {
-        let url = format!("{}/v1/models", hive.url);
-        if let Ok(models) = client::get::<Vec<ModelEntry>>(&url, hive.token.as_deref()).await {
+        if let Ok(models) = hive.client().models().await {
             for m in models {
                 if !seen.iter().any(|(id, _)| *id == m.name) {
                     seen.push((m.name, hive.name.clone()));
@@ -325,57 +328,77 @@ async fn models(q: &Queen) -> serde_json::Value {
 /// upstream connection, which cancels the generation on the worker.
 async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let checked = async {
-        let body = http::read_body(req).await?;
-        let prepared = openai::parse(&body, kind)?;
-        let model = openai::model_of(&body).unwrap_or_default();
-        if model.is_empty() {
-            return Err(ApiError::invalid("model", "model is required"));
-        }
-        Ok((body, prepared, model))
-    };
-    let (body, prepared, model) = match checked.await {
+    let (body, prepared, model) = match read_openai(req, kind).await {
         Ok(checked) => checked,
         Err(e) => return openai::error(e),
     };
-    let job = q.jobs.create();
-    let target = match scheduler::worker_for(&q.registry, &job, &model).await {
+    let target = match openai_target(q, &model).await {
         Ok(t) => t,
-        Err(e) => {
-            job.fail(e.clone());
-            job.finish();
-            return openai::error(ApiError {
-                param: Some("model".into()),
-                ..e
-            });
-        }
+        Err(e) => return openai::error(e),
     };
-    job.finish();
-    let url = format!("{}{path}", target.url);
-    let upstream =
-        match client::send(Method::POST, &url, target.hive.token.as_deref(), Some(body)).await {
-            Ok(r) => r,
-            Err(e) => return openai::error(ApiError::new(ErrorCode::WorkerLost, e.message)),
-        };
-    let status = upstream.status();
-    if !prepared.stream || !status.is_success() {
-        use http_body_util::BodyExt;
-        return match upstream.into_body().collect().await {
-            Ok(collected) => {
-                let mut resp = Response::new(http::full(collected.to_bytes()));
-                *resp.status_mut() = status;
-                resp.headers_mut().insert(
-                    hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("application/json"),
-                );
-                resp
-            }
-            Err(e) => openai::error(ApiError::new(
-                ErrorCode::WorkerLost,
-                format!("the worker's answer broke off: {e}"),
-            )),
-        };
+    let upstream = match target.hive.worker(&target.url).openai(&path, body).await {
+        Ok(r) => r,
+        Err(e) => return openai::error(ApiError::new(ErrorCode::WorkerLost, e.message)),
+    };
+    if prepared.stream && upstream.status().is_success() {
+        pass_stream(upstream)
+    } else {
+        pass_whole(upstream).await
     }
+}
+
+/// An OpenAI request's body, its checked form and its `model`.
+async fn read_openai(
+    req: Request<Incoming>,
+    kind: openai::Kind,
+) -> Result<(Vec<u8>, openai::Prepared, String), ApiError> {
+    let body = http::read_body(req).await?;
+    let prepared = openai::parse(&body, kind)?;
+    let model = openai::model_of(&body).unwrap_or_default();
+    if model.is_empty() {
+        return Err(ApiError::invalid("model", "model is required"));
+    }
+    Ok((body, prepared, model))
+}
+
+/// A worker for an OpenAI request, found as a job's would be; the job records
+/// how it went (provisioning narrates there).
+async fn openai_target(q: &Queen, model: &str) -> Result<scheduler::Target, ApiError> {
+    let job = q.jobs.create();
+    let target = scheduler::worker_for(&q.registry, &job, model).await;
+    if let Err(e) = &target {
+        job.fail(e.clone());
+    }
+    job.finish();
+    target.map_err(|e| ApiError {
+        param: Some("model".into()),
+        ..e
+    })
+}
+
+/// A worker's whole answer (or error), passed on as it came.
+async fn pass_whole(upstream: Response<Incoming>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let status = upstream.status();
+    match upstream.into_body().collect().await {
+        Ok(collected) => {
+            let mut resp = Response::new(http::full(collected.to_bytes()));
+            *resp.status_mut() = status;
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        Err(e) => openai::error(ApiError::new(
+            ErrorCode::WorkerLost,
+            format!("the worker's answer broke off: {e}"),
+        )),
+    }
+}
+
+/// A worker's SSE answer, passed on chunk by chunk until either side leaves.
+fn pass_stream(upstream: Response<Incoming>) -> Response<Body> {
     let (tx, resp) = http::sse_response();
     tokio::spawn(async move {
         use http_body_util::BodyExt;
@@ -416,50 +439,64 @@ async fn hive_models(
     params: &[&str],
     req: Request<Incoming>,
 ) -> Reply {
-    let token = hive.token.as_deref();
+    let client = hive.client();
     let relayed = |e| relayed(e, &hive.name);
     match endpoint {
         Endpoint::HiveDownload => {
             let body: DownloadRequest = http::read_json(req).await?;
-            let url = format!("{}/v1/models/download", hive.url);
-            let started: crate::protocol::DownloadStarted =
-                client::post(&url, token, &body).await.map_err(relayed)?;
+            let started = client.download(&body.model_ref).await.map_err(relayed)?;
             Ok(http::json(StatusCode::ACCEPTED, &started))
         }
         Endpoint::HiveDownloadProgress => {
-            let query = req.uri().query().unwrap_or("");
-            let url = format!("{}/v1/models/download/progress?{query}", hive.url);
-            let mut upstream = client::stream(&url, token, None::<&()>)
-                .await
-                .map_err(relayed)?;
-            let (tx, resp) = http::sse_response();
-            tokio::spawn(async move {
-                while let Some(frame) = upstream.next().await {
-                    let bytes = match frame {
-                        sse::Frame::Data(d) => hyper::body::Bytes::from(format!("data: {d}\n\n")),
-                        sse::Frame::Done => hyper::body::Bytes::from_static(sse::DONE),
-                    };
-                    if tx.send(bytes).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            Ok(resp)
+            let id = query_param(req.uri().query(), "id").unwrap_or_default();
+            let events = client.download_progress(id).await.map_err(relayed)?;
+            Ok(relay_download(hive.name.clone(), events))
         }
         Endpoint::HiveDeleteModel => {
             let name = params.get(1).copied().unwrap_or_default();
-            let url = format!("{}/v1/models/{name}", hive.url);
-            let entry: ModelEntry = client::call(Method::DELETE, &url, token, None::<&()>)
-                .await
-                .map_err(relayed)?;
+            let entry = client.delete_model(name).await.map_err(relayed)?;
             Ok(http::json(StatusCode::OK, &entry))
         }
         _ => {
-            let url = format!("{}/v1/models", hive.url);
-            let models: Vec<ModelEntry> = client::get(&url, token).await.map_err(relayed)?;
+            let models = client.models().await.map_err(relayed)?;
             Ok(http::json(StatusCode::OK, &models))
         }
     }
+}
+
+/// `name`'s value in a query string, as given.
+fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A hive's download progress as the queen's own SSE stream. A hive that
+/// stops reporting before the end is said so, so the stream still ends with
+/// an outcome and `[DONE]`.
+fn relay_download(hive: String, mut events: Events<DownloadEvent>) -> Response<Body> {
+    let (tx, resp) = http::sse_response();
+    tokio::spawn(async move {
+        let mut last = None;
+        while let Some(event) = events.next().await {
+            if tx.send(sse::event(&event)).await.is_err() {
+                return;
+            }
+            last = Some(event);
+        }
+        if matches!(last, None | Some(DownloadEvent::Downloading { .. })) {
+            let lost = DownloadEvent::Error {
+                message: format!("hive {hive} stopped reporting the download"),
+            };
+            if tx.send(sse::event(&lost)).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(hyper::body::Bytes::from_static(sse::DONE)).await;
+    });
+    resp
 }
 
 async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {

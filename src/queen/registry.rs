@@ -4,8 +4,7 @@
 //! Only this module and the hive's catalog touch sled.
 
 use super::local_hive::LocalHive;
-use crate::http::client;
-use crate::protocol::{now_rfc3339, AddHive, ApiError, Health, HiveState, HiveStatus};
+use crate::protocol::{now_rfc3339, AddHive, ApiError, HiveState, HiveStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -153,8 +152,8 @@ impl Registry {
 
     /// Asks a hive whether it is alive, and remembers the answer.
     pub async fn check(&self, hive: &HiveConn) -> Result<(), String> {
-        let url = format!("{}/v1/health", hive.url);
-        let answer = client::get::<Health>(&url, hive.token.as_deref());
+        let client = hive.client();
+        let answer = client.health();
         let result = match tokio::time::timeout(Duration::from_secs(5), answer).await {
             Ok(Ok(h)) if h.role == "hive" => Ok(()),
             Ok(Ok(h)) => Err(format!("{} answers as a {}, not a hive", hive.url, h.role)),

@@ -223,7 +223,7 @@ async fn post_callback(
     report: &WorkerReadyCallback,
     auth: &Auth,
 ) -> Result<(), ApiError> {
-    http::client::post::<serde_json::Value>(url, auth.token(), report)
+    crate::clients::report_ready(url, auth.token(), report)
         .await
         .map(|_| ())
 }

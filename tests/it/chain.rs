@@ -1,4 +1,7 @@
 //! The whole flow from a shell: `rbee keeper` → queen → hive → worker.
+//!
+//! Each test starts its own queen (and hives) and checks one claim; the ones
+//! that run the model take turns (`serial`), as every model test does.
 
 use crate::hf_server::HfServer;
 use crate::support::*;
@@ -28,6 +31,17 @@ impl Cluster {
         }
     }
 
+    /// A cluster with these hives registered under these names.
+    fn with_hives(label: &str, hives: &[(&str, &Proc)]) -> Cluster {
+        let c = Cluster::new(label, &[]);
+        for (name, hive) in hives {
+            let (code, out, err) = c.keeper(&["hive", "add", name, "--url", &hive.url]);
+            assert_eq!(code, 0, "{err}");
+            assert!(out.starts_with(&format!("{name}\treachable")), "{out}");
+        }
+        c
+    }
+
     /// Starts `rbee keeper --queen-url … ARGS` without waiting.
     fn spawn(&self, args: &[&str]) -> Proc {
         let mut all = vec!["keeper", "--queen-url", &self.queen];
@@ -48,6 +62,52 @@ impl Cluster {
             .unwrap_or_else(|| panic!("keeper {args:?} did not finish:\n{}", p.stderr()));
         (status.code().unwrap_or(-1), p.stdout(), p.stderr())
     }
+
+    /// `keeper infer` of `prompt` (greedy, a few tokens) on the test model.
+    fn infer(&self, node: &str, prompt: &str) -> (i32, String, String) {
+        let model = file_model();
+        self.keeper(&infer_args(node, &model, prompt))
+    }
+
+    /// `keeper infer` with the prompt written to its stdin (`-`).
+    fn infer_piped(&self, prompt: &str) -> std::process::Output {
+        use std::io::Write;
+        let model = file_model();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rbee"))
+            .args(["keeper", "--queen-url", &self.queen])
+            .args(infer_args("localhost", &model, "-"))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("keeper starts");
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        stdin
+            .write_all(prompt.as_bytes())
+            .expect("the prompt is written");
+        drop(stdin);
+        child.wait_with_output().expect("keeper output")
+    }
+
+    /// A keeper generating a long answer on `node`, once its tokens flow.
+    fn long_infer(&self, node: &str) -> Proc {
+        let model = file_model();
+        let p = self.spawn(&[
+            "infer",
+            "--node",
+            node,
+            "--model",
+            &model,
+            "--max-tokens",
+            "3000",
+            "Once upon a time",
+        ]);
+        wait_until("tokens to flow", Duration::from_secs(60), || {
+            p.stdout().len() > 20
+        });
+        p
+    }
 }
 
 impl Drop for Cluster {
@@ -56,34 +116,61 @@ impl Drop for Cluster {
     }
 }
 
+fn file_model() -> String {
+    format!("file:{}", model_path().display())
+}
+
+fn infer_args<'a>(node: &'a str, model: &'a str, prompt: &'a str) -> Vec<&'a str> {
+    vec![
+        "infer",
+        "--node",
+        node,
+        "--model",
+        model,
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        prompt,
+    ]
+}
+
 /// The local hive's URL and pid, from the queen's narration.
 fn local_hive(stderr: &str) -> (String, u32) {
     let line = stderr
         .lines()
         .find(|l| l.contains("local hive is up at"))
         .unwrap_or_else(|| panic!("no local hive narrated:\n{stderr}"));
-    let rest = line.split("local hive is up at ").nth(1).unwrap();
-    let url = rest.split_whitespace().next().unwrap().to_string();
+    let rest = line
+        .split("local hive is up at ")
+        .nth(1)
+        .unwrap_or_default();
+    let url = rest.split_whitespace().next().unwrap_or_default();
     let pid = rest
         .split("(pid ")
         .nth(1)
-        .unwrap()
-        .trim_end_matches(')')
-        .parse()
-        .unwrap();
-    (url, pid)
+        .and_then(|p| p.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    (url.to_string(), pid)
 }
 
 fn workers_of(hive: &str) -> Vec<Value> {
-    get(&format!("{hive}/v1/workers/list"))
-        .1
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    let (status, list) = get(&format!("{hive}/v1/workers/list"));
+    assert_eq!(status, 200, "{list}");
+    list.as_array().cloned().unwrap_or_default()
+}
+
+/// The one worker a hive runs: its pid and URL.
+fn only_worker(hive: &str) -> (u32, String) {
+    let workers = workers_of(hive);
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    let pid = workers[0]["pid"].as_u64().expect("a pid") as u32;
+    let url = workers[0]["url"].as_str().expect("a url").to_string();
+    (pid, url)
 }
 
 #[test]
-fn from_nothing_running_tokens_reach_the_shell_and_the_next_call_is_warm() {
+fn from_nothing_running_tokens_reach_stdout_and_every_step_is_narrated() {
     let _turn = serial();
     let hf = HfServer::start();
     hf.add_repo(
@@ -94,22 +181,9 @@ fn from_nothing_running_tokens_reach_the_shell_and_the_next_call_is_warm() {
     );
     let c = Cluster::new("chain-cold", &[("HF_ENDPOINT", &hf.url)]);
     let model = "hf:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1";
-    let infer = [
-        "infer",
-        "--node",
-        "localhost",
-        "--model",
-        model,
-        "--max-tokens",
-        "12",
-        "--temperature",
-        "0",
-    ];
-    let mut args = infer.to_vec();
-    args.push("Once upon a time");
-    let (code, out, err) = c.keeper(&args);
+    let (code, out, err) = c.keeper(&infer_args("localhost", model, "Once upon a time"));
     assert_eq!(code, 0, "{err}");
-    assert!(!out.trim().is_empty(), "tokens reach stdout");
+    assert!(out.trim().len() > 5, "tokens reach stdout: {out:?}");
     assert!(
         !out.contains("[queen]") && !out.contains("waking"),
         "only tokens on stdout: {out}"
@@ -123,87 +197,75 @@ fn from_nothing_running_tokens_reach_the_shell_and_the_next_call_is_warm() {
     ] {
         assert!(err.contains(said), "stderr should narrate {said:?}:\n{err}");
     }
-    let (hive, hive_pid) = local_hive(&err);
-    let workers = workers_of(&hive);
-    assert_eq!(workers.len(), 1);
-    let worker_pid = workers[0]["pid"].as_u64().unwrap() as u32;
-    let worker_url = workers[0]["url"].as_str().unwrap().to_string();
+}
 
-    // Warm: the same worker, no spawn; and greedy output is the same.
-    let (code, again, err) = c.keeper(&args);
+#[test]
+fn a_second_call_reuses_the_worker_and_repeats_the_greedy_answer() {
+    let _turn = serial();
+    let c = Cluster::new("chain-warm", &[]);
+    let (code, first, err) = c.infer("localhost", "Once upon a time");
+    assert_eq!(code, 0, "{err}");
+    let (hive, _) = local_hive(&err);
+    let (code, again, err) = c.infer("localhost", "Once upon a time");
     assert_eq!(code, 0, "{err}");
     assert!(
         err.contains("using worker") && !err.contains("starting a worker"),
         "{err}"
     );
-    assert!(!err.contains("waking"), "{err}");
-    assert_eq!(again, out);
+    assert!(!err.contains("waking"), "the queen was still up: {err}");
+    assert_eq!(again, first);
     assert_eq!(workers_of(&hive).len(), 1);
+}
 
-    // The prompt can come from a pipe; an empty one is refused.
-    let piped = |prompt: &str| {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rbee"))
-            .args([
-                "keeper",
-                "--queen-url",
-                &c.queen,
-                "infer",
-                "--model",
-                model,
-                "--max-tokens",
-                "12",
-                "--temperature",
-                "0",
-                "-",
-            ])
-            .envs(c.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("keeper");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(prompt.as_bytes())
-            .unwrap();
-        child.wait_with_output().expect("keeper output")
-    };
-    let from_pipe = piped("Once upon a time");
-    assert!(
-        from_pipe.status.success(),
-        "{}",
-        String::from_utf8_lossy(&from_pipe.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&from_pipe.stdout), out);
-    let empty = piped("  ");
+#[test]
+fn a_prompt_piped_on_stdin_gets_the_same_answer_as_an_argument() {
+    let _turn = serial();
+    let c = Cluster::new("chain-pipe", &[]);
+    let (code, from_arg, err) = c.infer("localhost", "Once upon a time");
+    assert_eq!(code, 0, "{err}");
+    let from_pipe = c.infer_piped("Once upon a time");
+    let err = String::from_utf8_lossy(&from_pipe.stderr);
+    assert!(from_pipe.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&from_pipe.stdout), from_arg);
+}
+
+#[test]
+fn an_empty_piped_prompt_is_refused() {
+    let c = Cluster::new("chain-empty", &[]);
+    let empty = c.infer_piped("  \n");
     assert_eq!(empty.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&empty.stderr).contains("the prompt is empty"));
+    let err = String::from_utf8_lossy(&empty.stderr);
+    assert!(err.contains("the prompt is empty"), "{err}");
+    assert!(empty.stdout.is_empty());
+}
 
-    // Ctrl+C cancels the job and frees the worker's slot.
-    let mut long = c.spawn(&[
-        "infer",
-        "--model",
-        model,
-        "--max-tokens",
-        "3000",
-        "Once upon a time",
-    ]);
-    wait_until("tokens to flow", Duration::from_secs(60), || {
-        long.stdout().len() > 20
-    });
+#[test]
+fn ctrl_c_cancels_the_job_and_frees_the_workers_slot() {
+    let _turn = serial();
+    let c = Cluster::new("chain-cancel", &[]);
+    let (code, _, err) = c.infer("localhost", "Hello");
+    assert_eq!(code, 0, "{err}");
+    let (_, worker) = only_worker(&local_hive(&err).0);
+    let mut long = c.long_infer("localhost");
+    assert_eq!(get(&format!("{worker}/v1/ready")).1["slots_busy"], 1);
     long.signal("INT");
     let status = long
         .wait_exit(Duration::from_secs(20))
         .expect("the keeper exits");
     assert_eq!(status.code(), Some(130), "{}", long.stderr());
     wait_until("the slot to be freed", Duration::from_secs(10), || {
-        get(&format!("{worker_url}/v1/ready")).1["slots_busy"] == 0
+        get(&format!("{worker}/v1/ready")).1["slots_busy"] == 0
     });
+}
 
-    // `queen stop` leaves nothing the queen started.
+#[test]
+fn queen_stop_leaves_nothing_the_queen_started() {
+    let _turn = serial();
+    let c = Cluster::new("chain-stop", &[]);
+    let (code, _, err) = c.infer("localhost", "Hello");
+    assert_eq!(code, 0, "{err}");
+    let (hive, hive_pid) = local_hive(&err);
+    let (worker_pid, _) = only_worker(&hive);
     let (code, out, _) = c.keeper(&["queen", "stop"]);
     assert_eq!((code, out.trim()), (0, "queen stopped"));
     wait_until("hive and worker to stop", Duration::from_secs(30), || {
@@ -214,34 +276,17 @@ fn from_nothing_running_tokens_reach_the_shell_and_the_next_call_is_warm() {
 }
 
 #[test]
-fn jobs_route_by_node_and_failures_are_named() {
+fn a_job_runs_on_the_node_it_names_and_the_tables_show_it_there() {
     let _turn = serial();
     let (one_home, two_home) = (TempDir::new("hive-one"), TempDir::new("hive-two"));
-    let start = |home: &TempDir| start_hive(home, &[], &[]);
-    let one = start(&one_home);
-    let two = start(&two_home);
-    let c = Cluster::new("chain-route", &[]);
-    for (name, hive) in [("one", &one), ("two", &two)] {
-        let (code, out, err) = c.keeper(&["hive", "add", name, "--url", &hive.url]);
-        assert_eq!(code, 0, "{err}");
-        assert!(out.starts_with(&format!("{name}\treachable")), "{out}");
-    }
+    let one = start_hive(&one_home, &[], &[]);
+    let two = start_hive(&two_home, &[], &[]);
+    let c = Cluster::with_hives("chain-route", &[("one", &one), ("two", &two)]);
     let (_, list, _) = c.keeper(&["hive", "list"]);
     assert_eq!(list.lines().count(), 2, "{list}");
-
-    let model = format!("file:{}", model_path().display());
-    let (code, out, err) = c.keeper(&[
-        "infer",
-        "--node",
-        "two",
-        "--model",
-        &model,
-        "--max-tokens",
-        "6",
-        "Hello there",
-    ]);
+    let (code, out, err) = c.infer("two", "Hello there");
     assert_eq!(code, 0, "{err}");
-    assert!(!out.is_empty());
+    assert!(out.trim().len() > 5, "{out:?}");
     assert_eq!(workers_of(&two.url).len(), 1, "ran on two");
     assert!(workers_of(&one.url).is_empty(), "not on one");
     let (_, listed, _) = c.keeper(&["workers", "list"]);
@@ -254,71 +299,103 @@ fn jobs_route_by_node_and_failures_are_named() {
         models.starts_with("smollm2-135m-instruct.q4_1\tQ4_1\tllama"),
         "{models}"
     );
+}
 
-    // A worker killed mid-stream: WORKER_LOST and exit 1.
-    let worker_pid = workers_of(&two.url)[0]["pid"].as_u64().unwrap() as u32;
-    let mut long = c.spawn(&[
-        "infer",
-        "--node",
-        "two",
-        "--model",
-        &model,
-        "--max-tokens",
-        "3000",
-        "Once upon a time",
-    ]);
-    wait_until("tokens to flow", Duration::from_secs(60), || {
-        long.stdout().len() > 20
-    });
-    std::process::Command::new("kill")
+#[test]
+fn a_worker_killed_mid_answer_ends_the_job_with_worker_lost() {
+    let _turn = serial();
+    let home = TempDir::new("hive-lost");
+    let hive = start_hive(&home, &[], &[]);
+    let c = Cluster::with_hives("chain-lost", &[("solo", &hive)]);
+    let mut long = c.long_infer("solo");
+    let (worker_pid, _) = only_worker(&hive.url);
+    let killed = std::process::Command::new("kill")
         .args(["-KILL", &worker_pid.to_string()])
         .status()
-        .unwrap();
+        .expect("kill runs");
+    assert!(killed.success());
     let status = long
         .wait_exit(Duration::from_secs(30))
         .expect("the keeper exits");
     assert_eq!(status.code(), Some(1));
     assert!(long.stderr().contains("WORKER_LOST"), "{}", long.stderr());
+}
 
-    // Bad input: an unknown node, an unknown model.
-    let (code, _, err) = c.keeper(&["infer", "--node", "nowhere", "--model", &model, "hi"]);
-    assert_eq!(code, 1);
+#[test]
+fn an_unknown_node_is_refused_naming_the_registered_hives() {
+    let (one_home, two_home) = (TempDir::new("hive-n1"), TempDir::new("hive-n2"));
+    let one = start_hive(&one_home, &[], &[]);
+    let two = start_hive(&two_home, &[], &[]);
+    let c = Cluster::with_hives("chain-node", &[("one", &one), ("two", &two)]);
+    let (code, out, err) = c.infer("nowhere", "hi");
+    assert_eq!((code, out.as_str()), (1, ""));
     assert!(
         err.contains("no hive named nowhere") && err.contains("one, two"),
         "{err}"
     );
-    let (code, _, err) = c.keeper(&["infer", "--node", "two", "--model", "no-such-model", "hi"]);
+}
+
+#[test]
+fn an_unknown_model_is_refused_by_name() {
+    let home = TempDir::new("hive-model");
+    let hive = start_hive(&home, &[], &[]);
+    let c = Cluster::with_hives("chain-model", &[("solo", &hive)]);
+    let (code, _, err) = c.keeper(&["infer", "--node", "solo", "--model", "no-such-model", "hi"]);
     assert_eq!(code, 1);
     assert!(err.contains("no model named no-such-model"), "{err}");
+    assert!(workers_of(&hive.url).is_empty(), "nothing was started");
+}
 
-    // A hive that is down is named; the other still serves.
-    drop(one);
-    let (code, _, err) = c.keeper(&["infer", "--node", "one", "--model", &model, "hi"]);
+#[test]
+fn a_hive_that_is_down_is_named() {
+    let home = TempDir::new("hive-down");
+    let hive = start_hive(&home, &[], &[]);
+    let c = Cluster::with_hives("chain-down", &[("gone", &hive)]);
+    let url = hive.url.clone();
+    drop(hive);
+    let (code, _, err) = c.infer("gone", "hi");
     assert_eq!(code, 1);
     assert!(
-        err.contains("hive one at") && err.contains("not answering"),
+        err.contains(&format!("hive gone at {url}")) && err.contains("not answering"),
         "{err}"
     );
-    let (code, _, err) = c.keeper(&[
-        "infer",
-        "--node",
-        "two",
-        "--model",
-        &model,
-        "--max-tokens",
-        "4",
-        "Hello",
-    ]);
-    assert_eq!(code, 0, "{err}");
+}
 
-    // The queen's own API: a malformed job, a job that does not exist.
+#[test]
+fn with_one_hive_down_a_job_for_any_node_runs_on_the_other() {
+    let _turn = serial();
+    let (one_home, two_home) = (TempDir::new("hive-d1"), TempDir::new("hive-d2"));
+    let one = start_hive(&one_home, &[], &[]);
+    let two = start_hive(&two_home, &[], &[]);
+    let c = Cluster::with_hives("chain-failover", &[("one", &one), ("two", &two)]);
+    drop(one);
+    let model = file_model();
+    let (code, out, err) = c.keeper(&["infer", "--model", &model, "--max-tokens", "4", "Hello"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.trim().is_empty(), "{err}");
+    assert!(err.contains("hive one at"), "the skip is narrated: {err}");
+    assert_eq!(workers_of(&two.url).len(), 1);
+}
+
+#[test]
+fn the_queen_refuses_bad_jobs_with_their_codes() {
+    let c = Cluster::new("chain-api", &[]);
+    let (code, _, err) = c.keeper(&["queen", "start"]);
+    assert_eq!(code, 0, "{err}");
     let (status, e) = post(&format!("{}/v1/jobs", c.queen), "{\"prompt\": 3}");
-    assert_eq!(status, 400, "{e}");
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("INVALID_REQUEST")),
+        "{e}"
+    );
     let (status, e) = get(&format!("{}/v1/jobs/job-nope/stream", c.queen));
     assert_eq!(
         (status, e["error"]["code"].as_str()),
         (404, Some("JOB_NOT_FOUND"))
     );
-    let (status, _) = request("DELETE", &format!("{}/v1/jobs/job-nope", c.queen));
-    assert_eq!(status, 404);
+    let (status, e) = request("DELETE", &format!("{}/v1/jobs/job-nope", c.queen));
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (404, Some("JOB_NOT_FOUND"))
+    );
 }
