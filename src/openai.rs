@@ -102,6 +102,7 @@ pub enum Kind {
 }
 
 /// A request rbee can run: the inference, and the chat messages if any.
+#[derive(Debug)]
 pub struct Prepared {
     pub inference: InferenceRequest,
     pub chat: Option<Vec<(String, String)>>,
@@ -382,4 +383,158 @@ pub fn model_list(names: impl IntoIterator<Item = (String, String)>) -> Value {
         .map(|(id, owner)| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
         .collect();
     json!({"object": "list", "data": data})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One table of OpenAI requests and the field each is refused for.
+    #[test]
+    fn requests_are_checked_with_the_one_rule_set() {
+        let chat = |extra: &str| {
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#)
+        };
+        let cases: &[(String, Kind, Option<&str>)] = &[
+            (chat(""), Kind::Chat, None),
+            (
+                chat(r#","temperature":2,"stop":"x","seed":-7"#),
+                Kind::Chat,
+                None,
+            ),
+            (
+                chat(r#","temperature":2.5"#),
+                Kind::Chat,
+                Some("temperature"),
+            ),
+            (chat(r#","top_p":1.5"#), Kind::Chat, Some("top_p")),
+            (chat(r#","max_tokens":0"#), Kind::Chat, Some("max_tokens")),
+            (
+                chat(r#","max_completion_tokens":-1"#),
+                Kind::Chat,
+                Some("max_tokens"),
+            ),
+            (
+                chat(r#","presence_penalty":9"#),
+                Kind::Chat,
+                Some("presence_penalty"),
+            ),
+            (chat(r#","stop":[""]"#), Kind::Chat, Some("stop")),
+            (chat(r#","n":2"#), Kind::Chat, Some("n")),
+            (r#"{"model":"m"}"#.into(), Kind::Chat, Some("messages")),
+            (
+                r#"{"model":"m","messages":[]}"#.into(),
+                Kind::Chat,
+                Some("messages"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"wizard","content":"hi"}]}"#.into(),
+                Kind::Chat,
+                Some("messages"),
+            ),
+            (
+                r#"{"model":"m","prompt":"x"}"#.into(),
+                Kind::Completion,
+                None,
+            ),
+            (
+                r#"{"model":"m","prompt":["x"]}"#.into(),
+                Kind::Completion,
+                None,
+            ),
+            (
+                r#"{"model":"m","prompt":["x","y"]}"#.into(),
+                Kind::Completion,
+                Some("prompt"),
+            ),
+            (
+                r#"{"model":"m","prompt":""}"#.into(),
+                Kind::Completion,
+                Some("prompt"),
+            ),
+            (
+                r#"{"model":"m","prompt":5}"#.into(),
+                Kind::Completion,
+                Some("prompt"),
+            ),
+        ];
+        for (body, kind, refused) in cases {
+            let got = parse(body.as_bytes(), *kind).err().map(|e| {
+                assert_eq!(e.code, ErrorCode::InvalidRequest, "{body}");
+                e.param.unwrap_or_default()
+            });
+            assert_eq!(got.as_deref(), *refused, "{body}");
+        }
+        let e = parse(b"{not json", Kind::Chat).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn openai_defaults_and_the_newer_max_tokens_name_win() {
+        let p = parse(
+            br#"{"model":"m","prompt":"x","max_tokens":5,"max_completion_tokens":7}"#,
+            Kind::Completion,
+        )
+        .unwrap();
+        assert_eq!(p.inference.sampling.max_tokens, Some(7));
+        assert_eq!(p.inference.sampling.temperature, Some(1.0));
+        assert_eq!(p.inference.sampling.top_k, Some(0));
+        let p = parse(
+            br#"{"model":"m","messages":[{"role":"developer","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#,
+            Kind::Chat,
+        )
+        .unwrap();
+        assert_eq!(p.chat, Some(vec![("system".to_string(), "ab".to_string())]));
+    }
+
+    #[test]
+    fn chunks_have_openai_shapes() {
+        let chat = Answer::new(Kind::Chat, "m", 3);
+        let first = chat.chunk(None, None);
+        assert_eq!(first["object"], "chat.completion.chunk");
+        assert_eq!(
+            first["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
+        let text = chat.chunk(Some("hi"), None);
+        assert_eq!(text["choices"][0]["delta"], json!({"content": "hi"}));
+        assert_eq!(text["choices"][0]["finish_reason"], Value::Null);
+        let last = chat.chunk(None, Some("length"));
+        assert_eq!(last["choices"][0]["delta"], json!({}));
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+        let usage = chat.usage_chunk(4);
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(
+            usage["usage"],
+            json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+        );
+        let whole = chat.whole("hello", StopReason::Eos, 2);
+        assert_eq!(whole["object"], "chat.completion");
+        assert_eq!(
+            whole["choices"][0]["message"],
+            json!({"role": "assistant", "content": "hello"})
+        );
+        assert_eq!(whole["choices"][0]["finish_reason"], "stop");
+        let completion = Answer::new(Kind::Completion, "m", 1);
+        let chunk = completion.chunk(Some("x"), None);
+        assert_eq!(chunk["object"], "text_completion");
+        assert_eq!(chunk["choices"][0]["text"], "x");
+        let whole = completion.whole("x", StopReason::MaxTokens, 1);
+        assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    }
+
+    #[test]
+    fn errors_have_openai_shape_and_status() {
+        let resp = error(ApiError::invalid("top_p", "top_p must be between 0 and 1"));
+        assert_eq!(resp.status(), 400);
+        let body = serde_json::to_value(OpenAiError::from(ApiError::new(
+            ErrorCode::QueueFull,
+            "busy",
+        )))
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({"error": {"message": "busy", "type": "server_busy", "param": null, "code": "QUEUE_FULL"}})
+        );
+    }
 }
