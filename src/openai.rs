@@ -89,6 +89,8 @@ pub struct CompletionRequest {
     #[serde(flatten)]
     pub sampling: SamplingParams,
     pub n: Option<u32>,
+    /// llama-server's opt-out of the prompt cache.
+    pub cache_prompt: Option<bool>,
     #[serde(default)]
     pub stream: bool,
     #[serde(default)]
@@ -191,6 +193,7 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
         inference: InferenceRequest {
             prompt,
             sampling,
+            cache_prompt: req.cache_prompt,
             job_id: None,
         },
         chat,
@@ -226,6 +229,13 @@ struct Usage {
     prompt_tokens: u32,
     completion_tokens: u32,
     total_tokens: u32,
+    prompt_tokens_details: PromptTokensDetails,
+}
+
+/// How much of the prompt came from the prompt cache, as OpenAI reports it.
+#[derive(Serialize)]
+struct PromptTokensDetails {
+    cached_tokens: u32,
 }
 
 impl Answer {
@@ -244,11 +254,14 @@ impl Answer {
         }
     }
 
-    fn usage(&self, completion: u32) -> Usage {
+    fn usage(&self, completion: u32, cached: u32) -> Usage {
         Usage {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: completion,
             total_tokens: self.prompt_tokens + completion,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: cached,
+            },
         }
     }
 
@@ -272,29 +285,29 @@ impl Answer {
     }
 
     /// The last streamed chunk when usage was asked for: no choices, just usage.
-    pub fn usage_chunk(&self, completion: u32) -> Value {
+    pub fn usage_chunk(&self, completion: u32, cached: u32) -> Value {
         let object = if self.kind == Kind::Chat {
             "chat.completion.chunk"
         } else {
             "text_completion"
         };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
-               "choices": [], "usage": self.usage(completion)})
+               "choices": [], "usage": self.usage(completion, cached)})
     }
 
     /// The whole answer, not streamed.
-    pub fn whole(&self, text: &str, reason: StopReason, completion: u32) -> Value {
+    pub fn whole(&self, text: &str, reason: StopReason, completion: u32, cached: u32) -> Value {
         let finish = finish_reason(reason);
         match self.kind {
             Kind::Chat => {
                 json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": self.usage(completion)})
+                "usage": self.usage(completion, cached)})
             }
             Kind::Completion => {
                 json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
-                "usage": self.usage(completion)})
+                "usage": self.usage(completion, cached)})
             }
         }
     }
@@ -318,11 +331,12 @@ pub async fn respond(
                 Some(InferenceEvent::End {
                     tokens_out,
                     stop_reason,
+                    cached_tokens,
                     ..
                 }) => {
                     break http::json(
                         StatusCode::OK,
-                        &answer.whole(&text, stop_reason, tokens_out),
+                        &answer.whole(&text, stop_reason, tokens_out, cached_tokens),
                     )
                 }
                 Some(InferenceEvent::Error { code, message }) => {
@@ -353,10 +367,10 @@ pub async fn respond(
                             return;
                         }
                     }
-                    Some(InferenceEvent::End { tokens_out, stop_reason, .. }) => {
+                    Some(InferenceEvent::End { tokens_out, stop_reason, cached_tokens, .. }) => {
                         let _ = tx.send(send(&answer.chunk(None, Some(finish_reason(stop_reason))))).await;
                         if include_usage {
-                            let _ = tx.send(send(&answer.usage_chunk(tokens_out))).await;
+                            let _ = tx.send(send(&answer.usage_chunk(tokens_out, cached_tokens))).await;
                         }
                         break;
                     }
@@ -502,13 +516,14 @@ mod tests {
         let last = chat.chunk(None, Some("length"));
         assert_eq!(last["choices"][0]["delta"], json!({}));
         assert_eq!(last["choices"][0]["finish_reason"], "length");
-        let usage = chat.usage_chunk(4);
+        let usage = chat.usage_chunk(4, 2);
         assert_eq!(usage["choices"], json!([]));
         assert_eq!(
             usage["usage"],
-            json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+            json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                   "prompt_tokens_details": {"cached_tokens": 2}})
         );
-        let whole = chat.whole("hello", StopReason::Eos, 2);
+        let whole = chat.whole("hello", StopReason::Eos, 2, 0);
         assert_eq!(whole["object"], "chat.completion");
         assert_eq!(
             whole["choices"][0]["message"],
@@ -519,7 +534,7 @@ mod tests {
         let chunk = completion.chunk(Some("x"), None);
         assert_eq!(chunk["object"], "text_completion");
         assert_eq!(chunk["choices"][0]["text"], "x");
-        let whole = completion.whole("x", StopReason::MaxTokens, 1);
+        let whole = completion.whole("x", StopReason::MaxTokens, 1, 0);
         assert_eq!(whole["choices"][0]["finish_reason"], "length");
     }
 

@@ -284,6 +284,9 @@ pub struct InferenceRequest {
     pub prompt: String,
     #[serde(flatten)]
     pub sampling: SamplingParams,
+    /// `false` opts out of the prompt cache (DESIGN.md §9): the whole prompt is decoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_prompt: Option<bool>,
     /// The queen's job id, echoed in `started`; the worker makes one up when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
@@ -316,6 +319,9 @@ pub enum InferenceEvent {
         tokens_out: u32,
         decode_time_ms: u64,
         stop_reason: StopReason,
+        /// Prompt tokens that came from the prompt cache rather than being decoded.
+        #[serde(default)]
+        cached_tokens: u32,
     },
     Error {
         code: ErrorCode,
@@ -406,6 +412,11 @@ pub struct ReadyStatus {
     pub slots_total: u32,
     pub slots_busy: u32,
     pub queue_len: u32,
+    /// Idle conversations kept in the prompt cache, and their tokens.
+    #[serde(default)]
+    pub cached_sequences: u32,
+    #[serde(default)]
+    pub cached_tokens: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -836,10 +847,11 @@ mod tests {
             tokens_out: 20,
             decode_time_ms: 1234,
             stop_reason: StopReason::MaxTokens,
+            cached_tokens: 7,
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
-            r#"{"type":"end","tokens_out":20,"decode_time_ms":1234,"stop_reason":"max_tokens"}"#
+            r#"{"type":"end","tokens_out":20,"decode_time_ms":1234,"stop_reason":"max_tokens","cached_tokens":7}"#
         );
         let l = LoadingEvent::Ready;
         assert_eq!(serde_json::to_string(&l).unwrap(), r#"{"stage":"ready"}"#);

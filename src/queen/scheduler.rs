@@ -493,6 +493,7 @@ async fn relay(
     let body = InferenceRequest {
         prompt: req.prompt.clone(),
         sampling: req.sampling.clone(),
+        cache_prompt: None,
         job_id: Some(job.id.clone()),
     };
     let mut events = cluster
@@ -697,6 +698,8 @@ mod tests {
                 slots_total: 4,
                 slots_busy: w.slots_busy,
                 queue_len: 0,
+                cached_sequences: 0,
+                cached_tokens: 0,
                 error: None,
             })
         }
@@ -784,6 +787,7 @@ mod tests {
                         tokens_out: n,
                         decode_time_ms: 1,
                         stop_reason: StopReason::MaxTokens,
+                        cached_tokens: 0,
                     }])
                     .collect(),
             }))

@@ -8,6 +8,7 @@
 //! ([`super::slots::plan_batch`]). Its only blocking wait is for work when
 //! every slot is idle, so running streams never wait on the HTTP side.
 
+use super::cache::{KvOp, PromptCache, Token};
 use super::slots::{plan_batch, Phase, PieceKind, Slots};
 use super::text::{StopMatcher, Utf8Assembler};
 use crate::protocol::{
@@ -21,9 +22,10 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::DecodeError;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -52,11 +54,21 @@ pub struct Load {
     in_flight: AtomicU32,
     /// Slots holding a request, as of the last step.
     busy: AtomicU32,
+    /// Idle conversations in the prompt cache, and their tokens.
+    cached_sequences: AtomicU32,
+    cached_tokens: AtomicU64,
 }
 
 impl Load {
     pub fn busy(&self) -> u32 {
         self.busy.load(Ordering::Relaxed)
+    }
+
+    pub fn cached(&self) -> (u32, u64) {
+        (
+            self.cached_sequences.load(Ordering::Relaxed),
+            self.cached_tokens.load(Ordering::Relaxed),
+        )
     }
 
     pub fn queued(&self) -> u32 {
@@ -249,8 +261,16 @@ fn progress_event(config: &Config, layers_total: u32, fraction: f32, size: u64) 
 struct Request {
     submission: Box<Submission>,
     tokens: Vec<LlamaToken>,
-    /// Prompt tokens already in the KV cache.
+    /// Prompt tokens already in the KV cache (from the prompt cache, then decoded).
     prompt_done: usize,
+    /// Prompt tokens that came from the prompt cache.
+    cached: usize,
+    /// The llama.cpp sequence it decodes into, once it holds a slot.
+    seq: Option<usize>,
+    /// Generated tokens decoded into the sequence (the last sampled one is not, yet).
+    fed: Vec<LlamaToken>,
+    /// What the batch being decoded holds for it, counted once the decode succeeds.
+    pending: Option<PieceKind>,
     /// The sampled token to feed next, once the prompt is read.
     next: Option<LlamaToken>,
     sampler: LlamaSampler,
@@ -297,6 +317,16 @@ impl Request {
         }
     }
 
+    /// What its sequence holds in the KV cache: the prompt as far as it was
+    /// read, then every generated token that was decoded.
+    fn held(&self) -> Vec<Token> {
+        self.tokens[..self.prompt_done]
+            .iter()
+            .chain(&self.fed)
+            .map(|t| t.0)
+            .collect()
+    }
+
     /// Sends what is held back (unless a stop sequence cut it) and the `end` event.
     fn finish(&mut self, reason: StopReason) {
         if reason != StopReason::StopSequence {
@@ -312,8 +342,39 @@ impl Request {
             tokens_out: self.generated,
             decode_time_ms,
             stop_reason: reason,
+            cached_tokens: self.cached as u32,
         });
     }
+}
+
+/// How many sequences the context keeps per decoding slot: idle conversations
+/// stay in the KV cache until their cells are needed (DESIGN.md §9).
+const SEQUENCES_PER_SLOT: u32 = 4;
+/// llama.cpp's own limit on sequence ids in one context.
+const MAX_SEQUENCES: u32 = 256;
+
+/// What the loop should do after taking commands.
+enum Flow {
+    Run,
+    Stop,
+}
+
+/// How a decode call ended.
+enum DecodeOutcome {
+    Decoded,
+    /// llama.cpp failed; the requests in the batch have been ended.
+    Failed,
+}
+
+/// The batching loop's state: one context, its slots and its prompt cache.
+struct Batcher<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    slots: Slots<Request>,
+    cache: PromptCache,
+    /// The context one request may fill, in tokens.
+    n_ctx_slot: u32,
 }
 
 /// The continuous-batching loop. Returns when told to shut down.
@@ -325,34 +386,71 @@ fn serve(
     load: &Load,
     progress: &watch::Sender<LoadingEvent>,
 ) -> Result<(), String> {
-    let n_ctx_slot = config
-        .ctx_size
-        .unwrap_or_else(|| model.n_ctx_train().min(4096));
-    let n_slots = config.slots;
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx_slot * n_slots))
-        .with_n_batch(BATCH_TOKENS as u32)
-        .with_n_ubatch(BATCH_TOKENS as u32)
-        .with_n_seq_max(n_slots)
-        .with_n_threads(config.threads)
-        .with_n_threads_batch(config.threads);
-    let mut ctx = model.new_context(backend, params).map_err(|e| {
-        format!("cannot create a llama.cpp context of {n_slots}×{n_ctx_slot} tokens: {e}")
-    })?;
-    let mut batch = LlamaBatch::new(BATCH_TOKENS, 1);
-    let mut slots: Slots<Request> = Slots::new(n_slots as usize);
-    tracing::info!(
-        "ready: {n_slots} slots of {n_ctx_slot} tokens, {} threads",
-        config.threads
-    );
+    let mut b = Batcher::new(config, backend, model)?;
     progress.send_replace(LoadingEvent::Ready);
-
     loop {
-        // 1. New work. Block only when there is nothing to run.
-        let mut next = if slots.is_idle() {
+        if let Flow::Stop = b.take_commands(commands) {
+            load.busy.store(0, Ordering::Relaxed);
+            return Ok(());
+        }
+        b.drop_departed();
+        b.admit();
+        b.publish(load);
+        let Some(wants_logits) = b.build_batch()? else {
+            continue;
+        };
+        if let DecodeOutcome::Decoded = b.decode() {
+            b.sample(&wants_logits);
+        }
+        b.publish(load);
+    }
+}
+
+impl<'m> Batcher<'m> {
+    /// Creates the context: one unified KV cache of `slots × ctx` tokens,
+    /// shared by more sequences than slots, so idle conversations stay cached.
+    fn new(
+        config: &Config,
+        backend: &LlamaBackend,
+        model: &'m LlamaModel,
+    ) -> Result<Batcher<'m>, String> {
+        let n_ctx_slot = config
+            .ctx_size
+            .unwrap_or_else(|| model.n_ctx_train().min(4096));
+        let n_slots = config.slots;
+        // At most 128 slots (checked at startup), so this is always more than the slots.
+        let n_seqs = (n_slots * SEQUENCES_PER_SLOT).min(MAX_SEQUENCES);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx_slot * n_slots))
+            .with_n_batch(BATCH_TOKENS as u32)
+            .with_n_ubatch(BATCH_TOKENS as u32)
+            .with_n_seq_max(n_seqs)
+            .with_kv_unified(true)
+            .with_n_threads(config.threads)
+            .with_n_threads_batch(config.threads);
+        let ctx = model.new_context(backend, params).map_err(|e| {
+            format!("cannot create a llama.cpp context of {n_slots}×{n_ctx_slot} tokens: {e}")
+        })?;
+        tracing::info!(
+            "ready: {n_slots} slots of {n_ctx_slot} tokens, {n_seqs} cached sequences, {} threads",
+            config.threads
+        );
+        Ok(Batcher {
+            model,
+            ctx,
+            batch: LlamaBatch::new(BATCH_TOKENS, 1),
+            slots: Slots::new(n_slots as usize),
+            cache: PromptCache::new(n_seqs as usize),
+            n_ctx_slot,
+        })
+    }
+
+    /// Step 1: new work. Blocks only when there is nothing to run.
+    fn take_commands(&mut self, commands: &std_mpsc::Receiver<Command>) -> Flow {
+        let mut next = if self.slots.is_idle() {
             match commands.recv() {
                 Ok(c) => Some(c),
-                Err(_) => return Ok(()),
+                Err(_) => return Flow::Stop,
             }
         } else {
             commands.try_recv().ok()
@@ -360,10 +458,10 @@ fn serve(
         while let Some(command) = next {
             match command {
                 Command::Submit(submission, admitted) => {
-                    match prepare(model, submission, n_ctx_slot) {
+                    match prepare(self.model, submission, self.n_ctx_slot) {
                         Ok(request) => {
                             let _ = admitted.send(Ok(request.tokens.len() as u32));
-                            slots.enqueue(request);
+                            self.slots.enqueue(request);
                         }
                         Err(rejection) => {
                             let _ = admitted.send(Err(rejection));
@@ -371,91 +469,165 @@ fn serve(
                     }
                 }
                 Command::Shutdown => {
-                    for r in slots.drain() {
+                    for r in self.slots.drain() {
                         r.send(InferenceEvent::Error {
                             code: ErrorCode::Cancelled,
                             message: "the worker is shutting down".into(),
                         });
                     }
-                    load.busy.store(0, Ordering::Relaxed);
-                    return Ok(());
+                    return Flow::Stop;
                 }
             }
             next = commands.try_recv().ok();
         }
+        Flow::Run
+    }
 
-        // 2. Clients that went away give their place back now.
-        slots.retain_queued(|r| !r.client_gone());
-        let gone: Vec<usize> = slots
+    /// Step 2: clients that went away give their place back now.
+    fn drop_departed(&mut self) {
+        self.slots.retain_queued(|r| !r.client_gone());
+        let gone: Vec<usize> = self
+            .slots
             .busy_mut()
             .filter(|(_, r)| r.client_gone())
             .map(|(i, _)| i)
             .collect();
         for i in gone {
             tracing::debug!("slot {i}: client went away");
-            release(&mut slots, &mut ctx, i);
+            self.release(i);
         }
+    }
 
-        // 3. Queued requests take free slots; then one batch from every busy slot.
-        slots.admit();
-        load.busy.store(slots.busy() as u32, Ordering::Relaxed);
-        let phases: Vec<(usize, Phase)> = slots.busy_mut().map(|(i, r)| (i, r.phase())).collect();
-        let plan = plan_batch(&phases, BATCH_TOKENS);
-        if plan.is_empty() {
-            continue;
-        }
-        batch.clear();
-        let mut wants_logits: Vec<(usize, i32)> = Vec::new();
-        for piece in &plan {
-            let Some(r) = slots.get_mut(piece.slot) else {
+    /// Step 3: queued requests take free slots, each placed on the cached
+    /// sequence that already holds the longest prefix of its prompt.
+    fn admit(&mut self) {
+        for slot in self.slots.admit() {
+            let Some(r) = self.slots.get_mut(slot) else {
                 continue;
             };
-            let seq = [piece.slot as i32];
+            let prompt: Vec<Token> = r.tokens.iter().map(|t| t.0).collect();
+            let reuse = r.submission.request.cache_prompt != Some(false);
+            // There are more sequences than slots, so one is always idle.
+            let Some(placement) = self.cache.place(&prompt, reuse) else {
+                continue;
+            };
+            for op in &placement.ops {
+                apply(&mut self.ctx, *op);
+            }
+            r.seq = Some(placement.seq);
+            r.prompt_done = placement.reused;
+            r.cached = placement.reused;
+        }
+    }
+
+    /// Tells the HTTP side how busy the engine is and what it remembers.
+    fn publish(&self, load: &Load) {
+        let (sequences, tokens) = self.cache.cached();
+        load.busy.store(self.slots.busy() as u32, Ordering::Relaxed);
+        load.cached_sequences
+            .store(sequences as u32, Ordering::Relaxed);
+        load.cached_tokens.store(tokens as u64, Ordering::Relaxed);
+    }
+
+    /// Step 4: one batch from every busy slot. `None` when there is nothing to
+    /// decode; else the slots that want logits, with their batch index.
+    fn build_batch(&mut self) -> Result<Option<Vec<(usize, i32)>>, String> {
+        let phases: Vec<(usize, Phase)> =
+            self.slots.busy_mut().map(|(i, r)| (i, r.phase())).collect();
+        let plan = plan_batch(&phases, BATCH_TOKENS);
+        if plan.is_empty() {
+            return Ok(None);
+        }
+        self.batch.clear();
+        let mut wants_logits = Vec::new();
+        for piece in &plan {
+            let Some(r) = self.slots.get_mut(piece.slot) else {
+                continue;
+            };
+            let seq = [r.seq.unwrap_or(piece.slot) as i32];
             let added = match piece.kind {
                 PieceKind::Decode => {
-                    wants_logits.push((piece.slot, batch.n_tokens()));
+                    wants_logits.push((piece.slot, self.batch.n_tokens()));
                     let token = r.next.unwrap_or(LlamaToken(0));
-                    batch.add(token, r.position(), &seq, true)
+                    self.batch.add(token, r.position(), &seq, true)
                 }
                 PieceKind::Prompt { start, len, last } => (start..start + len).try_for_each(|p| {
                     let logits = last && p + 1 == start + len;
                     if logits {
-                        wants_logits.push((piece.slot, batch.n_tokens()));
+                        wants_logits.push((piece.slot, self.batch.n_tokens()));
                     }
-                    batch.add(r.tokens[p], p as i32, &seq, logits)
+                    self.batch.add(r.tokens[p], p as i32, &seq, logits)
                 }),
             };
             added.map_err(|e| format!("batch overflow, a bug: {e}"))?;
+            // What this piece decodes counts once the decode succeeds.
+            r.pending = Some(piece.kind);
         }
+        Ok(Some(wants_logits))
+    }
 
-        // 4. Decode. A failure ends the requests that were in the batch, not the worker.
-        if let Err(e) = ctx.decode(&mut batch) {
-            for piece in &plan {
-                if let Some(r) = slots.get_mut(piece.slot) {
+    /// Step 5: decode. When the KV cells run out, idle cached conversations
+    /// are dropped, least recently used first, and the decode is tried again.
+    /// A failure ends the requests in the batch, not the worker.
+    fn decode(&mut self) -> DecodeOutcome {
+        let result = loop {
+            match self.ctx.decode(&mut self.batch) {
+                Err(DecodeError::NoKvCacheSlot) => match self.cache.evict_lru() {
+                    Some(seq) => {
+                        tracing::debug!("KV cache full: dropping cached sequence {seq}");
+                        apply(&mut self.ctx, KvOp::Clear { seq });
+                    }
+                    None => break Err(DecodeError::NoKvCacheSlot),
+                },
+                other => break other,
+            }
+        };
+        let busy: Vec<usize> = self.slots.busy_mut().map(|(i, _)| i).collect();
+        match result {
+            Ok(()) => {
+                for (_, r) in self.slots.busy_mut() {
+                    match r.pending.take() {
+                        Some(PieceKind::Prompt { len, .. }) => r.prompt_done += len,
+                        Some(PieceKind::Decode) => r.fed.extend(r.next),
+                        None => {}
+                    }
+                }
+                DecodeOutcome::Decoded
+            }
+            Err(e) => {
+                for slot in busy {
+                    let Some(r) = self.slots.get_mut(slot) else {
+                        continue;
+                    };
+                    if r.pending.take().is_none() {
+                        continue;
+                    }
                     r.send(InferenceEvent::Error {
                         code: ErrorCode::InferenceFailed,
                         message: format!("llama.cpp could not decode: {e}"),
                     });
-                    release(&mut slots, &mut ctx, piece.slot);
+                    if let Some(seq) = r.seq {
+                        // What the failed batch left in the sequence is unknown.
+                        self.cache.forget(seq);
+                        apply(&mut self.ctx, KvOp::Clear { seq });
+                        r.fed.clear();
+                        r.prompt_done = 0;
+                    }
+                    self.release(slot);
                 }
+                DecodeOutcome::Failed
             }
-            continue;
         }
+    }
 
-        // 5. Count what was read, then sample every slot that has logits.
-        for piece in &plan {
-            if let (Some(r), PieceKind::Prompt { len, .. }) =
-                (slots.get_mut(piece.slot), piece.kind)
-            {
-                r.prompt_done += len;
-            }
-        }
-        let vocab = model.vocab();
-        for (slot, idx) in wants_logits {
-            let Some(r) = slots.get_mut(slot) else {
+    /// Step 6: sample every slot that has logits, and send the text on.
+    fn sample(&mut self, wants_logits: &[(usize, i32)]) {
+        let vocab = self.model.vocab();
+        for &(slot, idx) in wants_logits {
+            let Some(r) = self.slots.get_mut(slot) else {
                 continue;
             };
-            let token = r.sampler.sample(&ctx, idx);
+            let token = r.sampler.sample(&self.ctx, idx);
             r.decode_started.get_or_insert_with(Instant::now);
             let ended = if vocab.is_eog(token) {
                 r.finish(StopReason::Eos);
@@ -465,14 +637,42 @@ fn serve(
                     r,
                     &vocab.token_to_piece(token, false, None),
                     token,
-                    n_ctx_slot,
+                    self.n_ctx_slot,
                 )
             };
             if ended {
-                release(&mut slots, &mut ctx, slot);
+                self.release(slot);
             }
         }
-        load.busy.store(slots.busy() as u32, Ordering::Relaxed);
+    }
+
+    /// Frees a slot; its sequence stays in the KV cache for the next request.
+    fn release(&mut self, slot: usize) {
+        if let Some(r) = self.slots.free(slot) {
+            if let Some(seq) = r.seq {
+                self.cache.release(seq, r.held());
+            }
+        }
+    }
+}
+
+/// Applies one prompt-cache decision to llama.cpp's KV cache.
+fn apply(ctx: &mut LlamaContext, op: KvOp) {
+    let seq32 = |s: usize| u32::try_from(s).unwrap_or(u32::MAX);
+    let pos = |p: usize| u32::try_from(p).unwrap_or(u32::MAX);
+    let done = match op {
+        KvOp::Clear { seq } => ctx
+            .clear_kv_cache_seq(Some(seq32(seq)), None, None)
+            .map(|_| ()),
+        KvOp::Truncate { seq, from } => ctx
+            .clear_kv_cache_seq(Some(seq32(seq)), Some(pos(from)), None)
+            .map(|_| ()),
+        KvOp::CopyPrefix { from, to, len } => {
+            ctx.copy_kv_cache_seq(from as i32, to as i32, Some(0), Some(pos(len)))
+        }
+    };
+    if let Err(e) = done {
+        tracing::warn!("prompt cache: {op:?} failed: {e}");
     }
 }
 
@@ -494,14 +694,6 @@ fn accept(r: &mut Request, piece: &[u8], token: LlamaToken, n_ctx_slot: u32) -> 
     }
     r.next = Some(token);
     false
-}
-
-/// Frees a slot and forgets its sequence in the KV cache.
-fn release(slots: &mut Slots<Request>, ctx: &mut LlamaContext, slot: usize) {
-    slots.free(slot);
-    if let Err(e) = ctx.clear_kv_cache_seq(Some(slot as u32), None, None) {
-        tracing::warn!("slot {slot}: could not clear its KV cache: {e}");
-    }
 }
 
 /// Tokenizes a request and checks it against the slot's context.
@@ -544,6 +736,10 @@ fn prepare(
         submission,
         tokens,
         prompt_done: 0,
+        cached: 0,
+        seq: None,
+        fed: Vec::new(),
+        pending: None,
         next: None,
         max_tokens,
         generated: 0,

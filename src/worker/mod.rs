@@ -5,6 +5,7 @@
 //! either way, the worker reports to `--callback-url` (its hive). Requests go
 //! to the engine ([`engine`]) and come back as SSE.
 
+pub mod cache;
 pub mod engine;
 pub mod slots;
 pub mod text;
@@ -150,8 +151,9 @@ fn check_flags(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// llama.cpp keeps at most 256 sequences in one context.
-const MAX_SLOTS: u32 = 256;
+/// llama.cpp keeps at most 256 sequences in one context, and the prompt cache
+/// needs more sequences than slots.
+const MAX_SLOTS: u32 = 128;
 /// Waiting requests beyond this are a client stampede, not a queue.
 const MAX_QUEUE: u32 = 100_000;
 
@@ -312,6 +314,7 @@ fn ready_status(w: &Worker) -> ReadyStatus {
         _ => (WorkerState::Loading, None),
     };
     let load = w.engine.load();
+    let (cached_sequences, cached_tokens) = load.cached();
     ReadyStatus {
         ready: state == WorkerState::Ready,
         state,
@@ -320,6 +323,8 @@ fn ready_status(w: &Worker) -> ReadyStatus {
         slots_total: w.slots,
         slots_busy: load.busy(),
         queue_len: load.queued(),
+        cached_sequences,
+        cached_tokens,
         error,
     }
 }
