@@ -8,13 +8,14 @@
 //! ([`super::slots::plan_batch`]). Its only blocking wait is for work when
 //! every slot is idle, so running streams never wait on the HTTP side.
 
-use super::cache::{KvOp, PromptCache, Token};
+use super::cache::{Placement, PromptCache, Step, Token};
 use super::slots::{plan_batch, Phase, PieceKind, Slots};
 use super::text::{StopMatcher, Utf8Assembler};
 use crate::protocol::{
     ApiError, ErrorCode, InferenceEvent, LoadingEvent, SamplingParams, StopReason,
 };
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -22,7 +23,6 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use llama_cpp_2::DecodeError;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -45,6 +45,8 @@ pub struct Config {
     pub main_gpu: i32,
     /// Requests that may wait for a slot before the worker answers 503.
     pub queue_size: u32,
+    /// Host memory for conversations saved out of their slots, in bytes.
+    pub cache_ram: usize,
 }
 
 /// Counters the HTTP side reads for `/v1/ready` and admission.
@@ -265,8 +267,6 @@ struct Request {
     prompt_done: usize,
     /// Prompt tokens that came from the prompt cache.
     cached: usize,
-    /// The llama.cpp sequence it decodes into, once it holds a slot.
-    seq: Option<usize>,
     /// Generated tokens decoded into the sequence (the last sampled one is not, yet).
     fed: Vec<LlamaToken>,
     /// What the batch being decoded holds for it, counted once the decode succeeds.
@@ -347,12 +347,6 @@ impl Request {
     }
 }
 
-/// How many sequences the context keeps per decoding slot: idle conversations
-/// stay in the KV cache until their cells are needed (DESIGN.md §9).
-const SEQUENCES_PER_SLOT: u32 = 4;
-/// llama.cpp's own limit on sequence ids in one context.
-const MAX_SEQUENCES: u32 = 256;
-
 /// What the loop should do after taking commands.
 enum Flow {
     Run,
@@ -372,7 +366,7 @@ struct Batcher<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     slots: Slots<Request>,
-    cache: PromptCache,
+    cache: PromptCache<SeqState>,
     /// The context one request may fill, in tokens.
     n_ctx_slot: u32,
 }
@@ -407,8 +401,8 @@ fn serve(
 }
 
 impl<'m> Batcher<'m> {
-    /// Creates the context: one unified KV cache of `slots × ctx` tokens,
-    /// shared by more sequences than slots, so idle conversations stay cached.
+    /// Creates the context: one sequence per slot, each with a KV stream of
+    /// its own (see `super::cache` for why not one shared stream).
     fn new(
         config: &Config,
         backend: &LlamaBackend,
@@ -418,21 +412,19 @@ impl<'m> Batcher<'m> {
             .ctx_size
             .unwrap_or_else(|| model.n_ctx_train().min(4096));
         let n_slots = config.slots;
-        // At most 128 slots (checked at startup), so this is always more than the slots.
-        let n_seqs = (n_slots * SEQUENCES_PER_SLOT).min(MAX_SEQUENCES);
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx_slot * n_slots))
             .with_n_batch(BATCH_TOKENS as u32)
             .with_n_ubatch(BATCH_TOKENS as u32)
-            .with_n_seq_max(n_seqs)
-            .with_kv_unified(true)
+            .with_n_seq_max(n_slots)
             .with_n_threads(config.threads)
             .with_n_threads_batch(config.threads);
         let ctx = model.new_context(backend, params).map_err(|e| {
             format!("cannot create a llama.cpp context of {n_slots}×{n_ctx_slot} tokens: {e}")
         })?;
         tracing::info!(
-            "ready: {n_slots} slots of {n_ctx_slot} tokens, {n_seqs} cached sequences, {} threads",
+            "ready: {n_slots} slots of {n_ctx_slot} tokens, prompt cache of {} MiB, {} threads",
+            config.cache_ram >> 20,
             config.threads
         );
         Ok(Batcher {
@@ -440,7 +432,7 @@ impl<'m> Batcher<'m> {
             ctx,
             batch: LlamaBatch::new(BATCH_TOKENS, 1),
             slots: Slots::new(n_slots as usize),
-            cache: PromptCache::new(n_seqs as usize),
+            cache: PromptCache::new(n_slots as usize, config.cache_ram),
             n_ctx_slot,
         })
     }
@@ -498,26 +490,80 @@ impl<'m> Batcher<'m> {
         }
     }
 
-    /// Step 3: queued requests take free slots, each placed on the cached
-    /// sequence that already holds the longest prefix of its prompt.
+    /// Step 3: queued requests take free slots, each the one whose KV cache
+    /// (or a conversation saved to host memory) holds the longest prefix of
+    /// its prompt; that prefix is not decoded again.
     fn admit(&mut self) {
-        for slot in self.slots.admit() {
-            let Some(r) = self.slots.get_mut(slot) else {
-                continue;
-            };
+        let cache = &mut self.cache;
+        let mut placed = Vec::new();
+        let filled = self.slots.admit(|r, free| {
             let prompt: Vec<Token> = r.tokens.iter().map(|t| t.0).collect();
             let reuse = r.submission.request.cache_prompt != Some(false);
-            // There are more sequences than slots, so one is always idle.
-            let Some(placement) = self.cache.place(&prompt, reuse) else {
-                continue;
-            };
-            for op in &placement.ops {
-                apply(&mut self.ctx, *op);
+            match cache.place(&prompt, reuse, free) {
+                Some(placement) => {
+                    let slot = placement.slot;
+                    placed.push(placement);
+                    slot
+                }
+                None => free[0],
             }
-            r.seq = Some(placement.seq);
-            r.prompt_done = placement.reused;
-            r.cached = placement.reused;
+        });
+        for (slot, placement) in filled.into_iter().zip(placed) {
+            let reused = self.prepare_slot(slot, placement);
+            if let Some(r) = self.slots.get_mut(slot) {
+                r.prompt_done = reused;
+                r.cached = reused;
+            }
         }
+    }
+
+    /// Carries out a placement's steps on llama.cpp; the prompt tokens now in
+    /// the slot. A step that fails leaves the slot empty: nothing is reused.
+    fn prepare_slot(&mut self, slot: usize, placement: Placement<SeqState>) -> usize {
+        let seq = slot as i32;
+        for step in placement.steps {
+            let done = match step {
+                Step::Save { entry } => {
+                    let state = self
+                        .ctx
+                        .state_seq_get(seq, LlamaStateSeqFlags::empty())
+                        .map_err(|e| tracing::warn!("slot {slot}: cannot save its state: {e}"))
+                        .ok()
+                        .map(|state| {
+                            let bytes = state.byte_len();
+                            (state, bytes)
+                        });
+                    let dropped = self.cache.saved(entry, state);
+                    if dropped > 0 {
+                        tracing::debug!("prompt cache full: dropped {dropped} saved conversations");
+                    }
+                    true
+                }
+                Step::Restore { state } => self
+                    .ctx
+                    .state_seq_set(&state, seq)
+                    .map_err(|e| tracing::warn!("slot {slot}: cannot restore a state: {e}"))
+                    .is_ok(),
+                Step::Clear => self.clear(slot),
+                Step::Truncate { from } => self
+                    .ctx
+                    .clear_kv_cache_seq(Some(slot as u32), Some(from as u32), None)
+                    .is_ok_and(|removed| removed),
+            };
+            if !done {
+                self.cache.forget(slot);
+                self.clear(slot);
+                return 0;
+            }
+        }
+        placement.reused
+    }
+
+    /// Empties a slot's KV cache.
+    fn clear(&mut self, slot: usize) -> bool {
+        self.ctx
+            .clear_kv_cache_seq(Some(slot as u32), None, None)
+            .is_ok()
     }
 
     /// Tells the HTTP side how busy the engine is and what it remembers.
@@ -544,7 +590,7 @@ impl<'m> Batcher<'m> {
             let Some(r) = self.slots.get_mut(piece.slot) else {
                 continue;
             };
-            let seq = [r.seq.unwrap_or(piece.slot) as i32];
+            let seq = [piece.slot as i32];
             let added = match piece.kind {
                 PieceKind::Decode => {
                     wants_logits.push((piece.slot, self.batch.n_tokens()));
@@ -566,24 +612,9 @@ impl<'m> Batcher<'m> {
         Ok(Some(wants_logits))
     }
 
-    /// Step 5: decode. When the KV cells run out, idle cached conversations
-    /// are dropped, least recently used first, and the decode is tried again.
-    /// A failure ends the requests in the batch, not the worker.
+    /// Step 5: decode. A failure ends the requests in the batch, not the worker.
     fn decode(&mut self) -> DecodeOutcome {
-        let result = loop {
-            match self.ctx.decode(&mut self.batch) {
-                Err(DecodeError::NoKvCacheSlot) => match self.cache.evict_lru() {
-                    Some(seq) => {
-                        tracing::debug!("KV cache full: dropping cached sequence {seq}");
-                        apply(&mut self.ctx, KvOp::Clear { seq });
-                    }
-                    None => break Err(DecodeError::NoKvCacheSlot),
-                },
-                other => break other,
-            }
-        };
-        let busy: Vec<usize> = self.slots.busy_mut().map(|(i, _)| i).collect();
-        match result {
+        match self.ctx.decode(&mut self.batch) {
             Ok(()) => {
                 for (_, r) in self.slots.busy_mut() {
                     match r.pending.take() {
@@ -595,25 +626,22 @@ impl<'m> Batcher<'m> {
                 DecodeOutcome::Decoded
             }
             Err(e) => {
-                for slot in busy {
-                    let Some(r) = self.slots.get_mut(slot) else {
-                        continue;
-                    };
-                    if r.pending.take().is_none() {
-                        continue;
+                let in_batch: Vec<usize> = self
+                    .slots
+                    .busy_mut()
+                    .filter_map(|(i, r)| r.pending.take().map(|_| i))
+                    .collect();
+                for slot in in_batch {
+                    if let Some(r) = self.slots.get_mut(slot) {
+                        r.send(InferenceEvent::Error {
+                            code: ErrorCode::InferenceFailed,
+                            message: format!("llama.cpp could not decode: {e}"),
+                        });
                     }
-                    r.send(InferenceEvent::Error {
-                        code: ErrorCode::InferenceFailed,
-                        message: format!("llama.cpp could not decode: {e}"),
-                    });
-                    if let Some(seq) = r.seq {
-                        // What the failed batch left in the sequence is unknown.
-                        self.cache.forget(seq);
-                        apply(&mut self.ctx, KvOp::Clear { seq });
-                        r.fed.clear();
-                        r.prompt_done = 0;
-                    }
-                    self.release(slot);
+                    // What the failed batch left in the slot is unknown.
+                    self.slots.free(slot);
+                    self.cache.release(slot, Vec::new());
+                    self.clear(slot);
                 }
                 DecodeOutcome::Failed
             }
@@ -646,33 +674,11 @@ impl<'m> Batcher<'m> {
         }
     }
 
-    /// Frees a slot; its sequence stays in the KV cache for the next request.
+    /// Frees a slot; what it holds stays in its KV cache for the next request.
     fn release(&mut self, slot: usize) {
         if let Some(r) = self.slots.free(slot) {
-            if let Some(seq) = r.seq {
-                self.cache.release(seq, r.held());
-            }
+            self.cache.release(slot, r.held());
         }
-    }
-}
-
-/// Applies one prompt-cache decision to llama.cpp's KV cache.
-fn apply(ctx: &mut LlamaContext, op: KvOp) {
-    let seq32 = |s: usize| u32::try_from(s).unwrap_or(u32::MAX);
-    let pos = |p: usize| u32::try_from(p).unwrap_or(u32::MAX);
-    let done = match op {
-        KvOp::Clear { seq } => ctx
-            .clear_kv_cache_seq(Some(seq32(seq)), None, None)
-            .map(|_| ()),
-        KvOp::Truncate { seq, from } => ctx
-            .clear_kv_cache_seq(Some(seq32(seq)), Some(pos(from)), None)
-            .map(|_| ()),
-        KvOp::CopyPrefix { from, to, len } => {
-            ctx.copy_kv_cache_seq(from as i32, to as i32, Some(0), Some(pos(len)))
-        }
-    };
-    if let Err(e) = done {
-        tracing::warn!("prompt cache: {op:?} failed: {e}");
     }
 }
 
@@ -737,7 +743,6 @@ fn prepare(
         tokens,
         prompt_done: 0,
         cached: 0,
-        seq: None,
         fed: Vec::new(),
         pending: None,
         next: None,

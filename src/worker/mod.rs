@@ -61,6 +61,9 @@ pub struct Args {
     /// requests that may wait for a slot before new ones get 503 (default 64)
     #[argh(option, default = "64")]
     pub queue_size: u32,
+    /// host memory, in MiB, for conversations kept beyond the slots (default 2048; 0: none)
+    #[argh(option, default = "2048")]
+    pub cache_ram: u64,
     /// file holding the shared bearer token (else RBEE_TOKEN)
     #[argh(option)]
     pub token_file: Option<PathBuf>,
@@ -148,12 +151,18 @@ fn check_flags(args: &Args) -> Result<(), String> {
     if args.queue_size > MAX_QUEUE {
         return Err(format!("--queue-size must be at most {MAX_QUEUE}"));
     }
+    if args.cache_ram > MAX_CACHE_RAM_MB {
+        return Err(format!(
+            "--cache-ram must be at most {MAX_CACHE_RAM_MB} MiB"
+        ));
+    }
     Ok(())
 }
 
-/// llama.cpp keeps at most 256 sequences in one context, and the prompt cache
-/// needs more sequences than slots.
-const MAX_SLOTS: u32 = 128;
+/// llama.cpp keeps at most 256 sequences in one context.
+const MAX_SLOTS: u32 = 256;
+/// 1 TiB: more host memory than any machine rbee runs on.
+const MAX_CACHE_RAM_MB: u64 = 1 << 20;
 /// Waiting requests beyond this are a client stampede, not a queue.
 const MAX_QUEUE: u32 = 100_000;
 
@@ -168,6 +177,7 @@ fn engine_config(args: &Args) -> Config {
             .unwrap_or(if crate::GPU_BACKEND { 999 } else { 0 }),
         main_gpu: args.device,
         queue_size: args.queue_size,
+        cache_ram: usize::try_from(args.cache_ram << 20).unwrap_or(usize::MAX),
     }
 }
 

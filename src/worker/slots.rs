@@ -3,7 +3,8 @@
 //!
 //! A worker has N slots; each holds one request and owns one llama.cpp
 //! sequence id (its index). Requests that find no free slot wait in a FIFO
-//! queue and take slots as they free up, between decode steps. Every step the
+//! queue and take slots as they free up, between decode steps; which free slot
+//! is the prompt cache's choice (`super::cache`). Every step the
 //! engine asks [`plan_batch`] what goes into the next batch: first one token of
 //! every slot that is generating (so running streams never stall behind a long
 //! prompt), then chunks of the prompts being read, up to the batch size. This
@@ -91,21 +92,28 @@ impl<T> Slots<T> {
         self.queue.push_back(request);
     }
 
-    /// Moves queued requests into free slots, oldest first; returns the slots filled.
-    pub fn admit(&mut self) -> Vec<usize> {
+    /// Moves queued requests into free slots, oldest first; `choose` picks
+    /// each one's slot among the free ones (the prompt cache's choice).
+    /// Returns the slots filled.
+    pub fn admit(&mut self, mut choose: impl FnMut(&mut T, &[usize]) -> usize) -> Vec<usize> {
         let mut filled = Vec::new();
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if slot.is_none() {
-                match self.queue.pop_front() {
-                    Some(r) => {
-                        *slot = Some(r);
-                        filled.push(i);
-                    }
-                    None => break,
-                }
-            }
+        loop {
+            let free = self.idle_slots();
+            let Some(request) = self.queue.front_mut().filter(|_| !free.is_empty()) else {
+                return filled;
+            };
+            let slot = choose(request, &free);
+            let slot = if free.contains(&slot) { slot } else { free[0] };
+            self.slots[slot] = self.queue.pop_front();
+            filled.push(slot);
         }
-        filled
+    }
+
+    /// The slots holding no request.
+    pub fn idle_slots(&self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&i| self.slots[i].is_none())
+            .collect()
     }
 
     pub fn get_mut(&mut self, slot: usize) -> Option<&mut T> {
@@ -227,19 +235,35 @@ mod tests {
         assert_eq!(tokens, 512);
     }
 
+    fn first<T>(_: &mut T, free: &[usize]) -> usize {
+        free[0]
+    }
+
+    #[test]
+    fn each_request_takes_the_free_slot_chosen_for_it() {
+        let mut s = Slots::new(3);
+        s.enqueue("a");
+        s.enqueue("b");
+        assert_eq!(s.admit(|_, free| *free.last().unwrap()), vec![2, 1]);
+        assert_eq!(s.get_mut(2).copied(), Some("a"));
+        // A choice that is not free falls back to a free slot.
+        s.enqueue("c");
+        assert_eq!(s.admit(|_, _| 2), vec![0]);
+    }
+
     #[test]
     fn queued_requests_take_freed_slots_in_arrival_order() {
         let mut s = Slots::new(2);
         for r in ["a", "b", "c", "d"] {
             s.enqueue(r);
         }
-        assert_eq!(s.admit(), vec![0, 1]);
+        assert_eq!(s.admit(first), vec![0, 1]);
         assert_eq!((s.busy(), s.queued()), (2, 2));
         assert_eq!(s.free(1), Some("b"));
-        assert_eq!(s.admit(), vec![1]);
+        assert_eq!(s.admit(first), vec![1]);
         assert_eq!(s.get_mut(1).copied(), Some("c"));
         assert_eq!(s.free(0), Some("a"));
-        assert_eq!(s.admit(), vec![0]);
+        assert_eq!(s.admit(first), vec![0]);
         assert_eq!(s.get_mut(0).copied(), Some("d"));
         assert_eq!(s.queued(), 0);
     }
@@ -251,7 +275,7 @@ mod tests {
             s.enqueue(r);
         }
         s.retain_queued(|&r| r != 1);
-        assert_eq!(s.admit(), vec![0]);
+        assert_eq!(s.admit(first), vec![0]);
         assert_eq!(s.get_mut(0).copied(), Some(2));
     }
 
@@ -260,7 +284,7 @@ mod tests {
         let mut s = Slots::new(1);
         s.enqueue(1);
         s.enqueue(2);
-        s.admit();
+        s.admit(first);
         assert_eq!(s.drain(), vec![1, 2]);
         assert!(s.is_idle());
     }

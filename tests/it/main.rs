@@ -5,6 +5,7 @@
 //! two models decoding at once would only make each other slow.
 
 mod bench;
+mod cache;
 mod chain;
 mod hf_server;
 mod hive;

@@ -491,8 +491,8 @@ fn nonsensical_flags_are_refused_with_the_reason() {
     let model = model_path();
     let model = model.to_str().expect("utf-8");
     for (flag, value, says) in [
-        ("--slots", "0", "--slots must be between 1 and 128"),
-        ("--slots", "4294967295", "--slots must be between 1 and 128"),
+        ("--slots", "0", "--slots must be between 1 and 256"),
+        ("--slots", "4294967295", "--slots must be between 1 and 256"),
         (
             "--queue-size",
             "4294967295",
