@@ -82,9 +82,13 @@ class Rbee:
         wait_http(self.port, "/v1/ready", lambda s, b: '"ready":true' in b)
 
     def stream(self, a):
+        # The same prompt every run: without this it would come from the prompt cache.
         return sse_tokens(self.port, "POST", "/v1/inference",
-                          {"prompt": PROMPT, "max_tokens": a.tokens, "temperature": 0},
+                          {"prompt": PROMPT, "max_tokens": a.tokens, "temperature": 0, "cache_prompt": False},
                           lambda e: e.get("type") == "token")
+
+    def chat(self, messages, max_tokens):
+        return chat_ttft(self.port, messages, max_tokens)
 
     def stop(self):
         self.proc.terminate()
@@ -94,8 +98,9 @@ class Rbee:
 class LlamaServer:
     name = "llama-server"
 
-    def __init__(self, a):
+    def __init__(self, a, prompt_cache=False):
         self.port = free_port()
+        # The prompt cache is llama-server's default; the single-prompt table turns it off per request.
         self.proc = subprocess.Popen(
             [a.llama_server, "-m", a.model, "--port", str(self.port), "-t", str(a.threads), "-tb", str(a.threads),
              "-np", str(a.slots), "-c", str(a.ctx), "--no-webui"],
@@ -107,6 +112,9 @@ class LlamaServer:
                           {"prompt": PROMPT, "n_predict": a.tokens, "temperature": 0, "stream": True,
                            "cache_prompt": False},
                           lambda e: bool(e.get("content")))
+
+    def chat(self, messages, max_tokens):
+        return chat_ttft(self.port, messages, max_tokens)
 
     def stop(self):
         self.proc.terminate()
@@ -128,7 +136,7 @@ class Chain:
 
     def stream(self, a):
         body = {"node": "localhost", "model": a.model, "prompt": PROMPT, "max_tokens": a.tokens,
-                "temperature": 0}
+                "temperature": 0, "cache_prompt": False}
         t0 = time.perf_counter()
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         c.request("POST", "/v1/jobs", body=json.dumps(body), headers={"content-type": "application/json"})
@@ -148,6 +156,96 @@ class Chain:
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait()
+
+
+def chat_ttft(port, messages, max_tokens):
+    """One streamed chat turn through /v1/chat/completions: time to first token (ms) and the answer."""
+    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    c.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"content-type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"chat: HTTP {r.status} {r.read()[:300]!r}")
+    first, text = None, []
+    for raw in r:
+        line = raw.decode(errors="replace").strip()
+        if not line.startswith("data: "):
+            continue
+        if line[6:] == "[DONE]":
+            break
+        choices = json.loads(line[6:]).get("choices") or [{}]
+        piece = (choices[0].get("delta") or {}).get("content")
+        if piece:
+            first = first or time.perf_counter()
+            text.append(piece)
+    c.close()
+    return ((first or time.perf_counter()) - t0) * 1000, "".join(text)
+
+
+def document(tag, sentences):
+    """A long system document; `tag` makes each run's text its own, so no cache carries over."""
+    return f"Document {tag}. " + " ".join(
+        f"Fact {i}: the river passes mill {i} at noon and the baker there sells {i % 7 + 2} loaves."
+        for i in range(sentences))
+
+
+QUESTIONS = ["What does the document describe?", "Which mill is mentioned first?", "How many loaves at mill 3?",
+             "Summarize it in one sentence.", "What happens at noon?", "Name any two mills."]
+
+
+def conversation_turns(server, tag, sentences, turns, max_tokens):
+    """One conversation over a long document: the TTFT of each turn."""
+    messages = [{"role": "system", "content": document(tag, sentences)}]
+    ttfts = []
+    for q in QUESTIONS[:turns]:
+        messages.append({"role": "user", "content": q})
+        ttft, answer = server.chat(messages, max_tokens)
+        ttfts.append(ttft)
+        messages.append({"role": "assistant", "content": answer})
+    return ttfts
+
+
+def interleaved_turns(server, tag, conversations, sentences, rounds, max_tokens):
+    """Conversations advanced round-robin: the TTFT of every turn after each one's first."""
+    chats = [[{"role": "system", "content": document(f"{tag}-{k}", sentences)}] for k in range(conversations)]
+    later = []
+    for round_ in range(rounds):
+        for messages in chats:
+            messages.append({"role": "user", "content": QUESTIONS[round_ % len(QUESTIONS)]})
+            ttft, answer = server.chat(messages, max_tokens)
+            if round_ > 0:
+                later.append(ttft)
+            messages.append({"role": "assistant", "content": answer})
+    return later
+
+
+def chat_section(a, with_llama):
+    """Multi-turn chat, rbee against llama-server with its caches on: both with the same
+    total KV (a.chat_ctx over a.chat_slots slots), alternating, medians."""
+    class Chat:
+        pass
+    settings = Chat()
+    settings.__dict__.update(vars(a))
+    settings.slots, settings.ctx = a.chat_slots, a.chat_ctx
+    servers = [Rbee(settings)] + ([LlamaServer(settings, prompt_cache=True)] if with_llama else [])
+    one = {s.name: [] for s in servers}
+    many = {s.name: [] for s in servers}
+    try:
+        for run in range(a.chat_runs):
+            for s in servers:
+                ttfts = conversation_turns(s, f"{s.name} run {run}", a.doc_sentences, a.chat_turns, a.chat_tokens)
+                one[s.name].append({"first": ttfts[0], "later": ttfts[1:]})
+                many[s.name].extend(interleaved_turns(s, f"{s.name} run {run} x", a.conversations,
+                                                      a.doc_sentences // 2, a.chat_rounds, a.chat_tokens))
+            print(f"chat run {run + 1}/{a.chat_runs} done", file=sys.stderr)
+    finally:
+        for s in servers:
+            s.stop()
+    return {name: {"first_turn_ms": median([r["first"] for r in runs]),
+                   "later_turns_ms": median([t for r in runs for t in r["later"]]),
+                   "interleaved_later_turns_ms": median(many[name])}
+            for name, runs in one.items()}
 
 
 def http_get(port, path):
@@ -218,11 +316,21 @@ def main():
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=8192, help="total context, shared by the slots")
     ap.add_argument("--concurrency", default="1,2,4,8")
+    ap.add_argument("--chat-slots", type=int, default=4)
+    ap.add_argument("--chat-ctx", type=int, default=8192, help="total context of the chat section")
+    ap.add_argument("--chat-runs", type=int, default=3)
+    ap.add_argument("--chat-turns", type=int, default=6)
+    ap.add_argument("--chat-tokens", type=int, default=24, help="tokens per chat answer")
+    ap.add_argument("--doc-sentences", type=int, default=60, help="about 1,300 tokens of system document")
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--chat-rounds", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="one quick run of rbee's own contenders (for the test)")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     a = ap.parse_args()
     if a.tiny:
         a.runs, a.tokens, a.concurrency, a.slots, a.ctx = 1, 8, "1,2", 2, 2048
+        a.chat_runs, a.chat_turns, a.chat_tokens, a.doc_sentences = 1, 2, 4, 6
+        a.conversations, a.chat_rounds, a.chat_slots, a.chat_ctx = 3, 2, 2, 2048
     concurrency = [int(c) for c in a.concurrency.split(",")]
     with_llama = not a.tiny and Path(a.llama_server).exists()
     if not a.tiny and not with_llama:
@@ -257,6 +365,8 @@ def main():
         llama_bench = [{"n_prompt": r["n_prompt"], "n_gen": r["n_gen"], "avg_ts": r["avg_ts"]}
                        for r in json.loads(out or "[]")]
 
+    chat = chat_section(a, with_llama)
+
     med = {k: {f: median([r[f] for r in v]) for f in ("ttft_ms", "decode_tps")} for k, v in single.items() if v}
     med_agg = {k: {c: median(v) for c, v in per.items()} for k, per in agg.items()}
     rbee, srv, ch, b = med.get("rbee worker"), med.get("llama-server"), med.get("chain (queen)"), med.get("bare engine")
@@ -286,6 +396,17 @@ def main():
     checks.append(("idle queen MB ≤ 20", memory["queen_idle_mb"], -20))
     checks.append(("idle hive MB ≤ 20", memory["hive_idle_mb"], -20))
     lines.append(f"loaded worker RSS: {memory['worker_loaded_mb']:.0f} MB")
+    lines.append(f"multi-turn chat, TTFT ms ({a.chat_slots} slots, total context {a.chat_ctx}, "
+                 f"{a.chat_tokens}-token answers; {a.conversations} conversations interleaved):")
+    lines.append(f"{'contender':<16}{'turn 1':>10}{'turns 2+':>10}{'interleaved 2+':>16}")
+    for k, v in chat.items():
+        lines.append(f"{k:<16}{v['first_turn_ms']:>10.1f}{v['later_turns_ms']:>10.1f}"
+                     f"{v['interleaved_later_turns_ms']:>16.1f}")
+    if "llama-server" in chat:
+        r, l = chat["rbee worker"], chat["llama-server"]
+        checks.append(("chat turns 2+ TTFT rbee/llama-server ≤ 1.0", ratio(r["later_turns_ms"], l["later_turns_ms"]), -1.0))
+        checks.append(("interleaved turns 2+ TTFT rbee/llama-server ≤ 1.0",
+                       ratio(r["interleaved_later_turns_ms"], l["interleaved_later_turns_ms"]), -1.0))
     for name, value, target in checks:
         met = value >= target if target > 0 else value <= -target
         lines.append(f"{name:<40}{value:>10.3f}  {'met' if met else 'MISSED'}")
@@ -298,6 +419,7 @@ def main():
     out.write_text(json.dumps({"settings": vars(a), "llama_cpp_versions": a.llama_version, "single": single,
                                "medians": med, "aggregate": agg, "aggregate_medians": med_agg,
                                "cold_start_ms": cold, "memory_mb": memory, "llama_bench": llama_bench,
+                               "chat": chat,
                                "checks": [{"name": n, "value": v} for n, v, _ in checks],
                                "table": lines}, indent=1))
     print(f"figures: {out}")

@@ -585,6 +585,9 @@ pub struct JobRequest {
     pub prompt: String,
     #[serde(flatten)]
     pub sampling: SamplingParams,
+    /// `false` opts out of the worker's prompt cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_prompt: Option<bool>,
 }
 
 /// `DELETE /v1/hives/{name}` on the queen.

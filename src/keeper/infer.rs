@@ -70,6 +70,7 @@ fn job_request(i: &Infer, prompt: String) -> JobRequest {
             stop: i.stop.clone(),
             ..SamplingParams::default()
         },
+        cache_prompt: None,
     }
 }
 

@@ -493,7 +493,7 @@ async fn relay(
     let body = InferenceRequest {
         prompt: req.prompt.clone(),
         sampling: req.sampling.clone(),
-        cache_prompt: None,
+        cache_prompt: req.cache_prompt,
         job_id: Some(job.id.clone()),
     };
     let mut events = cluster
