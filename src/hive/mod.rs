@@ -2,6 +2,9 @@
 //! fetches the ones it lacks, and starts, watches and stops workers.
 
 pub mod catalog;
+pub mod disk;
+pub mod downloads;
+pub mod hf;
 pub mod model_ref;
 pub mod models;
 pub mod workers;
@@ -262,7 +265,7 @@ fn capabilities(models_dir: &std::path::Path) -> Capabilities {
         cores: crate::worker::default_threads() as u32,
         ram_total_mb: mem_mb("MemTotal:"),
         ram_available_mb: mem_mb("MemAvailable:"),
-        disk_free_mb: models::free_space(&probe).map_or(0, |b| b >> 20),
+        disk_free_mb: disk::free_space(&probe).map_or(0, |b| b >> 20),
         backends: crate::BACKENDS.split(',').map(str::to_string).collect(),
         gpus: crate::worker::engine::gpus(),
         version: env!("CARGO_PKG_VERSION").into(),

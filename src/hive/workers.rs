@@ -74,39 +74,68 @@ impl Workers {
         all
     }
 
+    /// Starts a worker for a catalog model: its backend checked, a port
+    /// chosen, the process started, its stderr kept, its exit and its
+    /// loading time watched.
     pub async fn spawn(
         &self,
         model: &ModelEntry,
         req: &SpawnRequest,
     ) -> Result<WorkerInfo, ApiError> {
-        let compiled: Vec<&str> = crate::BACKENDS.split(',').collect();
-        let backend = req
-            .backend
-            .clone()
-            .unwrap_or_else(|| compiled.last().copied().unwrap_or("cpu").to_string());
-        if !["cpu", "cuda", "metal"].contains(&backend.as_str()) {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                format!("backend must be cpu, cuda or metal, not {backend:?}"),
-            ));
-        }
-        if !compiled.contains(&backend.as_str()) {
-            return Err(ApiError::new(ErrorCode::BackendUnavailable, format!(
-                    "this hive's rbee was built without {backend} (it has {}); rebuild with --features {backend}",
-                    crate::BACKENDS
-                ),
-            ));
-        }
-        let s = &self.settings;
+        let backend = choose_backend(req.backend.as_deref(), crate::BACKENDS)?;
         let id = new_id("worker");
         let port = self.free_port()?;
+        let mut child = self.start_process(&id, port, model, req, backend).await?;
+        let info = WorkerInfo {
+            worker_id: id.clone(),
+            url: format!("http://{}:{port}", self.settings.advertise_host),
+            model: model.name.clone(),
+            model_path: model.path.clone(),
+            pid: child.id(),
+            state: WorkerState::Loading,
+            slots: req.slots.unwrap_or(4),
+            backend: backend.to_string(),
+            device: req.device,
+            error: None,
+            started_at: now_rfc3339(),
+        };
+        let (stderr, reader) = keep_stderr(&mut child, &id);
+        self.lock().insert(
+            id.clone(),
+            Record {
+                info: info.clone(),
+                stderr,
+                idle_since: None,
+                stopping: false,
+            },
+        );
+        tracing::info!(
+            "spawned {id} (pid {}) for {} on port {port}",
+            info.pid,
+            model.name
+        );
+        self.watch_exit(child, id.clone(), reader);
+        self.watch_loading(id);
+        Ok(info)
+    }
+
+    /// This executable in the worker role, with parent-death signal set.
+    async fn start_process(
+        &self,
+        id: &str,
+        port: u16,
+        model: &ModelEntry,
+        req: &SpawnRequest,
+        backend: &str,
+    ) -> Result<std::process::Child, ApiError> {
+        let s = &self.settings;
         let mut command = Command::new(&s.exe);
         command
             .arg("worker")
             .arg("--model")
             .arg(&model.path)
             .args(["--host", &s.host, "--port", &port.to_string()])
-            .args(["--worker-id", &id, "--callback-url", &s.callback_url])
+            .args(["--worker-id", id, "--callback-url", &s.callback_url])
             .args(["--device", &req.device.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -125,76 +154,43 @@ impl Workers {
             Some(t) => command.env("RBEE_TOKEN", t),
             None => command.env_remove("RBEE_TOKEN"),
         };
-        let mut child = self.spawner.spawn(command).await.map_err(|e| {
+        self.spawner.spawn(command).await.map_err(|e| {
             ApiError::new(
                 ErrorCode::SpawnFailed,
                 format!("cannot start a worker: {e}"),
             )
-        })?;
+        })
+    }
 
-        let info = WorkerInfo {
-            worker_id: id.clone(),
-            url: format!("http://{}:{port}", s.advertise_host),
-            model: model.name.clone(),
-            model_path: model.path.clone(),
-            pid: child.id(),
-            state: WorkerState::Loading,
-            slots: req.slots.unwrap_or(4),
-            backend,
-            device: req.device,
-            error: None,
-            started_at: now_rfc3339(),
-        };
-        let stderr = Arc::new(Mutex::new(VecDeque::new()));
-        if let Some(pipe) = child.stderr.take() {
-            let tail = stderr.clone();
-            let id = id.clone();
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    tracing::debug!(target: "rbee::worker_log", "{id}: {line}");
-                    let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
-                    if tail.len() == STDERR_TAIL {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
-                }
-            });
-        }
-        self.lock().insert(
-            id.clone(),
-            Record {
-                info: info.clone(),
-                stderr,
-                idle_since: None,
-                stopping: false,
-            },
-        );
-        tracing::info!(
-            "spawned {id} (pid {}) for {} on port {port}",
-            info.pid,
-            model.name
-        );
-
-        // Watch the process: its exit, or a load that takes too long.
+    /// Waits for the process on a thread; once it has exited and its stderr
+    /// is read to the end, records how it ended.
+    fn watch_exit(
+        &self,
+        mut child: std::process::Child,
+        id: String,
+        reader: Option<std::thread::JoinHandle<()>>,
+    ) {
         let this = self.clone();
-        let waited_id = id.clone();
         std::thread::spawn(move || {
-            let status = child.wait();
-            this.exited(
-                &waited_id,
-                status
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| e.to_string()),
-            );
+            let status = child
+                .wait()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string());
+            if let Some(reader) = reader {
+                let _ = reader.join();
+            }
+            this.exited(&id, status);
         });
+    }
+
+    /// Fails a worker still loading after the ready timeout.
+    fn watch_loading(&self, id: String) {
         let this = self.clone();
-        let timeout = s.ready_timeout;
+        let timeout = self.settings.ready_timeout;
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             this.loading_timed_out(&id, timeout);
         });
-        Ok(info)
     }
 
     /// The lowest port from `first_port` that no worker of ours holds and nobody listens on.
@@ -219,8 +215,6 @@ impl Workers {
     }
 
     fn exited(&self, id: &str, status: String) {
-        // Give the stderr reader a moment to take the last lines.
-        std::thread::sleep(Duration::from_millis(100));
         let mut records = self.lock();
         let Some(record) = records.get_mut(id) else {
             return;
@@ -367,4 +361,70 @@ async fn worker_busy(url: &str, token: Option<&str>) -> Option<bool> {
         .ok()?
         .ok()?;
     Some(status.slots_busy > 0 || status.queue_len > 0)
+}
+
+/// The backend a spawn asks for (absent: the best this build has), if this build has it.
+fn choose_backend<'a>(asked: Option<&'a str>, compiled: &'a str) -> Result<&'a str, ApiError> {
+    let compiled_list: Vec<&str> = compiled.split(',').collect();
+    let backend = asked.unwrap_or_else(|| compiled_list.last().copied().unwrap_or("cpu"));
+    if !["cpu", "cuda", "metal"].contains(&backend) {
+        return Err(ApiError::invalid(
+            "backend",
+            format!("backend must be cpu, cuda or metal, not {backend:?}"),
+        ));
+    }
+    if !compiled_list.contains(&backend) {
+        return Err(ApiError::new(
+            ErrorCode::BackendUnavailable,
+            format!(
+                "this hive's rbee was built without {backend} (it has {compiled}); rebuild with --features {backend}"
+            ),
+        ));
+    }
+    Ok(backend)
+}
+
+/// Keeps the last lines of a worker's stderr, to explain a failure; the
+/// reader thread ends when the process closes its stderr.
+fn keep_stderr(
+    child: &mut std::process::Child,
+    id: &str,
+) -> (
+    Arc<Mutex<VecDeque<String>>>,
+    Option<std::thread::JoinHandle<()>>,
+) {
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let reader = child.stderr.take().map(|pipe| {
+        let tail = tail.clone();
+        let id = id.to_string();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                tracing::debug!(target: "rbee::worker_log", "{id}: {line}");
+                let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                if tail.len() == STDERR_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        })
+    });
+    (tail, reader)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spawn_gets_a_backend_this_build_has() {
+        assert_eq!(choose_backend(None, "cpu").unwrap(), "cpu");
+        assert_eq!(choose_backend(None, "cpu,cuda").unwrap(), "cuda");
+        assert_eq!(choose_backend(Some("cpu"), "cpu,cuda").unwrap(), "cpu");
+        let e = choose_backend(Some("cuda"), "cpu").unwrap_err();
+        assert_eq!(e.code, ErrorCode::BackendUnavailable);
+        assert!(e.message.contains("--features cuda"), "{e}");
+        let e = choose_backend(Some("vulkan"), "cpu").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+    }
 }

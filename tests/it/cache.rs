@@ -61,7 +61,11 @@ fn a_second_request_decodes_only_the_tokens_after_the_shared_prefix() {
     let (_, usage) = greedy(&w, &format!("{first} Zebras sing"), true);
     assert_eq!(cached_tokens(&usage), shared, "{usage}");
     assert!(prompt_tokens(&usage) > shared);
-    // The slot went on from the first request: one conversation, held whole.
+    // The slot went on from the first request: one conversation, held whole
+    // (once the engine has let the slot go, just after the answer).
+    wait_until("the slot is free", Duration::from_secs(10), || {
+        get(&format!("{}/v1/ready", w.url)).1["slots_busy"] == 0
+    });
     let ready = get(&format!("{}/v1/ready", w.url)).1;
     assert_eq!(ready["cached_sequences"], 1, "{ready}");
     assert!(
