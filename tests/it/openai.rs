@@ -66,7 +66,7 @@ fn the_official_python_client_works_against_worker_and_queen() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("13 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("15 passed, 0 failed"), "{stdout}");
     // The queen served on hive two, where the model was.
     let workers = get(&format!("{}/v1/workers/list", two.url)).1;
     assert_eq!(workers.as_array().map(Vec::len), Some(1), "{workers}");

@@ -17,8 +17,9 @@ def check(name, fn):
     try:
         fn()
         passed += 1
+        print(f"ok {name}")
     except Exception as e:  # noqa: BLE001 - report every failure, keep going
-        failures.append(f"{name}: {type(e).__name__}: {e}")
+        failures.append(f"FAILED {name}: {type(e).__name__}: {e}")
 
 
 def suite(base, where):
@@ -68,6 +69,15 @@ def suite(base, where):
         assert cut.finish_reason == "stop", cut
         assert cut.text == free[: free.find(stop)], (cut.text, free, stop)
 
+    def prompt_cache():
+        messages = [{"role": "system", "content": "You answer in one word. " * 20},
+                    {"role": "user", "content": "Name a colour."}]
+        first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+        again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+        assert again.choices[0].message.content == first.choices[0].message.content, (first, again)
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        assert cached == again.usage.prompt_tokens - 1, again.usage
+
     def errors():
         try:
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
@@ -81,7 +91,8 @@ def suite(base, where):
             assert "unknown role" in str(e), e
 
     for name, fn in [("models", models), ("chat", chat_whole), ("chat stream", chat_stream),
-                     ("completions", completion_whole_and_stream), ("stop", stop_sequences), ("errors", errors)]:
+                     ("completions", completion_whole_and_stream), ("stop", stop_sequences), ("prompt cache", prompt_cache),
+                     ("errors", errors)]:
         check(f"{where} {name}", fn)
     return client
 
