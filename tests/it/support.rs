@@ -397,11 +397,12 @@ pub fn start_hive(home: &TempDir, extra: &[&str], env: &[(&str, &str)]) -> Proc 
     p
 }
 
-/// Polls `check` every 20 ms until it holds; panics with `what` after `timeout`.
+/// Polls `check` every 2 ms (tests watch short-lived states, such as a model
+/// loading) until it holds; panics with `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(2));
     }
 }

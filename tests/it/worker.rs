@@ -31,19 +31,10 @@ fn loading_progress_counts_real_layers_then_ready() {
     let _turn = serial();
     let w = start_worker(&[]);
     // Subscribe as soon as the server answers, while the model loads.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let sse = loop {
-        if let Ok((200, _)) = try_get(&format!("{}/health", w.url)) {
-            break stream(&format!("{}/v1/loading/progress", w.url), None)
-                .expect("progress stream");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "worker never answered:\n{}",
-            w.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    wait_until("the worker to answer", Duration::from_secs(30), || {
+        matches!(try_get(&format!("{}/health", w.url)), Ok((200, _)))
+    });
+    let sse = stream(&format!("{}/v1/loading/progress", w.url), None).expect("progress stream");
     let events = sse.rest();
     let (last, progress) = events.split_last().expect("events");
     assert_eq!(last, &json!({"stage": "ready"}));
@@ -208,18 +199,11 @@ fn requests_beyond_slots_queue_and_beyond_the_queue_get_503() {
     let short = body(json!({"prompt": "Hello", "max_tokens": 4}));
     let queued =
         std::thread::spawn(move || stream(&queued_url, Some(&short)).expect("queued").rest());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, ready) = get(&format!("{}/v1/ready", w.url));
-        if ready["queue_len"] == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the second request never queued: {ready}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(
+        "the second request to queue",
+        Duration::from_secs(10),
+        || get(&format!("{}/v1/ready", w.url)).1["queue_len"] == 1,
+    );
     let (status, err) = post(&url, &body(json!({"prompt": "Hi", "max_tokens": 4})));
     assert_eq!(status, 503, "{err}");
     assert_eq!(err["error"]["code"], "QUEUE_FULL");
@@ -247,18 +231,9 @@ fn a_client_that_disconnects_frees_its_slot() {
     let (_, ready) = get(&format!("{}/v1/ready", w.url));
     assert_eq!(ready["slots_busy"], 1);
     drop(s);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, ready) = get(&format!("{}/v1/ready", w.url));
-        if ready["slots_busy"] == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slot still busy after the client left"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the slot to be freed", Duration::from_secs(10), || {
+        get(&format!("{}/v1/ready", w.url)).1["slots_busy"] == 0
+    });
     let events = infer(
         &w,
         json!({"prompt": "Hello", "max_tokens": 5, "temperature": 0}),
