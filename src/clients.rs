@@ -6,17 +6,18 @@
 //! it, or `UNREACHABLE` when nobody answered. The caller knows what silence
 //! means (a hive down, a worker lost), so the clients do not guess.
 
-use crate::http::client::{self, SseStream};
+use crate::http::client::{self, Silent, SseStream};
 use crate::http::sse::Frame;
 use crate::protocol::{
-    ApiError, DownloadEvent, DownloadRequest, DownloadStarted, Health, InferenceEvent,
-    InferenceRequest, LoadingEvent, ModelEntry, ReadyStatus, SpawnRequest, WorkerInfo,
-    WorkerReadyCallback,
+    ApiError, DownloadEvent, DownloadRequest, DownloadStarted, Health, HiveSnapshot,
+    InferenceEvent, InferenceRequest, LoadingEvent, ModelEntry, ReadyStatus, SpawnRequest,
+    WorkerInfo, WorkerReadyCallback,
 };
 use hyper::body::Incoming;
 use hyper::{Method, Response};
 use serde::de::DeserializeOwned;
 use std::collections::VecDeque;
+use std::time::Duration;
 
 /// A hive's API at its base URL, with the token it wants.
 #[derive(Debug, Clone)]
@@ -77,6 +78,11 @@ impl HiveClient {
     }
 
     /// `GET /v1/workers/list`.
+    /// `GET /v1/state/stream`: the hive's snapshots as they change.
+    pub async fn state(&self) -> Result<Events<HiveSnapshot>, ApiError> {
+        Events::open(&self.at("/v1/state/stream"), self.token(), None::<&()>).await
+    }
+
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, ApiError> {
         client::get(&self.at("/v1/workers/list"), self.token()).await
     }
@@ -171,6 +177,29 @@ impl<T: DeserializeOwned> Events<T> {
         Events {
             queued: events.into(),
             sse: None,
+        }
+    }
+
+    /// The next event, `None` once the stream has ended, or [`Silent`] when
+    /// the peer sent nothing, not even a keep-alive, for `silence`.
+    pub async fn next_within(&mut self, silence: Duration) -> Result<Option<T>, Silent> {
+        if let Some(e) = self.queued.pop_front() {
+            return Ok(Some(e));
+        }
+        loop {
+            let Some(sse) = self.sse.as_mut() else {
+                return Ok(None);
+            };
+            match sse.next_within(silence).await? {
+                Some(Frame::Data(data)) => match serde_json::from_str(&data) {
+                    Ok(event) => return Ok(Some(event)),
+                    Err(e) => tracing::debug!("skipping an event this build cannot read: {e}"),
+                },
+                Some(Frame::Done) | None => {
+                    self.sse = None;
+                    return Ok(None);
+                }
+            }
         }
     }
 

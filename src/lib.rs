@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod hive;
 pub mod http;
 pub mod keeper;
+pub mod machine;
 pub mod openai;
 pub mod process;
 pub mod protocol;
@@ -50,6 +51,33 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// Parses a size as people write it: `2GiB`, `512MB`, `1.5G` (G and M are
+/// GiB and MiB). Returns MiB.
+pub fn parse_size_mb(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let bad = || format!("{s:?} is not a size (try 2GiB, 1500MB, 8G)");
+    let n: f64 = number.parse().map_err(|_| bad())?;
+    let bytes_per = match unit.trim().to_ascii_lowercase().as_str() {
+        "mib" | "m" => (1u64 << 20) as f64,
+        "gib" | "g" => (1u64 << 30) as f64,
+        "tib" | "t" => (1u64 << 40) as f64,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "" => return Err(format!("{s:?} has no unit (try {s}MiB or {s}GiB)")),
+        _ => return Err(bad()),
+    };
+    let mb = n * bytes_per / (1u64 << 20) as f64;
+    if !mb.is_finite() || mb < 1.0 || mb > (1u64 << 40) as f64 {
+        return Err(format!("{s:?} is not a size between 1MiB and 1EiB"));
+    }
+    Ok(mb as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +91,19 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse_duration("5 minutes").is_err());
         assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(parse_size_mb("2GiB").unwrap(), 2048);
+        assert_eq!(parse_size_mb("2G").unwrap(), 2048);
+        assert_eq!(parse_size_mb("512MiB").unwrap(), 512);
+        assert_eq!(parse_size_mb("1000MB").unwrap(), 953);
+        assert_eq!(parse_size_mb("4GB").unwrap(), 3814);
+        assert_eq!(parse_size_mb("1.5GiB").unwrap(), 1536);
+        assert!(parse_size_mb("2048").unwrap_err().contains("no unit"));
+        assert!(parse_size_mb("lots").is_err());
+        assert!(parse_size_mb("0MiB").is_err());
+        assert!(parse_size_mb("-1GiB").is_err());
     }
 }

@@ -112,6 +112,20 @@ pub struct Prepared {
     pub include_usage: bool,
 }
 
+impl Prepared {
+    /// What the request's prompt starts with, for routing it to the worker
+    /// that holds its conversation: the messages in order, or the prompt.
+    pub fn prefix_text(&self) -> String {
+        match &self.chat {
+            Some(messages) => messages
+                .iter()
+                .map(|(role, content)| format!("{role}\n{content}\n"))
+                .collect(),
+            None => self.inference.prompt.clone(),
+        }
+    }
+}
+
 /// The model a request names, read without judging the rest (the queen routes by it).
 pub fn model_of(body: &[u8]) -> Option<String> {
     #[derive(Deserialize)]

@@ -106,6 +106,8 @@ error_codes! {
     HfTokenRefused = "HF_TOKEN_REFUSED", 403;
     Upstream = "UPSTREAM", 502;
     DiskFull = "DISK_FULL", 507;
+    /// No hive has (or can free) the memory a model needs.
+    InsufficientMemory = "INSUFFICIENT_MEMORY", 507;
     // Something failed on the way.
     DownloadFailed = "DOWNLOAD_FAILED", 502;
     SpawnFailed = "SPAWN_FAILED", 500;
@@ -527,6 +529,73 @@ pub struct WorkerInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub started_at: String,
+    /// Tokens of context per slot.
+    #[serde(default)]
+    pub ctx_size: u32,
+    /// CPU threads it decodes with.
+    #[serde(default)]
+    pub threads: u32,
+    /// The memory it takes, in MiB: the estimate while loading, then what the
+    /// OS measures (its resident set), never less than the estimate.
+    #[serde(default)]
+    pub memory_mb: u64,
+    /// Whether `memory_mb` was measured.
+    #[serde(default)]
+    pub memory_measured: bool,
+    /// Since when it has had nothing to do (RFC 3339), as its hive last saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<String>,
+    /// When the hive will stop it if it stays idle (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stops_at: Option<String>,
+}
+
+/// `GET /v1/state/stream` on a hive: everything the queen places and routes
+/// by, sent whole at the start and again whenever something changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HiveSnapshot {
+    /// The hive's rbee version and compiled backends.
+    pub version: String,
+    pub backends: Vec<String>,
+    pub hostname: String,
+    pub cores: u32,
+    pub ram: MemoryPool,
+    /// One pool per GPU, by index.
+    pub gpus: Vec<MemoryPool>,
+    pub models: Vec<HiveModel>,
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// RAM or one GPU's memory, in MiB.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryPool {
+    /// `ram`, or the GPU's name.
+    pub name: String,
+    pub total_mb: u64,
+    /// What the OS (or driver) says is free now.
+    pub available_mb: u64,
+    /// What rbee may use of it (`rbee hive --max-memory` for RAM).
+    pub budget_mb: u64,
+    /// What this hive's workers take.
+    pub used_mb: u64,
+}
+
+impl MemoryPool {
+    /// What a new worker may still take: the budget left, and never more than the OS has.
+    pub fn free_mb(&self) -> u64 {
+        self.budget_mb
+            .saturating_sub(self.used_mb)
+            .min(self.available_mb)
+    }
+}
+
+/// A catalog entry with the memory a worker of it would take with the hive's
+/// default slots and context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HiveModel {
+    #[serde(flatten)]
+    pub entry: ModelEntry,
+    pub memory_estimate_mb: u64,
 }
 
 /// `GET /v1/capabilities` on a hive: what a scheduler needs to place a model.
@@ -572,6 +641,20 @@ pub struct HiveStatus {
     pub last_seen: Option<String>,
     /// Started by the queen itself on this machine; it stops with the queen.
     pub managed: bool,
+    /// Why it is unreachable, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its rbee version, when known; `version_matches` compares it with the queen's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub version_matches: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<MemoryPool>,
+    #[serde(default)]
+    pub gpus: Vec<MemoryPool>,
+    #[serde(default)]
+    pub workers: u32,
 }
 
 /// `POST /v1/jobs` on the queen.
@@ -609,6 +692,9 @@ pub struct HiveWorker {
     pub hive: String,
     #[serde(flatten)]
     pub worker: WorkerInfo,
+    /// Requests the queen has in flight on it.
+    #[serde(default)]
+    pub in_flight: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -674,6 +760,11 @@ pub fn now_rfc3339() -> String {
     rfc3339(secs)
 }
 
+/// A moment as RFC 3339, to the second.
+pub fn rfc3339_at(t: SystemTime) -> String {
+    rfc3339(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
 fn rfc3339(unix_secs: u64) -> String {
     let days = (unix_secs / 86_400) as i64;
     let rem = unix_secs % 86_400;
@@ -687,6 +778,26 @@ fn rfc3339(unix_secs: u64) -> String {
 }
 
 /// Howard Hinnant's days-to-civil algorithm, valid for the proleptic Gregorian calendar.
+/// Seconds since the Unix epoch of an RFC 3339 time as [`rfc3339`] writes it
+/// (`YYYY-MM-DDTHH:MM:SSZ`).
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    if s.len() != 20 || !s.ends_with('Z') {
+        return None;
+    }
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    // Howard Hinnant's days-from-civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
@@ -727,6 +838,10 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_431_723), "2026-11-23T11:02:03Z");
+        for t in [0, 951_782_400, 1_795_431_723] {
+            assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        }
+        assert_eq!(parse_rfc3339("yesterday"), None);
     }
 
     #[test]

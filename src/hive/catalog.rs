@@ -4,23 +4,26 @@
 //! catalog name; every write is flushed before it returns, so an entry that was
 //! reported as added survives a crash of the hive.
 
+use super::state::Changes;
 use crate::protocol::ModelEntry;
 use std::path::Path;
 
 #[derive(Clone)]
 pub struct Catalog {
     db: sled::Db,
+    /// Told of every write, for the hive's state stream.
+    changes: Changes,
 }
 
 impl Catalog {
-    pub fn open(dir: &Path) -> Result<Catalog, String> {
+    pub fn open(dir: &Path, changes: Changes) -> Result<Catalog, String> {
         let db = sled::open(dir).map_err(|e| {
             format!(
                 "cannot open the model catalog at {} (is another hive using this --data-dir?): {e}",
                 dir.display()
             )
         })?;
-        Ok(Catalog { db })
+        Ok(Catalog { db, changes })
     }
 
     pub fn list(&self) -> Vec<ModelEntry> {
@@ -49,7 +52,7 @@ impl Catalog {
         self.db
             .insert(entry.name.as_bytes(), bytes)
             .and_then(|_| self.db.flush())
-            .map(|_| ())
+            .map(|_| self.changes.bump())
             .map_err(|e| format!("cannot write the catalog: {e}"))
     }
 
@@ -61,6 +64,7 @@ impl Catalog {
         self.db
             .flush()
             .map_err(|e| format!("cannot write the catalog: {e}"))?;
+        self.changes.bump();
         Ok(old.and_then(|v| serde_json::from_slice(&v).ok()))
     }
 }

@@ -7,6 +7,7 @@ pub mod downloads;
 pub mod hf;
 pub mod model_ref;
 pub mod models;
+pub mod state;
 pub mod workers;
 
 use crate::http::{self, Auth, Body, Reply, Route};
@@ -18,6 +19,7 @@ use argh::FromArgs;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use models::Models;
+use state::{Changes, State};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -51,12 +53,17 @@ pub struct Args {
     /// file holding the shared bearer token (else RBEE_TOKEN)
     #[argh(option)]
     pub token_file: Option<PathBuf>,
+    /// memory rbee may use for workers, e.g. 8GiB or 1500MB (default: what is
+    /// free at start, less 10% and at least 512 MiB)
+    #[argh(option)]
+    pub max_memory: Option<String>,
 }
 
 #[derive(Clone)]
 struct Hive {
     models: Models,
     workers: Workers,
+    state: State,
     auth: Auth,
     /// Fired by `POST /v1/admin/shutdown`.
     shutdown: Arc<tokio::sync::Notify>,
@@ -67,10 +74,15 @@ pub async fn run(args: Args) -> Result<(), String> {
         crate::parse_duration(&args.idle_timeout).map_err(|e| format!("--idle-timeout: {e}"))?;
     let ready_timeout =
         crate::parse_duration(&args.ready_timeout).map_err(|e| format!("--ready-timeout: {e}"))?;
+    let budget_mb = match &args.max_memory {
+        Some(size) => crate::parse_size_mb(size).map_err(|e| format!("--max-memory: {e}"))?,
+        None => state::default_budget_mb(crate::machine::ram().available_mb),
+    };
     let auth = Auth::load(args.token_file.as_deref())?;
     auth.check_bind(&args.host)?;
     let listener = crate::process::bind(&args.host, args.port).await?;
     let port = listener.local_addr().map_or(args.port, |a| a.port());
+    let changes = Changes::new();
 
     let data_dir = crate::data_dir(args.data_dir.as_deref());
     std::fs::create_dir_all(&data_dir).map_err(|e| {
@@ -79,7 +91,7 @@ pub async fn run(args: Args) -> Result<(), String> {
             data_dir.display()
         )
     })?;
-    let catalog = catalog::Catalog::open(&data_dir.join("hive-catalog"))?;
+    let catalog = catalog::Catalog::open(&data_dir.join("hive-catalog"), changes.clone())?;
     let models = Models::new(catalog, data_dir.join("models"));
 
     let unspecified = args.host == "0.0.0.0" || args.host == "::";
@@ -101,17 +113,18 @@ pub async fn run(args: Args) -> Result<(), String> {
         idle_timeout,
         token: auth.token().map(str::to_string),
     };
-    let workers =
-        Workers::new(settings).map_err(|e| format!("cannot start the spawner thread: {e}"))?;
+    let workers = Workers::new(settings, changes.clone())
+        .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
     tokio::spawn(workers.clone().reap_idle());
     let hive = Hive {
+        state: State::new(models.clone(), workers.clone(), changes, budget_mb),
         models,
         workers: workers.clone(),
         auth,
         shutdown: Arc::new(tokio::sync::Notify::new()),
     };
     tracing::info!(
-        "hive listening on http://{}:{port}, data in {}",
+        "hive listening on http://{}:{port}, data in {}, {budget_mb} MiB of memory for workers",
         args.host,
         data_dir.display()
     );
@@ -134,6 +147,7 @@ pub async fn run(args: Args) -> Result<(), String> {
 enum Endpoint {
     Health,
     Capabilities,
+    State,
     Models,
     DeleteModel,
     Download,
@@ -149,6 +163,7 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::GET, "/health", Endpoint::Health),
     (Method::GET, "/v1/health", Endpoint::Health),
     (Method::GET, "/v1/capabilities", Endpoint::Capabilities),
+    (Method::GET, "/v1/state/stream", Endpoint::State),
     (Method::GET, "/v1/models", Endpoint::Models),
     (Method::DELETE, "/v1/models/{}", Endpoint::DeleteModel),
     (Method::POST, "/v1/models/download", Endpoint::Download),
@@ -185,6 +200,7 @@ async fn route(h: Hive, req: Request<Incoming>) -> Response<Body> {
             StatusCode::OK,
             &capabilities(h.models.models_dir()),
         )),
+        Endpoint::State => h.state.stream(),
         Endpoint::Models => Ok(http::json(StatusCode::OK, &h.models.catalog().list())),
         Endpoint::DeleteModel => h
             .models
@@ -227,8 +243,7 @@ fn download_progress(h: &Hive, req: &Request<Incoming>) -> Reply {
 
 async fn spawn(h: &Hive, req: Request<Incoming>) -> Reply {
     let body: SpawnRequest = http::read_json(req).await?;
-    let model = h.models.find(&body.model_ref).await?;
-    let info = h.workers.spawn(&model, &body).await?;
+    let info = h.state.spawn(&body).await?;
     Ok(http::json(StatusCode::ACCEPTED, &info))
 }
 
@@ -247,24 +262,14 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 }
 
 fn capabilities(models_dir: &std::path::Path) -> Capabilities {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_mb = |key: &str| {
-        meminfo
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb / 1024)
-    };
+    let ram = crate::machine::ram();
     let mut probe = models_dir.to_path_buf();
     while !probe.exists() && probe.pop() {}
     Capabilities {
-        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default(),
-        cores: crate::worker::default_threads() as u32,
-        ram_total_mb: mem_mb("MemTotal:"),
-        ram_available_mb: mem_mb("MemAvailable:"),
+        hostname: crate::machine::hostname(),
+        cores: crate::machine::cores(),
+        ram_total_mb: ram.total_mb,
+        ram_available_mb: ram.available_mb,
         disk_free_mb: disk::free_space(&probe).map_or(0, |b| b >> 20),
         backends: crate::BACKENDS.split(',').map(str::to_string).collect(),
         gpus: crate::worker::engine::gpus(),

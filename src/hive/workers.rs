@@ -7,9 +7,10 @@
 //! `failed` with the tail of its stderr. Workers die with their hive, even a
 //! SIGKILLed one ([`crate::process::Spawner`]).
 
+use super::state::Changes;
 use crate::process::{signal, Spawner};
 use crate::protocol::{
-    new_id, now_rfc3339, ApiError, ErrorCode, ModelEntry, SpawnRequest, WorkerInfo,
+    new_id, now_rfc3339, rfc3339_at, ApiError, ErrorCode, ModelEntry, SpawnRequest, WorkerInfo,
     WorkerReadyCallback, WorkerState,
 };
 use std::collections::{HashMap, VecDeque};
@@ -39,15 +40,30 @@ pub struct Settings {
     pub token: Option<String>,
 }
 
+/// How one worker is started, and the memory that takes (MiB): decided by
+/// the hive's state from the model's header ([`super::state::plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub slots: u32,
+    pub ctx_size: u32,
+    pub threads: u32,
+    /// The worker's host-memory prompt cache (`--cache-ram`).
+    pub cache_ram_mb: u64,
+    pub memory_mb: u64,
+}
+
 #[derive(Clone)]
 pub struct Workers {
     settings: Arc<Settings>,
     records: Arc<Mutex<HashMap<String, Record>>>,
     spawner: Spawner,
+    changes: Changes,
 }
 
 struct Record {
     info: WorkerInfo,
+    /// The estimate it was started with.
+    estimate_mb: u64,
     stderr: Arc<Mutex<VecDeque<String>>>,
     /// Since when the worker has had nothing to do, as last seen.
     idle_since: Option<Instant>,
@@ -56,11 +72,12 @@ struct Record {
 }
 
 impl Workers {
-    pub fn new(settings: Settings) -> std::io::Result<Workers> {
+    pub fn new(settings: Settings, changes: Changes) -> std::io::Result<Workers> {
         Ok(Workers {
             settings: Arc::new(settings),
             records: Arc::default(),
             spawner: Spawner::new()?,
+            changes,
         })
     }
 
@@ -68,8 +85,38 @@ impl Workers {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every worker, with what it takes in memory (measured once it is
+    /// ready, never below its estimate: llama.cpp's buffers are touched
+    /// lazily, so a fresh worker's resident set understates what it will
+    /// take), and when it has been idle since and will be stopped.
     pub fn list(&self) -> Vec<WorkerInfo> {
-        let mut all: Vec<WorkerInfo> = self.lock().values().map(|r| r.info.clone()).collect();
+        let pids: Vec<u32> = self.lock().values().map(|r| r.info.pid).collect();
+        let resident = crate::machine::resident_mb(&pids);
+        let now = (std::time::SystemTime::now(), Instant::now());
+        let at = |i: Instant| match i.checked_duration_since(now.1) {
+            Some(ahead) => rfc3339_at(now.0 + ahead),
+            None => rfc3339_at(now.0 - now.1.duration_since(i)),
+        };
+        let mut all: Vec<WorkerInfo> = self
+            .lock()
+            .values()
+            .map(|r| {
+                let mut info = r.info.clone();
+                let measured = resident
+                    .get(&info.pid)
+                    .filter(|_| info.state == WorkerState::Ready);
+                info.memory_measured = measured.is_some();
+                info.memory_mb = match info.state {
+                    WorkerState::Failed => 0,
+                    _ => measured.copied().unwrap_or(0).max(r.estimate_mb),
+                };
+                if info.state == WorkerState::Ready {
+                    info.idle_since = r.idle_since.map(at);
+                    info.stops_at = r.idle_since.map(|i| at(i + self.settings.idle_timeout));
+                }
+                info
+            })
+            .collect();
         all.sort_by(|a, b| a.url.cmp(&b.url));
         all
     }
@@ -81,11 +128,14 @@ impl Workers {
         &self,
         model: &ModelEntry,
         req: &SpawnRequest,
+        plan: &Plan,
     ) -> Result<WorkerInfo, ApiError> {
         let backend = choose_backend(req.backend.as_deref(), crate::BACKENDS)?;
         let id = new_id("worker");
         let port = self.free_port()?;
-        let mut child = self.start_process(&id, port, model, req, backend).await?;
+        let mut child = self
+            .start_process(&id, port, model, req, backend, plan)
+            .await?;
         let info = WorkerInfo {
             worker_id: id.clone(),
             url: format!("http://{}:{port}", self.settings.advertise_host),
@@ -93,22 +143,30 @@ impl Workers {
             model_path: model.path.clone(),
             pid: child.id(),
             state: WorkerState::Loading,
-            slots: req.slots.unwrap_or(4),
+            slots: plan.slots,
             backend: backend.to_string(),
             device: req.device,
             error: None,
             started_at: now_rfc3339(),
+            ctx_size: plan.ctx_size,
+            threads: plan.threads,
+            memory_mb: plan.memory_mb,
+            memory_measured: false,
+            idle_since: None,
+            stops_at: None,
         };
         let (stderr, reader) = keep_stderr(&mut child, &id);
         self.lock().insert(
             id.clone(),
             Record {
                 info: info.clone(),
+                estimate_mb: plan.memory_mb,
                 stderr,
                 idle_since: None,
                 stopping: false,
             },
         );
+        self.changes.bump();
         tracing::info!(
             "spawned {id} (pid {}) for {} on port {port}",
             info.pid,
@@ -127,6 +185,7 @@ impl Workers {
         model: &ModelEntry,
         req: &SpawnRequest,
         backend: &str,
+        plan: &Plan,
     ) -> Result<std::process::Child, ApiError> {
         let s = &self.settings;
         let mut command = Command::new(&s.exe);
@@ -137,17 +196,15 @@ impl Workers {
             .args(["--host", &s.host, "--port", &port.to_string()])
             .args(["--worker-id", id, "--callback-url", &s.callback_url])
             .args(["--device", &req.device.to_string()])
+            .args(["--slots", &plan.slots.to_string()])
+            .args(["--ctx-size", &plan.ctx_size.to_string()])
+            .args(["--threads", &plan.threads.to_string()])
+            .args(["--cache-ram", &plan.cache_ram_mb.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if backend == "cpu" {
             command.args(["--gpu-layers", "0"]);
-        }
-        if let Some(slots) = req.slots {
-            command.args(["--slots", &slots.to_string()]);
-        }
-        if let Some(ctx) = req.ctx_size {
-            command.args(["--ctx-size", &ctx.to_string()]);
         }
         // The token travels in the environment, not argv, where `ps` would show it.
         match &s.token {
@@ -215,6 +272,7 @@ impl Workers {
     }
 
     fn exited(&self, id: &str, status: String) {
+        let _bump = Bump(&self.changes);
         let mut records = self.lock();
         let Some(record) = records.get_mut(id) else {
             return;
@@ -235,6 +293,7 @@ impl Workers {
     }
 
     fn loading_timed_out(&self, id: &str, timeout: Duration) {
+        let _bump = Bump(&self.changes);
         let mut records = self.lock();
         let Some(record) = records.get_mut(id) else {
             return;
@@ -252,6 +311,7 @@ impl Workers {
 
     /// The worker's own report that loading ended.
     pub fn ready(&self, report: &WorkerReadyCallback) -> Result<WorkerInfo, ApiError> {
+        let _bump = Bump(&self.changes);
         let mut records = self.lock();
         let record = records.get_mut(&report.worker_id).ok_or_else(|| {
             ApiError::new(
@@ -275,6 +335,7 @@ impl Workers {
 
     /// Asks a worker to stop (SIGTERM: it ends its streams cleanly), killing it if it lingers.
     pub fn stop(&self, id: &str) -> Result<WorkerInfo, ApiError> {
+        let _bump = Bump(&self.changes);
         let mut records = self.lock();
         let record = records.get_mut(id).ok_or_else(|| {
             ApiError::new(
@@ -338,8 +399,13 @@ impl Workers {
                         continue;
                     };
                     if busy {
-                        record.idle_since = None;
+                        if record.idle_since.take().is_some() {
+                            self.changes.bump();
+                        }
                         continue;
+                    }
+                    if record.idle_since.is_none() {
+                        self.changes.bump();
                     }
                     record.idle_since.get_or_insert_with(Instant::now).elapsed()
                 };
@@ -349,6 +415,16 @@ impl Workers {
                 }
             }
         }
+    }
+}
+
+/// Tells state streams of a change when dropped: after the records' lock,
+/// which is taken after it, is released.
+struct Bump<'a>(&'a Changes);
+
+impl Drop for Bump<'_> {
+    fn drop(&mut self) {
+        self.0.bump();
     }
 }
 

@@ -158,7 +158,30 @@ pub struct SseStream {
     ready: VecDeque<Frame>,
 }
 
+/// Nothing, not even a keep-alive, arrived on a stream for the time allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Silent;
+
 impl SseStream {
+    /// The next event, or [`Silent`] when no bytes at all (keep-alives
+    /// included) arrive for `silence`: a peer gone without closing.
+    pub async fn next_within(&mut self, silence: Duration) -> Result<Option<Frame>, Silent> {
+        loop {
+            if let Some(f) = self.ready.pop_front() {
+                return Ok(Some(f));
+            }
+            match tokio::time::timeout(silence, self.body.frame()).await {
+                Err(_) => return Err(Silent),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.ready.extend(self.decoder.push(&data));
+                    }
+                }
+                Ok(Some(Err(_)) | None) => return Ok(None),
+            }
+        }
+    }
+
     /// The next event; `None` when the connection ends (or breaks) without one.
     pub async fn next(&mut self) -> Option<Frame> {
         loop {

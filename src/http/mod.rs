@@ -252,10 +252,16 @@ const DRAIN_LIMIT: usize = 64 << 20;
 /// client goes away the body is dropped, so `send` fails and `closed()`
 /// resolves: that is how producers learn to stop.
 pub fn sse_response() -> (mpsc::Sender<Bytes>, Response<Body>) {
+    sse_response_every(sse::KEEPALIVE_EVERY)
+}
+
+/// [`sse_response`] with keep-alives every `every` instead.
+pub fn sse_response_every(every: std::time::Duration) -> (mpsc::Sender<Bytes>, Response<Body>) {
     let (tx, rx) = mpsc::channel(64);
     let stream = SseStream {
         rx,
-        keepalive: Box::pin(tokio::time::sleep(sse::KEEPALIVE_EVERY)),
+        every,
+        keepalive: Box::pin(tokio::time::sleep(every)),
     };
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     let h = resp.headers_mut();
@@ -297,6 +303,7 @@ where
 
 struct SseStream {
     rx: mpsc::Receiver<Bytes>,
+    every: std::time::Duration,
     keepalive: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -304,7 +311,7 @@ impl Stream for SseStream {
     type Item = Result<Frame<Bytes>, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let next = tokio::time::Instant::now() + sse::KEEPALIVE_EVERY;
+        let next = tokio::time::Instant::now() + self.every;
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(bytes)) => {
                 self.keepalive.as_mut().reset(next);

@@ -9,8 +9,8 @@ use super::render::Progress;
 use crate::http::client;
 use crate::http::sse::Frame;
 use crate::protocol::{
-    AddHive, DownloadEvent, DownloadRequest, DownloadStarted, HiveRemoved, HiveStatus, HiveWorker,
-    ModelEntry,
+    parse_rfc3339, AddHive, DownloadEvent, DownloadRequest, DownloadStarted, HiveRemoved,
+    HiveStatus, HiveWorker, MemoryPool, ModelEntry,
 };
 use hyper::Method;
 use std::io::IsTerminal;
@@ -61,16 +61,32 @@ async fn hive_add(queen: &Queen, a: HiveAdd) -> Result<(), String> {
     Ok(())
 }
 
+/// One line per hive: name, status, URL, managed or registered, memory
+/// used/budget, GPUs, rbee version, last seen.
 async fn hive_list(queen: &Queen) -> Result<(), String> {
     let hives: Vec<HiveStatus> = queen.call(Method::GET, "/v1/hives", None::<&()>).await?;
     for h in hives {
         let managed = if h.managed { "managed" } else { "registered" };
+        let pool = |p: &MemoryPool| format!("{} {}/{} MB", p.name, p.used_mb, p.budget_mb);
+        let memory = h.ram.as_ref().map_or("-".to_string(), pool);
+        let gpus = match h.gpus.is_empty() {
+            true => "no GPU".to_string(),
+            false => h.gpus.iter().map(pool).collect::<Vec<_>>().join(", "),
+        };
+        let version = match (&h.version, h.version_matches) {
+            (Some(v), true) => format!("rbee {v}"),
+            (Some(v), false) => format!(
+                "rbee {v} (differs from the queen's {})",
+                env!("CARGO_PKG_VERSION")
+            ),
+            (None, _) => "-".to_string(),
+        };
         println!(
-            "{}\t{}\t{}\t{managed}\t{}",
+            "{}\t{}\t{}\t{managed}\t{memory}\t{gpus}\t{version}\t{}",
             h.name,
             h.status,
             h.url,
-            h.last_seen.unwrap_or_default()
+            h.last_seen.or(h.error).unwrap_or_default()
         );
     }
     Ok(())
@@ -139,15 +155,44 @@ async fn models_remove(queen: &Queen, node: &str, name: &str) -> Result<(), Stri
     Ok(())
 }
 
+/// One line per worker: id, hive, model, state, URL, memory, busy slots,
+/// idle time and when the hive stops it if it stays idle.
 async fn workers_list(queen: &Queen) -> Result<(), String> {
     let workers: Vec<HiveWorker> = queen.call(Method::GET, "/v1/workers", None::<&()>).await?;
-    for HiveWorker { hive, worker: w } in workers {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for HiveWorker {
+        hive,
+        worker: w,
+        in_flight,
+    } in workers
+    {
+        let measured = if w.memory_measured { "" } else { " (estimate)" };
+        let since = |t: &Option<String>| t.as_deref().and_then(parse_rfc3339);
+        let idle = match since(&w.idle_since) {
+            Some(t) if in_flight == 0 => format!("idle {}", duration(now.saturating_sub(t))),
+            _ => "busy".to_string(),
+        };
+        let stops = match since(&w.stops_at) {
+            Some(t) if in_flight == 0 => format!("stops in {}", duration(t.saturating_sub(now))),
+            _ => "-".to_string(),
+        };
         println!(
-            "{}\t{hive}\t{}\t{}\t{}\t{} slots",
-            w.worker_id, w.model, w.state, w.url, w.slots
+            "{}\t{hive}\t{}\t{}\t{}\t{} MB{measured}\t{in_flight}/{} busy\t{idle}\t{stops}",
+            w.worker_id, w.model, w.state, w.url, w.memory_mb, w.slots
         );
     }
     Ok(())
+}
+
+/// `42s`, `3m`, `2h`.
+fn duration(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m", secs / 60),
+        _ => format!("{}h", secs / 3600),
+    }
 }
 
 async fn workers_stop(queen: &Queen, id: &str) -> Result<(), String> {

@@ -1,39 +1,31 @@
-//! The cluster as the scheduler sees it: the hives it may use and what each
-//! hive and worker answers. The scheduler takes it through [`Cluster`], so its
-//! decisions can be tested against a fake cluster in milliseconds; the real
-//! one is the [`Registry`] and the typed clients.
+//! The cluster as the scheduler sees it: the live [`View`] it decides from,
+//! and the few calls that change something (fetch, spawn, stop, infer). The
+//! scheduler takes it through [`Cluster`], so its decisions can be tested
+//! against a fake cluster in milliseconds; the real one is [`Live`].
 
 use super::jobs::Job;
 use super::registry::{HiveConn, Registry};
+use super::view::{View, SILENCE};
 use crate::clients::{Events, HiveClient, WorkerClient};
 use crate::protocol::{
     ApiError, DownloadEvent, DownloadStarted, ErrorCode, InferenceEvent, InferenceRequest,
-    LoadingEvent, ModelEntry, ReadyStatus, SpawnRequest, WorkerInfo,
+    LoadingEvent, SpawnRequest, WorkerInfo,
 };
 use std::future::Future;
+use std::time::Duration;
+
+/// How often the view is brought in line with the registry, as a backstop to
+/// the changes the queen makes itself.
+const RETRACK_EVERY: Duration = Duration::from_secs(1);
 
 /// Everything the scheduler asks of the cluster. Workers are named by URL and
 /// reached with their hive's token.
 pub trait Cluster: Sync {
-    /// Every hive this queen can use.
-    fn hives(&self) -> impl Future<Output = Vec<HiveConn>> + Send;
-    /// The hive on this machine, started now if none runs; `job` hears how it goes.
+    /// The live view: hives, their snapshots, in-flight counts, prefixes.
+    fn view(&self) -> &View;
+    /// The hive on this machine, started now if none runs, once the view has
+    /// heard from it; `job` hears how it goes.
     fn local_hive(&self, job: &Job) -> impl Future<Output = Result<HiveConn, ApiError>> + Send;
-    /// Whether a hive answers as a hive; the error says why not.
-    fn check(&self, hive: &HiveConn) -> impl Future<Output = Result<(), String>> + Send;
-    fn models(
-        &self,
-        hive: &HiveConn,
-    ) -> impl Future<Output = Result<Vec<ModelEntry>, ApiError>> + Send;
-    fn workers(
-        &self,
-        hive: &HiveConn,
-    ) -> impl Future<Output = Result<Vec<WorkerInfo>, ApiError>> + Send;
-    fn ready(
-        &self,
-        hive: &HiveConn,
-        worker: &str,
-    ) -> impl Future<Output = Result<ReadyStatus, ApiError>> + Send;
     fn download(
         &self,
         hive: &HiveConn,
@@ -48,6 +40,11 @@ pub trait Cluster: Sync {
         &self,
         hive: &HiveConn,
         req: &SpawnRequest,
+    ) -> impl Future<Output = Result<WorkerInfo, ApiError>> + Send;
+    fn stop_worker(
+        &self,
+        hive: &HiveConn,
+        id: &str,
     ) -> impl Future<Output = Result<WorkerInfo, ApiError>> + Send;
     fn loading_progress(
         &self,
@@ -73,31 +70,66 @@ impl HiveConn {
     }
 }
 
-impl Cluster for Registry {
-    async fn hives(&self) -> Vec<HiveConn> {
-        self.all().await
+/// The real cluster: the registry's hives, followed live.
+#[derive(Clone)]
+pub struct Live {
+    pub registry: Registry,
+    pub view: View,
+}
+
+impl Live {
+    /// Follows every hive of the registry (and the local one) from now on.
+    pub async fn start(registry: Registry) -> Live {
+        let live = Live {
+            registry,
+            view: View::default(),
+        };
+        live.retrack().await;
+        let backstop = live.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RETRACK_EVERY).await;
+                backstop.retrack().await;
+            }
+        });
+        live
+    }
+
+    /// Brings the view in line with the registry now.
+    pub async fn retrack(&self) {
+        self.view.track(&self.registry.all().await);
+    }
+}
+
+impl Cluster for Live {
+    fn view(&self) -> &View {
+        &self.view
     }
 
     async fn local_hive(&self, job: &Job) -> Result<HiveConn, ApiError> {
-        self.ensure_local(|action, human| job.narrate("queen", action, human))
+        let conn = self
+            .registry
+            .ensure_local(|action, human| job.narrate("queen", action, human))
             .await
-            .map_err(|m| ApiError::new(ErrorCode::HiveStartFailed, m))
-    }
-
-    async fn check(&self, hive: &HiveConn) -> Result<(), String> {
-        Registry::check(self, hive).await
-    }
-
-    async fn models(&self, hive: &HiveConn) -> Result<Vec<ModelEntry>, ApiError> {
-        hive.client().models().await
-    }
-
-    async fn workers(&self, hive: &HiveConn) -> Result<Vec<WorkerInfo>, ApiError> {
-        hive.client().workers().await
-    }
-
-    async fn ready(&self, hive: &HiveConn, worker: &str) -> Result<ReadyStatus, ApiError> {
-        hive.worker(worker).ready().await
+            .map_err(|m| ApiError::new(ErrorCode::HiveStartFailed, m))?;
+        self.retrack().await;
+        let name = conn.name.clone();
+        let heard = self
+            .view
+            .wait_until(SILENCE, |s| {
+                s.hives.iter().any(|h| h.conn.name == name && h.reachable)
+            })
+            .await;
+        if !heard {
+            return Err(ApiError::new(
+                ErrorCode::HiveStartFailed,
+                format!(
+                    "the local hive at {} started but its state stream did not answer",
+                    conn.url
+                ),
+            ));
+        }
+        Ok(conn)
     }
 
     async fn download(&self, hive: &HiveConn, model: &str) -> Result<DownloadStarted, ApiError> {
@@ -114,6 +146,10 @@ impl Cluster for Registry {
 
     async fn spawn(&self, hive: &HiveConn, req: &SpawnRequest) -> Result<WorkerInfo, ApiError> {
         hive.client().spawn(req).await
+    }
+
+    async fn stop_worker(&self, hive: &HiveConn, id: &str) -> Result<WorkerInfo, ApiError> {
+        hive.client().stop_worker(id).await
     }
 
     async fn loading_progress(

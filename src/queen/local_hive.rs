@@ -7,7 +7,7 @@
 //! else any port the kernel gives; nothing is probed beforehand, so nothing
 //! can take the port between a probe and the bind.
 
-use super::registry::{HiveConn, Registry, LOCALHOST};
+use super::registry::{HiveConn, LOCALHOST};
 use crate::process::{self, signal, Lifetime, Spawner, StartError};
 use crate::protocol::StartFailure;
 use std::path::PathBuf;
@@ -55,22 +55,18 @@ impl LocalHive {
         self.running.lock().await.as_ref().map(|r| r.conn.clone())
     }
 
-    /// The local hive, started now if it is not running or stopped answering
-    /// (`registry` checks it). `narrate` hears what happens.
-    pub async fn ensure(
-        &self,
-        registry: &Registry,
-        narrate: impl Fn(&str, String),
-    ) -> Result<HiveConn, String> {
+    /// The local hive, started now if it is not running or its process has
+    /// gone. `narrate` hears what happens.
+    pub async fn ensure(&self, narrate: impl Fn(&str, String)) -> Result<HiveConn, String> {
         let mut running = self.running.lock().await;
         if let Some(r) = running.as_ref() {
-            if registry.check(&r.conn).await.is_ok() {
+            if process::alive(r.pid) {
                 return Ok(r.conn.clone());
             }
             narrate(
                 "restart",
                 format!(
-                    "the local hive (pid {}) stopped answering; starting a new one",
+                    "the local hive (pid {}) has gone; starting a new one",
                     r.pid
                 ),
             );

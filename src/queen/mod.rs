@@ -4,23 +4,27 @@
 pub mod cluster;
 pub mod jobs;
 pub mod local_hive;
+pub mod placement;
 pub mod registry;
 pub mod scheduler;
+pub mod view;
 
 use crate::clients::Events;
 use crate::http::{self, sse, Auth, Body, Reply, Route};
 use crate::openai;
 use crate::protocol::{
-    AddHive, ApiError, DownloadEvent, DownloadRequest, ErrorCode, Health, HiveRemoved, HiveWorker,
-    JobCancelled, JobCreated, JobRequest,
+    AddHive, ApiError, DownloadEvent, DownloadRequest, ErrorCode, Health, HiveRemoved, HiveState,
+    HiveStatus, HiveWorker, JobCancelled, JobCreated, JobRequest,
 };
 use argh::FromArgs;
+use cluster::Live;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use jobs::Jobs;
 use registry::{HiveConn, Registry, LOCALHOST};
 use std::path::PathBuf;
 use std::sync::Arc;
+use view::InFlight;
 
 /// Orchestrate the cluster: jobs, scheduling, the hive registry.
 #[derive(FromArgs, Debug)]
@@ -43,6 +47,7 @@ pub struct Args {
 #[derive(Clone)]
 struct Queen {
     registry: Registry,
+    cluster: Live,
     jobs: Jobs,
     auth: Auth,
     shutdown: Arc<tokio::sync::Notify>,
@@ -60,9 +65,10 @@ pub async fn run(args: Args) -> Result<(), String> {
         )
     })?;
     let registry = Registry::open(data_dir.clone(), auth.token().map(str::to_string))?;
-    tokio::spawn(registry.clone().watch_health());
+    let cluster = Live::start(registry.clone()).await;
     let queen = Queen {
         registry: registry.clone(),
+        cluster,
         jobs: Jobs::default(),
         auth,
         shutdown: Arc::new(tokio::sync::Notify::new()),
@@ -179,13 +185,13 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
     let param = params.first().copied().unwrap_or_default();
     http::reply(match endpoint {
         Endpoint::Health => Ok(http::json(StatusCode::OK, &Health::alive("queen"))),
-        Endpoint::Hives => Ok(http::json(StatusCode::OK, &q.registry.list().await)),
+        Endpoint::Hives => Ok(http::json(StatusCode::OK, &hive_list(&q).await)),
         Endpoint::AddHive => add_hive(&q, req).await,
-        Endpoint::RemoveHive => remove_hive(&q, param),
+        Endpoint::RemoveHive => remove_hive(&q, param).await,
         Endpoint::CreateJob => create_job(&q, req).await,
         Endpoint::JobStream => job_stream(&q, param),
         Endpoint::CancelJob => cancel_job(&q, param),
-        Endpoint::Workers => Ok(http::json(StatusCode::OK, &workers(&q).await)),
+        Endpoint::Workers => Ok(http::json(StatusCode::OK, &workers(&q))),
         Endpoint::StopWorker => stop_worker(&q, param).await,
         Endpoint::HiveModels
         | Endpoint::HiveDownload
@@ -196,7 +202,7 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         },
         Endpoint::ChatCompletions => return openai_route(&q, req, openai::Kind::Chat).await,
         Endpoint::Completions => return openai_route(&q, req, openai::Kind::Completion).await,
-        Endpoint::Models => Ok(http::json(StatusCode::OK, &models(&q).await)),
+        Endpoint::Models => Ok(http::json(StatusCode::OK, &models(&q))),
         Endpoint::Shutdown => {
             q.shutdown.notify_one();
             Ok(http::json(StatusCode::ACCEPTED, &Health::stopping("queen")))
@@ -207,10 +213,18 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
 async fn add_hive(q: &Queen, req: Request<Incoming>) -> Reply {
     let body: AddHive = http::read_json(req).await?;
     let conn = q.registry.add(body)?;
-    let _ = q.registry.check(&conn).await;
-    let status = q
-        .registry
-        .list()
+    q.cluster.retrack().await;
+    // Its status as of its first answer, or its first failure to answer.
+    let name = conn.name.clone();
+    q.cluster
+        .view
+        .wait_until(std::time::Duration::from_secs(3), |s| {
+            s.hives
+                .iter()
+                .any(|h| h.conn.name == name && (h.snapshot.is_some() || h.error.is_some()))
+        })
+        .await;
+    let status = hive_list(q)
         .await
         .into_iter()
         .find(|h| h.name == conn.name)
@@ -220,8 +234,9 @@ async fn add_hive(q: &Queen, req: Request<Incoming>) -> Reply {
     Ok(http::json(StatusCode::CREATED, &status))
 }
 
-fn remove_hive(q: &Queen, name: &str) -> Reply {
+async fn remove_hive(q: &Queen, name: &str) -> Reply {
     if q.registry.remove(name)? {
+        q.cluster.retrack().await;
         Ok(http::json(
             StatusCode::OK,
             &HiveRemoved {
@@ -267,15 +282,44 @@ fn cancel_job(q: &Queen, id: &str) -> Reply {
     ))
 }
 
-/// Every worker of every hive that answers.
-async fn workers(q: &Queen) -> Vec<HiveWorker> {
+/// Every hive, as the live view has it.
+async fn hive_list(q: &Queen) -> Vec<HiveStatus> {
+    q.cluster.retrack().await;
+    let mut list = Vec::new();
+    for h in q.cluster.view.state().hives {
+        let snapshot = h.snapshot.as_ref();
+        list.push(HiveStatus {
+            managed: q.registry.is_managed(&h.conn.name).await,
+            name: h.conn.name.clone(),
+            url: h.conn.url.clone(),
+            status: match (h.reachable, &h.error) {
+                (true, _) => HiveState::Reachable,
+                (false, Some(_)) => HiveState::Unreachable,
+                (false, None) => HiveState::Unknown,
+            },
+            last_seen: h.last_seen.clone(),
+            error: h.error.clone(),
+            version: snapshot.map(|s| s.version.clone()),
+            version_matches: snapshot.is_some_and(|s| s.version == env!("CARGO_PKG_VERSION")),
+            ram: snapshot.map(|s| s.ram.clone()),
+            gpus: snapshot.map(|s| s.gpus.clone()).unwrap_or_default(),
+            workers: snapshot.map_or(0, |s| s.workers.len() as u32),
+        });
+    }
+    list
+}
+
+/// Every worker of every reachable hive, with what the queen has in flight on it.
+fn workers(q: &Queen) -> Vec<HiveWorker> {
+    let state = q.cluster.view.state();
     let mut all = Vec::new();
-    for hive in q.registry.all().await {
-        if let Ok(list) = hive.client().workers().await {
-            all.extend(list.into_iter().map(|w| HiveWorker {
-                hive: hive.name.clone(),
-                worker: w,
-            }));
+    for h in state.hives.iter().filter(|h| h.reachable) {
+        for w in h.snapshot.iter().flat_map(|s| &s.workers) {
+            all.push(HiveWorker {
+                hive: h.conn.name.clone(),
+                in_flight: state.in_flight(&w.url),
+                worker: w.clone(),
+            });
         }
     }
     all
@@ -283,40 +327,46 @@ async fn workers(q: &Queen) -> Vec<HiveWorker> {
 
 /// Stops a worker on whichever hive has it.
 async fn stop_worker(q: &Queen, id: &str) -> Reply {
-    for hive in q.registry.all().await {
-        let client = hive.client();
-        let Ok(list) = client.workers().await else {
-            continue;
-        };
-        if list.iter().any(|w| w.worker_id == *id) {
-            let w = client
-                .stop_worker(id)
-                .await
-                .map_err(|e| relayed(e, &hive.name))?;
-            return Ok(http::json(
-                StatusCode::ACCEPTED,
-                &HiveWorker {
-                    hive: hive.name,
-                    worker: w,
-                },
-            ));
-        }
-    }
-    Err(ApiError::new(
-        ErrorCode::WorkerNotFound,
-        format!("no hive has a worker {id}"),
+    let found = workers(q).into_iter().find(|w| w.worker.worker_id == id);
+    let Some(found) = found else {
+        return Err(ApiError::new(
+            ErrorCode::WorkerNotFound,
+            format!("no hive has a worker {id}"),
+        ));
+    };
+    let hive = q
+        .cluster
+        .view
+        .hive(&found.hive)
+        .map(|h| h.conn)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::UnknownNode,
+                format!("hive {} is gone", found.hive),
+            )
+        })?;
+    let w = hive
+        .client()
+        .stop_worker(id)
+        .await
+        .map_err(|e| relayed(e, &hive.name))?;
+    Ok(http::json(
+        StatusCode::ACCEPTED,
+        &HiveWorker {
+            hive: hive.name,
+            worker: w,
+            in_flight: found.in_flight,
+        },
     ))
 }
 
-/// The models of every hive, for OpenAI's `GET /v1/models`.
-async fn models(q: &Queen) -> serde_json::Value {
-    let mut seen = Vec::new();
-    for hive in q.registry.all().await {
-        if let Ok(models) = hive.client().models().await {
-            for m in models {
-                if !seen.iter().any(|(id, _)| *id == m.name) {
-                    seen.push((m.name, hive.name.clone()));
-                }
+/// The models of every reachable hive, for OpenAI's `GET /v1/models`.
+fn models(q: &Queen) -> serde_json::Value {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for h in q.cluster.view.state().hives.iter().filter(|h| h.reachable) {
+        for m in h.snapshot.iter().flat_map(|s| &s.models) {
+            if !seen.iter().any(|(id, _)| *id == m.entry.name) {
+                seen.push((m.entry.name.clone(), h.conn.name.clone()));
             }
         }
     }
@@ -332,7 +382,7 @@ async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> 
         Ok(checked) => checked,
         Err(e) => return openai::error(e),
     };
-    let target = match openai_target(q, &model).await {
+    let (target, in_flight) = match openai_target(q, &model, &prepared.prefix_text()).await {
         Ok(t) => t,
         Err(e) => return openai::error(e),
     };
@@ -341,7 +391,7 @@ async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> 
         Err(e) => return openai::error(ApiError::new(ErrorCode::WorkerLost, e.message)),
     };
     if prepared.stream && upstream.status().is_success() {
-        pass_stream(upstream)
+        pass_stream(upstream, in_flight)
     } else {
         pass_whole(upstream).await
     }
@@ -363,9 +413,13 @@ async fn read_openai(
 
 /// A worker for an OpenAI request, found as a job's would be; the job records
 /// how it went (provisioning narrates there).
-async fn openai_target(q: &Queen, model: &str) -> Result<scheduler::Target, ApiError> {
+async fn openai_target(
+    q: &Queen,
+    model: &str,
+    prefix_text: &str,
+) -> Result<(scheduler::Target, InFlight), ApiError> {
     let job = q.jobs.create();
-    let target = scheduler::worker_for(&q.registry, &job, model).await;
+    let target = scheduler::worker_for(&q.cluster, &job, model, prefix_text).await;
     if let Err(e) = &target {
         job.fail(e.clone());
     }
@@ -397,10 +451,12 @@ async fn pass_whole(upstream: Response<Incoming>) -> Response<Body> {
     }
 }
 
-/// A worker's SSE answer, passed on chunk by chunk until either side leaves.
-fn pass_stream(upstream: Response<Incoming>) -> Response<Body> {
+/// A worker's SSE answer, passed on chunk by chunk until either side leaves;
+/// counted in flight until then.
+fn pass_stream(upstream: Response<Incoming>, in_flight: InFlight) -> Response<Body> {
     let (tx, resp) = http::sse_response();
     tokio::spawn(async move {
+        let _in_flight = in_flight;
         use http_body_util::BodyExt;
         let mut body = upstream.into_body();
         while let Some(Ok(frame)) = body.frame().await {
@@ -513,10 +569,10 @@ async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
         job_id: job.id.clone(),
         sse_url: format!("/v1/jobs/{}/stream", job.id),
     };
-    let registry = q.registry.clone();
+    let cluster = q.cluster.clone();
     tokio::spawn(async move {
         let outcome = tokio::select! {
-            r = scheduler::run(&registry, &job, &body) => r,
+            r = scheduler::run(&cluster, &job, &body) => r,
             () = job.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the job was cancelled")),
         };
         if let Err(e) = outcome {

@@ -1,20 +1,16 @@
-//! The queen's hives: the registered ones (in sled, surviving restarts), their
-//! health, and the local hive the queen may start itself (`local_hive.rs`).
+//! The queen's hives: the registered ones (in sled, surviving restarts) and
+//! the local hive the queen may start itself (`local_hive.rs`). How each is
+//! doing is the live view's business (`view.rs`).
 //!
 //! Only this module and the hive's catalog touch sled.
 
 use super::local_hive::LocalHive;
-use crate::protocol::{now_rfc3339, AddHive, ApiError, HiveState, HiveStatus};
+use crate::protocol::{AddHive, ApiError};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// The name of the hive on the queen's own machine.
 pub const LOCALHOST: &str = "localhost";
-/// How often every hive is asked whether it is alive.
-const HEALTH_EVERY: Duration = Duration::from_secs(5);
 
 /// What the queen needs to talk to a hive.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,14 +20,9 @@ pub struct HiveConn {
     pub token: Option<String>,
 }
 
-/// Whether a hive answered its last health check, and when it last did.
-type Seen = (bool, Option<String>);
-
 #[derive(Clone)]
 pub struct Registry {
     db: sled::Db,
-    /// Last health check per hive name: reachable or not, and when last seen.
-    health: Arc<Mutex<HashMap<String, Seen>>>,
     /// The hive this queen starts itself on `localhost`.
     local: LocalHive,
 }
@@ -47,7 +38,6 @@ impl Registry {
         })?;
         Ok(Registry {
             db,
-            health: Arc::default(),
             local: LocalHive::new(data_dir, token)?,
         })
     }
@@ -123,65 +113,14 @@ impl Registry {
         self.all().await.into_iter().find(|h| h.name == name)
     }
 
-    pub async fn list(&self) -> Vec<HiveStatus> {
-        let local_name = self.local.conn().await.map(|l| l.name);
-        let health = self
-            .health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        self.all()
-            .await
-            .into_iter()
-            .map(|h| {
-                let (status, last_seen) = match health.get(&h.name) {
-                    Some((true, seen)) => (HiveState::Reachable, seen.clone()),
-                    Some((false, seen)) => (HiveState::Unreachable, seen.clone()),
-                    None => (HiveState::Unknown, None),
-                };
-                HiveStatus {
-                    managed: local_name.as_deref() == Some(h.name.as_str()),
-                    name: h.name,
-                    url: h.url,
-                    status,
-                    last_seen,
-                }
-            })
-            .collect()
-    }
-
-    /// Asks a hive whether it is alive, and remembers the answer.
-    pub async fn check(&self, hive: &HiveConn) -> Result<(), String> {
-        let client = hive.client();
-        let answer = client.health();
-        let result = match tokio::time::timeout(Duration::from_secs(5), answer).await {
-            Ok(Ok(h)) if h.role == "hive" => Ok(()),
-            Ok(Ok(h)) => Err(format!("{} answers as a {}, not a hive", hive.url, h.role)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("{} did not answer within 5s", hive.url)),
-        };
-        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        let seen = health.get(&hive.name).and_then(|(_, s)| s.clone());
-        let now = result.is_ok().then(now_rfc3339);
-        health.insert(hive.name.clone(), (result.is_ok(), now.or(seen)));
-        result
-    }
-
-    /// Checks every hive now and then, forever.
-    pub async fn watch_health(self) {
-        loop {
-            for hive in self.all().await {
-                if let Err(e) = self.check(&hive).await {
-                    tracing::debug!("hive {} is unreachable: {e}", hive.name);
-                }
-            }
-            tokio::time::sleep(HEALTH_EVERY).await;
-        }
+    /// Whether `name` is the hive this queen started itself.
+    pub async fn is_managed(&self, name: &str) -> bool {
+        self.local.conn().await.is_some_and(|l| l.name == name)
     }
 
     /// The local hive, started now if it is not running. `narrate` hears what happens.
     pub async fn ensure_local(&self, narrate: impl Fn(&str, String)) -> Result<HiveConn, String> {
-        self.local.ensure(self, narrate).await
+        self.local.ensure(narrate).await
     }
 
     /// Stops the local hive, which stops its workers first; waits a bounded time.

@@ -1,22 +1,27 @@
-//! Running one job: pick hives, find a ready worker or provision one
-//! (download, spawn, load), then relay the worker's tokens into the job stream.
-//! Every step narrates on the job stream.
+//! Running one job: pick hives, route to a ready worker or provision one
+//! (place, make room, fetch, spawn, load), then relay the worker's tokens
+//! into the job stream. Every step narrates on the job stream.
 //!
-//! The cluster comes in through [`Cluster`], so each rule below is tested
-//! against a fake one (see the tests at the end). The rules as they stand:
-//! the least busy ready worker wins; a worker lost before its first token is
+//! Decisions come from the live view through [`super::placement`]; nothing
+//! here asks a hive anything to route a job. The cluster comes in through
+//! [`Cluster`], so each rule below is tested against a fake one (see the
+//! tests at the end). The rules as they stand: see `placement.rs` for where a
+//! request and a new worker go; a worker lost before its first token is
 //! excluded and the job retried once; lost after tokens is `WORKER_LOST`; a
 //! full worker is waited for ([`BUSY_WAITS`] times) before `BUSY`.
 
 use super::cluster::Cluster;
 use super::jobs::Job;
+use super::placement::{self, Placement, Route};
 use super::registry::{HiveConn, LOCALHOST};
+use super::view::{prefix_hashes, ClusterState, InFlight, SILENCE};
 use crate::protocol::{
     ApiError, ClusterEvent, DownloadEvent, DownloadState, ErrorCode, InferenceEvent,
-    InferenceRequest, JobEvent, JobRequest, LoadingEvent, ModelEntry, SpawnRequest, WorkerInfo,
-    WorkerState,
+    InferenceRequest, JobEvent, JobRequest, LoadingEvent, SpawnRequest, WorkerInfo, WorkerState,
 };
 use std::time::Duration;
+
+pub use super::placement::Target;
 
 /// How many times a job waits for a full worker before giving up with `BUSY`.
 const BUSY_WAITS: u32 = 50;
@@ -24,36 +29,46 @@ const BUSY_WAITS: u32 = 50;
 const BUSY_PAUSE: Duration = Duration::from_millis(200);
 /// How long a new worker may take to open its loading-progress stream.
 const LOADING_STREAM_WAIT: Duration = Duration::from_secs(30);
+/// How long a stopped worker may take to leave its hive's state.
+const STOP_WAIT: Duration = Duration::from_secs(20);
+/// How long the view may take to show what a hive just did.
+const VIEW_WAIT: Duration = Duration::from_secs(5);
 
-/// A worker chosen for a job.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub hive: HiveConn,
-    pub url: String,
-    pub worker_id: String,
-}
-
-/// A ready worker for `model` on any hive, provisioned if need be (the OpenAI front).
+/// A ready worker for `model` on any hive, provisioned if need be, counted in
+/// flight until the guard drops (the OpenAI front). `prefix_text` is what
+/// the request's prompt starts with, for cache-aware routing.
 pub async fn worker_for(
     cluster: &impl Cluster,
     job: &Job,
     model: &str,
-) -> Result<Target, ApiError> {
+    prefix_text: &str,
+) -> Result<(Target, InFlight), ApiError> {
     let hives = candidates(cluster, job, None).await?;
-    match find_ready(cluster, &hives, model, &[]).await {
-        Some(t) => Ok(t),
-        None => provision(cluster, &hives, job, model).await,
-    }
+    let prefix = prefix_hashes(prefix_text);
+    let (target, guard) = pick_worker(cluster, &hives, job, model, &prefix, &[]).await?;
+    cluster.view().remember(&prefix, &target.url);
+    Ok((target, guard))
 }
 
 /// Runs a job to its end: a worker, the inference relayed, and what follows a
 /// failed attempt as [`Attempts::decide`] rules.
 pub async fn run(cluster: &impl Cluster, job: &Job, req: &JobRequest) -> Result<(), ApiError> {
     let hives = candidates(cluster, job, req.node.as_deref()).await?;
+    let prefix = prefix_hashes(&req.prompt);
     let mut attempts = Attempts::default();
     loop {
-        let target = pick_worker(cluster, &hives, job, &req.model, &attempts.excluded).await?;
+        let (target, in_flight) = pick_worker(
+            cluster,
+            &hives,
+            job,
+            &req.model,
+            &prefix,
+            &attempts.excluded,
+        )
+        .await?;
+        cluster.view().remember(&prefix, &target.url);
         let outcome = relay(cluster, &target, job, req).await;
+        drop(in_flight);
         match attempts.decide(outcome, &target) {
             Decision::Finished(result) => return result,
             Decision::WaitBusy => tokio::time::sleep(BUSY_PAUSE).await,
@@ -131,58 +146,120 @@ impl Attempts {
     }
 }
 
-/// A ready worker (narrated as reused), else a new one.
+/// A worker for the request, counted in flight: routed from the view, or
+/// provisioned (one provisioning per model at a time; requests that waited
+/// for it route again first).
 async fn pick_worker(
     cluster: &impl Cluster,
-    hives: &[HiveConn],
+    hives: &[String],
     job: &Job,
     model: &str,
+    prefix: &[u64],
     excluded: &[String],
-) -> Result<Target, ApiError> {
-    match find_ready(cluster, hives, model, excluded).await {
-        Some(t) => {
-            job.narrate(
-                "queen",
-                "reuse",
-                format!("using worker {} on hive {}", t.worker_id, t.hive.name),
-            );
-            Ok(t)
-        }
-        None => provision(cluster, hives, job, model).await,
+) -> Result<(Target, InFlight), ApiError> {
+    let view = cluster.view();
+    if let Route::To(t) = route(cluster, hives, model, prefix, excluded) {
+        return Ok(reuse(cluster, job, t));
     }
+    let _one_at_a_time = view.provisioning(model).await;
+    if let Route::To(t) = route(cluster, hives, model, prefix, excluded) {
+        return Ok(reuse(cluster, job, t));
+    }
+    let target = provision(cluster, hives, job, model).await?;
+    let in_flight = view.begin(&target.url);
+    Ok((target, in_flight))
 }
 
-/// The hives this job may use, checked alive.
+fn route(
+    cluster: &impl Cluster,
+    hives: &[String],
+    model: &str,
+    prefix: &[u64],
+    excluded: &[String],
+) -> Route {
+    let view = cluster.view();
+    let preferred = view.affinity(prefix);
+    placement::route(&view.state(), model, hives, preferred.as_deref(), excluded)
+}
+
+fn reuse(cluster: &impl Cluster, job: &Job, t: Target) -> (Target, InFlight) {
+    job.narrate(
+        "queen",
+        "reuse",
+        format!("using worker {} on hive {}", t.worker_id, t.hive.name),
+    );
+    let in_flight = cluster.view().begin(&t.url);
+    (t, in_flight)
+}
+
+/// The names of the hives this job may use, at least one of them reachable.
 async fn candidates(
     cluster: &impl Cluster,
     job: &Job,
     node: Option<&str>,
-) -> Result<Vec<HiveConn>, ApiError> {
-    let hives = named_hives(cluster, job, node).await?;
-    preflight(cluster, job, hives).await
+) -> Result<Vec<String>, ApiError> {
+    let names = named_hives(cluster, job, node).await?;
+    reachable(cluster, job, names).await
 }
 
-/// The hive `node` names, or every hive; `localhost`, or no hive at all,
-/// starts the local one.
+/// The hive `node` names, or every hive with this machine's among them;
+/// `localhost`, or no hive on this machine, starts the local one (again, if
+/// it has gone).
 async fn named_hives(
     cluster: &impl Cluster,
     job: &Job,
     node: Option<&str>,
-) -> Result<Vec<HiveConn>, ApiError> {
-    let all = cluster.hives().await;
+) -> Result<Vec<String>, ApiError> {
+    let view = cluster.view();
+    let state = view.state();
+    let known: Vec<String> = state.hives.iter().map(|h| h.conn.name.clone()).collect();
+    let up = |name: &str| {
+        state
+            .hives
+            .iter()
+            .any(|h| h.conn.name == name && h.reachable)
+    };
     match node {
-        Some(name) => match all.iter().find(|h| h.name == name) {
-            Some(h) => Ok(vec![h.clone()]),
-            None if name == LOCALHOST => Ok(vec![cluster.local_hive(job).await?]),
-            None => Err(unknown_node(name, &all)),
-        },
-        None if all.is_empty() => Ok(vec![cluster.local_hive(job).await?]),
-        None => Ok(all),
+        Some(LOCALHOST) if !up(LOCALHOST) => Ok(vec![cluster.local_hive(job).await?.name]),
+        Some(name) if known.iter().any(|k| k == name) => Ok(vec![name.to_string()]),
+        Some(name) => Err(unknown_node(name, &known)),
+        None => {
+            // Until every hive has answered or failed, this machine's may be among them.
+            view.wait_until(SILENCE, |s| {
+                s.hives
+                    .iter()
+                    .all(|h| h.snapshot.is_some() || h.error.is_some())
+            })
+            .await;
+            let state = view.state();
+            let mut names = known;
+            let local_known = names.iter().any(|n| n == LOCALHOST);
+            let local_up = state
+                .hives
+                .iter()
+                .any(|h| h.conn.name == LOCALHOST && h.reachable);
+            if (local_known && !local_up) || (!local_known && !another_hive_here(&state)) {
+                let local = cluster.local_hive(job).await?.name;
+                if !names.contains(&local) {
+                    names.push(local);
+                }
+            }
+            Ok(names)
+        }
     }
 }
 
-fn unknown_node(name: &str, known: &[HiveConn]) -> ApiError {
-    let known: Vec<&str> = known.iter().map(|h| h.name.as_str()).collect();
+/// Whether a registered hive runs on the queen's own machine (by host name).
+fn another_hive_here(state: &ClusterState) -> bool {
+    let here = crate::machine::hostname();
+    state.hives.iter().any(|h| {
+        h.snapshot
+            .as_ref()
+            .is_some_and(|s| !here.is_empty() && s.hostname == here)
+    })
+}
+
+fn unknown_node(name: &str, known: &[String]) -> ApiError {
     let known = if known.is_empty() {
         "none".to_string()
     } else {
@@ -194,22 +271,33 @@ fn unknown_node(name: &str, known: &[HiveConn]) -> ApiError {
     )
 }
 
-/// The hives that answer; the others are narrated as skipped, or, when none
-/// answers, named in the `HIVE_UNREACHABLE` error.
-async fn preflight(
+/// The hives that are reachable (waiting a moment for ones not heard from
+/// yet); the others are narrated as skipped, or, when none is, named in the
+/// `HIVE_UNREACHABLE` error with why.
+async fn reachable(
     cluster: &impl Cluster,
     job: &Job,
-    hives: Vec<HiveConn>,
-) -> Result<Vec<HiveConn>, ApiError> {
+    names: Vec<String>,
+) -> Result<Vec<String>, ApiError> {
+    let view = cluster.view();
+    let wanted = |s: &ClusterState| {
+        s.hives
+            .iter()
+            .any(|h| names.contains(&h.conn.name) && h.reachable)
+    };
+    view.wait_until(SILENCE, wanted).await;
+    let state = view.state();
     let mut alive = Vec::new();
     let mut down = Vec::new();
-    for hive in hives {
-        match cluster.check(&hive).await {
-            Ok(()) => alive.push(hive),
-            Err(e) => down.push(format!(
-                "hive {} at {} is not answering ({e})",
-                hive.name, hive.url
-            )),
+    for hive in state.hives.iter().filter(|h| names.contains(&h.conn.name)) {
+        if hive.reachable {
+            alive.push(hive.conn.name.clone());
+        } else {
+            let why = hive.error.as_deref().unwrap_or("not heard from yet");
+            down.push(format!(
+                "hive {} at {} is not answering ({why})",
+                hive.conn.name, hive.conn.url
+            ));
         }
     }
     if alive.is_empty() {
@@ -221,81 +309,51 @@ async fn preflight(
     Ok(alive)
 }
 
-/// The catalog entry of `model` on `hive`, if it has it.
-async fn catalog_entry(cluster: &impl Cluster, hive: &HiveConn, model: &str) -> Option<ModelEntry> {
-    let entries = cluster.models(hive).await.ok()?;
-    let lower = model.to_lowercase();
-    let path = model.strip_prefix("file:").unwrap_or(model);
-    entries
-        .into_iter()
-        .find(|e| e.model_ref == model || e.name == lower || e.path == path)
-}
-
-/// A ready worker with this model and a free slot, least busy first.
-async fn find_ready(
-    cluster: &impl Cluster,
-    hives: &[HiveConn],
-    model: &str,
-    excluded: &[String],
-) -> Option<Target> {
-    let mut best: Option<(u32, Target)> = None;
-    for hive in hives {
-        let Some(entry) = catalog_entry(cluster, hive, model).await else {
-            continue;
-        };
-        for (load, target) in free_workers(cluster, hive, &entry, excluded).await {
-            if best.as_ref().is_none_or(|(b, _)| load < *b) {
-                best = Some((load, target));
-            }
-        }
-    }
-    best.map(|(_, t)| t)
-}
-
-/// The ready workers of `hive` serving `entry` with a free slot, each with its
-/// load (busy slots + queue).
-async fn free_workers(
-    cluster: &impl Cluster,
-    hive: &HiveConn,
-    entry: &ModelEntry,
-    excluded: &[String],
-) -> Vec<(u32, Target)> {
-    let workers = cluster.workers(hive).await.unwrap_or_default();
-    let mut free = Vec::new();
-    for w in workers {
-        if w.state != WorkerState::Ready || w.model != entry.name || excluded.contains(&w.url) {
-            continue;
-        }
-        let Ok(ready) = cluster.ready(hive, &w.url).await else {
-            continue;
-        };
-        if ready.ready && ready.slots_busy < ready.slots_total {
-            let target = Target {
-                hive: hive.clone(),
-                url: w.url,
-                worker_id: w.worker_id,
-            };
-            free.push((ready.slots_busy + ready.queue_len, target));
-        }
-    }
-    free
-}
-
-/// Gets the model onto a hive (downloading if needed), starts a worker, waits for it to load.
+/// Places a new worker (making room, fetching the model where needed),
+/// starts it and waits for it to load.
 async fn provision(
     cluster: &impl Cluster,
-    hives: &[HiveConn],
+    hives: &[String],
     job: &Job,
     model: &str,
 ) -> Result<Target, ApiError> {
-    let (hive, entry) = place(cluster, hives, job, model).await?;
-    let worker = spawn_worker(cluster, &hive, &entry, job).await?;
+    let need = match placement::need_mb(&cluster.view().state(), model, hives) {
+        Some(need) => need,
+        None => fetch_somewhere(cluster, hives, job, model).await?,
+    };
+    let place = placement::place(&cluster.view().state(), model, need, hives)?;
+    narrate_placement(cluster, job, model, &place);
+    make_room(cluster, job, &place).await?;
+    let hive = place.hive.clone();
+    let name = match catalog_name(cluster, &hive, model) {
+        Some(name) => name,
+        None => {
+            fetch(cluster, &hive, job, model).await?;
+            wait_listed(cluster, &hive, model).await?
+        }
+    };
+    let worker = spawn_worker(cluster, &hive, &name, place.gpu, job).await?;
     wait_loaded(cluster, &hive, &worker, job).await?;
     job.narrate(
         "worker",
         "ready",
         format!("worker {} is ready at {}", worker.worker_id, worker.url),
     );
+    // Requests that waited for this provisioning route from the view: let it show the worker.
+    let url = worker.url.clone();
+    cluster
+        .view()
+        .wait_until(VIEW_WAIT, |s| {
+            s.hives
+                .iter()
+                .filter_map(|h| h.snapshot.as_ref())
+                .any(|snap| {
+                    snap.workers
+                        .iter()
+                        .any(|w| w.url == url && w.state == WorkerState::Ready)
+                })
+        })
+        .await;
     Ok(Target {
         hive,
         url: worker.url,
@@ -303,52 +361,150 @@ async fn provision(
     })
 }
 
-/// The first hive that has the model, else the first hive, made to fetch it.
-async fn place(
+/// Fetches a model no catalog has onto the hive with the most room; what a
+/// worker of it needs, as that hive estimates it.
+async fn fetch_somewhere(
     cluster: &impl Cluster,
-    hives: &[HiveConn],
+    hives: &[String],
     job: &Job,
     model: &str,
-) -> Result<(HiveConn, ModelEntry), ApiError> {
-    for hive in hives {
-        if let Some(entry) = catalog_entry(cluster, hive, model).await {
-            return Ok((hive.clone(), entry));
-        }
-    }
-    let hive = hives
-        .first()
-        .ok_or_else(|| ApiError::internal("no hive to place the model on"))?;
-    fetch(cluster, hive, job, model).await?;
-    let entry = catalog_entry(cluster, hive, model).await.ok_or_else(|| {
+) -> Result<u64, ApiError> {
+    let hive = placement::fetch_onto(&cluster.view().state(), hives)
+        .ok_or_else(|| ApiError::new(ErrorCode::HiveUnreachable, "no hive is reachable"))?;
+    fetch(cluster, &hive, job, model).await?;
+    wait_listed(cluster, &hive, model).await?;
+    let need = placement::need_mb(
+        &cluster.view().state(),
+        model,
+        std::slice::from_ref(&hive.name),
+    );
+    need.ok_or_else(|| {
+        ApiError::internal(format!("hive {} lost {model} as it fetched it", hive.name))
+    })
+}
+
+/// The catalog name of `model` on `hive`, if it has it.
+fn catalog_name(cluster: &impl Cluster, hive: &HiveConn, model: &str) -> Option<String> {
+    let state = cluster.view().state();
+    let h = state.hives.iter().find(|h| h.conn.name == hive.name)?;
+    placement::entry(h.snapshot.as_ref()?, model).map(|e| e.entry.name.clone())
+}
+
+/// Waits for a fetched model to show in the hive's catalog; its catalog name.
+async fn wait_listed(
+    cluster: &impl Cluster,
+    hive: &HiveConn,
+    model: &str,
+) -> Result<String, ApiError> {
+    cluster
+        .view()
+        .wait_until(VIEW_WAIT, |_| catalog_name(cluster, hive, model).is_some())
+        .await;
+    catalog_name(cluster, hive, model).ok_or_else(|| {
         ApiError::new(
             ErrorCode::ModelNotFound,
             format!("hive {} does not list {model} after fetching it", hive.name),
         )
-    })?;
-    Ok((hive.clone(), entry))
+    })
+}
+
+fn narrate_placement(cluster: &impl Cluster, job: &Job, model: &str, place: &Placement) {
+    let device = match place.gpu {
+        Some(i) => format!("GPU {i}"),
+        None => "CPU".to_string(),
+    };
+    job.narrate(
+        "queen",
+        "place",
+        format!(
+            "placing {model} ({} MB) on hive {} ({device})",
+            place.need_mb, place.hive.name
+        ),
+    );
+    let version = cluster
+        .view()
+        .hive(&place.hive.name)
+        .and_then(|h| h.snapshot)
+        .map(|s| s.version);
+    if let Some(v) = version.filter(|v| v != env!("CARGO_PKG_VERSION")) {
+        job.narrate(
+            "queen",
+            "version_mismatch",
+            format!(
+                "hive {} runs rbee {v}, this queen {}: update it to the same build",
+                place.hive.name,
+                env!("CARGO_PKG_VERSION")
+            ),
+        );
+    }
+}
+
+/// Stops the idle workers a placement needs gone, and waits until their
+/// hive no longer counts them.
+async fn make_room(cluster: &impl Cluster, job: &Job, place: &Placement) -> Result<(), ApiError> {
+    for t in &place.evict {
+        job.narrate(
+            "queen",
+            "evict",
+            format!(
+                "stopping idle worker {} on hive {} to make room ({} MB needed)",
+                t.worker_id, t.hive.name, place.need_mb
+            ),
+        );
+        cluster.stop_worker(&t.hive, &t.worker_id).await?;
+    }
+    let urls: Vec<String> = place.evict.iter().map(|t| t.url.clone()).collect();
+    let gone = cluster
+        .view()
+        .wait_until(STOP_WAIT, |s| {
+            !s.hives
+                .iter()
+                .filter_map(|h| h.snapshot.as_ref())
+                .any(|snap| snap.workers.iter().any(|w| urls.contains(&w.url)))
+        })
+        .await;
+    if !gone {
+        return Err(ApiError::new(
+            ErrorCode::InsufficientMemory,
+            format!(
+                "the workers stopped on hive {} did not go in time",
+                place.hive.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 async fn spawn_worker(
     cluster: &impl Cluster,
     hive: &HiveConn,
-    entry: &ModelEntry,
+    name: &str,
+    gpu: Option<u32>,
     job: &Job,
 ) -> Result<WorkerInfo, ApiError> {
     job.narrate(
         "hive",
         "spawn",
-        format!("starting a worker for {} on hive {}", entry.name, hive.name),
+        format!("starting a worker for {name} on hive {}", hive.name),
     );
     let spawn = SpawnRequest {
-        model_ref: entry.name.clone(),
-        backend: None,
-        device: 0,
+        model_ref: name.to_string(),
+        backend: if gpu.is_some() {
+            None
+        } else {
+            Some("cpu".into())
+        },
+        device: gpu.unwrap_or(0),
         slots: None,
         ctx_size: None,
     };
     cluster.spawn(hive, &spawn).await.map_err(|e| {
+        let code = match e.code {
+            ErrorCode::InsufficientMemory => e.code,
+            _ => ErrorCode::SpawnFailed,
+        };
         ApiError::new(
-            ErrorCode::SpawnFailed,
+            code,
             format!("hive {} could not start a worker: {e}", hive.name),
         )
     })
@@ -436,8 +592,12 @@ async fn wait_loaded(
             }
         }
     }
-    let why = worker_failed(cluster, hive, &worker.worker_id)
-        .await
+    // The hive's account of why comes with its next snapshot.
+    let id = &worker.worker_id;
+    let view = cluster.view();
+    view.wait_until(Duration::from_secs(2), |s| failed_in(s, hive, id).is_some())
+        .await;
+    let why = failed_in(&view.state(), hive, id)
         .unwrap_or_else(|| "it stopped answering while loading".into());
     Err(ApiError::new(
         ErrorCode::WorkerFailed,
@@ -458,10 +618,7 @@ async fn open_loading(
             Ok(events) => return Some(events),
             Err(_) if tokio::time::Instant::now() < deadline => {
                 // A freshly spawned worker binds its port a moment after the spawn answer.
-                if worker_failed(cluster, hive, &worker.worker_id)
-                    .await
-                    .is_some()
-                {
+                if failed_in(&cluster.view().state(), hive, &worker.worker_id).is_some() {
                     return None;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -472,15 +629,15 @@ async fn open_loading(
 }
 
 /// The hive's account of why a worker failed, if it has failed.
-async fn worker_failed(cluster: &impl Cluster, hive: &HiveConn, id: &str) -> Option<String> {
-    let workers = cluster.workers(hive).await.ok()?;
-    match workers.into_iter().find(|w| w.worker_id == id) {
-        Some(w) if w.state == WorkerState::Failed => {
-            Some(w.error.unwrap_or_else(|| "failed".into()))
-        }
-        Some(_) => None,
-        None => Some("the hive no longer lists it".into()),
-    }
+fn failed_in(state: &ClusterState, hive: &HiveConn, id: &str) -> Option<String> {
+    let snapshot = state
+        .hives
+        .iter()
+        .find(|h| h.conn.name == hive.name)?
+        .snapshot
+        .as_ref()?;
+    let w = snapshot.workers.iter().find(|w| w.worker_id == id)?;
+    (w.state == WorkerState::Failed).then(|| w.error.clone().unwrap_or_else(|| "failed".into()))
 }
 
 /// Sends the inference to the worker and relays its events into the job.
@@ -533,8 +690,11 @@ fn refused(e: ApiError) -> Relay {
 mod tests {
     use super::*;
     use crate::clients::Events;
-    use crate::protocol::{DownloadStarted, ReadyStatus, StopReason};
+    use crate::protocol::{DownloadStarted, StopReason};
     use crate::queen::jobs::Jobs;
+    use crate::queen::placement::fixtures::{self, hive as hive_view, model, worker};
+    use crate::queen::view::View;
+    use std::collections::HashMap;
     use std::sync::Mutex;
 
     const MODEL: &str = "smollm";
@@ -550,170 +710,87 @@ mod tests {
         Refuse(ErrorCode),
     }
 
-    #[derive(Debug, Clone)]
-    struct FakeWorker {
-        hive: String,
-        info: WorkerInfo,
-        slots_busy: u32,
-        script: Vec<Answer>,
-        asked: usize,
-    }
-
-    /// A cluster that answers from tables and records what was asked of it.
+    /// A cluster whose view the test sets, and that records what was asked of it.
     #[derive(Default)]
     struct Fake {
-        hives: Vec<HiveConn>,
-        /// Hives that do not answer their health check.
-        down: Vec<String>,
+        view: View,
         /// Models a hive can fetch (any hive).
         fetchable: Vec<String>,
-        state: Mutex<State>,
-    }
-
-    #[derive(Default)]
-    struct State {
-        catalog: Vec<(String, ModelEntry)>,
-        workers: Vec<FakeWorker>,
+        /// Each worker's (by URL) script and how far it got.
+        scripts: Mutex<HashMap<String, (Vec<Answer>, usize)>>,
         /// What was asked, in order: `infer w1`, `spawn a`, `download a`, `start local`.
-        calls: Vec<String>,
+        calls: Mutex<Vec<String>>,
     }
 
     fn hive(name: &str) -> HiveConn {
-        HiveConn {
-            name: name.into(),
-            url: format!("http://{name}:8080"),
-            token: None,
-        }
-    }
-
-    fn entry(name: &str) -> ModelEntry {
-        ModelEntry {
-            name: name.into(),
-            model_ref: format!("hf:org/{name}"),
-            path: format!("/models/{name}.gguf"),
-            size: 1,
-            sha256: String::new(),
-            architecture: "llama".into(),
-            parameters: 1,
-            quantization: "Q4_1".into(),
-            context_length: 2048,
-            layers: 30,
-            owned: true,
-            added_at: String::new(),
-        }
-    }
-
-    fn info(id: &str, state: WorkerState) -> WorkerInfo {
-        WorkerInfo {
-            worker_id: id.into(),
-            url: format!("http://{id}"),
-            model: MODEL.into(),
-            model_path: String::new(),
-            pid: 1,
-            state,
-            slots: 4,
-            backend: "cpu".into(),
-            device: 0,
-            error: None,
-            started_at: String::new(),
-        }
+        fixtures::conn(name)
     }
 
     impl Fake {
-        /// Hives by name, each with the model in its catalog.
+        /// Hives by name, each with the model in its catalog and room for it.
         fn with_hives(names: &[&str]) -> Fake {
-            let fake = Fake {
-                hives: names.iter().map(|n| hive(n)).collect(),
-                ..Fake::default()
-            };
+            let fake = Fake::default();
             for n in names {
-                fake.lock().catalog.push((n.to_string(), entry(MODEL)));
+                fake.view
+                    .put(hive_view(n, 9000, vec![model(MODEL, 800)], vec![]));
             }
             fake
         }
 
-        /// A ready worker on `hive`, `busy` slots of 4 taken, answering by `script`.
+        /// A ready worker on `hive`, `busy` requests in flight, answering by `script`.
         fn worker(self, hive: &str, id: &str, busy: u32, script: &[Answer]) -> Fake {
-            self.lock().workers.push(FakeWorker {
-                hive: hive.into(),
-                info: info(id, WorkerState::Ready),
-                slots_busy: busy,
-                script: script.to_vec(),
-                asked: 0,
-            });
+            self.view
+                .edit(hive, |s| s.workers.push(worker(id, MODEL, 800)));
+            let url = format!("http://{id}");
+            for _ in 0..busy {
+                std::mem::forget(self.view.begin(&url));
+            }
+            self.scripts
+                .lock()
+                .unwrap()
+                .insert(url, (script.to_vec(), 0));
             self
         }
 
-        fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-            self.state.lock().unwrap_or_else(|p| p.into_inner())
+        fn down(self, name: &str) -> Fake {
+            let mut h = self.view.hive(name).expect("a hive");
+            h.reachable = false;
+            h.error = Some("connection refused".into());
+            self.view.put(h);
+            self
         }
 
         fn calls(&self) -> Vec<String> {
-            self.lock().calls.clone()
+            self.calls.lock().unwrap().clone()
         }
 
         fn call(&self, what: String) {
-            self.lock().calls.push(what);
+            self.calls.lock().unwrap().push(what);
         }
     }
 
     impl Cluster for Fake {
-        async fn hives(&self) -> Vec<HiveConn> {
-            self.hives.clone()
+        fn view(&self) -> &View {
+            &self.view
         }
 
         async fn local_hive(&self, _job: &Job) -> Result<HiveConn, ApiError> {
             self.call("start local".into());
+            self.view.put(hive_view(LOCALHOST, 9000, vec![], vec![]));
             Ok(hive(LOCALHOST))
-        }
-
-        async fn check(&self, hive: &HiveConn) -> Result<(), String> {
-            match self.down.contains(&hive.name) {
-                true => Err("connection refused".into()),
-                false => Ok(()),
-            }
-        }
-
-        async fn models(&self, hive: &HiveConn) -> Result<Vec<ModelEntry>, ApiError> {
-            let state = self.lock();
-            let on = state.catalog.iter().filter(|(h, _)| *h == hive.name);
-            Ok(on.map(|(_, e)| e.clone()).collect())
-        }
-
-        async fn workers(&self, hive: &HiveConn) -> Result<Vec<WorkerInfo>, ApiError> {
-            let state = self.lock();
-            let on = state.workers.iter().filter(|w| w.hive == hive.name);
-            Ok(on.map(|w| w.info.clone()).collect())
-        }
-
-        async fn ready(&self, _hive: &HiveConn, worker: &str) -> Result<ReadyStatus, ApiError> {
-            let state = self.lock();
-            let w = state.workers.iter().find(|w| w.info.url == worker);
-            let w = w.ok_or_else(|| ApiError::new(ErrorCode::Unreachable, "gone"))?;
-            Ok(ReadyStatus {
-                ready: true,
-                state: WorkerState::Ready,
-                progress_url: String::new(),
-                model: MODEL.into(),
-                slots_total: 4,
-                slots_busy: w.slots_busy,
-                queue_len: 0,
-                cached_sequences: 0,
-                cached_tokens: 0,
-                error: None,
-            })
         }
 
         async fn download(
             &self,
             hive: &HiveConn,
-            model: &str,
+            model_ref: &str,
         ) -> Result<DownloadStarted, ApiError> {
             self.call(format!("download {}", hive.name));
-            if !self.fetchable.iter().any(|m| m == model) {
+            if !self.fetchable.iter().any(|m| m == model_ref) {
                 return Err(ApiError::new(ErrorCode::RepoNotFound, "no such repo"));
             }
-            self.lock().catalog.push((hive.name.clone(), entry(model)));
+            self.view
+                .edit(&hive.name, |s| s.models.push(model(model_ref, 800)));
             Ok(DownloadStarted {
                 download_id: "dl-1".into(),
                 local_path: String::new(),
@@ -740,15 +817,29 @@ mod tests {
 
         async fn spawn(&self, hive: &HiveConn, req: &SpawnRequest) -> Result<WorkerInfo, ApiError> {
             self.call(format!("spawn {} {}", hive.name, req.model_ref));
-            let new = info("new", WorkerState::Loading);
-            self.lock().workers.push(FakeWorker {
-                hive: hive.name.clone(),
-                info: info("new", WorkerState::Ready),
-                slots_busy: 0,
-                script: vec![Answer::Tokens(2)],
-                asked: 0,
+            let new = worker("new", &req.model_ref, 800);
+            self.view.edit(&hive.name, |s| s.workers.push(new.clone()));
+            self.scripts
+                .lock()
+                .unwrap()
+                .insert(new.url.clone(), (vec![Answer::Tokens(2)], 0));
+            Ok(WorkerInfo {
+                state: WorkerState::Loading,
+                ..new
+            })
+        }
+
+        async fn stop_worker(&self, hive: &HiveConn, id: &str) -> Result<WorkerInfo, ApiError> {
+            self.call(format!("stop {id}"));
+            let mut stopped = None;
+            self.view.edit(&hive.name, |s| {
+                stopped = s
+                    .workers
+                    .iter()
+                    .position(|w| w.worker_id == id)
+                    .map(|i| s.workers.remove(i));
             });
-            Ok(new)
+            stopped.ok_or_else(|| ApiError::new(ErrorCode::WorkerNotFound, "no such worker"))
         }
 
         async fn loading_progress(
@@ -772,12 +863,13 @@ mod tests {
             worker: &str,
             _req: &InferenceRequest,
         ) -> Result<Events<InferenceEvent>, ApiError> {
-            let mut state = self.lock();
-            state.calls.push(format!("infer {worker}"));
-            let w = state.workers.iter_mut().find(|w| w.info.url == worker);
-            let w = w.ok_or_else(|| ApiError::new(ErrorCode::Unreachable, "gone"))?;
-            let answer = w.script[w.asked.min(w.script.len() - 1)];
-            w.asked += 1;
+            self.call(format!("infer {worker}"));
+            let mut scripts = self.scripts.lock().unwrap();
+            let (script, asked) = scripts
+                .get_mut(worker)
+                .ok_or_else(|| ApiError::new(ErrorCode::Unreachable, "gone"))?;
+            let answer = script[(*asked).min(script.len() - 1)];
+            *asked += 1;
             let tokens = |n: u32| (0..n).map(|i| InferenceEvent::Token { t: "x".into(), i });
             Ok(Events::from_events(match answer {
                 Answer::Refuse(code) => return Err(ApiError::new(code, "refused")),
@@ -839,11 +931,65 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_worker_with_every_slot_busy_is_not_reused() {
+    async fn a_full_worker_queues_rather_than_share_its_cores_with_a_second() {
         let fake = Fake::with_hives(&["a"]).worker("a", "w-full", 4, &[Answer::Tokens(1)]);
         let (result, _) = run_job(&fake, None).await;
         result.expect("the job succeeds");
-        assert_eq!(fake.calls(), ["spawn a smollm", "infer http://new"]);
+        assert_eq!(fake.calls(), ["infer http://w-full"]);
+    }
+
+    #[tokio::test]
+    async fn a_full_worker_gets_a_peer_on_a_hive_with_cores_of_its_own() {
+        let fake = Fake::with_hives(&["a", "b"]).worker("a", "w-full", 4, &[Answer::Tokens(1)]);
+        let (result, events) = run_job(&fake, None).await;
+        result.expect("the job succeeds");
+        assert_eq!(fake.calls(), ["spawn b smollm", "infer http://new"]);
+        assert!(narrated(&events, "place"));
+    }
+
+    #[tokio::test]
+    async fn an_idle_worker_is_stopped_to_make_room_and_that_is_narrated() {
+        let fake = Fake::with_hives(&[]);
+        fake.view.put(hive_view(
+            "a",
+            1000,
+            vec![model(MODEL, 800), model("other", 600)],
+            vec![],
+        ));
+        let fake = fake;
+        fake.view.edit("a", |s| {
+            s.workers.push(worker("w-other", "other", 600));
+            s.ram.used_mb = 600;
+        });
+        let (result, events) = run_job(&fake, None).await;
+        result.expect("the job succeeds");
+        assert_eq!(
+            fake.calls(),
+            ["stop w-other", "spawn a smollm", "infer http://new"]
+        );
+        assert!(narrated(&events, "evict"));
+    }
+
+    #[tokio::test]
+    async fn a_model_that_fits_nowhere_is_insufficient_memory_and_nothing_is_stopped() {
+        let fake = Fake::with_hives(&[]);
+        fake.view
+            .put(hive_view("a", 500, vec![model(MODEL, 800)], vec![]));
+        let (result, _) = run_job(&fake, None).await;
+        let e = result.expect_err("the job fails");
+        assert_eq!(e.code, ErrorCode::InsufficientMemory);
+        assert!(e.message.contains("needs 800 MB"), "{e}");
+        assert!(fake.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_job_adds_no_call_to_any_hive_to_route() {
+        let fake = Fake::with_hives(&["a", "b"]).worker("b", "w1", 0, &[Answer::Tokens(1)]);
+        for _ in 0..3 {
+            run_job(&fake, None).await.0.expect("the job succeeds");
+        }
+        // Only the inferences themselves: routing read the view.
+        assert_eq!(fake.calls(), ["infer http://w1"; 3]);
     }
 
     #[tokio::test]
@@ -945,8 +1091,7 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_hives_are_hive_unreachable_naming_each() {
-        let mut fake = Fake::with_hives(&["one", "two"]);
-        fake.down = vec!["one".into(), "two".into()];
+        let fake = Fake::with_hives(&["one", "two"]).down("one").down("two");
         let (result, _) = run_job(&fake, None).await;
         let e = result.expect_err("the job fails");
         assert_eq!(e.code, ErrorCode::HiveUnreachable);
@@ -957,10 +1102,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_hive_that_is_down_is_skipped_when_another_answers() {
-        let mut fake = Fake::with_hives(&["one", "two"])
+        let fake = Fake::with_hives(&["one", "two"])
             .worker("one", "w-one", 0, &[Answer::Tokens(1)])
-            .worker("two", "w-two", 2, &[Answer::Tokens(1)]);
-        fake.down = vec!["one".into()];
+            .worker("two", "w-two", 2, &[Answer::Tokens(1)])
+            .down("one");
         let (result, events) = run_job(&fake, None).await;
         result.expect("the job succeeds");
         assert_eq!(fake.calls(), ["infer http://w-two"]);
@@ -969,10 +1114,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_model_no_hive_can_find_is_model_not_found() {
-        let fake = Fake {
-            hives: vec![hive("a")],
-            ..Fake::default()
-        };
+        let fake = Fake::with_hives(&["a"]);
+        fake.view.edit("a", |s| s.models.clear());
         let (result, _) = run_job(&fake, None).await;
         assert_eq!(code(result), ErrorCode::ModelNotFound);
         assert_eq!(fake.calls(), ["download a"]);
@@ -981,10 +1124,10 @@ mod tests {
     #[tokio::test]
     async fn a_model_on_no_hive_is_fetched_then_a_worker_spawned_and_loaded() {
         let fake = Fake {
-            hives: vec![hive("a")],
             fetchable: vec![MODEL.into()],
-            ..Fake::default()
+            ..Fake::with_hives(&["a"])
         };
+        fake.view.edit("a", |s| s.models.clear());
         let (result, events) = run_job(&fake, None).await;
         result.expect("the job succeeds");
         assert_eq!(
@@ -1015,7 +1158,7 @@ mod tests {
     #[tokio::test]
     async fn a_model_in_a_catalog_is_not_fetched_again() {
         let fake = Fake::with_hives(&["a", "b"]);
-        fake.lock().catalog.retain(|(h, _)| h == "b");
+        fake.view.edit("a", |s| s.models.clear());
         let (result, _) = run_job(&fake, None).await;
         result.expect("the job succeeds");
         assert_eq!(fake.calls(), ["spawn b smollm", "infer http://new"]);
@@ -1026,19 +1169,20 @@ mod tests {
         let fake = Fake::default();
         let job = Jobs::default().create();
         let hives = candidates(&fake, &job, None).await.expect("a hive");
-        assert_eq!(hives, [hive(LOCALHOST)]);
+        assert_eq!(hives, [LOCALHOST]);
         let hives = candidates(&fake, &job, Some(LOCALHOST))
             .await
             .expect("a hive");
-        assert_eq!(hives, [hive(LOCALHOST)]);
-        assert_eq!(fake.calls(), ["start local", "start local"]);
+        assert_eq!(hives, [LOCALHOST]);
+        // Started once: the second job finds it up.
+        assert_eq!(fake.calls(), ["start local"]);
     }
 
     #[tokio::test]
     async fn the_openai_front_reuses_a_ready_worker_without_narrating_a_job() {
         let fake = Fake::with_hives(&["a"]).worker("a", "w1", 0, &[Answer::Tokens(1)]);
         let job = Jobs::default().create();
-        let target = worker_for(&fake, &job, MODEL).await.expect("a worker");
+        let (target, _) = worker_for(&fake, &job, MODEL, "").await.expect("a worker");
         assert_eq!(target.worker_id, "w1");
         assert!(fake.calls().is_empty(), "no inference is sent for it");
     }

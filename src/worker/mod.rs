@@ -171,7 +171,9 @@ fn engine_config(args: &Args) -> Config {
         model_path: args.model.clone(),
         slots: args.slots,
         ctx_size: args.ctx_size,
-        threads: args.threads.unwrap_or_else(default_threads),
+        threads: args
+            .threads
+            .unwrap_or_else(|| crate::machine::cores() as i32),
         gpu_layers: args
             .gpu_layers
             .unwrap_or(if crate::GPU_BACKEND { 999 } else { 0 }),
@@ -241,10 +243,6 @@ async fn post_callback(
 }
 
 /// The real core count: what llama.cpp should use, not its default of 4.
-pub fn default_threads() -> i32 {
-    std::thread::available_parallelism().map_or(4, |n| n.get() as i32)
-}
-
 /// The catalog name of a model file: its stem, lower-case.
 pub fn model_name(path: &std::path::Path) -> String {
     path.file_stem()

@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::time::Duration;
 
 /// A keeper run against its own RBEE_HOME and queen URL.
-struct Cluster {
+pub struct Cluster {
     /// RBEE_HOME for everything this cluster starts; removed at the end.
     _home: TempDir,
     queen: String,
@@ -17,7 +17,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(label: &str, env: &[(&str, &str)]) -> Cluster {
+    pub fn new(label: &str, env: &[(&str, &str)]) -> Cluster {
         let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -32,7 +32,7 @@ impl Cluster {
     }
 
     /// A cluster with these hives registered under these names.
-    fn with_hives(label: &str, hives: &[(&str, &Proc)]) -> Cluster {
+    pub fn with_hives(label: &str, hives: &[(&str, &Proc)]) -> Cluster {
         let c = Cluster::new(label, &[]);
         for (name, hive) in hives {
             let (code, out, err) = c.keeper(&["hive", "add", name, "--url", &hive.url]);
@@ -43,7 +43,7 @@ impl Cluster {
     }
 
     /// Starts `rbee keeper --queen-url … ARGS` without waiting.
-    fn spawn(&self, args: &[&str]) -> Proc {
+    pub fn spawn(&self, args: &[&str]) -> Proc {
         let mut all = vec!["keeper", "--queen-url", &self.queen];
         all.extend_from_slice(args);
         let env: Vec<(&str, &str)> = self
@@ -55,7 +55,7 @@ impl Cluster {
     }
 
     /// Runs a keeper command to its end: exit code, stdout, stderr.
-    fn keeper(&self, args: &[&str]) -> (i32, String, String) {
+    pub fn keeper(&self, args: &[&str]) -> (i32, String, String) {
         let mut p = self.spawn(args);
         let status = p
             .wait_exit(Duration::from_secs(120))
@@ -116,11 +116,11 @@ impl Drop for Cluster {
     }
 }
 
-fn file_model() -> String {
+pub fn file_model() -> String {
     format!("file:{}", model_path().display())
 }
 
-fn infer_args<'a>(node: &'a str, model: &'a str, prompt: &'a str) -> Vec<&'a str> {
+pub fn infer_args<'a>(node: &'a str, model: &'a str, prompt: &'a str) -> Vec<&'a str> {
     vec![
         "infer",
         "--node",
@@ -154,7 +154,7 @@ fn local_hive(stderr: &str) -> (String, u32) {
     (url.to_string(), pid)
 }
 
-fn workers_of(hive: &str) -> Vec<Value> {
+pub fn workers_of(hive: &str) -> Vec<Value> {
     let (status, list) = get(&format!("{hive}/v1/workers/list"));
     assert_eq!(status, 200, "{list}");
     list.as_array().cloned().unwrap_or_default()

@@ -7,6 +7,7 @@
 mod bench;
 mod cache;
 mod chain;
+mod cluster;
 mod hf_server;
 mod hive;
 mod keeper;

@@ -1,0 +1,349 @@
+//! The hive's state as the queen places and routes by it (DESIGN.md §10): its
+//! memory and rbee's budget of it, its catalog with each model's memory
+//! estimate, its workers with what they take. One snapshot type
+//! ([`HiveSnapshot`]), streamed whole on `GET /v1/state/stream` at the start
+//! and after every change (coalesced), with a keep-alive every 2 s.
+
+use super::models::Models;
+use super::workers::{Plan, Workers};
+use crate::gguf::{self, GgufInfo};
+use crate::http::{self, sse};
+use crate::protocol::{
+    ApiError, ErrorCode, HiveModel, HiveSnapshot, MemoryPool, ModelEntry, SpawnRequest, WorkerInfo,
+    WorkerState,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How often an unchanged state stream says it is alive.
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(2);
+/// Changes this close together go out as one snapshot.
+const COALESCE: Duration = Duration::from_millis(50);
+/// Memory figures that move less than this make no new snapshot on their own.
+const JITTER_MB: u64 = 64;
+/// What the default budget leaves the rest of the machine: this share of the
+/// memory free at start, and at least [`MARGIN_MIN_MB`].
+const MARGIN_SHARE: u64 = 10;
+const MARGIN_MIN_MB: u64 = 512;
+/// Slots a worker gets unless the spawn says otherwise, and the most context
+/// per slot it gets by default.
+pub const DEFAULT_SLOTS: u32 = 4;
+pub const MAX_DEFAULT_CTX: u32 = 4096;
+
+/// Tells state streams that something changed. Cheap to clone.
+#[derive(Clone)]
+pub struct Changes(Arc<watch::Sender<u64>>);
+
+impl Changes {
+    pub fn new() -> Changes {
+        Changes(Arc::new(watch::channel(0).0))
+    }
+
+    pub fn bump(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+impl Default for Changes {
+    fn default() -> Changes {
+        Changes::new()
+    }
+}
+
+/// The default RAM budget: what is free at start, less a margin for the rest
+/// of the machine.
+pub fn default_budget_mb(available_mb: u64) -> u64 {
+    let margin = (available_mb / MARGIN_SHARE).max(MARGIN_MIN_MB);
+    available_mb.saturating_sub(margin)
+}
+
+/// The context per slot a spawn gets: what it asks for, else the model's, at
+/// most [`MAX_DEFAULT_CTX`].
+pub fn ctx_per_slot(asked: Option<u32>, model_ctx: u64) -> u32 {
+    asked.unwrap_or_else(|| {
+        let model = u32::try_from(model_ctx).unwrap_or(u32::MAX);
+        if model == 0 {
+            MAX_DEFAULT_CTX
+        } else {
+            model.min(MAX_DEFAULT_CTX)
+        }
+    })
+}
+
+/// How a worker of `info` would be started with `slots` × `ctx` tokens, and
+/// the memory it would take: llama.cpp's share (weights, KV cache, compute)
+/// plus a host-memory prompt cache as large as its KV cache.
+pub fn plan(info: &GgufInfo, file_size: u64, slots: u32, ctx: u32, threads: u32) -> Plan {
+    let est = gguf::estimate(info, file_size, u64::from(slots), u64::from(ctx));
+    let cache_ram_mb = est.kv_cache.div_ceil(1 << 20);
+    Plan {
+        slots,
+        ctx_size: ctx,
+        threads,
+        cache_ram_mb,
+        memory_mb: est.total().div_ceil(1 << 20) + cache_ram_mb,
+    }
+}
+
+/// The hive's view of itself, shared by its handlers.
+#[derive(Clone)]
+pub struct State {
+    pub models: Models,
+    pub workers: Workers,
+    pub changes: Changes,
+    budget_mb: u64,
+    /// Headers read once per model file (path, size).
+    headers: Arc<Mutex<HashMap<(String, u64), GgufInfo>>>,
+    /// Held from a spawn's memory check until its worker is recorded.
+    spawning: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl State {
+    pub fn new(models: Models, workers: Workers, changes: Changes, budget_mb: u64) -> State {
+        State {
+            models,
+            workers,
+            changes,
+            budget_mb,
+            headers: Arc::default(),
+            spawning: Arc::default(),
+        }
+    }
+
+    fn header(&self, entry: &ModelEntry) -> Result<GgufInfo, String> {
+        let key = (entry.path.clone(), entry.size);
+        let mut headers = self.headers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(info) = headers.get(&key) {
+            return Ok(info.clone());
+        }
+        let info = gguf::read(std::path::Path::new(&entry.path))?;
+        headers.insert(key, info.clone());
+        Ok(info)
+    }
+
+    /// How a worker of `entry` would run with these settings, and what it takes.
+    pub fn plan_for(&self, entry: &ModelEntry, slots: Option<u32>, ctx: Option<u32>) -> Plan {
+        let info = self.header(entry).unwrap_or_else(|e| {
+            tracing::warn!("cannot read {}'s header for its estimate: {e}", entry.name);
+            GgufInfo {
+                architecture: entry.architecture.clone(),
+                parameters: entry.parameters,
+                quantization: entry.quantization.clone(),
+                context_length: entry.context_length,
+                layers: entry.layers,
+                embedding_length: 0,
+                head_count: 0,
+                head_count_kv: 0,
+                key_length: 0,
+                value_length: 0,
+                vocab_size: 0,
+            }
+        });
+        let slots = slots.unwrap_or(DEFAULT_SLOTS);
+        let ctx = ctx_per_slot(ctx, info.context_length);
+        plan(&info, entry.size, slots, ctx, crate::machine::cores())
+    }
+
+    /// Starts a worker if the budget has room for it; else `INSUFFICIENT_MEMORY`
+    /// naming the need and what is free.
+    pub async fn spawn(&self, req: &SpawnRequest) -> Result<WorkerInfo, ApiError> {
+        let entry = self.models.find(&req.model_ref).await?;
+        let plan = self.plan_for(&entry, req.slots, req.ctx_size);
+        let _one_at_a_time = self.spawning.lock().await;
+        let free = self.snapshot().ram.free_mb();
+        let on_gpu = req.backend.as_deref().is_some_and(|b| b != "cpu");
+        if !on_gpu && plan.memory_mb > free {
+            return Err(ApiError::new(
+                ErrorCode::InsufficientMemory,
+                format!(
+                    "{} needs {} MB with {} slots of {} tokens; this hive has {free} MB of its budget free",
+                    entry.name, plan.memory_mb, plan.slots, plan.ctx_size
+                ),
+            ));
+        }
+        self.workers.spawn(&entry, req, &plan).await
+    }
+
+    /// The hive as it is now.
+    pub fn snapshot(&self) -> HiveSnapshot {
+        let workers = self.workers.list();
+        let live = |w: &&WorkerInfo| w.state != WorkerState::Failed;
+        let used_on = |backend_cpu: bool, device: u32| -> u64 {
+            workers
+                .iter()
+                .filter(live)
+                .filter(|w| {
+                    (w.backend == "cpu") == backend_cpu && (backend_cpu || w.device == device)
+                })
+                .map(|w| w.memory_mb)
+                .sum()
+        };
+        let ram = crate::machine::ram();
+        let gpus = crate::worker::engine::gpus()
+            .into_iter()
+            .map(|g| MemoryPool {
+                name: g.name,
+                total_mb: g.memory_total_mb,
+                available_mb: g.memory_free_mb,
+                budget_mb: g.memory_total_mb,
+                used_mb: used_on(false, g.index),
+            })
+            .collect();
+        let models = self
+            .models
+            .catalog()
+            .list()
+            .into_iter()
+            .map(|entry| HiveModel {
+                memory_estimate_mb: self.plan_for(&entry, None, None).memory_mb,
+                entry,
+            })
+            .collect();
+        HiveSnapshot {
+            version: env!("CARGO_PKG_VERSION").into(),
+            backends: crate::BACKENDS.split(',').map(str::to_string).collect(),
+            hostname: crate::machine::hostname(),
+            cores: crate::machine::cores(),
+            ram: MemoryPool {
+                name: "ram".into(),
+                total_mb: ram.total_mb,
+                available_mb: ram.available_mb,
+                budget_mb: self.budget_mb,
+                used_mb: used_on(true, 0),
+            },
+            gpus,
+            models,
+            workers,
+        }
+    }
+
+    /// `GET /v1/state/stream`: a snapshot now, then one after each change.
+    pub fn stream(&self) -> http::Reply {
+        let (tx, resp) = http::sse_response_every(KEEPALIVE_EVERY);
+        let state = self.clone();
+        tokio::spawn(async move {
+            let mut changes = state.changes.subscribe();
+            let mut sent: Option<HiveSnapshot> = None;
+            loop {
+                let now = state.snapshot();
+                if sent.as_ref().is_none_or(|old| notable(old, &now)) {
+                    if tx.send(sse::event(&now)).await.is_err() {
+                        return;
+                    }
+                    sent = Some(now);
+                }
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(COALESCE).await;
+                    }
+                    () = tokio::time::sleep(KEEPALIVE_EVERY) => {}
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(resp)
+    }
+}
+
+/// Whether `new` says something `old` did not: anything but memory figures
+/// that moved less than [`JITTER_MB`].
+fn notable(old: &HiveSnapshot, new: &HiveSnapshot) -> bool {
+    let moved = |a: u64, b: u64| a.abs_diff(b) >= JITTER_MB;
+    let pools_moved = |a: &MemoryPool, b: &MemoryPool| {
+        moved(a.available_mb, b.available_mb) || moved(a.used_mb, b.used_mb)
+    };
+    let mut steady = new.clone();
+    steady.ram.available_mb = old.ram.available_mb;
+    steady.ram.used_mb = old.ram.used_mb;
+    for (g, o) in steady.gpus.iter_mut().zip(&old.gpus) {
+        g.available_mb = o.available_mb;
+        g.used_mb = o.used_mb;
+    }
+    for (w, o) in steady.workers.iter_mut().zip(&old.workers) {
+        if w.worker_id == o.worker_id && !moved(w.memory_mb, o.memory_mb) {
+            w.memory_mb = o.memory_mb;
+        }
+    }
+    steady != *old
+        || pools_moved(&old.ram, &new.ram)
+        || old
+            .gpus
+            .iter()
+            .zip(&new.gpus)
+            .any(|(a, b)| pools_moved(a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_budget_leaves_a_margin() {
+        assert_eq!(default_budget_mb(20_000), 18_000);
+        assert_eq!(default_budget_mb(2_000), 1_488);
+        assert_eq!(default_budget_mb(300), 0);
+    }
+
+    #[test]
+    fn context_per_slot_is_the_models_up_to_a_cap_unless_asked() {
+        assert_eq!(ctx_per_slot(None, 8192), 4096);
+        assert_eq!(ctx_per_slot(None, 2048), 2048);
+        assert_eq!(ctx_per_slot(None, 0), 4096);
+        assert_eq!(ctx_per_slot(Some(512), 8192), 512);
+    }
+
+    #[test]
+    fn free_memory_is_the_budget_left_but_never_more_than_the_os_has() {
+        let pool = |available_mb, budget_mb, used_mb| MemoryPool {
+            name: "ram".into(),
+            total_mb: 16_000,
+            available_mb,
+            budget_mb,
+            used_mb,
+        };
+        assert_eq!(pool(10_000, 4_000, 1_000).free_mb(), 3_000);
+        assert_eq!(pool(500, 4_000, 1_000).free_mb(), 500);
+        assert_eq!(pool(10_000, 1_000, 4_000).free_mb(), 0);
+    }
+
+    fn snapshot() -> HiveSnapshot {
+        HiveSnapshot {
+            version: "0.1.0".into(),
+            backends: vec!["cpu".into()],
+            hostname: "h".into(),
+            cores: 2,
+            ram: MemoryPool {
+                name: "ram".into(),
+                total_mb: 16_000,
+                available_mb: 10_000,
+                budget_mb: 8_000,
+                used_mb: 1_000,
+            },
+            gpus: vec![],
+            models: vec![],
+            workers: vec![],
+        }
+    }
+
+    #[test]
+    fn memory_jitter_makes_no_new_snapshot_but_real_changes_do() {
+        let old = snapshot();
+        let mut new = old.clone();
+        new.ram.available_mb += JITTER_MB - 1;
+        assert!(!notable(&old, &new));
+        new.ram.available_mb += 1;
+        assert!(notable(&old, &new));
+        let mut new = old.clone();
+        new.cores = 4;
+        assert!(notable(&old, &new));
+    }
+}

@@ -1,0 +1,66 @@
+//! Facts about this machine, from the OS's own calls: memory, a process's
+//! resident memory, the host name. Through `sysinfo`, which has a branch per
+//! OS (Linux, macOS, Windows), so nothing here assumes `/proc`.
+
+use std::collections::HashMap;
+use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+const MIB: u64 = 1 << 20;
+
+/// The machine's RAM, in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ram {
+    pub total_mb: u64,
+    /// What the OS could give a new process without swapping.
+    pub available_mb: u64,
+}
+
+pub fn ram() -> Ram {
+    let mut sys = System::new();
+    sys.refresh_memory();
+    Ram {
+        total_mb: sys.total_memory() / MIB,
+        available_mb: sys.available_memory() / MIB,
+    }
+}
+
+/// The resident memory of each of these processes that still runs, in MiB.
+pub fn resident_mb(pids: &[u32]) -> HashMap<u32, u64> {
+    let pids: Vec<Pid> = pids.iter().map(|p| Pid::from_u32(*p)).collect();
+    let mut sys = System::new();
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::Some(&pids),
+        true,
+        ProcessRefreshKind::nothing().with_memory(),
+    );
+    pids.iter()
+        .filter_map(|pid| Some((pid.as_u32(), sys.process(*pid)?.memory() / MIB)))
+        .collect()
+}
+
+pub fn hostname() -> String {
+    System::host_name().unwrap_or_default()
+}
+
+/// The cores llama.cpp should use by default: every one this process may run on.
+pub fn cores() -> u32 {
+    std::thread::available_parallelism().map_or(4, |n| n.get() as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_machine_has_memory_and_this_process_a_resident_set() {
+        let ram = ram();
+        assert!(
+            ram.total_mb > 0 && ram.available_mb <= ram.total_mb,
+            "{ram:?}"
+        );
+        let me = std::process::id();
+        let rss = resident_mb(&[me, u32::MAX - 1]);
+        assert!(rss.get(&me).is_some_and(|mb| *mb > 0), "{rss:?}");
+        assert!(!rss.contains_key(&(u32::MAX - 1)));
+    }
+}

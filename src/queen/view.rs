@@ -1,0 +1,362 @@
+//! The queen's live view of the cluster (DESIGN.md §10): one subscription per
+//! hive to its state stream, the requests the queen itself has in flight on
+//! each worker (it is the router), and which worker last served each
+//! conversation prefix. Jobs are placed and routed from this view alone: no
+//! hive is asked anything per job.
+
+use super::registry::HiveConn;
+use crate::http::client::Silent;
+use crate::protocol::{now_rfc3339, HiveSnapshot};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// A hive silent this long (no snapshot, no keep-alive) is unreachable.
+pub const SILENCE: Duration = Duration::from_secs(6);
+/// Reconnection waits: doubling from the first to the last.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
+/// Conversation prefixes remembered for routing, most recent kept.
+const AFFINITY_ENTRIES: usize = 65_536;
+/// Bytes per prefix block: prompts are matched a block at a time.
+pub const PREFIX_BLOCK: usize = 256;
+
+/// One hive as the queen last heard it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiveView {
+    pub conn: HiveConn,
+    /// Its last snapshot; `None` before the first.
+    pub snapshot: Option<HiveSnapshot>,
+    pub reachable: bool,
+    /// Why it is unreachable.
+    pub error: Option<String>,
+    /// When it was last heard from (RFC 3339).
+    pub last_seen: Option<String>,
+}
+
+/// The cluster at one moment: what every placement and routing decision is
+/// made from.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterState {
+    pub hives: Vec<HiveView>,
+    /// Requests the queen has in flight, per worker URL.
+    pub in_flight: HashMap<String, u32>,
+    /// When the queen last sent a request to each worker (URL) or finished one.
+    pub last_used: HashMap<String, Instant>,
+}
+
+impl ClusterState {
+    pub fn in_flight(&self, url: &str) -> u32 {
+        self.in_flight.get(url).copied().unwrap_or(0)
+    }
+}
+
+/// The live view; clones share it.
+#[derive(Clone)]
+pub struct View {
+    inner: Arc<Mutex<Inner>>,
+    /// Bumped on every change, for those waiting for one.
+    changed: Arc<watch::Sender<u64>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    hives: BTreeMap<String, HiveView>,
+    /// The subscription task of each tracked hive, with the address it follows.
+    tasks: HashMap<String, (HiveConn, tokio::task::JoinHandle<()>)>,
+    in_flight: HashMap<String, u32>,
+    last_used: HashMap<String, Instant>,
+    affinity: Affinity,
+    /// One provisioning per model at a time.
+    provisioning: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Default for View {
+    fn default() -> View {
+        View {
+            inner: Arc::default(),
+            changed: Arc::new(watch::channel(0).0),
+        }
+    }
+}
+
+impl View {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The cluster now.
+    pub fn state(&self) -> ClusterState {
+        let inner = self.lock();
+        ClusterState {
+            hives: inner.hives.values().cloned().collect(),
+            in_flight: inner.in_flight.clone(),
+            last_used: inner.last_used.clone(),
+        }
+    }
+
+    pub fn hive(&self, name: &str) -> Option<HiveView> {
+        self.lock().hives.get(name).cloned()
+    }
+
+    /// Follows exactly these hives: new ones are subscribed to, gone ones
+    /// (or ones whose address or token changed) are dropped.
+    pub fn track(&self, hives: &[HiveConn]) {
+        let mut inner = self.lock();
+        let stale: Vec<String> = inner
+            .tasks
+            .iter()
+            .filter(|(name, (conn, _))| !hives.iter().any(|h| h.name == **name && h == conn))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some((_, task)) = inner.tasks.remove(&name) {
+                task.abort();
+            }
+            inner.hives.remove(&name);
+        }
+        for conn in hives {
+            if inner.tasks.contains_key(&conn.name) {
+                continue;
+            }
+            inner.hives.insert(
+                conn.name.clone(),
+                HiveView {
+                    conn: conn.clone(),
+                    snapshot: None,
+                    reachable: false,
+                    error: None,
+                    last_seen: None,
+                },
+            );
+            let task = tokio::spawn(self.clone().follow(conn.clone()));
+            inner.tasks.insert(conn.name.clone(), (conn.clone(), task));
+        }
+        drop(inner);
+        self.bump();
+    }
+
+    /// Keeps one subscription to a hive's state stream, reconnecting with
+    /// backoff; the hive is unreachable between a break and the next snapshot.
+    async fn follow(self, conn: HiveConn) {
+        let mut wait = BACKOFF.0;
+        loop {
+            let opened = tokio::time::timeout(SILENCE, conn.client().state()).await;
+            let why = match opened {
+                Ok(Ok(mut events)) => loop {
+                    match events.next_within(SILENCE).await {
+                        Ok(Some(snapshot)) => {
+                            wait = BACKOFF.0;
+                            self.heard(&conn.name, snapshot);
+                        }
+                        Ok(None) => break "it closed its state stream".to_string(),
+                        Err(Silent) => break format!("nothing heard for {}s", SILENCE.as_secs()),
+                    }
+                },
+                Ok(Err(e)) => e.message,
+                Err(_) => format!("no answer within {}s", SILENCE.as_secs()),
+            };
+            self.lost(&conn.name, why);
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(BACKOFF.1);
+        }
+    }
+
+    fn heard(&self, name: &str, snapshot: HiveSnapshot) {
+        if let Some(hive) = self.lock().hives.get_mut(name) {
+            if !hive.reachable {
+                tracing::info!("hive {name} is reachable");
+            }
+            hive.snapshot = Some(snapshot);
+            hive.reachable = true;
+            hive.error = None;
+            hive.last_seen = Some(now_rfc3339());
+        }
+        self.bump();
+    }
+
+    fn lost(&self, name: &str, why: String) {
+        if let Some(hive) = self.lock().hives.get_mut(name) {
+            if hive.reachable {
+                tracing::warn!("hive {name} is unreachable: {why}");
+                hive.last_seen = Some(now_rfc3339());
+            }
+            hive.reachable = false;
+            hive.error = Some(why);
+        }
+        self.bump();
+    }
+
+    /// Waits (at most `limit`) until `ok` holds of the cluster; whether it did.
+    pub async fn wait_until(&self, limit: Duration, ok: impl Fn(&ClusterState) -> bool) -> bool {
+        let mut changed = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if ok(&self.state()) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return ok(&self.state()),
+            }
+        }
+    }
+
+    /// Held while a worker of `model` is provisioned: later requests for it
+    /// wait, then use that worker's slots and queue.
+    pub async fn provisioning(&self, model: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .lock()
+            .provisioning
+            .entry(model.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Sets a hive's view directly, without a subscription (fake clusters in tests).
+    #[cfg(test)]
+    pub fn put(&self, hive: HiveView) {
+        self.lock().hives.insert(hive.conn.name.clone(), hive);
+        self.bump();
+    }
+
+    /// Changes a hive's snapshot in place (fake clusters in tests).
+    #[cfg(test)]
+    pub fn edit(&self, name: &str, f: impl FnOnce(&mut HiveSnapshot)) {
+        if let Some(s) = self
+            .lock()
+            .hives
+            .get_mut(name)
+            .and_then(|h| h.snapshot.as_mut())
+        {
+            f(s);
+        }
+        self.bump();
+    }
+
+    /// Counts a request in flight on the worker at `url` until the guard drops.
+    pub fn begin(&self, url: &str) -> InFlight {
+        let mut inner = self.lock();
+        *inner.in_flight.entry(url.to_string()).or_default() += 1;
+        inner.last_used.insert(url.to_string(), Instant::now());
+        InFlight {
+            view: self.clone(),
+            url: url.to_string(),
+        }
+    }
+
+    /// The worker that last served the longest of these prefixes (from [`prefix_hashes`]).
+    pub fn affinity(&self, prefix: &[u64]) -> Option<String> {
+        self.lock().affinity.lookup(prefix)
+    }
+
+    /// Remembers that the worker at `url` now holds these prefixes.
+    pub fn remember(&self, prefix: &[u64], url: &str) {
+        self.lock().affinity.insert(prefix, url);
+    }
+}
+
+/// A request in flight, counted until dropped.
+pub struct InFlight {
+    view: View,
+    url: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut inner = self.view.lock();
+        if let Some(n) = inner.in_flight.get_mut(&self.url) {
+            *n = n.saturating_sub(1);
+        }
+        inner.last_used.insert(self.url.clone(), Instant::now());
+    }
+}
+
+/// The hashes of a prompt's leading blocks: the first covers one block, the
+/// next two, and so on (whole blocks only). Two prompts share their first
+/// k hashes exactly when they share their first k blocks.
+pub fn prefix_hashes(text: &str) -> Vec<u64> {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.as_bytes()
+        .chunks_exact(PREFIX_BLOCK)
+        .map(|block| {
+            hasher.write(block);
+            hasher.finish()
+        })
+        .collect()
+}
+
+/// Prefix hash → the worker (URL) that last served it, bounded, oldest forgotten first.
+#[derive(Default)]
+struct Affinity {
+    owner: HashMap<u64, String>,
+    order: VecDeque<u64>,
+}
+
+impl Affinity {
+    fn lookup(&self, prefix: &[u64]) -> Option<String> {
+        prefix.iter().rev().find_map(|h| self.owner.get(h).cloned())
+    }
+
+    fn insert(&mut self, prefix: &[u64], url: &str) {
+        for h in prefix {
+            if self.owner.insert(*h, url.to_string()).is_none() {
+                self.order.push_back(*h);
+            }
+        }
+        while self.order.len() > AFFINITY_ENTRIES {
+            if let Some(old) = self.order.pop_front() {
+                self.owner.remove(&old);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_share_hashes_exactly_as_far_as_they_share_blocks() {
+        let doc = "x".repeat(PREFIX_BLOCK * 3);
+        let turn1 = format!("{doc}question one");
+        let turn2 = format!("{doc}question one, answer, question two{}", "y".repeat(300));
+        let (a, b) = (prefix_hashes(&turn1), prefix_hashes(&turn2));
+        assert_eq!(a.len(), 3);
+        assert_eq!(b.len(), 4);
+        assert_eq!(a[..3], b[..3]);
+        let other = prefix_hashes(&format!("z{}", &doc[1..]));
+        assert_ne!(other[0], a[0]);
+        assert!(prefix_hashes("short").is_empty());
+    }
+
+    #[test]
+    fn the_longest_remembered_prefix_wins() {
+        let mut affinity = Affinity::default();
+        affinity.insert(&[1, 2], "http://w1");
+        affinity.insert(&[1, 2, 3], "http://w2");
+        assert_eq!(affinity.lookup(&[1, 2, 3, 4]).as_deref(), Some("http://w2"));
+        affinity.insert(&[1, 5], "http://w1");
+        assert_eq!(affinity.lookup(&[1, 5]).as_deref(), Some("http://w1"));
+        assert_eq!(affinity.lookup(&[9]), None);
+    }
+
+    #[tokio::test]
+    async fn requests_in_flight_are_counted_until_they_end() {
+        let view = View::default();
+        let a = view.begin("http://w1");
+        let b = view.begin("http://w1");
+        assert_eq!(view.state().in_flight("http://w1"), 2);
+        drop(a);
+        drop(b);
+        let state = view.state();
+        assert_eq!(state.in_flight("http://w1"), 0);
+        assert!(state.last_used.contains_key("http://w1"));
+    }
+}

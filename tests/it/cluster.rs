@@ -1,0 +1,228 @@
+//! The queen's live view of several hives on loopback (DESIGN.md §10): a model
+//! lands where its memory fits, an idle worker makes room for another model,
+//! a model that fits nowhere says so, a killed hive leaves the routing and a
+//! restarted one comes back, and routing asks no hive anything.
+//!
+//! A SmolLM2 worker as a hive spawns it (4 slots of 4,096 tokens, a host
+//! cache as large as its KV cache) is estimated at 967 MiB: the budgets below
+//! sit either side of that.
+
+use crate::chain::{file_model, infer_args, workers_of, Cluster};
+use crate::support::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A hive with its own data dir and this memory budget.
+fn hive(label: &str, budget: &str) -> (TempDir, Proc) {
+    let home = TempDir::new(label);
+    let p = start_hive(&home, &["--max-memory", budget], &[]);
+    (home, p)
+}
+
+/// `keeper infer` of a few greedy tokens of `model` on any hive.
+fn infer(c: &Cluster, model: &str) -> (i32, String, String) {
+    let mut args = infer_args("", model, "Hello there");
+    args.drain(1..3); // no --node: the queen places it
+    c.keeper(&args)
+}
+
+fn hive_line(c: &Cluster, name: &str) -> String {
+    let (_, list, _) = c.keeper(&["hive", "list"]);
+    list.lines()
+        .find(|l| l.starts_with(&format!("{name}\t")))
+        .unwrap_or_else(|| panic!("no hive {name} listed:\n{list}"))
+        .to_string()
+}
+
+#[test]
+fn a_model_lands_where_it_fits_and_a_second_evicts_the_idle_first() {
+    let _turn = serial();
+    let (_h1, tiny) = hive("mem-tiny", "300MiB");
+    let (_h2, small) = hive("mem-small", "600MiB");
+    let (_h3, big) = hive("mem-big", "1200MiB");
+    let c = Cluster::with_hives("mem", &[("tiny", &tiny), ("small", &small), ("big", &big)]);
+    let (code, _, err) = infer(&c, &file_model());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("placing") && err.contains("on hive big"),
+        "{err}"
+    );
+    assert_eq!(workers_of(&big.url).len(), 1);
+    assert!(workers_of(&tiny.url).is_empty() && workers_of(&small.url).is_empty());
+    let line = hive_line(&c, "big");
+    assert!(line.contains("ram 967/1200 MB"), "{line}");
+
+    // The same weights under another name: a second model that fits only
+    // once the first model's idle worker is gone.
+    let dir = TempDir::new("mem-other");
+    let other = dir.path().join("other-model.gguf");
+    std::fs::copy(model_path(), &other).expect("the model copies");
+    let (code, _, err) = infer(&c, &format!("file:{}", other.display()));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("stopping idle worker"), "{err}");
+    let left = workers_of(&big.url);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["model"], "other-model");
+}
+
+#[test]
+fn a_model_that_fits_nowhere_names_its_need_and_the_most_room() {
+    let _turn = serial();
+    let (_h1, a) = hive("mem-a", "500MiB");
+    let (_h2, b) = hive("mem-b", "800MiB");
+    let c = Cluster::with_hives("mem-none", &[("a", &a), ("b", &b)]);
+    let (code, _, err) = infer(&c, &file_model());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("INSUFFICIENT_MEMORY"), "{err}");
+    assert!(
+        err.contains("needs 967 MB; the most any hive can free is hive b with 800 MB"),
+        "{err}"
+    );
+    assert!(workers_of(&a.url).is_empty() && workers_of(&b.url).is_empty());
+}
+
+#[test]
+fn a_killed_hive_leaves_the_routing_and_comes_back_when_restarted() {
+    let _turn = serial();
+    let (home_one, one) = hive("kill-one", "2GiB");
+    let (_h2, two) = hive("kill-two", "2GiB");
+    let c = Cluster::with_hives("kill", &[("one", &one), ("two", &two)]);
+    let (code, _, err) = infer(&c, &file_model());
+    assert_eq!(code, 0, "{err}");
+    let on_one = !workers_of(&one.url).is_empty();
+    let (victim, survivor, survivor_name) = if on_one {
+        (one, &two, "two")
+    } else {
+        (two, &one, "one")
+    };
+    let victim_name = if on_one { "one" } else { "two" };
+    let url = victim.url.clone();
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    victim.signal("KILL");
+    let killed = std::time::Instant::now();
+    wait_until(
+        "the killed hive to be unreachable",
+        Duration::from_secs(10),
+        || hive_line(&c, victim_name).contains("\tunreachable\t"),
+    );
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    let (code, _, err) = infer(&c, &file_model());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("on hive {survivor_name}")), "{err}");
+    drop(victim);
+
+    // Back on its port; the other one goes: jobs use it again.
+    let home = if on_one { home_one } else { _h2 };
+    let port_s = port.to_string();
+    let worker_port = free_port().to_string();
+    let back = Proc::start(
+        &[
+            "hive",
+            "--port",
+            &port_s,
+            "--data-dir",
+            home.str(),
+            "--worker-port",
+            &worker_port,
+            "--max-memory",
+            "2GiB",
+        ],
+        port,
+    );
+    assert_eq!(back.url, url);
+    wait_until(
+        "the restarted hive to be reachable",
+        Duration::from_secs(15),
+        || hive_line(&c, victim_name).contains("\treachable\t"),
+    );
+    survivor.signal("KILL");
+    wait_until(
+        "the other hive to be unreachable",
+        Duration::from_secs(10),
+        || hive_line(&c, survivor_name).contains("\tunreachable\t"),
+    );
+    let (code, _, err) = infer(&c, &file_model());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(workers_of(&back.url).len(), 1, "{err}");
+}
+
+/// A TCP relay that records the request line of every HTTP request passing
+/// through it towards the hive.
+struct Counting {
+    url: String,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Counting {
+    fn to(upstream: &str) -> Counting {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a port");
+        let url = format!("http://{}", listener.local_addr().expect("an address"));
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                let (mut s_in, mut c_out) = (server, client);
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n @ 1..) = c_in.read(&mut buf) {
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        for line in text.split("\r\n").filter(|l| l.ends_with(" HTTP/1.1")) {
+                            seen.lock().unwrap().push(line.to_string());
+                        }
+                        if s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_out.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_in, &mut c_out);
+                    let _ = c_out.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Counting { url, requests }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn routing_a_job_asks_no_hive_anything() {
+    let _turn = serial();
+    let (_home, hive) = hive("count", "2GiB");
+    let relay = Counting::to(&hive.url);
+    let c = Cluster::new("count", &[]);
+    let (code, _, err) = c.keeper(&["hive", "add", "counted", "--url", &relay.url]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = infer(&c, &file_model());
+    assert_eq!(code, 0, "{err}");
+    let before = relay.requests();
+    for _ in 0..3 {
+        let (code, _, err) = infer(&c, &file_model());
+        assert_eq!(code, 0, "{err}");
+    }
+    let after = relay.requests();
+    assert_eq!(after, before, "jobs on a ready worker called the hive");
+    assert!(
+        before.iter().any(|r| r.starts_with("GET /v1/state/stream")),
+        "{before:?}"
+    );
+}
