@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod jobs;
 pub mod local_hive;
 pub mod placement;
+pub mod provision;
 pub mod registry;
 pub mod scheduler;
 pub mod view;

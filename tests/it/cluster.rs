@@ -119,22 +119,7 @@ fn a_killed_hive_leaves_the_routing_and_comes_back_when_restarted() {
 
     // Back on its port; the other one goes: jobs use it again.
     let home = if on_one { home_one } else { _h2 };
-    let port_s = port.to_string();
-    let worker_port = free_port().to_string();
-    let back = Proc::start(
-        &[
-            "hive",
-            "--port",
-            &port_s,
-            "--data-dir",
-            home.str(),
-            "--worker-port",
-            &worker_port,
-            "--max-memory",
-            "2GiB",
-        ],
-        port,
-    );
+    let back = start_hive_on(port, &home, &["--max-memory", "2GiB"], &[]);
     assert_eq!(back.url, url);
     wait_until(
         "the restarted hive to be reachable",

@@ -378,7 +378,11 @@ pub use rbee::process::alive;
 
 /// `rbee hive` on a free port with its own data directory, answering.
 pub fn start_hive(home: &TempDir, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-    let port = free_port();
+    start_hive_on(free_port(), home, extra, env)
+}
+
+/// `rbee hive` on this port (a restart keeps its address), answering.
+pub fn start_hive_on(port: u16, home: &TempDir, extra: &[&str], env: &[(&str, &str)]) -> Proc {
     let (port_s, worker_port) = (port.to_string(), free_port().to_string());
     let mut args = vec![
         "hive",
