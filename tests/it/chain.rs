@@ -12,7 +12,7 @@ use std::time::Duration;
 pub struct Cluster {
     /// RBEE_HOME for everything this cluster starts; removed at the end.
     _home: TempDir,
-    queen: String,
+    pub queen: String,
     env: Vec<(String, String)>,
 }
 

@@ -211,3 +211,91 @@ fn routing_a_job_asks_no_hive_anything() {
         "{before:?}"
     );
 }
+
+/// One greedy job through the queen's job API: the worker that served it
+/// (from the narration), its answer, and the prompt tokens that came from the
+/// worker's prompt cache.
+fn job(c: &Cluster, prompt: &str, max_tokens: u32) -> (String, String, u64) {
+    let body = serde_json::json!({
+        "model": file_model(), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+    });
+    let (status, created) = post(&format!("{}/v1/jobs", c.queen), &body.to_string());
+    assert_eq!(status, 201, "{created}");
+    let url = format!("{}{}", c.queen, created["sse_url"].as_str().expect("a url"));
+    let events = stream(&url, None).expect("the job streams").rest();
+    let worker = events
+        .iter()
+        .find_map(|e| {
+            let human = e["human"].as_str()?;
+            (e["action"] == "reuse").then(|| human.split_whitespace().nth(2).map(String::from))?
+        })
+        .unwrap_or_else(|| panic!("no worker narrated: {events:?}"));
+    let answer: String = events.iter().filter_map(|e| e["t"].as_str()).collect();
+    let end = events
+        .iter()
+        .find(|e| e["type"] == "end")
+        .unwrap_or_else(|| panic!("no end: {events:?}"));
+    (worker, answer, end["cached_tokens"].as_u64().expect("cached_tokens"))
+}
+
+#[test]
+fn interleaved_conversations_land_on_the_worker_that_holds_their_cache() {
+    let _turn = serial();
+    // One single-slot worker of the model on each of two hives.
+    let (_h1, one) = hive("affinity-one", "2GiB");
+    let (_h2, two) = hive("affinity-two", "2GiB");
+    let spawn = serde_json::json!({"model_ref": file_model(), "slots": 1, "ctx_size": 2048});
+    for h in [&one, &two] {
+        let (status, w) = post(&format!("{}/v1/workers/spawn", h.url), &spawn.to_string());
+        assert!(status < 300, "{w}");
+    }
+    let c = Cluster::with_hives("affinity", &[("one", &one), ("two", &two)]);
+    wait_until("both workers ready in the queen's view", Duration::from_secs(60), || {
+        let (_, list) = get(&format!("{}/v1/workers", c.queen));
+        let ready = list.as_array().map_or(0, |l| l.iter().filter(|w| w["state"] == "ready").count());
+        ready == 2
+    });
+
+    // Four conversations over their own documents; each first turn runs
+    // beside another, so they spread over both workers.
+    let mut prompts: Vec<String> = (0..4)
+        .map(|k| {
+            let facts: Vec<String> = (0..24)
+                .map(|i| format!("In town {k}, street {i} has {} houses.", (i * 7 + k) % 13 + 2))
+                .collect();
+            format!("{}\nQuestion: which street is first?\nAnswer:", facts.join(" "))
+        })
+        .collect();
+    let mut holders = Vec::new();
+    for pair in [[0, 1], [2, 3]] {
+        let turns: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = pair
+                .iter()
+                .map(|&k| {
+                    let (c, p) = (&c, prompts[k].clone());
+                    s.spawn(move || job(c, &p, 24))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a turn")).collect()
+        });
+        for (&k, (worker, answer, _)) in pair.iter().zip(turns) {
+            prompts[k].push_str(&format!("{answer}\nQuestion: how many houses on street 3?\nAnswer:"));
+            holders.push((k, worker));
+        }
+    }
+    holders.sort();
+    let used: std::collections::BTreeSet<_> = holders.iter().map(|(_, w)| w.clone()).collect();
+    assert_eq!(used.len(), 2, "the first turns used one worker: {holders:?}");
+
+    // Later turns one at a time, interleaved: each goes back to its cache
+    // holder (with both idle, least-outstanding alone would pick the same
+    // worker every time) and finds its conversation there.
+    for round in 0..2 {
+        for (k, holder) in &holders {
+            let (worker, answer, cached) = job(&c, &prompts[*k], 8);
+            assert_eq!(&worker, holder, "conversation {k}, round {round}");
+            assert!(cached > 100, "conversation {k}, round {round}: {cached} cached tokens");
+            prompts[*k].push_str(&format!("{answer}\nQuestion: and on street 5?\nAnswer:"));
+        }
+    }
+}
