@@ -12,6 +12,7 @@ pub mod openai;
 pub mod process;
 pub mod protocol;
 pub mod queen;
+pub mod store;
 pub mod worker;
 
 /// Whether this binary was built with a GPU backend (CUDA or Metal).
@@ -31,6 +32,20 @@ pub fn data_dir(flag: Option<&std::path::Path>) -> std::path::PathBuf {
     }
     let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
     std::path::Path::new(&home).join(".local/share/rbee")
+}
+
+/// Creates a data dir (with its parents) that only its owner can enter: it
+/// holds the hive tokens the queen keeps, and the models.
+pub fn create_data_dir(dir: &std::path::Path) -> Result<(), String> {
+    let fail =
+        |e: std::io::Error| format!("cannot create the data directory {}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    }
+    Ok(())
 }
 
 /// Parses `300`, `300s`, `5m`, `1h` or `250ms`.

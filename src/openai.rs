@@ -18,6 +18,12 @@ pub fn error(e: ApiError) -> Response<Body> {
     http::json(status, &OpenAiError::from(e))
 }
 
+/// An error as one event of a stream, in OpenAI's shape: what its client
+/// libraries raise when a stream carries one.
+pub fn error_event(e: ApiError) -> hyper::body::Bytes {
+    http::sse::event(&OpenAiError::from(e))
+}
+
 /// OpenAI's error body.
 #[derive(Serialize)]
 struct OpenAiError {
@@ -327,6 +333,8 @@ impl Answer {
     }
 }
 
+const ENGINE_STOPPED: &str = "the engine stopped before the answer was complete";
+
 /// Turns a worker's inference events into the OpenAI answer, streamed or whole.
 ///
 /// Not streamed, the answer is awaited here: a client that leaves drops this
@@ -357,12 +365,7 @@ pub async fn respond(
                     break error(ApiError::new(code, message))
                 }
                 Some(InferenceEvent::Started { .. }) => {}
-                None => {
-                    break error(ApiError::new(
-                        ErrorCode::InferenceFailed,
-                        "the engine stopped before the answer was complete",
-                    ))
-                }
+                None => break error(ApiError::new(ErrorCode::InferenceFailed, ENGINE_STOPPED)),
             }
         };
     }
@@ -389,12 +392,15 @@ pub async fn respond(
                         break;
                     }
                     Some(InferenceEvent::Error { code, message }) => {
-                        let e = OpenAiError::from(ApiError::new(code, message));
-                        let _ = tx.send(crate::http::sse::event(&e)).await;
+                        let _ = tx.send(error_event(ApiError::new(code, message))).await;
                         break;
                     }
                     Some(InferenceEvent::Started { .. }) => {}
-                    None => break,
+                    None => {
+                        let e = ApiError::new(ErrorCode::InferenceFailed, ENGINE_STOPPED);
+                        let _ = tx.send(error_event(e)).await;
+                        break;
+                    }
                 },
                 () = tx.closed() => return,
             }

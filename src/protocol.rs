@@ -80,6 +80,8 @@ error_codes! {
     InvalidRequest = "INVALID_REQUEST", 400;
     BodyTooLarge = "BODY_TOO_LARGE", 413;
     Unauthorized = "UNAUTHORIZED", 401;
+    /// Refused whoever asks: a host name or origin not allowed, a report not the worker's own.
+    Forbidden = "FORBIDDEN", 403;
     NotFound = "NOT_FOUND", 404;
     MethodNotAllowed = "METHOD_NOT_ALLOWED", 405;
     InvalidModelRef = "INVALID_MODEL_REF", 400;
@@ -427,6 +429,10 @@ pub struct ReadyStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerReadyCallback {
     pub worker_id: String,
+    /// The secret its hive started it with (`RBEE_WORKER_SECRET`): only the
+    /// worker itself can report on itself.
+    #[serde(default)]
+    pub secret: String,
     pub url: String,
     pub model: String,
     pub slots: u32,
@@ -822,6 +828,12 @@ pub fn random_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+/// A 128-bit random secret, hex: what ties a worker's report to the hive
+/// that started it.
+pub fn new_secret() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
 }
 
 /// A short random id with a prefix, such as `job-3f9a1c2b7e4d5a60`.

@@ -1,43 +1,44 @@
-//! The hive's model catalog: which models this machine has, in sled.
-//!
-//! Only this module touches sled. Each entry is one JSON value keyed by the
-//! catalog name; every write is flushed before it returns, so an entry that was
-//! reported as added survives a crash of the hive.
+//! The hive's model catalog: which models this machine has, one entry per
+//! catalog name, in a [`Store`]: every write on disk before it returns, and
+//! a damaged catalog found at start (`rbee hive --rebuild-catalog`).
 
 use super::state::Changes;
 use crate::protocol::ModelEntry;
+use crate::store::Store;
 use std::path::Path;
 
 #[derive(Clone)]
 pub struct Catalog {
-    db: sled::Db,
+    store: Store,
     /// Told of every write, for the hive's state stream.
     changes: Changes,
 }
 
 impl Catalog {
-    pub fn open(dir: &Path, changes: Changes) -> Result<Catalog, String> {
-        let db = sled::open(dir).map_err(|e| {
-            format!(
-                "cannot open the model catalog at {} (is another hive using this --data-dir?): {e}",
-                dir.display()
-            )
-        })?;
-        Ok(Catalog { db, changes })
+    /// Opens the catalog at `path`, in the data dir `data_dir`.
+    pub fn open(path: &Path, data_dir: &Path, changes: Changes) -> Result<Catalog, String> {
+        let recovery = format!(
+            "Run `rbee hive --rebuild-catalog --data-dir {}` to rebuild it from the model files there \
+             (models registered in place from elsewhere are then added again on their next use)",
+            data_dir.display()
+        );
+        let store = Store::open(path, "model catalog", "hive", &recovery)?;
+        Ok(Catalog { store, changes })
+    }
+
+    /// A new, empty catalog at `path`, the old one moved aside; where it went.
+    pub fn replace(path: &Path, changes: Changes) -> Result<(Catalog, std::path::PathBuf), String> {
+        let aside = crate::store::set_aside(path)?;
+        let store = Store::open(path, "model catalog", "hive", "")?;
+        Ok((Catalog { store, changes }, aside))
     }
 
     pub fn list(&self) -> Vec<ModelEntry> {
-        self.db
-            .iter()
-            .values()
-            .filter_map(|v| v.ok())
-            .filter_map(|v| serde_json::from_slice(&v).ok())
-            .collect()
+        self.store.list()
     }
 
     pub fn get(&self, name: &str) -> Option<ModelEntry> {
-        let bytes = self.db.get(name).ok()??;
-        serde_json::from_slice(&bytes).ok()
+        self.store.get(name)
     }
 
     /// The entry added by this reference, or for this file.
@@ -48,23 +49,14 @@ impl Catalog {
     }
 
     pub fn put(&self, entry: &ModelEntry) -> Result<(), String> {
-        let bytes = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
-        self.db
-            .insert(entry.name.as_bytes(), bytes)
-            .and_then(|_| self.db.flush())
-            .map(|_| self.changes.bump())
-            .map_err(|e| format!("cannot write the catalog: {e}"))
+        self.store.put(&entry.name, entry)?;
+        self.changes.bump();
+        Ok(())
     }
 
     pub fn remove(&self, name: &str) -> Result<Option<ModelEntry>, String> {
-        let old = self
-            .db
-            .remove(name)
-            .map_err(|e| format!("cannot write the catalog: {e}"))?;
-        self.db
-            .flush()
-            .map_err(|e| format!("cannot write the catalog: {e}"))?;
+        let old = self.store.remove(name)?;
         self.changes.bump();
-        Ok(old.and_then(|v| serde_json::from_slice(&v).ok()))
+        Ok(old)
     }
 }

@@ -53,10 +53,22 @@ pub struct Args {
     /// file holding the shared bearer token (else RBEE_TOKEN)
     #[argh(option)]
     pub token_file: Option<PathBuf>,
+    /// host names this daemon answers to without a token, comma-separated
+    /// (always: localhost, the loopback addresses, --host and this machine's name)
+    #[argh(option)]
+    pub allowed_hosts: Option<String>,
+    /// web page origins that may call this daemon from a browser,
+    /// comma-separated, or * (always: pages on this machine)
+    #[argh(option)]
+    pub allowed_origins: Option<String>,
     /// memory rbee may use for workers, e.g. 8GiB or 1500MB (default: what is
     /// free at start, less 10% and at least 512 MiB)
     #[argh(option)]
     pub max_memory: Option<String>,
+    /// rebuild a damaged model catalog from the model files in the data dir
+    /// (the old one is moved aside), then serve
+    #[argh(switch)]
+    pub rebuild_catalog: bool,
 }
 
 #[derive(Clone)]
@@ -78,21 +90,25 @@ pub async fn run(args: Args) -> Result<(), String> {
         Some(size) => crate::parse_size_mb(size).map_err(|e| format!("--max-memory: {e}"))?,
         None => state::default_budget_mb(crate::machine::ram().available_mb),
     };
-    let auth = Auth::load(args.token_file.as_deref())?;
+    let auth = Auth::load(args.token_file.as_deref())?.with_doors(
+        &args.host,
+        args.allowed_hosts.as_deref(),
+        args.allowed_origins.as_deref(),
+    );
     auth.check_bind(&args.host)?;
     let listener = crate::process::bind(&args.host, args.port).await?;
     let port = listener.local_addr().map_or(args.port, |a| a.port());
     let changes = Changes::new();
 
     let data_dir = crate::data_dir(args.data_dir.as_deref());
-    std::fs::create_dir_all(&data_dir).map_err(|e| {
-        format!(
-            "cannot create the data directory {}: {e}",
-            data_dir.display()
-        )
-    })?;
-    let catalog = catalog::Catalog::open(&data_dir.join("hive-catalog"), changes.clone())?;
-    let models = Models::new(catalog, data_dir.join("models"));
+    crate::create_data_dir(&data_dir)?;
+    let catalog_path = data_dir.join("hive-catalog");
+    let models = if args.rebuild_catalog {
+        rebuild_catalog(&catalog_path, &data_dir, changes.clone())?
+    } else {
+        let catalog = catalog::Catalog::open(&catalog_path, &data_dir, changes.clone())?;
+        Models::new(catalog, data_dir.join("models"))
+    };
 
     let unspecified = args.host == "0.0.0.0" || args.host == "::";
     let local_host = if unspecified || args.host == "localhost" {
@@ -133,13 +149,40 @@ pub async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("no local address: {e}"))?;
     crate::process::report_ready(addr);
     let admin = hive.shutdown.clone();
-    http::serve(listener, move |req| route(hive.clone(), req), async move {
-        http::stop_signal(&admin).await;
-        tracing::info!("hive shutting down: stopping its workers");
-    })
+    let door = hive.auth.clone();
+    http::serve(
+        listener,
+        door,
+        move |req| route(hive.clone(), req),
+        async move {
+            http::stop_signal(&admin).await;
+            tracing::info!("hive shutting down: stopping its workers");
+        },
+    )
     .await;
     workers.stop_all().await;
     Ok(())
+}
+
+/// A fresh catalog in place of the one at `path` (moved aside), holding every
+/// model file in the data dir's models directory.
+fn rebuild_catalog(
+    path: &std::path::Path,
+    data_dir: &std::path::Path,
+    changes: Changes,
+) -> Result<Models, String> {
+    let (catalog, aside) = catalog::Catalog::replace(path, changes)?;
+    let models = Models::new(catalog, data_dir.join("models"));
+    let found = models.rebuild()?;
+    let names: Vec<&str> = found.iter().map(|e| e.name.as_str()).collect();
+    tracing::warn!(
+        "rebuilt the model catalog from {}: {} models ({}); the old catalog is at {}",
+        models.models_dir().display(),
+        found.len(),
+        names.join(", "),
+        aside.display()
+    );
+    Ok(models)
 }
 
 /// The hive's endpoints.
@@ -185,10 +228,7 @@ const ROUTES: &[Route<Endpoint>] = &[
 
 async fn route(h: Hive, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let found = h
-        .auth
-        .check(&req)
-        .and_then(|()| http::find(ROUTES, req.method(), &path));
+    let found = http::find(ROUTES, req.method(), &path);
     let (endpoint, params) = match found {
         Ok(found) => found,
         Err(e) => return http::error(e),

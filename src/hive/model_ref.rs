@@ -1,6 +1,16 @@
 //! Model references (DESIGN.md §4), parsed without touching disk or network.
 
+use crate::protocol::{ApiError, ErrorCode};
 use std::path::PathBuf;
+
+/// The reference, or `INVALID_MODEL_REF` saying what is wrong with it: the
+/// check every role makes at its door, before anything is fetched.
+pub fn check(model_ref: &str) -> Result<ModelRef, ApiError> {
+    ModelRef::parse(model_ref).map_err(|m| ApiError {
+        param: Some("model".into()),
+        ..ApiError::new(ErrorCode::InvalidModelRef, m)
+    })
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelRef {

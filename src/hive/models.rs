@@ -83,6 +83,53 @@ impl Models {
         })
     }
 
+    /// Registers every GGUF file under the models directory: what a
+    /// rebuilt catalog holds. Downloads (`<org>/<repo>/<file>`) get their
+    /// `hf:` reference back; anything else is registered as a file.
+    pub fn rebuild(&self) -> Result<Vec<ModelEntry>, String> {
+        let mut found = Vec::new();
+        let mut dirs = vec![self.dir.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(listing) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for item in listing.flatten() {
+                let path = item.path();
+                let Ok(kind) = item.file_type() else { continue };
+                if kind.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let is_gguf = path
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+                if !kind.is_file() || !is_gguf {
+                    continue;
+                }
+                let parts: Vec<String> = path
+                    .strip_prefix(&self.dir)
+                    .map(|r| r.iter().map(|p| p.to_string_lossy().into_owned()).collect())
+                    .unwrap_or_default();
+                let model_ref = match parts.as_slice() {
+                    [org, repo, file] => format!("hf:{org}/{repo}/{file}"),
+                    _ => format!("file:{}", path.display()),
+                };
+                let info = match crate::gguf::read(&path) {
+                    Ok(info) => info,
+                    Err(e) => {
+                        tracing::warn!("left {} out of the catalog: {e}", path.display());
+                        continue;
+                    }
+                };
+                let sha256 = disk::sha256_file(&path)?;
+                let entry = entry_for(&path, &model_ref, sha256, info, true);
+                self.catalog.put(&entry)?;
+                found.push(entry);
+            }
+        }
+        Ok(found)
+    }
+
     /// The progress of a download, if there is one with that id.
     pub fn progress(&self, id: &str) -> Option<watch::Receiver<DownloadEvent>> {
         self.downloads.progress(id)
@@ -217,7 +264,7 @@ impl Models {
 }
 
 fn parse(model_ref: &str) -> Result<ModelRef, ApiError> {
-    ModelRef::parse(model_ref).map_err(|m| ApiError::new(ErrorCode::InvalidModelRef, m))
+    super::model_ref::check(model_ref)
 }
 
 /// Registers a GGUF file in place (no copy); the hive never deletes it.
@@ -229,7 +276,13 @@ fn register_file(catalog: &Catalog, path: &Path, model_ref: &str) -> Result<Mode
             format!("cannot open model file {}: {e}", path.display()),
         )
     })?;
-    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+    // Opening a FIFO or a device would block or read forever.
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(bad(format!("{} is not a regular file", path.display())));
+    }
+    let size = meta.len();
     if let Some(entry) = catalog.find("", Some(&path)) {
         if entry.size == size {
             return Ok(entry);

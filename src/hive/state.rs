@@ -155,6 +155,9 @@ impl State {
     pub async fn spawn(&self, req: &SpawnRequest) -> Result<WorkerInfo, ApiError> {
         let entry = self.models.find(&req.model_ref).await?;
         let plan = self.plan_for(&entry, req.slots, req.ctx_size);
+        crate::worker::check_slots(plan.slots, plan.ctx_size, entry.context_length).map_err(
+            |(field, message)| ApiError::invalid(field, format!("{}: {message}", entry.name)),
+        )?;
         let _one_at_a_time = self.spawning.lock().await;
         let free = self.snapshot().ram.free_mb();
         let on_gpu = req.backend.as_deref().is_some_and(|b| b != "cpu");

@@ -62,6 +62,8 @@ pub struct Workers {
 
 struct Record {
     info: WorkerInfo,
+    /// What its report must carry ([`crate::protocol::new_secret`]).
+    secret: String,
     /// The estimate it was started with.
     estimate_mb: u64,
     stderr: Arc<Mutex<VecDeque<String>>>,
@@ -133,8 +135,9 @@ impl Workers {
         let backend = choose_backend(req.backend.as_deref(), crate::BACKENDS)?;
         let id = new_id("worker");
         let port = self.free_port()?;
+        let secret = crate::protocol::new_secret();
         let mut child = self
-            .start_process(&id, port, model, req, backend, plan)
+            .start_process((&id, &secret, port), model, req, backend, plan)
             .await?;
         let info = WorkerInfo {
             worker_id: id.clone(),
@@ -160,6 +163,7 @@ impl Workers {
             id.clone(),
             Record {
                 info: info.clone(),
+                secret,
                 estimate_mb: plan.memory_mb,
                 stderr,
                 idle_since: None,
@@ -180,8 +184,7 @@ impl Workers {
     /// This executable in the worker role, with parent-death signal set.
     async fn start_process(
         &self,
-        id: &str,
-        port: u16,
+        (id, secret, port): (&str, &str, u16),
         model: &ModelEntry,
         req: &SpawnRequest,
         backend: &str,
@@ -206,7 +209,8 @@ impl Workers {
         if backend == "cpu" {
             command.args(["--gpu-layers", "0"]);
         }
-        // The token travels in the environment, not argv, where `ps` would show it.
+        // Secrets travel in the environment, not argv, where `ps` would show them.
+        command.env(crate::worker::WORKER_SECRET_ENV, secret);
         match &s.token {
             Some(t) => command.env("RBEE_TOKEN", t),
             None => command.env_remove("RBEE_TOKEN"),
@@ -319,6 +323,15 @@ impl Workers {
                 format!("this hive did not start a worker {}", report.worker_id),
             )
         })?;
+        if !crate::http::constant_time_eq(report.secret.as_bytes(), record.secret.as_bytes()) {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "this report does not carry the secret worker {} was started with",
+                    report.worker_id
+                ),
+            ));
+        }
         if record.info.state == WorkerState::Loading {
             record.info.state = if report.state == WorkerState::Ready {
                 WorkerState::Ready

@@ -58,8 +58,7 @@ impl Queen {
         let port = wakeable_port(&self.url)?;
         self.say("queen is asleep, waking queen");
         let data_dir = crate::data_dir(None);
-        std::fs::create_dir_all(&data_dir)
-            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+        crate::create_data_dir(&data_dir)?;
         let log = data_dir.join("queen.log");
         let mut command = process::own_command("queen").map_err(|e| e.message)?;
         command.args(["--port", &port.to_string()]);

@@ -43,6 +43,14 @@ pub struct Args {
     /// file holding the shared bearer token (else RBEE_TOKEN)
     #[argh(option)]
     pub token_file: Option<PathBuf>,
+    /// host names this daemon answers to without a token, comma-separated
+    /// (always: localhost, the loopback addresses, --host and this machine's name)
+    #[argh(option)]
+    pub allowed_hosts: Option<String>,
+    /// web page origins that may call this daemon from a browser,
+    /// comma-separated, or * (always: pages on this machine)
+    #[argh(option)]
+    pub allowed_origins: Option<String>,
 }
 
 #[derive(Clone)]
@@ -55,16 +63,15 @@ struct Queen {
 }
 
 pub async fn run(args: Args) -> Result<(), String> {
-    let auth = Auth::load(args.token_file.as_deref())?;
+    let auth = Auth::load(args.token_file.as_deref())?.with_doors(
+        &args.host,
+        args.allowed_hosts.as_deref(),
+        args.allowed_origins.as_deref(),
+    );
     auth.check_bind(&args.host)?;
     let listener = crate::process::bind(&args.host, args.port).await?;
     let data_dir = crate::data_dir(args.data_dir.as_deref());
-    std::fs::create_dir_all(&data_dir).map_err(|e| {
-        format!(
-            "cannot create the data directory {}: {e}",
-            data_dir.display()
-        )
-    })?;
+    crate::create_data_dir(&data_dir)?;
     let registry = Registry::open(data_dir.clone(), auth.token().map(str::to_string))?;
     let cluster = Live::start(registry.clone()).await;
     let queen = Queen {
@@ -86,14 +93,20 @@ pub async fn run(args: Args) -> Result<(), String> {
     crate::process::report_ready(addr);
     let admin = queen.shutdown.clone();
     let jobs = queen.jobs.clone();
-    http::serve(listener, move |req| route(queen.clone(), req), async move {
-        http::stop_signal(&admin).await;
-        tracing::info!("queen shutting down");
-        jobs.cancel_all();
-        // Still answering health while the local hive and its workers stop, so
-        // `rbee keeper queen stop` returns only once everything is gone.
-        registry.stop_local().await;
-    })
+    let door = queen.auth.clone();
+    http::serve(
+        listener,
+        door,
+        move |req| route(queen.clone(), req),
+        async move {
+            http::stop_signal(&admin).await;
+            tracing::info!("queen shutting down");
+            jobs.cancel_all();
+            // Still answering health while the local hive and its workers stop, so
+            // `rbee keeper queen stop` returns only once everything is gone.
+            registry.stop_local().await;
+        },
+    )
     .await;
     Ok(())
 }
@@ -175,10 +188,7 @@ const ROUTES: &[Route<Endpoint>] = &[
 
 async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let found = q
-        .auth
-        .check(&req)
-        .and_then(|()| http::find(ROUTES, req.method(), &path));
+    let found = http::find(ROUTES, req.method(), &path);
     let (endpoint, params) = match found {
         Ok(found) => found,
         Err(e) => return http::error(e),
@@ -392,7 +402,7 @@ async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> 
         Err(e) => return openai::error(ApiError::new(ErrorCode::WorkerLost, e.message)),
     };
     if prepared.stream && upstream.status().is_success() {
-        pass_stream(upstream, in_flight)
+        pass_stream(upstream, in_flight, target.worker_id)
     } else {
         pass_whole(upstream).await
     }
@@ -409,6 +419,7 @@ async fn read_openai(
     if model.is_empty() {
         return Err(ApiError::invalid("model", "model is required"));
     }
+    crate::hive::model_ref::check(&model)?;
     Ok((body, prepared, model))
 }
 
@@ -453,19 +464,35 @@ async fn pass_whole(upstream: Response<Incoming>) -> Response<Body> {
 }
 
 /// A worker's SSE answer, passed on chunk by chunk until either side leaves;
-/// counted in flight until then.
-fn pass_stream(upstream: Response<Incoming>, in_flight: InFlight) -> Response<Body> {
+/// counted in flight until then. An answer that breaks off before its
+/// `[DONE]` ends with an error event and `[DONE]`, so the client hears of it.
+fn pass_stream(
+    upstream: Response<Incoming>,
+    in_flight: InFlight,
+    worker: String,
+) -> Response<Body> {
     let (tx, resp) = http::sse_response();
     tokio::spawn(async move {
         let _in_flight = in_flight;
         use http_body_util::BodyExt;
         let mut body = upstream.into_body();
+        let mut tail: Vec<u8> = Vec::new();
         while let Some(Ok(frame)) = body.frame().await {
             if let Ok(data) = frame.into_data() {
+                tail.extend_from_slice(&data);
+                tail.drain(..tail.len().saturating_sub(sse::DONE.len()));
                 if tx.send(data).await.is_err() {
                     return;
                 }
             }
+        }
+        if tail != sse::DONE {
+            let lost = ApiError::new(
+                ErrorCode::WorkerLost,
+                format!("worker {worker} stopped before the answer was complete"),
+            );
+            let _ = tx.send(openai::error_event(lost)).await;
+            let _ = tx.send(hyper::body::Bytes::from_static(sse::DONE)).await;
         }
     });
     resp
@@ -558,9 +585,7 @@ fn relay_download(hive: String, mut events: Events<DownloadEvent>) -> Response<B
 
 async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
     let body: JobRequest = http::read_json(req).await?;
-    if body.model.trim().is_empty() {
-        return Err(ApiError::invalid("model", "model is empty"));
-    }
+    crate::hive::model_ref::check(&body.model)?;
     if body.prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "prompt is empty"));
     }

@@ -235,11 +235,13 @@ async fn fetch(
         format!("hive {} is fetching {model}", hive.name),
     );
     let started = cluster.download(hive, model).await.map_err(|e| {
-        // However the hive failed to find it, for the user the model is not there.
+        // However the hive failed to find it, for the user the model is not
+        // there; a reference or file the hive refused is the caller's mistake.
         let code = match e.code {
             ErrorCode::ModelNotFound | ErrorCode::RepoNotFound | ErrorCode::NoGguf => {
                 ErrorCode::ModelNotFound
             }
+            code if code.status() < 500 => code,
             _ => ErrorCode::DownloadFailed,
         };
         ApiError::new(code, format!("hive {}: {e}", hive.name))

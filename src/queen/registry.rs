@@ -2,10 +2,12 @@
 //! the local hive the queen may start itself (`local_hive.rs`). How each is
 //! doing is the live view's business (`view.rs`).
 //!
-//! Only this module and the hive's catalog touch sled.
+//! The registered hives live in a [`Store`]: a damaged registry stops the
+//! queen, naming the hives it lost.
 
 use super::local_hive::LocalHive;
 use crate::protocol::{AddHive, ApiError};
+use crate::store::Store;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -22,7 +24,7 @@ pub struct HiveConn {
 
 #[derive(Clone)]
 pub struct Registry {
-    db: sled::Db,
+    store: Store,
     /// The hive this queen starts itself on `localhost`.
     local: LocalHive,
 }
@@ -30,14 +32,14 @@ pub struct Registry {
 impl Registry {
     pub fn open(data_dir: PathBuf, token: Option<String>) -> Result<Registry, String> {
         let path = data_dir.join("queen-hives");
-        let db = sled::open(&path).map_err(|e| {
-            format!(
-                "cannot open the hive registry at {} (is another queen using this --data-dir?): {e}",
-                path.display()
-            )
-        })?;
+        let recovery = format!(
+            "Move it away (mv {0} {0}.damaged; mv {0}.check {0}.check.damaged), start the queen \
+             again and add the hives again with `rbee keeper hive add NAME --url URL`",
+            path.display()
+        );
+        let store = Store::open(&path, "hive registry", "queen", &recovery)?;
         Ok(Registry {
-            db,
+            store,
             local: LocalHive::new(data_dir, token)?,
         })
     }
@@ -71,31 +73,20 @@ impl Registry {
             url,
             token: hive.token.filter(|t| !t.is_empty()),
         };
-        let bytes = serde_json::to_vec(&conn).map_err(|e| ApiError::internal(e.to_string()))?;
-        self.db
-            .insert(conn.name.as_bytes(), bytes)
-            .and_then(|_| self.db.flush())
-            .map_err(|e| ApiError::internal(format!("cannot write the hive registry: {e}")))?;
+        self.store
+            .put(&conn.name, &conn)
+            .map_err(ApiError::internal)?;
         Ok(conn)
     }
 
     /// Forgets a registered hive; false if there was none by that name.
     pub fn remove(&self, name: &str) -> Result<bool, ApiError> {
-        let old = self
-            .db
-            .remove(name)
-            .and_then(|old| self.db.flush().map(|_| old))
-            .map_err(|e| ApiError::internal(format!("cannot write the hive registry: {e}")))?;
+        let old: Option<HiveConn> = self.store.remove(name).map_err(ApiError::internal)?;
         Ok(old.is_some())
     }
 
     fn registered(&self) -> Vec<HiveConn> {
-        self.db
-            .iter()
-            .values()
-            .filter_map(|v| v.ok())
-            .filter_map(|v| serde_json::from_slice(&v).ok())
-            .collect()
+        self.store.list()
     }
 
     /// Every hive this queen can use: the registered ones, then its local hive if running.

@@ -412,6 +412,8 @@ impl<'m> Batcher<'m> {
             .ctx_size
             .unwrap_or_else(|| model.n_ctx_train().min(4096));
         let n_slots = config.slots;
+        super::check_slots(n_slots, n_ctx_slot, u64::from(model.n_ctx_train()))
+            .map_err(|(_, message)| message)?;
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx_slot * n_slots))
             .with_n_batch(BATCH_TOKENS as u32)

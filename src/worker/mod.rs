@@ -67,7 +67,19 @@ pub struct Args {
     /// file holding the shared bearer token (else RBEE_TOKEN)
     #[argh(option)]
     pub token_file: Option<PathBuf>,
+    /// host names this daemon answers to without a token, comma-separated
+    /// (always: localhost, the loopback addresses, --host and this machine's name)
+    #[argh(option)]
+    pub allowed_hosts: Option<String>,
+    /// web page origins that may call this daemon from a browser,
+    /// comma-separated, or * (always: pages on this machine)
+    #[argh(option)]
+    pub allowed_origins: Option<String>,
 }
+
+/// Where a spawned worker finds the secret its report to the hive carries
+/// (the environment: argv is visible to every user of the machine).
+pub const WORKER_SECRET_ENV: &str = "RBEE_WORKER_SECRET";
 
 /// Smaller contexts leave no room for a prompt and an answer.
 const MIN_CTX_SIZE: u32 = 64;
@@ -93,7 +105,11 @@ struct Worker {
 /// fails. A stop signal during loading skips straight to the shutdown.
 pub async fn run(args: Args) -> Result<(), String> {
     check_flags(&args)?;
-    let auth = Auth::load(args.token_file.as_deref())?;
+    let auth = Auth::load(args.token_file.as_deref())?.with_doors(
+        &args.host,
+        args.allowed_hosts.as_deref(),
+        args.allowed_origins.as_deref(),
+    );
     auth.check_bind(&args.host)?;
     let listener = http::bind(&args.host, args.port).await?;
     let url = format!(
@@ -120,6 +136,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         let worker = worker.clone();
         tokio::spawn(http::serve(
             listener,
+            worker.auth.clone(),
             move |req| route(worker.clone(), req),
             async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
@@ -137,16 +154,14 @@ pub async fn run(args: Args) -> Result<(), String> {
     outcome
 }
 
-/// Refuses flags that cannot work, naming the limit.
+/// Refuses flags that cannot work, naming the limit. The context against the
+/// model's own limit is checked once the model is open (`engine.rs`).
 fn check_flags(args: &Args) -> Result<(), String> {
-    if args.slots == 0 || args.slots > MAX_SLOTS {
-        return Err(format!("--slots must be between 1 and {MAX_SLOTS}"));
-    }
+    let ctx = args.ctx_size.unwrap_or(MIN_CTX_SIZE);
+    check_slots(args.slots, ctx, 0)
+        .map_err(|(flag, message)| format!("--{}: {message}", flag.replace('_', "-")))?;
     if args.threads.is_some_and(|t| t < 1) {
         return Err("--threads must be at least 1".into());
-    }
-    if args.ctx_size.is_some_and(|c| c < MIN_CTX_SIZE) {
-        return Err(format!("--ctx-size must be at least {MIN_CTX_SIZE} tokens"));
     }
     if args.queue_size > MAX_QUEUE {
         return Err(format!("--queue-size must be at most {MAX_QUEUE}"));
@@ -159,8 +174,47 @@ fn check_flags(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `slots` slots of `ctx` tokens each can work for a model trained
+/// on `model_ctx` tokens (0: not known yet): the one rule for the worker's
+/// flags, its engine and the hive's spawn requests. `Err` names the field
+/// at fault (`slots` or `ctx_size`) and the limit.
+pub fn check_slots(slots: u32, ctx: u32, model_ctx: u64) -> Result<(), (&'static str, String)> {
+    if slots == 0 || slots > MAX_SLOTS {
+        return Err((
+            "slots",
+            format!("slots must be between 1 and {MAX_SLOTS}, not {slots}"),
+        ));
+    }
+    if ctx < MIN_CTX_SIZE {
+        return Err((
+            "ctx_size",
+            format!("a context of {ctx} tokens per slot is less than the least of {MIN_CTX_SIZE}"),
+        ));
+    }
+    if model_ctx > 0 && u64::from(ctx) > model_ctx {
+        return Err((
+            "ctx_size",
+            format!(
+                "a context of {ctx} tokens per slot is more than the model's training context of {model_ctx} tokens"
+            ),
+        ));
+    }
+    if slots
+        .checked_mul(ctx)
+        .is_none_or(|total| total > MAX_TOTAL_CTX)
+    {
+        return Err((
+            "ctx_size",
+            format!("{slots} slots of {ctx} tokens are more than the {MAX_TOTAL_CTX} tokens one llama.cpp context holds"),
+        ));
+    }
+    Ok(())
+}
+
 /// llama.cpp keeps at most 256 sequences in one context.
 const MAX_SLOTS: u32 = 256;
+/// llama.cpp counts a context's tokens in an `int32_t`.
+const MAX_TOTAL_CTX: u32 = i32::MAX as u32;
 /// 1 TiB: more host memory than any machine rbee runs on.
 const MAX_CACHE_RAM_MB: u64 = 1 << 20;
 /// Waiting requests beyond this are a client stampede, not a queue.
@@ -193,6 +247,7 @@ async fn live(w: &Worker, args: &Args, url: &str) -> Result<(), String> {
     if let Some(callback) = &args.callback_url {
         let report = WorkerReadyCallback {
             worker_id: args.worker_id.clone().unwrap_or_else(|| new_id("worker")),
+            secret: std::env::var(WORKER_SECRET_ENV).unwrap_or_default(),
             url: url.to_string(),
             model: w.model.to_string(),
             slots: args.slots,
@@ -285,10 +340,7 @@ const ROUTES: &[Route<Endpoint>] = &[
 
 async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let found = w
-        .auth
-        .check(&req)
-        .and_then(|()| http::find(ROUTES, req.method(), &path));
+    let found = http::find(ROUTES, req.method(), &path);
     let endpoint = match found {
         Ok((endpoint, _)) => endpoint,
         Err(e) => return http::error(e),
@@ -473,5 +525,36 @@ mod tests {
     #[test]
     fn every_route_answers_a_wrong_method_with_405() {
         http::assert_routes_are_consistent(ROUTES);
+    }
+
+    #[test]
+    fn slots_and_contexts_are_checked_against_real_limits() {
+        assert_eq!(check_slots(4, 2048, 8192), Ok(()));
+        assert_eq!(
+            check_slots(4, 2048, 0),
+            Ok(()),
+            "the model's limit unknown yet"
+        );
+        let field = |slots, ctx, model| check_slots(slots, ctx, model).map_err(|(f, _)| f);
+        assert_eq!(field(0, 2048, 8192), Err("slots"));
+        assert_eq!(field(257, 2048, 8192), Err("slots"));
+        assert_eq!(field(4, 63, 8192), Err("ctx_size"));
+        // 2^31 tokens per slot: beyond SmolLM2's 8,192, and beyond what a
+        // context holds for a model that claims more.
+        let (_, message) = check_slots(2, 2_147_483_648, 8192).unwrap_err();
+        assert!(
+            message.contains("training context of 8192 tokens"),
+            "{message}"
+        );
+        let (_, message) = check_slots(2, 2_147_483_648, u64::MAX).unwrap_err();
+        assert!(
+            message.contains("2147483647 tokens one llama.cpp context holds"),
+            "{message}"
+        );
+        assert_eq!(
+            field(256, 16_777_216, u64::MAX),
+            Err("ctx_size"),
+            "the product wraps u32"
+        );
     }
 }

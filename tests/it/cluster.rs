@@ -235,7 +235,11 @@ fn job(c: &Cluster, prompt: &str, max_tokens: u32) -> (String, String, u64) {
         .iter()
         .find(|e| e["type"] == "end")
         .unwrap_or_else(|| panic!("no end: {events:?}"));
-    (worker, answer, end["cached_tokens"].as_u64().expect("cached_tokens"))
+    (
+        worker,
+        answer,
+        end["cached_tokens"].as_u64().expect("cached_tokens"),
+    )
 }
 
 #[test]
@@ -250,20 +254,34 @@ fn interleaved_conversations_land_on_the_worker_that_holds_their_cache() {
         assert!(status < 300, "{w}");
     }
     let c = Cluster::with_hives("affinity", &[("one", &one), ("two", &two)]);
-    wait_until("both workers ready in the queen's view", Duration::from_secs(60), || {
-        let (_, list) = get(&format!("{}/v1/workers", c.queen));
-        let ready = list.as_array().map_or(0, |l| l.iter().filter(|w| w["state"] == "ready").count());
-        ready == 2
-    });
+    wait_until(
+        "both workers ready in the queen's view",
+        Duration::from_secs(60),
+        || {
+            let (_, list) = get(&format!("{}/v1/workers", c.queen));
+            let ready = list
+                .as_array()
+                .map_or(0, |l| l.iter().filter(|w| w["state"] == "ready").count());
+            ready == 2
+        },
+    );
 
     // Four conversations over their own documents; each first turn runs
     // beside another, so they spread over both workers.
     let mut prompts: Vec<String> = (0..4)
         .map(|k| {
             let facts: Vec<String> = (0..24)
-                .map(|i| format!("In town {k}, street {i} has {} houses.", (i * 7 + k) % 13 + 2))
+                .map(|i| {
+                    format!(
+                        "In town {k}, street {i} has {} houses.",
+                        (i * 7 + k) % 13 + 2
+                    )
+                })
                 .collect();
-            format!("{}\nQuestion: which street is first?\nAnswer:", facts.join(" "))
+            format!(
+                "{}\nQuestion: which street is first?\nAnswer:",
+                facts.join(" ")
+            )
         })
         .collect();
     let mut holders = Vec::new();
@@ -276,16 +294,25 @@ fn interleaved_conversations_land_on_the_worker_that_holds_their_cache() {
                     s.spawn(move || job(c, &p, 24))
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("a turn")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a turn"))
+                .collect()
         });
         for (&k, (worker, answer, _)) in pair.iter().zip(turns) {
-            prompts[k].push_str(&format!("{answer}\nQuestion: how many houses on street 3?\nAnswer:"));
+            prompts[k].push_str(&format!(
+                "{answer}\nQuestion: how many houses on street 3?\nAnswer:"
+            ));
             holders.push((k, worker));
         }
     }
     holders.sort();
     let used: std::collections::BTreeSet<_> = holders.iter().map(|(_, w)| w.clone()).collect();
-    assert_eq!(used.len(), 2, "the first turns used one worker: {holders:?}");
+    assert_eq!(
+        used.len(),
+        2,
+        "the first turns used one worker: {holders:?}"
+    );
 
     // Later turns one at a time, interleaved: each goes back to its cache
     // holder (with both idle, least-outstanding alone would pick the same
@@ -294,7 +321,10 @@ fn interleaved_conversations_land_on_the_worker_that_holds_their_cache() {
         for (k, holder) in &holders {
             let (worker, answer, cached) = job(&c, &prompts[*k], 8);
             assert_eq!(&worker, holder, "conversation {k}, round {round}");
-            assert!(cached > 100, "conversation {k}, round {round}: {cached} cached tokens");
+            assert!(
+                cached > 100,
+                "conversation {k}, round {round}: {cached} cached tokens"
+            );
             prompts[*k].push_str(&format!("{answer}\nQuestion: and on street 5?\nAnswer:"));
         }
     }

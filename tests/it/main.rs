@@ -8,6 +8,7 @@ mod bench;
 mod cache;
 mod chain;
 mod cluster;
+mod hardening;
 mod hf_server;
 mod hive;
 mod keeper;

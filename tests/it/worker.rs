@@ -466,14 +466,22 @@ fn nonsensical_flags_are_refused_with_the_reason() {
     let model = model_path();
     let model = model.to_str().expect("utf-8");
     for (flag, value, says) in [
-        ("--slots", "0", "--slots must be between 1 and 256"),
-        ("--slots", "4294967295", "--slots must be between 1 and 256"),
+        ("--slots", "0", "--slots: slots must be between 1 and 256"),
+        (
+            "--slots",
+            "4294967295",
+            "--slots: slots must be between 1 and 256",
+        ),
         (
             "--queue-size",
             "4294967295",
             "--queue-size must be at most 100000",
         ),
-        ("--ctx-size", "8", "--ctx-size must be at least 64"),
+        (
+            "--ctx-size",
+            "8",
+            "--ctx-size: a context of 8 tokens per slot is less than the least of 64",
+        ),
         ("--host", "0.0.0.0", "without a token"),
     ] {
         let port = free_port();
