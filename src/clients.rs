@@ -10,8 +10,8 @@ use crate::http::client::{self, Silent, SseStream};
 use crate::http::sse::Frame;
 use crate::protocol::{
     ApiError, DownloadEvent, DownloadRequest, DownloadStarted, Health, HiveSnapshot,
-    InferenceEvent, InferenceRequest, LoadingEvent, ModelEntry, ReadyStatus, SpawnRequest,
-    WorkerInfo, WorkerReadyCallback,
+    InferenceEvent, InferenceRequest, LoadingEvent, ModelEntry, PartialsRemoved, ReadyStatus,
+    SpawnRequest, WorkerInfo, WorkerReadyCallback,
 };
 use hyper::body::Incoming;
 use hyper::{Method, Response};
@@ -55,6 +55,12 @@ impl HiveClient {
     /// `DELETE /v1/models/{name}`: the entry that was removed.
     pub async fn delete_model(&self, name: &str) -> Result<ModelEntry, ApiError> {
         let url = self.at(&format!("/v1/models/{name}"));
+        client::call(Method::DELETE, &url, self.token(), None::<&()>).await
+    }
+
+    /// `DELETE /v1/models/download/partial`: the partial downloads removed.
+    pub async fn remove_partials(&self) -> Result<PartialsRemoved, ApiError> {
+        let url = self.at("/v1/models/download/partial");
         client::call(Method::DELETE, &url, self.token(), None::<&()>).await
     }
 

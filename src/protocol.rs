@@ -442,6 +442,14 @@ pub struct WorkerReadyCallback {
     pub error: Option<String>,
 }
 
+/// `DELETE /v1/models/download/partial` on a hive: the partial downloads
+/// removed (those not being downloaded right now) and the space freed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialsRemoved {
+    pub removed: Vec<String>,
+    pub freed_mb: u64,
+}
+
 /// `POST /v1/models/download` on a hive.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -612,6 +620,9 @@ pub struct Capabilities {
     pub ram_total_mb: u64,
     pub ram_available_mb: u64,
     pub disk_free_mb: u64,
+    /// Space taken by partial downloads (`DELETE /v1/models/download/partial` frees it).
+    #[serde(default)]
+    pub partial_downloads_mb: u64,
     /// The llama.cpp backends this binary was built with.
     pub backends: Vec<String>,
     pub gpus: Vec<GpuInfo>,

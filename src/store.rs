@@ -102,7 +102,21 @@ impl Store {
         if !path.exists() && expected.as_ref().is_some_and(|c| !c.keys.is_empty()) {
             return Err(damaged("it is missing".into()));
         }
-        let db = sled::open(path).map_err(|e| match &e {
+        let reserve = PathBuf::from(format!("{}.reserve", path.display()));
+        let db = match sled::open(path) {
+            // sled writes as it opens: on a full disk, the space set aside lets it.
+            Err(sled::Error::Io(io)) if crate::hive::disk::is_full(&io) && reserve.exists() => {
+                tracing::warn!(
+                    "the disk under {} is full: using the {} MiB set aside to open the {what}; free some space",
+                    path.display(),
+                    RESERVE_BYTES >> 20
+                );
+                let _ = std::fs::remove_file(&reserve);
+                sled::open(path)
+            }
+            opened => opened,
+        };
+        let db = db.map_err(|e| match &e {
             sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => format!(
                 "cannot open the {what} at {}: is another {owner} using this --data-dir?",
                 path.display()
@@ -134,6 +148,7 @@ impl Store {
             // New, from before check files, or a write interrupted: record what is there.
             _ => store.write_check(&found)?,
         }
+        set_aside_space(&reserve);
         Ok(store)
     }
 
@@ -222,6 +237,19 @@ impl Store {
             .and_then(|_| file.sync_all())
             .map_err(fail)?;
         std::fs::rename(&tmp, &self.check_path).map_err(fail)
+    }
+}
+
+/// Space kept beside each store so that it still opens on a full disk.
+const RESERVE_BYTES: usize = 8 << 20;
+
+/// Writes the reserve file if it is missing and there is room (best effort).
+fn set_aside_space(reserve: &Path) {
+    if reserve.exists() {
+        return;
+    }
+    if std::fs::write(reserve, vec![0u8; RESERVE_BYTES]).is_err() {
+        let _ = std::fs::remove_file(reserve);
     }
 }
 

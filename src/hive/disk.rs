@@ -33,6 +33,32 @@ pub fn ensure_room(dir: &Path, need: u64, what: &str) -> Result<(), String> {
     }
 }
 
+/// Whether a write failed because the disk is full.
+pub fn is_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+/// The partial downloads (`*.part`) under `dir`, with their sizes.
+pub fn partial_files(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(listing) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for item in listing.flatten() {
+            let Ok(meta) = item.metadata() else { continue };
+            let path = item.path();
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if meta.is_file() && path.extension().is_some_and(|e| e == "part") {
+                found.push((path, meta.len()));
+            }
+        }
+    }
+    found
+}
+
 fn has_room(free: u64, need: u64) -> bool {
     need.checked_add(DISK_MARGIN).is_some_and(|n| free >= n)
 }

@@ -79,6 +79,13 @@ impl Downloads {
         id
     }
 
+    /// Whether `local_path` is being downloaded right now.
+    pub fn running(&self, local_path: &Path) -> bool {
+        self.lock()
+            .values()
+            .any(|d| d.local_path == local_path && d.running())
+    }
+
     pub fn progress(&self, id: &str) -> Option<watch::Receiver<DownloadEvent>> {
         self.lock().get(id).map(|d| d.progress.clone())
     }

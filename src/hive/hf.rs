@@ -339,6 +339,16 @@ impl<'p> Part<'p> {
                 tracing::warn!("{name}: connection ended at byte {have} of {total}");
                 Ok(false)
             }
+            Err(Copy::Write(e)) if disk::is_full(&e) => Err(format!(
+                "the disk is full: {} of {} MB of {} are written to {}, {} MB more are needed. \
+                 Free some space (rbee keeper models remove NAME; rbee keeper models clean drops \
+                 other partial downloads) and ask again: the download resumes where it stopped",
+                have >> 20,
+                total >> 20,
+                name,
+                self.path.display(),
+                total.saturating_sub(have).div_ceil(1 << 20)
+            )),
             Err(Copy::Write(e)) => Err(format!("cannot write {}: {e}", self.path.display())),
             Err(Copy::Read(e)) => {
                 tracing::warn!("{name}: transfer broke at byte {have}: {e}");

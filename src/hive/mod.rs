@@ -195,6 +195,7 @@ enum Endpoint {
     DeleteModel,
     Download,
     DownloadProgress,
+    RemovePartials,
     Spawn,
     Workers,
     WorkerReady,
@@ -210,6 +211,11 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::GET, "/v1/models", Endpoint::Models),
     (Method::DELETE, "/v1/models/{}", Endpoint::DeleteModel),
     (Method::POST, "/v1/models/download", Endpoint::Download),
+    (
+        Method::DELETE,
+        "/v1/models/download/partial",
+        Endpoint::RemovePartials,
+    ),
     (
         Method::GET,
         "/v1/models/download/progress",
@@ -248,6 +254,7 @@ async fn route(h: Hive, req: Request<Incoming>) -> Response<Body> {
             .map(|entry| http::json(StatusCode::OK, &entry)),
         Endpoint::Download => download(&h, req).await,
         Endpoint::DownloadProgress => download_progress(&h, &req),
+        Endpoint::RemovePartials => Ok(http::json(StatusCode::OK, &h.models.remove_partials())),
         Endpoint::Spawn => spawn(&h, req).await,
         Endpoint::Workers => Ok(http::json(StatusCode::OK, &h.workers.list())),
         Endpoint::WorkerReady => worker_ready(&h, req).await,
@@ -311,6 +318,11 @@ fn capabilities(models_dir: &std::path::Path) -> Capabilities {
         ram_total_mb: ram.total_mb,
         ram_available_mb: ram.available_mb,
         disk_free_mb: disk::free_space(&probe).map_or(0, |b| b >> 20),
+        partial_downloads_mb: disk::partial_files(models_dir)
+            .iter()
+            .map(|(_, size)| size)
+            .sum::<u64>()
+            .div_ceil(1 << 20),
         backends: crate::BACKENDS.split(',').map(str::to_string).collect(),
         gpus: crate::worker::engine::gpus(),
         version: env!("CARGO_PKG_VERSION").into(),

@@ -130,6 +130,29 @@ impl Models {
         Ok(found)
     }
 
+    /// Removes the partial downloads that are not running now.
+    pub fn remove_partials(&self) -> crate::protocol::PartialsRemoved {
+        let mut removed = Vec::new();
+        let mut freed = 0;
+        for (part, size) in disk::partial_files(&self.dir) {
+            let whole = part.with_extension("");
+            if self.downloads.running(&whole) {
+                continue;
+            }
+            match std::fs::remove_file(&part) {
+                Ok(()) => {
+                    freed += size;
+                    removed.push(part.display().to_string());
+                }
+                Err(e) => tracing::warn!("cannot remove {}: {e}", part.display()),
+            }
+        }
+        crate::protocol::PartialsRemoved {
+            removed,
+            freed_mb: freed.div_ceil(1 << 20),
+        }
+    }
+
     /// The progress of a download, if there is one with that id.
     pub fn progress(&self, id: &str) -> Option<watch::Receiver<DownloadEvent>> {
         self.downloads.progress(id)

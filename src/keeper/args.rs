@@ -137,6 +137,7 @@ pub enum ModelsAction {
     List(ModelsList),
     Download(ModelsDownload),
     Remove(ModelsRemove),
+    Clean(ModelsClean),
 }
 
 /// List a hive's models.
@@ -167,6 +168,15 @@ pub struct ModelsRemove {
     /// the catalog name
     #[argh(positional)]
     pub name: String,
+    /// the hive (default localhost)
+    #[argh(option, default = "String::from(\"localhost\")")]
+    pub node: String,
+}
+
+/// Remove a hive's partial downloads (those not running), freeing their space.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "clean")]
+pub struct ModelsClean {
     /// the hive (default localhost)
     #[argh(option, default = "String::from(\"localhost\")")]
     pub node: String,

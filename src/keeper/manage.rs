@@ -10,7 +10,7 @@ use crate::http::client;
 use crate::http::sse::Frame;
 use crate::protocol::{
     parse_rfc3339, AddHive, DownloadEvent, DownloadRequest, DownloadStarted, HiveRemoved,
-    HiveStatus, HiveWorker, MemoryPool, ModelEntry,
+    HiveStatus, HiveWorker, MemoryPool, ModelEntry, PartialsRemoved,
 };
 use hyper::Method;
 use std::io::IsTerminal;
@@ -31,6 +31,7 @@ pub async fn manage(queen: &Queen, command: Command) -> Result<(), String> {
             ModelsAction::List(l) => models_list(queen, &l.node).await,
             ModelsAction::Download(d) => models_download(queen, d).await,
             ModelsAction::Remove(r) => models_remove(queen, &r.node, &r.name).await,
+            ModelsAction::Clean(c) => models_clean(queen, &c.node).await,
         },
         Command::Workers(w) => match w.action {
             WorkersAction::List(_) => workers_list(queen).await,
@@ -152,6 +153,20 @@ async fn models_remove(queen: &Queen, node: &str, name: &str) -> Result<(), Stri
     let path = format!("/v1/hives/{node}/models/{name}");
     let _: ModelEntry = queen.call(Method::DELETE, &path, None::<&()>).await?;
     println!("removed {name}");
+    Ok(())
+}
+
+async fn models_clean(queen: &Queen, node: &str) -> Result<(), String> {
+    let path = format!("/v1/hives/{node}/models/download/partial");
+    let cleaned: PartialsRemoved = queen.call(Method::DELETE, &path, None::<&()>).await?;
+    for file in &cleaned.removed {
+        println!("removed {file}");
+    }
+    println!(
+        "{} partial downloads removed, {} MB freed",
+        cleaned.removed.len(),
+        cleaned.freed_mb
+    );
     Ok(())
 }
 

@@ -139,6 +139,7 @@ enum Endpoint {
     HiveDownload,
     HiveDownloadProgress,
     HiveDeleteModel,
+    HiveRemovePartials,
     ChatCompletions,
     Completions,
     Models,
@@ -177,6 +178,11 @@ const ROUTES: &[Route<Endpoint>] = &[
         Endpoint::HiveDeleteModel,
     ),
     (
+        Method::DELETE,
+        "/v1/hives/{}/models/download/partial",
+        Endpoint::HiveRemovePartials,
+    ),
+    (
         Method::POST,
         "/v1/chat/completions",
         Endpoint::ChatCompletions,
@@ -207,7 +213,8 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Endpoint::HiveModels
         | Endpoint::HiveDownload
         | Endpoint::HiveDownloadProgress
-        | Endpoint::HiveDeleteModel => match hive_for(&q, param).await {
+        | Endpoint::HiveDeleteModel
+        | Endpoint::HiveRemovePartials => match hive_for(&q, param).await {
             Ok(hive) => hive_models(&hive, endpoint, &params, req).await,
             Err(e) => Err(e),
         },
@@ -540,6 +547,10 @@ async fn hive_models(
             let name = params.get(1).copied().unwrap_or_default();
             let entry = client.delete_model(name).await.map_err(relayed)?;
             Ok(http::json(StatusCode::OK, &entry))
+        }
+        Endpoint::HiveRemovePartials => {
+            let removed = client.remove_partials().await.map_err(relayed)?;
+            Ok(http::json(StatusCode::OK, &removed))
         }
         _ => {
             let models = client.models().await.map_err(relayed)?;

@@ -513,3 +513,72 @@ fn with_a_token_every_endpoint_but_health_needs_it_and_workers_carry_it() {
     let (status, _) = get(&format!("{url}/v1/ready"));
     assert_eq!(status, 401);
 }
+
+/// Unmounts a test's filesystem when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_download_saying_what_is_missing_and_the_hive_still_serves() {
+    // A small disk of its own: a tmpfs (mounting needs root, as CI runs).
+    let mnt = TempDir::new("full-disk");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=200m", "tmpfs", mnt.str()])
+        .status();
+    assert!(
+        mounted.is_ok_and(|s| s.success()),
+        "mounting a tmpfs for this test needs root"
+    );
+    let _unmount = Unmount(mnt.path().to_path_buf());
+    let data = TempDir(mnt.path().join("data"));
+    let hf = hf();
+    hf.faults(|f| f.bytes_per_sec = Some(24 << 20));
+    let h = hive(&data, &hf, &[]);
+    let (status, started) = download(&h, REF);
+    assert_eq!(status, 202, "{started}");
+    let part = data.path().join(format!("models/{REPO}/{FILE}.part"));
+    wait_until(
+        "the download to be under way",
+        Duration::from_secs(30),
+        || std::fs::metadata(&part).is_ok_and(|m| m.len() > 8 << 20),
+    );
+    // Something else fills the disk meanwhile.
+    {
+        use std::io::Write;
+        let mut ballast = std::fs::File::create(mnt.path().join("ballast")).expect("a file");
+        let chunk = vec![0u8; 1 << 20];
+        while ballast.write_all(&chunk).is_ok() {}
+    }
+    let events = progress(&h, started["download_id"].as_str().expect("an id"));
+    let last = events.last().expect("events");
+    let message = last["message"].as_str().unwrap_or_default();
+    assert_eq!(last["stage"], "error", "{events:?}");
+    assert!(
+        message.contains("the disk is full") && message.contains("MB more are needed"),
+        "{message}"
+    );
+    assert!(part.exists(), "the partial download is kept for resuming");
+
+    // Restarted on the full disk, the hive serves, and says what the partial file takes.
+    drop(h);
+    let h = hive(&data, &hf, &[]);
+    assert_eq!(get(&format!("{}/v1/models", h.url)).0, 200);
+    let (_, caps) = get(&format!("{}/v1/capabilities", h.url));
+    assert!(caps["partial_downloads_mb"].as_u64() > Some(8), "{caps}");
+    let (status, cleaned) = request("DELETE", &format!("{}/v1/models/download/partial", h.url));
+    assert_eq!(status, 200, "{cleaned}");
+    assert_eq!(
+        cleaned["removed"].as_array().map(Vec::len),
+        Some(1),
+        "{cleaned}"
+    );
+    assert!(!part.exists());
+}
