@@ -38,6 +38,23 @@ pub fn resident_mb(pids: &[u32]) -> HashMap<u32, u64> {
         .collect()
 }
 
+/// Whether a process runs; a zombie waiting to be reaped does not count.
+pub fn running(pid: u32) -> bool {
+    let pid = Pid::from_u32(pid);
+    let mut sys = System::new();
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::Some(&[pid]),
+        true,
+        ProcessRefreshKind::nothing(),
+    );
+    sys.process(pid).is_some_and(|p| {
+        !matches!(
+            p.status(),
+            sysinfo::ProcessStatus::Zombie | sysinfo::ProcessStatus::Dead
+        )
+    })
+}
+
 pub fn hostname() -> String {
     System::host_name().unwrap_or_default()
 }
@@ -50,6 +67,17 @@ pub fn cores() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_runs_and_a_reaped_child_does_not() {
+        assert!(running(std::process::id()));
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("true runs");
+        let pid = child.id();
+        child.wait().expect("reaped");
+        assert!(!running(pid));
+    }
 
     #[test]
     fn this_machine_has_memory_and_this_process_a_resident_set() {

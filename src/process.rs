@@ -69,13 +69,7 @@ pub fn signal(pid: u32, sig: libc::c_int) {
 
 /// Whether a process runs; a zombie that is waiting to be reaped does not count.
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-        Err(_) => false,
-    }
+    crate::machine::running(pid)
 }
 
 /// Has the kernel SIGTERM the child when the spawning thread's process dies.
