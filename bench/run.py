@@ -342,7 +342,7 @@ def main():
     ap.add_argument("--llama-version", default="")
     ap.add_argument("--model", default=str(ROOT / ".models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=8192, help="total context, shared by the slots")

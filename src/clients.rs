@@ -13,8 +13,7 @@ use crate::protocol::{
     InferenceEvent, InferenceRequest, LoadingEvent, ModelEntry, PartialsRemoved, ReadyStatus,
     SpawnRequest, WorkerInfo, WorkerReadyCallback,
 };
-use hyper::body::Incoming;
-use hyper::{Method, Response};
+use hyper::Method;
 use serde::de::DeserializeOwned;
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -147,13 +146,6 @@ impl WorkerClient {
     /// `POST /v1/inference`: the generation's events.
     pub async fn infer(&self, req: &InferenceRequest) -> Result<Events<InferenceEvent>, ApiError> {
         Events::open(&self.at("/v1/inference"), self.token(), Some(req)).await
-    }
-
-    /// `POST` of an OpenAI request body to `path` (`/v1/chat/completions`,
-    /// `/v1/completions`): the answer unread, to be passed on byte for byte,
-    /// since the queen only routes OpenAI requests.
-    pub async fn openai(&self, path: &str, body: Vec<u8>) -> Result<Response<Incoming>, ApiError> {
-        client::send(Method::POST, &self.at(path), self.token(), Some(body)).await
     }
 }
 

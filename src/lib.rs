@@ -12,6 +12,7 @@ pub mod openai;
 pub mod process;
 pub mod protocol;
 pub mod queen;
+pub mod service;
 pub mod store;
 pub mod worker;
 

@@ -64,6 +64,18 @@ fn main() -> ExitCode {
         eprintln!("rbee: name a role; `rbee --help` lists them");
         return ExitCode::from(2);
     };
+    if let Some(done) = service(&role, strs.get(2..).unwrap_or(&[])) {
+        return match done {
+            Ok(said) => {
+                println!("{said}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("rbee: error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // The keeper is a CLI: its stderr is for the person, not for info logs.
     init_tracing(if matches!(role, Role::Keeper(_)) {
         "warn"
@@ -99,6 +111,27 @@ fn main() -> ExitCode {
             eprintln!("rbee: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--install-service` / `--uninstall-service` of a daemon role, done instead of running it.
+fn service(role: &Role, flags: &[&str]) -> Option<Result<String, String>> {
+    let (name, install, uninstall) = match role {
+        Role::Hive(a) => ("hive", a.install_service, a.uninstall_service),
+        Role::Queen(a) => ("queen", a.install_service, a.uninstall_service),
+        _ => return None,
+    };
+    let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    match (install, uninstall) {
+        (false, false) => None,
+        (true, true) => Some(Err(
+            "--install-service and --uninstall-service are opposites: give one".into(),
+        )),
+        (true, false) => Some(
+            rbee::service::Service::from_here(name, &flags)
+                .and_then(|s| rbee::service::install(&s)),
+        ),
+        (false, true) => Some(rbee::service::uninstall(name)),
     }
 }
 

@@ -1,11 +1,12 @@
 //! The OpenAI-compatible API: its wire types, request checks, and the shapes
 //! of its answers, streamed (`chat.completion.chunk` / `text_completion`) or
-//! whole. The worker serves it for its one model; the queen routes it to a
-//! worker by `model` and passes the answer through.
+//! whole. The worker serves it for its one model; the queen routes it by
+//! `model`, runs it as a job (so a lost worker is replaced mid-answer), and
+//! answers from the job's inference events with the same shapes.
 
 use crate::http::{self, Body};
 use crate::protocol::{
-    ApiError, ErrorCode, InferenceEvent, InferenceRequest, SamplingParams, StopReason,
+    ApiError, ChatMessage, ErrorCode, InferenceEvent, InferenceRequest, SamplingParams, StopReason,
 };
 use hyper::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -109,27 +110,13 @@ pub enum Kind {
     Completion,
 }
 
-/// A request rbee can run: the inference, and the chat messages if any.
+/// A request rbee can run: the inference (with the chat messages, if any)
+/// and how to answer it.
 #[derive(Debug)]
 pub struct Prepared {
     pub inference: InferenceRequest,
-    pub chat: Option<Vec<(String, String)>>,
     pub stream: bool,
     pub include_usage: bool,
-}
-
-impl Prepared {
-    /// What the request's prompt starts with, for routing it to the worker
-    /// that holds its conversation: the messages in order, or the prompt.
-    pub fn prefix_text(&self) -> String {
-        match &self.chat {
-            Some(messages) => messages
-                .iter()
-                .map(|(role, content)| format!("{role}\n{content}\n"))
-                .collect(),
-            None => self.inference.prompt.clone(),
-        }
-    }
 }
 
 /// The model a request names, read without judging the rest (the queen routes by it).
@@ -185,7 +172,10 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
                         .join(""),
                     None => String::new(),
                 };
-                chat.push((role.to_string(), text));
+                chat.push(ChatMessage {
+                    role: role.to_string(),
+                    content: text,
+                });
             }
             (String::new(), Some(chat))
         }
@@ -212,11 +202,12 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
     Ok(Prepared {
         inference: InferenceRequest {
             prompt,
+            messages: chat,
             sampling,
             cache_prompt: req.cache_prompt,
             job_id: None,
+            resume_tokens: Vec::new(),
         },
-        chat,
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
     })
@@ -518,7 +509,11 @@ mod tests {
             Kind::Chat,
         )
         .unwrap();
-        assert_eq!(p.chat, Some(vec![("system".to_string(), "ab".to_string())]));
+        let system = ChatMessage {
+            role: "system".into(),
+            content: "ab".into(),
+        };
+        assert_eq!(p.inference.messages, Some(vec![system]));
     }
 
     #[test]

@@ -285,7 +285,13 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceRequest {
+    /// The prompt as text; empty when `messages` are given.
+    #[serde(default)]
     pub prompt: String,
+    /// Chat messages, rendered with the model's own chat template into the
+    /// prompt (the queen's OpenAI front sends these).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
     #[serde(flatten)]
     pub sampling: SamplingParams,
     /// `false` opts out of the prompt cache (DESIGN.md §9): the whole prompt is decoded.
@@ -294,6 +300,17 @@ pub struct InferenceRequest {
     /// The queen's job id, echoed in `started`; the worker makes one up when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
+    /// A failover (DESIGN.md §11): the tokens another worker generated before
+    /// it was lost, appended to the prompt; generation continues after them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resume_tokens: Vec<i32>,
+}
+
+/// One chat message: its role (`system`, `user`, `assistant`) and its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
 }
 
 /// Why a generation ended.
@@ -314,10 +331,16 @@ pub enum InferenceEvent {
         job_id: String,
         model: String,
         started_at: String,
+        /// The prompt's length in tokens (the OpenAI usage reports it).
+        #[serde(default)]
+        prompt_tokens: u32,
     },
     Token {
         t: String,
         i: u32,
+        /// The tokens this text is made of (a failover resumes after them).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ids: Vec<i32>,
     },
     End {
         tokens_out: u32,
@@ -326,6 +349,9 @@ pub enum InferenceEvent {
         /// Prompt tokens that came from the prompt cache rather than being decoded.
         #[serde(default)]
         cached_tokens: u32,
+        /// Generated tokens that never became text (a stop sequence's).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ids: Vec<i32>,
     },
     Error {
         code: ErrorCode,
@@ -884,6 +910,7 @@ mod tests {
             JobEvent::Inference(InferenceEvent::Token {
                 t: "x".into(),
                 i: 0,
+                ids: vec![87],
             }),
         ];
         for e in events {
@@ -979,16 +1006,18 @@ mod tests {
         let e = InferenceEvent::Token {
             t: " upon".into(),
             i: 1,
+            ids: vec![2402],
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
-            r#"{"type":"token","t":" upon","i":1}"#
+            r#"{"type":"token","t":" upon","i":1,"ids":[2402]}"#
         );
         let e = InferenceEvent::End {
             tokens_out: 20,
             decode_time_ms: 1234,
             stop_reason: StopReason::MaxTokens,
             cached_tokens: 7,
+            ids: Vec::new(),
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),

@@ -69,6 +69,13 @@ pub struct Args {
     /// (the old one is moved aside), then serve
     #[argh(switch)]
     pub rebuild_catalog: bool,
+    /// write a per-user service (systemd user unit; launchd agent on macOS)
+    /// that runs this role with the other flags given, start it, and exit
+    #[argh(switch)]
+    pub install_service: bool,
+    /// stop and remove that service, and exit
+    #[argh(switch)]
+    pub uninstall_service: bool,
 }
 
 #[derive(Clone)]

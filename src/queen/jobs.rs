@@ -2,12 +2,12 @@
 //! client that attaches late misses nothing, and its cancellation.
 
 use crate::http::sse;
-use crate::protocol::{ApiError, ClusterEvent, JobEvent};
+use crate::protocol::{ApiError, ClusterEvent, InferenceEvent, JobEvent};
 use hyper::body::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// How long a finished job's events stay for a client to read.
 const KEEP_FINISHED: Duration = Duration::from_secs(600);
@@ -21,6 +21,9 @@ pub struct Job {
     /// Set when the job has ended, either way.
     finished: watch::Sender<Option<Instant>>,
     cancelled: watch::Sender<bool>,
+    /// Where its inference events also go, typed, for a reader in this
+    /// process (the OpenAI front); a reader that has gone cancels the job.
+    tap: Mutex<Option<mpsc::UnboundedSender<InferenceEvent>>>,
 }
 
 impl Job {
@@ -31,11 +34,29 @@ impl Job {
             count: watch::channel(0).0,
             finished: watch::channel(None).0,
             cancelled: watch::channel(false).0,
+            tap: Mutex::default(),
         }
     }
 
     pub fn push(&self, event: &JobEvent) {
         self.push_frame(sse::event(event));
+        if let JobEvent::Inference(e) = event {
+            let mut tap = self.tap.lock().unwrap_or_else(|p| p.into_inner());
+            if tap.as_ref().is_some_and(|t| t.send(e.clone()).is_err()) {
+                *tap = None;
+                drop(tap);
+                self.cancel();
+            }
+        }
+    }
+
+    /// The job's inference events from now on, as they are pushed; the
+    /// channel closes when the job finishes. Dropping the receiver cancels
+    /// the job at its next event.
+    pub fn tap(&self) -> mpsc::UnboundedReceiver<InferenceEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.tap.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
     }
 
     fn push_frame(&self, frame: Bytes) {
@@ -62,6 +83,7 @@ impl Job {
 
     /// Ends the stream with `[DONE]`; nothing is pushed after this.
     pub fn finish(&self) {
+        self.tap.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.push_frame(Bytes::from_static(sse::DONE));
         self.finished.send_replace(Some(Instant::now()));
     }
@@ -155,5 +177,46 @@ impl Jobs {
         for job in self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
             job.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorCode;
+
+    #[tokio::test]
+    async fn a_tap_gets_the_inference_events_and_a_reader_that_left_cancels_the_job() {
+        let job = Jobs::default().create();
+        let mut tap = job.tap();
+        job.narrate("queen", "reuse", "using worker w1");
+        let token = InferenceEvent::Token {
+            t: "hi".into(),
+            i: 0,
+            ids: vec![7],
+        };
+        job.push(&JobEvent::Inference(token.clone()));
+        assert_eq!(
+            tap.recv().await,
+            Some(token.clone()),
+            "narration is not tapped"
+        );
+        drop(tap);
+        assert!(!*job.cancelled.borrow());
+        job.push(&JobEvent::Inference(token));
+        assert!(
+            *job.cancelled.borrow(),
+            "the reader left: the job is cancelled"
+        );
+
+        let job = Jobs::default().create();
+        let mut tap = job.tap();
+        job.fail(ApiError::new(ErrorCode::WorkerLost, "gone"));
+        job.finish();
+        assert!(matches!(
+            tap.recv().await,
+            Some(InferenceEvent::Error { .. })
+        ));
+        assert_eq!(tap.recv().await, None, "a finished job closes its tap");
     }
 }

@@ -15,7 +15,7 @@ use crate::http::{self, sse, Auth, Body, Reply, Route};
 use crate::openai;
 use crate::protocol::{
     AddHive, ApiError, DownloadEvent, DownloadRequest, ErrorCode, Health, HiveRemoved, HiveState,
-    HiveStatus, HiveWorker, JobCancelled, JobCreated, JobRequest,
+    HiveStatus, HiveWorker, InferenceEvent, JobCancelled, JobCreated, JobRequest,
 };
 use argh::FromArgs;
 use cluster::Live;
@@ -25,7 +25,6 @@ use jobs::Jobs;
 use registry::{HiveConn, Registry, LOCALHOST};
 use std::path::PathBuf;
 use std::sync::Arc;
-use view::InFlight;
 
 /// Orchestrate the cluster: jobs, scheduling, the hive registry.
 #[derive(FromArgs, Debug)]
@@ -51,6 +50,13 @@ pub struct Args {
     /// comma-separated, or * (always: pages on this machine)
     #[argh(option)]
     pub allowed_origins: Option<String>,
+    /// write a per-user service (systemd user unit; launchd agent on macOS)
+    /// that runs this role with the other flags given, start it, and exit
+    #[argh(switch)]
+    pub install_service: bool,
+    /// stop and remove that service, and exit
+    #[argh(switch)]
+    pub uninstall_service: bool,
 }
 
 #[derive(Clone)]
@@ -391,35 +397,53 @@ fn models(q: &Queen) -> serde_json::Value {
     openai::model_list(seen)
 }
 
-/// Routes an OpenAI request by its `model` to a ready (or new) worker and
-/// passes the worker's answer through. A client that leaves drops the
-/// upstream connection, which cancels the generation on the worker.
+/// Runs an OpenAI request as a job, routed by its `model` (the job stream,
+/// named in the `x-rbee-job` header, narrates it), and answers from the
+/// job's inference events: a worker lost mid-answer is replaced without the
+/// client seeing a break (DESIGN.md §11). Until a worker has started, a
+/// failure is the answer's status; a client that leaves cancels the job.
 async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> Response<Body> {
-    let path = req.uri().path().to_string();
-    let (body, prepared, model) = match read_openai(req, kind).await {
+    let (prepared, model) = match read_openai(req, kind).await {
         Ok(checked) => checked,
         Err(e) => return openai::error(e),
     };
-    let (target, in_flight) = match openai_target(q, &model, &prepared.prefix_text()).await {
-        Ok(t) => t,
-        Err(e) => return openai::error(e),
+    let work = scheduler::Work {
+        node: None,
+        model: model.clone(),
+        inference: prepared.inference,
     };
-    let upstream = match target.hive.worker(&target.url).openai(&path, body).await {
-        Ok(r) => r,
-        Err(e) => return openai::error(ApiError::new(ErrorCode::WorkerLost, e.message)),
+    let job = q.jobs.create();
+    let mut events = job.tap();
+    start_job(q, job.clone(), work);
+    let prompt_tokens = loop {
+        match events.recv().await {
+            Some(InferenceEvent::Started { prompt_tokens, .. }) => break prompt_tokens,
+            Some(InferenceEvent::Error { code, message }) => {
+                return openai::error(ApiError::new(code, message))
+            }
+            Some(_) => {}
+            None => {
+                let e = ApiError::new(
+                    ErrorCode::InferenceFailed,
+                    "the job ended without an answer",
+                );
+                return openai::error(e);
+            }
+        }
     };
-    if prepared.stream && upstream.status().is_success() {
-        pass_stream(upstream, in_flight, target.worker_id)
-    } else {
-        pass_whole(upstream).await
+    let answer = openai::Answer::new(kind, &model, prompt_tokens);
+    let mut resp = openai::respond(answer, events, prepared.stream, prepared.include_usage).await;
+    if let Ok(id) = hyper::header::HeaderValue::from_str(&job.id) {
+        resp.headers_mut().insert("x-rbee-job", id);
     }
+    resp
 }
 
-/// An OpenAI request's body, its checked form and its `model`.
+/// An OpenAI request checked, and its `model`.
 async fn read_openai(
     req: Request<Incoming>,
     kind: openai::Kind,
-) -> Result<(Vec<u8>, openai::Prepared, String), ApiError> {
+) -> Result<(openai::Prepared, String), ApiError> {
     let body = http::read_body(req).await?;
     let prepared = openai::parse(&body, kind)?;
     let model = openai::model_of(&body).unwrap_or_default();
@@ -427,82 +451,7 @@ async fn read_openai(
         return Err(ApiError::invalid("model", "model is required"));
     }
     crate::hive::model_ref::check(&model)?;
-    Ok((body, prepared, model))
-}
-
-/// A worker for an OpenAI request, found as a job's would be; the job records
-/// how it went (provisioning narrates there).
-async fn openai_target(
-    q: &Queen,
-    model: &str,
-    prefix_text: &str,
-) -> Result<(scheduler::Target, InFlight), ApiError> {
-    let job = q.jobs.create();
-    let target = scheduler::worker_for(&q.cluster, &job, model, prefix_text).await;
-    if let Err(e) = &target {
-        job.fail(e.clone());
-    }
-    job.finish();
-    target.map_err(|e| ApiError {
-        param: Some("model".into()),
-        ..e
-    })
-}
-
-/// A worker's whole answer (or error), passed on as it came.
-async fn pass_whole(upstream: Response<Incoming>) -> Response<Body> {
-    use http_body_util::BodyExt;
-    let status = upstream.status();
-    match upstream.into_body().collect().await {
-        Ok(collected) => {
-            let mut resp = Response::new(http::full(collected.to_bytes()));
-            *resp.status_mut() = status;
-            resp.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            resp
-        }
-        Err(e) => openai::error(ApiError::new(
-            ErrorCode::WorkerLost,
-            format!("the worker's answer broke off: {e}"),
-        )),
-    }
-}
-
-/// A worker's SSE answer, passed on chunk by chunk until either side leaves;
-/// counted in flight until then. An answer that breaks off before its
-/// `[DONE]` ends with an error event and `[DONE]`, so the client hears of it.
-fn pass_stream(
-    upstream: Response<Incoming>,
-    in_flight: InFlight,
-    worker: String,
-) -> Response<Body> {
-    let (tx, resp) = http::sse_response();
-    tokio::spawn(async move {
-        let _in_flight = in_flight;
-        use http_body_util::BodyExt;
-        let mut body = upstream.into_body();
-        let mut tail: Vec<u8> = Vec::new();
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(data) = frame.into_data() {
-                tail.extend_from_slice(&data);
-                tail.drain(..tail.len().saturating_sub(sse::DONE.len()));
-                if tx.send(data).await.is_err() {
-                    return;
-                }
-            }
-        }
-        if tail != sse::DONE {
-            let lost = ApiError::new(
-                ErrorCode::WorkerLost,
-                format!("worker {worker} stopped before the answer was complete"),
-            );
-            let _ = tx.send(openai::error_event(lost)).await;
-            let _ = tx.send(hyper::body::Bytes::from_static(sse::DONE)).await;
-        }
-    });
-    resp
+    Ok((prepared, model))
 }
 
 /// The named hive; `localhost` with none registered starts the local hive.
@@ -602,14 +551,20 @@ async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
     }
     body.sampling.validate()?;
     let job = q.jobs.create();
+    start_job(q, job.clone(), body.into());
     let created = JobCreated {
         job_id: job.id.clone(),
         sse_url: format!("/v1/jobs/{}/stream", job.id),
     };
+    Ok(http::json(StatusCode::CREATED, &created))
+}
+
+/// Runs `work` as `job` in a task of its own until it ends or is cancelled.
+fn start_job(q: &Queen, job: Arc<jobs::Job>, work: scheduler::Work) {
     let cluster = q.cluster.clone();
     tokio::spawn(async move {
         let outcome = tokio::select! {
-            r = scheduler::run(&cluster, &job, &body) => r,
+            r = scheduler::run(&cluster, &job, &work) => r,
             () = job.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the job was cancelled")),
         };
         if let Err(e) = outcome {
@@ -617,7 +572,6 @@ async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
         }
         job.finish();
     });
-    Ok(http::json(StatusCode::CREATED, &created))
 }
 
 #[cfg(test)]

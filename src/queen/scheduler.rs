@@ -6,9 +6,9 @@
 //! here asks a hive anything to route a job. The cluster comes in through
 //! [`Cluster`], so each rule below is tested against a fake one (see the
 //! tests at the end). The rules as they stand: see `placement.rs` for where a
-//! request and a new worker go; a worker lost before its first token is
-//! excluded and the job retried once; lost after tokens is `WORKER_LOST`; a
-//! full worker is waited for ([`BUSY_WAITS`] times) before `BUSY`.
+//! request and a new worker go; a lost worker is excluded and the job
+//! continued on another from the tokens already sent (up to [`MAX_LOSSES`]
+//! workers); a full worker is waited for ([`BUSY_WAITS`] times) before `BUSY`.
 
 use super::cluster::Cluster;
 use super::jobs::Job;
@@ -28,63 +28,101 @@ const BUSY_WAITS: u32 = 50;
 /// How long each of those waits is.
 const BUSY_PAUSE: Duration = Duration::from_millis(200);
 
-/// A ready worker for `model` on any hive, provisioned if need be, counted in
-/// flight until the guard drops (the OpenAI front). `prefix_text` is what
-/// the request's prompt starts with, for cache-aware routing.
-pub async fn worker_for(
-    cluster: &impl Cluster,
-    job: &Job,
-    model: &str,
-    prefix_text: &str,
-) -> Result<(Target, InFlight), ApiError> {
-    let hives = candidates(cluster, job, None).await?;
-    let prefix = prefix_hashes(prefix_text);
-    let (target, guard) = pick_worker(cluster, &hives, job, model, &prefix, &[]).await?;
-    cluster.view().remember(&prefix, &target.url);
-    Ok((target, guard))
+/// What a job asks for: a model, perhaps a hive, and the inference (prompt
+/// or chat messages, sampling) every worker that takes part is sent.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub node: Option<String>,
+    pub model: String,
+    pub inference: InferenceRequest,
+}
+
+impl From<JobRequest> for Work {
+    fn from(req: JobRequest) -> Work {
+        Work {
+            node: req.node,
+            model: req.model,
+            inference: InferenceRequest {
+                prompt: req.prompt,
+                sampling: req.sampling,
+                cache_prompt: req.cache_prompt,
+                ..InferenceRequest::default()
+            },
+        }
+    }
+}
+
+/// What a request's prompt starts with, for routing it to the worker that
+/// holds its conversation: the messages in order, or the prompt.
+fn prefix_text(req: &InferenceRequest) -> String {
+    match &req.messages {
+        Some(messages) => messages
+            .iter()
+            .map(|m| format!("{}\n{}\n", m.role, m.content))
+            .collect(),
+        None => req.prompt.clone(),
+    }
 }
 
 /// Runs a job to its end: a worker, the inference relayed, and what follows a
-/// failed attempt as [`Attempts::decide`] rules.
-pub async fn run(cluster: &impl Cluster, job: &Job, req: &JobRequest) -> Result<(), ApiError> {
-    let hives = candidates(cluster, job, req.node.as_deref()).await?;
-    let prefix = prefix_hashes(&req.prompt);
+/// failed attempt as [`Attempts::decide`] rules. A worker lost mid-answer is
+/// replaced: the next one gets the tokens streamed so far and continues
+/// after them (DESIGN.md §11).
+pub async fn run(cluster: &impl Cluster, job: &Job, work: &Work) -> Result<(), ApiError> {
+    let hives = candidates(cluster, job, work.node.as_deref()).await?;
+    let prefix = prefix_hashes(&prefix_text(&work.inference));
     let mut attempts = Attempts::default();
+    let mut sent = Sent::default();
     loop {
-        let (target, in_flight) = pick_worker(
+        let picked = pick_worker(
             cluster,
             &hives,
             job,
-            &req.model,
+            &work.model,
             &prefix,
             &attempts.excluded,
         )
-        .await?;
+        .await;
+        let (target, in_flight) = picked.map_err(|e| attempts.nobody_left(e))?;
         cluster.view().remember(&prefix, &target.url);
-        let outcome = relay(cluster, &target, job, req).await;
+        let outcome = relay(cluster, &target, job, &work.inference, &mut sent).await;
         drop(in_flight);
         match attempts.decide(outcome, &target) {
             Decision::Finished(result) => return result,
             Decision::WaitBusy => tokio::time::sleep(BUSY_PAUSE).await,
-            Decision::Retry => job.narrate(
+            Decision::Failover => job.narrate(
                 "queen",
-                "retry",
+                "failover",
                 format!(
-                    "worker {} was lost before answering; retrying on another worker",
-                    target.worker_id
+                    "worker {} on hive {} was lost after {} tokens; continuing on another worker",
+                    target.worker_id,
+                    target.hive.name,
+                    sent.ids.len()
                 ),
             ),
         }
     }
 }
 
+/// How many workers one job may lose before it fails.
+const MAX_LOSSES: usize = 3;
+
+/// What the client has been sent so far, across the workers a job used.
+#[derive(Debug, Default)]
+struct Sent {
+    /// The `started` event went out (one per job, whichever worker sent it).
+    started: bool,
+    /// The generated tokens behind the text sent: what a failover resumes from.
+    ids: Vec<i32>,
+    /// Token events sent: where the next worker's `i` count starts.
+    events: u32,
+}
+
 /// How an attempt at inference ended, when it did not succeed.
 #[derive(Debug)]
 enum Relay {
-    /// The worker vanished; `tokens` were already relayed.
-    Lost {
-        tokens: u32,
-    },
+    /// The worker vanished mid-stream.
+    Lost,
     /// Every slot and the queue were full.
     Busy,
     Failed(ApiError),
@@ -96,8 +134,8 @@ enum Decision {
     Finished(Result<(), ApiError>),
     /// Sleep [`BUSY_PAUSE`], then try again.
     WaitBusy,
-    /// Try again; the lost worker is excluded.
-    Retry,
+    /// Continue on another worker; the lost one is excluded.
+    Failover,
 }
 
 /// The job's attempts so far: the memory its retry rules need.
@@ -105,8 +143,8 @@ enum Decision {
 struct Attempts {
     /// Workers (by URL) lost during this job: never picked again for it.
     excluded: Vec<String>,
-    /// A lost worker has been retried once already.
-    retried: bool,
+    /// The lost workers, in words, for the error when none is left.
+    lost: Vec<String>,
     busy_waits: u32,
 }
 
@@ -123,20 +161,39 @@ impl Attempts {
                 ErrorCode::Busy,
                 "every worker for this model stayed busy",
             ))),
-            // Nothing reached the client yet, so another worker can answer in full.
-            Err(Relay::Lost { tokens: 0 }) if !self.retried => {
-                self.retried = true;
+            Err(Relay::Lost) => {
                 self.excluded.push(target.url.clone());
-                Decision::Retry
-            }
-            Err(Relay::Lost { .. }) => Decision::Finished(Err(ApiError::new(
-                ErrorCode::WorkerLost,
-                format!(
-                    "worker {} on hive {} stopped mid-stream",
+                self.lost.push(format!(
+                    "worker {} on hive {}",
                     target.worker_id, target.hive.name
-                ),
-            ))),
+                ));
+                if self.lost.len() < MAX_LOSSES {
+                    Decision::Failover
+                } else {
+                    Decision::Finished(Err(ApiError::new(
+                        ErrorCode::WorkerLost,
+                        format!(
+                            "lost {}, one after another; giving up",
+                            self.lost.join(", ")
+                        ),
+                    )))
+                }
+            }
         }
+    }
+
+    /// No worker could be had: after a loss, the error says what was tried.
+    fn nobody_left(&self, e: ApiError) -> ApiError {
+        if self.lost.is_empty() {
+            return e;
+        }
+        ApiError::new(
+            ErrorCode::WorkerLost,
+            format!(
+                "lost {}, and no other worker could take over: {e}",
+                self.lost.join(", ")
+            ),
+        )
     }
 }
 
@@ -303,45 +360,86 @@ async fn reachable(
     Ok(alive)
 }
 
-/// Sends the inference to the worker and relays its events into the job.
+/// Sends the inference to the worker and relays its events into the job. After
+/// a failover the request carries the tokens sent so far and asks only for the
+/// rest; the events continue the stream as if one worker had answered.
 async fn relay(
     cluster: &impl Cluster,
     target: &Target,
     job: &Job,
-    req: &JobRequest,
+    inference: &InferenceRequest,
+    sent: &mut Sent,
 ) -> Result<(), Relay> {
-    let body = InferenceRequest {
-        prompt: req.prompt.clone(),
-        sampling: req.sampling.clone(),
-        cache_prompt: req.cache_prompt,
-        job_id: Some(job.id.clone()),
-    };
+    let resumed = sent.ids.len() as u32;
+    let mut body = inference.clone();
+    body.sampling.max_tokens = body
+        .sampling
+        .max_tokens
+        .map(|n| (n - i64::from(resumed)).max(1));
+    body.job_id = Some(job.id.clone());
+    body.resume_tokens = sent.ids.clone();
     let mut events = cluster
         .infer(&target.hive, &target.url, &body)
         .await
         .map_err(refused)?;
-    let mut tokens = 0;
-    while let Some(event) = events.next().await {
+    let lost = cluster.view().worker_lost(&target.hive.name, &target.url);
+    tokio::pin!(lost);
+    let first = sent.events;
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            () = &mut lost => None,
+        };
+        let Some(event) = event else {
+            return Err(Relay::Lost);
+        };
+        let event = match event {
+            // One `started` per job: a failover's is not news to the client.
+            InferenceEvent::Started { .. } if sent.started => continue,
+            InferenceEvent::Started { .. } => {
+                sent.started = true;
+                event
+            }
+            InferenceEvent::Token { t, i, ids } => {
+                sent.ids.extend(&ids);
+                sent.events = first + i + 1;
+                InferenceEvent::Token {
+                    t,
+                    i: first + i,
+                    ids,
+                }
+            }
+            InferenceEvent::End {
+                tokens_out,
+                decode_time_ms,
+                stop_reason,
+                cached_tokens,
+                ids,
+            } => InferenceEvent::End {
+                tokens_out: tokens_out + resumed,
+                decode_time_ms,
+                stop_reason,
+                cached_tokens,
+                ids,
+            },
+            other => other,
+        };
         let terminal = matches!(
             event,
             InferenceEvent::End { .. } | InferenceEvent::Error { .. }
         );
-        if matches!(event, InferenceEvent::Token { .. }) {
-            tokens += 1;
-        }
         job.push(&JobEvent::Inference(event));
         if terminal {
             return Ok(());
         }
     }
-    Err(Relay::Lost { tokens })
 }
 
 /// What a worker's refusal to start an inference means for the job.
 fn refused(e: ApiError) -> Relay {
     match e.code {
         ErrorCode::QueueFull => Relay::Busy,
-        ErrorCode::Unreachable => Relay::Lost { tokens: 0 },
+        ErrorCode::Unreachable => Relay::Lost,
         // The request itself is at fault: another worker would say the same.
         ErrorCode::ContextOverflow | ErrorCode::InvalidRequest => Relay::Failed(e),
         _ => Relay::Failed(ApiError::new(ErrorCode::InferenceFailed, e.message)),
@@ -528,16 +626,31 @@ mod tests {
             &self,
             _hive: &HiveConn,
             worker: &str,
-            _req: &InferenceRequest,
+            req: &InferenceRequest,
         ) -> Result<Events<InferenceEvent>, ApiError> {
-            self.call(format!("infer {worker}"));
+            match req.resume_tokens.as_slice() {
+                [] => self.call(format!("infer {worker}")),
+                resume => self.call(format!("infer {worker} after {resume:?}")),
+            }
             let mut scripts = self.scripts.lock().unwrap();
             let (script, asked) = scripts
                 .get_mut(worker)
                 .ok_or_else(|| ApiError::new(ErrorCode::Unreachable, "gone"))?;
             let answer = script[(*asked).min(script.len() - 1)];
             *asked += 1;
-            let tokens = |n: u32| (0..n).map(|i| InferenceEvent::Token { t: "x".into(), i });
+            let started = InferenceEvent::Started {
+                job_id: "job".into(),
+                model: MODEL.into(),
+                started_at: String::new(),
+                prompt_tokens: 4,
+            };
+            let tokens = |n: u32| {
+                std::iter::once(started.clone()).chain((0..n).map(|i| InferenceEvent::Token {
+                    t: "x".into(),
+                    i,
+                    ids: vec![100 + i as i32],
+                }))
+            };
             Ok(Events::from_events(match answer {
                 Answer::Refuse(code) => return Err(ApiError::new(code, "refused")),
                 Answer::LostAfter(n) => tokens(n).collect(),
@@ -547,6 +660,7 @@ mod tests {
                         decode_time_ms: 1,
                         stop_reason: StopReason::MaxTokens,
                         cached_tokens: 0,
+                        ids: Vec::new(),
                     }])
                     .collect(),
             }))
@@ -565,7 +679,7 @@ mod tests {
     /// Runs a job on `fake`: its outcome and the events its stream carried.
     async fn run_job(fake: &Fake, node: Option<&str>) -> (Result<(), ApiError>, Vec<JobEvent>) {
         let job = Jobs::default().create();
-        let result = run(fake, &job, &job_request(node)).await;
+        let result = run(fake, &job, &job_request(node).into()).await;
         (result, job.events())
     }
 
@@ -660,41 +774,97 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_worker_lost_before_its_first_token_is_excluded_and_the_job_retried() {
+    async fn a_worker_lost_before_its_first_token_is_excluded_and_the_job_continued() {
         let fake = Fake::with_hives(&["a"])
             .worker("a", "w1", 0, &[Answer::LostAfter(0)])
             .worker("a", "w2", 2, &[Answer::Tokens(3)]);
         let (result, events) = run_job(&fake, None).await;
-        result.expect("the retry succeeds");
+        result.expect("the failover succeeds");
         // w1 is still the least busy, but lost once it is never picked again.
         assert_eq!(fake.calls(), ["infer http://w1", "infer http://w2"]);
         assert_eq!(tokens(&events), 3);
-        assert!(narrated(&events, "retry"));
+        assert!(narrated(&events, "failover"));
     }
 
     #[tokio::test]
-    async fn a_lost_worker_is_retried_only_once() {
-        let fake = Fake::with_hives(&["a"])
-            .worker("a", "w1", 0, &[Answer::LostAfter(0)])
-            .worker("a", "w2", 1, &[Answer::LostAfter(0)])
-            .worker("a", "w3", 2, &[Answer::Tokens(1)]);
-        let (result, _) = run_job(&fake, None).await;
-        assert_eq!(code(result), ErrorCode::WorkerLost);
-        assert_eq!(fake.calls(), ["infer http://w1", "infer http://w2"]);
-    }
-
-    #[tokio::test]
-    async fn a_worker_lost_after_tokens_is_worker_lost_without_a_retry() {
+    async fn a_worker_lost_after_tokens_is_continued_by_another_from_those_tokens() {
         let fake = Fake::with_hives(&["a"])
             .worker("a", "w1", 0, &[Answer::LostAfter(2)])
             .worker("a", "w2", 1, &[Answer::Tokens(3)]);
         let (result, events) = run_job(&fake, None).await;
-        let e = result.expect_err("the job fails");
+        result.expect("the failover succeeds");
+        assert_eq!(
+            fake.calls(),
+            ["infer http://w1", "infer http://w2 after [100, 101]"]
+        );
+        // One stream: event numbers go on, one `started`, one `end` counting all.
+        let numbers: Vec<u32> = events
+            .iter()
+            .filter_map(|e| match e {
+                JobEvent::Inference(InferenceEvent::Token { i, .. }) => Some(*i),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(numbers, [0, 1, 2, 3, 4]);
+        let ends: Vec<u32> = events
+            .iter()
+            .filter_map(|e| match e {
+                JobEvent::Inference(InferenceEvent::End { tokens_out, .. }) => Some(*tokens_out),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ends, [5]);
+        let started =
+            |e: &&JobEvent| matches!(e, JobEvent::Inference(InferenceEvent::Started { .. }));
+        assert_eq!(
+            events.iter().filter(started).count(),
+            1,
+            "one started per job"
+        );
+        assert!(narrated(&events, "failover"));
+    }
+
+    #[tokio::test]
+    async fn a_job_goes_on_through_two_lost_workers_and_a_third_loss_names_all_three() {
+        let lost = Answer::LostAfter(1);
+        let fake = Fake::with_hives(&["a"])
+            .worker("a", "w1", 0, &[lost])
+            .worker("a", "w2", 1, &[lost])
+            .worker("a", "w3", 2, &[Answer::Tokens(1)]);
+        run_job(&fake, None)
+            .await
+            .0
+            .expect("the third worker finishes");
+        let fake = Fake::with_hives(&["a"])
+            .worker("a", "w1", 0, &[lost])
+            .worker("a", "w2", 1, &[lost])
+            .worker("a", "w3", 2, &[lost])
+            .worker("a", "w4", 3, &[Answer::Tokens(1)]);
+        let e = run_job(&fake, None)
+            .await
+            .0
+            .expect_err("three losses end it");
         assert_eq!(e.code, ErrorCode::WorkerLost);
-        assert!(e.message.contains("w1"), "{}", e.message);
-        // The client already has two tokens: resending would repeat them.
-        assert_eq!(fake.calls(), ["infer http://w1"]);
-        assert_eq!(tokens(&events), 2);
+        for w in ["w1", "w2", "w3"] {
+            assert!(e.message.contains(w), "{}", e.message);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_worker_with_no_other_to_take_over_says_what_was_lost() {
+        // Hive a has no room for another worker of the model.
+        let fake = Fake::default();
+        fake.view
+            .put(hive_view("a", 500, vec![model(MODEL, 800)], vec![]));
+        let fake = fake.worker("a", "w1", 0, &[Answer::LostAfter(2)]);
+        let e = run_job(&fake, None).await.0.expect_err("nobody takes over");
+        assert_eq!(e.code, ErrorCode::WorkerLost);
+        assert!(
+            e.message
+                .contains("lost worker w1 on hive a, and no other worker could take over"),
+            "{}",
+            e.message
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -843,14 +1013,5 @@ mod tests {
         assert_eq!(hives, [LOCALHOST]);
         // Started once: the second job finds it up.
         assert_eq!(fake.calls(), ["start local"]);
-    }
-
-    #[tokio::test]
-    async fn the_openai_front_reuses_a_ready_worker_without_narrating_a_job() {
-        let fake = Fake::with_hives(&["a"]).worker("a", "w1", 0, &[Answer::Tokens(1)]);
-        let job = Jobs::default().create();
-        let (target, _) = worker_for(&fake, &job, MODEL, "").await.expect("a worker");
-        assert_eq!(target.worker_id, "w1");
-        assert!(fake.calls().is_empty(), "no inference is sent for it");
     }
 }

@@ -6,7 +6,7 @@
 
 use super::registry::HiveConn;
 use crate::http::client::Silent;
-use crate::protocol::{now_rfc3339, HiveSnapshot};
+use crate::protocol::{now_rfc3339, HiveSnapshot, WorkerState};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -193,17 +193,35 @@ impl View {
 
     /// Waits (at most `limit`) until `ok` holds of the cluster; whether it did.
     pub async fn wait_until(&self, limit: Duration, ok: impl Fn(&ClusterState) -> bool) -> bool {
+        match tokio::time::timeout(limit, self.until(&ok)).await {
+            Ok(()) => true,
+            Err(_) => ok(&self.state()),
+        }
+    }
+
+    /// Resolves once `ok` holds of the cluster.
+    async fn until(&self, ok: impl Fn(&ClusterState) -> bool) {
         let mut changed = self.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if ok(&self.state()) {
-                return true;
-            }
-            match tokio::time::timeout_at(deadline, changed.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return ok(&self.state()),
+        while !ok(&self.state()) {
+            if changed.changed().await.is_err() {
+                // The view itself is gone: nothing will change any more.
+                std::future::pending::<()>().await;
             }
         }
+    }
+
+    /// Resolves once the worker at `url` on hive `hive` cannot answer any
+    /// more: its hive is unreachable (silent for [`SILENCE`]), or its
+    /// snapshot no longer lists the worker as alive. A relay on a connection
+    /// that went quiet (a cut network sends no reset) learns it from this.
+    pub async fn worker_lost(&self, hive: &str, url: &str) {
+        self.until(|s| {
+            s.hives
+                .iter()
+                .find(|h| h.conn.name == hive)
+                .is_none_or(|h| !h.reachable || !lists_alive(h, url))
+        })
+        .await;
     }
 
     /// Held while a worker of `model` is provisioned: later requests for it
@@ -259,6 +277,15 @@ impl View {
     pub fn remember(&self, prefix: &[u64], url: &str) {
         self.lock().affinity.insert(prefix, url);
     }
+}
+
+/// Whether a hive's last snapshot lists the worker at `url` as not failed.
+fn lists_alive(hive: &HiveView, url: &str) -> bool {
+    hive.snapshot.as_ref().is_some_and(|s| {
+        s.workers
+            .iter()
+            .any(|w| w.url == url && w.state != WorkerState::Failed)
+    })
 }
 
 /// A request in flight, counted until dropped.
@@ -345,6 +372,40 @@ mod tests {
         affinity.insert(&[1, 5], "http://w1");
         assert_eq!(affinity.lookup(&[1, 5]).as_deref(), Some("http://w1"));
         assert_eq!(affinity.lookup(&[9]), None);
+    }
+
+    #[tokio::test]
+    async fn a_worker_is_lost_when_its_hive_goes_silent_or_stops_listing_it() {
+        use crate::queen::placement::fixtures::{hive, model, worker};
+        let view = View::default();
+        let w1 = worker("w1", "m", 100);
+        let w2 = worker("w2", "m", 100);
+        view.put(hive(
+            "a",
+            4000,
+            vec![model("m", 100)],
+            vec![w1.clone(), w2.clone()],
+        ));
+        let quiet = tokio::time::timeout(Duration::from_millis(20), view.worker_lost("a", &w1.url));
+        assert!(
+            quiet.await.is_err(),
+            "a listed worker on a reachable hive is not lost"
+        );
+        let lost = tokio::spawn({
+            let view = view.clone();
+            let url = w1.url.clone();
+            async move { view.worker_lost("a", &url).await }
+        });
+        view.edit("a", |s| s.workers.retain(|w| w.worker_id != "w1"));
+        lost.await
+            .expect("w1 is lost once its hive no longer lists it");
+        let lost = tokio::spawn({
+            let view = view.clone();
+            let url = w2.url.clone();
+            async move { view.worker_lost("a", &url).await }
+        });
+        view.lost("a", "nothing heard for 6s".into());
+        lost.await.expect("w2 is lost with its hive");
     }
 
     #[tokio::test]

@@ -10,9 +10,9 @@
 
 use super::cache::{Placement, PromptCache, Step, Token};
 use super::slots::{plan_batch, Phase, PieceKind, Slots};
-use super::text::{StopMatcher, Utf8Assembler};
+use super::text::{Released, TokenText};
 use crate::protocol::{
-    ApiError, ErrorCode, InferenceEvent, LoadingEvent, SamplingParams, StopReason,
+    ApiError, ChatMessage, ErrorCode, InferenceEvent, LoadingEvent, SamplingParams, StopReason,
 };
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
@@ -93,10 +93,8 @@ impl Drop for Reservation {
 
 /// A request on its way to the engine.
 pub struct Submission {
+    /// When it has `messages`, they are the prompt and `request.prompt` is ignored.
     pub request: crate::protocol::InferenceRequest,
-    /// Chat messages (role, content) to render with the model's chat template;
-    /// when present they are the prompt and `request.prompt` is ignored.
-    pub chat: Option<Vec<(String, String)>>,
     /// Where the request's events go; closed when the client has gone away.
     pub events: mpsc::UnboundedSender<InferenceEvent>,
     pub reservation: Reservation,
@@ -278,8 +276,10 @@ struct Request {
     generated: u32,
     /// Token events sent so far: the `i` of the next one.
     sent: u32,
-    utf8: Utf8Assembler,
-    stops: StopMatcher,
+    text: TokenText,
+    /// Ids of generated tokens that went out with no text (they made a stop
+    /// sequence): the `end` event carries them.
+    textless: Vec<i32>,
     /// When the prompt was read and generation began.
     decode_started: Option<Instant>,
 }
@@ -309,12 +309,19 @@ impl Request {
         let _ = self.submission.events.send(event);
     }
 
-    fn send_text(&mut self, text: String) {
-        if !text.is_empty() {
-            let i = self.sent;
-            self.sent += 1;
-            self.send(InferenceEvent::Token { t: text, i });
+    /// Sends released text with the ids of the tokens it is made of.
+    fn send_text(&mut self, released: Released) {
+        if released.text.is_empty() {
+            self.textless.extend(released.ids);
+            return;
         }
+        let i = self.sent;
+        self.sent += 1;
+        self.send(InferenceEvent::Token {
+            t: released.text,
+            i,
+            ids: released.ids,
+        });
     }
 
     /// What its sequence holds in the KV cache: the prompt as far as it was
@@ -330,19 +337,19 @@ impl Request {
     /// Sends what is held back (unless a stop sequence cut it) and the `end` event.
     fn finish(&mut self, reason: StopReason) {
         if reason != StopReason::StopSequence {
-            let tail = self.utf8.finish();
-            let mut text = self.stops.push(&tail).text;
-            text.push_str(&self.stops.finish());
-            self.send_text(text);
+            let rest = self.text.finish();
+            self.send_text(rest);
         }
         let decode_time_ms = self
             .decode_started
             .map_or(0, |t| t.elapsed().as_millis() as u64);
+        let ids = std::mem::take(&mut self.textless);
         self.send(InferenceEvent::End {
             tokens_out: self.generated,
             decode_time_ms,
             stop_reason: reason,
             cached_tokens: self.cached as u32,
+            ids,
         });
     }
 }
@@ -454,7 +461,8 @@ impl<'m> Batcher<'m> {
                 Command::Submit(submission, admitted) => {
                     match prepare(self.model, submission, self.n_ctx_slot) {
                         Ok(request) => {
-                            let _ = admitted.send(Ok(request.tokens.len() as u32));
+                            let resumed = request.submission.request.resume_tokens.len();
+                            let _ = admitted.send(Ok((request.tokens.len() - resumed) as u32));
                             self.slots.enqueue(request);
                         }
                         Err(rejection) => {
@@ -687,10 +695,10 @@ impl<'m> Batcher<'m> {
 /// Takes one generated token's text into a request; true when its generation is over.
 fn accept(r: &mut Request, piece: &[u8], token: LlamaToken, n_ctx_slot: u32) -> bool {
     r.generated += 1;
-    let text = r.utf8.push(piece);
-    let released = r.stops.push(&text);
-    r.send_text(released.text);
-    if released.stopped {
+    let released = r.text.push(token.0, piece);
+    let stopped = released.stopped;
+    r.send_text(released);
+    if stopped {
         r.finish(StopReason::StopSequence);
         return true;
     }
@@ -712,17 +720,30 @@ fn prepare(
 ) -> Result<Request, ApiError> {
     let request = &submission.request;
     let rendered;
-    let prompt = match &submission.chat {
+    let prompt = match &request.messages {
         Some(messages) => {
             rendered = render_chat(model, messages)?;
             &rendered
         }
         None => &request.prompt,
     };
-    let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
+    let mut tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
     if tokens.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt has no tokens"));
     }
+    // A failover: the answer so far, as the worker that was lost generated it.
+    let n_vocab = model.n_vocab();
+    if let Some(bad) = request
+        .resume_tokens
+        .iter()
+        .find(|&&t| t < 0 || t >= n_vocab)
+    {
+        return Err(ApiError::invalid(
+            "resume_tokens",
+            format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
+        ));
+    }
+    tokens.extend(request.resume_tokens.iter().map(|&t| LlamaToken(t)));
     if tokens.len() >= n_ctx_slot as usize {
         return Err(ApiError::new(
             ErrorCode::ContextOverflow,
@@ -740,7 +761,8 @@ fn prepare(
         .map_or(room, |n| n.clamp(1, i64::from(room)) as u32);
     Ok(Request {
         sampler: sampler_for(&request.sampling, model.n_vocab()),
-        stops: StopMatcher::new(request.sampling.stop.clone()),
+        text: TokenText::new(request.sampling.stop.clone()),
+        textless: Vec::new(),
         submission,
         tokens,
         prompt_done: 0,
@@ -751,18 +773,17 @@ fn prepare(
         max_tokens,
         generated: 0,
         sent: 0,
-        utf8: Utf8Assembler::default(),
         decode_started: None,
     })
 }
 
 /// The model's own chat template from its GGUF metadata; a model without one
 /// gets ChatML (`<|im_start|>role\ncontent<|im_end|>`), the most common format.
-fn render_chat(model: &LlamaModel, messages: &[(String, String)]) -> Result<String, ApiError> {
+fn render_chat(model: &LlamaModel, messages: &[ChatMessage]) -> Result<String, ApiError> {
     let invalid = |message: String| ApiError::invalid("messages", message);
     let chat: Vec<LlamaChatMessage> = messages
         .iter()
-        .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
+        .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
         .collect::<Result<_, _>>()
         .map_err(|e| invalid(format!("a message cannot be used: {e}")))?;
     let template = model

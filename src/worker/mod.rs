@@ -398,9 +398,11 @@ fn loading_progress(w: &Worker) -> Response<Body> {
 }
 
 /// Checks a request's fields; the error says what is wrong.
-fn validate(r: &InferenceRequest, chat: bool) -> Result<(), ApiError> {
-    if r.prompt.is_empty() && !chat {
-        return Err(ApiError::invalid("prompt", "prompt is empty"));
+fn validate(r: &InferenceRequest) -> Result<(), ApiError> {
+    match &r.messages {
+        None if r.prompt.is_empty() => return Err(ApiError::invalid("prompt", "prompt is empty")),
+        Some(m) if m.is_empty() => return Err(ApiError::invalid("messages", "messages is empty")),
+        _ => {}
     }
     r.sampling.validate()
 }
@@ -409,9 +411,8 @@ fn validate(r: &InferenceRequest, chat: bool) -> Result<(), ApiError> {
 async fn start(
     w: &Worker,
     request: InferenceRequest,
-    chat: Option<Vec<(String, String)>>,
 ) -> Result<(u32, mpsc::UnboundedReceiver<InferenceEvent>), ApiError> {
-    validate(&request, chat.is_some())?;
+    validate(&request)?;
     match &*w.loading.borrow() {
         LoadingEvent::Ready => {}
         LoadingEvent::Failed { message } => {
@@ -435,7 +436,6 @@ async fn start(
     };
     let (events_tx, events) = mpsc::unbounded_channel();
     let admission = w.engine.submit(Submission {
-        chat,
         request,
         events: events_tx,
         reservation,
@@ -459,7 +459,7 @@ async fn openai_completion(
     let started = async {
         let body = http::read_body(req).await?;
         let prepared = openai::parse(&body, kind)?;
-        let (prompt_tokens, events) = start(w, prepared.inference, prepared.chat).await?;
+        let (prompt_tokens, events) = start(w, prepared.inference).await?;
         Ok::<_, ApiError>((
             prepared.stream,
             prepared.include_usage,
@@ -479,12 +479,13 @@ async fn openai_completion(
 async fn inference(w: &Worker, req: Request<Incoming>) -> Reply {
     let request: InferenceRequest = http::read_json(req).await?;
     let job_id = request.job_id.clone().unwrap_or_else(|| new_id("job"));
-    let (_, mut events) = start(w, request, None).await?;
+    let (prompt_tokens, mut events) = start(w, request).await?;
     let (tx, resp) = http::sse_response();
     let started = InferenceEvent::Started {
         job_id,
         model: w.model.to_string(),
         started_at: now_rfc3339(),
+        prompt_tokens,
     };
     tokio::spawn(async move {
         if tx.send(sse::event(&started)).await.is_err() {

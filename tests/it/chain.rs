@@ -302,26 +302,6 @@ fn a_job_runs_on_the_node_it_names_and_the_tables_show_it_there() {
 }
 
 #[test]
-fn a_worker_killed_mid_answer_ends_the_job_with_worker_lost() {
-    let _turn = serial();
-    let home = TempDir::new("hive-lost");
-    let hive = start_hive(&home, &[], &[]);
-    let c = Cluster::with_hives("chain-lost", &[("solo", &hive)]);
-    let mut long = c.long_infer("solo");
-    let (worker_pid, _) = only_worker(&hive.url);
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &worker_pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(killed.success());
-    let status = long
-        .wait_exit(Duration::from_secs(30))
-        .expect("the keeper exits");
-    assert_eq!(status.code(), Some(1));
-    assert!(long.stderr().contains("WORKER_LOST"), "{}", long.stderr());
-}
-
-#[test]
 fn an_unknown_node_is_refused_naming_the_registered_hives() {
     let (one_home, two_home) = (TempDir::new("hive-n1"), TempDir::new("hive-n2"));
     let one = start_hive(&one_home, &[], &[]);

@@ -13,5 +13,6 @@ mod hf_server;
 mod hive;
 mod keeper;
 mod openai;
+mod resilience;
 mod support;
 mod worker;

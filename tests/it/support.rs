@@ -73,9 +73,22 @@ impl Proc {
     }
 
     pub fn start_with_env(args: &[&str], port: u16, env: &[(&str, &str)]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rbee"))
-            .args(args)
-            .envs(env.iter().copied())
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rbee"));
+        command.args(args).envs(env.iter().copied());
+        Proc::spawn(command, format!("http://127.0.0.1:{port}"))
+    }
+
+    /// `rbee ARGS` inside network namespace `netns`, answering at `url`.
+    pub fn start_in(netns: &str, args: &[&str], url: &str) -> Proc {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_rbee")])
+            .args(args);
+        Proc::spawn(command, url.to_string())
+    }
+
+    fn spawn(mut command: Command, url: String) -> Proc {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -86,7 +99,7 @@ impl Proc {
         let stderr = collect(child.stderr.take().expect("stderr is piped"));
         Proc {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            url,
             stdout,
             stderr,
         }

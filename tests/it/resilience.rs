@@ -1,0 +1,451 @@
+//! Nothing lost when a machine fails (DESIGN.md §11): a worker killed
+//! mid-answer is replaced and the answer goes on from the tokens already
+//! streamed, with the same greedy text; hives in network namespaces of their
+//! own, on addresses of their own and behind a token, lose their link
+//! mid-answer; a queen restarted under running hives keeps its registry.
+
+use crate::chain::{file_model, Cluster};
+use crate::support::*;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::Duration;
+
+const PROMPT: &str = "Once upon a time";
+
+/// A greedy job through the queen's job API, read as it streams; `at`
+/// is called with the number of token events seen, after each one (and with
+/// 0 at `started`), so a test can break something mid-answer.
+fn job_with(c: &Cluster, max_tokens: u32, mut at: impl FnMut(usize)) -> Vec<Value> {
+    let body = json!({
+        "model": file_model(), "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+    });
+    let (status, created) = post(&format!("{}/v1/jobs", c.queen), &body.to_string());
+    assert_eq!(status, 201, "{created}");
+    let url = format!("{}{}", c.queen, created["sse_url"].as_str().expect("a url"));
+    let mut sse = stream(&url, None).expect("the job streams");
+    let mut events = Vec::new();
+    let mut tokens = 0;
+    loop {
+        match sse.next_frame() {
+            Some(rbee::http::sse::Frame::Data(d)) => {
+                let event: Value = serde_json::from_str(&d).expect("JSON");
+                match event["type"].as_str() {
+                    Some("started") => at(0),
+                    Some("token") => {
+                        tokens += 1;
+                        at(tokens);
+                    }
+                    _ => {}
+                }
+                events.push(event);
+            }
+            Some(rbee::http::sse::Frame::Done) => return events,
+            None => panic!("the job stream closed without [DONE] after {events:?}"),
+        }
+    }
+}
+
+fn text(events: &[Value]) -> String {
+    events.iter().filter_map(|e| e["t"].as_str()).collect()
+}
+
+fn of_type<'e>(events: &'e [Value], kind: &str) -> Vec<&'e Value> {
+    events.iter().filter(|e| e["type"] == kind).collect()
+}
+
+fn narrated(events: &[Value], action: &str) -> bool {
+    events.iter().any(|e| e["action"] == action)
+}
+
+/// Checks a finished answer: one `started`, one `end` counting every
+/// generated token (those behind the text and those that never became text),
+/// token events numbered 0, 1, 2… across any failover.
+fn assert_whole(events: &[Value], max_tokens: u64) {
+    assert_eq!(of_type(events, "started").len(), 1, "{events:?}");
+    let ends = of_type(events, "end");
+    assert_eq!(ends.len(), 1, "{events:?}");
+    let tokens = of_type(events, "token");
+    let numbers: Vec<u64> = tokens.iter().filter_map(|t| t["i"].as_u64()).collect();
+    let expected: Vec<u64> = (0..tokens.len() as u64).collect();
+    assert_eq!(numbers, expected, "token events are numbered in order");
+    let ids = |e: &Value| e["ids"].as_array().map_or(0, Vec::len) as u64;
+    let generated: u64 = tokens.iter().map(|t| ids(t)).sum::<u64>() + ids(ends[0]);
+    assert_eq!(ends[0]["tokens_out"], generated, "{:?}", ends[0]);
+    assert_eq!(ends[0]["tokens_out"], max_tokens, "{:?}", ends[0]);
+}
+
+/// The ready workers the queen sees: (hive, pid).
+fn ready_workers(queen: &str) -> Vec<(String, u32)> {
+    let (status, list) = get(&format!("{queen}/v1/workers"));
+    assert_eq!(status, 200, "{list}");
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| w["state"] == "ready")
+        .map(|w| {
+            let hive = w["hive"].as_str().unwrap_or_default().to_string();
+            (hive, w["pid"].as_u64().unwrap_or_default() as u32)
+        })
+        .collect()
+}
+
+/// SIGKILL, sent at once (no `kill` process to start: the answer goes on meanwhile).
+fn kill(pid: u32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let sent = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(sent, 0, "kill -KILL {pid}");
+}
+
+/// Two hives on loopback and a queen with both registered.
+fn two_hives(label: &str) -> (TempDir, Proc, TempDir, Proc, Cluster) {
+    let (h1, h2) = (
+        TempDir::new(&format!("{label}-a")),
+        TempDir::new(&format!("{label}-b")),
+    );
+    let a = start_hive(&h1, &["--max-memory", "2GiB"], &[]);
+    let b = start_hive(&h2, &["--max-memory", "2GiB"], &[]);
+    let c = Cluster::with_hives(label, &[("a", &a), ("b", &b)]);
+    (h1, a, h2, b, c)
+}
+
+#[test]
+fn a_worker_killed_after_0_1_or_30_tokens_is_continued_with_the_same_greedy_text() {
+    let _turn = serial();
+    let (_h1, _a, _h2, _b, c) = two_hives("failover");
+    let max = 120;
+    let whole = job_with(&c, max, |_| {});
+    assert_whole(&whole, max.into());
+    let reference = text(&whole);
+    for n in [0, 1, 30] {
+        let serving = ready_workers(&c.queen);
+        assert_eq!(serving.len(), 1, "one worker serves: {serving:?}");
+        let (hive, pid) = serving[0].clone();
+        let mut killed = false;
+        let events = job_with(&c, max, |tokens| {
+            if tokens == n && !killed {
+                kill(pid);
+                killed = true;
+            }
+        });
+        assert!(killed, "the worker was killed after {n} tokens");
+        assert!(
+            narrated(&events, "failover"),
+            "after {n} tokens: {events:?}"
+        );
+        assert_whole(&events, max.into());
+        assert_eq!(
+            text(&events),
+            reference,
+            "killed on hive {hive} after {n} tokens"
+        );
+    }
+}
+
+#[test]
+fn the_official_client_streams_through_a_failover_without_a_break() {
+    let _turn = serial();
+    let (_h1, _a, _h2, _b, c) = two_hives("failover-openai");
+    // A worker to kill: the first request provisions it.
+    let (status, created) = post(
+        &format!("{}/v1/completions", c.queen),
+        &json!({"model": file_model(), "prompt": "Hi", "max_tokens": 2}).to_string(),
+    );
+    assert_eq!(status, 200, "{created}");
+    let serving = ready_workers(&c.queen);
+    assert_eq!(serving.len(), 1, "{serving:?}");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pythonpath = std::env::var("RBEE_TEST_PYTHONPATH")
+        .unwrap_or_else(|_| root.join(".models/py").display().to_string());
+    let out = Command::new("python3")
+        .arg(root.join("tests/openai/failover_test.py"))
+        .args([&c.queen, &file_model(), &serving[0].1.to_string()])
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn two_hundred_jobs_with_a_worker_killed_every_twenty_all_end_whole() {
+    let _turn = serial();
+    let (_h1, _a, _h2, _b, c) = two_hives("failover-200");
+    let max = 24;
+    let reference = text(&job_with(&c, max, |_| {}));
+    let mut failovers = 0;
+    let mut seed: u64 = 0x5eed;
+    for n in 0..200 {
+        let mut victim = (n % 20 == 10).then(|| {
+            let workers = ready_workers(&c.queen);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            workers[(seed >> 33) as usize % workers.len()].1
+        });
+        let events = job_with(&c, max, |tokens| {
+            if tokens == 2 {
+                if let Some(pid) = victim.take() {
+                    kill(pid);
+                }
+            }
+        });
+        assert_whole(&events, max.into());
+        assert_eq!(text(&events), reference, "job {n}");
+        failovers += usize::from(narrated(&events, "failover"));
+    }
+    assert_eq!(failovers, 10, "every kill was failed over");
+}
+
+/// Hives on a network of their own: a bridge here, and a namespace with a
+/// veth pair to it for each host, addresses 10.77.N.2, .3, …; all of it
+/// removed on drop (after the processes inside have been killed).
+struct Net {
+    tag: String,
+    subnet: u32,
+    hosts: usize,
+}
+
+impl Net {
+    /// `None` (said on stderr) where namespaces cannot be made here.
+    fn new(hosts: usize) -> Option<Net> {
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        let net = Net {
+            tag: format!("{}{}", pid % 10_000, n % 10),
+            subnet: 77 + (pid * 7 + n) % 170,
+            hosts,
+        };
+        let bridge = net.bridge();
+        let gateway = format!("10.77.{}.1/24", net.subnet);
+        let mut steps = vec![
+            vec!["link", "add", &bridge, "type", "bridge"],
+            vec!["addr", "add", &gateway, "dev", &bridge],
+            vec!["link", "set", &bridge, "up"],
+        ]
+        .into_iter()
+        .map(|v| v.into_iter().map(String::from).collect::<Vec<_>>())
+        .collect::<Vec<_>>();
+        for i in 0..hosts {
+            let (ns, outer, inner) = (net.ns(i), net.outer(i), net.inner(i));
+            let addr = format!("{}/24", net.addr(i));
+            for step in [
+                vec!["netns", "add", &ns],
+                vec![
+                    "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+                ],
+                vec!["link", "set", &inner, "netns", &ns],
+                vec!["link", "set", &outer, "master", &bridge, "up"],
+                vec!["-n", &ns, "addr", "add", &addr, "dev", &inner],
+                vec!["-n", &ns, "link", "set", &inner, "up"],
+                vec!["-n", &ns, "link", "set", "lo", "up"],
+            ] {
+                steps.push(step.into_iter().map(String::from).collect());
+            }
+        }
+        for step in steps {
+            let out = Command::new("ip").args(&step).output();
+            let ok = out.as_ref().is_ok_and(|o| o.status.success());
+            if !ok {
+                let why = out.map_or_else(
+                    |e| e.to_string(),
+                    |o| String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                );
+                eprintln!(
+                    "SKIPPED: network namespaces cannot be made here (ip {}: {why}); \
+                     these tests need root and iproute2",
+                    step.join(" ")
+                );
+                return None;
+            }
+        }
+        Some(net)
+    }
+
+    fn bridge(&self) -> String {
+        format!("rbbr{}", self.tag)
+    }
+    fn ns(&self, i: usize) -> String {
+        format!("rbee-{}-{i}", self.tag)
+    }
+    fn outer(&self, i: usize) -> String {
+        format!("rbo{}{i}", self.tag)
+    }
+    fn inner(&self, i: usize) -> String {
+        format!("rbi{}{i}", self.tag)
+    }
+    fn addr(&self, i: usize) -> String {
+        format!("10.77.{}.{}", self.subnet, i + 2)
+    }
+
+    /// Pulls host `i`'s cable: its processes live on, unreachable.
+    fn cut(&self, i: usize) {
+        let status = Command::new("ip")
+            .args(["link", "set", &self.outer(i), "down"])
+            .status()
+            .expect("ip runs");
+        assert!(status.success());
+    }
+
+    /// `rbee hive` inside host `i`'s namespace on its own address, with a token.
+    fn hive(&self, i: usize, home: &TempDir, token_file: &str) -> Proc {
+        let addr = self.addr(i);
+        let p = Proc::start_in(
+            &self.ns(i),
+            &[
+                "hive",
+                "--host",
+                &addr,
+                "--port",
+                "8080",
+                "--token-file",
+                token_file,
+                "--data-dir",
+                home.str(),
+                "--max-memory",
+                "2GiB",
+            ],
+            &format!("http://{addr}:8080"),
+        );
+        wait_until("the hive to answer", Duration::from_secs(30), || {
+            matches!(try_get(&format!("{}/health", p.url)), Ok((200, _)))
+        });
+        p
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for i in 0..self.hosts {
+            let ns = self.ns(i);
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.outer(i)])
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge()])
+            .status();
+    }
+}
+
+/// Two hives in namespaces of their own, registered with a token with a
+/// queen here. Fields drop in order: the queen first, the network last.
+struct Networked {
+    c: Cluster,
+    _hives: Vec<Proc>,
+    _homes: Vec<TempDir>,
+    _secrets: TempDir,
+    net: Net,
+}
+
+fn networked(label: &str) -> Option<Networked> {
+    let net = Net::new(2)?;
+    let secrets = TempDir::new(&format!("{label}-secrets"));
+    let token = secrets.path().join("token");
+    std::fs::write(&token, "s3cret-for-the-test\n").expect("token written");
+    let token = token.display().to_string();
+    let homes = vec![
+        TempDir::new(&format!("{label}-a")),
+        TempDir::new(&format!("{label}-b")),
+    ];
+    let hives: Vec<Proc> = (0..2).map(|i| net.hive(i, &homes[i], &token)).collect();
+    let c = Cluster::new(label, &[]);
+    for (name, h) in [("a", &hives[0]), ("b", &hives[1])] {
+        let (code, out, err) =
+            c.keeper(&["hive", "add", name, "--url", &h.url, "--token-file", &token]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.starts_with(&format!("{name}\treachable")), "{out}");
+    }
+    Some(Networked {
+        c,
+        _hives: hives,
+        _homes: homes,
+        _secrets: secrets,
+        net,
+    })
+}
+
+#[test]
+fn a_hive_whose_link_is_cut_mid_answer_is_failed_over_and_with_both_gone_the_error_says_so() {
+    let _turn = serial();
+    let Some(n) = networked("netns") else {
+        return;
+    };
+    let (c, net) = (&n.c, &n.net);
+    let max = 160;
+    let reference = job_with(c, max, |_| {});
+    assert_whole(&reference, max.into());
+    let serving = ready_workers(&c.queen);
+    assert_eq!(serving.len(), 1, "{serving:?}");
+    let first = if serving[0].0 == "a" { 0 } else { 1 };
+    let events = job_with(c, max, |tokens| {
+        if tokens == 30 {
+            net.cut(first);
+        }
+    });
+    assert!(narrated(&events, "failover"), "{events:?}");
+    assert_whole(&events, max.into());
+    assert_eq!(text(&events), text(&reference));
+    let (_, hives, _) = c.keeper(&["hive", "list"]);
+    let name = ["a", "b"][first];
+    assert!(hives.contains(&format!("{name}\tunreachable")), "{hives}");
+
+    // The other hive's link goes too, mid-answer: nobody is left to go on.
+    let events = job_with(c, max, |tokens| {
+        if tokens == 30 {
+            net.cut(1 - first);
+        }
+    });
+    let errors = of_type(&events, "error");
+    assert_eq!(errors.len(), 1, "{events:?}");
+    assert_eq!(errors[0]["code"], "WORKER_LOST", "{events:?}");
+    let message = errors[0]["message"].as_str().unwrap_or_default();
+    let other = ["a", "b"][1 - first];
+    assert!(
+        message.contains(&format!("on hive {other}"))
+            && message.contains("no other worker could take over"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_queen_restarted_under_running_hives_keeps_its_registry_and_serves_the_next_job() {
+    let _turn = serial();
+    let Some(n) = networked("netns-queen") else {
+        return;
+    };
+    let c = &n.c;
+    let max = 8;
+    let before = text(&job_with(c, max, |_| {}));
+    let workers = ready_workers(&c.queen);
+    let (code, out, err) = c.keeper(&["queen", "stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The next call wakes a new queen on the same data dir.
+    let (code, hives, err) = c.keeper(&["hive", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("waking queen"), "{err}");
+    for name in ["a", "b"] {
+        assert!(hives.contains(&format!("{name}\t")), "{hives}");
+    }
+    wait_until("both hives reachable", Duration::from_secs(15), || {
+        let (_, hives, _) = c.keeper(&["hive", "list"]);
+        hives.matches("\treachable\t").count() == 2
+    });
+    let after = job_with(c, max, |_| {});
+    assert_whole(&after, max.into());
+    assert_eq!(text(&after), before);
+    // The worker from before the restart answered: the new queen found it.
+    assert_eq!(ready_workers(&c.queen), workers);
+    assert!(narrated(&after, "reuse"), "{after:?}");
+}
