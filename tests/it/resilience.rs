@@ -96,6 +96,21 @@ fn kill(pid: u32) {
     assert_eq!(sent, 0, "kill -KILL {pid}");
 }
 
+/// The pid of the process listening at `url`'s port (`ss` names it).
+fn listening_pid(url: &str) -> u32 {
+    let port = url.rsplit(':').next().expect("a port");
+    let out = Command::new("ss")
+        .args(["-ltnpH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("pid=")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("nobody listens on {port}: {text}"))
+}
+
 /// Two hives on loopback and a queen with both registered.
 fn two_hives(label: &str) -> (TempDir, Proc, TempDir, Proc, Cluster) {
     let (h1, h2) = (
@@ -429,8 +444,11 @@ fn a_queen_restarted_under_running_hives_keeps_its_registry_and_serves_the_next_
     let max = 8;
     let before = text(&job_with(c, max, |_| {}));
     let workers = ready_workers(&c.queen);
-    let (code, out, err) = c.keeper(&["queen", "stop"]);
-    assert_eq!(code, 0, "{out}{err}");
+    // The queen dies as a machine's power cut would take it: no goodbye.
+    kill(listening_pid(&c.queen));
+    wait_until("the queen to be gone", Duration::from_secs(10), || {
+        try_get(&format!("{}/health", c.queen)).is_err()
+    });
     // The next call wakes a new queen on the same data dir.
     let (code, hives, err) = c.keeper(&["hive", "list"]);
     assert_eq!(code, 0, "{err}");
@@ -448,4 +466,71 @@ fn a_queen_restarted_under_running_hives_keeps_its_registry_and_serves_the_next_
     // The worker from before the restart answered: the new queen found it.
     assert_eq!(ready_workers(&c.queen), workers);
     assert!(narrated(&after, "reuse"), "{after:?}");
+}
+
+#[test]
+fn install_service_writes_a_unit_that_runs_this_role_with_its_flags_and_uninstall_removes_it() {
+    let home = TempDir::new("service-home");
+    let config = home.path().join("config");
+    let rbee = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rbee"))
+            .args(args)
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", &config)
+            .env_remove("RBEE_TOKEN")
+            .env_remove("RBEE_HOME")
+            .output()
+            .expect("rbee runs");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let flags = [
+        "--port",
+        "9999",
+        "--max-memory",
+        "1GiB",
+        "--data-dir",
+        "/srv/rbee data",
+    ];
+    let mut install = vec!["hive", "--install-service"];
+    install.extend(flags);
+    let (ok, said) = rbee(&install);
+    assert!(ok, "{said}");
+    let unit_path = config.join("systemd/user/rbee-hive.service");
+    assert!(
+        said.starts_with(&format!("wrote {}", unit_path.display())),
+        "{said}"
+    );
+    // Here systemd may not run: then it says how to start it.
+    assert!(
+        said.contains("started and enabled")
+            || said.contains("systemctl --user enable --now rbee-hive.service"),
+        "{said}"
+    );
+    let unit = std::fs::read_to_string(&unit_path).expect("the unit is written");
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_rbee")).expect("the executable");
+    let exec = format!(
+        "ExecStart={} hive --port 9999 --max-memory 1GiB --data-dir \"/srv/rbee data\"\n",
+        exe.display()
+    );
+    assert!(unit.contains(&exec), "{unit}");
+    assert!(!unit.contains("--install-service"), "{unit}");
+    assert!(unit.contains("WantedBy=default.target"), "{unit}");
+
+    let (ok, said) = rbee(&["hive", "--uninstall-service"]);
+    assert!(ok, "{said}");
+    assert!(!unit_path.exists(), "{said}");
+    // A token only in the environment would not reach the service.
+    let out = Command::new(env!("CARGO_BIN_EXE_rbee"))
+        .args(["queen", "--install-service"])
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", &config)
+        .env("RBEE_TOKEN", "secret")
+        .output()
+        .expect("rbee runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pass it with --token-file"), "{err}");
+    assert!(!config.join("systemd/user/rbee-queen.service").exists());
 }
