@@ -193,19 +193,15 @@ impl View {
 
     /// Waits (at most `limit`) until `ok` holds of the cluster; whether it did.
     pub async fn wait_until(&self, limit: Duration, ok: impl Fn(&ClusterState) -> bool) -> bool {
-        match tokio::time::timeout(limit, self.until(&ok)).await {
-            Ok(()) => true,
-            Err(_) => ok(&self.state()),
-        }
-    }
-
-    /// Resolves once `ok` holds of the cluster.
-    async fn until(&self, ok: impl Fn(&ClusterState) -> bool) {
         let mut changed = self.changed.subscribe();
-        while !ok(&self.state()) {
-            if changed.changed().await.is_err() {
-                // The view itself is gone: nothing will change any more.
-                std::future::pending::<()>().await;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if ok(&self.state()) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return ok(&self.state()),
             }
         }
     }
@@ -214,14 +210,23 @@ impl View {
     /// more: its hive is unreachable (silent for [`SILENCE`]), or its
     /// snapshot no longer lists the worker as alive. A relay on a connection
     /// that went quiet (a cut network sends no reset) learns it from this.
+    /// Every relay waits on it, so it looks at that one hive, cloning nothing.
     pub async fn worker_lost(&self, hive: &str, url: &str) {
-        self.until(|s| {
-            s.hives
-                .iter()
-                .find(|h| h.conn.name == hive)
-                .is_none_or(|h| !h.reachable || !lists_alive(h, url))
-        })
-        .await;
+        let mut changed = self.changed.subscribe();
+        loop {
+            let lost = self
+                .lock()
+                .hives
+                .get(hive)
+                .is_none_or(|h| !h.reachable || !lists_alive(h, url));
+            if lost {
+                return;
+            }
+            // The sender lives in `self`: this fails only if the view is gone.
+            if changed.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Held while a worker of `model` is provisioned: later requests for it

@@ -446,7 +446,7 @@ fn idle_and_half_sent_connections_are_closed() {
 }
 
 #[test]
-fn an_openai_stream_whose_worker_dies_ends_with_an_error_and_done() {
+fn an_openai_stream_whose_worker_dies_with_nobody_to_take_over_ends_with_an_error_and_done() {
     let _turn = serial();
     let home = TempDir::new("cut");
     let hive = start_hive(&home, &[], &[]);
@@ -462,14 +462,17 @@ fn an_openai_stream_whose_worker_dies_ends_with_an_error_and_done() {
     .expect("the stream opens");
     sse.next_event();
     sse.next_event();
-    let pid = workers_of(&hive.url)[0]["pid"].as_u64().expect("a pid");
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
-    assert!(killed.expect("kill runs").success());
+    // The whole machine goes, workers with it (a lost worker alone is
+    // replaced: see resilience.rs): nobody is left to finish the answer.
+    hive.signal("KILL");
     let rest = sse.rest();
     let last = rest.last().expect("an event before [DONE]");
     assert_eq!(last["error"]["code"], "WORKER_LOST", "{rest:?}");
+    let message = last["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no other worker could take over"),
+        "{message}"
+    );
 }
 
 /// A small seeded generator (xorshift), so a failing case can be replayed.
