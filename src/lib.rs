@@ -8,6 +8,7 @@ pub mod hive;
 pub mod http;
 pub mod keeper;
 pub mod machine;
+pub mod metrics;
 pub mod openai;
 pub mod process;
 pub mod protocol;

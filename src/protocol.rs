@@ -738,6 +738,81 @@ pub struct HiveWorker {
     /// Requests the queen has in flight on it.
     #[serde(default)]
     pub in_flight: u32,
+    /// The decode speed of the last answer the queen relayed from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// A job as the status page and `rbee keeper status` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub job_id: String,
+    /// The model as it was asked for.
+    pub model: String,
+    pub state: JobState,
+    /// Where it runs (or ran last), once a worker took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hive: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Tokens generated so far.
+    pub tokens: u32,
+    pub started_at: String,
+    /// How long it has run, or ran.
+    pub seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A model in a hive's catalog, for the status page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogModel {
+    pub hive: String,
+    pub name: String,
+    pub quantization: String,
+    pub size: u64,
+    pub memory_estimate_mb: u64,
+}
+
+/// `GET /v1/status` on the queen (and each event of `/v1/status/stream`):
+/// the whole cluster at a glance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueenStatus {
+    pub version: String,
+    pub hives: Vec<HiveStatus>,
+    pub workers: Vec<HiveWorker>,
+    pub models: Vec<CatalogModel>,
+    /// Running jobs, then the most recent finished ones.
+    pub jobs: Vec<JobSummary>,
+}
+
+/// `POST /v1/session` on the queen: a browser trades the token, or a
+/// one-time code from `rbee keeper status --web`, for a session cookie.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// `POST /v1/session/link` on the queen (with the token): a one-time code
+/// that logs a browser in, and the page's address with it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionLink {
+    pub code: String,
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

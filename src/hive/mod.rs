@@ -13,7 +13,7 @@ pub mod workers;
 use crate::http::{self, Auth, Body, Reply, Route};
 use crate::protocol::{
     ApiError, Capabilities, DownloadEvent, DownloadRequest, ErrorCode, Health, SpawnRequest,
-    WorkerReadyCallback,
+    WorkerReadyCallback, WorkerState,
 };
 use argh::FromArgs;
 use hyper::body::Incoming;
@@ -171,6 +171,27 @@ pub async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// `GET /metrics`: downloads as counted, memory and workers as the snapshot has them.
+fn metrics(h: &Hive) -> Response<Body> {
+    let snapshot = h.state.snapshot();
+    let states = [
+        WorkerState::Loading,
+        WorkerState::Ready,
+        WorkerState::Stopping,
+        WorkerState::Failed,
+    ];
+    let workers: Vec<(String, usize)> = states
+        .iter()
+        .map(|s| {
+            let n = snapshot.workers.iter().filter(|w| w.state == *s).count();
+            (s.to_string(), n)
+        })
+        .collect();
+    h.models
+        .metrics()
+        .respond(snapshot.ram.budget_mb, snapshot.ram.used_mb, &workers)
+}
+
 /// A fresh catalog in place of the one at `path` (moved aside), holding every
 /// model file in the data dir's models directory.
 fn rebuild_catalog(
@@ -208,6 +229,7 @@ enum Endpoint {
     WorkerReady,
     StopWorker,
     Shutdown,
+    Metrics,
 }
 
 const ROUTES: &[Route<Endpoint>] = &[
@@ -237,6 +259,7 @@ const ROUTES: &[Route<Endpoint>] = &[
         Endpoint::StopWorker,
     ),
     (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
+    (Method::GET, "/metrics", Endpoint::Metrics),
 ];
 
 async fn route(h: Hive, req: Request<Incoming>) -> Response<Body> {
@@ -254,6 +277,7 @@ async fn route(h: Hive, req: Request<Incoming>) -> Response<Body> {
             &capabilities(h.models.models_dir()),
         )),
         Endpoint::State => h.state.stream(),
+        Endpoint::Metrics => Ok(metrics(&h)),
         Endpoint::Models => Ok(http::json(StatusCode::OK, &h.models.catalog().list())),
         Endpoint::DeleteModel => h
             .models

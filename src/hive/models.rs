@@ -27,15 +27,22 @@ pub struct Models {
     dir: PathBuf,
     hf: Arc<HfClient>,
     downloads: Downloads,
+    /// Downloads counted for `GET /metrics`.
+    metrics: crate::metrics::HiveMetrics,
 }
 
 impl Models {
+    pub fn metrics(&self) -> &crate::metrics::HiveMetrics {
+        &self.metrics
+    }
+
     pub fn new(catalog: Catalog, dir: PathBuf) -> Models {
         Models {
             catalog,
             dir,
             hf: Arc::new(HfClient::from_env()),
             downloads: Downloads::default(),
+            metrics: crate::metrics::HiveMetrics::default(),
         }
     }
 
@@ -238,12 +245,26 @@ impl Models {
         std::thread::Builder::new()
             .name("download".into())
             .spawn(move || {
-                let last = match this.fetch_and_register(&remote, &model_ref, &path, &progress) {
-                    Ok(entry) => DownloadEvent::Complete {
-                        local_path: entry.path,
-                    },
+                let have = |p: &watch::Sender<DownloadEvent>| match &*p.borrow() {
+                    DownloadEvent::Downloading {
+                        bytes_downloaded, ..
+                    } => *bytes_downloaded,
+                    _ => 0,
+                };
+                let before = have(&progress);
+                let outcome = this.fetch_and_register(&remote, &model_ref, &path, &progress);
+                this.metrics
+                    .downloaded(have(&progress).saturating_sub(before));
+                let last = match outcome {
+                    Ok(entry) => {
+                        this.metrics.download_ended("complete");
+                        DownloadEvent::Complete {
+                            local_path: entry.path,
+                        }
+                    }
                     Err(message) => {
                         tracing::warn!("download of {model_ref} failed: {message}");
+                        this.metrics.download_ended("error");
                         DownloadEvent::Error { message }
                     }
                 };

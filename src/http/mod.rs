@@ -6,6 +6,7 @@
 //! cannot drift from what is served.
 
 pub mod client;
+pub mod session;
 pub mod sse;
 
 use crate::protocol::{ApiError, ErrorBody, ErrorCode};
@@ -390,6 +391,8 @@ impl Stream for SseStream {
 #[derive(Clone, Default)]
 pub struct Auth {
     token: Option<std::sync::Arc<str>>,
+    /// Browser sessions, where this daemon has a page (the queen).
+    sessions: Option<session::Sessions>,
     doors: std::sync::Arc<Doors>,
 }
 
@@ -447,6 +450,23 @@ impl Auth {
         self
     }
 
+    /// Lets browser sessions in at the page's doors (`session::SESSION_DOORS`).
+    pub fn with_sessions(mut self) -> Auth {
+        self.sessions = Some(session::Sessions::default());
+        self
+    }
+
+    pub fn sessions(&self) -> Option<&session::Sessions> {
+        self.sessions.as_ref()
+    }
+
+    /// Whether `given` is the token (in constant time); always, without one.
+    pub fn is_token(&self, given: &str) -> bool {
+        self.token
+            .as_deref()
+            .is_none_or(|t| constant_time_eq(given.as_bytes(), t.as_bytes()))
+    }
+
     /// The token to present to other roles, if one is configured.
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref()
@@ -494,8 +514,22 @@ impl Auth {
         if req.uri().path() == "/health" {
             return Ok(cors);
         }
+        let (method, path) = (req.method(), req.uri().path());
         let verdict = match self.token.as_deref() {
-            Some(token) => check_bearer(header(hyper::header::AUTHORIZATION), token),
+            Some(_)
+                if self.sessions.is_some()
+                    && session::is_door(session::LOGIN_DOORS, method, path) =>
+            {
+                Ok(())
+            }
+            Some(token) => check_bearer(header(hyper::header::AUTHORIZATION), token).or_else(|e| {
+                let page = session::is_door(session::SESSION_DOORS, method, path);
+                let sessions = self.sessions.as_ref().filter(|_| page);
+                match sessions {
+                    Some(s) if s.admits(header(hyper::header::COOKIE)) => Ok(()),
+                    _ => Err(e),
+                }
+            }),
             None => self.doors.check(host, cross, allowed_cross.is_some()),
         };
         verdict.map(|()| cors).map_err(|e| Box::new(error(e)))

@@ -28,6 +28,16 @@ pub enum Command {
     Models(ModelsCmd),
     Workers(WorkersCmd),
     Queen(QueenCmd),
+    Status(StatusCmd),
+}
+
+/// Show the cluster: hives and their memory, workers, models, jobs
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+pub struct StatusCmd {
+    /// print a link that opens the queen's status page in a browser, logged in
+    #[argh(switch)]
+    pub web: bool,
 }
 
 /// Stream a completion to stdout.

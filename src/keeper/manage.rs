@@ -16,9 +16,9 @@ use hyper::Method;
 use std::io::IsTerminal;
 
 /// Runs a management command, waking the queen first unless the command is
-/// about the queen itself.
+/// about the queen itself, or only looks (`status`).
 pub async fn manage(queen: &Queen, command: Command) -> Result<(), String> {
-    if !matches!(command, Command::Queen(_)) {
+    if !matches!(command, Command::Queen(_) | Command::Status(_)) {
         queen.wake().await?;
     }
     match command {
@@ -38,6 +38,7 @@ pub async fn manage(queen: &Queen, command: Command) -> Result<(), String> {
             WorkersAction::Stop(s) => workers_stop(queen, &s.id).await,
         },
         Command::Queen(q) => queen_cmd(queen, &q).await,
+        Command::Status(s) => super::status::status(queen, s.web).await,
         Command::Infer(_) => Err("infer is not a management command".into()),
     }
 }
@@ -181,6 +182,7 @@ async fn workers_list(queen: &Queen) -> Result<(), String> {
         hive,
         worker: w,
         in_flight,
+        ..
     } in workers
     {
         let measured = if w.memory_measured { "" } else { " (estimate)" };

@@ -7,13 +7,14 @@
 //!
 //! `args` holds the command line, `queen` the calls to the queen and waking
 //! it, `infer` a job and its stream, `render` how a stream is shown, and
-//! `manage` the management commands.
+//! `manage` the management commands, `status` the cluster at a glance.
 
 mod args;
 mod infer;
 mod manage;
 mod queen;
 mod render;
+mod status;
 
 pub use args::*;
 

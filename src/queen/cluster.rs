@@ -23,6 +23,8 @@ const RETRACK_EVERY: Duration = Duration::from_secs(1);
 pub trait Cluster: Sync {
     /// The live view: hives, their snapshots, in-flight counts, prefixes.
     fn view(&self) -> &View;
+    /// What the queen counts for `GET /metrics`.
+    fn metrics(&self) -> &crate::metrics::QueenMetrics;
     /// The hive on this machine, started now if none runs, once the view has
     /// heard from it; `job` hears how it goes.
     fn local_hive(&self, job: &Job) -> impl Future<Output = Result<HiveConn, ApiError>> + Send;
@@ -75,6 +77,7 @@ impl HiveConn {
 pub struct Live {
     pub registry: Registry,
     pub view: View,
+    pub metrics: crate::metrics::QueenMetrics,
 }
 
 impl Live {
@@ -83,6 +86,7 @@ impl Live {
         let live = Live {
             registry,
             view: View::default(),
+            metrics: crate::metrics::QueenMetrics::default(),
         };
         live.retrack().await;
         let backstop = live.clone();
@@ -104,6 +108,10 @@ impl Live {
 impl Cluster for Live {
     fn view(&self) -> &View {
         &self.view
+    }
+
+    fn metrics(&self) -> &crate::metrics::QueenMetrics {
+        &self.metrics
     }
 
     async fn local_hive(&self, job: &Job) -> Result<HiveConn, ApiError> {

@@ -2,7 +2,9 @@
 //! client that attaches late misses nothing, and its cancellation.
 
 use crate::http::sse;
-use crate::protocol::{ApiError, ClusterEvent, InferenceEvent, JobEvent};
+use crate::protocol::{
+    now_rfc3339, ApiError, ClusterEvent, ErrorCode, InferenceEvent, JobEvent, JobState, JobSummary,
+};
 use hyper::body::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,10 @@ const KEEP_FINISHED: Duration = Duration::from_secs(600);
 
 pub struct Job {
     pub id: String,
+    /// When it arrived: its age, and its time to first token.
+    pub created: Instant,
+    /// What the status page shows of it.
+    summary: Mutex<JobSummary>,
     /// Every SSE frame so far, `[DONE]` last once finished.
     frames: Mutex<Vec<Bytes>>,
     /// The number of frames, for streams waiting on new ones.
@@ -29,6 +35,18 @@ pub struct Job {
 impl Job {
     fn new(id: String) -> Job {
         Job {
+            summary: Mutex::new(JobSummary {
+                job_id: id.clone(),
+                model: String::new(),
+                state: JobState::Running,
+                hive: None,
+                worker: None,
+                tokens: 0,
+                started_at: now_rfc3339(),
+                seconds: 0.0,
+                error: None,
+            }),
+            created: Instant::now(),
             id,
             frames: Mutex::default(),
             count: watch::channel(0).0,
@@ -40,6 +58,9 @@ impl Job {
 
     pub fn push(&self, event: &JobEvent) {
         self.push_frame(sse::event(event));
+        if let JobEvent::Inference(InferenceEvent::Token { ids, .. }) = event {
+            self.edit(|s| s.tokens += ids.len().max(1) as u32);
+        }
         if let JobEvent::Inference(e) = event {
             let mut tap = self.tap.lock().unwrap_or_else(|p| p.into_inner());
             if tap.as_ref().is_some_and(|t| t.send(e.clone()).is_err()) {
@@ -76,14 +97,59 @@ impl Job {
         }));
     }
 
+    fn edit(&self, f: impl FnOnce(&mut JobSummary)) {
+        f(&mut self.summary.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The model it asks for, as asked.
+    pub fn describe(&self, model: &str) {
+        self.edit(|s| s.model = model.to_string());
+    }
+
+    /// The worker it runs on now.
+    pub fn serving(&self, hive: &str, worker: &str) {
+        self.edit(|s| {
+            s.hive = Some(hive.to_string());
+            s.worker = Some(worker.to_string());
+        });
+    }
+
+    /// What the status page shows of it now.
+    pub fn summary(&self) -> JobSummary {
+        let mut s = self
+            .summary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if s.state == JobState::Running {
+            s.seconds = self.created.elapsed().as_secs_f64();
+        }
+        s
+    }
+
     pub fn fail(&self, e: ApiError) {
         tracing::warn!("{}: {}: {}", self.id, e.code, e.message);
+        self.edit(|s| {
+            s.state = if e.code == ErrorCode::Cancelled {
+                JobState::Cancelled
+            } else {
+                JobState::Failed
+            };
+            s.error = Some(e.message.clone());
+        });
         self.push(&JobEvent::Inference(e.into()));
     }
 
     /// Ends the stream with `[DONE]`; nothing is pushed after this.
     pub fn finish(&self) {
         self.tap.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let seconds = self.created.elapsed().as_secs_f64();
+        self.edit(|s| {
+            if s.state == JobState::Running {
+                s.state = JobState::Done;
+            }
+            s.seconds = seconds;
+        });
         self.push_frame(Bytes::from_static(sse::DONE));
         self.finished.send_replace(Some(Instant::now()));
     }
@@ -170,6 +236,23 @@ impl Jobs {
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .cloned()
+    }
+
+    /// Running jobs, then the `recent` last finished ones, newest first.
+    pub fn summaries(&self, recent: usize) -> Vec<JobSummary> {
+        let mut jobs: Vec<Arc<Job>> = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        jobs.sort_by_key(|j| (j.is_finished(), std::cmp::Reverse(j.created)));
+        let running = jobs.iter().filter(|j| !j.is_finished()).count();
+        jobs.iter()
+            .take(running + recent)
+            .map(|j| j.summary())
+            .collect()
     }
 
     /// Cancels every job that is still running (the queen is stopping).

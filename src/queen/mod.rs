@@ -8,14 +8,15 @@ pub mod placement;
 pub mod provision;
 pub mod registry;
 pub mod scheduler;
+mod status;
 pub mod view;
 
 use crate::clients::Events;
 use crate::http::{self, sse, Auth, Body, Reply, Route};
 use crate::openai;
 use crate::protocol::{
-    AddHive, ApiError, DownloadEvent, DownloadRequest, ErrorCode, Health, HiveRemoved, HiveState,
-    HiveStatus, HiveWorker, InferenceEvent, JobCancelled, JobCreated, JobRequest,
+    AddHive, ApiError, DownloadEvent, DownloadRequest, ErrorCode, Health, HiveRemoved, HiveWorker,
+    InferenceEvent, JobCancelled, JobCreated, JobRequest,
 };
 use argh::FromArgs;
 use cluster::Live;
@@ -69,11 +70,13 @@ struct Queen {
 }
 
 pub async fn run(args: Args) -> Result<(), String> {
-    let auth = Auth::load(args.token_file.as_deref())?.with_doors(
-        &args.host,
-        args.allowed_hosts.as_deref(),
-        args.allowed_origins.as_deref(),
-    );
+    let auth = Auth::load(args.token_file.as_deref())?
+        .with_doors(
+            &args.host,
+            args.allowed_hosts.as_deref(),
+            args.allowed_origins.as_deref(),
+        )
+        .with_sessions();
     auth.check_bind(&args.host)?;
     let listener = crate::process::bind(&args.host, args.port).await?;
     let data_dir = crate::data_dir(args.data_dir.as_deref());
@@ -150,6 +153,12 @@ enum Endpoint {
     Completions,
     Models,
     Shutdown,
+    Page,
+    Status,
+    StatusStream,
+    Login,
+    LoginLink,
+    Metrics,
 }
 
 const ROUTES: &[Route<Endpoint>] = &[
@@ -196,6 +205,12 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/v1/completions", Endpoint::Completions),
     (Method::GET, "/v1/models", Endpoint::Models),
     (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
+    (Method::GET, "/", Endpoint::Page),
+    (Method::GET, "/v1/status", Endpoint::Status),
+    (Method::GET, "/v1/status/stream", Endpoint::StatusStream),
+    (Method::POST, "/v1/session", Endpoint::Login),
+    (Method::POST, "/v1/session/link", Endpoint::LoginLink),
+    (Method::GET, "/metrics", Endpoint::Metrics),
 ];
 
 async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
@@ -208,13 +223,13 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
     let param = params.first().copied().unwrap_or_default();
     http::reply(match endpoint {
         Endpoint::Health => Ok(http::json(StatusCode::OK, &Health::alive("queen"))),
-        Endpoint::Hives => Ok(http::json(StatusCode::OK, &hive_list(&q).await)),
+        Endpoint::Hives => Ok(http::json(StatusCode::OK, &status::hive_list(&q).await)),
         Endpoint::AddHive => add_hive(&q, req).await,
         Endpoint::RemoveHive => remove_hive(&q, param).await,
         Endpoint::CreateJob => create_job(&q, req).await,
         Endpoint::JobStream => job_stream(&q, param),
         Endpoint::CancelJob => cancel_job(&q, param),
-        Endpoint::Workers => Ok(http::json(StatusCode::OK, &workers(&q))),
+        Endpoint::Workers => Ok(http::json(StatusCode::OK, &status::workers(&q))),
         Endpoint::StopWorker => stop_worker(&q, param).await,
         Endpoint::HiveModels
         | Endpoint::HiveDownload
@@ -231,6 +246,12 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
             q.shutdown.notify_one();
             Ok(http::json(StatusCode::ACCEPTED, &Health::stopping("queen")))
         }
+        Endpoint::Page => Ok(status::page()),
+        Endpoint::Status => Ok(http::json(StatusCode::OK, &status::status(&q).await)),
+        Endpoint::StatusStream => status::stream(&q),
+        Endpoint::Login => status::login(&q, req).await,
+        Endpoint::LoginLink => status::link(&q),
+        Endpoint::Metrics => Ok(status::metrics(&q)),
     })
 }
 
@@ -248,7 +269,7 @@ async fn add_hive(q: &Queen, req: Request<Incoming>) -> Reply {
                 .any(|h| h.conn.name == name && (h.snapshot.is_some() || h.error.is_some()))
         })
         .await;
-    let status = hive_list(q)
+    let status = status::hive_list(q)
         .await
         .into_iter()
         .find(|h| h.name == conn.name)
@@ -306,52 +327,11 @@ fn cancel_job(q: &Queen, id: &str) -> Reply {
     ))
 }
 
-/// Every hive, as the live view has it.
-async fn hive_list(q: &Queen) -> Vec<HiveStatus> {
-    q.cluster.retrack().await;
-    let mut list = Vec::new();
-    for h in q.cluster.view.state().hives {
-        let snapshot = h.snapshot.as_ref();
-        list.push(HiveStatus {
-            managed: q.registry.is_managed(&h.conn.name).await,
-            name: h.conn.name.clone(),
-            url: h.conn.url.clone(),
-            status: match (h.reachable, &h.error) {
-                (true, _) => HiveState::Reachable,
-                (false, Some(_)) => HiveState::Unreachable,
-                (false, None) => HiveState::Unknown,
-            },
-            last_seen: h.last_seen.clone(),
-            error: h.error.clone(),
-            version: snapshot.map(|s| s.version.clone()),
-            version_matches: snapshot.is_some_and(|s| s.version == env!("CARGO_PKG_VERSION")),
-            ram: snapshot.map(|s| s.ram.clone()),
-            gpus: snapshot.map(|s| s.gpus.clone()).unwrap_or_default(),
-            workers: snapshot.map_or(0, |s| s.workers.len() as u32),
-        });
-    }
-    list
-}
-
-/// Every worker of every reachable hive, with what the queen has in flight on it.
-fn workers(q: &Queen) -> Vec<HiveWorker> {
-    let state = q.cluster.view.state();
-    let mut all = Vec::new();
-    for h in state.hives.iter().filter(|h| h.reachable) {
-        for w in h.snapshot.iter().flat_map(|s| &s.workers) {
-            all.push(HiveWorker {
-                hive: h.conn.name.clone(),
-                in_flight: state.in_flight(&w.url),
-                worker: w.clone(),
-            });
-        }
-    }
-    all
-}
-
 /// Stops a worker on whichever hive has it.
 async fn stop_worker(q: &Queen, id: &str) -> Reply {
-    let found = workers(q).into_iter().find(|w| w.worker.worker_id == id);
+    let found = status::workers(q)
+        .into_iter()
+        .find(|w| w.worker.worker_id == id);
     let Some(found) = found else {
         return Err(ApiError::new(
             ErrorCode::WorkerNotFound,
@@ -380,6 +360,7 @@ async fn stop_worker(q: &Queen, id: &str) -> Reply {
             hive: hive.name,
             worker: w,
             in_flight: found.in_flight,
+            tokens_per_second: found.tokens_per_second,
         },
     ))
 }
@@ -562,11 +543,18 @@ async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
 /// Runs `work` as `job` in a task of its own until it ends or is cancelled.
 fn start_job(q: &Queen, job: Arc<jobs::Job>, work: scheduler::Work) {
     let cluster = q.cluster.clone();
+    job.describe(&work.model);
+    cluster.metrics.job_started();
     tokio::spawn(async move {
         let outcome = tokio::select! {
             r = scheduler::run(&cluster, &job, &work) => r,
             () = job.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the job was cancelled")),
         };
+        cluster.metrics.job_ended(match &outcome {
+            Ok(()) => "ok",
+            Err(e) if e.code == ErrorCode::Cancelled => "cancelled",
+            Err(_) => "error",
+        });
         if let Err(e) = outcome {
             job.fail(e);
         }

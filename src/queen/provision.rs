@@ -164,6 +164,7 @@ async fn make_room(cluster: &impl Cluster, job: &Job, place: &Placement) -> Resu
             ),
         );
         cluster.stop_worker(&t.hive, &t.worker_id).await?;
+        cluster.metrics().evicted();
     }
     let urls: Vec<String> = place.evict.iter().map(|t| t.url.clone()).collect();
     let gone = cluster

@@ -85,21 +85,25 @@ pub async fn run(cluster: &impl Cluster, job: &Job, work: &Work) -> Result<(), A
         .await;
         let (target, in_flight) = picked.map_err(|e| attempts.nobody_left(e))?;
         cluster.view().remember(&prefix, &target.url);
+        job.serving(&target.hive.name, &target.worker_id);
         let outcome = relay(cluster, &target, job, &work.inference, &mut sent).await;
         drop(in_flight);
         match attempts.decide(outcome, &target) {
             Decision::Finished(result) => return result,
             Decision::WaitBusy => tokio::time::sleep(BUSY_PAUSE).await,
-            Decision::Failover => job.narrate(
-                "queen",
-                "failover",
-                format!(
-                    "worker {} on hive {} was lost after {} tokens; continuing on another worker",
-                    target.worker_id,
-                    target.hive.name,
-                    sent.ids.len()
-                ),
-            ),
+            Decision::Failover => {
+                cluster.metrics().failover();
+                job.narrate(
+                    "queen",
+                    "failover",
+                    format!(
+                        "worker {} on hive {} was lost after {} tokens; continuing on another worker",
+                        target.worker_id,
+                        target.hive.name,
+                        sent.ids.len()
+                    ),
+                );
+            }
         }
     }
 }
@@ -385,6 +389,8 @@ async fn relay(
     let lost = cluster.view().worker_lost(&target.hive.name, &target.url);
     tokio::pin!(lost);
     let first = sent.events;
+    // The worker's own name for its model: what the metrics are labelled with.
+    let mut model = String::new();
     loop {
         let event = tokio::select! {
             event = events.next() => event,
@@ -395,12 +401,19 @@ async fn relay(
         };
         let event = match event {
             // One `started` per job: a failover's is not news to the client.
-            InferenceEvent::Started { .. } if sent.started => continue,
-            InferenceEvent::Started { .. } => {
+            InferenceEvent::Started { model: ref m, .. } if sent.started => {
+                model = m.clone();
+                continue;
+            }
+            InferenceEvent::Started { model: ref m, .. } => {
+                model = m.clone();
                 sent.started = true;
                 event
             }
             InferenceEvent::Token { t, i, ids } => {
+                if first + i == 0 {
+                    cluster.metrics().first_token(&model, job.created.elapsed());
+                }
                 sent.ids.extend(&ids);
                 sent.events = first + i + 1;
                 InferenceEvent::Token {
@@ -415,13 +428,22 @@ async fn relay(
                 stop_reason,
                 cached_tokens,
                 ids,
-            } => InferenceEvent::End {
-                tokens_out: tokens_out + resumed,
-                decode_time_ms,
-                stop_reason,
-                cached_tokens,
-                ids,
-            },
+            } => {
+                cluster
+                    .metrics()
+                    .decoded(&model, tokens_out, decode_time_ms);
+                if decode_time_ms > 0 {
+                    let rate = f64::from(tokens_out) * 1000.0 / decode_time_ms as f64;
+                    cluster.view().record_rate(&target.url, rate);
+                }
+                InferenceEvent::End {
+                    tokens_out: tokens_out + resumed,
+                    decode_time_ms,
+                    stop_reason,
+                    cached_tokens,
+                    ids,
+                }
+            }
             other => other,
         };
         let terminal = matches!(
@@ -479,6 +501,7 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         view: View,
+        metrics: crate::metrics::QueenMetrics,
         /// Models a hive can fetch (any hive).
         fetchable: Vec<String>,
         /// Each worker's (by URL) script and how far it got.
@@ -537,6 +560,10 @@ mod tests {
     impl Cluster for Fake {
         fn view(&self) -> &View {
             &self.view
+        }
+
+        fn metrics(&self) -> &crate::metrics::QueenMetrics {
+            &self.metrics
         }
 
         async fn local_hive(&self, _job: &Job) -> Result<HiveConn, ApiError> {

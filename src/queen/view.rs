@@ -67,6 +67,8 @@ struct Inner {
     in_flight: HashMap<String, u32>,
     last_used: HashMap<String, Instant>,
     affinity: Affinity,
+    /// The decode speed of each worker's last answer (URL → tokens/s).
+    rates: HashMap<String, f64>,
     /// One provisioning per model at a time.
     provisioning: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
@@ -271,6 +273,15 @@ impl View {
             view: self.clone(),
             url: url.to_string(),
         }
+    }
+
+    /// Remembers how fast the worker at `url` decoded its last answer.
+    pub fn record_rate(&self, url: &str, tokens_per_second: f64) {
+        self.lock().rates.insert(url.to_string(), tokens_per_second);
+    }
+
+    pub fn rate(&self, url: &str) -> Option<f64> {
+        self.lock().rates.get(url).copied()
     }
 
     /// The worker that last served the longest of these prefixes (from [`prefix_hashes`]).

@@ -248,6 +248,20 @@ impl<S> PromptCache<S> {
     }
 
     /// Conversations remembered (idle resident ones and saved ones) and their tokens.
+    /// Tokens idle slots still hold in their KV streams.
+    pub fn resident(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|r| !r.in_use)
+            .map(|r| r.tokens.len())
+            .sum()
+    }
+
+    /// How many slots it keeps.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
     pub fn cached(&self) -> (usize, usize) {
         let resident = self
             .slots

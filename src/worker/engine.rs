@@ -27,7 +27,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Tokens per decode call: the room shared by generating slots and prompt chunks.
@@ -47,6 +47,8 @@ pub struct Config {
     pub queue_size: u32,
     /// Host memory for conversations saved out of their slots, in bytes.
     pub cache_ram: usize,
+    /// What the engine counts for `GET /metrics`.
+    pub metrics: crate::metrics::WorkerMetrics,
 }
 
 /// Counters the HTTP side reads for `/v1/ready` and admission.
@@ -280,6 +282,9 @@ struct Request {
     /// Ids of generated tokens that went out with no text (they made a stop
     /// sequence): the `end` event carries them.
     textless: Vec<i32>,
+    /// When it arrived, and when it got a slot (for the metrics).
+    arrived: Instant,
+    admitted: Option<Instant>,
     /// When the prompt was read and generation began.
     decode_started: Option<Instant>,
 }
@@ -376,6 +381,7 @@ struct Batcher<'m> {
     cache: PromptCache<SeqState>,
     /// The context one request may fill, in tokens.
     n_ctx_slot: u32,
+    metrics: crate::metrics::WorkerMetrics,
 }
 
 /// The continuous-batching loop. Returns when told to shut down.
@@ -443,6 +449,7 @@ impl<'m> Batcher<'m> {
             slots: Slots::new(n_slots as usize),
             cache: PromptCache::new(n_slots as usize, config.cache_ram),
             n_ctx_slot,
+            metrics: config.metrics.clone(),
         })
     }
 
@@ -523,6 +530,7 @@ impl<'m> Batcher<'m> {
             if let Some(r) = self.slots.get_mut(slot) {
                 r.prompt_done = reused;
                 r.cached = reused;
+                r.admitted = Some(Instant::now());
             }
         }
     }
@@ -577,8 +585,19 @@ impl<'m> Batcher<'m> {
     }
 
     /// Tells the HTTP side how busy the engine is and what it remembers.
-    fn publish(&self, load: &Load) {
+    fn publish(&mut self, load: &Load) {
         let (sequences, tokens) = self.cache.cached();
+        let in_slots: usize = self
+            .slots
+            .busy_mut()
+            .map(|(_, r)| r.prompt_done + r.fed.len())
+            .sum();
+        self.metrics.load(
+            self.slots.busy(),
+            self.slots.queued(),
+            (in_slots + self.cache.resident()) as u64,
+            u64::from(self.n_ctx_slot) * self.cache.slots() as u64,
+        );
         load.busy.store(self.slots.busy() as u32, Ordering::Relaxed);
         load.cached_sequences
             .store(sequences as u32, Ordering::Relaxed);
@@ -626,6 +645,7 @@ impl<'m> Batcher<'m> {
     fn decode(&mut self) -> DecodeOutcome {
         match self.ctx.decode(&mut self.batch) {
             Ok(()) => {
+                self.metrics.decoded(self.slots.busy());
                 for (_, r) in self.slots.busy_mut() {
                     match r.pending.take() {
                         Some(PieceKind::Prompt { len, .. }) => r.prompt_done += len,
@@ -666,11 +686,22 @@ impl<'m> Batcher<'m> {
                 continue;
             };
             let token = r.sampler.sample(&self.ctx, idx);
-            r.decode_started.get_or_insert_with(Instant::now);
+            if r.decode_started.is_none() {
+                let reading = r.admitted.map_or(Duration::ZERO, |t| t.elapsed());
+                let decoded = r.tokens.len() - r.cached;
+                self.metrics.first_token(
+                    decoded as u64,
+                    r.cached as u64,
+                    reading,
+                    r.arrived.elapsed(),
+                );
+                r.decode_started = Some(Instant::now());
+            }
             let ended = if vocab.is_eog(token) {
                 r.finish(StopReason::Eos);
                 true
             } else {
+                self.metrics.predicted();
                 accept(
                     r,
                     &vocab.token_to_piece(token, false, None),
@@ -679,6 +710,8 @@ impl<'m> Batcher<'m> {
                 )
             };
             if ended {
+                let decoding = r.decode_started.map_or(Duration::ZERO, |t| t.elapsed());
+                self.metrics.generated(decoding);
                 self.release(slot);
             }
         }
@@ -773,6 +806,8 @@ fn prepare(
         max_tokens,
         generated: 0,
         sent: 0,
+        arrived: Instant::now(),
+        admitted: None,
         decode_started: None,
     })
 }

@@ -96,6 +96,8 @@ struct Worker {
     auth: Auth,
     /// Fired by `POST /v1/admin/shutdown`.
     shutdown: Arc<tokio::sync::Notify>,
+    /// What `GET /metrics` shows; the engine counts into it.
+    metrics: crate::metrics::WorkerMetrics,
 }
 
 /// Runs the worker until it is told to stop; `Err` is the one-line reason it failed.
@@ -117,7 +119,8 @@ pub async fn run(args: Args) -> Result<(), String> {
         args.host,
         listener.local_addr().map_or(args.port, |a| a.port())
     );
-    let (engine, loading, thread) = Engine::start(engine_config(&args))
+    let metrics = crate::metrics::WorkerMetrics::default();
+    let (engine, loading, thread) = Engine::start(engine_config(&args, &metrics))
         .map_err(|e| format!("cannot start the engine thread: {e}"))?;
     let worker = Worker {
         engine: engine.clone(),
@@ -126,6 +129,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         loading,
         auth,
         shutdown: Arc::new(tokio::sync::Notify::new()),
+        metrics,
     };
     tracing::info!(
         "worker listening on {url}, loading {}",
@@ -220,7 +224,7 @@ const MAX_CACHE_RAM_MB: u64 = 1 << 20;
 /// Waiting requests beyond this are a client stampede, not a queue.
 const MAX_QUEUE: u32 = 100_000;
 
-fn engine_config(args: &Args) -> Config {
+fn engine_config(args: &Args, metrics: &crate::metrics::WorkerMetrics) -> Config {
     Config {
         model_path: args.model.clone(),
         slots: args.slots,
@@ -234,6 +238,7 @@ fn engine_config(args: &Args) -> Config {
         main_gpu: args.device,
         queue_size: args.queue_size,
         cache_ram: usize::try_from(args.cache_ram << 20).unwrap_or(usize::MAX),
+        metrics: metrics.clone(),
     }
 }
 
@@ -315,6 +320,7 @@ enum Endpoint {
     ChatCompletions,
     Completions,
     Models,
+    Metrics,
     Shutdown,
 }
 
@@ -336,6 +342,7 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/v1/completions", Endpoint::Completions),
     (Method::GET, "/v1/models", Endpoint::Models),
     (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
+    (Method::GET, "/metrics", Endpoint::Metrics),
 ];
 
 async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
@@ -348,6 +355,7 @@ async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
     let reply = match endpoint {
         Endpoint::Health => Ok(http::json(StatusCode::OK, &Health::alive("worker"))),
         Endpoint::Ready => Ok(http::json(StatusCode::OK, &ready_status(&w))),
+        Endpoint::Metrics => Ok(w.metrics.respond()),
         Endpoint::LoadingProgress => Ok(loading_progress(&w)),
         Endpoint::Inference => inference(&w, req).await,
         Endpoint::ChatCompletions => return openai_completion(&w, req, openai::Kind::Chat).await,

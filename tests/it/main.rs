@@ -12,6 +12,7 @@ mod hardening;
 mod hf_server;
 mod hive;
 mod keeper;
+mod observe;
 mod openai;
 mod resilience;
 mod support;
