@@ -164,19 +164,10 @@ fn the_status_page_in_a_real_browser_shows_the_hive_the_worker_and_the_job() {
     let c = Cluster::with_hives("page", &[("garden", &hive)]);
     // Screenshots for a person to look at, kept with the build's test files.
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser/status_page.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(&chromium)
-        .args([&c.queen, "garden", &file_model()])
-        .arg(&shots)
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (chromium, shots_dir) = (chromium.display().to_string(), shots.display().to_string());
+    let stdout = python(
+        "browser/status_page.py",
+        &[&chromium, &c.queen, "garden", &file_model(), &shots_dir],
     );
     assert!(stdout.contains("all ok"), "{stdout}");
     for name in ["laptop", "phone"] {

@@ -8,13 +8,6 @@ use std::time::Duration;
 #[test]
 fn the_official_python_client_works_against_worker_and_queen() {
     let _turn = serial();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let pythonpath = std::env::var("RBEE_TEST_PYTHONPATH")
-        .unwrap_or_else(|_| root.join(".models/py").display().to_string());
-    assert!(
-        std::path::Path::new(&pythonpath).join("openai").is_dir(),
-        "the openai package is missing from {pythonpath}: run `make test` (it installs it)"
-    );
     let worker = ready_worker(&["--slots", "2"]);
 
     // A queen with two hives, one of which has the model in its catalog.
@@ -53,18 +46,9 @@ fn the_official_python_client_works_against_worker_and_queen() {
         assert_eq!(status, 201, "{body}");
     }
 
-    let script = root.join("tests/openai/client_test.py");
-    let out = std::process::Command::new("python3")
-        .arg(&script)
-        .args([&worker.url, &queen.url, "smollm2-135m-instruct.q4_1"])
-        .env("PYTHONPATH", &pythonpath)
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = python(
+        "openai/client_test.py",
+        &[&worker.url, &queen.url, "smollm2-135m-instruct.q4_1"],
     );
     assert!(stdout.contains("15 passed, 0 failed"), "{stdout}");
     // The queen served on hive two, where the model was.

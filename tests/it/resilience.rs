@@ -168,21 +168,8 @@ fn the_official_client_streams_through_a_failover_without_a_break() {
     assert_eq!(status, 200, "{created}");
     let serving = ready_workers(&c.queen);
     assert_eq!(serving.len(), 1, "{serving:?}");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let pythonpath = std::env::var("RBEE_TEST_PYTHONPATH")
-        .unwrap_or_else(|_| root.join(".models/py").display().to_string());
-    let out = Command::new("python3")
-        .arg(root.join("tests/openai/failover_test.py"))
-        .args([&c.queen, &file_model(), &serving[0].1.to_string()])
-        .env("PYTHONPATH", &pythonpath)
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid = serving[0].1.to_string();
+    let stdout = python("openai/failover_test.py", &[&c.queen, &file_model(), &pid]);
     assert!(stdout.contains("3 passed, 0 failed"), "{stdout}");
 }
 

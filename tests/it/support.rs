@@ -423,3 +423,29 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// Runs one of the Python scripts under `tests/` with these arguments, with
+/// the official `openai` package that `make test` installs on its path
+/// (`RBEE_TEST_PYTHONPATH`, else `.models/py`); its stdout, once it succeeded.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pythonpath = std::env::var("RBEE_TEST_PYTHONPATH")
+        .unwrap_or_else(|_| root.join(".models/py").display().to_string());
+    assert!(
+        std::path::Path::new(&pythonpath).join("openai").is_dir(),
+        "the openai package is missing from {pythonpath}: run `make test` (it installs it)"
+    );
+    let out = Command::new("python3")
+        .arg(root.join("tests").join(script))
+        .args(args)
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{script}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
