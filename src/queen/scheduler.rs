@@ -17,7 +17,7 @@ use super::provision;
 use super::registry::LOCALHOST;
 use super::view::{prefix_hashes, ClusterState, InFlight, SILENCE};
 use crate::protocol::{
-    ApiError, ErrorCode, InferenceEvent, InferenceRequest, JobEvent, JobRequest,
+    ApiError, ErrorCode, InferenceEvent, InferenceRequest, JobEvent, JobRequest, StopReason,
 };
 use std::time::Duration;
 
@@ -375,6 +375,21 @@ async fn relay(
     sent: &mut Sent,
 ) -> Result<(), Relay> {
     let resumed = sent.ids.len() as u32;
+    if inference
+        .sampling
+        .max_tokens
+        .is_some_and(|n| n <= i64::from(resumed))
+    {
+        // Every token asked for went out before the loss; only `end` did not.
+        job.push(&JobEvent::Inference(InferenceEvent::End {
+            tokens_out: resumed,
+            decode_time_ms: 0,
+            stop_reason: StopReason::MaxTokens,
+            cached_tokens: 0,
+            ids: Vec::new(),
+        }));
+        return Ok(());
+    }
     let mut body = inference.clone();
     body.sampling.max_tokens = body
         .sampling
@@ -849,6 +864,31 @@ mod tests {
             "one started per job"
         );
         assert!(narrated(&events, "failover"));
+    }
+
+    #[tokio::test]
+    async fn a_worker_lost_after_every_token_asked_for_is_not_replaced_just_ended() {
+        let fake = Fake::with_hives(&["a"])
+            .worker("a", "w1", 0, &[Answer::LostAfter(2)])
+            .worker("a", "w2", 1, &[Answer::Tokens(3)]);
+        let job = Jobs::default().create();
+        let mut req = job_request(None);
+        req.sampling.max_tokens = Some(2);
+        run(&fake, &job, &req.into()).await.expect("the job ends");
+        assert_eq!(
+            fake.calls(),
+            ["infer http://w1"],
+            "nothing left to generate"
+        );
+        let ends: Vec<u32> = job
+            .events()
+            .iter()
+            .filter_map(|e| match e {
+                JobEvent::Inference(InferenceEvent::End { tokens_out, .. }) => Some(*tokens_out),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ends, [2]);
     }
 
     #[tokio::test]
