@@ -221,22 +221,7 @@ fn with_a_token_the_page_trades_it_for_a_cookie_that_opens_its_doors_only() {
     let token_file = home.path().join("token");
     std::fs::write(&token_file, "page-secret\n").expect("token written");
     let token = token_file.display().to_string();
-    let port = free_port();
-    let queen = Proc::start(
-        &[
-            "queen",
-            "--port",
-            &port.to_string(),
-            "--data-dir",
-            home.str(),
-            "--token-file",
-            &token,
-        ],
-        port,
-    );
-    wait_until("the queen", Duration::from_secs(30), || {
-        matches!(try_get(&format!("{}/health", queen.url)), Ok((200, _)))
-    });
+    let queen = start_queen(&home, &["--token-file", &token]);
     let url = |p: &str| format!("{}{p}", queen.url);
     let (status, _, page) = call("GET", &url("/"), &[], None);
     assert_eq!(status, 200, "the page itself holds no data");

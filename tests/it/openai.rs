@@ -3,7 +3,6 @@
 
 use crate::support::*;
 use serde_json::json;
-use std::time::Duration;
 
 #[test]
 fn the_official_python_client_works_against_worker_and_queen() {
@@ -24,20 +23,7 @@ fn the_official_python_client_works_against_worker_and_queen() {
         &json!({"model_ref": model}).to_string(),
     );
     assert_eq!(status, 202);
-    let port = free_port();
-    let queen = Proc::start(
-        &[
-            "queen",
-            "--port",
-            &port.to_string(),
-            "--data-dir",
-            queen_home.str(),
-        ],
-        port,
-    );
-    wait_until("the queen", Duration::from_secs(30), || {
-        matches!(try_get(&format!("{}/health", queen.url)), Ok((200, _)))
-    });
+    let queen = start_queen(&queen_home, &[]);
     for (name, h) in [("one", &one), ("two", &two)] {
         let (status, body) = post(
             &format!("{}/v1/hives", queen.url),

@@ -414,6 +414,19 @@ pub fn start_hive_on(port: u16, home: &TempDir, extra: &[&str], env: &[(&str, &s
     p
 }
 
+/// `rbee queen` on a free port with its own data directory, answering.
+pub fn start_queen(home: &TempDir, extra: &[&str]) -> Proc {
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut args = vec!["queen", "--port", &port_s, "--data-dir", home.str()];
+    args.extend_from_slice(extra);
+    let p = Proc::start(&args, port);
+    wait_until("the queen to answer", Duration::from_secs(30), || {
+        matches!(try_get(&format!("{}/health", p.url)), Ok((200, _)))
+    });
+    p
+}
+
 /// Polls `check` every 2 ms (tests watch short-lived states, such as a model
 /// loading) until it holds; panics with `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
