@@ -2,6 +2,7 @@
 //! for GGUF models. One executable, several roles; see ARCHITECTURE.md for the
 //! map and DESIGN.md for the wire formats.
 
+pub mod cli;
 pub mod clients;
 pub mod gguf;
 pub mod hive;
@@ -15,6 +16,7 @@ pub mod protocol;
 pub mod queen;
 pub mod service;
 pub mod store;
+pub mod suggest;
 pub mod worker;
 
 /// Whether this binary was built with a GPU backend (CUDA or Metal).

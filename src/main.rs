@@ -25,10 +25,7 @@ enum Role {
 fn main() -> ExitCode {
     // Before any thread starts: it takes a variable out of the environment.
     rbee::process::take_ready_pipe();
-    // A lone `-` (read the prompt from stdin) looks like an option to argh.
-    let argv: Vec<String> = std::env::args()
-        .map(|a| if a == "-" { "--stdin".to_string() } else { a })
-        .collect();
+    let argv = rbee::cli::normalize(std::env::args().collect());
     let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
     let cmd = strs.first().map_or("rbee", |c| {
         std::path::Path::new(c)
@@ -36,20 +33,23 @@ fn main() -> ExitCode {
             .and_then(|n| n.to_str())
             .unwrap_or("rbee")
     });
-    let cli = match Cli::from_args(&[cmd], strs.get(1..).unwrap_or(&[])) {
+    let args = strs.get(1..).unwrap_or(&[]);
+    let cli = match Cli::from_args(&[cmd], args) {
         Ok(cli) => cli,
+        Err(early) if early.status.is_ok() => {
+            println!("{}", early.output);
+            return ExitCode::SUCCESS;
+        }
         Err(early) => {
-            let ok = early.status.is_ok();
-            if ok {
-                println!("{}", early.output);
-            } else {
-                eprintln!("{}", early.output);
-            }
-            return if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
+            let help = |prefix: &[&str]| {
+                let asked: Vec<&str> = prefix.iter().copied().chain(["--help"]).collect();
+                match Cli::from_args(&[cmd], &asked) {
+                    Err(e) if e.status.is_ok() => Some(e.output),
+                    _ => None,
+                }
             };
+            eprintln!("{cmd}: {}", rbee::cli::explain(&early.output, args, help));
+            return ExitCode::from(2);
         }
     };
     if cli.version {

@@ -168,6 +168,8 @@ pub async fn start_daemon(
     timeout: Duration,
 ) -> Result<Started, StartError> {
     let see_log = format!("see {}", log.display());
+    // What this start writes to the log begins here: its last lines are the reason.
+    let log_start = std::fs::metadata(log).map_or(0, |m| m.len());
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -203,7 +205,8 @@ pub async fn start_daemon(
         Ok(Ok(None)) => {
             let status = exit_status(child).await;
             Err(StartError::other(format!(
-                "{name} {status} before reporting ready; {see_log}"
+                "{name} {status} before reporting ready{}; {see_log}",
+                last_lines(log, log_start)
             )))
         }
         Ok(Err(e)) => {
@@ -215,10 +218,30 @@ pub async fn start_daemon(
         Err(_) => {
             kill(child);
             Err(StartError::other(format!(
-                "{name} did not report ready within {}s; {see_log}",
-                timeout.as_secs_f32()
+                "{name} did not report ready within {}s{}; {see_log}",
+                timeout.as_secs_f32(),
+                last_lines(log, log_start)
             )))
         }
+    }
+}
+
+/// The last lines a daemon wrote to its log after `start` (its reason for
+/// dying, usually), as `: …` to follow a message; empty when it wrote none.
+fn last_lines(log: &Path, start: u64) -> String {
+    use std::io::{Read, Seek};
+    let mut text = String::new();
+    let read = std::fs::File::open(log).and_then(|mut f| {
+        f.seek(std::io::SeekFrom::Start(start))?;
+        f.take(64 * 1024).read_to_string(&mut text)
+    });
+    if read.is_err() {
+        return String::new();
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    match lines.len() {
+        0 => String::new(),
+        n => format!(": {}", lines[n.saturating_sub(3)..].join(" / ")),
     }
 }
 

@@ -313,6 +313,39 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.to_string(),
+            content: content.into(),
+        }
+    }
+}
+
+/// The one check of a request's text: a prompt, or chat messages with known
+/// roles, exactly one of the two and not empty.
+pub fn check_prompt(prompt: &str, messages: Option<&[ChatMessage]>) -> Result<(), ApiError> {
+    match messages {
+        None if prompt.is_empty() => Err(ApiError::invalid("prompt", "prompt is empty")),
+        None => Ok(()),
+        Some(_) if !prompt.is_empty() => Err(ApiError::invalid(
+            "messages",
+            "give prompt or messages, not both",
+        )),
+        Some([]) => Err(ApiError::invalid("messages", "messages is empty")),
+        Some(messages) => match messages
+            .iter()
+            .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+        {
+            Some(m) => Err(ApiError::invalid(
+                "messages",
+                format!("unknown role {:?}: use system, user or assistant", m.role),
+            )),
+            None => Ok(()),
+        },
+    }
+}
+
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -352,11 +385,25 @@ pub enum InferenceEvent {
         /// Generated tokens that never became text (a stop sequence's).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         ids: Vec<i32>,
+        /// What the queen adds to a job's `end`: who answered, how soon.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        figures: Option<JobFigures>,
     },
     Error {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// Where a job's answer came from and how long it took to start, as the
+/// queen saw it (the keeper's `--verbose` summary).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFigures {
+    /// The hive and worker that sent the last tokens (after a failover, the last one).
+    pub hive: String,
+    pub worker: String,
+    /// From the job's creation to its first token: placement, loading and prompt included.
+    pub time_to_first_token_ms: u64,
 }
 
 impl From<ApiError> for InferenceEvent {
@@ -708,7 +755,12 @@ pub struct JobRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub model: String,
+    /// The prompt as text, or empty when `messages` are given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prompt: String,
+    /// Chat messages, rendered with the model's chat template: one of `prompt` and `messages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
     #[serde(flatten)]
     pub sampling: SamplingParams,
     /// `false` opts out of the worker's prompt cache.
@@ -1093,6 +1145,7 @@ mod tests {
             stop_reason: StopReason::MaxTokens,
             cached_tokens: 7,
             ids: Vec::new(),
+            figures: None,
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),

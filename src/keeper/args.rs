@@ -1,4 +1,5 @@
-//! The keeper's command line: every subcommand and flag (argh).
+//! The keeper's command line: every subcommand and flag (argh). What argh
+//! does not do — options anywhere, `-h`, "did you mean" — is `crate::cli`'s.
 
 use argh::FromArgs;
 use std::path::PathBuf;
@@ -6,14 +7,23 @@ use std::path::PathBuf;
 /// Where the keeper finds the queen without a flag (DESIGN.md §1).
 pub const DEFAULT_QUEEN: &str = "http://127.0.0.1:8500";
 
+/// The options every keeper command takes, wherever they are written; each
+/// takes a value.
+pub const GLOBAL_OPTIONS: &[&str] = &["--queen-url", "--token-file"];
+
+/// Commands with an option of a global option's name, which means their own
+/// (`hive add --token-file` is the hive's token, not the queen's).
+pub const OWN_OPTIONS: &[(&[&str], &str)] = &[(&["hive", "add"], "--token-file")];
+
 /// The rbee command line: run inference and manage the cluster.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "keeper")]
+#[argh(subcommand, name = "keeper", help_triggers("-h", "--help"))]
 pub struct Args {
-    /// the queen to talk to (default $RBEE_QUEEN_URL, else http://127.0.0.1:8500)
+    /// the queen to talk to (default $RBEE_QUEEN_URL, else the config file's, else
+    /// http://127.0.0.1:8500)
     #[argh(option)]
     pub queen_url: Option<String>,
-    /// file holding the shared bearer token (else RBEE_TOKEN)
+    /// file holding the shared bearer token (else RBEE_TOKEN, else the config file's)
     #[argh(option)]
     pub token_file: Option<PathBuf>,
     #[argh(subcommand)]
@@ -23,41 +33,56 @@ pub struct Args {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
 pub enum Command {
+    Run(Run),
     Infer(Infer),
+    Pull(Pull),
+    List(List),
+    Ps(Ps),
+    Stop(Stop),
+    Status(StatusCmd),
     Hive(HiveCmd),
     Models(ModelsCmd),
     Workers(WorkersCmd),
     Queen(QueenCmd),
-    Status(StatusCmd),
+    Config(ConfigCmd),
 }
 
 /// Show the cluster: hives and their memory, workers, models, jobs
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "status")]
+#[argh(subcommand, name = "status", help_triggers("-h", "--help"))]
 pub struct StatusCmd {
     /// print a link that opens the queen's status page in a browser, logged in
     #[argh(switch)]
     pub web: bool,
 }
 
-/// Stream a completion to stdout.
-#[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "infer")]
+/// Answer a prompt with a model, or chat with it (no prompt, on a terminal).
+/// The prompt is the words, else --prompt, else stdin when piped or `-`;
+/// options may come before or after the words, and `--` ends them.
+#[derive(FromArgs, Debug, Default)]
+#[argh(subcommand, name = "infer", help_triggers("-h", "--help"))]
 pub struct Infer {
-    /// the prompt (else the words after the options, else stdin when piped or `-`)
-    #[argh(option)]
+    /// the model: hf:ORG/REPO[:QUANT], a .gguf path, or a catalog name
+    /// (default: the config file's `model`)
+    #[argh(option, short = 'm')]
+    pub model: Option<String>,
+    /// the prompt (instead of words)
+    #[argh(option, short = 'p')]
     pub prompt: Option<String>,
+    /// a system message before the prompt
+    #[argh(option)]
+    pub system: Option<String>,
+    /// send the prompt as plain text, without the model's chat template
+    #[argh(switch)]
+    pub raw: bool,
     /// the hive to run on (default: any registered hive, else this machine)
     #[argh(option)]
     pub node: Option<String>,
-    /// the model: hf:ORG/REPO[:QUANT], a .gguf path, or a catalog name
-    #[argh(option)]
-    pub model: String,
     /// tokens to generate at most
-    #[argh(option)]
+    #[argh(option, short = 'n')]
     pub max_tokens: Option<i64>,
     /// sampling temperature (0 = greedy)
-    #[argh(option)]
+    #[argh(option, short = 't')]
     pub temperature: Option<f32>,
     /// nucleus sampling
     #[argh(option)]
@@ -71,26 +96,94 @@ pub struct Infer {
     /// stop sequence (repeatable)
     #[argh(option)]
     pub stop: Vec<String>,
-    /// the queen to talk to
-    #[argh(option)]
-    pub queen_url: Option<String>,
     /// nothing on stderr but a final error
     #[argh(switch, short = 'q')]
     pub quiet: bool,
+    /// after the answer, a summary on stderr: tokens, speed, stop reason, where it ran
+    #[argh(switch, short = 'v')]
+    pub verbose: bool,
     /// stop, on exit, whatever this call started
     #[argh(switch)]
     pub ephemeral: bool,
-    /// read the prompt from stdin (also written `-`)
+    /// read the prompt from stdin (also written `-`), after any words
     #[argh(switch)]
     pub stdin: bool,
     /// the prompt, as words
-    #[argh(positional, greedy)]
+    #[argh(positional)]
     pub words: Vec<String>,
+}
+
+/// `run MODEL [PROMPT…]`: `infer` with the model first, as Ollama users type it.
+#[derive(Debug)]
+pub struct Run(pub Infer);
+
+impl argh::SubCommand for Run {
+    const COMMAND: &'static argh::CommandInfo = &argh::CommandInfo {
+        name: "run",
+        short: &'\0',
+        description: "Chat with MODEL, or answer PROMPT: `run MODEL [PROMPT]`, infer's options.",
+    };
+}
+
+impl FromArgs for Run {
+    fn from_args(command_name: &[&str], args: &[&str]) -> Result<Self, argh::EarlyExit> {
+        // `--model` is optional for infer, so the model is taken from the words here.
+        let mut infer = Infer::from_args(command_name, args)?;
+        if infer.model.is_none() {
+            if infer.words.is_empty() {
+                return Err(argh::EarlyExit {
+                    output: "no model: `rbee keeper run MODEL [PROMPT]`".into(),
+                    status: Err(()),
+                });
+            }
+            infer.model = Some(infer.words.remove(0));
+        }
+        Ok(Run(infer))
+    }
+}
+
+/// Download a model onto a hive (`models download`).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "pull", help_triggers("-h", "--help"))]
+pub struct Pull {
+    /// the model reference: hf:ORG/REPO[:QUANT], or a .gguf path on the hive
+    #[argh(positional)]
+    pub model_ref: String,
+    /// the hive (default localhost)
+    #[argh(option, default = "String::from(\"localhost\")")]
+    pub node: String,
+}
+
+/// The models every hive has.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list", help_triggers("-h", "--help"))]
+pub struct List {
+    /// JSON instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// The workers running, on every hive (`workers list`).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ps", help_triggers("-h", "--help"))]
+pub struct Ps {
+    /// JSON instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// Stop the workers of a model, or the worker whose id starts with the prefix.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "stop", help_triggers("-h", "--help"))]
+pub struct Stop {
+    /// a model's catalog name, or the start of a worker id
+    #[argh(positional)]
+    pub target: String,
 }
 
 /// Register, list and forget hives.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "hive")]
+#[argh(subcommand, name = "hive", help_triggers("-h", "--help"))]
 pub struct HiveCmd {
     #[argh(subcommand)]
     pub action: HiveAction,
@@ -106,7 +199,7 @@ pub enum HiveAction {
 
 /// Register a hive with the queen.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "add")]
+#[argh(subcommand, name = "add", help_triggers("-h", "--help"))]
 pub struct HiveAdd {
     /// the hive's name, used with --node
     #[argh(positional)]
@@ -114,19 +207,23 @@ pub struct HiveAdd {
     /// where it listens, e.g. http://mac.home.arpa:8080
     #[argh(option)]
     pub url: String,
-    /// file holding the hive's token
+    /// file holding the hive's token (the queen's is `--token-file` before `hive`)
     #[argh(option)]
     pub token_file: Option<PathBuf>,
 }
 
 /// List hives and whether they answer.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "list")]
-pub struct HiveList {}
+#[argh(subcommand, name = "list", help_triggers("-h", "--help"))]
+pub struct HiveList {
+    /// JSON instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
 
 /// Forget a hive.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "remove")]
+#[argh(subcommand, name = "remove", help_triggers("-h", "--help"))]
 pub struct HiveRemove {
     /// the hive's name
     #[argh(positional)]
@@ -135,7 +232,7 @@ pub struct HiveRemove {
 
 /// The models on a hive.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "models")]
+#[argh(subcommand, name = "models", help_triggers("-h", "--help"))]
 pub struct ModelsCmd {
     #[argh(subcommand)]
     pub action: ModelsAction,
@@ -152,16 +249,19 @@ pub enum ModelsAction {
 
 /// List a hive's models.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "list")]
+#[argh(subcommand, name = "list", help_triggers("-h", "--help"))]
 pub struct ModelsList {
     /// the hive (default localhost)
     #[argh(option, default = "String::from(\"localhost\")")]
     pub node: String,
+    /// JSON instead of a table
+    #[argh(switch)]
+    pub json: bool,
 }
 
 /// Have a hive download a model.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "download")]
+#[argh(subcommand, name = "download", help_triggers("-h", "--help"))]
 pub struct ModelsDownload {
     /// the model reference
     #[argh(positional)]
@@ -173,7 +273,7 @@ pub struct ModelsDownload {
 
 /// Remove a model from a hive.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "remove")]
+#[argh(subcommand, name = "remove", help_triggers("-h", "--help"))]
 pub struct ModelsRemove {
     /// the catalog name
     #[argh(positional)]
@@ -185,7 +285,7 @@ pub struct ModelsRemove {
 
 /// Remove a hive's partial downloads (those not running), freeing their space.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "clean")]
+#[argh(subcommand, name = "clean", help_triggers("-h", "--help"))]
 pub struct ModelsClean {
     /// the hive (default localhost)
     #[argh(option, default = "String::from(\"localhost\")")]
@@ -194,7 +294,7 @@ pub struct ModelsClean {
 
 /// The workers of every hive.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "workers")]
+#[argh(subcommand, name = "workers", help_triggers("-h", "--help"))]
 pub struct WorkersCmd {
     #[argh(subcommand)]
     pub action: WorkersAction,
@@ -209,38 +309,62 @@ pub enum WorkersAction {
 
 /// List workers.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "list")]
-pub struct WorkersList {}
+#[argh(subcommand, name = "list", help_triggers("-h", "--help"))]
+pub struct WorkersList {
+    /// JSON instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
 
 /// Stop a worker.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "stop")]
+#[argh(subcommand, name = "stop", help_triggers("-h", "--help"))]
 pub struct WorkersStop {
-    /// the worker's id
+    /// the worker's id, or its start
     #[argh(positional)]
     pub id: String,
 }
 
-/// Start, stop or check the queen.
+/// Start, stop or check the queen: `queen start|stop|status`.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "queen")]
+#[argh(subcommand, name = "queen", help_triggers("-h", "--help"))]
 pub struct QueenCmd {
     /// start, stop or status
     #[argh(positional)]
     pub action: String,
 }
 
-impl Args {
-    /// The queen's URL: `infer --queen-url`, else `--queen-url`, else
-    /// `$RBEE_QUEEN_URL` (passed in as `env`), else the default; no trailing slash.
-    pub fn queen_url(&self, env: Option<String>) -> String {
-        let infer_url = match &self.command {
-            Command::Infer(i) => i.queen_url.clone(),
+/// What the keeper remembers: `config set KEY VALUE`, `config get [KEY]`,
+/// `config unset KEY`; keys: queen-url, token-file, model.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "config", help_triggers("-h", "--help"))]
+pub struct ConfigCmd {
+    /// set, get or unset
+    #[argh(positional)]
+    pub action: String,
+    /// the key, and for set its value
+    #[argh(positional)]
+    pub words: Vec<String>,
+}
+
+impl Command {
+    /// The inference this command runs, if it is one.
+    pub fn infer(&self) -> Option<&Infer> {
+        match self {
+            Command::Infer(i) | Command::Run(Run(i)) => Some(i),
             _ => None,
-        };
-        infer_url
-            .or_else(|| self.queen_url.clone())
+        }
+    }
+}
+
+impl Args {
+    /// The queen's URL: `--queen-url`, else `$RBEE_QUEEN_URL` (`env`), else
+    /// the config file's (`config`), else the default; no trailing slash.
+    pub fn queen_url(&self, env: Option<String>, config: Option<&str>) -> String {
+        self.queen_url
+            .clone()
             .or(env.filter(|u| !u.is_empty()))
+            .or(config.map(str::to_string))
             .unwrap_or_else(|| DEFAULT_QUEEN.into())
             .trim_end_matches('/')
             .to_string()
@@ -248,7 +372,7 @@ impl Args {
 
     /// Whether only a final error may reach stderr (`infer -q`).
     pub fn quiet(&self) -> bool {
-        matches!(&self.command, Command::Infer(i) if i.quiet)
+        self.command.infer().is_some_and(|i| i.quiet)
     }
 }
 
@@ -260,43 +384,93 @@ mod tests {
         Args::from_args(&["keeper"], argv).unwrap_or_else(|e| panic!("{argv:?}: {}", e.output))
     }
 
+    fn infer_of(args: &Args) -> &Infer {
+        args.command
+            .infer()
+            .unwrap_or_else(|| panic!("not an inference: {args:?}"))
+    }
+
     #[test]
-    fn the_infer_flag_beats_the_global_flag_beats_the_environment() {
+    fn the_flag_beats_the_environment_beats_the_config_file() {
         let env = || Some("http://env:1/".to_string());
-        let both = parse(&[
-            "--queen-url",
-            "http://global:2",
-            "infer",
-            "--model",
-            "m",
-            "--queen-url",
-            "http://infer:3/",
-            "hi",
-        ]);
-        assert_eq!(both.queen_url(env()), "http://infer:3");
-        let global = parse(&["--queen-url", "http://global:2/", "workers", "list"]);
-        assert_eq!(global.queen_url(env()), "http://global:2");
+        let flag = parse(&["--queen-url", "http://flag:2/", "workers", "list"]);
+        assert_eq!(
+            flag.queen_url(env(), Some("http://conf:3")),
+            "http://flag:2"
+        );
         let none = parse(&["workers", "list"]);
-        assert_eq!(none.queen_url(env()), "http://env:1");
-        assert_eq!(none.queen_url(Some(String::new())), DEFAULT_QUEEN);
-        assert_eq!(none.queen_url(None), DEFAULT_QUEEN);
+        assert_eq!(none.queen_url(env(), Some("http://conf:3")), "http://env:1");
+        assert_eq!(
+            none.queen_url(Some(String::new()), Some("http://conf:3/")),
+            "http://conf:3"
+        );
+        assert_eq!(none.queen_url(None, None), DEFAULT_QUEEN);
     }
 
     #[test]
-    fn words_after_the_options_are_the_prompt() {
+    fn options_after_the_words_are_options() {
         let args = parse(&[
-            "infer", "--model", "m", "-q", "--stop", "a", "--stop", "b", "Once", "upon",
+            "infer",
+            "-m",
+            "m",
+            "The",
+            "capital",
+            "--max-tokens",
+            "5",
+            "is",
+            "-q",
+            "--stop",
+            "a",
         ]);
-        let Command::Infer(i) = &args.command else {
-            panic!("not infer: {args:?}");
-        };
-        assert_eq!(i.words, ["Once", "upon"]);
-        assert_eq!(i.stop, ["a", "b"]);
+        let i = infer_of(&args);
+        assert_eq!(i.words, ["The", "capital", "is"]);
+        assert_eq!(i.max_tokens, Some(5));
+        assert_eq!(i.stop, ["a"]);
         assert!(args.quiet());
+        // `--` ends the options: the rest is prompt, dashes and all.
+        let args = parse(&["infer", "-m", "m", "--", "--max-tokens", "-q"]);
+        assert_eq!(infer_of(&args).words, ["--max-tokens", "-q"]);
+        assert!(!args.quiet());
     }
 
     #[test]
-    fn infer_needs_a_model() {
-        assert!(Args::from_args(&["keeper"], &["infer", "hi"]).is_err());
+    fn help_is_a_word_of_the_prompt_not_a_request_for_help() {
+        let args = parse(&["infer", "-m", "m", "help", "me"]);
+        assert_eq!(infer_of(&args).words, ["help", "me"]);
+        let help = Args::from_args(&["keeper"], &["infer", "-h"]).unwrap_err();
+        assert!(help.status.is_ok() && help.output.contains("--max-tokens"));
+    }
+
+    #[test]
+    fn run_takes_the_model_first() {
+        let args = parse(&[
+            "run",
+            "smollm",
+            "why",
+            "--temperature",
+            "0",
+            "is",
+            "the",
+            "sky",
+            "blue",
+        ]);
+        let i = infer_of(&args);
+        assert_eq!(i.model.as_deref(), Some("smollm"));
+        assert_eq!(i.words, ["why", "is", "the", "sky", "blue"]);
+        assert_eq!(i.temperature, Some(0.0));
+        let chat = parse(&["run", "smollm"]);
+        assert!(infer_of(&chat).words.is_empty());
+        assert!(Args::from_args(&["keeper"], &["run"]).is_err());
+        let help = Args::from_args(&["keeper"], &["run", "--help"]).unwrap_err();
+        assert!(
+            help.output.starts_with("Usage: keeper run"),
+            "{}",
+            help.output
+        );
+    }
+
+    #[test]
+    fn infer_without_a_model_is_left_to_the_config_file() {
+        assert!(infer_of(&parse(&["infer", "hi"])).model.is_none());
     }
 }

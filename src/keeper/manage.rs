@@ -1,46 +1,78 @@
-//! The management commands: hives, models, workers and the queen itself, one
-//! function each. Results go to stdout as tab-separated lines, for `cut` and `awk`.
+//! The management commands: hives, models, workers, the queen itself and the
+//! config file, one function each. Lists are tables with a header (`--json`
+//! for scripts); commands that only look never start a queen.
 
 use super::args::{
-    Command, HiveAction, HiveAdd, ModelsAction, ModelsDownload, QueenCmd, WorkersAction,
+    Command, ConfigCmd, HiveAction, HiveAdd, ModelsAction, ModelsDownload, QueenCmd, WorkersAction,
 };
+use super::config::{self, Config};
 use super::queen::Queen;
 use super::render::Progress;
+use super::table::{bytes, mb, print_json, Table};
 use crate::http::client;
 use crate::http::sse::Frame;
 use crate::protocol::{
     parse_rfc3339, AddHive, DownloadEvent, DownloadRequest, DownloadStarted, HiveRemoved,
-    HiveStatus, HiveWorker, MemoryPool, ModelEntry, PartialsRemoved,
+    HiveStatus, HiveWorker, MemoryPool, ModelEntry, PartialsRemoved, QueenStatus,
 };
 use hyper::Method;
 use std::io::IsTerminal;
 
-/// Runs a management command, waking the queen first unless the command is
-/// about the queen itself, or only looks (`status`).
-pub async fn manage(queen: &Queen, command: Command) -> Result<(), String> {
-    if !matches!(command, Command::Queen(_) | Command::Status(_)) {
-        queen.wake().await?;
+/// The exit code of `queen status` when no queen answers, as service managers use it.
+const NOT_RUNNING: u8 = 3;
+
+/// Runs a management command; its exit code. Only commands that ask for
+/// work (adding a hive, a download, `queen start`) wake a queen.
+pub async fn manage(queen: &Queen, command: Command) -> Result<u8, String> {
+    let wakes = matches!(
+        command,
+        Command::Pull(_)
+            | Command::Hive(super::args::HiveCmd {
+                action: HiveAction::Add(_)
+            })
+            | Command::Models(super::args::ModelsCmd {
+                action: ModelsAction::Download(_)
+            })
+    );
+    match &command {
+        Command::Queen(_) | Command::Config(_) => {}
+        _ if wakes => {
+            queen.wake().await?;
+        }
+        _ => queen.require().await?,
     }
     match command {
         Command::Hive(h) => match h.action {
             HiveAction::Add(a) => hive_add(queen, a).await,
-            HiveAction::List(_) => hive_list(queen).await,
+            HiveAction::List(l) => hive_list(queen, l.json).await,
             HiveAction::Remove(r) => hive_remove(queen, &r.name).await,
         },
         Command::Models(m) => match m.action {
-            ModelsAction::List(l) => models_list(queen, &l.node).await,
+            ModelsAction::List(l) => models_list(queen, &l.node, l.json).await,
             ModelsAction::Download(d) => models_download(queen, d).await,
             ModelsAction::Remove(r) => models_remove(queen, &r.node, &r.name).await,
             ModelsAction::Clean(c) => models_clean(queen, &c.node).await,
         },
+        Command::Pull(p) => {
+            let d = ModelsDownload {
+                model_ref: p.model_ref,
+                node: p.node,
+            };
+            models_download(queen, d).await
+        }
+        Command::List(l) => list(queen, l.json).await,
+        Command::Ps(p) => workers_list(queen, p.json).await,
         Command::Workers(w) => match w.action {
-            WorkersAction::List(_) => workers_list(queen).await,
-            WorkersAction::Stop(s) => workers_stop(queen, &s.id).await,
+            WorkersAction::List(l) => workers_list(queen, l.json).await,
+            WorkersAction::Stop(s) => stop(queen, &s.id).await,
         },
-        Command::Queen(q) => queen_cmd(queen, &q).await,
+        Command::Stop(s) => stop(queen, &s.target).await,
+        Command::Queen(q) => return queen_cmd(queen, &q).await,
+        Command::Config(c) => config_cmd(&c),
         Command::Status(s) => super::status::status(queen, s.web).await,
-        Command::Infer(_) => Err("infer is not a management command".into()),
+        Command::Infer(_) | Command::Run(_) => Err("not a management command".into()),
     }
+    .map(|()| 0)
 }
 
 async fn hive_add(queen: &Queen, a: HiveAdd) -> Result<(), String> {
@@ -59,69 +91,101 @@ async fn hive_add(queen: &Queen, a: HiveAdd) -> Result<(), String> {
         token,
     };
     let h: HiveStatus = queen.call(Method::POST, "/v1/hives", Some(&body)).await?;
-    println!("{}\t{}\t{}", h.name, h.status, h.url);
+    println!("added hive {} at {}: {}", h.name, h.url, h.status);
     Ok(())
 }
 
-/// One line per hive: name, status, URL, managed or registered, memory
-/// used/budget, GPUs, rbee version, last seen.
-async fn hive_list(queen: &Queen) -> Result<(), String> {
+/// A row per hive: name, status, URL, managed or registered, memory
+/// used/budget, GPUs, rbee version, last seen or why it is down.
+async fn hive_list(queen: &Queen, json: bool) -> Result<(), String> {
     let hives: Vec<HiveStatus> = queen.call(Method::GET, "/v1/hives", None::<&()>).await?;
+    if json {
+        return print_json(&hives);
+    }
+    let mut table = Table::new(&[
+        "NAME", "STATUS", "URL", "KIND", "RAM", "GPUS", "VERSION", "SEEN",
+    ]);
     for h in hives {
-        let managed = if h.managed { "managed" } else { "registered" };
-        let pool = |p: &MemoryPool| format!("{} {}/{} MB", p.name, p.used_mb, p.budget_mb);
-        let memory = h.ram.as_ref().map_or("-".to_string(), pool);
+        let pool = |p: &MemoryPool| format!("{}/{}", mb(p.used_mb), mb(p.budget_mb));
         let gpus = match h.gpus.is_empty() {
-            true => "no GPU".to_string(),
-            false => h.gpus.iter().map(pool).collect::<Vec<_>>().join(", "),
+            true => "-".to_string(),
+            false => h
+                .gpus
+                .iter()
+                .map(|g| format!("{} {}", g.name, pool(g)))
+                .collect::<Vec<_>>()
+                .join(", "),
         };
         let version = match (&h.version, h.version_matches) {
-            (Some(v), true) => format!("rbee {v}"),
-            (Some(v), false) => format!(
-                "rbee {v} (differs from the queen's {})",
-                env!("CARGO_PKG_VERSION")
-            ),
+            (Some(v), true) => v.clone(),
+            (Some(v), false) => format!("{v} (queen: {})", env!("CARGO_PKG_VERSION")),
             (None, _) => "-".to_string(),
         };
-        println!(
-            "{}\t{}\t{}\t{managed}\t{memory}\t{gpus}\t{version}\t{}",
+        table.row(vec![
             h.name,
-            h.status,
+            h.status.to_string(),
             h.url,
-            h.last_seen.or(h.error).unwrap_or_default()
-        );
+            if h.managed { "managed" } else { "registered" }.into(),
+            h.ram.as_ref().map_or("-".to_string(), pool),
+            gpus,
+            version,
+            h.error.or(h.last_seen).unwrap_or_default(),
+        ]);
     }
-    Ok(())
+    table.print("no hives (add one with `rbee keeper hive add NAME --url URL`)")
 }
 
 async fn hive_remove(queen: &Queen, name: &str) -> Result<(), String> {
     let path = format!("/v1/hives/{name}");
     let removed: HiveRemoved = queen.call(Method::DELETE, &path, None::<&()>).await?;
-    println!("removed {}", removed.removed);
+    println!("removed hive {}", removed.removed);
     Ok(())
 }
 
-async fn models_list(queen: &Queen, node: &str) -> Result<(), String> {
+async fn models_list(queen: &Queen, node: &str, json: bool) -> Result<(), String> {
     let path = format!("/v1/hives/{node}/models");
     let models: Vec<ModelEntry> = queen.call(Method::GET, &path, None::<&()>).await?;
+    if json {
+        return print_json(&models);
+    }
+    let mut table = Table::new(&["NAME", "QUANT", "ARCH", "SIZE", "SOURCE"]);
     for m in models {
-        println!(
-            "{}\t{}\t{}\t{} MB\t{}\t{}",
+        table.row(vec![
             m.name,
             m.quantization,
             m.architecture,
-            m.size >> 20,
+            bytes(m.size),
             m.model_ref,
-            m.path
-        );
+        ]);
     }
-    Ok(())
+    table.print(&format!(
+        "no models on hive {node} (`rbee keeper pull REF --node {node}` fetches one)"
+    ))
+}
+
+/// Every hive's models, as the queen's status has them.
+async fn list(queen: &Queen, json: bool) -> Result<(), String> {
+    let status: QueenStatus = queen.call(Method::GET, "/v1/status", None::<&()>).await?;
+    if json {
+        return print_json(&status.models);
+    }
+    let mut table = Table::new(&["NAME", "HIVE", "QUANT", "SIZE", "NEEDS"]);
+    for m in status.models {
+        table.row(vec![
+            m.name,
+            m.hive,
+            m.quantization,
+            bytes(m.size),
+            mb(m.memory_estimate_mb),
+        ]);
+    }
+    table.print("no models (`rbee keeper pull REF` fetches one)")
 }
 
 /// Starts a download on the hive and follows its progress to the end.
 async fn models_download(queen: &Queen, d: ModelsDownload) -> Result<(), String> {
     let body = DownloadRequest {
-        model_ref: d.model_ref.clone(),
+        model_ref: super::infer::model_ref(&d.model_ref),
     };
     let path = format!("/v1/hives/{}/models/download", d.node);
     let started: DownloadStarted = queen.call(Method::POST, &path, Some(&body)).await?;
@@ -138,7 +202,7 @@ async fn models_download(queen: &Queen, d: ModelsDownload) -> Result<(), String>
         match serde_json::from_str::<DownloadEvent>(&data) {
             Ok(DownloadEvent::Complete { local_path }) => {
                 progress.clear(&mut stderr);
-                println!("{}\t{local_path}", d.model_ref);
+                println!("{} is at {local_path} on hive {}", d.model_ref, d.node);
                 return Ok(());
             }
             Ok(DownloadEvent::Error { message }) => return Err(message),
@@ -164,20 +228,26 @@ async fn models_clean(queen: &Queen, node: &str) -> Result<(), String> {
         println!("removed {file}");
     }
     println!(
-        "{} partial downloads removed, {} MB freed",
+        "{} partial downloads removed, {} freed",
         cleaned.removed.len(),
-        cleaned.freed_mb
+        mb(cleaned.freed_mb)
     );
     Ok(())
 }
 
-/// One line per worker: id, hive, model, state, URL, memory, busy slots,
-/// idle time and when the hive stops it if it stays idle.
-async fn workers_list(queen: &Queen) -> Result<(), String> {
+/// A row per worker: id, hive, model, state, URL, memory, busy slots, idle
+/// time and when the hive stops it if it stays idle.
+async fn workers_list(queen: &Queen, json: bool) -> Result<(), String> {
     let workers: Vec<HiveWorker> = queen.call(Method::GET, "/v1/workers", None::<&()>).await?;
+    if json {
+        return print_json(&workers);
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let mut table = Table::new(&[
+        "ID", "HIVE", "MODEL", "STATE", "URL", "MEMORY", "BUSY", "IDLE", "STOPS IN",
+    ]);
     for HiveWorker {
         hive,
         worker: w,
@@ -188,19 +258,26 @@ async fn workers_list(queen: &Queen) -> Result<(), String> {
         let measured = if w.memory_measured { "" } else { " (estimate)" };
         let since = |t: &Option<String>| t.as_deref().and_then(parse_rfc3339);
         let idle = match since(&w.idle_since) {
-            Some(t) if in_flight == 0 => format!("idle {}", duration(now.saturating_sub(t))),
+            Some(t) if in_flight == 0 => duration(now.saturating_sub(t)),
             _ => "busy".to_string(),
         };
         let stops = match since(&w.stops_at) {
-            Some(t) if in_flight == 0 => format!("stops in {}", duration(t.saturating_sub(now))),
+            Some(t) if in_flight == 0 => duration(t.saturating_sub(now)),
             _ => "-".to_string(),
         };
-        println!(
-            "{}\t{hive}\t{}\t{}\t{}\t{} MB{measured}\t{in_flight}/{} busy\t{idle}\t{stops}",
-            w.worker_id, w.model, w.state, w.url, w.memory_mb, w.slots
-        );
+        table.row(vec![
+            w.worker_id,
+            hive,
+            w.model,
+            w.state.to_string(),
+            w.url,
+            format!("{}{measured}", mb(w.memory_mb)),
+            format!("{in_flight}/{}", w.slots),
+            idle,
+            stops,
+        ]);
     }
-    Ok(())
+    table.print("no workers (one starts with the first job for its model)")
 }
 
 /// `42s`, `3m`, `2h`.
@@ -212,18 +289,79 @@ fn duration(secs: u64) -> String {
     }
 }
 
-async fn workers_stop(queen: &Queen, id: &str) -> Result<(), String> {
-    let path = format!("/v1/workers/{id}/shutdown");
-    let _: HiveWorker = queen.call(Method::POST, &path, None::<&()>).await?;
-    println!("stopping {id}");
+/// Stops the workers of the model `target` names, or the one worker whose id starts with it.
+async fn stop(queen: &Queen, target: &str) -> Result<(), String> {
+    let workers: Vec<HiveWorker> = queen.call(Method::GET, "/v1/workers", None::<&()>).await?;
+    let ids = stop_targets(&workers, target)?;
+    for id in ids {
+        let path = format!("/v1/workers/{id}/shutdown");
+        let _: HiveWorker = queen.call(Method::POST, &path, None::<&()>).await?;
+        println!("stopping {id}");
+    }
     Ok(())
 }
 
+/// Which workers `stop TARGET` means: every worker of a model of that name,
+/// else the one whose id starts with it; none or several is an error naming them.
+fn stop_targets(workers: &[HiveWorker], target: &str) -> Result<Vec<String>, String> {
+    let of_model: Vec<String> = workers
+        .iter()
+        .filter(|w| w.worker.model == target)
+        .map(|w| w.worker.worker_id.clone())
+        .collect();
+    if !of_model.is_empty() {
+        return Ok(of_model);
+    }
+    let by_id: Vec<&str> = workers
+        .iter()
+        .map(|w| w.worker.worker_id.as_str())
+        .filter(|id| id.starts_with(target) || id.trim_start_matches("worker-").starts_with(target))
+        .collect();
+    match by_id.as_slice() {
+        [one] => Ok(vec![one.to_string()]),
+        [] if workers.is_empty() => Err(format!(
+            "no worker matches {target}: no workers are running"
+        )),
+        [] => {
+            let running: Vec<String> = workers
+                .iter()
+                .map(|w| format!("{} ({})", w.worker.worker_id, w.worker.model))
+                .collect();
+            Err(format!(
+                "no worker or model matches {target}; running: {}",
+                running.join(", ")
+            ))
+        }
+        many => Err(format!(
+            "{target} matches {} workers: {}; give more of the id",
+            many.len(),
+            many.join(", ")
+        )),
+    }
+}
+
 /// `rbee keeper queen start|stop|status`.
-async fn queen_cmd(queen: &Queen, q: &QueenCmd) -> Result<(), String> {
+async fn queen_cmd(queen: &Queen, q: &QueenCmd) -> Result<u8, String> {
     match q.action.as_str() {
-        "start" => queen_start(queen).await,
-        "stop" => queen_stop(queen).await,
+        "start" => {
+            if !queen.wake().await? {
+                println!("queen already running at {}", queen.url);
+            }
+            Ok(0)
+        }
+        "stop" => {
+            let was = queen.alive().await;
+            queen.stop().await?;
+            println!(
+                "{}",
+                if was {
+                    "queen stopped"
+                } else {
+                    "no queen was running"
+                }
+            );
+            Ok(0)
+        }
         "status" => queen_status(queen).await,
         other => Err(format!(
             "unknown queen action {other:?}: use start, stop or status"
@@ -231,33 +369,118 @@ async fn queen_cmd(queen: &Queen, q: &QueenCmd) -> Result<(), String> {
     }
 }
 
-async fn queen_start(queen: &Queen) -> Result<(), String> {
-    if !queen.wake().await? {
-        println!("queen already running at {}", queen.url);
-    }
-    Ok(())
-}
-
-async fn queen_stop(queen: &Queen) -> Result<(), String> {
-    let was = queen.alive().await;
-    queen.stop().await?;
-    if was {
-        println!("queen stopped");
-    } else {
-        println!("no queen was running");
-    }
-    Ok(())
-}
-
-async fn queen_status(queen: &Queen) -> Result<(), String> {
+/// The queen and its hives; exit 3 when no queen answers.
+async fn queen_status(queen: &Queen) -> Result<u8, String> {
     if !queen.alive().await {
-        println!("queen\tasleep\t{}", queen.url);
-        return Ok(());
+        println!("queen at {}: not running", queen.url);
+        return Ok(NOT_RUNNING);
     }
-    println!("queen\talive\t{}", queen.url);
     let hives: Vec<HiveStatus> = queen.call(Method::GET, "/v1/hives", None::<&()>).await?;
+    println!("queen at {}: running, {} hives", queen.url, hives.len());
     for h in hives {
-        println!("hive\t{}\t{}\t{}", h.name, h.status, h.url);
+        println!("  hive {} at {}: {}", h.name, h.url, h.status);
     }
-    Ok(())
+    Ok(0)
+}
+
+/// `config set KEY VALUE`, `config get [KEY]`, `config unset KEY`.
+fn config_cmd(c: &ConfigCmd) -> Result<(), String> {
+    let path = config::path();
+    let mut config = Config::load(&path)?;
+    let word = |n: usize| c.words.get(n).map(String::as_str);
+    if c.words.len() > 2 {
+        return Err(format!("too many words for config: {}", c.words.join(" ")));
+    }
+    match (c.action.as_str(), word(0), word(1)) {
+        ("get", None, None) => {
+            println!("# {}", path.display());
+            for key in config::KEYS {
+                if let Some(v) = config.get(key)? {
+                    println!("{key} = {v}");
+                }
+            }
+            Ok(())
+        }
+        ("get", Some(key), None) => match config.get(key)? {
+            Some(v) => {
+                println!("{v}");
+                Ok(())
+            }
+            None => Err(format!("{key} is not set in {}", path.display())),
+        },
+        ("set", Some(key), Some(value)) => {
+            config.set(key, Some(value))?;
+            config.save(&path)?;
+            println!("{key} = {}", config.get(key)?.unwrap_or_default());
+            Ok(())
+        }
+        ("unset", Some(key), None) => {
+            config.set(key, None)?;
+            config.save(&path)
+        }
+        ("set" | "get" | "unset", _, _) => {
+            Err("use `config set KEY VALUE`, `config get [KEY]` or `config unset KEY`".into())
+        }
+        (other, _, _) => Err(format!(
+            "unknown config action {other:?}: use set, get or unset"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{WorkerInfo, WorkerState};
+
+    fn worker(id: &str, model: &str) -> HiveWorker {
+        HiveWorker {
+            hive: "localhost".into(),
+            worker: WorkerInfo {
+                worker_id: id.into(),
+                url: String::new(),
+                model: model.into(),
+                model_path: String::new(),
+                pid: 1,
+                state: WorkerState::Ready,
+                slots: 4,
+                backend: "cpu".into(),
+                device: 0,
+                error: None,
+                started_at: String::new(),
+                ctx_size: 0,
+                threads: 0,
+                memory_mb: 0,
+                memory_measured: false,
+                idle_since: None,
+                stops_at: None,
+            },
+            in_flight: 0,
+            tokens_per_second: None,
+        }
+    }
+
+    #[test]
+    fn stop_means_a_models_workers_or_one_worker_by_the_start_of_its_id() {
+        let ws = [
+            worker("worker-4f29c1", "smollm"),
+            worker("worker-4f88aa", "smollm"),
+            worker("worker-b1", "llama"),
+        ];
+        assert_eq!(
+            stop_targets(&ws, "smollm").unwrap(),
+            ["worker-4f29c1", "worker-4f88aa"]
+        );
+        assert_eq!(stop_targets(&ws, "b1").unwrap(), ["worker-b1"]);
+        assert_eq!(stop_targets(&ws, "worker-4f2").unwrap(), ["worker-4f29c1"]);
+        let many = stop_targets(&ws, "4f").unwrap_err();
+        assert!(
+            many.contains("matches 2 workers") && many.contains("give more"),
+            "{many}"
+        );
+        let none = stop_targets(&ws, "mistral").unwrap_err();
+        assert!(none.contains("worker-b1 (llama)"), "{none}");
+        assert!(stop_targets(&[], "x")
+            .unwrap_err()
+            .contains("no workers are running"));
+    }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 /// How long a woken queen may take to report ready: it binds and opens its registry.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a queen may take to answer `/health`.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a queen may take to stop, its local hive and workers first.
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
 
@@ -33,9 +35,12 @@ impl Queen {
         format!("{}{path}", self.url)
     }
 
+    /// Whether a queen answers `/health` (within [`HEALTH_TIMEOUT`]: a host
+    /// that drops packets must not hang the keeper).
     pub async fn alive(&self) -> bool {
         let url = self.url("/health");
-        matches!(client::get::<Health>(&url, None).await, Ok(h) if h.role == "queen")
+        let health = tokio::time::timeout(HEALTH_TIMEOUT, client::get::<Health>(&url, None)).await;
+        matches!(health, Ok(Ok(h)) if h.role == "queen")
     }
 
     /// One JSON call; the error is the queen's message.
@@ -48,6 +53,18 @@ impl Queen {
         client::call(method, &self.url(path), self.token.as_deref(), body)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// The queen answers, or the error says none runs and how to start one
+    /// (for commands that only look: they never start a queen).
+    pub async fn require(&self) -> Result<(), String> {
+        if self.alive().await {
+            return Ok(());
+        }
+        Err(format!(
+            "no queen running at {} (start one with `rbee keeper queen start`)",
+            self.url
+        ))
     }
 
     /// The queen, woken if asleep; true if this call started it.

@@ -3,7 +3,9 @@
 //!
 //! The writers are parameters so the decisions are tested on buffers.
 
-use crate::protocol::{ClusterEvent, DownloadEvent, InferenceEvent, JobEvent, LoadingEvent};
+use crate::protocol::{
+    ClusterEvent, DownloadEvent, InferenceEvent, JobEvent, JobFigures, LoadingEvent, StopReason,
+};
 use std::io::Write;
 
 /// Whether to keep reading the stream.
@@ -21,25 +23,43 @@ pub struct JobView<O: Write, E: Write> {
     /// Nothing on stderr but the final error.
     quiet: bool,
     progress: Progress,
-    /// Whether a token was written, and whether the last one ended its line:
-    /// the shell prompt must not follow an answer on the same line.
-    wrote: bool,
-    ended_with_newline: bool,
+    /// stdout is a terminal: an answer that did not end its line gets a
+    /// newline there, so the shell prompt does not follow it. Off a terminal
+    /// stdout holds exactly the model's text.
+    out_tty: bool,
+    /// The text written so far (a chat keeps it as the assistant's turn).
+    pub answer: String,
     /// The job's error, reported once the stream ends.
     failure: Option<String>,
+    /// The prompt's length, from `started`.
+    prompt_tokens: u32,
+    /// The `end` event's figures, once it came.
+    end: Option<Ended>,
+}
+
+/// What `end` said, for the summary.
+struct Ended {
+    tokens_out: u32,
+    decode_time_ms: u64,
+    stop_reason: StopReason,
+    cached_tokens: u32,
+    figures: Option<JobFigures>,
 }
 
 impl<O: Write, E: Write> JobView<O, E> {
-    /// `tty`: stderr is a terminal, so progress is a bar redrawn in place.
-    pub fn new(out: O, err: E, quiet: bool, tty: bool) -> Self {
+    /// `tty`: stderr is a terminal, so progress is a bar redrawn in place;
+    /// `out_tty`: stdout is one.
+    pub fn new(out: O, err: E, quiet: bool, tty: bool, out_tty: bool) -> Self {
         JobView {
             out,
             err,
             quiet,
             progress: Progress::new(quiet, tty),
-            wrote: false,
-            ended_with_newline: true,
+            out_tty,
+            answer: String::new(),
             failure: None,
+            prompt_tokens: 0,
+            end: None,
         }
     }
 
@@ -53,7 +73,25 @@ impl<O: Write, E: Write> JobView<O, E> {
             JobEvent::Inference(InferenceEvent::Error { message, code }) => {
                 self.failure = Some(format!("{message} ({code})"));
             }
-            JobEvent::Inference(InferenceEvent::Started { .. } | InferenceEvent::End { .. }) => {}
+            JobEvent::Inference(InferenceEvent::Started { prompt_tokens, .. }) => {
+                self.prompt_tokens = prompt_tokens;
+            }
+            JobEvent::Inference(InferenceEvent::End {
+                tokens_out,
+                decode_time_ms,
+                stop_reason,
+                cached_tokens,
+                figures,
+                ..
+            }) => {
+                self.end = Some(Ended {
+                    tokens_out,
+                    decode_time_ms,
+                    stop_reason,
+                    cached_tokens,
+                    figures,
+                });
+            }
             JobEvent::Cluster(ClusterEvent::Narration { actor, human, .. }) => {
                 self.progress.clear(&mut self.err);
                 if !self.quiet {
@@ -78,8 +116,7 @@ impl<O: Write, E: Write> JobView<O, E> {
         {
             return Next::StdoutClosed;
         }
-        self.wrote = true;
-        self.ended_with_newline = t.ends_with('\n');
+        self.answer.push_str(t);
         Next::Read
     }
 
@@ -90,7 +127,7 @@ impl<O: Write, E: Write> JobView<O, E> {
     }
 
     /// Ctrl+C: the job was cancelled. The exit code, 130 as for any interrupted command.
-    pub fn interrupted(mut self) -> u8 {
+    pub fn interrupted(&mut self) -> u8 {
         self.end_line();
         if !self.quiet {
             let _ = writeln!(self.err, "cancelled");
@@ -99,9 +136,9 @@ impl<O: Write, E: Write> JobView<O, E> {
     }
 
     /// The stream is over: the exit code, or the job's error.
-    pub fn finish(mut self) -> Result<u8, String> {
+    pub fn finish(&mut self) -> Result<u8, String> {
         self.end_line();
-        match self.failure {
+        match self.failure.take() {
             Some(message) => Err(message),
             None => Ok(0),
         }
@@ -109,9 +146,33 @@ impl<O: Write, E: Write> JobView<O, E> {
 
     fn end_line(&mut self) {
         self.progress.clear(&mut self.err);
-        if self.wrote && !self.ended_with_newline {
+        if self.out_tty && !self.answer.is_empty() && !self.answer.ends_with('\n') {
             let _ = writeln!(self.out);
         }
+    }
+
+    /// One line on how the answer went (`--verbose`), once `end` came.
+    pub fn summary(&self) -> Option<String> {
+        let end = self.end.as_ref()?;
+        let rate = match end.decode_time_ms {
+            0 => "-".to_string(),
+            ms => format!("{:.1}", f64::from(end.tokens_out) * 1000.0 / ms as f64),
+        };
+        let stop = serde_json::to_value(end.stop_reason)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let mut line = format!(
+            "prompt {} tokens ({} cached), {} tokens out, {rate} tokens/s, stopped: {stop}",
+            self.prompt_tokens, end.cached_tokens, end.tokens_out
+        );
+        if let Some(f) = &end.figures {
+            line.push_str(&format!(
+                ", first token after {} ms, hive {}, worker {}",
+                f.time_to_first_token_ms, f.hive, f.worker
+            ));
+        }
+        Some(line)
     }
 }
 
@@ -210,11 +271,12 @@ mod tests {
     /// Shows `events` (then `[DONE]`, unless `closed_early`): stdout, stderr, outcome.
     fn show(events: &[&str], quiet: bool, tty: bool) -> (String, String, Result<u8, String>) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let mut view = JobView::new(&mut out, &mut err, quiet, tty);
+        let mut view = JobView::new(&mut out, &mut err, quiet, tty, true);
         for e in events {
             assert_eq!(view.event(e), Next::Read);
         }
         let result = view.finish();
+        drop(view);
         let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
         (text(out), text(err), result)
     }
@@ -237,6 +299,27 @@ mod tests {
         assert_eq!(out, "Once upon\n");
         assert_eq!(err, "[queen] starting a worker\n");
         assert_eq!(result, Ok(0));
+    }
+
+    #[test]
+    fn off_a_terminal_stdout_is_exactly_the_text_and_the_summary_has_the_figures() {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut view = JobView::new(&mut out, &mut err, false, false, false);
+        for e in [
+            r#"{"type":"started","job_id":"j","model":"m","started_at":"","prompt_tokens":31}"#,
+            r#"{"type":"token","t":"Paris","i":0}"#,
+            r#"{"type":"end","tokens_out":4,"decode_time_ms":50,"stop_reason":"eos","cached_tokens":30,"figures":{"hive":"mac","worker":"worker-1","time_to_first_token_ms":95}}"#,
+        ] {
+            view.event(e);
+        }
+        assert_eq!(view.finish(), Ok(0));
+        assert_eq!(
+            view.summary().as_deref(),
+            Some("prompt 31 tokens (30 cached), 4 tokens out, 80.0 tokens/s, stopped: eos, first token after 95 ms, hive mac, worker worker-1")
+        );
+        assert_eq!(view.answer, "Paris");
+        drop(view);
+        assert_eq!(String::from_utf8(out).unwrap(), "Paris");
     }
 
     #[test]
@@ -267,7 +350,7 @@ mod tests {
     #[test]
     fn a_stream_cut_short_is_an_error() {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let mut view = JobView::new(&mut out, &mut err, false, false);
+        let mut view = JobView::new(&mut out, &mut err, false, false, true);
         view.closed_early();
         assert_eq!(
             view.finish(),
@@ -320,7 +403,7 @@ mod tests {
                 Ok(())
             }
         }
-        let mut view = JobView::new(Closed, Vec::new(), false, false);
+        let mut view = JobView::new(Closed, Vec::new(), false, false, true);
         assert_eq!(
             view.event(r#"{"type":"token","t":"hi","i":0}"#),
             Next::StdoutClosed

@@ -3,17 +3,12 @@
 //! jobs — and, with `--web`, a link that opens the page logged in.
 
 use super::queen::Queen;
+use super::table::mb;
 use crate::protocol::{HiveState, JobState, QueenStatus, SessionLink};
 use hyper::Method;
 use std::io::Write;
 
 pub async fn status(queen: &Queen, web: bool) -> Result<(), String> {
-    if !queen.alive().await {
-        return Err(format!(
-            "no queen running at {} (start one with `rbee keeper queen start`)",
-            queen.url
-        ));
-    }
     if web {
         let link: SessionLink = queen
             .call(Method::POST, "/v1/session/link", None::<&()>)
@@ -25,14 +20,6 @@ pub async fn status(queen: &Queen, web: bool) -> Result<(), String> {
     let s: QueenStatus = queen.call(Method::GET, "/v1/status", None::<&()>).await?;
     let mut out = std::io::stdout().lock();
     render(&s, &mut out).map_err(|e| format!("cannot write: {e}"))
-}
-
-fn mb(n: u64) -> String {
-    if n >= 1024 {
-        format!("{:.1} GB", n as f64 / 1024.0)
-    } else {
-        format!("{n} MB")
-    }
 }
 
 /// The picture, in sections; each hive with its memory and models.

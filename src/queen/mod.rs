@@ -527,9 +527,7 @@ fn relay_download(hive: String, mut events: Events<DownloadEvent>) -> Response<B
 async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
     let body: JobRequest = http::read_json(req).await?;
     crate::hive::model_ref::check(&body.model)?;
-    if body.prompt.is_empty() {
-        return Err(ApiError::invalid("prompt", "prompt is empty"));
-    }
+    crate::protocol::check_prompt(&body.prompt, body.messages.as_deref())?;
     body.sampling.validate()?;
     let job = q.jobs.create();
     start_job(q, job.clone(), body.into());

@@ -8,6 +8,7 @@ use super::jobs::Job;
 use super::placement::{self, Placement, Target};
 use super::registry::HiveConn;
 use super::view::ClusterState;
+use crate::hive::model_ref::ModelRef;
 use crate::protocol::{
     ApiError, ClusterEvent, DownloadEvent, DownloadState, ErrorCode, JobEvent, LoadingEvent,
     SpawnRequest, WorkerInfo, WorkerState,
@@ -31,7 +32,10 @@ pub async fn provision(
 ) -> Result<Target, ApiError> {
     let need = match placement::need_mb(&cluster.view().state(), model, hives) {
         Some(need) => need,
-        None => fetch_somewhere(cluster, hives, job, model).await?,
+        None => {
+            unknown_name(&cluster.view().state(), model, hives)?;
+            fetch_somewhere(cluster, hives, job, model).await?
+        }
     };
     let place = placement::place(&cluster.view().state(), model, need, hives)?;
     narrate_placement(cluster, job, model, &place);
@@ -71,6 +75,38 @@ pub async fn provision(
         url: worker.url,
         worker_id: worker.worker_id,
     })
+}
+
+/// A catalog name no allowed hive lists cannot be fetched: the error names
+/// the hives asked and the closest names their catalogs have.
+fn unknown_name(state: &ClusterState, model: &str, hives: &[String]) -> Result<(), ApiError> {
+    let Ok(ModelRef::Name(name)) = ModelRef::parse(model) else {
+        return Ok(());
+    };
+    let listed: Vec<(&str, &str)> = state
+        .hives
+        .iter()
+        .filter_map(|h| Some((h.conn.name.as_str(), h.snapshot.as_ref()?)))
+        .flat_map(|(hive, s)| s.models.iter().map(move |m| (hive, m.entry.name.as_str())))
+        .collect();
+    let known: Vec<&str> = listed.iter().map(|(_, m)| *m).collect();
+    let asked = match hives {
+        [one] => format!("hive {one} has"),
+        _ => format!("none of the hives ({}) has", hives.join(", ")),
+    };
+    let elsewhere = listed.iter().find(|(_, m)| *m == name).map(|(h, _)| *h);
+    let hint = match crate::suggest::nearest(&name, known.iter().copied()) {
+        _ if elsewhere.is_some() => format!("; hive {} has it", elsewhere.unwrap_or_default()),
+        Some(near) => format!("; did you mean {near}?"),
+        None if known.is_empty() => String::new(),
+        None => format!("; the catalogs have {}", known.join(", ")),
+    };
+    Err(ApiError::new(
+        ErrorCode::ModelNotFound,
+        format!(
+            "{asked} no model named {name}{hint} (`rbee keeper list` shows them;              `rbee keeper pull hf:ORG/REPO` fetches one)"
+        ),
+    ))
 }
 
 /// Fetches a model no catalog has onto the hive with the most room; what a
@@ -230,11 +266,11 @@ async fn fetch(
     job: &Job,
     model: &str,
 ) -> Result<(), ApiError> {
-    job.narrate(
-        "hive",
-        "download",
-        format!("hive {} is fetching {model}", hive.name),
-    );
+    let doing = match ModelRef::parse(model) {
+        Ok(ModelRef::File(path)) => format!("registering {}", path.display()),
+        _ => format!("fetching {model}"),
+    };
+    job.narrate("hive", "download", format!("hive {} is {doing}", hive.name));
     let started = cluster.download(hive, model).await.map_err(|e| {
         // However the hive failed to find it, for the user the model is not
         // there; a reference or file the hive refused is the caller's mistake.

@@ -17,7 +17,8 @@ use super::provision;
 use super::registry::LOCALHOST;
 use super::view::{prefix_hashes, ClusterState, InFlight, SILENCE};
 use crate::protocol::{
-    ApiError, ErrorCode, InferenceEvent, InferenceRequest, JobEvent, JobRequest, StopReason,
+    ApiError, ErrorCode, InferenceEvent, InferenceRequest, JobEvent, JobFigures, JobRequest,
+    StopReason,
 };
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ impl From<JobRequest> for Work {
             model: req.model,
             inference: InferenceRequest {
                 prompt: req.prompt,
+                messages: req.messages,
                 sampling: req.sampling,
                 cache_prompt: req.cache_prompt,
                 ..InferenceRequest::default()
@@ -120,6 +122,19 @@ struct Sent {
     ids: Vec<i32>,
     /// Token events sent: where the next worker's `i` count starts.
     events: u32,
+    /// When the first token went out, from the job's creation.
+    first_token_ms: u64,
+}
+
+impl Sent {
+    /// The queen's part of the `end` event: who answered, how soon.
+    fn figures(&self, target: &Target) -> Option<JobFigures> {
+        Some(JobFigures {
+            hive: target.hive.name.clone(),
+            worker: target.worker_id.clone(),
+            time_to_first_token_ms: self.first_token_ms,
+        })
+    }
 }
 
 /// How an attempt at inference ended, when it did not succeed.
@@ -387,6 +402,7 @@ async fn relay(
             stop_reason: StopReason::MaxTokens,
             cached_tokens: 0,
             ids: Vec::new(),
+            figures: sent.figures(target),
         }));
         return Ok(());
     }
@@ -427,7 +443,9 @@ async fn relay(
             }
             InferenceEvent::Token { t, i, ids } => {
                 if first + i == 0 {
-                    cluster.metrics().first_token(&model, job.created.elapsed());
+                    let ttft = job.created.elapsed();
+                    sent.first_token_ms = ttft.as_millis() as u64;
+                    cluster.metrics().first_token(&model, ttft);
                 }
                 sent.ids.extend(&ids);
                 sent.events = first + i + 1;
@@ -443,6 +461,7 @@ async fn relay(
                 stop_reason,
                 cached_tokens,
                 ids,
+                ..
             } => {
                 cluster
                     .metrics()
@@ -457,6 +476,7 @@ async fn relay(
                     stop_reason,
                     cached_tokens,
                     ids,
+                    figures: sent.figures(target),
                 }
             }
             other => other,
@@ -703,6 +723,7 @@ mod tests {
                         stop_reason: StopReason::MaxTokens,
                         cached_tokens: 0,
                         ids: Vec::new(),
+                        figures: None,
                     }])
                     .collect(),
             }))
@@ -720,9 +741,23 @@ mod tests {
 
     /// Runs a job on `fake`: its outcome and the events its stream carried.
     async fn run_job(fake: &Fake, node: Option<&str>) -> (Result<(), ApiError>, Vec<JobEvent>) {
+        run_request(fake, job_request(node)).await
+    }
+
+    async fn run_request(fake: &Fake, req: JobRequest) -> (Result<(), ApiError>, Vec<JobEvent>) {
         let job = Jobs::default().create();
-        let result = run(fake, &job, &job_request(node).into()).await;
+        let result = run(fake, &job, &req.into()).await;
         (result, job.events())
+    }
+
+    /// A model by its Hugging Face reference: what a hive can fetch.
+    const HF_MODEL: &str = "hf:org/smollm";
+
+    fn hf_request() -> JobRequest {
+        JobRequest {
+            model: HF_MODEL.into(),
+            ..job_request(None)
+        }
     }
 
     fn code(result: Result<(), ApiError>) -> ErrorCode {
@@ -1020,23 +1055,56 @@ mod tests {
     async fn a_model_no_hive_can_find_is_model_not_found() {
         let fake = Fake::with_hives(&["a"]);
         fake.view.edit("a", |s| s.models.clear());
-        let (result, _) = run_job(&fake, None).await;
+        let (result, _) = run_request(&fake, hf_request()).await;
         assert_eq!(code(result), ErrorCode::ModelNotFound);
         assert_eq!(fake.calls(), ["download a"]);
     }
 
     #[tokio::test]
+    async fn a_mistyped_catalog_name_gets_the_closest_name_and_nothing_is_asked() {
+        let fake = Fake::with_hives(&["a", "b"]);
+        let (result, _) = run_request(
+            &fake,
+            JobRequest {
+                model: "smolm".into(),
+                ..job_request(None)
+            },
+        )
+        .await;
+        let e = result.expect_err("no such name");
+        assert_eq!(e.code, ErrorCode::ModelNotFound);
+        assert!(
+            e.message.starts_with(
+                "none of the hives (a, b) has no model named smolm; did you mean smollm?"
+            ),
+            "{}",
+            e.message
+        );
+        assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+        // Asked of one hive, the error names that hive, and where the model is.
+        fake.view.edit("a", |s| s.models.clear());
+        let (result, _) = run_job(&fake, Some("a")).await;
+        let e = result.expect_err("not on a");
+        assert!(
+            e.message
+                .starts_with("hive a has no model named smollm; hive b has it"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[tokio::test]
     async fn a_model_on_no_hive_is_fetched_then_a_worker_spawned_and_loaded() {
         let fake = Fake {
-            fetchable: vec![MODEL.into()],
+            fetchable: vec![HF_MODEL.into()],
             ..Fake::with_hives(&["a"])
         };
         fake.view.edit("a", |s| s.models.clear());
-        let (result, events) = run_job(&fake, None).await;
+        let (result, events) = run_request(&fake, hf_request()).await;
         result.expect("the job succeeds");
         assert_eq!(
             fake.calls(),
-            ["download a", "spawn a smollm", "infer http://new"]
+            ["download a", "spawn a hf:org/smollm", "infer http://new"]
         );
         // The user sees the download, then the loading, then the tokens.
         let position = |what: fn(&JobEvent) -> bool| {

@@ -355,6 +355,7 @@ impl Request {
             stop_reason: reason,
             cached_tokens: self.cached as u32,
             ids,
+            figures: None,
         });
     }
 }

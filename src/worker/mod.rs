@@ -407,11 +407,7 @@ fn loading_progress(w: &Worker) -> Response<Body> {
 
 /// Checks a request's fields; the error says what is wrong.
 fn validate(r: &InferenceRequest) -> Result<(), ApiError> {
-    match &r.messages {
-        None if r.prompt.is_empty() => return Err(ApiError::invalid("prompt", "prompt is empty")),
-        Some(m) if m.is_empty() => return Err(ApiError::invalid("messages", "messages is empty")),
-        _ => {}
-    }
+    crate::protocol::check_prompt(&r.prompt, r.messages.as_deref())?;
     r.sampling.validate()
 }
 
