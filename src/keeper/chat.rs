@@ -172,7 +172,7 @@ pub async fn chat(queen: &Queen, i: &Infer, model: &str) -> Result<u8, String> {
             Some(Input::Say(text)) => text,
         };
         history.push(ChatMessage::new("user", said));
-        match run_job(queen, job_request(i, model, history.clone()), i).await {
+        match run_job(queen, job_request(i, model, history.clone()), i, true).await {
             // A stopped answer stays as far as it went: it was read.
             Ok((_, answer)) if !answer.is_empty() => {
                 history.push(ChatMessage::new("assistant", answer))

@@ -27,7 +27,7 @@ pub async fn infer(queen: &Queen, i: Infer, default_model: Option<String>) -> Re
     }
     let woke_queen = queen.wake().await?;
     let req = job_request(&i, &model, conversation(&i, prompt));
-    let result = run_job(queen, req, &i).await.map(|(code, _)| code);
+    let result = run_job(queen, req, &i, false).await.map(|(code, _)| code);
     if i.ephemeral && woke_queen {
         queen.say("stopping the queen this call started (--ephemeral)");
         queen.stop().await?;
@@ -157,8 +157,14 @@ pub fn job_request(i: &Infer, model: &str, messages: Vec<ChatMessage>) -> JobReq
 
 /// Creates the job and shows its stream until `[DONE]`, the end of the
 /// connection, a closed stdout or Ctrl+C; the exit code and the answer's text.
-/// With `--verbose`, the summary goes to stderr after it.
-pub async fn run_job(queen: &Queen, req: JobRequest, i: &Infer) -> Result<(u8, String), String> {
+/// With `--verbose`, the summary goes to stderr after it. A chat's turns
+/// leave out the narration every job has.
+pub async fn run_job(
+    queen: &Queen,
+    req: JobRequest,
+    i: &Infer,
+    chat: bool,
+) -> Result<(u8, String), String> {
     let job: JobCreated = queen.call(Method::POST, "/v1/jobs", Some(&req)).await?;
     let mut stream = client::stream(
         &queen.url(&job.sse_url),
@@ -174,6 +180,7 @@ pub async fn run_job(queen: &Queen, req: JobRequest, i: &Infer) -> Result<(u8, S
         std::io::stderr().is_terminal(),
         std::io::stdout().is_terminal(),
     );
+    view.routine_hidden = chat;
     let outcome = loop {
         let frame = tokio::select! {
             f = stream.next() => f,

@@ -22,6 +22,9 @@ pub struct JobView<O: Write, E: Write> {
     err: E,
     /// Nothing on stderr but the final error.
     quiet: bool,
+    /// Narration of what happens on every job (a worker reused) is left out:
+    /// in a chat it would come before every answer.
+    pub routine_hidden: bool,
     progress: Progress,
     /// stdout is a terminal: an answer that did not end its line gets a
     /// newline there, so the shell prompt does not follow it. Off a terminal
@@ -54,6 +57,7 @@ impl<O: Write, E: Write> JobView<O, E> {
             out,
             err,
             quiet,
+            routine_hidden: false,
             progress: Progress::new(quiet, tty),
             out_tty,
             answer: String::new(),
@@ -92,9 +96,14 @@ impl<O: Write, E: Write> JobView<O, E> {
                     figures,
                 });
             }
-            JobEvent::Cluster(ClusterEvent::Narration { actor, human, .. }) => {
+            JobEvent::Cluster(ClusterEvent::Narration {
+                actor,
+                action,
+                human,
+            }) => {
                 self.progress.clear(&mut self.err);
-                if !self.quiet {
+                let routine = action == "reuse";
+                if !self.quiet && !(routine && self.routine_hidden) {
                     let _ = writeln!(self.err, "[{actor}] {human}");
                 }
             }

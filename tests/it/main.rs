@@ -15,5 +15,6 @@ mod keeper;
 mod observe;
 mod openai;
 mod resilience;
+mod shell;
 mod support;
 mod worker;
