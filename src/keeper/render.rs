@@ -102,8 +102,8 @@ impl<O: Write, E: Write> JobView<O, E> {
                 human,
             }) => {
                 self.progress.clear(&mut self.err);
-                let routine = action == "reuse";
-                if !self.quiet && !(routine && self.routine_hidden) {
+                let hidden = self.quiet || (self.routine_hidden && action == "reuse");
+                if !hidden {
                     let _ = writeln!(self.err, "[{actor}] {human}");
                 }
             }

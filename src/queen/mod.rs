@@ -26,6 +26,7 @@ use jobs::Jobs;
 use registry::{HiveConn, Registry, LOCALHOST};
 use std::path::PathBuf;
 use std::sync::Arc;
+use view::{ClusterState, View};
 
 /// Orchestrate the cluster: jobs, scheduling, the hive registry.
 #[derive(FromArgs, Debug)]
@@ -161,6 +162,9 @@ enum Endpoint {
     Metrics,
 }
 
+/// How long the view may take to list a model a hive just downloaded.
+const VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 const ROUTES: &[Route<Endpoint>] = &[
     (Method::GET, "/health", Endpoint::Health),
     (Method::GET, "/v1/health", Endpoint::Health),
@@ -236,7 +240,7 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         | Endpoint::HiveDownloadProgress
         | Endpoint::HiveDeleteModel
         | Endpoint::HiveRemovePartials => match hive_for(&q, param).await {
-            Ok(hive) => hive_models(&hive, endpoint, &params, req).await,
+            Ok(hive) => hive_models(&hive, &q.cluster.view, endpoint, &params, req).await,
             Err(e) => Err(e),
         },
         Endpoint::ChatCompletions => return openai_route(&q, req, openai::Kind::Chat).await,
@@ -456,6 +460,7 @@ async fn hive_for(q: &Queen, name: &str) -> Result<HiveConn, ApiError> {
 /// The model endpoints of one hive, passed through with the queen's token for it.
 async fn hive_models(
     hive: &HiveConn,
+    view: &View,
     endpoint: Endpoint,
     params: &[&str],
     req: Request<Incoming>,
@@ -471,7 +476,7 @@ async fn hive_models(
         Endpoint::HiveDownloadProgress => {
             let id = query_param(req.uri().query(), "id").unwrap_or_default();
             let events = client.download_progress(id).await.map_err(relayed)?;
-            Ok(relay_download(hive.name.clone(), events))
+            Ok(relay_download(hive.name.clone(), events, view.clone()))
         }
         Endpoint::HiveDeleteModel => {
             let name = params.get(1).copied().unwrap_or_default();
@@ -500,12 +505,24 @@ fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
 
 /// A hive's download progress as the queen's own SSE stream. A hive that
 /// stops reporting before the end is said so, so the stream still ends with
-/// an outcome and `[DONE]`.
-fn relay_download(hive: String, mut events: Events<DownloadEvent>) -> Response<Body> {
+/// an outcome and `[DONE]`. `complete` goes out once the queen's view lists
+/// the file, so a `list` right after a pull shows it.
+fn relay_download(hive: String, mut events: Events<DownloadEvent>, view: View) -> Response<Body> {
     let (tx, resp) = http::sse_response();
     tokio::spawn(async move {
         let mut last = None;
         while let Some(event) = events.next().await {
+            if let DownloadEvent::Complete { local_path } = &event {
+                let listed = |s: &ClusterState| {
+                    s.hives.iter().any(|h| {
+                        h.conn.name == hive
+                            && h.snapshot.as_ref().is_some_and(|snap| {
+                                snap.models.iter().any(|m| &m.entry.path == local_path)
+                            })
+                    })
+                };
+                view.wait_until(VIEW_WAIT, listed).await;
+            }
             if tx.send(sse::event(&event)).await.is_err() {
                 return;
             }

@@ -94,6 +94,59 @@ fn a_question_goes_through_the_chat_template_and_stdout_is_exactly_the_answer() 
 }
 
 #[test]
+fn the_short_verbs_pull_list_ps_stop_and_a_default_model() {
+    let _turn = serial();
+    let c = Cluster::new("shell-verbs", &[]);
+    let path = model_path();
+    let path = path.to_str().expect("a path");
+    let (code, out, err) = c.keeper(&["pull", path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("is at {path} on hive localhost")),
+        "{out}"
+    );
+    let (_, table, _) = c.keeper(&["list"]);
+    let mut lines = table.lines();
+    assert!(
+        lines.next().unwrap_or_default().starts_with("NAME "),
+        "{table}"
+    );
+    assert!(
+        lines
+            .next()
+            .unwrap_or_default()
+            .starts_with("smollm2-135m-instruct.q4_1  localhost  Q4_1"),
+        "{table}"
+    );
+    let (_, none, _) = c.keeper(&["ps"]);
+    assert_eq!(
+        none,
+        "no workers (one starts with the first job for its model)\n"
+    );
+
+    // With a default model in the config file, a question needs no flags.
+    let (code, _, err) = c.keeper(&["config", "set", "model", "smollm2-135m-instruct.q4_1"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = c.keeper(&["infer", "Say hello.", "-n", "8"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.trim().is_empty(), "{err}");
+    let workers = c.listed(&["ps"]);
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    let (code, out, err) = c.keeper(&["stop", "smollm2-135m-instruct.q4_1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "stopping {}\n",
+            workers[0]["worker_id"].as_str().unwrap_or_default()
+        )
+    );
+    wait_until("the worker to go", Duration::from_secs(20), || {
+        c.listed(&["ps"]).is_empty()
+    });
+}
+
+#[test]
 fn the_prompt_given_twice_is_refused_saying_so() {
     let c = Cluster::new("shell-twice", &[]);
     let (code, out, err) = c.keeper(&["infer", "-m", "x", "--prompt", "a", "b"]);
