@@ -49,7 +49,7 @@ $(MODEL):
 # The whole flow from nothing running: the keeper wakes a queen, the queen starts a
 # local hive, the hive registers the model and spawns a worker, tokens stream to the
 # shell. --ephemeral stops all of it afterwards.
-DEMO_PROMPT ?= Once upon a time
+DEMO_PROMPT ?= Why is the sky blue?
 DEMO_QUEEN ?= http://127.0.0.1:8500
 demo: build model
 	@$(BIN) --version
