@@ -147,6 +147,14 @@ impl WorkerClient {
     pub async fn infer(&self, req: &InferenceRequest) -> Result<Events<InferenceEvent>, ApiError> {
         Events::open(&self.at("/v1/inference"), self.token(), Some(req)).await
     }
+
+    /// `POST /v1/embeddings`: OpenAI's answer, as the worker gave it.
+    pub async fn embed(
+        &self,
+        req: &crate::protocol::EmbeddingsRequest,
+    ) -> Result<serde_json::Value, ApiError> {
+        client::post(&self.at("/v1/embeddings"), self.token(), req).await
+    }
 }
 
 /// The typed events of an SSE answer, as they arrive.

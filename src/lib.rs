@@ -14,9 +14,11 @@ pub mod openai;
 pub mod process;
 pub mod protocol;
 pub mod queen;
+pub mod schema;
 pub mod service;
 pub mod store;
 pub mod suggest;
+pub mod tool_calls;
 pub mod worker;
 
 /// Whether this binary was built with a GPU backend (CUDA or Metal).

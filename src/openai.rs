@@ -6,7 +6,8 @@
 
 use crate::http::{self, Body};
 use crate::protocol::{
-    ApiError, ChatMessage, ErrorCode, InferenceEvent, InferenceRequest, SamplingParams, StopReason,
+    ApiError, ChatMessage, Constraint, ErrorCode, InferenceEvent, InferenceRequest, SamplingParams,
+    StopReason, Tool, ToolCall,
 };
 use hyper::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,12 @@ pub struct Message {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// The calls an assistant made (on a later turn, sent back).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -102,6 +109,16 @@ pub struct CompletionRequest {
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub tools: Option<Vec<Tool>>,
+    /// `auto`, `none`, `required`, or `{"type":"function","function":{"name"}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"type":"text"|"json_object"}` or `{"type":"json_schema","json_schema":{"schema"}}`.
+    #[serde(default)]
+    pub response_format: Option<Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +134,8 @@ pub struct Prepared {
     pub inference: InferenceRequest,
     pub stream: bool,
     pub include_usage: bool,
+    /// The answer may hold tool calls, to be found in its text.
+    pub tool_calls: bool,
 }
 
 /// The model a request names, read without judging the rest (the queen routes by it).
@@ -156,9 +175,10 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
                     "system" | "developer" => "system",
                     "user" => "user",
                     "assistant" => "assistant",
+                    "tool" => "tool",
                     other => {
                         return Err(bad(
-                            format!("unknown role {other:?}: use system, user or assistant"),
+                            format!("unknown role {other:?}: use system, user, assistant or tool"),
                             "messages",
                         ))
                     }
@@ -172,10 +192,10 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
                         .join(""),
                     None => String::new(),
                 };
-                chat.push(ChatMessage {
-                    role: role.to_string(),
-                    content: text,
-                });
+                let mut message = ChatMessage::new(role, text);
+                message.tool_calls = m.tool_calls.unwrap_or_default();
+                message.tool_call_id = m.tool_call_id;
+                chat.push(message);
             }
             (String::new(), Some(chat))
         }
@@ -199,7 +219,24 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
             (prompt, None)
         }
     };
+    let (tools, tool_constraint) = tools_of(
+        req.tools.unwrap_or_default(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    let format = response_format(req.response_format.as_ref())?;
+    if tool_constraint.is_some() && format.is_some() {
+        return Err(bad(
+            "a tool_choice that requires a call and a response_format cannot both hold: give one"
+                .into(),
+            "response_format",
+        ));
+    }
+    if kind == Kind::Completion && !tools.is_empty() {
+        return Err(bad("tools need /v1/chat/completions".into(), "tools"));
+    }
     Ok(Prepared {
+        tool_calls: !tools.is_empty(),
         inference: InferenceRequest {
             prompt,
             messages: chat,
@@ -207,10 +244,100 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
             cache_prompt: req.cache_prompt,
             job_id: None,
             resume_tokens: Vec::new(),
+            tools,
+            constraint: tool_constraint.or(format),
         },
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
     })
+}
+
+/// The tools the model is shown, and the constraint `tool_choice` asks for:
+/// none for `auto`; a call of any tool for `required`, of that one for a name;
+/// `none` shows no tools at all.
+fn tools_of(
+    tools: Vec<Tool>,
+    choice: Option<&Value>,
+    parallel: Option<bool>,
+) -> Result<(Vec<Tool>, Option<Constraint>), ApiError> {
+    let bad = |m: String| ApiError::invalid("tools", m);
+    for t in &tools {
+        if t.kind != "function" {
+            return Err(bad(format!(
+                "tool type {:?} is not supported: use \"function\"",
+                t.kind
+            )));
+        }
+        if t.function.name.is_empty() {
+            return Err(bad("a tool's function has no name".into()));
+        }
+        if let Some(p) = &t.function.parameters {
+            crate::schema::check(p, "tools")?;
+        }
+    }
+    // One call unless asked for more, as llama-server does: a small model
+    // offered more calls tends to repeat the first until its tokens run out.
+    let parallel = parallel.unwrap_or(false);
+    let choice_bad = |m: String| ApiError::invalid("tool_choice", m);
+    match choice {
+        None if tools.is_empty() => Ok((tools, None)),
+        Some(Value::String(c)) if c == "none" => Ok((Vec::new(), None)),
+        None => Ok((tools, None)),
+        Some(Value::String(c)) if c == "auto" => Ok((tools, None)),
+        Some(_) if tools.is_empty() => Err(choice_bad("tool_choice needs tools".into())),
+        Some(Value::String(c)) if c == "required" => {
+            let constraint = Constraint::ToolCalls {
+                tools: tools.clone(),
+                parallel,
+            };
+            Ok((tools, Some(constraint)))
+        }
+        Some(named @ Value::Object(_)) => {
+            let name = named
+                .pointer("/function/name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| choice_bad("tool_choice must name a function: {\"type\":\"function\",\"function\":{\"name\":…}}".into()))?;
+            let Some(tool) = tools.iter().find(|t| t.function.name == name) else {
+                let names: Vec<&str> = tools.iter().map(|t| t.function.name.as_str()).collect();
+                return Err(choice_bad(format!(
+                    "tool_choice names {name:?}, which is not among the tools: {}",
+                    names.join(", ")
+                )));
+            };
+            let constraint = Constraint::ToolCalls {
+                tools: vec![tool.clone()],
+                parallel: false,
+            };
+            Ok((tools, Some(constraint)))
+        }
+        Some(other) => Err(choice_bad(format!(
+            "tool_choice must be auto, none, required or a function, not {other}"
+        ))),
+    }
+}
+
+/// The constraint `response_format` asks for, its schema checked first.
+fn response_format(format: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
+    let bad = |m: String| ApiError::invalid("response_format", m);
+    let Some(format) = format else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        None | Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::JsonObject)),
+        Some("json_schema") => {
+            let schema = format
+                .pointer("/json_schema/schema")
+                .ok_or_else(|| bad("json_schema needs a schema: {\"type\":\"json_schema\",\"json_schema\":{\"name\",\"schema\"}}".into()))?;
+            crate::schema::check(schema, "response_format")?;
+            Ok(Some(Constraint::JsonSchema {
+                schema: schema.clone(),
+            }))
+        }
+        Some(other) => Err(bad(format!(
+            "response_format type {other:?} is not supported: use text, json_object or json_schema"
+        ))),
+    }
 }
 
 fn finish_reason(reason: StopReason) -> &'static str {
@@ -233,6 +360,8 @@ pub struct Answer {
     pub model: String,
     pub created: u64,
     pub prompt_tokens: u32,
+    /// Tool calls are looked for in the text (the request had tools).
+    pub tool_calls: bool,
 }
 
 #[derive(Serialize)]
@@ -262,6 +391,7 @@ impl Answer {
             model: model.to_string(),
             created: created(),
             prompt_tokens,
+            tool_calls: false,
         }
     }
 
@@ -306,13 +436,50 @@ impl Answer {
                "choices": [], "usage": self.usage(completion, cached)})
     }
 
+    /// The streamed chunks of tool calls, as OpenAI streams them: per call,
+    /// its id and name, then its arguments, both under the call's `index`.
+    fn call_chunks(&self, calls: &[ToolCall]) -> Vec<Value> {
+        let chunk = |delta: Value| {
+            json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                   "choices": [{"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": null}]})
+        };
+        calls
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                [
+                    chunk(json!({"index": i, "id": c.id, "type": "function",
+                                 "function": {"name": c.function.name, "arguments": ""}})),
+                    chunk(json!({"index": i, "function": {"arguments": c.function.arguments}})),
+                ]
+            })
+            .collect()
+    }
+
+    /// The text's tool calls, when the request had tools and the model made some.
+    fn calls_in(&self, text: &str) -> Option<(String, Vec<ToolCall>)> {
+        if self.tool_calls {
+            crate::tool_calls::parse(text)
+        } else {
+            None
+        }
+    }
+
     /// The whole answer, not streamed.
     pub fn whole(&self, text: &str, reason: StopReason, completion: u32, cached: u32) -> Value {
         let finish = finish_reason(reason);
         match self.kind {
             Kind::Chat => {
+                let (message, finish) = match self.calls_in(text) {
+                    Some((content, calls)) => (
+                        json!({"role": "assistant", "content": if content.is_empty() { Value::Null } else { json!(content) },
+                               "tool_calls": calls}),
+                        "tool_calls",
+                    ),
+                    None => (json!({"role": "assistant", "content": text}), finish),
+                };
                 json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": self.usage(completion, cached)})
             }
             Kind::Completion => {
@@ -367,16 +534,46 @@ pub async fn respond(
         if answer.kind == Kind::Chat && tx.send(send(&answer.chunk(None, None))).await.is_err() {
             return;
         }
+        // With tools, text that may be the start of a call is held until it is
+        // known; a call is sent whole at the end.
+        let mut held = String::new();
+        let mut holding = answer.tool_calls;
         loop {
             tokio::select! {
                 event = events.recv() => match event {
                     Some(InferenceEvent::Token { t, .. }) => {
-                        if tx.send(send(&answer.chunk(Some(&t), None))).await.is_err() {
+                        let text = if holding {
+                            held.push_str(&t);
+                            if crate::tool_calls::may_start_a_call(&held) {
+                                continue;
+                            }
+                            holding = false;
+                            std::mem::take(&mut held)
+                        } else {
+                            t
+                        };
+                        if tx.send(send(&answer.chunk(Some(&text), None))).await.is_err() {
                             return;
                         }
                     }
                     Some(InferenceEvent::End { tokens_out, stop_reason, cached_tokens, .. }) => {
-                        let _ = tx.send(send(&answer.chunk(None, Some(finish_reason(stop_reason))))).await;
+                        let mut finish = finish_reason(stop_reason);
+                        match answer.calls_in(&held) {
+                            Some((content, calls)) => {
+                                if !content.is_empty() {
+                                    let _ = tx.send(send(&answer.chunk(Some(&content), None))).await;
+                                }
+                                for chunk in answer.call_chunks(&calls) {
+                                    let _ = tx.send(send(&chunk)).await;
+                                }
+                                finish = "tool_calls";
+                            }
+                            None if !held.is_empty() => {
+                                let _ = tx.send(send(&answer.chunk(Some(&held), None))).await;
+                            }
+                            None => {}
+                        }
+                        let _ = tx.send(send(&answer.chunk(None, Some(finish)))).await;
                         if include_usage {
                             let _ = tx.send(send(&answer.usage_chunk(tokens_out, cached_tokens))).await;
                         }
@@ -401,6 +598,46 @@ pub async fn respond(
     resp
 }
 
+/// The answer to `POST /v1/embeddings`: a vector per input, as floats or as
+/// base64 of their little-endian bytes.
+pub fn embeddings(model: &str, vectors: &[Vec<f32>], tokens: u32, base64: bool) -> Value {
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64_encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    json!({"object": "list", "data": data, "model": model,
+           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+}
+
+/// Standard base64 with padding (RFC 4648).
+fn base64_encode(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// `GET /v1/models` entries.
 pub fn model_list(names: impl IntoIterator<Item = (String, String)>) -> Value {
     let data: Vec<Value> = names
@@ -413,6 +650,104 @@ pub fn model_list(names: impl IntoIterator<Item = (String, String)>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embeddings_come_as_floats_or_base64_of_their_bytes() {
+        assert_eq!(base64_encode(b"Man"), "TWFu");
+        assert_eq!(base64_encode(b"Ma"), "TWE=");
+        assert_eq!(base64_encode(b"M"), "TQ==");
+        let v = embeddings("m", &[vec![1.0, 0.0]], 3, false);
+        assert_eq!(v["data"][0]["embedding"], json!([1.0, 0.0]));
+        assert_eq!(v["usage"]["prompt_tokens"], 3);
+        let b = embeddings("m", &[vec![1.0]], 1, true);
+        assert_eq!(b["data"][0]["embedding"], "AACAPw==");
+    }
+
+    const TOOLS: &str = r#""tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}]"#;
+
+    fn chat_with(extra: &str) -> Result<Prepared, ApiError> {
+        let body =
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#);
+        parse(body.as_bytes(), Kind::Chat)
+    }
+
+    #[test]
+    fn tool_choice_and_response_format_become_constraints() {
+        let auto = chat_with(TOOLS).unwrap();
+        assert!(auto.tool_calls && auto.inference.constraint.is_none());
+        assert_eq!(auto.inference.tools.len(), 1);
+        let none = chat_with(&format!(r#"{TOOLS},"tool_choice":"none""#)).unwrap();
+        assert!(!none.tool_calls && none.inference.tools.is_empty());
+        let required = chat_with(&format!(r#"{TOOLS},"tool_choice":"required""#)).unwrap();
+        assert!(matches!(
+            required.inference.constraint,
+            Some(Constraint::ToolCalls {
+                parallel: false,
+                ..
+            })
+        ));
+        let named = chat_with(&format!(
+            r#"{TOOLS},"tool_choice":{{"type":"function","function":{{"name":"get_weather"}}}}"#
+        ))
+        .unwrap();
+        assert!(matches!(
+            named.inference.constraint,
+            Some(Constraint::ToolCalls {
+                parallel: false,
+                ..
+            })
+        ));
+        let json = chat_with(r#""response_format":{"type":"json_object"}"#).unwrap();
+        assert_eq!(json.inference.constraint, Some(Constraint::JsonObject));
+        let schema = chat_with(r#""response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object"}}}"#).unwrap();
+        assert!(matches!(
+            schema.inference.constraint,
+            Some(Constraint::JsonSchema { .. })
+        ));
+        for (extra, said) in [
+            (format!(r#"{TOOLS},"tool_choice":{{"type":"function","function":{{"name":"nope"}}}}"#), "not among the tools: get_weather"),
+            (r#""tool_choice":"required""#.to_string(), "tool_choice needs tools"),
+            (r#""response_format":{"type":"yaml"}"#.to_string(), "response_format type \"yaml\" is not supported"),
+            (r#""response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object","patternProperties":{}}}}"#.to_string(), "\"patternProperties\" (at #) is not supported"),
+            (format!(r#"{TOOLS},"tool_choice":"required","response_format":{{"type":"json_object"}}"#), "cannot both hold"),
+        ] {
+            let e = chat_with(&extra).unwrap_err();
+            assert!(e.message.contains(said), "{extra}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn an_answer_with_a_call_has_tool_calls_and_their_finish_reason() {
+        let mut answer = Answer::new(Kind::Chat, "m", 3);
+        let text = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        // Without tools in the request, the text is just text.
+        let plain = answer.whole(text, StopReason::Eos, 9, 0);
+        assert_eq!(plain["choices"][0]["message"]["content"], text);
+        answer.tool_calls = true;
+        let whole = answer.whole(text, StopReason::Eos, 9, 0);
+        let choice = &whole["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["content"], Value::Null);
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(call["type"], "function");
+        assert_eq!(call["function"]["name"], "get_weather");
+        assert_eq!(call["function"]["arguments"], r#"{"city":"Paris"}"#);
+        let id = call["id"].as_str().unwrap();
+        assert!(
+            id.len() == 9 && id.chars().all(|c| c.is_ascii_alphanumeric()),
+            "{id}"
+        );
+        let chunks = answer.call_chunks(&crate::tool_calls::parse(text).unwrap().1);
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(
+            chunks[0]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"],
+            "get_weather"
+        );
+        assert_eq!(
+            chunks[1]["choices"][0]["delta"]["tool_calls"][0]["index"],
+            0
+        );
+    }
 
     /// One table of OpenAI requests and the field each is refused for.
     #[test]
@@ -509,10 +844,7 @@ mod tests {
             Kind::Chat,
         )
         .unwrap();
-        let system = ChatMessage {
-            role: "system".into(),
-            content: "ab".into(),
-        };
+        let system = ChatMessage::new("system", "ab");
         assert_eq!(p.inference.messages, Some(vec![system]));
     }
 

@@ -304,13 +304,136 @@ pub struct InferenceRequest {
     /// it was lost, appended to the prompt; generation continues after them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resume_tokens: Vec<i32>,
+    /// Functions the model may call (DESIGN.md §14), shown to it by the chat template.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    /// What the output must be, enforced by a grammar while sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<Constraint>,
 }
 
-/// One chat message: its role (`system`, `user`, `assistant`) and its text.
+/// `POST /v1/embeddings`, in OpenAI's shape, on a worker and on the queen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmbeddingsRequest {
+    #[serde(default)]
+    pub model: String,
+    pub input: EmbeddingInput,
+    /// `float` (the default) or `base64` (little-endian f32s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding_format: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Inputs one embeddings request may carry, as OpenAI allows.
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+impl EmbeddingsRequest {
+    /// The texts to embed, checked; whether the answer is base64.
+    pub fn texts(&self) -> Result<(Vec<String>, bool), ApiError> {
+        let texts = match &self.input {
+            EmbeddingInput::One(t) => vec![t.clone()],
+            EmbeddingInput::Many(list) => list.clone(),
+        };
+        if texts.is_empty() || texts.len() > MAX_EMBEDDING_INPUTS {
+            return Err(ApiError::invalid(
+                "input",
+                format!(
+                    "input must hold 1 to {MAX_EMBEDDING_INPUTS} texts, got {}",
+                    texts.len()
+                ),
+            ));
+        }
+        if texts.iter().any(String::is_empty) {
+            return Err(ApiError::invalid("input", "an input text is empty"));
+        }
+        if self.dimensions.is_some() {
+            return Err(ApiError::invalid(
+                "dimensions",
+                "dimensions is not supported: the model's own size is used",
+            ));
+        }
+        let base64 = match self.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "encoding_format",
+                    format!("encoding_format {other:?} is not supported: use float or base64"),
+                ))
+            }
+        };
+        Ok((texts, base64))
+    }
+}
+
+/// A grammar on the output: sampling can only pick tokens that keep it valid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Constraint {
+    /// Any JSON object (`response_format: json_object`).
+    JsonObject,
+    /// JSON valid against this schema (already checked to be one rbee can enforce).
+    JsonSchema { schema: serde_json::Value },
+    /// One or more calls (`parallel`) of these tools, as `<tool_call>{"name","arguments"}</tool_call>`.
+    ToolCalls { tools: Vec<Tool>, parallel: bool },
+}
+
+/// A function the model may call, in OpenAI's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tool {
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionDef,
+}
+
+fn function_type() -> String {
+    "function".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionDef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON schema of the arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
+}
+
+/// A call the model made, in OpenAI's shape: the arguments as a JSON string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// One chat message: its role (`system`, `user`, `assistant`, `tool`), its
+/// text, and for tool calling the calls an assistant made or the call a
+/// tool's result answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -318,6 +441,8 @@ impl ChatMessage {
         ChatMessage {
             role: role.to_string(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 }
@@ -335,11 +460,14 @@ pub fn check_prompt(prompt: &str, messages: Option<&[ChatMessage]>) -> Result<()
         Some([]) => Err(ApiError::invalid("messages", "messages is empty")),
         Some(messages) => match messages
             .iter()
-            .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+            .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool"))
         {
             Some(m) => Err(ApiError::invalid(
                 "messages",
-                format!("unknown role {:?}: use system, user or assistant", m.role),
+                format!(
+                    "unknown role {:?}: use system, user, assistant or tool",
+                    m.role
+                ),
             )),
             None => Ok(()),
         },
@@ -761,6 +889,9 @@ pub struct JobRequest {
     /// Chat messages, rendered with the model's chat template: one of `prompt` and `messages`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<ChatMessage>>,
+    /// What the output must be (`rbee keeper infer --json-schema`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<Constraint>,
     #[serde(flatten)]
     pub sampling: SamplingParams,
     /// `false` opts out of the worker's prompt cache.

@@ -75,6 +75,9 @@ pub struct Infer {
     /// send the prompt as plain text, without the model's chat template
     #[argh(switch)]
     pub raw: bool,
+    /// answer with JSON valid against the JSON schema in this file
+    #[argh(option)]
+    pub json_schema: Option<PathBuf>,
     /// the hive to run on (default: any registered hive, else this machine)
     #[argh(option)]
     pub node: Option<String>,

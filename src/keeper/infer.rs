@@ -8,7 +8,7 @@ use super::queen::Queen;
 use super::render::{JobView, Next};
 use crate::http::client;
 use crate::http::sse::Frame;
-use crate::protocol::{ChatMessage, JobCreated, JobRequest, SamplingParams};
+use crate::protocol::{ChatMessage, Constraint, JobCreated, JobRequest, SamplingParams};
 use hyper::Method;
 use std::io::{IsTerminal, Read};
 
@@ -26,7 +26,8 @@ pub async fn infer(queen: &Queen, i: Infer, default_model: Option<String>) -> Re
         return Err("the prompt is empty".into());
     }
     let woke_queen = queen.wake().await?;
-    let req = job_request(&i, &model, conversation(&i, prompt));
+    let mut req = job_request(&i, &model, conversation(&i, prompt));
+    req.constraint = constraint_of(&i)?;
     let result = run_job(queen, req, &i, false).await.map(|(code, _)| code);
     if i.ephemeral && woke_queen {
         queen.say("stopping the queen this call started (--ephemeral)");
@@ -105,6 +106,20 @@ fn join_prompt(given: Option<String>, piped: &str) -> String {
     }
 }
 
+/// `--json-schema FILE` as the job's constraint, the schema checked here first.
+fn constraint_of(i: &Infer) -> Result<Option<Constraint>, String> {
+    let Some(path) = &i.json_schema else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the schema {}: {e}", path.display()))?;
+    let schema: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    crate::schema::check(&schema, "json_schema")
+        .map_err(|e| format!("{}: {}", path.display(), e.message))?;
+    Ok(Some(Constraint::JsonSchema { schema }))
+}
+
 /// The model as the hive should see it: a `.gguf` path that exists here
 /// becomes `file:` + its absolute path, since a relative path means this
 /// shell's directory, not the hive's.
@@ -142,6 +157,7 @@ pub fn job_request(i: &Infer, model: &str, messages: Vec<ChatMessage>) -> JobReq
         model: model_ref(model),
         prompt,
         messages,
+        constraint: None,
         sampling: SamplingParams {
             max_tokens: i.max_tokens,
             temperature: i.temperature,

@@ -8,8 +8,8 @@ use super::registry::{HiveConn, Registry};
 use super::view::{View, SILENCE};
 use crate::clients::{Events, HiveClient, WorkerClient};
 use crate::protocol::{
-    ApiError, DownloadEvent, DownloadStarted, ErrorCode, InferenceEvent, InferenceRequest,
-    LoadingEvent, SpawnRequest, WorkerInfo,
+    ApiError, DownloadEvent, DownloadStarted, EmbeddingsRequest, ErrorCode, InferenceEvent,
+    InferenceRequest, LoadingEvent, SpawnRequest, WorkerInfo,
 };
 use std::future::Future;
 use std::time::Duration;
@@ -59,6 +59,13 @@ pub trait Cluster: Sync {
         worker: &str,
         req: &InferenceRequest,
     ) -> impl Future<Output = Result<Events<InferenceEvent>, ApiError>> + Send;
+    /// The worker's `POST /v1/embeddings` answer.
+    fn embed(
+        &self,
+        hive: &HiveConn,
+        worker: &str,
+        req: &EmbeddingsRequest,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
 }
 
 impl HiveConn {
@@ -175,5 +182,14 @@ impl Cluster for Live {
         req: &InferenceRequest,
     ) -> Result<Events<InferenceEvent>, ApiError> {
         hive.worker(worker).infer(req).await
+    }
+
+    async fn embed(
+        &self,
+        hive: &HiveConn,
+        worker: &str,
+        req: &EmbeddingsRequest,
+    ) -> Result<serde_json::Value, ApiError> {
+        hive.worker(worker).embed(req).await
     }
 }

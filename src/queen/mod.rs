@@ -151,6 +151,7 @@ enum Endpoint {
     HiveDeleteModel,
     HiveRemovePartials,
     ChatCompletions,
+    Embeddings,
     Completions,
     Models,
     Shutdown,
@@ -207,6 +208,7 @@ const ROUTES: &[Route<Endpoint>] = &[
         Endpoint::ChatCompletions,
     ),
     (Method::POST, "/v1/completions", Endpoint::Completions),
+    (Method::POST, "/v1/embeddings", Endpoint::Embeddings),
     (Method::GET, "/v1/models", Endpoint::Models),
     (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
     (Method::GET, "/", Endpoint::Page),
@@ -244,6 +246,7 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
             Err(e) => Err(e),
         },
         Endpoint::ChatCompletions => return openai_route(&q, req, openai::Kind::Chat).await,
+        Endpoint::Embeddings => return embeddings_route(&q, req).await,
         Endpoint::Completions => return openai_route(&q, req, openai::Kind::Completion).await,
         Endpoint::Models => Ok(http::json(StatusCode::OK, &models(&q))),
         Endpoint::Shutdown => {
@@ -416,11 +419,49 @@ async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> 
             }
         }
     };
-    let answer = openai::Answer::new(kind, &model, prompt_tokens);
+    let mut answer = openai::Answer::new(kind, &model, prompt_tokens);
+    answer.tool_calls = prepared.tool_calls;
     let mut resp = openai::respond(answer, events, prepared.stream, prepared.include_usage).await;
     if let Ok(id) = hyper::header::HeaderValue::from_str(&job.id) {
         resp.headers_mut().insert("x-rbee-job", id);
     }
+    resp
+}
+
+/// `POST /v1/embeddings`, routed by `model` to a worker of it (provisioned
+/// like a job's, and shown as a job on the status page).
+async fn embeddings_route(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    let checked = async {
+        let body = http::read_body(req).await?;
+        let request: crate::protocol::EmbeddingsRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid("input", format!("invalid JSON body: {e}")))?;
+        request.texts()?;
+        if request.model.is_empty() {
+            return Err(ApiError::invalid("model", "model is required"));
+        }
+        crate::hive::model_ref::check(&request.model)?;
+        Ok::<_, ApiError>(request)
+    };
+    let request = match checked.await {
+        Ok(r) => r,
+        Err(e) => return openai::error(e),
+    };
+    let work = scheduler::Work {
+        node: None,
+        model: request.model.clone(),
+        inference: crate::protocol::InferenceRequest::default(),
+    };
+    let job = q.jobs.create();
+    job.describe(&work.model);
+    let answer = scheduler::embed(&q.cluster, &job, &work, &request).await;
+    let resp = match answer {
+        Ok(v) => http::json(StatusCode::OK, &v),
+        Err(e) => {
+            job.fail(e.clone());
+            openai::error(e)
+        }
+    };
+    job.finish();
     resp
 }
 
@@ -545,6 +586,9 @@ async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
     let body: JobRequest = http::read_json(req).await?;
     crate::hive::model_ref::check(&body.model)?;
     crate::protocol::check_prompt(&body.prompt, body.messages.as_deref())?;
+    if let Some(crate::protocol::Constraint::JsonSchema { schema }) = &body.constraint {
+        crate::schema::check(schema, "constraint")?;
+    }
     body.sampling.validate()?;
     let job = q.jobs.create();
     start_job(q, job.clone(), body.into());

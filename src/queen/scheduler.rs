@@ -17,8 +17,8 @@ use super::provision;
 use super::registry::LOCALHOST;
 use super::view::{prefix_hashes, ClusterState, InFlight, SILENCE};
 use crate::protocol::{
-    ApiError, ErrorCode, InferenceEvent, InferenceRequest, JobEvent, JobFigures, JobRequest,
-    StopReason,
+    ApiError, EmbeddingsRequest, ErrorCode, InferenceEvent, InferenceRequest, JobEvent, JobFigures,
+    JobRequest, StopReason,
 };
 use std::time::Duration;
 
@@ -46,6 +46,7 @@ impl From<JobRequest> for Work {
             inference: InferenceRequest {
                 prompt: req.prompt,
                 messages: req.messages,
+                constraint: req.constraint,
                 sampling: req.sampling,
                 cache_prompt: req.cache_prompt,
                 ..InferenceRequest::default()
@@ -108,6 +109,23 @@ pub async fn run(cluster: &impl Cluster, job: &Job, work: &Work) -> Result<(), A
             }
         }
     }
+}
+
+/// Embeddings for `req` from a worker of the job's model, routed or
+/// provisioned as an inference would be (no failover: the request is short
+/// and the client can send it again).
+pub async fn embed(
+    cluster: &impl Cluster,
+    job: &Job,
+    work: &Work,
+    req: &EmbeddingsRequest,
+) -> Result<serde_json::Value, ApiError> {
+    let hives = candidates(cluster, job, work.node.as_deref()).await?;
+    let (target, in_flight) = pick_worker(cluster, &hives, job, &work.model, &[], &[]).await?;
+    job.serving(&target.hive.name, &target.worker_id);
+    let answer = cluster.embed(&target.hive, &target.url, req).await;
+    drop(in_flight);
+    answer
 }
 
 /// How many workers one job may lose before it fails.
@@ -682,6 +700,16 @@ mod tests {
                 },
                 LoadingEvent::Ready,
             ]))
+        }
+
+        async fn embed(
+            &self,
+            _hive: &HiveConn,
+            worker: &str,
+            _req: &EmbeddingsRequest,
+        ) -> Result<serde_json::Value, ApiError> {
+            self.call(format!("embed {worker}"));
+            Ok(serde_json::json!({"object": "list"}))
         }
 
         async fn infer(

@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod engine;
 pub mod slots;
+pub mod template;
 pub mod text;
 
 use crate::http::{self, sse, Auth, Body, Reply, Route};
@@ -318,6 +319,7 @@ enum Endpoint {
     LoadingProgress,
     Inference,
     ChatCompletions,
+    Embeddings,
     Completions,
     Models,
     Metrics,
@@ -340,6 +342,7 @@ const ROUTES: &[Route<Endpoint>] = &[
         Endpoint::ChatCompletions,
     ),
     (Method::POST, "/v1/completions", Endpoint::Completions),
+    (Method::POST, "/v1/embeddings", Endpoint::Embeddings),
     (Method::GET, "/v1/models", Endpoint::Models),
     (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
     (Method::GET, "/metrics", Endpoint::Metrics),
@@ -360,6 +363,7 @@ async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
         Endpoint::Inference => inference(&w, req).await,
         Endpoint::ChatCompletions => return openai_completion(&w, req, openai::Kind::Chat).await,
         Endpoint::Completions => return openai_completion(&w, req, openai::Kind::Completion).await,
+        Endpoint::Embeddings => return embeddings(&w, req).await,
         Endpoint::Models => Ok(http::json(
             StatusCode::OK,
             &openai::model_list([(w.model.to_string(), "rbee".to_string())]),
@@ -463,19 +467,48 @@ async fn openai_completion(
     let started = async {
         let body = http::read_body(req).await?;
         let prepared = openai::parse(&body, kind)?;
+        let tool_calls = prepared.tool_calls;
         let (prompt_tokens, events) = start(w, prepared.inference).await?;
         Ok::<_, ApiError>((
             prepared.stream,
             prepared.include_usage,
+            tool_calls,
             prompt_tokens,
             events,
         ))
     };
     match started.await {
-        Ok((stream, include_usage, prompt_tokens, events)) => {
-            let answer = openai::Answer::new(kind, &w.model, prompt_tokens);
+        Ok((stream, include_usage, tool_calls, prompt_tokens, events)) => {
+            let mut answer = openai::Answer::new(kind, &w.model, prompt_tokens);
+            answer.tool_calls = tool_calls;
             openai::respond(answer, events, stream, include_usage).await
         }
+        Err(e) => openai::error(e),
+    }
+}
+
+/// `POST /v1/embeddings`: a vector per input, in OpenAI's shape.
+async fn embeddings(w: &Worker, req: Request<Incoming>) -> Response<Body> {
+    let answered = async {
+        let body = http::read_body(req).await?;
+        let request: crate::protocol::EmbeddingsRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid("input", format!("invalid JSON body: {e}")))?;
+        let (texts, base64) = request.texts()?;
+        if !matches!(&*w.loading.borrow(), LoadingEvent::Ready) {
+            return Err(ApiError::new(
+                ErrorCode::Loading,
+                "the model is still loading",
+            ));
+        }
+        let (vectors, tokens) = w
+            .engine
+            .embed(texts)
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::InferenceFailed, "the engine stopped"))??;
+        Ok(openai::embeddings(&w.model, &vectors, tokens, base64))
+    };
+    match answered.await {
+        Ok(v) => http::json(StatusCode::OK, &v),
         Err(e) => openai::error(e),
     }
 }

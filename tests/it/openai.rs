@@ -1,5 +1,7 @@
 //! The OpenAI-compatible API, checked with the official `openai` Python client
-//! (installed by `make test` into .models/py).
+//! (installed by `make test` into .models/py): chat and completions
+//! (`client_test.py`), then embeddings, structured output and tool calls
+//! (`complete_test.py`).
 
 use crate::support::*;
 use serde_json::json;
@@ -37,6 +39,12 @@ fn the_official_python_client_works_against_worker_and_queen() {
         &[&worker.url, &queen.url, "smollm2-135m-instruct.q4_1"],
     );
     assert!(stdout.contains("15 passed, 0 failed"), "{stdout}");
+    // Embeddings, structured output and tool calls, on both.
+    let stdout = python(
+        "openai/complete_test.py",
+        &[&worker.url, &queen.url, "smollm2-135m-instruct.q4_1"],
+    );
+    assert!(stdout.contains("14 passed, 0 failed"), "{stdout}");
     // The queen served on hive two, where the model was.
     let workers = get(&format!("{}/v1/workers/list", two.url)).1;
     assert_eq!(workers.as_array().map(Vec::len), Some(1), "{workers}");
