@@ -278,6 +278,8 @@ fn progress_event(config: &Config, layers_total: u32, fraction: f32, size: u64) 
 struct Request {
     submission: Box<Submission>,
     tokens: Vec<LlamaToken>,
+    /// Where a failover's resumed tokens start in `tokens` (its length when none).
+    resumed_from: usize,
     /// Prompt tokens already in the KV cache (from the prompt cache, then decoded).
     prompt_done: usize,
     /// Prompt tokens that came from the prompt cache.
@@ -312,6 +314,7 @@ impl Request {
             Phase::Prefill {
                 done: self.prompt_done,
                 total: self.tokens.len(),
+                stepwise_from: self.resumed_from,
             }
         }
     }
@@ -885,6 +888,7 @@ fn prepare(
             format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
         ));
     }
+    let resumed_from = tokens.len();
     tokens.extend(request.resume_tokens.iter().map(|&t| LlamaToken(t)));
     if tokens.len() >= n_ctx_slot as usize {
         return Err(ApiError::new(
@@ -914,6 +918,7 @@ fn prepare(
         textless: Vec::new(),
         submission,
         tokens,
+        resumed_from,
         prompt_done: 0,
         cached: 0,
         fed: Vec::new(),

@@ -15,8 +15,15 @@ use std::collections::VecDeque;
 /// Where a slot's request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Reading its prompt: `done` of `total` tokens are in the KV cache.
-    Prefill { done: usize, total: usize },
+    /// Reading its prompt: `done` of `total` tokens are in the KV cache;
+    /// from `stepwise_from` on, one token per step (a failover's resumed
+    /// tokens, read as the lost worker generated them: one per decode, so the
+    /// numbers, and a greedy answer, come out the same).
+    Prefill {
+        done: usize,
+        total: usize,
+        stepwise_from: usize,
+    },
     /// Generating: its last sampled token goes into the next batch.
     Decode,
 }
@@ -54,8 +61,18 @@ pub fn plan_batch(phases: &[(usize, Phase)], n_batch: usize) -> Vec<Piece> {
         }
     }
     for &(slot, phase) in phases {
-        if let Phase::Prefill { done, total } = phase {
-            let len = (total - done).min(budget);
+        if let Phase::Prefill {
+            done,
+            total,
+            stepwise_from,
+        } = phase
+        {
+            let room = if done >= stepwise_from {
+                1
+            } else {
+                stepwise_from - done
+            };
+            let len = (total - done).min(budget).min(room);
             if len == 0 {
                 continue;
             }
@@ -165,9 +182,23 @@ mod tests {
     #[test]
     fn generating_slots_go_first_then_prompts_fill_the_batch() {
         let phases = [
-            (0, Phase::Prefill { done: 0, total: 10 }),
+            (
+                0,
+                Phase::Prefill {
+                    done: 0,
+                    total: 10,
+                    stepwise_from: 10,
+                },
+            ),
             (1, Phase::Decode),
-            (2, Phase::Prefill { done: 4, total: 6 }),
+            (
+                2,
+                Phase::Prefill {
+                    done: 4,
+                    total: 6,
+                    stepwise_from: 6,
+                },
+            ),
             (3, Phase::Decode),
         ];
         let plan = plan_batch(&phases, 8);
@@ -199,7 +230,17 @@ mod tests {
         let mut done = 0;
         let mut chunks = Vec::new();
         while done < 1000 {
-            let plan = plan_batch(&[(0, Phase::Prefill { done, total: 1000 })], 512);
+            let plan = plan_batch(
+                &[(
+                    0,
+                    Phase::Prefill {
+                        done,
+                        total: 1000,
+                        stepwise_from: 1000,
+                    },
+                )],
+                512,
+            );
             let PieceKind::Prompt { start, len, last } = plan[0].kind else {
                 panic!("expected a prompt chunk");
             };
@@ -211,6 +252,25 @@ mod tests {
     }
 
     #[test]
+    fn resumed_tokens_are_read_one_per_step_after_the_prompt() {
+        let mut done = 0;
+        let mut chunks = Vec::new();
+        while done < 13 {
+            let phase = Phase::Prefill {
+                done,
+                total: 13,
+                stepwise_from: 10,
+            };
+            let PieceKind::Prompt { len, last, .. } = plan_batch(&[(0, phase)], 512)[0].kind else {
+                panic!("expected a prompt chunk");
+            };
+            chunks.push((len, last));
+            done += len;
+        }
+        assert_eq!(chunks, vec![(10, false), (1, false), (1, false), (1, true)]);
+    }
+
+    #[test]
     fn a_batch_never_exceeds_its_size() {
         let phases: Vec<_> = (0..4)
             .map(|i| {
@@ -219,6 +279,7 @@ mod tests {
                     Phase::Prefill {
                         done: 0,
                         total: 300,
+                        stepwise_from: 300,
                     },
                 )
             })

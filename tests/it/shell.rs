@@ -147,6 +147,53 @@ fn the_short_verbs_pull_list_ps_stop_and_a_default_model() {
 }
 
 #[test]
+fn a_json_schema_from_a_file_shapes_the_answer() {
+    let _turn = serial();
+    let c = Cluster::new("shell-schema", &[]);
+    let dir = TempDir::new("shell-schema-file");
+    let schema = dir.path().join("person.json");
+    let person = json!({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                        "required": ["name", "age"], "additionalProperties": false});
+    std::fs::write(&schema, person.to_string()).expect("the schema is written");
+    let schema = schema.to_str().expect("a path");
+    let model = file_model();
+    let (code, out, err) = c.keeper(&[
+        "infer",
+        "-m",
+        &model,
+        "Describe Ada, who is 36, as JSON.",
+        "--json-schema",
+        schema,
+        "-n",
+        "60",
+        "-t",
+        "0",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let answer: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let keys: Vec<&String> = answer.as_object().expect("an object").keys().collect();
+    assert_eq!(keys, ["name", "age"], "{out}");
+    assert!(answer["age"].is_i64(), "{out}");
+
+    std::fs::write(
+        dir.path().join("bad.json"),
+        r#"{"type": "object", "not": {}}"#,
+    )
+    .expect("written");
+    let bad = dir.path().join("bad.json");
+    let (code, _, err) = c.keeper(&[
+        "infer",
+        "-m",
+        &model,
+        "hi",
+        "--json-schema",
+        bad.to_str().unwrap_or_default(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("\"not\" (at #) is not supported"), "{err}");
+}
+
+#[test]
 fn the_prompt_given_twice_is_refused_saying_so() {
     let c = Cluster::new("shell-twice", &[]);
     let (code, out, err) = c.keeper(&["infer", "-m", "x", "--prompt", "a", "b"]);
