@@ -113,8 +113,7 @@ def suite(base, where):
     def tool_required_streamed():
         stream = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-            tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
-            max_tokens=80, temperature=0, stream=True)
+            tools=[WEATHER], tool_choice="required", max_tokens=80, temperature=0, stream=True)
         calls, finish = {}, None
         for chunk in stream:
             if not chunk.choices:
@@ -136,7 +135,8 @@ def suite(base, where):
     def tool_round_trip():
         messages = [{"role": "user", "content": "What is the weather in Paris?"}]
         first = client.chat.completions.create(
-            model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=80, temperature=0)
+            model=MODEL, messages=messages, tools=[WEATHER], max_tokens=80, temperature=0,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
         call = first.choices[0].message.tool_calls[0]
         messages.append({"role": "assistant", "content": None, "tool_calls": [
             {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]})
