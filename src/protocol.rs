@@ -336,6 +336,26 @@ pub enum EmbeddingInput {
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 
 impl EmbeddingsRequest {
+    /// A request body read: a syntax error says so, a wrong `input` says what it must be.
+    pub fn read(body: &[u8]) -> Result<EmbeddingsRequest, ApiError> {
+        let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+            ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}"))
+        })?;
+        let input_ok = match value.get("input") {
+            Some(serde_json::Value::String(_)) => true,
+            Some(serde_json::Value::Array(items)) => items.iter().all(|i| i.is_string()),
+            _ => false,
+        };
+        if !input_ok {
+            return Err(ApiError::invalid(
+                "input",
+                "input must be a string or a list of strings",
+            ));
+        }
+        serde_json::from_value(value)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid request: {e}")))
+    }
+
     /// The texts to embed, checked; whether the answer is base64.
     pub fn texts(&self) -> Result<(Vec<String>, bool), ApiError> {
         let texts = match &self.input {

@@ -2,12 +2,24 @@
 //! both the command line and the queen's unknown-model error ask.
 
 /// The candidate closest to `word` by edits, if it is close enough to be a
-/// typo (two edits, or a third of the word, whichever is more).
+/// typo (two edits, or a third of the word, whichever is more). A word that
+/// is (nearly) the start of a longer name counts as one edit more than its
+/// distance from that start: `smolm` finds `smollm2-135m-instruct.q4_1`.
 pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (word.trim_start_matches('-').chars().count() / 3).max(2);
+    let n = word.chars().count();
+    let distance = |c: &str| {
+        let start: String = c.chars().take(n).collect();
+        let as_start = if c.chars().count() > n + 1 {
+            edits(word, &start) + 1
+        } else {
+            usize::MAX
+        };
+        edits(word, c).min(as_start)
+    };
     candidates
         .into_iter()
-        .map(|c| (edits(word, c), c))
+        .map(|c| (distance(c), c))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
@@ -45,5 +57,7 @@ mod tests {
             Some("smollm2-135m-instruct.q4_1")
         );
         assert_eq!(nearest("mistral", models), None);
+        assert_eq!(nearest("smolm", models), Some("smollm2-135m-instruct.q4_1"));
+        assert_eq!(nearest("llama", models), Some("llama-3.2-1b.q4_k_m"));
     }
 }

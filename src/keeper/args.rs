@@ -130,8 +130,14 @@ impl argh::SubCommand for Run {
 
 impl FromArgs for Run {
     fn from_args(command_name: &[&str], args: &[&str]) -> Result<Self, argh::EarlyExit> {
-        // `--model` is optional for infer, so the model is taken from the words here.
-        let mut infer = Infer::from_args(command_name, args)?;
+        // `--model` is optional for infer, so the model is taken from the words here;
+        // infer's help, with the model where `run` takes it.
+        let mut infer = Infer::from_args(command_name, args).map_err(|mut e| {
+            if e.status.is_ok() {
+                e.output = e.output.replacen("[<words...>]", "MODEL [<words...>]", 1);
+            }
+            e
+        })?;
         if infer.model.is_none() {
             if infer.words.is_empty() {
                 return Err(argh::EarlyExit {
@@ -466,7 +472,8 @@ mod tests {
         assert!(Args::from_args(&["keeper"], &["run"]).is_err());
         let help = Args::from_args(&["keeper"], &["run", "--help"]).unwrap_err();
         assert!(
-            help.output.starts_with("Usage: keeper run"),
+            help.output.starts_with("Usage: keeper run")
+                && help.output.contains(" MODEL [<words...>]"),
             "{}",
             help.output
         );

@@ -304,6 +304,11 @@ async fn stop(queen: &Queen, target: &str) -> Result<(), String> {
 /// Which workers `stop TARGET` means: every worker of a model of that name,
 /// else the one whose id starts with it; none or several is an error naming them.
 fn stop_targets(workers: &[HiveWorker], target: &str) -> Result<Vec<String>, String> {
+    // One already told to stop is not running any more.
+    let workers: Vec<&HiveWorker> = workers
+        .iter()
+        .filter(|w| w.worker.state != crate::protocol::WorkerState::Stopping)
+        .collect();
     let of_model: Vec<String> = workers
         .iter()
         .filter(|w| w.worker.model == target)
@@ -430,30 +435,11 @@ fn config_cmd(c: &ConfigCmd) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{WorkerInfo, WorkerState};
 
     fn worker(id: &str, model: &str) -> HiveWorker {
         HiveWorker {
             hive: "localhost".into(),
-            worker: WorkerInfo {
-                worker_id: id.into(),
-                url: String::new(),
-                model: model.into(),
-                model_path: String::new(),
-                pid: 1,
-                state: WorkerState::Ready,
-                slots: 4,
-                backend: "cpu".into(),
-                device: 0,
-                error: None,
-                started_at: String::new(),
-                ctx_size: 0,
-                threads: 0,
-                memory_mb: 0,
-                memory_measured: false,
-                idle_since: None,
-                stops_at: None,
-            },
+            worker: crate::queen::placement::fixtures::worker(id, model, 0),
             in_flight: 0,
             tokens_per_second: None,
         }

@@ -3,7 +3,7 @@
 //! jobs — and, with `--web`, a link that opens the page logged in.
 
 use super::queen::Queen;
-use super::table::mb;
+use super::table::{bytes, mb};
 use crate::protocol::{HiveState, JobState, QueenStatus, SessionLink};
 use hyper::Method;
 use std::io::Write;
@@ -79,7 +79,7 @@ fn render(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
                 "",
                 m.name,
                 m.quantization,
-                mb(m.size >> 20),
+                bytes(m.size),
                 mb(m.memory_estimate_mb)
             )?;
         }

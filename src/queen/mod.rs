@@ -433,8 +433,7 @@ async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> 
 async fn embeddings_route(q: &Queen, req: Request<Incoming>) -> Response<Body> {
     let checked = async {
         let body = http::read_body(req).await?;
-        let request: crate::protocol::EmbeddingsRequest = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid("input", format!("invalid JSON body: {e}")))?;
+        let request = crate::protocol::EmbeddingsRequest::read(&body)?;
         request.texts()?;
         if request.model.is_empty() {
             return Err(ApiError::invalid("model", "model is required"));

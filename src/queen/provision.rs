@@ -91,8 +91,8 @@ fn unknown_name(state: &ClusterState, model: &str, hives: &[String]) -> Result<(
         .collect();
     let known: Vec<&str> = listed.iter().map(|(_, m)| *m).collect();
     let asked = match hives {
-        [one] => format!("hive {one} has"),
-        _ => format!("none of the hives ({}) has", hives.join(", ")),
+        [one] => format!("hive {one} has no"),
+        _ => format!("none of the hives ({}) has a", hives.join(", ")),
     };
     let elsewhere = listed.iter().find(|(_, m)| *m == name).map(|(h, _)| *h);
     let hint = match crate::suggest::nearest(&name, known.iter().copied()) {
@@ -104,7 +104,7 @@ fn unknown_name(state: &ClusterState, model: &str, hives: &[String]) -> Result<(
     Err(ApiError::new(
         ErrorCode::ModelNotFound,
         format!(
-            "{asked} no model named {name}{hint} (`rbee keeper list` shows them;              `rbee keeper pull hf:ORG/REPO` fetches one)"
+            "{asked} model named {name}{hint} (`rbee keeper list` shows them; `rbee keeper pull hf:ORG/REPO` fetches one)"
         ),
     ))
 }

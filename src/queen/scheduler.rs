@@ -1103,7 +1103,7 @@ mod tests {
         assert_eq!(e.code, ErrorCode::ModelNotFound);
         assert!(
             e.message.starts_with(
-                "none of the hives (a, b) has no model named smolm; did you mean smollm?"
+                "none of the hives (a, b) has a model named smolm; did you mean smollm?"
             ),
             "{}",
             e.message

@@ -491,8 +491,7 @@ async fn openai_completion(
 async fn embeddings(w: &Worker, req: Request<Incoming>) -> Response<Body> {
     let answered = async {
         let body = http::read_body(req).await?;
-        let request: crate::protocol::EmbeddingsRequest = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid("input", format!("invalid JSON body: {e}")))?;
+        let request = crate::protocol::EmbeddingsRequest::read(&body)?;
         let (texts, base64) = request.texts()?;
         if !matches!(&*w.loading.borrow(), LoadingEvent::Ready) {
             return Err(ApiError::new(

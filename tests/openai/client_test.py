@@ -6,20 +6,9 @@ as: python3 client_test.py WORKER_URL QUEEN_URL MODEL
 import sys
 
 import openai
+from checks import check, report
 
 MODEL = sys.argv[3]
-failures = []
-passed = 0
-
-
-def check(name, fn):
-    global passed
-    try:
-        fn()
-        passed += 1
-        print(f"ok {name}")
-    except Exception as e:  # noqa: BLE001 - report every failure, keep going
-        failures.append(f"FAILED {name}: {type(e).__name__}: {e}")
 
 
 def suite(base, where):
@@ -110,7 +99,4 @@ def unknown_model():
 
 
 check("queen unknown model", unknown_model)
-for f in failures:
-    print(f)
-print(f"{passed} passed, {len(failures)} failed")
-sys.exit(1 if failures else 0)
+report()

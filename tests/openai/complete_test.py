@@ -9,21 +9,10 @@ import math
 import sys
 
 import openai
+from checks import check, report
 import pydantic
 
 MODEL = sys.argv[3]
-failures = []
-passed = 0
-
-
-def check(name, fn):
-    global passed
-    try:
-        fn()
-        passed += 1
-        print(f"ok {name}")
-    except Exception as e:  # noqa: BLE001 - report every failure, keep going
-        failures.append(f"FAILED {name}: {type(e).__name__}: {e}")
 
 
 WEATHER = {
@@ -156,6 +145,4 @@ def suite(base, where):
 
 suite(sys.argv[1], "worker")
 suite(sys.argv[2], "queen")
-for f in failures:
-    print(f)
-print(f"{passed} passed, {len(failures)} failed")
+report()

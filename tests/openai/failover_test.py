@@ -15,22 +15,11 @@ import time
 import urllib.request
 
 import openai
+from checks import check, report
 
 QUEEN, MODEL, PID = sys.argv[1], sys.argv[2], int(sys.argv[3])
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a dragon."}]
 MAX = 120
-failures = []
-passed = 0
-
-
-def check(name, fn):
-    global passed
-    try:
-        fn()
-        passed += 1
-        print(f"ok {name}")
-    except Exception as e:  # noqa: BLE001 - report every failure, keep going
-        failures.append(f"FAILED {name}: {type(e).__name__}: {e}")
 
 
 client = openai.OpenAI(base_url=f"{QUEEN}/v1", api_key="not-needed", max_retries=0, timeout=120)
@@ -104,7 +93,4 @@ def whole_through_a_kill():
 for name, fn in [("uninterrupted", uninterrupted), ("streamed through a kill", streamed_through_a_kill),
                  ("whole through a kill", whole_through_a_kill)]:
     check(name, fn)
-for f in failures:
-    print(f)
-print(f"{passed} passed, {len(failures)} failed")
-sys.exit(1 if failures else 0)
+report()

@@ -7,24 +7,29 @@
 //! into free slots, and builds one batch from every active slot
 //! ([`super::slots::plan_batch`]). Its only blocking wait is for work when
 //! every slot is idle, so running streams never wait on the HTTP side.
+//!
+//! `prompt` turns a submission into a request (its prompt rendered and
+//! checked, its sampler built); `embed` computes embeddings between steps.
+//! This module and those two are the only code that touches llama-cpp-2.
+
+mod embed;
+mod prompt;
 
 use super::cache::{Placement, PromptCache, Step, Token};
 use super::slots::{plan_batch, Phase, PieceKind, Slots};
 use super::template::Template;
 use super::text::{Released, TokenText};
-use crate::protocol::{
-    ApiError, ChatMessage, Constraint, ErrorCode, InferenceEvent, LoadingEvent, SamplingParams,
-    StopReason,
-};
-use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
+use crate::protocol::{ApiError, ErrorCode, InferenceEvent, LoadingEvent, StopReason};
+use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use prompt::{model_template, prepare};
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -34,8 +39,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// Tokens per decode call: the room shared by generating slots and prompt chunks.
 const BATCH_TOKENS: usize = 512;
-/// The longest text an embedding is made of, in tokens (less if a slot is smaller).
-const EMBED_CONTEXT: u32 = 2048;
 
 /// How the engine is set up; fixed for the life of the worker.
 #[derive(Debug, Clone)]
@@ -482,80 +485,6 @@ impl<'m> Batcher<'m> {
         })
     }
 
-    /// Embeds each text on the embeddings context (made now if this is the
-    /// first request): the pooled, L2-normalized vector, mean pooling when the
-    /// model declares no pooling of its own.
-    fn embed(&mut self, texts: &[String]) -> Embedded {
-        let n_ctx = self.n_ctx_slot.min(EMBED_CONTEXT);
-        let failed = |m: String| ApiError::new(ErrorCode::InferenceFailed, m);
-        if self.embedder.is_none() {
-            let arch = self
-                .model
-                .meta_val_str("general.architecture")
-                .unwrap_or_default();
-            let declared = self
-                .model
-                .meta_val_str(&format!("{arch}.pooling_type"))
-                .is_ok();
-            let pooling = if declared {
-                LlamaPoolingType::Unspecified
-            } else {
-                LlamaPoolingType::Mean
-            };
-            let params = LlamaContextParams::default()
-                .with_n_ctx(NonZeroU32::new(n_ctx))
-                .with_n_batch(n_ctx)
-                .with_n_ubatch(n_ctx)
-                .with_embeddings(true)
-                .with_pooling_type(pooling)
-                .with_n_threads(self.threads)
-                .with_n_threads_batch(self.threads);
-            let ctx = self
-                .model
-                .new_context(self.backend, params)
-                .map_err(|e| failed(format!("cannot create an embeddings context: {e}")))?;
-            self.embedder = Some(ctx);
-        }
-        let Some(ctx) = self.embedder.as_mut() else {
-            return Err(failed("no embeddings context".into()));
-        };
-        let mut vectors = Vec::with_capacity(texts.len());
-        let mut total = 0u32;
-        for (i, text) in texts.iter().enumerate() {
-            let tokens = self.model.vocab().tokenize(text.as_bytes(), true, false);
-            if tokens.len() > n_ctx as usize {
-                return Err(ApiError::new(
-                    ErrorCode::ContextOverflow,
-                    format!(
-                        "input {i} is {} tokens; embeddings take at most {n_ctx}",
-                        tokens.len()
-                    ),
-                ));
-            }
-            ctx.clear_kv_cache();
-            let mut batch = LlamaBatch::new(tokens.len().max(1), 1);
-            for (pos, t) in tokens.iter().enumerate() {
-                batch
-                    .add(*t, pos as i32, &[0], true)
-                    .map_err(|e| failed(e.to_string()))?;
-            }
-            ctx.decode(&mut batch)
-                .map_err(|e| failed(format!("llama.cpp could not embed input {i}: {e}")))?;
-            let v = ctx
-                .embeddings_seq_ith(0)
-                .map_err(|e| failed(format!("no embedding for input {i}: {e}")))?;
-            let norm = v
-                .iter()
-                .map(|x| x * x)
-                .sum::<f32>()
-                .sqrt()
-                .max(f32::MIN_POSITIVE);
-            vectors.push(v.iter().map(|x| x / norm).collect());
-            total += tokens.len() as u32;
-        }
-        Ok((vectors, total))
-    }
-
     /// Step 1: new work. Blocks only when there is nothing to run.
     fn take_commands(&mut self, commands: &std_mpsc::Receiver<Command>) -> Flow {
         let mut next = if self.slots.is_idle() {
@@ -854,250 +783,6 @@ fn accept(r: &mut Request, piece: &[u8], token: LlamaToken, n_ctx_slot: u32) -> 
     }
     r.next = Some(token);
     false
-}
-
-/// Tokenizes a request and checks it against the slot's context.
-fn prepare(
-    model: &LlamaModel,
-    template: Option<&Template>,
-    submission: Box<Submission>,
-    n_ctx_slot: u32,
-) -> Result<Request, ApiError> {
-    let request = &submission.request;
-    let rendered;
-    let prompt = match &request.messages {
-        Some(messages) => {
-            rendered = render_chat(model, template, messages, &request.tools)?;
-            &rendered
-        }
-        None => &request.prompt,
-    };
-    let mut tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
-    if tokens.is_empty() {
-        return Err(ApiError::invalid("prompt", "the prompt has no tokens"));
-    }
-    // A failover: the answer so far, as the worker that was lost generated it.
-    let n_vocab = model.n_vocab();
-    if let Some(bad) = request
-        .resume_tokens
-        .iter()
-        .find(|&&t| t < 0 || t >= n_vocab)
-    {
-        return Err(ApiError::invalid(
-            "resume_tokens",
-            format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
-        ));
-    }
-    let resumed_from = tokens.len();
-    tokens.extend(request.resume_tokens.iter().map(|&t| LlamaToken(t)));
-    if tokens.len() >= n_ctx_slot as usize {
-        return Err(ApiError::new(
-            ErrorCode::ContextOverflow,
-            format!(
-                "the prompt is {} tokens, and this worker's context is {n_ctx_slot} tokens per \
-                 request, with at least one left to generate",
-                tokens.len()
-            ),
-        ));
-    }
-    let room = n_ctx_slot - tokens.len() as u32;
-    let max_tokens = request
-        .sampling
-        .max_tokens
-        .map_or(room, |n| n.clamp(1, i64::from(room)) as u32);
-    let mut sampler = sampler_for(
-        &request.sampling,
-        model.n_vocab(),
-        grammar_for(model, request.constraint.as_ref())?,
-    );
-    // A failover continues an answer the grammar has seen part of.
-    sampler.accept_many(request.resume_tokens.iter().map(|&t| LlamaToken(t)));
-    Ok(Request {
-        sampler,
-        text: TokenText::new(request.sampling.stop.clone()),
-        textless: Vec::new(),
-        submission,
-        tokens,
-        resumed_from,
-        prompt_done: 0,
-        cached: 0,
-        fed: Vec::new(),
-        pending: None,
-        next: None,
-        max_tokens,
-        generated: 0,
-        sent: 0,
-        arrived: Instant::now(),
-        admitted: None,
-        decode_started: None,
-    })
-}
-
-/// The model's chat template (`tokenizer.chat_template`), compiled; `None`
-/// (said once in the log) when it has none or it does not compile.
-fn model_template(model: &LlamaModel) -> Option<Template> {
-    let source = model.chat_template(None).ok()?.to_string().ok()?;
-    let vocab = model.vocab();
-    let text = |t: LlamaToken| {
-        vocab
-            .text(t)
-            .map(|c| c.to_string_lossy().to_string())
-            .unwrap_or_default()
-    };
-    match Template::new(
-        &source,
-        &text(vocab.bos()),
-        &text(vocab.eos()),
-        vocab.should_add_bos(),
-    ) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::warn!("{e}; chat prompts use llama.cpp's built-in formats");
-            None
-        }
-    }
-}
-
-/// The prompt for chat messages: the model's own template, else llama.cpp's
-/// built-in matcher, else ChatML (`<|im_start|>role\ncontent<|im_end|>`);
-/// a template that fails is said once in the log.
-fn render_chat(
-    model: &LlamaModel,
-    template: Option<&Template>,
-    messages: &[ChatMessage],
-    tools: &[crate::protocol::Tool],
-) -> Result<String, ApiError> {
-    static FAILURE_SAID: AtomicBool = AtomicBool::new(false);
-    if let Some(t) = template {
-        match t.render(messages, tools) {
-            Ok(prompt) => return Ok(prompt),
-            Err(e) if !FAILURE_SAID.swap(true, Ordering::Relaxed) => {
-                tracing::warn!("{e}; falling back to llama.cpp's built-in chat formats");
-            }
-            Err(_) => {}
-        }
-    }
-    let invalid = |message: String| ApiError::invalid("messages", message);
-    let chat: Vec<LlamaChatMessage> = super::template::plain(messages, tools)
-        .into_iter()
-        .map(|m| LlamaChatMessage::new(m.role, m.content))
-        .collect::<Result<_, _>>()
-        .map_err(|e| invalid(format!("a message cannot be used: {e}")))?;
-    let chatml = || LlamaChatTemplate::new("chatml").map_err(|e| e.to_string());
-    let builtin = model
-        .chat_template(None)
-        .map_err(|e| e.to_string())
-        .or_else(|_| chatml());
-    builtin
-        .and_then(|t| {
-            model
-                .apply_chat_template(&t, &chat, true)
-                .map_err(|e| e.to_string())
-        })
-        .or_else(|_| {
-            chatml().and_then(|t| {
-                model
-                    .apply_chat_template(&t, &chat, true)
-                    .map_err(|e| e.to_string())
-            })
-        })
-        .map_err(|e| invalid(format!("cannot apply the chat template: {e}")))
-}
-
-/// The grammar sampler a constraint asks for, from llama.cpp's JSON-schema converter.
-fn grammar_for(
-    model: &LlamaModel,
-    constraint: Option<&Constraint>,
-) -> Result<Option<LlamaSampler>, ApiError> {
-    let Some(constraint) = constraint else {
-        return Ok(None);
-    };
-    let failed =
-        |e: String| ApiError::invalid("response_format", format!("cannot build a grammar: {e}"));
-    let convert = |schema: &str| {
-        llama_cpp_2::json_schema_to_grammar(schema).map_err(|e| failed(e.to_string()))
-    };
-    let gbnf = match constraint {
-        Constraint::JsonObject => convert(r#"{"type":"object"}"#)?,
-        Constraint::JsonSchema { schema } => convert(&schema.to_string())?,
-        Constraint::ToolCalls { tools, parallel } => {
-            tool_call_grammar(&convert(&tool_call_schema(tools))?, *parallel)
-        }
-    };
-    LlamaSampler::grammar(model, &gbnf, "root")
-        .map(Some)
-        .map_err(|e| failed(e.to_string()))
-}
-
-/// One call of any of `tools`: `{"name": …, "arguments": …}`, name first.
-fn tool_call_schema(tools: &[crate::protocol::Tool]) -> String {
-    let calls: Vec<String> = tools
-        .iter()
-        .map(|t| {
-            let arguments = t
-                .function
-                .parameters
-                .clone()
-                .unwrap_or_else(|| serde_json::json!({"type": "object"}));
-            format!(
-                r#"{{"type":"object","properties":{{"name":{{"const":{}}},"arguments":{arguments}}},"required":["name","arguments"]}}"#,
-                serde_json::Value::String(t.function.name.clone())
-            )
-        })
-        .collect();
-    format!(r#"{{"anyOf":[{}]}}"#, calls.join(","))
-}
-
-/// The converter's grammar for one call, its root renamed, inside
-/// `<tool_call>` tags, once or (`parallel`) as many times as the model likes.
-fn tool_call_grammar(call: &str, parallel: bool) -> String {
-    let renamed: Vec<String> = call
-        .lines()
-        .map(|l| match l.strip_prefix("root ::=") {
-            Some(rest) => format!("tool-call-json ::={rest}"),
-            None => l.to_string(),
-        })
-        .collect();
-    let one = r#""<tool_call>\n" tool-call-json "\n</tool_call>""#;
-    let root = if parallel {
-        format!("root ::= {one} (\"\\n\" {one})*")
-    } else {
-        format!("root ::= {one}")
-    };
-    format!("{root}\n{}\n", renamed.join("\n"))
-}
-
-/// Greedy at temperature 0 (deterministic); else top-k, top-p, temperature,
-/// then a seeded draw. OpenAI's presence and frequency penalties go first.
-fn sampler_for(
-    request: &SamplingParams,
-    n_vocab: i32,
-    grammar: Option<LlamaSampler>,
-) -> LlamaSampler {
-    // The grammar first: the rest choose among the tokens it allows.
-    let mut chain: Vec<LlamaSampler> = grammar.into_iter().collect();
-    let presence = request.presence_penalty.unwrap_or(0.0);
-    let frequency = request.frequency_penalty.unwrap_or(0.0);
-    if presence != 0.0 || frequency != 0.0 {
-        chain.push(LlamaSampler::penalties(
-            n_vocab, 64, 1.0, frequency, presence,
-        ));
-    }
-    let temperature = request.temperature.unwrap_or(DEFAULT_TEMPERATURE);
-    if temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
-    } else {
-        let seed = request
-            .seed
-            .map_or_else(|| crate::protocol::random_u64() as u32, |s| s as u32);
-        chain.extend([
-            LlamaSampler::top_k(request.top_k.unwrap_or(DEFAULT_TOP_K)),
-            LlamaSampler::top_p(request.top_p.unwrap_or(DEFAULT_TOP_P), 1),
-            LlamaSampler::temp(temperature),
-            LlamaSampler::dist(seed),
-        ]);
-    }
-    LlamaSampler::chain_simple(chain)
 }
 
 /// The GPUs llama.cpp can use in this build (none in a CPU-only build).

@@ -1,0 +1,256 @@
+//! What a request becomes before it is decoded: its prompt (the chat
+//! template rendered, the failover's tokens appended) checked against the
+//! slot's context, and its sampler (the grammar a constraint asks for first).
+
+use super::{Request, Submission, Template, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P};
+use crate::protocol::{ApiError, ChatMessage, Constraint, ErrorCode, SamplingParams};
+use crate::worker::text::TokenText;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Tokenizes a request and checks it against the slot's context.
+pub(super) fn prepare(
+    model: &LlamaModel,
+    template: Option<&Template>,
+    submission: Box<Submission>,
+    n_ctx_slot: u32,
+) -> Result<Request, ApiError> {
+    let request = &submission.request;
+    let rendered;
+    let prompt = match &request.messages {
+        Some(messages) => {
+            rendered = render_chat(model, template, messages, &request.tools)?;
+            &rendered
+        }
+        None => &request.prompt,
+    };
+    let mut tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
+    if tokens.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt has no tokens"));
+    }
+    // A failover: the answer so far, as the worker that was lost generated it.
+    let n_vocab = model.n_vocab();
+    if let Some(bad) = request
+        .resume_tokens
+        .iter()
+        .find(|&&t| t < 0 || t >= n_vocab)
+    {
+        return Err(ApiError::invalid(
+            "resume_tokens",
+            format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
+        ));
+    }
+    let resumed_from = tokens.len();
+    tokens.extend(request.resume_tokens.iter().map(|&t| LlamaToken(t)));
+    if tokens.len() >= n_ctx_slot as usize {
+        return Err(ApiError::new(
+            ErrorCode::ContextOverflow,
+            format!(
+                "the prompt is {} tokens, and this worker's context is {n_ctx_slot} tokens per \
+                 request, with at least one left to generate",
+                tokens.len()
+            ),
+        ));
+    }
+    let room = n_ctx_slot - tokens.len() as u32;
+    let max_tokens = request
+        .sampling
+        .max_tokens
+        .map_or(room, |n| n.clamp(1, i64::from(room)) as u32);
+    let mut sampler = sampler_for(
+        &request.sampling,
+        model.n_vocab(),
+        grammar_for(model, request.constraint.as_ref())?,
+    );
+    // A failover continues an answer the grammar has seen part of.
+    sampler.accept_many(request.resume_tokens.iter().map(|&t| LlamaToken(t)));
+    Ok(Request {
+        sampler,
+        text: TokenText::new(request.sampling.stop.clone()),
+        textless: Vec::new(),
+        submission,
+        tokens,
+        resumed_from,
+        prompt_done: 0,
+        cached: 0,
+        fed: Vec::new(),
+        pending: None,
+        next: None,
+        max_tokens,
+        generated: 0,
+        sent: 0,
+        arrived: Instant::now(),
+        admitted: None,
+        decode_started: None,
+    })
+}
+
+/// The model's chat template (`tokenizer.chat_template`), compiled; `None`
+/// (said once in the log) when it has none or it does not compile.
+pub(super) fn model_template(model: &LlamaModel) -> Option<Template> {
+    let source = model.chat_template(None).ok()?.to_string().ok()?;
+    let vocab = model.vocab();
+    let text = |t: LlamaToken| {
+        vocab
+            .text(t)
+            .map(|c| c.to_string_lossy().to_string())
+            .unwrap_or_default()
+    };
+    match Template::new(
+        &source,
+        &text(vocab.bos()),
+        &text(vocab.eos()),
+        vocab.should_add_bos(),
+    ) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!("{e}; chat prompts use llama.cpp's built-in formats");
+            None
+        }
+    }
+}
+
+/// The prompt for chat messages: the model's own template, else llama.cpp's
+/// built-in matcher, else ChatML (`<|im_start|>role\ncontent<|im_end|>`);
+/// a template that fails is said once in the log.
+fn render_chat(
+    model: &LlamaModel,
+    template: Option<&Template>,
+    messages: &[ChatMessage],
+    tools: &[crate::protocol::Tool],
+) -> Result<String, ApiError> {
+    static FAILURE_SAID: AtomicBool = AtomicBool::new(false);
+    if let Some(t) = template {
+        match t.render(messages, tools) {
+            Ok(prompt) => return Ok(prompt),
+            Err(e) if !FAILURE_SAID.swap(true, Ordering::Relaxed) => {
+                tracing::warn!("{e}; falling back to llama.cpp's built-in chat formats");
+            }
+            Err(_) => {}
+        }
+    }
+    let invalid = |message: String| ApiError::invalid("messages", message);
+    let chat: Vec<LlamaChatMessage> = crate::worker::template::plain(messages, tools)
+        .into_iter()
+        .map(|m| LlamaChatMessage::new(m.role, m.content))
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid(format!("a message cannot be used: {e}")))?;
+    let chatml = || LlamaChatTemplate::new("chatml").map_err(|e| e.to_string());
+    let builtin = model
+        .chat_template(None)
+        .map_err(|e| e.to_string())
+        .or_else(|_| chatml());
+    builtin
+        .and_then(|t| {
+            model
+                .apply_chat_template(&t, &chat, true)
+                .map_err(|e| e.to_string())
+        })
+        .or_else(|_| {
+            chatml().and_then(|t| {
+                model
+                    .apply_chat_template(&t, &chat, true)
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .map_err(|e| invalid(format!("cannot apply the chat template: {e}")))
+}
+
+/// The grammar sampler a constraint asks for, from llama.cpp's JSON-schema converter.
+fn grammar_for(
+    model: &LlamaModel,
+    constraint: Option<&Constraint>,
+) -> Result<Option<LlamaSampler>, ApiError> {
+    let Some(constraint) = constraint else {
+        return Ok(None);
+    };
+    let failed =
+        |e: String| ApiError::invalid("response_format", format!("cannot build a grammar: {e}"));
+    let convert = |schema: &str| {
+        llama_cpp_2::json_schema_to_grammar(schema).map_err(|e| failed(e.to_string()))
+    };
+    let gbnf = match constraint {
+        Constraint::JsonObject => convert(r#"{"type":"object"}"#)?,
+        Constraint::JsonSchema { schema } => convert(&schema.to_string())?,
+        Constraint::ToolCalls { tools, parallel } => {
+            tool_call_grammar(&convert(&tool_call_schema(tools))?, *parallel)
+        }
+    };
+    LlamaSampler::grammar(model, &gbnf, "root")
+        .map(Some)
+        .map_err(|e| failed(e.to_string()))
+}
+
+/// One call of any of `tools`: `{"name": …, "arguments": …}`, name first.
+fn tool_call_schema(tools: &[crate::protocol::Tool]) -> String {
+    let calls: Vec<String> = tools
+        .iter()
+        .map(|t| {
+            let arguments = t
+                .function
+                .parameters
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+            format!(
+                r#"{{"type":"object","properties":{{"name":{{"const":{}}},"arguments":{arguments}}},"required":["name","arguments"]}}"#,
+                serde_json::Value::String(t.function.name.clone())
+            )
+        })
+        .collect();
+    format!(r#"{{"anyOf":[{}]}}"#, calls.join(","))
+}
+
+/// The converter's grammar for one call, its root renamed, inside
+/// `<tool_call>` tags, once or (`parallel`) as many times as the model likes.
+fn tool_call_grammar(call: &str, parallel: bool) -> String {
+    let renamed: Vec<String> = call
+        .lines()
+        .map(|l| match l.strip_prefix("root ::=") {
+            Some(rest) => format!("tool-call-json ::={rest}"),
+            None => l.to_string(),
+        })
+        .collect();
+    let one = r#""<tool_call>\n" tool-call-json "\n</tool_call>""#;
+    let root = if parallel {
+        format!("root ::= {one} (\"\\n\" {one})*")
+    } else {
+        format!("root ::= {one}")
+    };
+    format!("{root}\n{}\n", renamed.join("\n"))
+}
+
+/// Greedy at temperature 0 (deterministic); else top-k, top-p, temperature,
+/// then a seeded draw. OpenAI's presence and frequency penalties go first.
+fn sampler_for(
+    request: &SamplingParams,
+    n_vocab: i32,
+    grammar: Option<LlamaSampler>,
+) -> LlamaSampler {
+    // The grammar first: the rest choose among the tokens it allows.
+    let mut chain: Vec<LlamaSampler> = grammar.into_iter().collect();
+    let presence = request.presence_penalty.unwrap_or(0.0);
+    let frequency = request.frequency_penalty.unwrap_or(0.0);
+    if presence != 0.0 || frequency != 0.0 {
+        chain.push(LlamaSampler::penalties(
+            n_vocab, 64, 1.0, frequency, presence,
+        ));
+    }
+    let temperature = request.temperature.unwrap_or(DEFAULT_TEMPERATURE);
+    if temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        let seed = request
+            .seed
+            .map_or_else(|| crate::protocol::random_u64() as u32, |s| s as u32);
+        chain.extend([
+            LlamaSampler::top_k(request.top_k.unwrap_or(DEFAULT_TOP_K)),
+            LlamaSampler::top_p(request.top_p.unwrap_or(DEFAULT_TOP_P), 1),
+            LlamaSampler::temp(temperature),
+            LlamaSampler::dist(seed),
+        ]);
+    }
+    LlamaSampler::chain_simple(chain)
+}
