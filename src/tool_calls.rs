@@ -14,6 +14,24 @@ pub fn parse(text: &str) -> Option<(String, Vec<ToolCall>)> {
         .or_else(|| llama(text))
 }
 
+/// How much of `text` (what a stream holds) can go out now: all of it, or
+/// up to where a call starts, or may start once more tokens come. At the
+/// answer's start (`at_start`) a Llama-style JSON call may be anything that
+/// opens with `{`, so that is held whole.
+pub fn sendable(text: &str, at_start: bool) -> usize {
+    const MARKERS: [&str; 3] = ["<tool_call>", "[TOOL_CALLS]", "<|python_tag|>"];
+    if at_start && may_start_a_call(text) {
+        return 0;
+    }
+    if let Some(at) = MARKERS.iter().filter_map(|m| text.find(m)).min() {
+        return at;
+    }
+    text.char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| MARKERS.iter().any(|m| m.starts_with(&text[i..])))
+        .unwrap_or(text.len())
+}
+
 /// Whether `text`, the start of an answer, may still become a tool call:
 /// what a stream holds back until it knows.
 pub fn may_start_a_call(text: &str) -> bool {
@@ -163,5 +181,18 @@ mod tests {
         assert!(may_start_a_call("[TOOL_"));
         assert!(!may_start_a_call("The weather"));
         assert!(!may_start_a_call("<b>bold</b>"));
+    }
+
+    #[test]
+    fn a_stream_sends_text_up_to_where_a_call_may_begin() {
+        assert_eq!(sendable("The weather", true), 11);
+        assert_eq!(sendable("<tool", true), 0);
+        assert_eq!(sendable("{\"name\"", true), 0);
+        // After text, JSON is text; a marker, whole or begun, is held.
+        assert_eq!(sendable("{\"a\": 1}", false), 8);
+        assert_eq!(sendable("Let me check. <tool", false), 14);
+        assert_eq!(sendable("Let me check. <tool_call>{\"na", false), 14);
+        assert_eq!(sendable("a [TOOL_", false), 2);
+        assert_eq!(sendable("x < y", false), 5);
     }
 }

@@ -203,24 +203,25 @@ pub async fn respond(
         if answer.kind == Kind::Chat && tx.send(send(&answer.chunk(None, None))).await.is_err() {
             return;
         }
-        // With tools, text that may be the start of a call is held until it is
-        // known; a call is sent whole at the end.
+        // With tools, text that may be (the start of) a call is held until it
+        // is known; calls are sent whole at the end.
         let mut held = String::new();
-        let mut holding = answer.tool_calls;
+        let mut sent_text = false;
         loop {
             tokio::select! {
                 event = events.recv() => match event {
                     Some(InferenceEvent::Token { t, .. }) => {
-                        let text = if holding {
+                        let text = if answer.tool_calls {
                             held.push_str(&t);
-                            if crate::tool_calls::may_start_a_call(&held) {
+                            let n = crate::tool_calls::sendable(&held, !sent_text);
+                            if n == 0 {
                                 continue;
                             }
-                            holding = false;
-                            std::mem::take(&mut held)
+                            held.drain(..n).collect()
                         } else {
                             t
                         };
+                        sent_text = true;
                         if tx.send(send(&answer.chunk(Some(&text), None))).await.is_err() {
                             return;
                         }
