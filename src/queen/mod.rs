@@ -2,6 +2,7 @@
 //! results back, and keeps the registry of hives.
 
 pub mod cluster;
+mod front;
 pub mod jobs;
 pub mod local_hive;
 pub mod placement;
@@ -16,7 +17,7 @@ use crate::http::{self, sse, Auth, Body, Reply, Route};
 use crate::openai;
 use crate::protocol::{
     AddHive, ApiError, DownloadEvent, DownloadRequest, ErrorCode, Health, HiveRemoved, HiveWorker,
-    InferenceEvent, JobCancelled, JobCreated, JobRequest,
+    JobCancelled, JobCreated, JobRequest,
 };
 use argh::FromArgs;
 use cluster::Live;
@@ -245,10 +246,12 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
             Ok(hive) => hive_models(&hive, &q.cluster.view, endpoint, &params, req).await,
             Err(e) => Err(e),
         },
-        Endpoint::ChatCompletions => return openai_route(&q, req, openai::Kind::Chat).await,
-        Endpoint::Embeddings => return embeddings_route(&q, req).await,
-        Endpoint::Completions => return openai_route(&q, req, openai::Kind::Completion).await,
-        Endpoint::Models => Ok(http::json(StatusCode::OK, &models(&q))),
+        Endpoint::ChatCompletions => return front::openai_route(&q, req, openai::Kind::Chat).await,
+        Endpoint::Embeddings => return front::embeddings_route(&q, req).await,
+        Endpoint::Completions => {
+            return front::openai_route(&q, req, openai::Kind::Completion).await
+        }
+        Endpoint::Models => Ok(http::json(StatusCode::OK, &front::models(&q))),
         Endpoint::Shutdown => {
             q.shutdown.notify_one();
             Ok(http::json(StatusCode::ACCEPTED, &Health::stopping("queen")))
@@ -370,113 +373,6 @@ async fn stop_worker(q: &Queen, id: &str) -> Reply {
             tokens_per_second: found.tokens_per_second,
         },
     ))
-}
-
-/// The models of every reachable hive, for OpenAI's `GET /v1/models`.
-fn models(q: &Queen) -> serde_json::Value {
-    let mut seen: Vec<(String, String)> = Vec::new();
-    for h in q.cluster.view.state().hives.iter().filter(|h| h.reachable) {
-        for m in h.snapshot.iter().flat_map(|s| &s.models) {
-            if !seen.iter().any(|(id, _)| *id == m.entry.name) {
-                seen.push((m.entry.name.clone(), h.conn.name.clone()));
-            }
-        }
-    }
-    openai::model_list(seen)
-}
-
-/// Runs an OpenAI request as a job, routed by its `model` (the job stream,
-/// named in the `x-rbee-job` header, narrates it), and answers from the
-/// job's inference events: a worker lost mid-answer is replaced without the
-/// client seeing a break (DESIGN.md §11). Until a worker has started, a
-/// failure is the answer's status; a client that leaves cancels the job.
-async fn openai_route(q: &Queen, req: Request<Incoming>, kind: openai::Kind) -> Response<Body> {
-    let (prepared, model) = match read_openai(req, kind).await {
-        Ok(checked) => checked,
-        Err(e) => return openai::error(e),
-    };
-    let work = scheduler::Work {
-        node: None,
-        model: model.clone(),
-        inference: prepared.inference,
-    };
-    let job = q.jobs.create();
-    let mut events = job.tap();
-    start_job(q, job.clone(), work);
-    let prompt_tokens = loop {
-        match events.recv().await {
-            Some(InferenceEvent::Started { prompt_tokens, .. }) => break prompt_tokens,
-            Some(InferenceEvent::Error { code, message }) => {
-                return openai::error(ApiError::new(code, message))
-            }
-            Some(_) => {}
-            None => {
-                let e = ApiError::new(
-                    ErrorCode::InferenceFailed,
-                    "the job ended without an answer",
-                );
-                return openai::error(e);
-            }
-        }
-    };
-    let mut answer = openai::Answer::new(kind, &model, prompt_tokens);
-    answer.tool_calls = prepared.tool_calls;
-    let mut resp = openai::respond(answer, events, prepared.stream, prepared.include_usage).await;
-    if let Ok(id) = hyper::header::HeaderValue::from_str(&job.id) {
-        resp.headers_mut().insert("x-rbee-job", id);
-    }
-    resp
-}
-
-/// `POST /v1/embeddings`, routed by `model` to a worker of it (provisioned
-/// like a job's, and shown as a job on the status page).
-async fn embeddings_route(q: &Queen, req: Request<Incoming>) -> Response<Body> {
-    let checked = async {
-        let body = http::read_body(req).await?;
-        let request = crate::protocol::EmbeddingsRequest::read(&body)?;
-        request.texts()?;
-        if request.model.is_empty() {
-            return Err(ApiError::invalid("model", "model is required"));
-        }
-        crate::hive::model_ref::check(&request.model)?;
-        Ok::<_, ApiError>(request)
-    };
-    let request = match checked.await {
-        Ok(r) => r,
-        Err(e) => return openai::error(e),
-    };
-    let work = scheduler::Work {
-        node: None,
-        model: request.model.clone(),
-        inference: crate::protocol::InferenceRequest::default(),
-    };
-    let job = q.jobs.create();
-    job.describe(&work.model);
-    let answer = scheduler::embed(&q.cluster, &job, &work, &request).await;
-    let resp = match answer {
-        Ok(v) => http::json(StatusCode::OK, &v),
-        Err(e) => {
-            job.fail(e.clone());
-            openai::error(e)
-        }
-    };
-    job.finish();
-    resp
-}
-
-/// An OpenAI request checked, and its `model`.
-async fn read_openai(
-    req: Request<Incoming>,
-    kind: openai::Kind,
-) -> Result<(openai::Prepared, String), ApiError> {
-    let body = http::read_body(req).await?;
-    let prepared = openai::parse(&body, kind)?;
-    let model = openai::model_of(&body).unwrap_or_default();
-    if model.is_empty() {
-        return Err(ApiError::invalid("model", "model is required"));
-    }
-    crate::hive::model_ref::check(&model)?;
-    Ok((prepared, model))
 }
 
 /// The named hive; `localhost` with none registered starts the local hive.
