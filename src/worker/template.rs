@@ -10,7 +10,7 @@
 //! results and past calls become plain messages the template can show.
 //! No llama types here: the engine hands in the template's text.
 
-use crate::protocol::{ChatMessage, Tool};
+use crate::protocol::{ChatMessage, Tool, ToolCall};
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde_json::json;
 
@@ -119,9 +119,7 @@ pub fn plain(messages: &[ChatMessage], tools: &[Tool]) -> Vec<ChatMessage> {
                     .tool_calls
                     .iter()
                     .map(|c| {
-                        let arguments: serde_json::Value =
-                            serde_json::from_str(&c.function.arguments)
-                                .unwrap_or(serde_json::Value::String(c.function.arguments.clone()));
+                        let arguments = arguments_value(c);
                         format!(
                             "<tool_call>\n{}\n</tool_call>",
                             json!({"name": c.function.name, "arguments": arguments})
@@ -165,8 +163,7 @@ fn message_value(m: &ChatMessage) -> serde_json::Value {
             .tool_calls
             .iter()
             .map(|c| {
-                let arguments: serde_json::Value = serde_json::from_str(&c.function.arguments)
-                    .unwrap_or(serde_json::Value::String(c.function.arguments.clone()));
+                let arguments = arguments_value(c);
                 json!({"id": c.id, "type": "function",
                        "function": {"name": c.function.name, "arguments": arguments}})
             })
@@ -177,6 +174,13 @@ fn message_value(m: &ChatMessage) -> serde_json::Value {
         v["tool_call_id"] = json!(id);
     }
     v
+}
+
+/// A call's arguments as the object they encode (as Hugging Face passes
+/// them to templates), or the string itself when it is not JSON.
+fn arguments_value(c: &ToolCall) -> serde_json::Value {
+    serde_json::from_str(&c.function.arguments)
+        .unwrap_or_else(|_| serde_json::Value::String(c.function.arguments.clone()))
 }
 
 /// Today's date (UTC) in the few `strftime` forms templates use (`%d %b %Y`).
@@ -224,7 +228,7 @@ fn civil(days: u64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{FunctionCall, FunctionDef, ToolCall};
+    use crate::protocol::{FunctionCall, FunctionDef};
 
     fn fixture(name: &str) -> String {
         let path = format!(
