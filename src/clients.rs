@@ -10,8 +10,8 @@ use crate::http::client::{self, Silent, SseStream};
 use crate::http::sse::Frame;
 use crate::protocol::{
     ApiError, DownloadEvent, DownloadRequest, DownloadStarted, Health, HiveSnapshot,
-    InferenceEvent, InferenceRequest, LoadingEvent, ModelEntry, PartialsRemoved, ReadyStatus,
-    SpawnRequest, WorkerInfo, WorkerReadyCallback,
+    InferenceEvent, InferenceRequest, LeaseInfo, LeaseRequest, LoadingEvent, ModelEntry,
+    PartialsRemoved, ReadyStatus, SpawnRequest, WorkerInfo, WorkerReadyCallback,
 };
 use hyper::Method;
 use serde::de::DeserializeOwned;
@@ -80,6 +80,17 @@ impl HiveClient {
     /// `POST /v1/workers/spawn`: the new worker, still loading.
     pub async fn spawn(&self, req: &SpawnRequest) -> Result<WorkerInfo, ApiError> {
         client::post(&self.at("/v1/workers/spawn"), self.token(), req).await
+    }
+
+    /// `POST /v1/leases`: lend this hive's devices for a share of a split worker.
+    pub async fn lend(&self, req: &LeaseRequest) -> Result<LeaseInfo, ApiError> {
+        client::post(&self.at("/v1/leases"), self.token(), req).await
+    }
+
+    /// `DELETE /v1/leases/{id}`.
+    pub async fn end_lease(&self, id: &str) -> Result<LeaseInfo, ApiError> {
+        let url = self.at(&format!("/v1/leases/{id}"));
+        client::call(Method::DELETE, &url, self.token(), None::<&()>).await
     }
 
     /// `GET /v1/workers/list`.

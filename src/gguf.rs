@@ -12,7 +12,7 @@ use std::io::{self, BufReader, Read};
 use std::path::Path;
 
 /// What the catalog records about a model file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GgufInfo {
     pub architecture: String,
     /// Total elements over all tensors.
@@ -36,13 +36,21 @@ pub struct GgufInfo {
     /// Tokens in the vocabulary: the width of the logits.
     #[serde(default)]
     pub vocab_size: u64,
+    /// Bytes of the repeating layers' weights (`blk.N.*`, all layers), and of
+    /// the output layer's (`output.weight`, else the token embeddings it is
+    /// tied to): what a split across machines divides ([`split_cost`]).
+    #[serde(default)]
+    pub layer_bytes: u64,
+    #[serde(default)]
+    pub output_bytes: u64,
 }
 
 /// Reads the header of the GGUF file at `path`.
 pub fn read(path: &Path) -> Result<GgufInfo, String> {
     let file = std::fs::File::open(path)
         .map_err(|e| format!("cannot open model file {}: {e}", path.display()))?;
-    parse(&mut BufReader::with_capacity(1 << 16, file))
+    let len = file.metadata().ok().map(|m| m.len());
+    parse_sized(&mut BufReader::with_capacity(1 << 16, file), len)
         .map_err(|e| format!("{} is not a GGUF model file ({e})", path.display()))
 }
 
@@ -64,6 +72,45 @@ enum Value {
 const MAX_LEN: u64 = 1 << 28;
 
 pub fn parse(r: &mut impl Read) -> io::Result<GgufInfo> {
+    parse_sized(r, None)
+}
+
+/// Counts the bytes read through it: where the header ends.
+struct Counted<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Which part of the model a tensor belongs to, by its name.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Part {
+    Layer,
+    Output,
+    TokenEmbeddings,
+    Other,
+}
+
+fn part(name: &str) -> Part {
+    match name {
+        n if n.starts_with("blk.") => Part::Layer,
+        "output.weight" => Part::Output,
+        "token_embd.weight" => Part::TokenEmbeddings,
+        _ => Part::Other,
+    }
+}
+
+/// The header of a file `file_len` bytes long (tensor sizes come from the
+/// distance between data offsets, the last one's from the file's end).
+fn parse_sized(r: &mut impl Read, file_len: Option<u64>) -> io::Result<GgufInfo> {
+    let r = &mut Counted { inner: r, read: 0 };
     let mut magic = [0u8; 4];
     r.read_exact(&mut magic)?;
     if &magic != b"GGUF" {
@@ -79,6 +126,7 @@ pub fn parse(r: &mut impl Read) -> io::Result<GgufInfo> {
     let mut file_type = None;
     let mut numbers: Vec<(String, u64)> = Vec::new();
     let mut vocab_size = 0;
+    let mut alignment = 32;
     for _ in 0..n_kv {
         let key = read_string(r)?;
         let kind = read_u32(r)?;
@@ -87,6 +135,7 @@ pub fn parse(r: &mut impl Read) -> io::Result<GgufInfo> {
             Value::Uint(n) if key == "general.file_type" => file_type = Some(n),
             Value::Uint(n) if NUMBERS.iter().any(|k| key.ends_with(k)) => numbers.push((key, n)),
             Value::Array(n) if key == "tokenizer.ggml.tokens" => vocab_size = n,
+            Value::Uint(n) if key == "general.alignment" => alignment = n.max(1),
             _ => {}
         }
     }
@@ -97,8 +146,9 @@ pub fn parse(r: &mut impl Read) -> io::Result<GgufInfo> {
             .map_or(0, |(_, n)| *n)
     };
     let mut parameters = 0u64;
+    let mut offsets = Vec::new();
     for _ in 0..n_tensors {
-        let _name = read_string(r)?;
+        let name = read_string(r)?;
         let n_dims = read_u32(r)?;
         if n_dims > 8 {
             return Err(invalid("tensor with more than 8 dimensions"));
@@ -108,9 +158,13 @@ pub fn parse(r: &mut impl Read) -> io::Result<GgufInfo> {
             elements = elements.saturating_mul(read_u64(r)?);
         }
         let _type = read_u32(r)?;
-        let _offset = read_u64(r)?;
+        let offset = read_u64(r)?;
         parameters = parameters.saturating_add(elements);
+        offsets.push((offset, part(&name)));
     }
+    let data_start = r.read.next_multiple_of(alignment);
+    let data_len = file_len.map(|len| len.saturating_sub(data_start));
+    let (layer_bytes, output_bytes) = part_sizes(&mut offsets, data_len);
     let embedding_length = number("embedding_length");
     let head_count = number("attention.head_count");
     // Absent keys mean what llama.cpp takes them to mean: no grouped-query
@@ -129,7 +183,30 @@ pub fn parse(r: &mut impl Read) -> io::Result<GgufInfo> {
         architecture,
         parameters,
         quantization: file_type.map_or("unknown", file_type_name).to_string(),
+        layer_bytes,
+        output_bytes,
     })
+}
+
+/// The bytes of the repeating layers and of the output layer: each tensor
+/// runs to the next one's offset (the last to the data's end, when known).
+fn part_sizes(offsets: &mut [(u64, Part)], data_len: Option<u64>) -> (u64, u64) {
+    offsets.sort_by_key(|(offset, _)| *offset);
+    let (mut layers, mut output, mut embeddings) = (0u64, 0u64, 0u64);
+    for (i, (offset, part)) in offsets.iter().enumerate() {
+        let end = match offsets.get(i + 1) {
+            Some((next, _)) => *next,
+            None => data_len.unwrap_or(*offset),
+        };
+        let size = end.saturating_sub(*offset);
+        match part {
+            Part::Layer => layers += size,
+            Part::Output => output += size,
+            Part::TokenEmbeddings => embeddings += size,
+            Part::Other => {}
+        }
+    }
+    (layers, if output > 0 { output } else { embeddings })
 }
 
 /// The per-architecture numeric keys read (`{arch}.<key>`).
@@ -183,6 +260,50 @@ pub fn estimate(info: &GgufInfo, file_size: u64, slots: u64, ctx_per_slot: u64) 
         kv_cache,
         compute: logits + activations + MARGIN,
     }
+}
+
+/// What the shares of a model split across machines take, in bytes
+/// (DESIGN.md §12). llama.cpp keeps the input embeddings and the first layers
+/// on the worker's own machine, gives the rest of the repeating layers to the
+/// lending devices in order, and the output layer to the last of them; each
+/// layer's KV cache lives with the layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitCost {
+    pub layers: u64,
+    /// One repeating layer: its weights and its KV cache.
+    pub per_layer: u64,
+    /// The worker's machine without any layer: the rest of the weights and
+    /// the compute buffer (logits included, as llama.cpp sizes it there).
+    pub host: u64,
+    /// The output layer, on the last lending device: its weights and logits.
+    pub output: u64,
+    /// Any lending device without a layer: its compute buffer and the RPC
+    /// server around it.
+    pub device: u64,
+}
+
+/// The costs of splitting this model with `slots` × `ctx_per_slot` tokens of
+/// context; `None` when the header does not say which tensors are layers.
+pub fn split_cost(
+    info: &GgufInfo,
+    file_size: u64,
+    slots: u64,
+    ctx_per_slot: u64,
+) -> Option<SplitCost> {
+    if info.layers == 0 || info.layer_bytes == 0 {
+        return None;
+    }
+    let whole = estimate(info, file_size, slots, ctx_per_slot);
+    let activations = 8 * info.embedding_length * BATCH_TOKENS * 4;
+    let logits = info.vocab_size * BATCH_TOKENS * 4;
+    let per_layer = (info.layer_bytes + whole.kv_cache).div_ceil(info.layers);
+    Some(SplitCost {
+        layers: info.layers,
+        per_layer,
+        host: file_size.saturating_sub(info.layer_bytes) + whole.compute,
+        output: info.output_bytes + logits,
+        device: activations + MARGIN,
+    })
 }
 
 /// llama.cpp's `llama_ftype` names.
@@ -355,6 +476,8 @@ pub mod tests {
                 key_length: 0,
                 value_length: 0,
                 vocab_size: 2,
+                layer_bytes: 0,
+                output_bytes: 0,
             }
         );
     }
@@ -373,6 +496,8 @@ pub mod tests {
             key_length: 64,
             value_length: 64,
             vocab_size: 49152,
+            layer_bytes: 0,
+            output_bytes: 0,
         }
     }
 
@@ -386,6 +511,41 @@ pub mod tests {
         assert_eq!(four.kv_cache, 4 * one.kv_cache);
         assert_eq!(four.weights, 100 << 20);
         assert!(four.total() > four.weights + four.kv_cache);
+    }
+
+    #[test]
+    fn layer_and_output_sizes_come_from_the_distance_between_offsets() {
+        let mut offsets = vec![
+            (96, Part::Layer),
+            (0, Part::TokenEmbeddings),
+            (64, Part::Layer),
+            (160, Part::Other),
+        ];
+        // Embeddings 0..64, layers 64..96 and 96..160, a norm 160..170.
+        assert_eq!(part_sizes(&mut offsets, Some(170)), (96, 64));
+        offsets.push((170, Part::Output));
+        assert_eq!(part_sizes(&mut offsets, Some(200)), (96, 30));
+    }
+
+    #[test]
+    fn a_split_divides_layers_and_keeps_the_rest_on_the_worker() {
+        let info = GgufInfo {
+            layer_bytes: 60 << 20,
+            output_bytes: 20 << 20,
+            ..smollm2()
+        };
+        let cost = split_cost(&info, 100 << 20, 4, 4096).unwrap();
+        let whole = estimate(&info, 100 << 20, 4, 4096);
+        assert_eq!(cost.per_layer, ((60 << 20) + whole.kv_cache).div_ceil(30));
+        assert_eq!(cost.host, (40 << 20) + whole.compute);
+        // The worker's share and the layers add up to the whole model on one
+        // machine (to the byte per layer rounded up); a split costs on top the
+        // output layer again (tied to the embeddings here, with its logits) and
+        // each lender's compute buffer.
+        let shares = cost.host + 30 * cost.per_layer;
+        assert!(shares >= whole.total() && shares < whole.total() + 30);
+        assert_eq!(cost.output, (20 << 20) + 49152 * BATCH_TOKENS * 4);
+        assert_eq!(split_cost(&smollm2(), 100 << 20, 4, 4096), None);
     }
 
     #[test]

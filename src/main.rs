@@ -20,6 +20,7 @@ enum Role {
     Keeper(rbee::keeper::Args),
     Queen(rbee::queen::Args),
     Worker(rbee::worker::Args),
+    RpcServer(rbee::hive::lend::RpcArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +65,18 @@ fn main() -> ExitCode {
         eprintln!("rbee: name a role; `rbee --help` lists them");
         return ExitCode::from(2);
     };
+    if let Role::RpcServer(args) = &role {
+        // Its hive logs every line; llama.cpp's notes on each cached tensor are noise there.
+        init_tracing("warn");
+        // Blocking C code that serves until killed: no async runtime.
+        return match rbee::hive::lend::serve(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rbee: error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(done) = service(&role, strs.get(2..).unwrap_or(&[])) {
         return match done {
             Ok(said) => {
@@ -98,6 +111,7 @@ fn main() -> ExitCode {
             Role::Hive(args) => rbee::hive::run(args).await,
             Role::Queen(args) => rbee::queen::run(args).await,
             Role::Worker(args) => rbee::worker::run(args).await,
+            Role::RpcServer(_) => Ok(()),
         }
         .map(|()| 0)
     });

@@ -96,6 +96,7 @@ error_codes! {
     WorkerNotFound = "WORKER_NOT_FOUND", 404;
     JobNotFound = "JOB_NOT_FOUND", 404;
     DownloadNotFound = "DOWNLOAD_NOT_FOUND", 404;
+    LeaseNotFound = "LEASE_NOT_FOUND", 404;
     UnknownNode = "UNKNOWN_NODE", 404;
     // Busy, or not ready yet: worth trying again.
     QueueFull = "QUEUE_FULL", 503;
@@ -747,6 +748,59 @@ pub struct SpawnRequest {
     pub slots: Option<u32>,
     #[serde(default)]
     pub ctx_size: Option<u32>,
+    /// Other hives' devices holding part of its layers (DESIGN.md §12): the
+    /// worker keeps the rest on its own machine, the first layers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remotes: Vec<RemoteShare>,
+}
+
+/// One lending hive's share of a split worker, as the queen planned it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoteShare {
+    pub hive: String,
+    /// The lending hive's base URL; the worker tunnels through its `/v1/rpc`.
+    pub url: String,
+    /// The lease the lending hive made for it (`POST /v1/leases`).
+    pub lease: String,
+    pub layers: u32,
+    /// The lending hive's token, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// Where a split worker's layers are: its own hive's share and each lender's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitPart {
+    pub hive: String,
+    pub layers: u32,
+}
+
+/// `POST /v1/leases` on a hive: lend this hive's devices to a worker on
+/// another hive, through llama.cpp's RPC server (DESIGN.md §12).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub lease: String,
+    pub model: String,
+    /// The hive whose worker uses it.
+    pub borrower: String,
+    pub layers: u32,
+    /// What its share takes here, counted against this hive's budget.
+    pub memory_mb: u64,
+}
+
+/// A lease as its lending hive shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    pub lease: String,
+    pub model: String,
+    pub borrower: String,
+    pub layers: u32,
+    /// Its RPC server's resident set, never less than the share's estimate.
+    pub memory_mb: u64,
+    /// Whether a tunnel to it is open now.
+    pub connected: bool,
+    pub since: String,
 }
 
 /// A worker as its hive knows it (`GET /v1/workers/list`, and the spawn answer).
@@ -783,6 +837,9 @@ pub struct WorkerInfo {
     /// When the hive will stop it if it stays idle (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stops_at: Option<String>,
+    /// A split worker's layers, this hive's share first; empty when whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split: Vec<SplitPart>,
 }
 
 /// `GET /v1/state/stream` on a hive: everything the queen places and routes
@@ -799,6 +856,9 @@ pub struct HiveSnapshot {
     pub gpus: Vec<MemoryPool>,
     pub models: Vec<HiveModel>,
     pub workers: Vec<WorkerInfo>,
+    /// Shares of other hives' workers this hive holds (DESIGN.md §12).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<LeaseInfo>,
 }
 
 /// RAM or one GPU's memory, in MiB.
@@ -831,6 +891,44 @@ pub struct HiveModel {
     #[serde(flatten)]
     pub entry: ModelEntry,
     pub memory_estimate_mb: u64,
+    /// What each share takes when the model is split across hives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitCostMb>,
+}
+
+/// [`crate::gguf::SplitCost`] in MiB, with the hive's default slots and context.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SplitCostMb {
+    pub layers: u32,
+    pub layer_mb: f64,
+    pub host_mb: u64,
+    pub output_mb: u64,
+    pub device_mb: u64,
+}
+
+impl SplitCostMb {
+    pub fn of(cost: &crate::gguf::SplitCost, cache_ram_mb: u64) -> SplitCostMb {
+        let mb = |b: u64| b.div_ceil(1 << 20);
+        SplitCostMb {
+            layers: u32::try_from(cost.layers).unwrap_or(u32::MAX),
+            layer_mb: cost.per_layer as f64 / f64::from(1 << 20),
+            // The host-memory prompt cache stays with the worker.
+            host_mb: mb(cost.host) + cache_ram_mb,
+            output_mb: mb(cost.output),
+            device_mb: mb(cost.device),
+        }
+    }
+
+    /// The worker's own machine with `layers` of them.
+    pub fn host_need(&self, layers: u32) -> u64 {
+        self.host_mb + (f64::from(layers) * self.layer_mb).ceil() as u64
+    }
+
+    /// A lending hive with `layers` of them (and the output layer if `last`).
+    pub fn lender_need(&self, layers: u32, last: bool) -> u64 {
+        let output = if last { self.output_mb } else { 0 };
+        self.device_mb + output + (f64::from(layers) * self.layer_mb).ceil() as u64
+    }
 }
 
 /// `GET /v1/capabilities` on a hive: what a scheduler needs to place a model.

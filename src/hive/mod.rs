@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod disk;
 pub mod downloads;
 pub mod hf;
+pub mod lend;
 pub mod model_ref;
 pub mod models;
 pub mod state;
@@ -12,8 +13,8 @@ pub mod workers;
 
 use crate::http::{self, Auth, Body, Reply, Route};
 use crate::protocol::{
-    ApiError, Capabilities, DownloadEvent, DownloadRequest, ErrorCode, Health, SpawnRequest,
-    WorkerReadyCallback, WorkerState,
+    ApiError, Capabilities, DownloadEvent, DownloadRequest, ErrorCode, Health, LeaseRequest,
+    SpawnRequest, WorkerReadyCallback, WorkerState,
 };
 use argh::FromArgs;
 use hyper::body::Incoming;
@@ -82,6 +83,7 @@ pub struct Args {
 struct Hive {
     models: Models,
     workers: Workers,
+    leases: lend::Leases,
     state: State,
     auth: Auth,
     /// Fired by `POST /v1/admin/shutdown`.
@@ -123,8 +125,12 @@ pub async fn run(args: Args) -> Result<(), String> {
     } else {
         args.host.clone()
     };
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let leases = lend::Leases::new(exe.clone(), &data_dir, changes.clone())
+        .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
+    tokio::spawn(leases.clone().reap());
     let settings = Settings {
-        exe: std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?,
+        exe,
         host: args.host.clone(),
         advertise_host: args
             .advertise_host
@@ -140,9 +146,16 @@ pub async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
     tokio::spawn(workers.clone().reap_idle());
     let hive = Hive {
-        state: State::new(models.clone(), workers.clone(), changes, budget_mb),
+        state: State::new(
+            models.clone(),
+            workers.clone(),
+            leases.clone(),
+            changes,
+            budget_mb,
+        ),
         models,
         workers: workers.clone(),
+        leases: leases.clone(),
         auth,
         shutdown: Arc::new(tokio::sync::Notify::new()),
     };
@@ -167,6 +180,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         },
     )
     .await;
+    leases.end_all();
     workers.stop_all().await;
     Ok(())
 }
@@ -228,6 +242,9 @@ enum Endpoint {
     Workers,
     WorkerReady,
     StopWorker,
+    Lend,
+    EndLease,
+    Rpc,
     Shutdown,
     Metrics,
 }
@@ -258,11 +275,14 @@ const ROUTES: &[Route<Endpoint>] = &[
         "/v1/workers/{}/shutdown",
         Endpoint::StopWorker,
     ),
+    (Method::POST, "/v1/leases", Endpoint::Lend),
+    (Method::DELETE, "/v1/leases/{}", Endpoint::EndLease),
+    (Method::GET, "/v1/rpc", Endpoint::Rpc),
     (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
     (Method::GET, "/metrics", Endpoint::Metrics),
 ];
 
-async fn route(h: Hive, req: Request<Incoming>) -> Response<Body> {
+async fn route(h: Hive, mut req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let found = http::find(ROUTES, req.method(), &path);
     let (endpoint, params) = match found {
@@ -293,6 +313,18 @@ async fn route(h: Hive, req: Request<Incoming>) -> Response<Body> {
             .workers
             .stop(param)
             .map(|info| http::json(StatusCode::ACCEPTED, &info)),
+        Endpoint::Lend => lend(&h, req).await,
+        Endpoint::EndLease => h
+            .leases
+            .end(param)
+            .map(|info| http::json(StatusCode::OK, &info))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::LeaseNotFound,
+                    format!("this hive has no lease {param:?}"),
+                )
+            }),
+        Endpoint::Rpc => rpc(&h, &mut req),
         Endpoint::Shutdown => {
             h.shutdown.notify_one();
             Ok(http::json(StatusCode::ACCEPTED, &Health::stopping("hive")))
@@ -323,6 +355,39 @@ async fn spawn(h: &Hive, req: Request<Incoming>) -> Reply {
     let body: SpawnRequest = http::read_json(req).await?;
     let info = h.state.spawn(&body).await?;
     Ok(http::json(StatusCode::ACCEPTED, &info))
+}
+
+async fn lend(h: &Hive, req: Request<Incoming>) -> Reply {
+    let body: LeaseRequest = http::read_json(req).await?;
+    let info = h.state.lend(&body).await?;
+    Ok(http::json(StatusCode::CREATED, &info))
+}
+
+/// `GET /v1/rpc?lease=ID`: the tunnel to a lease's RPC server. The door has
+/// checked the token before this runs, so a refused caller's bytes never
+/// reach llama.cpp.
+fn rpc(h: &Hive, req: &mut Request<Incoming>) -> Reply {
+    let id = query_param(req.uri().query(), "lease").unwrap_or_default();
+    let upgrade = http::tunnel::accept(req, lend::PROTOCOL)?;
+    let (port, guard) = h.leases.open(&id)?;
+    tokio::spawn(async move {
+        let _open = guard;
+        let client = match upgrade.await {
+            Ok(upgraded) => hyper_util::rt::TokioIo::new(upgraded),
+            Err(e) => return tracing::warn!("lease {id}: the upgrade failed: {e}"),
+        };
+        let wait = std::time::Duration::from_secs(5);
+        match http::tunnel::connect_local(port, wait).await {
+            Ok(server) => {
+                let none = std::time::Duration::ZERO;
+                if let Err(e) = http::tunnel::splice(client, server, none).await {
+                    tracing::debug!("lease {id}: tunnel ended: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("lease {id}: its RPC server does not answer: {e}"),
+        }
+    });
+    Ok(http::tunnel::switching(lend::PROTOCOL))
 }
 
 async fn worker_ready(h: &Hive, req: Request<Incoming>) -> Reply {

@@ -4,13 +4,14 @@
 //! ([`HiveSnapshot`]), streamed whole on `GET /v1/state/stream` at the start
 //! and after every change (coalesced), with a keep-alive every 2 s.
 
+use super::lend::Leases;
 use super::models::Models;
 use super::workers::{Plan, Workers};
 use crate::gguf::{self, GgufInfo};
 use crate::http::{self, sse};
 use crate::protocol::{
-    ApiError, ErrorCode, HiveModel, HiveSnapshot, MemoryPool, ModelEntry, SpawnRequest, WorkerInfo,
-    WorkerState,
+    ApiError, ErrorCode, HiveModel, HiveSnapshot, LeaseInfo, LeaseRequest, MemoryPool, ModelEntry,
+    SpawnRequest, SplitCostMb, WorkerInfo, WorkerState,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -88,6 +89,7 @@ pub fn plan(info: &GgufInfo, file_size: u64, slots: u32, ctx: u32, threads: u32)
         threads,
         cache_ram_mb,
         memory_mb: est.total().div_ceil(1 << 20) + cache_ram_mb,
+        split: None,
     }
 }
 
@@ -96,6 +98,7 @@ pub fn plan(info: &GgufInfo, file_size: u64, slots: u32, ctx: u32, threads: u32)
 pub struct State {
     pub models: Models,
     pub workers: Workers,
+    pub leases: Leases,
     pub changes: Changes,
     budget_mb: u64,
     /// Headers read once per model file (path, size).
@@ -105,10 +108,17 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(models: Models, workers: Workers, changes: Changes, budget_mb: u64) -> State {
+    pub fn new(
+        models: Models,
+        workers: Workers,
+        leases: Leases,
+        changes: Changes,
+        budget_mb: u64,
+    ) -> State {
         State {
             models,
             workers,
+            leases,
             changes,
             budget_mb,
             headers: Arc::default(),
@@ -137,17 +147,15 @@ impl State {
                 quantization: entry.quantization.clone(),
                 context_length: entry.context_length,
                 layers: entry.layers,
-                embedding_length: 0,
-                head_count: 0,
-                head_count_kv: 0,
-                key_length: 0,
-                value_length: 0,
-                vocab_size: 0,
+                ..GgufInfo::default()
             }
         });
         let slots = slots.unwrap_or(DEFAULT_SLOTS);
         let ctx = ctx_per_slot(ctx, info.context_length);
-        plan(&info, entry.size, slots, ctx, crate::machine::cores())
+        let mut plan = plan(&info, entry.size, slots, ctx, crate::machine::cores());
+        plan.split = gguf::split_cost(&info, entry.size, slots.into(), ctx.into())
+            .map(|cost| SplitCostMb::of(&cost, plan.cache_ram_mb));
+        plan
     }
 
     /// Starts a worker if the budget has room for it; else `INSUFFICIENT_MEMORY`
@@ -158,6 +166,20 @@ impl State {
         crate::worker::check_slots(plan.slots, plan.ctx_size, entry.context_length).map_err(
             |(field, message)| ApiError::invalid(field, format!("{}: {message}", entry.name)),
         )?;
+        let mut plan = plan;
+        if !req.remotes.is_empty() {
+            let lent: u32 = req.remotes.iter().map(|r| r.layers).sum();
+            let cost = plan.split.filter(|c| lent <= c.layers).ok_or_else(|| {
+                ApiError::invalid(
+                    "remotes",
+                    format!(
+                        "{} cannot be split into those shares ({lent} layers lent)",
+                        entry.name
+                    ),
+                )
+            })?;
+            plan.memory_mb = cost.host_need(cost.layers - lent);
+        }
         let _one_at_a_time = self.spawning.lock().await;
         let free = self.snapshot().ram.free_mb();
         let on_gpu = req.backend.as_deref().is_some_and(|b| b != "cpu");
@@ -173,9 +195,27 @@ impl State {
         self.workers.spawn(&entry, req, &plan).await
     }
 
+    /// Lends this hive's devices for a share of a split worker, if the budget
+    /// has room for it.
+    pub async fn lend(&self, req: &LeaseRequest) -> Result<LeaseInfo, ApiError> {
+        let _one_at_a_time = self.spawning.lock().await;
+        let free = self.snapshot().ram.free_mb();
+        if req.memory_mb > free {
+            return Err(ApiError::new(
+                ErrorCode::InsufficientMemory,
+                format!(
+                    "{} layers of {} need {} MB; this hive has {free} MB of its budget free",
+                    req.layers, req.model, req.memory_mb
+                ),
+            ));
+        }
+        self.leases.make(req).await
+    }
+
     /// The hive as it is now.
     pub fn snapshot(&self) -> HiveSnapshot {
         let workers = self.workers.list();
+        let leases = self.leases.list();
         let live = |w: &&WorkerInfo| w.state != WorkerState::Failed;
         let used_on = |backend_cpu: bool, device: u32| -> u64 {
             workers
@@ -203,9 +243,13 @@ impl State {
             .catalog()
             .list()
             .into_iter()
-            .map(|entry| HiveModel {
-                memory_estimate_mb: self.plan_for(&entry, None, None).memory_mb,
-                entry,
+            .map(|entry| {
+                let plan = self.plan_for(&entry, None, None);
+                HiveModel {
+                    memory_estimate_mb: plan.memory_mb,
+                    split: plan.split,
+                    entry,
+                }
             })
             .collect();
         HiveSnapshot {
@@ -218,11 +262,12 @@ impl State {
                 total_mb: ram.total_mb,
                 available_mb: ram.available_mb,
                 budget_mb: self.budget_mb,
-                used_mb: used_on(true, 0),
+                used_mb: used_on(true, 0) + leases.iter().map(|l| l.memory_mb).sum::<u64>(),
             },
             gpus,
             models,
             workers,
+            leases,
         }
     }
 
@@ -274,6 +319,11 @@ fn notable(old: &HiveSnapshot, new: &HiveSnapshot) -> bool {
     for (w, o) in steady.workers.iter_mut().zip(&old.workers) {
         if w.worker_id == o.worker_id && !moved(w.memory_mb, o.memory_mb) {
             w.memory_mb = o.memory_mb;
+        }
+    }
+    for (l, o) in steady.leases.iter_mut().zip(&old.leases) {
+        if l.lease == o.lease && !moved(l.memory_mb, o.memory_mb) {
+            l.memory_mb = o.memory_mb;
         }
     }
     steady != *old
@@ -334,6 +384,7 @@ mod tests {
             gpus: vec![],
             models: vec![],
             workers: vec![],
+            leases: vec![],
         }
     }
 

@@ -42,7 +42,7 @@ pub struct Settings {
 
 /// How one worker is started, and the memory that takes (MiB): decided by
 /// the hive's state from the model's header ([`super::state::plan`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Plan {
     pub slots: u32,
     pub ctx_size: u32,
@@ -50,6 +50,8 @@ pub struct Plan {
     /// The worker's host-memory prompt cache (`--cache-ram`).
     pub cache_ram_mb: u64,
     pub memory_mb: u64,
+    /// What each share takes if the model is split across hives.
+    pub split: Option<crate::protocol::SplitCostMb>,
 }
 
 #[derive(Clone)]
@@ -157,6 +159,7 @@ impl Workers {
             memory_measured: false,
             idle_since: None,
             stops_at: None,
+            split: split_parts(req, model.layers),
         };
         let (stderr, reader) = keep_stderr(&mut child, &id);
         self.lock().insert(
@@ -208,6 +211,19 @@ impl Workers {
             .stderr(Stdio::piped());
         if backend == "cpu" {
             command.args(["--gpu-layers", "0"]);
+        }
+        for r in &req.remotes {
+            let url = format!("{}/v1/rpc?lease={}", r.url.trim_end_matches('/'), r.lease);
+            command.args(["--remote", &format!("{}@{url}", r.layers)]);
+        }
+        if !req.remotes.is_empty() {
+            // One line per remote, in order; an empty line: no token.
+            let tokens: Vec<&str> = req
+                .remotes
+                .iter()
+                .map(|r| r.token.as_deref().unwrap_or(""))
+                .collect();
+            command.env(crate::worker::REMOTE_TOKENS_ENV, tokens.join("\n"));
         }
         // Secrets travel in the environment, not argv, where `ps` would show them.
         command.env(crate::worker::WORKER_SECRET_ENV, secret);
@@ -454,7 +470,8 @@ async fn worker_busy(url: &str, token: Option<&str>) -> Option<bool> {
 
 /// The backend a spawn asks for (absent: the best this build has), if this build has it.
 fn choose_backend<'a>(asked: Option<&'a str>, compiled: &'a str) -> Result<&'a str, ApiError> {
-    let compiled_list: Vec<&str> = compiled.split(',').collect();
+    // `rpc` is how devices are lent and borrowed, not what a worker runs on.
+    let compiled_list: Vec<&str> = compiled.split(',').filter(|b| *b != "rpc").collect();
     let backend = asked.unwrap_or_else(|| compiled_list.last().copied().unwrap_or("cpu"));
     if !["cpu", "cuda", "metal"].contains(&backend) {
         return Err(ApiError::invalid(
@@ -471,6 +488,27 @@ fn choose_backend<'a>(asked: Option<&'a str>, compiled: &'a str) -> Result<&'a s
         ));
     }
     Ok(backend)
+}
+
+/// Where a split worker's layers are, its own hive's share first (named
+/// `""`: the queen knows this hive by its registered name).
+fn split_parts(req: &SpawnRequest, layers: u64) -> Vec<crate::protocol::SplitPart> {
+    if req.remotes.is_empty() {
+        return Vec::new();
+    }
+    let lent: u32 = req.remotes.iter().map(|r| r.layers).sum();
+    let own = u32::try_from(layers)
+        .unwrap_or(u32::MAX)
+        .saturating_sub(lent);
+    std::iter::once(crate::protocol::SplitPart {
+        hive: String::new(),
+        layers: own,
+    })
+    .chain(req.remotes.iter().map(|r| crate::protocol::SplitPart {
+        hive: r.hive.clone(),
+        layers: r.layers,
+    }))
+    .collect()
 }
 
 /// Keeps the last lines of a worker's stderr, to explain a failure; the
@@ -509,6 +547,8 @@ mod tests {
     fn a_spawn_gets_a_backend_this_build_has() {
         assert_eq!(choose_backend(None, "cpu").unwrap(), "cpu");
         assert_eq!(choose_backend(None, "cpu,cuda").unwrap(), "cuda");
+        assert_eq!(choose_backend(None, "cpu,cuda,rpc").unwrap(), "cuda");
+        assert_eq!(choose_backend(None, "cpu,rpc").unwrap(), "cpu");
         assert_eq!(choose_backend(Some("cpu"), "cpu,cuda").unwrap(), "cpu");
         let e = choose_backend(Some("cuda"), "cpu").unwrap_err();
         assert_eq!(e.code, ErrorCode::BackendUnavailable);

@@ -32,6 +32,18 @@ pub async fn send(
     token: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Result<Response<Incoming>, ApiError> {
+    send_with(method, url, token, body, &[]).await
+}
+
+/// [`send`] with more headers; the connection can be upgraded
+/// ([`super::tunnel::connect`]).
+pub async fn send_with(
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> Result<Response<Incoming>, ApiError> {
     let unreachable = |e: String| unreachable(url, e);
     let uri: Uri = url
         .parse()
@@ -50,10 +62,13 @@ pub async fn send(
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     tokio::spawn(async move {
-        let _ = conn.await;
+        let _ = conn.with_upgrades().await;
     });
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut req = Request::builder().method(method).uri(path);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
     if let Some(h) = uri
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())

@@ -9,6 +9,7 @@ mod auth;
 pub mod client;
 pub mod session;
 pub mod sse;
+pub mod tunnel;
 
 use crate::protocol::{ApiError, ErrorBody, ErrorCode};
 use auth::with_cors;
@@ -60,7 +61,9 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Connections hear of the shutdown here and finish what they are
+    // answering; the drain waits for every connection slot to come back.
+    let (stopping, _) = tokio::sync::watch::channel(false);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
@@ -101,14 +104,25 @@ pub async fn serve<H, F>(
                         })
                     }
                 });
+                // Upgrades (the hive's `/v1/rpc` tunnels) leave the connection
+                // and its slot when switched: no timeout of this loop cuts them.
                 let conn = http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                let mut stop = stopping.subscribe();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    if let Err(e) = conn.await {
+                    tokio::pin!(conn);
+                    let ended = tokio::select! {
+                        ended = conn.as_mut() => ended,
+                        _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = ended {
                         tracing::debug!("connection ended: {e}");
                     }
                 });
@@ -117,7 +131,9 @@ pub async fn serve<H, F>(
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    stopping.send_replace(true);
+    let all = MAX_CONNECTIONS as u32;
+    if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
         .await
         .is_err()
     {

@@ -9,7 +9,7 @@ use super::view::{View, SILENCE};
 use crate::clients::{Events, HiveClient, WorkerClient};
 use crate::protocol::{
     ApiError, DownloadEvent, DownloadStarted, EmbeddingsRequest, ErrorCode, InferenceEvent,
-    InferenceRequest, LoadingEvent, SpawnRequest, WorkerInfo,
+    InferenceRequest, LeaseInfo, LeaseRequest, LoadingEvent, SpawnRequest, WorkerInfo,
 };
 use std::future::Future;
 use std::time::Duration;
@@ -48,6 +48,17 @@ pub trait Cluster: Sync {
         hive: &HiveConn,
         id: &str,
     ) -> impl Future<Output = Result<WorkerInfo, ApiError>> + Send;
+    /// A lending hive's share of a split worker (DESIGN.md §12).
+    fn lend(
+        &self,
+        hive: &HiveConn,
+        req: &LeaseRequest,
+    ) -> impl Future<Output = Result<LeaseInfo, ApiError>> + Send;
+    fn end_lease(
+        &self,
+        hive: &HiveConn,
+        id: &str,
+    ) -> impl Future<Output = Result<LeaseInfo, ApiError>> + Send;
     fn loading_progress(
         &self,
         hive: &HiveConn,
@@ -165,6 +176,14 @@ impl Cluster for Live {
 
     async fn stop_worker(&self, hive: &HiveConn, id: &str) -> Result<WorkerInfo, ApiError> {
         hive.client().stop_worker(id).await
+    }
+
+    async fn lend(&self, hive: &HiveConn, req: &LeaseRequest) -> Result<LeaseInfo, ApiError> {
+        hive.client().lend(req).await
+    }
+
+    async fn end_lease(&self, hive: &HiveConn, id: &str) -> Result<LeaseInfo, ApiError> {
+        hive.client().end_lease(id).await
     }
 
     async fn loading_progress(

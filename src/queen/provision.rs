@@ -10,8 +10,8 @@ use super::registry::HiveConn;
 use super::view::ClusterState;
 use crate::hive::model_ref::ModelRef;
 use crate::protocol::{
-    ApiError, ClusterEvent, DownloadEvent, DownloadState, ErrorCode, JobEvent, LoadingEvent,
-    SpawnRequest, WorkerInfo, WorkerState,
+    ApiError, ClusterEvent, DownloadEvent, DownloadState, ErrorCode, JobEvent, LeaseRequest,
+    LoadingEvent, RemoteShare, SpawnRequest, WorkerInfo, WorkerState,
 };
 use std::time::Duration;
 
@@ -48,8 +48,19 @@ pub async fn provision(
             wait_listed(cluster, &hive, model).await?
         }
     };
-    let worker = spawn_worker(cluster, &hive, &name, place.gpu, job).await?;
-    wait_loaded(cluster, &hive, &worker, job).await?;
+    let remotes = lend(cluster, job, &place, &name).await?;
+    let loaded = async {
+        let worker = spawn_worker(cluster, &hive, &name, place.gpu, remotes.clone(), job).await?;
+        wait_loaded(cluster, &hive, &worker, job).await?;
+        Ok::<_, ApiError>(worker)
+    };
+    let worker = match loaded.await {
+        Ok(worker) => worker,
+        Err(e) => {
+            end_leases(cluster, &remotes).await;
+            return Err(e);
+        }
+    };
     job.narrate(
         "worker",
         "ready",
@@ -161,14 +172,34 @@ fn narrate_placement(cluster: &impl Cluster, job: &Job, model: &str, place: &Pla
         Some(i) => format!("GPU {i}"),
         None => "CPU".to_string(),
     };
-    job.narrate(
-        "queen",
-        "place",
-        format!(
-            "placing {model} ({} MB) on hive {} ({device})",
-            place.need_mb, place.hive.name
+    match &place.split {
+        None => job.narrate(
+            "queen",
+            "place",
+            format!(
+                "placing {model} ({} MB) on hive {} ({device})",
+                place.need_mb, place.hive.name
+            ),
         ),
-    );
+        Some(split) => {
+            let lent: Vec<String> = split
+                .lenders
+                .iter()
+                .map(|s| format!("{} on hive {} ({} MB)", s.layers, s.hive.name, s.memory_mb))
+                .collect();
+            job.narrate(
+                "queen",
+                "split",
+                format!(
+                    "no hive can hold {model} alone; splitting it: {} layers on hive {} ({device}, {} MB), {}",
+                    split.own_layers,
+                    place.hive.name,
+                    place.need_mb,
+                    lent.join(", ")
+                ),
+            );
+        }
+    }
     let version = cluster
         .view()
         .hive(&place.hive.name)
@@ -224,11 +255,71 @@ async fn make_room(cluster: &impl Cluster, job: &Job, place: &Placement) -> Resu
     Ok(())
 }
 
+/// A split's lenders each make a lease for their share; what the worker is
+/// told to use. A lease that fails ends those already made.
+async fn lend(
+    cluster: &impl Cluster,
+    job: &Job,
+    place: &Placement,
+    model: &str,
+) -> Result<Vec<RemoteShare>, ApiError> {
+    let Some(split) = &place.split else {
+        return Ok(Vec::new());
+    };
+    let mut remotes = Vec::new();
+    for share in &split.lenders {
+        let req = LeaseRequest {
+            lease: crate::hive::lend::new_lease_id(),
+            model: model.to_string(),
+            borrower: place.hive.name.clone(),
+            layers: share.layers,
+            memory_mb: share.memory_mb,
+        };
+        job.narrate(
+            "hive",
+            "lend",
+            format!(
+                "hive {} lends its devices for {} layers ({} MB)",
+                share.hive.name, share.layers, share.memory_mb
+            ),
+        );
+        if let Err(e) = cluster.lend(&share.hive, &req).await {
+            end_leases(cluster, &remotes).await;
+            return Err(ApiError::new(
+                e.code,
+                format!("hive {} cannot lend its devices: {e}", share.hive.name),
+            ));
+        }
+        remotes.push(RemoteShare {
+            hive: share.hive.name.clone(),
+            url: share.hive.url.clone(),
+            lease: req.lease,
+            layers: share.layers,
+            token: share.hive.token.clone(),
+        });
+    }
+    Ok(remotes)
+}
+
+/// Ends the leases of a split worker that did not start.
+async fn end_leases(cluster: &impl Cluster, remotes: &[RemoteShare]) {
+    let state = cluster.view().state();
+    for r in remotes {
+        let Some(hive) = state.hives.iter().find(|h| h.conn.name == r.hive) else {
+            continue;
+        };
+        if let Err(e) = cluster.end_lease(&hive.conn, &r.lease).await {
+            tracing::warn!("hive {} did not end lease {}: {e}", r.hive, r.lease);
+        }
+    }
+}
+
 async fn spawn_worker(
     cluster: &impl Cluster,
     hive: &HiveConn,
     name: &str,
     gpu: Option<u32>,
+    remotes: Vec<RemoteShare>,
     job: &Job,
 ) -> Result<WorkerInfo, ApiError> {
     job.narrate(
@@ -246,6 +337,7 @@ async fn spawn_worker(
         device: gpu.unwrap_or(0),
         slots: None,
         ctx_size: None,
+        remotes,
     };
     cluster.spawn(hive, &spawn).await.map_err(|e| {
         let code = match e.code {

@@ -527,8 +527,8 @@ mod tests {
     use super::*;
     use crate::clients::Events;
     use crate::protocol::{
-        ClusterEvent, DownloadEvent, DownloadStarted, DownloadState, LoadingEvent, SpawnRequest,
-        StopReason, WorkerInfo, WorkerState,
+        ClusterEvent, DownloadEvent, DownloadStarted, DownloadState, LeaseInfo, LeaseRequest,
+        LoadingEvent, SpawnRequest, StopReason, WorkerInfo, WorkerState,
     };
     use crate::queen::jobs::Jobs;
     use crate::queen::placement::fixtures::{self, hive as hive_view, model, worker};
@@ -672,6 +672,27 @@ mod tests {
                 state: WorkerState::Loading,
                 ..new
             })
+        }
+
+        async fn lend(&self, hive: &HiveConn, req: &LeaseRequest) -> Result<LeaseInfo, ApiError> {
+            self.call(format!("lend {} {}", hive.name, req.layers));
+            Ok(LeaseInfo {
+                lease: req.lease.clone(),
+                model: req.model.clone(),
+                borrower: req.borrower.clone(),
+                layers: req.layers,
+                memory_mb: req.memory_mb,
+                connected: false,
+                since: String::new(),
+            })
+        }
+
+        async fn end_lease(&self, hive: &HiveConn, id: &str) -> Result<LeaseInfo, ApiError> {
+            self.call(format!("end lease {}", hive.name));
+            Err(ApiError::new(
+                ErrorCode::LeaseNotFound,
+                format!("no lease {id}"),
+            ))
         }
 
         async fn stop_worker(&self, hive: &HiveConn, id: &str) -> Result<WorkerInfo, ApiError> {

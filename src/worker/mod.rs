@@ -76,11 +76,24 @@ pub struct Args {
     /// comma-separated, or * (always: pages on this machine)
     #[argh(option)]
     pub allowed_origins: Option<String>,
+    /// layers on another hive's devices, as LAYERS@URL of its `/v1/rpc`
+    /// (with `?lease=ID`); repeatable, in order; the rest stay here
+    #[argh(option)]
+    pub remote: Vec<String>,
 }
 
 /// Where a spawned worker finds the secret its report to the hive carries
 /// (the environment: argv is visible to every user of the machine).
 pub const WORKER_SECRET_ENV: &str = "RBEE_WORKER_SECRET";
+
+/// Where a split worker finds the lending hives' tokens: one line per
+/// `--remote`, in order (an empty line: none; absent: this worker's own).
+pub const REMOTE_TOKENS_ENV: &str = "RBEE_REMOTE_TOKENS";
+
+/// Milliseconds every chunk through a tunnel to a lending hive is held, each
+/// way: a slower network for the benchmark (`make bench`), where `tc netem`
+/// is not available.
+pub const TUNNEL_DELAY_ENV: &str = "RBEE_TUNNEL_DELAY_MS";
 
 /// Smaller contexts leave no room for a prompt and an answer.
 const MIN_CTX_SIZE: u32 = 64;
@@ -121,8 +134,10 @@ pub async fn run(args: Args) -> Result<(), String> {
         listener.local_addr().map_or(args.port, |a| a.port())
     );
     let metrics = crate::metrics::WorkerMetrics::default();
-    let (engine, loading, thread) = Engine::start(engine_config(&args, &metrics))
-        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    let mut config = engine_config(&args, &metrics);
+    config.remotes = open_tunnels(&args, auth.token()).await?;
+    let (engine, loading, thread) =
+        Engine::start(config).map_err(|e| format!("cannot start the engine thread: {e}"))?;
     let worker = Worker {
         engine: engine.clone(),
         model: model_name(&args.model).into(),
@@ -159,6 +174,55 @@ pub async fn run(args: Args) -> Result<(), String> {
     outcome
 }
 
+/// `--remote LAYERS@URL`: the layers, and the URL of the lending hive's `/v1/rpc`.
+pub fn parse_remote(s: &str) -> Result<(u32, String), String> {
+    let (layers, url) = s.split_once('@').ok_or_else(|| {
+        format!("--remote {s:?}: write LAYERS@URL, as 15@http://mac:8080/v1/rpc?lease=ID")
+    })?;
+    let layers: u32 = layers
+        .parse()
+        .map_err(|_| format!("--remote {s:?}: {layers:?} is not a number of layers"))?;
+    if layers == 0 {
+        return Err(format!("--remote {s:?}: a remote takes at least one layer"));
+    }
+    if !url.starts_with("http://") {
+        return Err(format!("--remote {s:?}: the URL must start with http://"));
+    }
+    Ok((layers, url.to_string()))
+}
+
+/// A loopback port per `--remote`, carried through its hive's `/v1/rpc`:
+/// the endpoints llama.cpp's RPC client is given, with their layers.
+async fn open_tunnels(args: &Args, own_token: Option<&str>) -> Result<Vec<(String, u32)>, String> {
+    let tokens: Option<Vec<String>> = std::env::var(REMOTE_TOKENS_ENV)
+        .ok()
+        .map(|t| t.split('\n').map(str::to_string).collect());
+    let delay = std::env::var(TUNNEL_DELAY_ENV)
+        .ok()
+        .and_then(|ms| ms.parse::<f64>().ok())
+        .map_or(std::time::Duration::ZERO, |ms| {
+            std::time::Duration::from_secs_f64(ms / 1000.0)
+        });
+    let mut endpoints = Vec::new();
+    for (i, remote) in args.remote.iter().enumerate() {
+        let (layers, url) = parse_remote(remote)?;
+        let token = match &tokens {
+            Some(t) => t.get(i).filter(|t| !t.is_empty()).cloned(),
+            None => own_token.map(str::to_string),
+        };
+        let protocol = crate::hive::lend::PROTOCOL;
+        let addr = http::tunnel::listen(url.clone(), token, protocol, delay)
+            .await
+            .map_err(|e| format!("cannot open a loopback port for {url}: {e}"))?;
+        tracing::info!(
+            "{layers} layers on {url}, through 127.0.0.1:{}",
+            addr.port()
+        );
+        endpoints.push((addr.to_string(), layers));
+    }
+    Ok(endpoints)
+}
+
 /// Refuses flags that cannot work, naming the limit. The context against the
 /// model's own limit is checked once the model is open (`engine.rs`).
 fn check_flags(args: &Args) -> Result<(), String> {
@@ -167,6 +231,9 @@ fn check_flags(args: &Args) -> Result<(), String> {
         .map_err(|(flag, message)| format!("--{}: {message}", flag.replace('_', "-")))?;
     if args.threads.is_some_and(|t| t < 1) {
         return Err("--threads must be at least 1".into());
+    }
+    for remote in &args.remote {
+        parse_remote(remote)?;
     }
     if args.queue_size > MAX_QUEUE {
         return Err(format!("--queue-size must be at most {MAX_QUEUE}"));
@@ -240,6 +307,7 @@ fn engine_config(args: &Args, metrics: &crate::metrics::WorkerMetrics) -> Config
         queue_size: args.queue_size,
         cache_ram: usize::try_from(args.cache_ram << 20).unwrap_or(usize::MAX),
         metrics: metrics.clone(),
+        remotes: Vec::new(),
     }
 }
 

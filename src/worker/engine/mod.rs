@@ -14,6 +14,7 @@
 
 mod embed;
 mod prompt;
+pub mod rpc;
 
 use super::cache::{Placement, PromptCache, Step, Token};
 use super::slots::{plan_batch, Phase, PieceKind, Slots};
@@ -56,6 +57,9 @@ pub struct Config {
     pub cache_ram: usize,
     /// What the engine counts for `GET /metrics`.
     pub metrics: crate::metrics::WorkerMetrics,
+    /// Lending hives' RPC servers (loopback tunnel endpoints) and the layers
+    /// each takes, in order: the last layers of the model (DESIGN.md §12).
+    pub remotes: Vec<(String, u32)>,
 }
 
 /// Counters the HTTP side reads for `/v1/ready` and admission.
@@ -229,8 +233,9 @@ fn load_model(
     let mut last = None;
     let params = LlamaModelParams::default()
         .with_n_gpu_layers(config.gpu_layers)
-        .with_main_gpu(config.main_gpu)
-        .with_progress_callback(move |fraction: f32| {
+        .with_main_gpu(config.main_gpu);
+    let params = with_remotes(params, &config.remotes, layers_total)?.with_progress_callback(
+        move |fraction: f32| {
             let event = progress_event(&event_config, layers_total, fraction, size);
             // The callback fires per tensor; tell subscribers once per layer.
             if last.as_ref() != Some(&event) {
@@ -238,7 +243,8 @@ fn load_model(
                 report.send_replace(event);
             }
             !stop.load(Ordering::Relaxed)
-        });
+        },
+    );
     let started = Instant::now();
     let model = LlamaModel::load_from_file(&backend, path, &params).map_err(|e| {
         if stopping.load(Ordering::Relaxed) {
@@ -255,6 +261,42 @@ fn load_model(
         started.elapsed().as_secs_f32()
     );
     Ok((backend, model))
+}
+
+/// A split model: the lending hives' RPC devices take the last layers, each
+/// its planned share (the last one the output layer too); the rest stay on
+/// this machine's CPU.
+fn with_remotes(
+    params: LlamaModelParams,
+    remotes: &[(String, u32)],
+    layers_total: u32,
+) -> Result<LlamaModelParams, String> {
+    if remotes.is_empty() {
+        return Ok(params);
+    }
+    let mut devices = Vec::new();
+    for (endpoint, _) in remotes {
+        devices.push(rpc::add_remote(endpoint)?);
+    }
+    let layers: Vec<u32> = remotes.iter().map(|(_, l)| *l).collect();
+    let lent: u32 = layers.iter().sum();
+    if lent > layers_total {
+        return Err(format!(
+            "the remotes take {lent} layers; the model has {layers_total}"
+        ));
+    }
+    let (offloaded, split) = rpc::tensor_split(&layers);
+    tracing::info!(
+        "{} of {layers_total} layers on {} remote devices ({layers:?}), {} here",
+        lent,
+        remotes.len(),
+        layers_total - lent
+    );
+    Ok(params
+        .with_devices(&devices)
+        .map_err(|e| format!("cannot use the remote devices: {e}"))?
+        .with_n_gpu_layers(offloaded)
+        .with_tensor_split(&split))
 }
 
 /// Progress as layers: llama.cpp reports a fraction of the bytes loaded.
