@@ -991,6 +991,9 @@ pub struct HiveStatus {
     pub gpus: Vec<MemoryPool>,
     #[serde(default)]
     pub workers: u32,
+    /// Shares of split workers on other hives it holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<LeaseInfo>,
 }
 
 /// `POST /v1/jobs` on the queen.

@@ -379,10 +379,8 @@ fn rpc(h: &Hive, req: &mut Request<Incoming>) -> Reply {
         let wait = std::time::Duration::from_secs(5);
         match http::tunnel::connect_local(port, wait).await {
             Ok(server) => {
-                let none = std::time::Duration::ZERO;
-                if let Err(e) = http::tunnel::splice(client, server, none).await {
-                    tracing::debug!("lease {id}: tunnel ended: {e}");
-                }
+                let closed = http::tunnel::splice(client, server, std::time::Duration::ZERO).await;
+                tracing::debug!("lease {id}: tunnel closed first by the {closed:?} side");
             }
             Err(e) => tracing::warn!("lease {id}: its RPC server does not answer: {e}"),
         }

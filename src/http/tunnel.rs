@@ -97,64 +97,84 @@ pub async fn connect_local(port: u16, wait: Duration) -> std::io::Result<TcpStre
     }
 }
 
-/// Copies bytes both ways until both sides are done. With a `delay`, each
-/// chunk is held that long before it is passed on, in order, in each
+/// Which side of a splice closed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The first stream's (the caller's own side).
+    Near,
+    /// The second's (the other machine's).
+    Far,
+}
+
+/// Copies bytes both ways until one side closes, then lets the other
+/// direction finish for a moment; which side closed first. With a `delay`,
+/// each chunk is held that long before it is passed on, in order, in each
 /// direction: a slower network, for the benchmark (`tc netem` stands in).
-pub async fn splice<A, B>(a: A, b: B, delay: Duration) -> std::io::Result<()>
+pub async fn splice<A, B>(near: A, far: B, delay: Duration) -> Closed
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if delay.is_zero() {
-        let (mut a, mut b) = (a, b);
-        return tokio::io::copy_bidirectional(&mut a, &mut b)
-            .await
-            .map(|_| ());
+    let (near_r, near_w) = tokio::io::split(near);
+    let (far_r, far_w) = tokio::io::split(far);
+    let there = pass(near_r, far_w, delay);
+    let back = pass(far_r, near_w, delay);
+    tokio::pin!(there, back);
+    let finish = Duration::from_secs(1);
+    tokio::select! {
+        () = &mut there => {
+            let _ = tokio::time::timeout(finish, back).await;
+            Closed::Near
+        }
+        () = &mut back => {
+            let _ = tokio::time::timeout(finish, there).await;
+            Closed::Far
+        }
     }
-    let (ar, aw) = tokio::io::split(a);
-    let (br, bw) = tokio::io::split(b);
-    let there = tokio::spawn(delayed(ar, bw, delay));
-    let back = delayed(br, aw, delay).await;
-    let there = there.await.unwrap_or(Ok(()));
-    back.and(there)
 }
 
-/// One direction of a delayed splice.
-async fn delayed<R, W>(mut from: R, mut to: W, delay: Duration) -> std::io::Result<()>
+/// One direction: bytes from `from` to `to` until `from` ends (or either
+/// fails), then `to` is shut for writing.
+async fn pass<R, W>(mut from: R, mut to: W, delay: Duration)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin,
 {
+    if delay.is_zero() {
+        let _ = tokio::io::copy(&mut from, &mut to).await;
+        let _ = to.shutdown().await;
+        return;
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = from.read(&mut buf).await?;
-            if n == 0
-                || tx
-                    .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
-                    .is_err()
-            {
-                return Ok::<_, std::io::Error>(());
+        while let Ok(n) = from.read(&mut buf).await {
+            let due = tokio::time::Instant::now() + delay;
+            if n == 0 || tx.send((due, buf[..n].to_vec())).is_err() {
+                break;
             }
         }
     });
     while let Some((due, chunk)) = rx.recv().await {
         tokio::time::sleep_until(due).await;
-        to.write_all(&chunk).await?;
+        if to.write_all(&chunk).await.is_err() {
+            break;
+        }
     }
-    to.shutdown().await?;
-    reader.await.unwrap_or(Ok(()))
+    reader.abort();
+    let _ = to.shutdown().await;
 }
 
 /// The worker side: a loopback port whose connections are each carried
 /// through `url` (the lending hive's `/v1/rpc?lease=…`). Its address, for
-/// llama.cpp's RPC client.
+/// llama.cpp's RPC client. `lost` is called when the far side closes a
+/// tunnel first: the lending hive (or its RPC server) is gone.
 pub async fn listen(
     url: String,
     token: Option<String>,
     protocol: &'static str,
     delay: Duration,
+    lost: fn(&str),
 ) -> std::io::Result<std::net::SocketAddr> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
@@ -169,8 +189,8 @@ pub async fn listen(
             tokio::spawn(async move {
                 match connect(&url, token.as_deref(), protocol).await {
                     Ok(remote) => {
-                        if let Err(e) = splice(local, remote, delay).await {
-                            tracing::debug!("tunnel to {url} ended: {e}");
+                        if splice(local, remote, delay).await == Closed::Far {
+                            lost(&url);
                         }
                     }
                     // Dropping `local` tells llama.cpp's client the device is gone.

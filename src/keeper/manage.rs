@@ -103,9 +103,18 @@ async fn hive_list(queen: &Queen, json: bool) -> Result<(), String> {
         return print_json(&hives);
     }
     let mut table = Table::new(&[
-        "NAME", "STATUS", "URL", "KIND", "RAM", "GPUS", "VERSION", "SEEN",
+        "NAME", "STATUS", "URL", "KIND", "RAM", "GPUS", "VERSION", "SEEN", "LENDS",
     ]);
     for h in hives {
+        let lends = match h.leases.is_empty() {
+            true => "-".to_string(),
+            false => h
+                .leases
+                .iter()
+                .map(|l| format!("{} layers of {} to {}", l.layers, l.model, l.borrower))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
         let pool = |p: &MemoryPool| format!("{}/{}", mb(p.used_mb), mb(p.budget_mb));
         let gpus = match h.gpus.is_empty() {
             true => "-".to_string(),
@@ -130,6 +139,7 @@ async fn hive_list(queen: &Queen, json: bool) -> Result<(), String> {
             gpus,
             version,
             h.error.or(h.last_seen).unwrap_or_default(),
+            lends,
         ]);
     }
     table.print("no hives (add one with `rbee keeper hive add NAME --url URL`)")
@@ -264,6 +274,19 @@ async fn workers_list(queen: &Queen, json: bool) -> Result<(), String> {
         let stops = match since(&w.stops_at) {
             Some(t) if in_flight == 0 => duration(t.saturating_sub(now)),
             _ => "-".to_string(),
+        };
+        // A split worker's hives, each with its layers: `desk 16 + mac 14`.
+        let hive = match w.split.is_empty() {
+            true => hive,
+            false => w
+                .split
+                .iter()
+                .map(|p| {
+                    let name = if p.hive.is_empty() { &hive } else { &p.hive };
+                    format!("{name} {}", p.layers)
+                })
+                .collect::<Vec<_>>()
+                .join(" + "),
         };
         table.row(vec![
             w.worker_id,

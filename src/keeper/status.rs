@@ -155,6 +155,7 @@ mod tests {
                 error: None,
                 version: Some("0.1.0".into()),
                 version_matches: true,
+                leases: vec![],
                 ram: Some(MemoryPool {
                     name: "ram".into(),
                     total_mb: 16384,

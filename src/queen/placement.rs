@@ -118,12 +118,23 @@ fn ready_workers<'a>(
             if w.state == WorkerState::Ready
                 && w.model == entry.entry.name
                 && !excluded.contains(&w.url)
+                && lenders_up(state, w)
             {
                 found.push((hive, w));
             }
         }
     }
     found
+}
+
+/// Whether every hive lending a split worker its devices is reachable.
+fn lenders_up(state: &ClusterState, w: &WorkerInfo) -> bool {
+    w.split.iter().filter(|p| !p.hive.is_empty()).all(|p| {
+        state
+            .hives
+            .iter()
+            .any(|h| h.conn.name == p.hive && h.reachable)
+    })
 }
 
 /// Where a request for `model` goes. `preferred` is the worker that last

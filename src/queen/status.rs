@@ -170,6 +170,7 @@ pub(super) async fn hive_list(q: &Queen) -> Vec<HiveStatus> {
             ram: snapshot.map(|s| s.ram.clone()),
             gpus: snapshot.map(|s| s.gpus.clone()).unwrap_or_default(),
             workers: snapshot.map_or(0, |s| s.workers.len() as u32),
+            leases: snapshot.map(|s| s.leases.clone()).unwrap_or_default(),
         });
     }
     list

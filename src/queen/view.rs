@@ -216,11 +216,17 @@ impl View {
     pub async fn worker_lost(&self, hive: &str, url: &str) {
         let mut changed = self.changed.subscribe();
         loop {
-            let lost = self
-                .lock()
-                .hives
-                .get(hive)
-                .is_none_or(|h| !h.reachable || !lists_alive(h, url));
+            let lost = {
+                let inner = self.lock();
+                match inner.hives.get(hive) {
+                    None => true,
+                    Some(h) if !h.reachable || !lists_alive(h, url) => true,
+                    // A split worker is lost with any hive that holds its layers.
+                    Some(h) => lenders(h, url)
+                        .iter()
+                        .any(|name| inner.hives.get(name).is_none_or(|l| !l.reachable)),
+                }
+            };
             if lost {
                 return;
             }
@@ -296,6 +302,19 @@ impl View {
 }
 
 /// Whether a hive's last snapshot lists the worker at `url` as not failed.
+/// The hives lending devices to the worker at `url`, when it is split.
+fn lenders(hive: &HiveView, url: &str) -> Vec<String> {
+    let Some(s) = &hive.snapshot else {
+        return Vec::new();
+    };
+    s.workers
+        .iter()
+        .filter(|w| w.url == url)
+        .flat_map(|w| w.split.iter().filter(|p| !p.hive.is_empty()))
+        .map(|p| p.hive.clone())
+        .collect()
+}
+
 fn lists_alive(hive: &HiveView, url: &str) -> bool {
     hive.snapshot.as_ref().is_some_and(|s| {
         s.workers
@@ -422,6 +441,35 @@ mod tests {
         });
         view.lost("a", "nothing heard for 6s".into());
         lost.await.expect("w2 is lost with its hive");
+    }
+
+    #[tokio::test]
+    async fn a_split_worker_is_lost_with_a_hive_lending_it_devices() {
+        use crate::protocol::SplitPart;
+        use crate::queen::placement::fixtures::{hive, model, worker};
+        let view = View::default();
+        let mut w = worker("w", "m", 100);
+        w.split = vec![
+            SplitPart {
+                hive: String::new(),
+                layers: 16,
+            },
+            SplitPart {
+                hive: "mac".into(),
+                layers: 14,
+            },
+        ];
+        view.put(hive("desk", 4000, vec![model("m", 100)], vec![w.clone()]));
+        view.put(hive("mac", 4000, vec![], vec![]));
+        let lost = tokio::spawn({
+            let view = view.clone();
+            let url = w.url.clone();
+            async move { view.worker_lost("desk", &url).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!lost.is_finished(), "both hives answer: not lost");
+        view.lost("mac", "nothing heard for 6s".into());
+        lost.await.expect("lost with its lender");
     }
 
     #[tokio::test]

@@ -211,7 +211,7 @@ async fn open_tunnels(args: &Args, own_token: Option<&str>) -> Result<Vec<(Strin
             None => own_token.map(str::to_string),
         };
         let protocol = crate::hive::lend::PROTOCOL;
-        let addr = http::tunnel::listen(url.clone(), token, protocol, delay)
+        let addr = http::tunnel::listen(url.clone(), token, protocol, delay, lender_lost)
             .await
             .map_err(|e| format!("cannot open a loopback port for {url}: {e}"))?;
         tracing::info!(
@@ -221,6 +221,17 @@ async fn open_tunnels(args: &Args, own_token: Option<&str>) -> Result<Vec<(Strin
         endpoints.push((addr.to_string(), layers));
     }
     Ok(endpoints)
+}
+
+/// A lending hive closed its tunnel: its layers are gone, so this worker
+/// cannot answer another token. It exits at once, as a lost worker (its hive
+/// records why; the queen fails its requests over).
+fn lender_lost(url: &str) {
+    tracing::error!("lost the devices lent through {url}: the lending hive closed the tunnel");
+    eprintln!(
+        "rbee: error: lost the devices lent through {url} (the lending hive closed the tunnel)"
+    );
+    std::process::exit(1);
 }
 
 /// Refuses flags that cannot work, naming the limit. The context against the

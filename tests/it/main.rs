@@ -16,5 +16,6 @@ mod observe;
 mod openai;
 mod resilience;
 mod shell;
+mod split;
 mod support;
 mod worker;

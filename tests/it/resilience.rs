@@ -15,7 +15,7 @@ const PROMPT: &str = "Once upon a time";
 /// A greedy job through the queen's job API, read as it streams; `at`
 /// is called with the number of token events seen, after each one (and with
 /// 0 at `started`), so a test can break something mid-answer.
-fn job_with(c: &Cluster, max_tokens: u32, mut at: impl FnMut(usize)) -> Vec<Value> {
+pub fn job_with(c: &Cluster, max_tokens: u32, mut at: impl FnMut(usize)) -> Vec<Value> {
     let body = json!({
         "model": file_model(), "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
     });
@@ -45,22 +45,22 @@ fn job_with(c: &Cluster, max_tokens: u32, mut at: impl FnMut(usize)) -> Vec<Valu
     }
 }
 
-fn text(events: &[Value]) -> String {
+pub fn text(events: &[Value]) -> String {
     events.iter().filter_map(|e| e["t"].as_str()).collect()
 }
 
-fn of_type<'e>(events: &'e [Value], kind: &str) -> Vec<&'e Value> {
+pub fn of_type<'e>(events: &'e [Value], kind: &str) -> Vec<&'e Value> {
     events.iter().filter(|e| e["type"] == kind).collect()
 }
 
-fn narrated(events: &[Value], action: &str) -> bool {
+pub fn narrated(events: &[Value], action: &str) -> bool {
     events.iter().any(|e| e["action"] == action)
 }
 
 /// Checks a finished answer: one `started`, one `end` counting every
 /// generated token (those behind the text and those that never became text),
 /// token events numbered 0, 1, 2… across any failover.
-fn assert_whole(events: &[Value], max_tokens: u64) {
+pub fn assert_whole(events: &[Value], max_tokens: u64) {
     assert_eq!(of_type(events, "started").len(), 1, "{events:?}");
     let ends = of_type(events, "end");
     assert_eq!(ends.len(), 1, "{events:?}");
