@@ -356,6 +356,8 @@ def main():
     ap.add_argument("--doc-sentences", type=int, default=60, help="about 1,300 tokens of system document")
     ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--chat-rounds", type=int, default=3)
+    ap.add_argument("--split-runs", type=int, default=5)
+    ap.add_argument("--split-layers", type=int, default=15, help="of SmolLM2's 30, on the lending hive")
     ap.add_argument("--tiny", action="store_true", help="one quick run of rbee's own contenders (for the test)")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     a = ap.parse_args()
@@ -363,6 +365,7 @@ def main():
         a.runs, a.tokens, a.concurrency, a.slots, a.ctx, a.hives = 1, 8, "1,2", 2, 2048, 2
         a.chat_runs, a.chat_turns, a.chat_tokens, a.doc_sentences = 1, 2, 4, 6
         a.conversations, a.chat_rounds, a.chat_slots, a.chat_ctx = 3, 2, 2, 2048
+        a.split_runs = 1
     concurrency = [int(c) for c in a.concurrency.split(",")]
     with_llama = not a.tiny and Path(a.llama_server).exists()
     if not a.tiny and not with_llama:
@@ -398,6 +401,8 @@ def main():
                        for r in json.loads(out or "[]")]
 
     chat = chat_section(a, with_llama)
+    import split
+    split_figures = split.section(a)
 
     med = {k: {f: median([r[f] for r in v]) for f in ("ttft_ms", "decode_tps")} for k, v in single.items() if v}
     med_agg = {k: {c: median(v) for c, v in per.items()} for k, per in agg.items()}
@@ -443,6 +448,7 @@ def main():
         checks.append(("chat turns 2+ TTFT rbee/llama-server ≤ 1.0", ratio(r["later_turns_ms"], l["later_turns_ms"]), -1.0))
         checks.append(("interleaved turns 2+ TTFT rbee/llama-server ≤ 1.0",
                        ratio(r["interleaved_later_turns_ms"], l["interleaved_later_turns_ms"]), -1.0))
+    lines += split.lines(split_figures, a)
     for name, value, target in checks:
         met = value >= target if target > 0 else value <= -target
         lines.append(f"{name:<52}{value:>10.3f}  {'met' if met else 'MISSED'}")
@@ -455,7 +461,7 @@ def main():
     out.write_text(json.dumps({"settings": vars(a), "llama_cpp_versions": a.llama_version, "single": single,
                                "medians": med, "aggregate": agg, "aggregate_medians": med_agg,
                                "cold_start_ms": cold, "memory_mb": memory, "llama_bench": llama_bench,
-                               "chat": chat,
+                               "chat": chat, "split": split_figures,
                                "checks": [{"name": n, "value": v} for n, v, _ in checks],
                                "table": lines}, indent=1))
     print(f"figures: {out}")
