@@ -79,7 +79,9 @@ fn a_model_no_hive_can_hold_is_split_across_two_and_answers_as_one_worker_does()
     let (_, state) = get(&format!("{}/v1/workers/list", mac.url));
     assert_eq!(state, json!([]), "the lender runs no worker of its own");
 
-    // A second job reuses the split worker.
+    // Idle longer than any connection timeout of the hive's port: the tunnel
+    // stays open, and a second job reuses the split worker.
+    std::thread::sleep(rbee::http::HEADER_TIMEOUT + Duration::from_secs(2));
     let again = job_with(&c, 20, |_| {});
     assert!(!narrated(&again, "split"), "{again:?}");
     assert!(one.starts_with(&text(&again)), "{again:?}");
