@@ -8,7 +8,7 @@ use super::args::{
 use super::config::{self, Config};
 use super::queen::Queen;
 use super::render::Progress;
-use super::table::{bytes, mb, print_json, Table};
+use super::table::{bytes, lends, mb, print_json, worker_hives, Table};
 use crate::http::client;
 use crate::http::sse::Frame;
 use crate::protocol::{
@@ -106,15 +106,7 @@ async fn hive_list(queen: &Queen, json: bool) -> Result<(), String> {
         "NAME", "STATUS", "URL", "KIND", "RAM", "GPUS", "VERSION", "SEEN", "LENDS",
     ]);
     for h in hives {
-        let lends = match h.leases.is_empty() {
-            true => "-".to_string(),
-            false => h
-                .leases
-                .iter()
-                .map(|l| format!("{} layers of {} to {}", l.layers, l.model, l.borrower))
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
+        let lent = lends(&h.leases).unwrap_or_else(|| "-".into());
         let pool = |p: &MemoryPool| format!("{}/{}", mb(p.used_mb), mb(p.budget_mb));
         let gpus = match h.gpus.is_empty() {
             true => "-".to_string(),
@@ -139,7 +131,7 @@ async fn hive_list(queen: &Queen, json: bool) -> Result<(), String> {
             gpus,
             version,
             h.error.or(h.last_seen).unwrap_or_default(),
-            lends,
+            lent,
         ]);
     }
     table.print("no hives (add one with `rbee keeper hive add NAME --url URL`)")
@@ -275,19 +267,7 @@ async fn workers_list(queen: &Queen, json: bool) -> Result<(), String> {
             Some(t) if in_flight == 0 => duration(t.saturating_sub(now)),
             _ => "-".to_string(),
         };
-        // A split worker's hives, each with its layers: `desk 16 + mac 14`.
-        let hive = match w.split.is_empty() {
-            true => hive,
-            false => w
-                .split
-                .iter()
-                .map(|p| {
-                    let name = if p.hive.is_empty() { &hive } else { &p.hive };
-                    format!("{name} {}", p.layers)
-                })
-                .collect::<Vec<_>>()
-                .join(" + "),
-        };
+        let hive = worker_hives(&hive, &w);
         table.row(vec![
             w.worker_id,
             hive,

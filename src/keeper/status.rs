@@ -72,6 +72,9 @@ fn render(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
         if let Some(e) = &h.error {
             writeln!(out, "  {:<12} {e}", "")?;
         }
+        if let Some(lent) = super::table::lends(&h.leases) {
+            writeln!(out, "  {:<12} lends {lent}", "")?;
+        }
         for m in s.models.iter().filter(|m| m.hive == h.name) {
             writeln!(
                 out,
@@ -99,7 +102,7 @@ fn render(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
             out,
             "  {:<24} {:<10} {:<28} {:<8} {}/{} busy  {:>12}  {}",
             w.worker.worker_id,
-            w.hive,
+            super::table::worker_hives(&w.hive, &w.worker),
             w.worker.model,
             w.worker.state.to_string(),
             w.in_flight,

@@ -105,3 +105,30 @@ mod tests {
         assert_eq!(bytes(98 << 20), "98 MB");
     }
 }
+
+/// The hive a worker runs on, or a split worker's hives with their layers:
+/// `desk 16 + mac 14`.
+pub fn worker_hives(hive: &str, w: &crate::protocol::WorkerInfo) -> String {
+    if w.split.is_empty() {
+        return hive.to_string();
+    }
+    w.split
+        .iter()
+        .map(|p| {
+            let name = if p.hive.is_empty() { hive } else { &p.hive };
+            format!("{name} {}", p.layers)
+        })
+        .collect::<Vec<_>>()
+        .join(" + ")
+}
+
+/// What a hive lends to split workers on others, or `None`.
+pub fn lends(leases: &[crate::protocol::LeaseInfo]) -> Option<String> {
+    (!leases.is_empty()).then(|| {
+        leases
+            .iter()
+            .map(|l| format!("{} layers of {} to {}", l.layers, l.model, l.borrower))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}

@@ -110,6 +110,57 @@ fn a_model_no_hive_can_hold_is_split_across_two_and_answers_as_one_worker_does()
     });
 }
 
+#[test]
+fn a_model_three_hives_hold_only_together_is_split_three_ways_as_planned() {
+    let _turn = serial();
+    let one = {
+        let roomy = ready_worker(&[]);
+        worker_text(&roomy.url, 40)
+    };
+    // desk keeps 11 layers at most; a lender holds 15 with the output layer,
+    // 24 without: two hives are not enough, three are.
+    let hives: Vec<(TempDir, Proc)> = [
+        ("split3-desk", "700MiB"),
+        ("split3-a", "400MiB"),
+        ("split3-b", "400MiB"),
+    ]
+    .iter()
+    .map(|(label, budget)| {
+        let home = TempDir::new(label);
+        let p = start_hive(&home, &["--max-memory", budget], &[]);
+        (home, p)
+    })
+    .collect();
+    let c = Cluster::with_hives(
+        "split3",
+        &[
+            ("desk", &hives[0].1),
+            ("a", &hives[1].1),
+            ("b", &hives[2].1),
+        ],
+    );
+    let events = job_with(&c, 40, |_| {});
+    assert_eq!(text(&events), one, "{events:?}");
+    let (_, ps, _) = c.keeper(&["ps", "--json"]);
+    let workers: serde_json::Value = serde_json::from_str(&ps).expect("JSON");
+    let split = workers[0]["split"].as_array().cloned().unwrap_or_default();
+    let layers: Vec<u64> = split.iter().filter_map(|p| p["layers"].as_u64()).collect();
+    assert_eq!(layers.len(), 3, "{ps}");
+    assert_eq!(layers.iter().sum::<u64>(), 30, "{ps}");
+    assert!(layers[0] <= 11, "{ps}");
+    // Each lender holds a lease for exactly its share of the plan.
+    let (_, hive_list, _) = c.keeper(&["hive", "list", "--json"]);
+    let hive_list: serde_json::Value = serde_json::from_str(&hive_list).expect("JSON");
+    for part in &split[1..] {
+        let name = part["hive"].as_str().unwrap_or_default();
+        let lender = hive_list
+            .as_array()
+            .and_then(|l| l.iter().find(|h| h["name"] == name))
+            .unwrap_or_else(|| panic!("no hive {name} in {hive_list}"));
+        assert_eq!(lender["leases"][0]["layers"], part["layers"], "{hive_list}");
+    }
+}
+
 /// The upgrade to the RPC tunnel, written by hand; the status line's code.
 fn upgrade(hive: &str, lease: &str, token: Option<&str>) -> (u16, TcpStream) {
     let addr = hive.trim_start_matches("http://");
