@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 /// The upgrade protocol `GET /v1/rpc` speaks.
 pub const PROTOCOL: &str = "ggml-rpc";
-/// A lease whose tunnels have all closed ends after this long.
-const UNUSED_AFTER_USE: Duration = Duration::from_secs(10);
+/// A lease whose tunnels have all closed ends after this long (llama.cpp's
+/// client opens and closes a few connections while the model loads).
+const UNUSED_AFTER_USE: Duration = Duration::from_secs(30);
 /// A lease no tunnel ever came to ends after this long.
 const NEVER_USED: Duration = Duration::from_secs(120);
 /// How long a new RPC server may take to listen.
@@ -150,6 +151,8 @@ impl Leases {
             .args(["--port", &port.to_string()])
             .arg("--cache-dir")
             .arg(&self.cache_dir)
+            .env_remove("RBEE_TOKEN")
+            .env_remove(crate::worker::WORKER_SECRET_ENV)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -287,6 +290,21 @@ impl Drop for TunnelGuard {
             lease.last_closed = Some(Instant::now());
         }
         self.leases.changes.bump();
+    }
+}
+
+/// A lease id is 1 to 64 ASCII letters, digits and dashes: it goes into a URL.
+pub fn check_lease_id(id: &str) -> Result<(), ApiError> {
+    let fine = !id.is_empty()
+        && id.len() <= 64
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if fine {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "lease",
+            format!("a lease id is 1 to 64 letters, digits and dashes, not {id:?}"),
+        ))
     }
 }
 

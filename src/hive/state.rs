@@ -168,7 +168,20 @@ impl State {
         )?;
         let mut plan = plan;
         if !req.remotes.is_empty() {
-            let lent: u32 = req.remotes.iter().map(|r| r.layers).sum();
+            for r in &req.remotes {
+                super::lend::check_lease_id(&r.lease)?;
+                if r.layers == 0 || !r.url.starts_with("http://") {
+                    return Err(ApiError::invalid(
+                        "remotes",
+                        format!(
+                            "a remote takes at least one layer at an http:// URL, not {} at {:?}",
+                            r.layers, r.url
+                        ),
+                    ));
+                }
+            }
+            let lent = req.remotes.iter().map(|r| u64::from(r.layers)).sum::<u64>();
+            let lent = u32::try_from(lent).unwrap_or(u32::MAX);
             let cost = plan.split.filter(|c| lent <= c.layers).ok_or_else(|| {
                 ApiError::invalid(
                     "remotes",

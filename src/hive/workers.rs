@@ -496,7 +496,10 @@ fn split_parts(req: &SpawnRequest, layers: u64) -> Vec<crate::protocol::SplitPar
     if req.remotes.is_empty() {
         return Vec::new();
     }
-    let lent: u32 = req.remotes.iter().map(|r| r.layers).sum();
+    let lent = req
+        .remotes
+        .iter()
+        .fold(0u32, |n, r| n.saturating_add(r.layers));
     let own = u32::try_from(layers)
         .unwrap_or(u32::MAX)
         .saturating_sub(lent);

@@ -58,6 +58,14 @@ pub async fn send_with(
         .map_err(|_| unreachable("connection timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
     let _ = stream.set_nodelay(true);
+    if headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("upgrade"))
+    {
+        super::keepalive_tunnel(&stream);
+    } else {
+        super::keepalive(&stream);
+    }
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| unreachable(e.to_string()))?;

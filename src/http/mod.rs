@@ -94,6 +94,7 @@ pub async fn serve<H, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                keepalive(&stream);
                 let (handler, door) = (handler.clone(), door.clone());
                 let service = service_fn(move |req: Request<Incoming>| {
                     let call = door.admit(&req).map(|cors| (handler(req), cors));
@@ -138,6 +139,67 @@ pub async fn serve<H, F>(
         .is_err()
     {
         tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+}
+
+/// How long a silent peer may go unnoticed on a connection: TCP keep-alive
+/// probes after [`KEEPALIVE_IDLE`] seconds of quiet, then every
+/// [`KEEPALIVE_EVERY`], [`KEEPALIVE_PROBES`] times; on a tunnel, also
+/// unacknowledged data for at most [`UNACKED_FOR`] ms. A machine that loses
+/// power sends no reset; without these a long-lived stream or tunnel to it (a
+/// split worker's RPC devices) would wait for it for hours.
+const KEEPALIVE_IDLE: libc::c_int = 5;
+const KEEPALIVE_EVERY: libc::c_int = 2;
+const KEEPALIVE_PROBES: libc::c_int = 3;
+#[cfg(target_os = "linux")]
+const UNACKED_FOR: std::ffi::c_uint = 15_000;
+
+/// Sets [`KEEPALIVE_IDLE`] and the rest on a connection; best effort.
+pub fn keepalive(stream: &tokio::net::TcpStream) {
+    socket_options(stream, false);
+}
+
+/// [`keepalive`], and [`UNACKED_FOR`]: for a tunnel, whose peer is expected
+/// to read at once (a stream to a person may pause longer).
+pub fn keepalive_tunnel(stream: &tokio::net::TcpStream) {
+    socket_options(stream, true);
+}
+
+fn socket_options(stream: &tokio::net::TcpStream, tunnel: bool) {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = stream.as_raw_fd();
+        let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+            // SAFETY: a valid socket and a pointer to an int that outlives the call.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    level,
+                    name,
+                    (&value as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        };
+        set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        #[cfg(target_os = "linux")]
+        {
+            set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE);
+            if tunnel {
+                set(
+                    libc::IPPROTO_TCP,
+                    libc::TCP_USER_TIMEOUT,
+                    UNACKED_FOR as libc::c_int,
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = tunnel;
+        #[cfg(target_os = "macos")]
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPALIVE, KEEPALIVE_IDLE);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_EVERY);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES);
     }
 }
 

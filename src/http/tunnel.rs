@@ -27,7 +27,12 @@ pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 /// answer's error when the other side refuses (401 for a wrong token).
 pub async fn connect(url: &str, token: Option<&str>, protocol: &str) -> Result<Upgraded, ApiError> {
     let headers = [("connection", "upgrade"), ("upgrade", protocol)];
-    let resp = client::send_with(Method::GET, url, token, None, &headers).await?;
+    let asked = client::send_with(Method::GET, url, token, None, &headers);
+    let resp = tokio::time::timeout(client::CALL_TIMEOUT, asked)
+        .await
+        .map_err(|_| {
+            ApiError::new(ErrorCode::Unreachable, format!("{url}: no answer in time"))
+        })??;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Err(match client::read_json::<serde_json::Value>(resp).await {
             Err(e) => e,

@@ -82,30 +82,6 @@ pub fn bytes(n: u64) -> String {
     mb(n.div_ceil(1 << 20))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn columns_line_up_under_a_header_and_empty_says_so() {
-        let mut t = Table::new(&["NAME", "SIZE", "WHERE"]);
-        t.row(vec!["smollm2-135m".into(), mb(93), "localhost".into()]);
-        t.row(vec!["llama-70b".into(), mb(40960), "desktop".into()]);
-        let mut out = Vec::new();
-        t.write(&mut out, "no models").unwrap();
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "NAME          SIZE     WHERE\n\
-             smollm2-135m  93 MB    localhost\n\
-             llama-70b     40.0 GB  desktop\n"
-        );
-        let mut out = Vec::new();
-        Table::new(&["ID"]).write(&mut out, "no workers").unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), "no workers\n");
-        assert_eq!(bytes(98 << 20), "98 MB");
-    }
-}
-
 /// The hive a worker runs on, or a split worker's hives with their layers:
 /// `desk 16 + mac 14`.
 pub fn worker_hives(hive: &str, w: &crate::protocol::WorkerInfo) -> String {
@@ -131,4 +107,28 @@ pub fn lends(leases: &[crate::protocol::LeaseInfo]) -> Option<String> {
             .collect::<Vec<_>>()
             .join(", ")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_line_up_under_a_header_and_empty_says_so() {
+        let mut t = Table::new(&["NAME", "SIZE", "WHERE"]);
+        t.row(vec!["smollm2-135m".into(), mb(93), "localhost".into()]);
+        t.row(vec!["llama-70b".into(), mb(40960), "desktop".into()]);
+        let mut out = Vec::new();
+        t.write(&mut out, "no models").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "NAME          SIZE     WHERE\n\
+             smollm2-135m  93 MB    localhost\n\
+             llama-70b     40.0 GB  desktop\n"
+        );
+        let mut out = Vec::new();
+        Table::new(&["ID"]).write(&mut out, "no workers").unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "no workers\n");
+        assert_eq!(bytes(98 << 20), "98 MB");
+    }
 }

@@ -301,7 +301,6 @@ impl View {
     }
 }
 
-/// Whether a hive's last snapshot lists the worker at `url` as not failed.
 /// The hives lending devices to the worker at `url`, when it is split.
 fn lenders(hive: &HiveView, url: &str) -> Vec<String> {
     let Some(s) = &hive.snapshot else {
@@ -315,6 +314,7 @@ fn lenders(hive: &HiveView, url: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether a hive's last snapshot lists the worker at `url` as not failed.
 fn lists_alive(hive: &HiveView, url: &str) -> bool {
     hive.snapshot.as_ref().is_some_and(|s| {
         s.workers

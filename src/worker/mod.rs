@@ -231,7 +231,9 @@ fn lender_lost(url: &str) {
     eprintln!(
         "rbee: error: lost the devices lent through {url} (the lending hive closed the tunnel)"
     );
-    std::process::exit(1);
+    // Not `exit`: C++ destructors would run under the engine thread, inside ggml.
+    // SAFETY: ends the process at once; stderr is unbuffered and written.
+    unsafe { libc::_exit(1) }
 }
 
 /// Refuses flags that cannot work, naming the limit. The context against the

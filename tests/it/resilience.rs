@@ -206,7 +206,7 @@ fn two_hundred_jobs_with_a_worker_killed_every_twenty_all_end_whole() {
 /// Hives on a network of their own: a bridge here, and a namespace with a
 /// veth pair to it for each host, addresses 10.77.N.2, .3, …; all of it
 /// removed on drop (after the processes inside have been killed).
-struct Net {
+pub struct Net {
     tag: String,
     subnet: u32,
     hosts: usize,
@@ -214,7 +214,7 @@ struct Net {
 
 impl Net {
     /// `None` (said on stderr) where namespaces cannot be made here.
-    fn new(hosts: usize) -> Option<Net> {
+    pub fn new(hosts: usize) -> Option<Net> {
         static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
@@ -286,7 +286,7 @@ impl Net {
     }
 
     /// Pulls host `i`'s cable: its processes live on, unreachable.
-    fn cut(&self, i: usize) {
+    pub fn cut(&self, i: usize) {
         let status = Command::new("ip")
             .args(["link", "set", &self.outer(i), "down"])
             .status()
@@ -294,8 +294,9 @@ impl Net {
         assert!(status.success());
     }
 
-    /// `rbee hive` inside host `i`'s namespace on its own address, with a token.
-    fn hive(&self, i: usize, home: &TempDir, token_file: &str) -> Proc {
+    /// `rbee hive` inside host `i`'s namespace on its own address, with a
+    /// token and this memory budget.
+    pub fn hive(&self, i: usize, home: &TempDir, token_file: &str, budget: &str) -> Proc {
         let addr = self.addr(i);
         let p = Proc::start_in(
             &self.ns(i),
@@ -310,7 +311,7 @@ impl Net {
                 "--data-dir",
                 home.str(),
                 "--max-memory",
-                "2GiB",
+                budget,
             ],
             &format!("http://{addr}:8080"),
         );
@@ -361,7 +362,9 @@ fn networked(label: &str) -> Option<Networked> {
         TempDir::new(&format!("{label}-a")),
         TempDir::new(&format!("{label}-b")),
     ];
-    let hives: Vec<Proc> = (0..2).map(|i| net.hive(i, &homes[i], &token)).collect();
+    let hives: Vec<Proc> = (0..2)
+        .map(|i| net.hive(i, &homes[i], &token, "2GiB"))
+        .collect();
     let c = Cluster::new(label, &[]);
     for (name, h) in [("a", &hives[0]), ("b", &hives[1])] {
         let (code, out, err) =

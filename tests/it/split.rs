@@ -161,6 +161,70 @@ fn a_model_three_hives_hold_only_together_is_split_three_ways_as_planned() {
     }
 }
 
+#[test]
+fn a_split_between_network_namespaces_answers_alike_and_a_lender_whose_link_is_cut_is_given_up() {
+    let _turn = serial();
+    let one = {
+        let roomy = ready_worker(&[]);
+        worker_text(&roomy.url, 60)
+    };
+    let Some(net) = crate::resilience::Net::new(2) else {
+        return;
+    };
+    let secrets = TempDir::new("split-net-secrets");
+    let token = secrets.path().join("token");
+    std::fs::write(&token, "s3cret-split\n").expect("token written");
+    let token = token.display().to_string();
+    let homes = [
+        TempDir::new("split-net-desk"),
+        TempDir::new("split-net-mac"),
+    ];
+    let desk = net.hive(0, &homes[0], &token, "800MiB");
+    let mac = net.hive(1, &homes[1], &token, "700MiB");
+    let c = Cluster::new("split-net", &[]);
+    for (name, h) in [("desk", &desk), ("mac", &mac)] {
+        let (code, _, err) =
+            c.keeper(&["hive", "add", name, "--url", &h.url, "--token-file", &token]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let events = job_with(&c, 60, |_| {});
+    assert!(narrated(&events, "split"), "{events:?}");
+    assert_eq!(
+        text(&events),
+        one,
+        "split across two network stacks, the same answer"
+    );
+
+    // The lender's cable is pulled mid-answer: no reset reaches anyone. The
+    // queen gives the worker up when the lender goes silent, and the worker,
+    // stuck on a device that no longer answers, exits on its own.
+    let events = job_with(&c, 400, |tokens| {
+        if tokens == 10 {
+            net.cut(1);
+        }
+    });
+    assert!(narrated(&events, "failover"), "{events:?}");
+    assert_eq!(of_type(&events, "error").len(), 1, "{events:?}");
+    let authed = |url: &str| {
+        ureq::get(url)
+            .header("Authorization", "Bearer s3cret-split")
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
+            .unwrap_or_default()
+    };
+    wait_until(
+        "the stuck split worker to exit",
+        Duration::from_secs(40),
+        || {
+            let list = authed(&format!("{}/v1/workers/list", desk.url));
+            list.as_array()
+                .is_some_and(|l| !l.is_empty() && l.iter().all(|w| w["state"] == "failed"))
+        },
+    );
+    drop((desk, mac));
+}
+
 /// The upgrade to the RPC tunnel, written by hand; the status line's code.
 fn upgrade(hive: &str, lease: &str, token: Option<&str>) -> (u16, TcpStream) {
     let addr = hive.trim_start_matches("http://");

@@ -279,7 +279,7 @@ fn with_remotes(
         devices.push(rpc::add_remote(endpoint)?);
     }
     let layers: Vec<u32> = remotes.iter().map(|(_, l)| *l).collect();
-    let lent: u32 = layers.iter().sum();
+    let lent = layers.iter().fold(0u32, |n, l| n.saturating_add(*l));
     if lent > layers_total {
         return Err(format!(
             "the remotes take {lent} layers; the model has {layers_total}"

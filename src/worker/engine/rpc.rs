@@ -60,32 +60,19 @@ fn text(p: *const c_char) -> String {
     unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
-/// The devices this machine lends: its GPUs when it has any, else its CPU.
+/// The device this machine lends: its CPU, whose memory the hive's budget
+/// and the queen's plan count (lending GPUs would need their pools planned).
 fn lendable() -> Vec<sys::ggml_backend_dev_t> {
-    let mut gpus = Vec::new();
-    // SAFETY: the registry is filled at startup; indices below the count are valid.
-    let count = unsafe { sys::ggml_backend_dev_count() };
-    for i in 0..count {
-        let dev = unsafe { sys::ggml_backend_dev_get(i) };
-        let kind = unsafe { sys::ggml_backend_dev_type(dev) };
-        let remote = text(unsafe { sys::ggml_backend_dev_name(dev) }).starts_with("RPC");
-        if !remote
-            && (kind == sys::GGML_BACKEND_DEVICE_TYPE_GPU
-                || kind == sys::GGML_BACKEND_DEVICE_TYPE_IGPU)
-        {
-            gpus.push(dev);
-        }
+    // SAFETY: the registry is filled at startup.
+    let cpu = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) };
+    if cpu.is_null() {
+        Vec::new()
+    } else {
+        vec![cpu]
     }
-    if gpus.is_empty() {
-        let cpu = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) };
-        if !cpu.is_null() {
-            gpus.push(cpu);
-        }
-    }
-    gpus
 }
 
-/// Serves this machine's devices on `endpoint` (`127.0.0.1:PORT`) to one RPC
+/// Serves this machine's CPU on `endpoint` (`127.0.0.1:PORT`) to one RPC
 /// client at a time, caching received tensors in `cache_dir`. Returns only if
 /// the server could not start (llama.cpp has said why on stderr).
 pub fn serve(endpoint: &str, cache_dir: &Path, threads: usize) -> Result<(), String> {
@@ -139,7 +126,8 @@ pub fn tensor_split(layers: &[u32]) -> (u32, Vec<f32>) {
     if let Some(last) = split.last_mut() {
         *last += 1.0;
     }
-    let offloaded = layers.iter().sum::<u32>() + u32::from(!layers.is_empty());
+    let lent = layers.iter().fold(0u32, |n, l| n.saturating_add(*l));
+    let offloaded = lent.saturating_add(u32::from(!layers.is_empty()));
     (offloaded, split)
 }
 
