@@ -9,6 +9,7 @@ pub mod placement;
 pub mod provision;
 pub mod registry;
 pub mod scheduler;
+pub mod split;
 mod status;
 pub mod view;
 

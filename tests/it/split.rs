@@ -17,6 +17,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+/// What one roomy worker of its own answers to the resilience prompt, greedy.
+fn one_worker_text(max_tokens: u32) -> String {
+    let roomy = ready_worker(&[]);
+    worker_text(&roomy.url, max_tokens)
+}
+
 /// The text a worker gives for the resilience prompt, greedy, `max_tokens` long.
 fn worker_text(url: &str, max_tokens: u32) -> String {
     let body = json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0});
@@ -30,10 +36,7 @@ fn worker_text(url: &str, max_tokens: u32) -> String {
 #[test]
 fn a_model_no_hive_can_hold_is_split_across_two_and_answers_as_one_worker_does() {
     let _turn = serial();
-    let one = {
-        let roomy = ready_worker(&[]);
-        worker_text(&roomy.url, 120)
-    };
+    let one = one_worker_text(120);
     let (_h1, desk) = {
         let home = TempDir::new("split-desk");
         let p = start_hive(&home, &["--max-memory", "800MiB"], &[]);
@@ -113,10 +116,7 @@ fn a_model_no_hive_can_hold_is_split_across_two_and_answers_as_one_worker_does()
 #[test]
 fn a_model_three_hives_hold_only_together_is_split_three_ways_as_planned() {
     let _turn = serial();
-    let one = {
-        let roomy = ready_worker(&[]);
-        worker_text(&roomy.url, 40)
-    };
+    let one = one_worker_text(40);
     // desk keeps 11 layers at most; a lender holds 15 with the output layer,
     // 24 without: two hives are not enough, three are.
     let hives: Vec<(TempDir, Proc)> = [
@@ -164,10 +164,7 @@ fn a_model_three_hives_hold_only_together_is_split_three_ways_as_planned() {
 #[test]
 fn a_split_between_network_namespaces_answers_alike_and_a_lender_whose_link_is_cut_is_given_up() {
     let _turn = serial();
-    let one = {
-        let roomy = ready_worker(&[]);
-        worker_text(&roomy.url, 60)
-    };
+    let one = one_worker_text(60);
     let Some(net) = crate::resilience::Net::new(2) else {
         return;
     };
