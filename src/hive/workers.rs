@@ -223,7 +223,7 @@ impl Workers {
                 .iter()
                 .map(|r| r.token.as_deref().unwrap_or(""))
                 .collect();
-            command.env(crate::worker::REMOTE_TOKENS_ENV, tokens.join("\n"));
+            command.env(crate::worker::remote::REMOTE_TOKENS_ENV, tokens.join("\n"));
         }
         // Secrets travel in the environment, not argv, where `ps` would show them.
         command.env(crate::worker::WORKER_SECRET_ENV, secret);

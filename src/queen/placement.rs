@@ -405,6 +405,21 @@ pub mod fixtures {
         }
     }
 
+    /// The model the placement tests place.
+    pub const M: &str = "smollm";
+
+    pub fn state(hives: Vec<HiveView>) -> ClusterState {
+        ClusterState {
+            hives,
+            ..ClusterState::default()
+        }
+    }
+
+    /// Where a new worker of [`M`] taking `need` MiB goes, any hive allowed.
+    pub fn placed(state: &ClusterState, need: u64) -> Result<Placement, ApiError> {
+        place(state, M, need, &all_names(state))
+    }
+
     pub fn all_names(state: &ClusterState) -> Vec<String> {
         state.hives.iter().map(|h| h.conn.name.clone()).collect()
     }
@@ -414,19 +429,6 @@ pub mod fixtures {
 mod tests {
     use super::fixtures::*;
     use super::*;
-
-    const M: &str = "smollm";
-
-    fn state(hives: Vec<HiveView>) -> ClusterState {
-        ClusterState {
-            hives,
-            ..ClusterState::default()
-        }
-    }
-
-    fn placed(state: &ClusterState, need: u64) -> Result<Placement, ApiError> {
-        place(state, M, need, &all_names(state))
-    }
 
     #[test]
     fn a_model_goes_to_a_hive_whose_budget_fits_it() {

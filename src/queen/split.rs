@@ -169,22 +169,8 @@ fn divide(cost: &SplitCostMb, host_free: u64, lender_free: &[u64]) -> Option<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{ApiError, ErrorCode};
+    use crate::protocol::ErrorCode;
     use crate::queen::placement::fixtures::*;
-    use crate::queen::placement::place;
-
-    const M: &str = "smollm";
-
-    fn state(hives: Vec<HiveView>) -> ClusterState {
-        ClusterState {
-            hives,
-            ..ClusterState::default()
-        }
-    }
-
-    fn placed(state: &ClusterState, need: u64) -> Result<Placement, ApiError> {
-        place(state, M, need, &all_names(state))
-    }
 
     fn layers(p: &Placement) -> Vec<(String, u32)> {
         let split = p.split.as_ref().expect("a split");

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod remote;
 pub mod slots;
 pub mod template;
 pub mod text;
@@ -86,15 +87,6 @@ pub struct Args {
 /// (the environment: argv is visible to every user of the machine).
 pub const WORKER_SECRET_ENV: &str = "RBEE_WORKER_SECRET";
 
-/// Where a split worker finds the lending hives' tokens: one line per
-/// `--remote`, in order (an empty line: none; absent: this worker's own).
-pub const REMOTE_TOKENS_ENV: &str = "RBEE_REMOTE_TOKENS";
-
-/// Milliseconds every chunk through a tunnel to a lending hive is held, each
-/// way: a slower network for the benchmark (`make bench`), where `tc netem`
-/// is not available.
-pub const TUNNEL_DELAY_ENV: &str = "RBEE_TUNNEL_DELAY_MS";
-
 /// Smaller contexts leave no room for a prompt and an answer.
 const MIN_CTX_SIZE: u32 = 64;
 
@@ -135,7 +127,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     );
     let metrics = crate::metrics::WorkerMetrics::default();
     let mut config = engine_config(&args, &metrics);
-    config.remotes = open_tunnels(&args, auth.token()).await?;
+    config.remotes = remote::open_tunnels(&args.remote, auth.token()).await?;
     let (engine, loading, thread) =
         Engine::start(config).map_err(|e| format!("cannot start the engine thread: {e}"))?;
     let worker = Worker {
@@ -174,68 +166,6 @@ pub async fn run(args: Args) -> Result<(), String> {
     outcome
 }
 
-/// `--remote LAYERS@URL`: the layers, and the URL of the lending hive's `/v1/rpc`.
-pub fn parse_remote(s: &str) -> Result<(u32, String), String> {
-    let (layers, url) = s.split_once('@').ok_or_else(|| {
-        format!("--remote {s:?}: write LAYERS@URL, as 15@http://mac:8080/v1/rpc?lease=ID")
-    })?;
-    let layers: u32 = layers
-        .parse()
-        .map_err(|_| format!("--remote {s:?}: {layers:?} is not a number of layers"))?;
-    if layers == 0 {
-        return Err(format!("--remote {s:?}: a remote takes at least one layer"));
-    }
-    if !url.starts_with("http://") {
-        return Err(format!("--remote {s:?}: the URL must start with http://"));
-    }
-    Ok((layers, url.to_string()))
-}
-
-/// A loopback port per `--remote`, carried through its hive's `/v1/rpc`:
-/// the endpoints llama.cpp's RPC client is given, with their layers.
-async fn open_tunnels(args: &Args, own_token: Option<&str>) -> Result<Vec<(String, u32)>, String> {
-    let tokens: Option<Vec<String>> = std::env::var(REMOTE_TOKENS_ENV)
-        .ok()
-        .map(|t| t.split('\n').map(str::to_string).collect());
-    let delay = std::env::var(TUNNEL_DELAY_ENV)
-        .ok()
-        .and_then(|ms| ms.parse::<f64>().ok())
-        .map_or(std::time::Duration::ZERO, |ms| {
-            std::time::Duration::from_secs_f64(ms / 1000.0)
-        });
-    let mut endpoints = Vec::new();
-    for (i, remote) in args.remote.iter().enumerate() {
-        let (layers, url) = parse_remote(remote)?;
-        let token = match &tokens {
-            Some(t) => t.get(i).filter(|t| !t.is_empty()).cloned(),
-            None => own_token.map(str::to_string),
-        };
-        let protocol = crate::hive::lend::PROTOCOL;
-        let addr = http::tunnel::listen(url.clone(), token, protocol, delay, lender_lost)
-            .await
-            .map_err(|e| format!("cannot open a loopback port for {url}: {e}"))?;
-        tracing::info!(
-            "{layers} layers on {url}, through 127.0.0.1:{}",
-            addr.port()
-        );
-        endpoints.push((addr.to_string(), layers));
-    }
-    Ok(endpoints)
-}
-
-/// A lending hive closed its tunnel: its layers are gone, so this worker
-/// cannot answer another token. It exits at once, as a lost worker (its hive
-/// records why; the queen fails its requests over).
-fn lender_lost(url: &str) {
-    tracing::error!("lost the devices lent through {url}: the lending hive closed the tunnel");
-    eprintln!(
-        "rbee: error: lost the devices lent through {url} (the lending hive closed the tunnel)"
-    );
-    // Not `exit`: C++ destructors would run under the engine thread, inside ggml.
-    // SAFETY: ends the process at once; stderr is unbuffered and written.
-    unsafe { libc::_exit(1) }
-}
-
 /// Refuses flags that cannot work, naming the limit. The context against the
 /// model's own limit is checked once the model is open (`engine.rs`).
 fn check_flags(args: &Args) -> Result<(), String> {
@@ -245,8 +175,8 @@ fn check_flags(args: &Args) -> Result<(), String> {
     if args.threads.is_some_and(|t| t < 1) {
         return Err("--threads must be at least 1".into());
     }
-    for remote in &args.remote {
-        parse_remote(remote)?;
+    for r in &args.remote {
+        remote::parse(r)?;
     }
     if args.queue_size > MAX_QUEUE {
         return Err(format!("--queue-size must be at most {MAX_QUEUE}"));
