@@ -73,11 +73,13 @@ def figures(t0, times):
 class Rbee:
     name = "rbee worker"
 
-    def __init__(self, a):
+    def __init__(self, a, flags=()):
         self.port = free_port()
+        if flags:
+            self.name = f"{self.name} {' '.join(flags)}"
         self.proc = subprocess.Popen(
             [a.rbee, "worker", "--model", a.model, "--port", str(self.port), "--threads", str(a.threads),
-             "--slots", str(a.slots), "--ctx-size", str(a.ctx // a.slots)],
+             "--slots", str(a.slots), "--ctx-size", str(a.ctx // a.slots), *flags],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http(self.port, "/v1/ready", lambda s, b: '"ready":true' in b)
 
@@ -98,12 +100,14 @@ class Rbee:
 class LlamaServer:
     name = "llama-server"
 
-    def __init__(self, a, prompt_cache=False):
+    def __init__(self, a, flags=()):
         self.port = free_port()
+        if flags:
+            self.name = f"{self.name} {' '.join(flags)}"
         # The prompt cache is llama-server's default; the single-prompt table turns it off per request.
         self.proc = subprocess.Popen(
             [a.llama_server, "-m", a.model, "--port", str(self.port), "-t", str(a.threads), "-tb", str(a.threads),
-             "-np", str(a.slots), "-c", str(a.ctx), "--no-webui"],
+             "-np", str(a.slots), "-c", str(a.ctx), "--no-webui", *flags],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http(self.port, "/health", lambda s, b: s == 200)
 
@@ -243,13 +247,17 @@ def interleaved_turns(server, tag, conversations, sentences, rounds, max_tokens)
 
 def chat_section(a, with_llama):
     """Multi-turn chat, rbee against llama-server with its caches on: both with the same
-    total KV (a.chat_ctx over a.chat_slots slots), alternating, medians."""
+    total KV (a.chat_ctx over a.chat_slots slots), alternating, medians. Both as they
+    start by default, then both with flash attention off (on a CPU the faster at depth)."""
     class Chat:
         pass
     settings = Chat()
     settings.__dict__.update(vars(a))
     settings.slots, settings.ctx = a.chat_slots, a.chat_ctx
-    servers = [Rbee(settings)] + ([LlamaServer(settings, prompt_cache=True)] if with_llama else [])
+    servers = [Rbee(settings)] + ([LlamaServer(settings)] if with_llama else [])
+    if a.chat_fa_off:
+        servers += [Rbee(settings, ["--flash-attn", "off"])] + (
+            [LlamaServer(settings, ["-fa", "off"])] if with_llama else [])
     one = {s.name: [] for s in servers}
     many = {s.name: [] for s in servers}
     try:
@@ -356,6 +364,8 @@ def main():
     ap.add_argument("--doc-sentences", type=int, default=60, help="about 1,300 tokens of system document")
     ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--chat-rounds", type=int, default=3)
+    ap.add_argument("--no-chat-fa-off", dest="chat_fa_off", action="store_false",
+                    help="leave out the chat section's flash-attention-off rows")
     ap.add_argument("--split-runs", type=int, default=5)
     ap.add_argument("--split-layers", type=int, default=15, help="of SmolLM2's 30, on the lending hive")
     ap.add_argument("--tiny", action="store_true", help="one quick run of rbee's own contenders (for the test)")
@@ -365,7 +375,7 @@ def main():
         a.runs, a.tokens, a.concurrency, a.slots, a.ctx, a.hives = 1, 8, "1,2", 2, 2048, 2
         a.chat_runs, a.chat_turns, a.chat_tokens, a.doc_sentences = 1, 2, 4, 6
         a.conversations, a.chat_rounds, a.chat_slots, a.chat_ctx = 3, 2, 2, 2048
-        a.split_runs = 1
+        a.split_runs, a.chat_fa_off = 1, False
     concurrency = [int(c) for c in a.concurrency.split(",")]
     with_llama = not a.tiny and Path(a.llama_server).exists()
     if not a.tiny and not with_llama:
@@ -439,9 +449,9 @@ def main():
     lines.append(f"loaded worker RSS: {memory['worker_loaded_mb']:.0f} MB")
     lines.append(f"multi-turn chat, TTFT ms ({a.chat_slots} slots, total context {a.chat_ctx}, "
                  f"{a.chat_tokens}-token answers; {a.conversations} conversations interleaved):")
-    lines.append(f"{'contender':<16}{'turn 1':>10}{'turns 2+':>10}{'interleaved 2+':>16}")
+    lines.append(f"{'contender':<32}{'turn 1':>10}{'turns 2+':>10}{'interleaved 2+':>16}")
     for k, v in chat.items():
-        lines.append(f"{k:<16}{v['first_turn_ms']:>10.1f}{v['later_turns_ms']:>10.1f}"
+        lines.append(f"{k:<32}{v['first_turn_ms']:>10.1f}{v['later_turns_ms']:>10.1f}"
                      f"{v['interleaved_later_turns_ms']:>16.1f}")
     if "llama-server" in chat:
         r, l = chat["rbee worker"], chat["llama-server"]

@@ -16,6 +16,7 @@ use crate::protocol::{
     ApiError, Capabilities, DownloadEvent, DownloadRequest, ErrorCode, Health, LeaseRequest,
     SpawnRequest, WorkerReadyCallback, WorkerState,
 };
+use crate::worker::{parse_flash_attn, FlashAttn};
 use argh::FromArgs;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -62,6 +63,10 @@ pub struct Args {
     /// comma-separated, or * (always: pages on this machine)
     #[argh(option)]
     pub allowed_origins: Option<String>,
+    /// flash attention in the workers it starts: on, off or auto (default
+    /// auto; see the worker's --flash-attn)
+    #[argh(option, default = "FlashAttn::Auto", from_str_fn(parse_flash_attn))]
+    pub worker_flash_attn: FlashAttn,
     /// memory rbee may use for workers, e.g. 8GiB or 1500MB (default: what is
     /// free at start, less 10% and at least 512 MiB)
     #[argh(option)]
@@ -141,6 +146,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         ready_timeout,
         idle_timeout,
         token: auth.token().map(str::to_string),
+        flash_attn: args.worker_flash_attn,
     };
     let workers = Workers::new(settings, changes.clone())
         .map_err(|e| format!("cannot start the spawner thread: {e}"))?;

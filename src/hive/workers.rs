@@ -38,6 +38,8 @@ pub struct Settings {
     pub ready_timeout: Duration,
     pub idle_timeout: Duration,
     pub token: Option<String>,
+    /// The workers' `--flash-attn`.
+    pub flash_attn: crate::worker::FlashAttn,
 }
 
 /// How one worker is started, and the memory that takes (MiB): decided by
@@ -206,6 +208,7 @@ impl Workers {
             .args(["--ctx-size", &plan.ctx_size.to_string()])
             .args(["--threads", &plan.threads.to_string()])
             .args(["--cache-ram", &plan.cache_ram_mb.to_string()])
+            .args(["--flash-attn", s.flash_attn.as_str()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -228,6 +228,12 @@ impl<S> PromptCache<S> {
         dropped
     }
 
+    /// Host memory the budget has left beyond the saved states, in bytes.
+    pub fn room(&self) -> usize {
+        let used: usize = self.saved.iter().map(|e| e.bytes).sum();
+        self.budget.saturating_sub(used)
+    }
+
     /// A request has ended: `tokens` is what its slot now holds in the KV
     /// cache (the prompt as far as it was read, and every generated token that
     /// was decoded).
@@ -465,6 +471,26 @@ mod tests {
         c.release(0, vec![]);
         let p = c.place(&[2, 2, 100, 7], true, &[0]).unwrap();
         assert_eq!(p.reused, 3);
+    }
+
+    #[test]
+    fn room_is_the_budget_less_the_saved_states() {
+        let mut c: PromptCache<&'static str> = PromptCache::new(1, 3 * MB);
+        assert_eq!(c.room(), 3 * MB);
+        c.release(0, vec![1, 2]);
+        let p = c.place(&[9], true, &[0]).unwrap();
+        run_saves(&mut c, &p, 2 * MB);
+        assert_eq!(c.room(), MB);
+        // Restored: its state leaves the cache, and with it its bytes.
+        c.release(0, vec![9]);
+        let p = c.place(&[1, 2, 3], true, &[0]).unwrap();
+        assert!(
+            matches!(p.steps[..], [Step::Save { .. }, Step::Restore { .. }, ..]),
+            "{:?}",
+            p.steps
+        );
+        run_saves(&mut c, &p, MB);
+        assert_eq!(c.room(), 2 * MB);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::protocol::{
     LoadingEvent, ReadyStatus, WorkerReadyCallback, WorkerState,
 };
 use argh::FromArgs;
+pub use engine::FlashAttn;
 use engine::{Config, Engine, Submission};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -57,6 +58,10 @@ pub struct Args {
     /// layers to offload to the GPU (default: all when built with a GPU backend, else 0)
     #[argh(option)]
     pub gpu_layers: Option<u32>,
+    /// flash attention: on, off or auto, llama.cpp's choice (default auto;
+    /// on a CPU, off makes long conversations faster and short prompts slower)
+    #[argh(option, default = "FlashAttn::Auto", from_str_fn(parse_flash_attn))]
+    pub flash_attn: FlashAttn,
     /// which GPU to use (default 0)
     #[argh(option, default = "0")]
     pub device: i32,
@@ -189,6 +194,11 @@ fn check_flags(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// `--flash-attn`, for argh (the hive's `--worker-flash-attn` too).
+pub fn parse_flash_attn(value: &str) -> Result<FlashAttn, String> {
+    FlashAttn::parse(value)
+}
+
 /// Whether `slots` slots of `ctx` tokens each can work for a model trained
 /// on `model_ctx` tokens (0: not known yet): the one rule for the worker's
 /// flags, its engine and the hive's spawn requests. `Err` names the field
@@ -247,6 +257,7 @@ fn engine_config(args: &Args, metrics: &crate::metrics::WorkerMetrics) -> Config
             .gpu_layers
             .unwrap_or(if crate::GPU_BACKEND { 999 } else { 0 }),
         main_gpu: args.device,
+        flash_attn: args.flash_attn,
         queue_size: args.queue_size,
         cache_ram: usize::try_from(args.cache_ram << 20).unwrap_or(usize::MAX),
         metrics: metrics.clone(),
@@ -573,6 +584,20 @@ mod tests {
     #[test]
     fn every_route_answers_a_wrong_method_with_405() {
         http::assert_routes_are_consistent(ROUTES);
+    }
+
+    #[test]
+    fn flash_attention_is_on_off_or_auto() {
+        let parse = |flags: &[&str]| {
+            let mut argv = vec!["--model", "m.gguf"];
+            argv.extend(flags);
+            Args::from_args(&["worker"], &argv).map(|a| a.flash_attn)
+        };
+        assert_eq!(parse(&[]), Ok(FlashAttn::Auto));
+        assert_eq!(parse(&["--flash-attn", "off"]), Ok(FlashAttn::Off));
+        assert_eq!(parse(&["--flash-attn", "on"]), Ok(FlashAttn::On));
+        let refused = parse(&["--flash-attn", "yes"]).unwrap_err().output;
+        assert!(refused.contains("on, off or auto"), "{refused}");
     }
 
     #[test]

@@ -293,7 +293,7 @@ fn a_model_goes_from_download_to_worker_to_tokens_to_shutdown() {
     let _turn = serial();
     let hf = hf();
     let data = TempDir::new("hive-e2e");
-    let h = hive(&data, &hf, &[]);
+    let h = hive(&data, &hf, &["--worker-flash-attn", "off"]);
     let (_, started) = download(&h, REF);
     assert_completed(&progress(&h, started["download_id"].as_str().unwrap()));
 
@@ -307,6 +307,12 @@ fn a_model_goes_from_download_to_worker_to_tokens_to_shutdown() {
     let id = w["worker_id"].as_str().unwrap().to_string();
     let url = w["url"].as_str().unwrap().to_string();
     let pid = w["pid"].as_u64().unwrap() as u32;
+    let argv = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the worker's argv");
+    assert!(
+        argv.windows(16).any(|w| w == b"--flash-attn\0off"),
+        "the hive's --worker-flash-attn reaches the worker: {}",
+        String::from_utf8_lossy(&argv)
+    );
     wait_until("the worker to be ready", Duration::from_secs(60), || {
         get(&format!("{}/v1/workers/list", h.url)).1[0]["state"] == "ready"
     });
