@@ -16,7 +16,7 @@ use crate::protocol::{
     ApiError, Capabilities, DownloadEvent, DownloadRequest, ErrorCode, Health, LeaseRequest,
     SpawnRequest, WorkerReadyCallback, WorkerState,
 };
-use crate::worker::{parse_flash_attn, FlashAttn};
+use crate::worker::FlashAttn;
 use argh::FromArgs;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -65,7 +65,7 @@ pub struct Args {
     pub allowed_origins: Option<String>,
     /// flash attention in the workers it starts: on, off or auto (default
     /// auto; see the worker's --flash-attn)
-    #[argh(option, default = "FlashAttn::Auto", from_str_fn(parse_flash_attn))]
+    #[argh(option, default = "FlashAttn::Auto", from_str_fn(FlashAttn::parse))]
     pub worker_flash_attn: FlashAttn,
     /// memory rbee may use for workers, e.g. 8GiB or 1500MB (default: what is
     /// free at start, less 10% and at least 512 MiB)

@@ -60,7 +60,7 @@ pub struct Args {
     pub gpu_layers: Option<u32>,
     /// flash attention: on, off or auto, llama.cpp's choice (default auto;
     /// on a CPU, off makes long conversations faster and short prompts slower)
-    #[argh(option, default = "FlashAttn::Auto", from_str_fn(parse_flash_attn))]
+    #[argh(option, default = "FlashAttn::Auto", from_str_fn(FlashAttn::parse))]
     pub flash_attn: FlashAttn,
     /// which GPU to use (default 0)
     #[argh(option, default = "0")]
@@ -192,11 +192,6 @@ fn check_flags(args: &Args) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// `--flash-attn`, for argh (the hive's `--worker-flash-attn` too).
-pub fn parse_flash_attn(value: &str) -> Result<FlashAttn, String> {
-    FlashAttn::parse(value)
 }
 
 /// Whether `slots` slots of `ctx` tokens each can work for a model trained
