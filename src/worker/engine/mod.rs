@@ -12,9 +12,11 @@
 //! devices); `prompt` turns a submission into a request (its prompt rendered
 //! and checked, its sampler built); `embed` computes embeddings between steps.
 //! This module and those three (with `rpc`) are the only code that touches
-//! llama-cpp-2.
+//! llama-cpp-2; `flash_attn` holds the tests of the CPU attention kernel rbee
+//! adds to llama.cpp (vendor/ggml-cpu).
 
 mod embed;
+mod flash_attn;
 mod load;
 mod prompt;
 pub mod rpc;
