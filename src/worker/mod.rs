@@ -58,8 +58,8 @@ pub struct Args {
     /// layers to offload to the GPU (default: all when built with a GPU backend, else 0)
     #[argh(option)]
     pub gpu_layers: Option<u32>,
-    /// flash attention: on, off or auto, llama.cpp's choice (default auto;
-    /// on a CPU, off makes long conversations faster and short prompts slower)
+    /// flash attention: on, off or auto, llama.cpp's choice (default auto,
+    /// which turns it on; on a CPU the faster setting at every depth measured)
     #[argh(option, default = "FlashAttn::Auto", from_str_fn(FlashAttn::parse))]
     pub flash_attn: FlashAttn,
     /// which GPU to use (default 0)
