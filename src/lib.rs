@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod clients;
+pub mod gbnf;
 pub mod gguf;
 pub mod hive;
 pub mod http;

@@ -405,6 +405,8 @@ pub enum Constraint {
     JsonSchema { schema: serde_json::Value },
     /// One or more calls (`parallel`) of these tools, as `<tool_call>{"name","arguments"}</tool_call>`.
     ToolCalls { tools: Vec<Tool>, parallel: bool },
+    /// A GBNF grammar the client wrote (llama-server's `grammar`), its rule `root` first.
+    Grammar { gbnf: String },
 }
 
 /// A function the model may call, in OpenAI's shape.

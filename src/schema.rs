@@ -134,10 +134,163 @@ fn walk(root: &Value, schema: &Value, at: &str) -> Result<(), String> {
             "enum" if value.as_array().is_none_or(|e| e.is_empty()) => {
                 return Err(format!("{here} must be a list of values"))
             }
+            "pattern" => {
+                let Some(p) = value.as_str() else {
+                    return Err(format!("{here} must be a string"));
+                };
+                pattern(p).map_err(|e| format!("pattern {p:?} at {here}: {e}"))?;
+            }
+            "minLength" | "maxLength" | "minItems" | "maxItems" if !value.is_u64() => {
+                return Err(format!("{here} must be a whole number, not {value}"))
+            }
+            "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum"
+                if !value.is_number() =>
+            {
+                return Err(format!("{here} must be a number, not {value}"))
+            }
             _ => {}
         }
     }
+    for (low, high) in [
+        ("minLength", "maxLength"),
+        ("minItems", "maxItems"),
+        ("minimum", "maximum"),
+        ("exclusiveMinimum", "exclusiveMaximum"),
+    ] {
+        let bound = |k: &str| object.get(k).and_then(Value::as_f64);
+        if let (Some(lo), Some(hi)) = (bound(low), bound(high)) {
+            if lo > hi {
+                return Err(format!(
+                    "{low} {lo} is more than {high} {hi} at {at}: no value can satisfy both"
+                ));
+            }
+        }
+    }
     Ok(())
+}
+
+/// Checks a `pattern` in the regular-expression dialect llama.cpp's converter
+/// reads (anchored `^…$`; groups, classes, `|`, `* + ?`, `{m,n}`, escapes):
+/// what it would turn into a grammar no text satisfies, or one that makes its
+/// parser allocate without bound (`{3,1}`, see `crate::gbnf`), is an error
+/// here. What the converter does not support it enforces as any string.
+fn pattern(p: &str) -> Result<(), String> {
+    let Some(inner) = p.strip_prefix('^').and_then(|p| p.strip_suffix('$')) else {
+        return Ok(());
+    };
+    let s: Vec<char> = inner.chars().collect();
+    let mut depth = 0usize;
+    // Whether the last item can take a quantifier.
+    let mut item = false;
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            '(' => {
+                match (s.get(i + 1), s.get(i + 2)) {
+                    (Some('?'), Some(':')) => i += 2,
+                    // Lookarounds, named groups, flags: enforced as any string.
+                    (Some('?'), _) => return Ok(()),
+                    _ => {}
+                }
+                depth += 1;
+                item = false;
+                i += 1;
+            }
+            ')' => {
+                depth = depth.checked_sub(1).ok_or("unbalanced parentheses")?;
+                item = true;
+                i += 1;
+            }
+            '|' => {
+                item = false;
+                i += 1;
+            }
+            '*' | '+' | '?' if !item => return Err(format!("nothing to repeat before {:?}", s[i])),
+            '*' | '+' | '?' => i += 1,
+            '{' => {
+                if !item {
+                    return Err("nothing to repeat before {".into());
+                }
+                let close = s[i..].iter().position(|&c| c == '}');
+                let Some(close) = close else {
+                    return Ok(()); // Unsupported by the converter: any string.
+                };
+                let counts: String = s[i + 1..i + close].iter().collect();
+                let parsed: Vec<Option<u64>> = counts
+                    .split(',')
+                    .map(|n| (!n.is_empty()).then(|| n.parse().ok()).flatten())
+                    .collect();
+                if let [Some(lo), Some(hi)] = parsed[..] {
+                    if hi < lo {
+                        return Err(format!(
+                            "the repetition {{{counts}}} asks for at least {lo} and at most {hi}"
+                        ));
+                    }
+                }
+                i += close + 1;
+            }
+            '[' => {
+                i = class(&s, i + 1)?;
+                item = true;
+            }
+            '\\' if i + 1 == s.len() => return Err("trailing backslash".into()),
+            '\\' => {
+                i += 2;
+                item = true;
+            }
+            _ => {
+                i += 1;
+                item = true;
+            }
+        }
+    }
+    if depth > 0 {
+        return Err("unbalanced parentheses".into());
+    }
+    Ok(())
+}
+
+/// Checks a character class from just after its `[`; the index after its `]`.
+fn class(s: &[char], mut i: usize) -> Result<usize, String> {
+    let mut members = Vec::new();
+    while i < s.len() && s[i] != ']' {
+        if s[i] == '\\' {
+            let hex = match s.get(i + 1) {
+                Some('x') => 2,
+                Some('u') => 4,
+                _ => 0,
+            };
+            let digits: String = s.iter().skip(i + 2).take(hex).collect();
+            let escaped = if hex > 0 {
+                u32::from_str_radix(&digits, 16)
+                    .ok()
+                    .and_then(char::from_u32)
+            } else {
+                s.get(i + 1).copied()
+            };
+            members.push((escaped, true));
+            i += 2 + hex;
+        } else {
+            members.push((Some(s[i]), false));
+            i += 1;
+        }
+    }
+    if i >= s.len() {
+        return Err("unterminated character class".into());
+    }
+    // Ranges: a `-` (not escaped) between two members.
+    for w in members.windows(3) {
+        if let [(Some(from), _), (Some('-'), false), (Some(to), _)] = w {
+            if to < from {
+                return Err(format!(
+                    "invalid range {}-{}: it ends before it starts",
+                    from.escape_debug(),
+                    to.escape_debug()
+                ));
+            }
+        }
+    }
+    Ok(i + 1)
 }
 
 /// The schema a local `#/…` pointer names.
@@ -169,6 +322,20 @@ mod tests {
     }
 
     #[test]
+    fn patterns_of_the_converters_dialect_pass() {
+        for p in [
+            "^[a-zA-Z0-9_-]{1,8}$",
+            "^(\\d{3})-\\d{4}$",
+            "^(?:ab|cd)+x?$",
+            "^[\\x00-\\x7F]*$",
+            "^[-+]?[0-9]{2,}$",
+            "no anchors (even [z-a]) are enforced as any string",
+        ] {
+            assert_eq!(pattern(p), Ok(()), "{p}");
+        }
+    }
+
+    #[test]
     fn what_cannot_be_enforced_is_named_with_where_it_is() {
         let e = check(
             &json!({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}),
@@ -197,6 +364,28 @@ mod tests {
                 "format \"email\" at #/format",
             ),
             (json!([1]), "the schema at # is not an object"),
+            (
+                json!({"type": "string", "pattern": "^[z-a]$"}),
+                "pattern \"^[z-a]$\" at #/pattern: invalid range z-a",
+            ),
+            (
+                json!({"properties": {"c": {"type": "string", "pattern": "^a{3,1}$"}}}),
+                "pattern \"^a{3,1}$\" at #/properties/c/pattern: the repetition {3,1} asks for at least 3 and at most 1",
+            ),
+            (json!({"pattern": "^(ab$"}), "pattern \"^(ab$\" at #/pattern: unbalanced parentheses"),
+            (json!({"pattern": "^ab)$"}), "pattern \"^ab)$\" at #/pattern: unbalanced parentheses"),
+            (json!({"pattern": "^[ab$"}), "pattern \"^[ab$\" at #/pattern: unterminated character class"),
+            (json!({"pattern": "^*a$"}), "pattern \"^*a$\" at #/pattern: nothing to repeat"),
+            (
+                json!({"type": "string", "minLength": 5, "maxLength": 3}),
+                "minLength 5 is more than maxLength 3 at #",
+            ),
+            (
+                json!({"type": "array", "items": {"type": "integer", "minimum": 9, "maximum": 1}}),
+                "minimum 9 is more than maximum 1 at #/items",
+            ),
+            (json!({"type": "string", "minLength": -1}), "#/minLength must be a whole number"),
+            (json!({"enum": []}), "#/enum must be a list of values"),
         ] {
             let e = check(&schema, "p").unwrap_err();
             assert!(e.message.starts_with(said), "{schema}: {}", e.message);

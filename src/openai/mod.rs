@@ -122,6 +122,9 @@ pub struct CompletionRequest {
     /// `{"type":"text"|"json_object"}` or `{"type":"json_schema","json_schema":{"schema"}}`.
     #[serde(default)]
     pub response_format: Option<Value>,
+    /// llama-server's GBNF grammar on the output (rule `root` first).
+    #[serde(default)]
+    pub grammar: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,7 +230,19 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
         req.tool_choice.as_ref(),
         req.parallel_tool_calls,
     )?;
-    let format = response_format(req.response_format.as_ref())?;
+    let format = match req.grammar {
+        Some(_) if req.response_format.is_some() => {
+            return Err(bad(
+                "a grammar and a response_format cannot both hold: give one".into(),
+                "grammar",
+            ))
+        }
+        Some(gbnf) => {
+            crate::gbnf::check(&gbnf).map_err(|e| bad(e, "grammar"))?;
+            Some(Constraint::Grammar { gbnf })
+        }
+        None => response_format(req.response_format.as_ref())?,
+    };
     if tool_constraint.is_some() && format.is_some() {
         return Err(bad(
             "a tool_choice that requires a call and a response_format cannot both hold: give one"

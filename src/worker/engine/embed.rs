@@ -51,7 +51,9 @@ impl Batcher<'_> {
         let mut vectors = Vec::with_capacity(texts.len());
         let mut total = 0u32;
         for (i, text) in texts.iter().enumerate() {
-            let tokens = self.model.vocab().tokenize(text.as_bytes(), true, false);
+            let tokens = super::guard::tokenize(self.model, text, false).map_err(|e| {
+                ApiError::invalid("input", format!("input {i} cannot be tokenized: {e}"))
+            })?;
             if tokens.len() > n_ctx as usize {
                 return Err(ApiError::new(
                     ErrorCode::ContextOverflow,

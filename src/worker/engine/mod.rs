@@ -17,6 +17,7 @@
 
 mod embed;
 mod flash_attn;
+mod guard;
 mod load;
 mod prompt;
 pub mod rpc;
@@ -727,7 +728,21 @@ impl<'m> Batcher<'m> {
             let Some(r) = self.slots.get_mut(slot) else {
                 continue;
             };
-            let token = r.sampler.sample(&self.ctx, idx);
+            let token = match guard::sample(&mut r.sampler, &self.ctx, idx) {
+                Ok(token) => token,
+                Err(e) => {
+                    // A grammar no token can continue: this request ends, the others go on.
+                    r.send(InferenceEvent::Error {
+                        code: ErrorCode::InvalidRequest,
+                        message: format!(
+                            "the request's grammar allows no token this model can write next \
+                             (llama.cpp: {e})"
+                        ),
+                    });
+                    self.release(slot);
+                    continue;
+                }
+            };
             if r.decode_started.is_none() {
                 let reading = r.admitted.map_or(Duration::ZERO, |t| t.elapsed());
                 let decoded = r.tokens.len() - r.cached;

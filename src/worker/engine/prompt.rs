@@ -2,7 +2,9 @@
 //! template rendered, the failover's tokens appended) checked against the
 //! slot's context, and its sampler (the grammar a constraint asks for first).
 
-use super::{Request, Submission, Template, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P};
+use super::{
+    guard, Request, Submission, Template, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
+};
 use crate::protocol::{ApiError, ChatMessage, Constraint, ErrorCode, SamplingParams};
 use crate::worker::text::TokenText;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
@@ -27,7 +29,8 @@ pub(super) fn prepare(
         }
         None => &request.prompt,
     };
-    let mut tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
+    let mut tokens = guard::tokenize(model, prompt, true)
+        .map_err(|e| ApiError::invalid("prompt", format!("the prompt cannot be tokenized: {e}")))?;
     if tokens.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt has no tokens"));
     }
@@ -66,7 +69,12 @@ pub(super) fn prepare(
         grammar_for(model, request.constraint.as_ref())?,
     );
     // A failover continues an answer the grammar has seen part of.
-    sampler.accept_many(request.resume_tokens.iter().map(|&t| LlamaToken(t)));
+    guard::accept_all(&mut sampler, &request.resume_tokens).map_err(|e| {
+        ApiError::invalid(
+            "resume_tokens",
+            format!("the answer so far does not fit the request's grammar: {e}"),
+        )
+    })?;
     Ok(Request {
         sampler,
         text: TokenText::new(request.sampling.stop.clone()),
@@ -159,7 +167,10 @@ fn render_chat(
         .map_err(|e| invalid(format!("cannot apply the chat template: {e}")))
 }
 
-/// The grammar sampler a constraint asks for, from llama.cpp's JSON-schema converter.
+/// The grammar sampler a constraint asks for: the client's GBNF, or llama.cpp's
+/// JSON-schema converter's. Every grammar passes [`crate::gbnf::check`] and
+/// llama.cpp's parser (through the exception boundary) before the sampler is
+/// made, so a 400 says what is wrong with it.
 fn grammar_for(
     model: &LlamaModel,
     constraint: Option<&Constraint>,
@@ -167,10 +178,14 @@ fn grammar_for(
     let Some(constraint) = constraint else {
         return Ok(None);
     };
-    let failed =
-        |e: String| ApiError::invalid("response_format", format!("cannot build a grammar: {e}"));
+    let param = match constraint {
+        Constraint::Grammar { .. } => "grammar",
+        Constraint::ToolCalls { .. } => "tools",
+        _ => "response_format",
+    };
+    let failed = |e: String| ApiError::invalid(param, format!("cannot build a grammar: {e}"));
     let convert = |schema: &str| {
-        llama_cpp_2::json_schema_to_grammar(schema).map_err(|e| failed(e.to_string()))
+        guard::json_schema_to_grammar(schema).map_err(|e| failed(e.replace('\n', " ")))
     };
     let gbnf = match constraint {
         Constraint::JsonObject => convert(r#"{"type":"object"}"#)?,
@@ -178,10 +193,23 @@ fn grammar_for(
         Constraint::ToolCalls { tools, parallel } => {
             tool_call_grammar(&convert(&tool_call_schema(tools))?, *parallel)
         }
+        Constraint::Grammar { gbnf } => gbnf.clone(),
     };
+    crate::gbnf::check(&gbnf).map_err(&failed)?;
+    guard::grammar_parses(&gbnf).map_err(|e| failed(shorten(&e)))?;
     LlamaSampler::grammar(model, &gbnf, "root")
         .map(Some)
-        .map_err(|e| failed(e.to_string()))
+        .map_err(|_| failed("llama.cpp refused it (a rule that is left-recursive?)".into()))
+}
+
+/// llama.cpp's parser quotes the rest of the grammar after the place it
+/// stopped: a line of it is enough.
+fn shorten(message: &str) -> String {
+    let line = message.lines().next().unwrap_or_default();
+    match line.char_indices().nth(120) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_string(),
+    }
 }
 
 /// One call of any of `tools`: `{"name": …, "arguments": …}`, name first.

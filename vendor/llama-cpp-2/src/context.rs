@@ -134,6 +134,17 @@ impl<'model> LlamaContext<'model> {
         }
     }
 
+    /// The llama.cpp context, for a caller that makes the C call itself
+    /// (rbee: sampling through a shim that catches C++ exceptions). Added by
+    /// rbee; not in the published crate.
+    ///
+    /// # Safety
+    /// As for [`Self::synchronizable_ptr`]: the caller must not invalidate
+    /// references this context has handed out.
+    pub unsafe fn as_raw(&self) -> *mut llama_cpp_sys_2::llama_context {
+        unsafe { self.synchronizable_ptr() }
+    }
+
     /// Get a mutable pointer to `llama_context` for the cases where the
     /// mutation only happens via `llama_synchronize`.
     ///

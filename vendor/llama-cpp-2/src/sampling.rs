@@ -52,6 +52,13 @@ impl Clone for LlamaSampler {
 
 impl LlamaSampler {
     #[inline]
+    /// The llama.cpp sampler, for a caller that makes the C call itself
+    /// (rbee: through a shim that catches the C++ exceptions a grammar throws).
+    /// Added by rbee; not in the published crate.
+    pub fn as_raw(&mut self) -> *mut llama_cpp_sys_2::llama_sampler {
+        self.sampler.as_mut_ptr()
+    }
+
     pub(crate) fn from_raw(ptr: *mut llama_cpp_sys_2::llama_sampler) -> Option<Self> {
         let sampler = Ptr::new(ptr)?;
         Some(Self { sampler })

@@ -33,6 +33,13 @@ impl<'model> LlamaVocab<'model> {
         self.vocab.as_ptr()
     }
 
+    /// The llama.cpp vocabulary, for a caller that makes the C call itself
+    /// (rbee: tokenizing through a shim that catches C++ exceptions). Added
+    /// by rbee; not in the published crate.
+    pub fn as_raw(&self) -> *const llama_cpp_sys_2::llama_vocab {
+        self.vocab.as_ptr()
+    }
+
     pub(crate) fn new(ptr: *const llama_cpp_sys_2::llama_vocab) -> Option<Self> {
         Some(Self {
             vocab: Ptr::new(ptr.cast_mut())?,
