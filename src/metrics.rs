@@ -302,6 +302,7 @@ pub struct QueenMetrics {
     time_to_first_token: Family<ModelLabel, Histogram, fn() -> Histogram>,
     tokens_per_second: Family<ModelLabel, Histogram, fn() -> Histogram>,
     failovers: Counter,
+    poison_requests: Counter,
     evictions: Counter,
     registry: Arc<Registry>,
 }
@@ -321,6 +322,7 @@ impl Default for QueenMetrics {
             time_to_first_token: Family::new_with_constructor(seconds_histogram),
             tokens_per_second: Family::new_with_constructor(rate_histogram),
             failovers: Counter::default(),
+            poison_requests: Counter::default(),
             evictions: Counter::default(),
             registry: Arc::default(),
         };
@@ -353,6 +355,11 @@ impl Default for QueenMetrics {
             "rbee_queen_failovers",
             "Answers continued on another worker after theirs was lost",
             m.failovers.clone(),
+        );
+        r.register(
+            "rbee_queen_poison_requests",
+            "Requests whose worker crashed before their first token, not sent to another",
+            m.poison_requests.clone(),
         );
         r.register(
             "rbee_queen_evictions",
@@ -401,6 +408,10 @@ impl QueenMetrics {
 
     pub fn failover(&self) {
         self.failovers.inc();
+    }
+
+    pub fn poison_request(&self) {
+        self.poison_requests.inc();
     }
 
     pub fn evicted(&self) {

@@ -123,6 +123,9 @@ error_codes! {
     /// Nobody answered at an address; the caller knows whether that was a hive or a worker.
     Unreachable = "UNREACHABLE", 502;
     Cancelled = "CANCELLED", 409;
+    /// The request crashed a worker before its first token: it is not sent to
+    /// another, and the same request is refused for a while.
+    RequestCrashedWorker = "REQUEST_CRASHED_WORKER", 422;
     Internal = "INTERNAL", 500;
 }
 
@@ -842,6 +845,10 @@ pub struct WorkerInfo {
     /// A split worker's layers, this hive's share first; empty when whole.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub split: Vec<SplitPart>,
+    /// It ended on a signal a fault raises (abort, segmentation fault, …),
+    /// not one sent to stop it: what it was reading may have crashed it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub crashed: bool,
 }
 
 /// `GET /v1/state/stream` on a hive: everything the queen places and routes

@@ -162,6 +162,7 @@ impl Workers {
             idle_since: None,
             stops_at: None,
             split: split_parts(req, model.layers),
+            crashed: false,
         };
         let (stderr, reader) = keep_stderr(&mut child, &id);
         self.lock().insert(
@@ -252,14 +253,14 @@ impl Workers {
     ) {
         let this = self.clone();
         std::thread::spawn(move || {
-            let status = child
-                .wait()
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| e.to_string());
+            let (status, crashed) = match child.wait() {
+                Ok(s) => (s.to_string(), crashed(s)),
+                Err(e) => (e.to_string(), false),
+            };
             if let Some(reader) = reader {
                 let _ = reader.join();
             }
-            this.exited(&id, status);
+            this.exited(&id, status, crashed);
         });
     }
 
@@ -294,7 +295,7 @@ impl Workers {
         tail.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 
-    fn exited(&self, id: &str, status: String) {
+    fn exited(&self, id: &str, status: String, crashed: bool) {
         let _bump = Bump(&self.changes);
         let mut records = self.lock();
         let Some(record) = records.get_mut(id) else {
@@ -307,6 +308,7 @@ impl Workers {
         }
         if record.info.state != WorkerState::Failed {
             record.info.state = WorkerState::Failed;
+            record.info.crashed = crashed;
             record.info.error = Some(format!(
                 "the worker exited ({status}): {}",
                 Self::tail(record)
@@ -461,6 +463,32 @@ impl Drop for Bump<'_> {
 }
 
 /// Whether a worker has requests running or queued; `None` if it did not answer.
+/// Whether a process ended on a signal that a fault raises (what the queen
+/// takes as a request crashing its worker), not on one sent to stop it
+/// (SIGKILL from a person or the OOM killer, SIGTERM) or by exiting.
+#[cfg(unix)]
+fn crashed(status: std::process::ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal().is_some_and(|s| {
+        [
+            libc::SIGABRT,
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGSYS,
+            libc::SIGTRAP,
+        ]
+        .contains(&s)
+    })
+}
+
+#[cfg(not(unix))]
+fn crashed(status: std::process::ExitStatus) -> bool {
+    // Windows: an unhandled exception's NTSTATUS (0xC0000005 and the like).
+    status.code().is_some_and(|c| (c as u32) >= 0xC000_0000)
+}
+
 async fn worker_busy(url: &str, token: Option<&str>) -> Option<bool> {
     let url = format!("{url}/v1/ready");
     let ready = crate::http::client::get::<crate::protocol::ReadyStatus>(&url, token);

@@ -47,7 +47,7 @@ struct OpenAiErrorDetail {
 impl From<ApiError> for OpenAiError {
     fn from(e: ApiError) -> OpenAiError {
         let kind = match e.status() {
-            400 | 413 => "invalid_request_error",
+            400 | 413 | 422 => "invalid_request_error",
             401 => "authentication_error",
             404 => "not_found_error",
             429 | 503 => "server_busy",

@@ -364,6 +364,7 @@ pub mod fixtures {
             idle_since: None,
             stops_at: None,
             split: vec![],
+            crashed: false,
         }
     }
 

@@ -15,7 +15,7 @@ use super::jobs::Job;
 use super::placement::{self, Route};
 use super::provision;
 use super::registry::LOCALHOST;
-use super::view::{prefix_hashes, ClusterState, InFlight, SILENCE};
+use super::view::{prefix_hashes, ClusterState, InFlight, POISON_WINDOW, SILENCE};
 use crate::protocol::{
     ApiError, EmbeddingsRequest, ErrorCode, InferenceEvent, InferenceRequest, JobEvent, JobFigures,
     JobRequest, StopReason,
@@ -55,6 +55,20 @@ impl From<JobRequest> for Work {
     }
 }
 
+impl Work {
+    /// What identifies the request whatever job carries it: the model and
+    /// everything the worker is sent, for refusing one that crashed a worker.
+    fn content_hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.model.hash(&mut hasher);
+        serde_json::to_string(&self.inference)
+            .unwrap_or_default()
+            .hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
 /// What a request's prompt starts with, for routing it to the worker that
 /// holds its conversation: the messages in order, or the prompt.
 fn prefix_text(req: &InferenceRequest) -> String {
@@ -72,6 +86,18 @@ fn prefix_text(req: &InferenceRequest) -> String {
 /// replaced: the next one gets the tokens streamed so far and continues
 /// after them (DESIGN.md §11).
 pub async fn run(cluster: &impl Cluster, job: &Job, work: &Work) -> Result<(), ApiError> {
+    let content = work.content_hash();
+    if let Some(ago) = cluster.view().poisoned(content) {
+        return Err(ApiError::new(
+            ErrorCode::RequestCrashedWorker,
+            format!(
+                "this request crashed a worker {} s ago; the same request is refused for \
+                 another {} s",
+                ago.as_secs(),
+                POISON_WINDOW.saturating_sub(ago).as_secs()
+            ),
+        ));
+    }
     let hives = candidates(cluster, job, work.node.as_deref()).await?;
     let prefix = prefix_hashes(&prefix_text(&work.inference));
     let mut attempts = Attempts::default();
@@ -89,10 +115,26 @@ pub async fn run(cluster: &impl Cluster, job: &Job, work: &Work) -> Result<(), A
         let (target, in_flight) = picked.map_err(|e| attempts.nobody_left(e))?;
         cluster.view().remember(&prefix, &target.url);
         job.serving(&target.hive.name, &target.worker_id);
-        let outcome = relay(cluster, &target, job, &work.inference, &mut sent).await;
+        let streamed = sent.events;
+        let mut outcome = relay(cluster, &target, job, &work.inference, &mut sent).await;
+        // Lost before its first token, the newest request its worker had, and
+        // the worker died of a fault: this request is the likely cause.
+        if matches!(outcome, Err(Relay::Lost))
+            && sent.events == streamed
+            && in_flight.newest()
+            && cluster.view().crashed(&target.hive.name, &target.url).await
+        {
+            outcome = Err(Relay::Crashed);
+        }
         drop(in_flight);
         match attempts.decide(outcome, &target) {
             Decision::Finished(result) => return result,
+            Decision::Poisoned(e) => {
+                cluster.metrics().poison_request();
+                cluster.view().poison(content);
+                job.narrate("queen", "poison", e.message.clone());
+                return Err(e);
+            }
             Decision::WaitBusy => tokio::time::sleep(BUSY_PAUSE).await,
             Decision::Failover => {
                 cluster.metrics().failover();
@@ -160,6 +202,9 @@ impl Sent {
 enum Relay {
     /// The worker vanished mid-stream.
     Lost,
+    /// The worker died of a fault before this request's first token, with
+    /// no request sent to it after this one.
+    Crashed,
     /// Every slot and the queue were full.
     Busy,
     Failed(ApiError),
@@ -173,6 +218,8 @@ enum Decision {
     WaitBusy,
     /// Continue on another worker; the lost one is excluded.
     Failover,
+    /// The request crashed its worker: it goes to no other, and ends with this.
+    Poisoned(ApiError),
 }
 
 /// The job's attempts so far: the memory its retry rules need.
@@ -198,6 +245,17 @@ impl Attempts {
                 ErrorCode::Busy,
                 "every worker for this model stayed busy",
             ))),
+            Err(Relay::Crashed) => Decision::Poisoned(ApiError::new(
+                ErrorCode::RequestCrashedWorker,
+                format!(
+                    "this request crashed worker {} on hive {} before its first token; it \
+                     is not sent to another worker, and the same request is refused for {} \
+                     minutes",
+                    target.worker_id,
+                    target.hive.name,
+                    POISON_WINDOW.as_secs() / 60
+                ),
+            )),
             Err(Relay::Lost) => {
                 self.excluded.push(target.url.clone());
                 self.lost.push(format!(
@@ -546,6 +604,8 @@ mod tests {
         Tokens(u32),
         /// n tokens, then the connection drops.
         LostAfter(u32),
+        /// The connection drops before a token, and its hive says it crashed.
+        Crash,
         /// Refused before any event.
         Refuse(ErrorCode),
     }
@@ -735,7 +795,7 @@ mod tests {
 
         async fn infer(
             &self,
-            _hive: &HiveConn,
+            hive: &HiveConn,
             worker: &str,
             req: &InferenceRequest,
         ) -> Result<Events<InferenceEvent>, ApiError> {
@@ -765,6 +825,15 @@ mod tests {
             Ok(Events::from_events(match answer {
                 Answer::Refuse(code) => return Err(ApiError::new(code, "refused")),
                 Answer::LostAfter(n) => tokens(n).collect(),
+                Answer::Crash => {
+                    self.view.edit(&hive.name, |s| {
+                        for w in s.workers.iter_mut().filter(|w| w.url == worker) {
+                            w.state = WorkerState::Failed;
+                            w.crashed = true;
+                        }
+                    });
+                    tokens(0).collect()
+                }
                 Answer::Tokens(n) => tokens(n)
                     .chain([InferenceEvent::End {
                         tokens_out: n,
@@ -899,7 +968,8 @@ mod tests {
         assert_eq!(fake.calls(), ["infer http://w1"; 3]);
     }
 
-    #[tokio::test]
+    // Paused time: the relay waits a moment for the hive to say how the worker ended.
+    #[tokio::test(start_paused = true)]
     async fn a_worker_lost_before_its_first_token_is_excluded_and_the_job_continued() {
         let fake = Fake::with_hives(&["a"])
             .worker("a", "w1", 0, &[Answer::LostAfter(0)])
@@ -910,6 +980,30 @@ mod tests {
         assert_eq!(fake.calls(), ["infer http://w1", "infer http://w2"]);
         assert_eq!(tokens(&events), 3);
         assert!(narrated(&events, "failover"));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_crashes_its_worker_before_a_token_goes_to_no_other() {
+        let fake = Fake::with_hives(&["a"])
+            .worker("a", "w1", 0, &[Answer::Crash])
+            .worker("a", "w2", 1, &[Answer::Tokens(3)]);
+        let (result, events) = run_job(&fake, None).await;
+        let e = result.unwrap_err();
+        assert_eq!(e.code, ErrorCode::RequestCrashedWorker);
+        assert!(e.message.contains("crashed worker w1 on hive a"), "{e}");
+        assert!(narrated(&events, "poison"));
+        assert_eq!(fake.calls(), ["infer http://w1"], "not replayed on w2");
+        // The same request again is refused without a worker; another is served.
+        let (again, _) = run_job(&fake, None).await;
+        assert_eq!(code(again), ErrorCode::RequestCrashedWorker);
+        assert_eq!(fake.calls(), ["infer http://w1"]);
+        let mut other = job_request(None);
+        other.prompt = "Something else".into();
+        run_request(&fake, other)
+            .await
+            .0
+            .expect("another request is served");
+        assert_eq!(fake.calls(), ["infer http://w1", "infer http://w2"]);
     }
 
     #[tokio::test]

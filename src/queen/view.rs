@@ -71,7 +71,17 @@ struct Inner {
     rates: HashMap<String, f64>,
     /// One provisioning per model at a time.
     provisioning: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// The number of the last request sent to each worker (URL), from `dispatches`.
+    last_dispatch: HashMap<String, u64>,
+    dispatches: u64,
+    /// Requests (by content hash) that crashed a worker, and when.
+    poisoned: HashMap<u64, Instant>,
 }
+
+/// How long a request that crashed a worker is refused.
+pub const POISON_WINDOW: Duration = Duration::from_secs(600);
+/// How long a relay that lost its worker waits for the hive to say how it ended.
+const CRASH_REPORT_WAIT: Duration = Duration::from_secs(3);
 
 impl Default for View {
     fn default() -> View {
@@ -275,10 +285,62 @@ impl View {
         let mut inner = self.lock();
         *inner.in_flight.entry(url.to_string()).or_default() += 1;
         inner.last_used.insert(url.to_string(), Instant::now());
+        inner.dispatches += 1;
+        let number = inner.dispatches;
+        inner.last_dispatch.insert(url.to_string(), number);
         InFlight {
             view: self.clone(),
             url: url.to_string(),
+            number,
         }
+    }
+
+    /// Whether the worker at `url` ended on a fault (its hive's snapshot
+    /// lists it failed with `crashed`): waits a moment for the hive to say,
+    /// and takes silence, an unreachable hive or a plain exit as no.
+    pub async fn crashed(&self, hive: &str, url: &str) -> bool {
+        let said = |inner: &Inner| {
+            let Some(h) = inner.hives.get(hive).filter(|h| h.reachable) else {
+                return Some(false);
+            };
+            let listed = h
+                .snapshot
+                .as_ref()
+                .and_then(|s| s.workers.iter().find(|w| w.url == url));
+            match listed {
+                None => Some(false),
+                Some(w) if w.state == WorkerState::Failed => Some(w.crashed),
+                Some(_) => None,
+            }
+        };
+        let mut changed = self.changed.subscribe();
+        let wait = async {
+            loop {
+                if let Some(crashed) = said(&self.lock()) {
+                    return crashed;
+                }
+                if changed.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout(CRASH_REPORT_WAIT, wait)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Remembers that the request with this content hash crashed a worker.
+    pub fn poison(&self, request: u64) {
+        let mut inner = self.lock();
+        inner.poisoned.retain(|_, at| at.elapsed() < POISON_WINDOW);
+        inner.poisoned.insert(request, Instant::now());
+    }
+
+    /// How long ago the request with this hash crashed a worker, within the window.
+    pub fn poisoned(&self, request: u64) -> Option<Duration> {
+        let inner = self.lock();
+        let at = inner.poisoned.get(&request)?;
+        Some(at.elapsed()).filter(|&ago| ago < POISON_WINDOW)
     }
 
     /// Remembers how fast the worker at `url` decoded its last answer.
@@ -327,6 +389,15 @@ fn lists_alive(hive: &HiveView, url: &str) -> bool {
 pub struct InFlight {
     view: View,
     url: String,
+    /// Its place in the order requests were sent to workers.
+    number: u64,
+}
+
+impl InFlight {
+    /// Whether no request has been sent to its worker since this one.
+    pub fn newest(&self) -> bool {
+        self.view.lock().last_dispatch.get(&self.url) == Some(&self.number)
+    }
 }
 
 impl Drop for InFlight {

@@ -185,7 +185,7 @@ pub fn workers_of(hive: &str) -> Vec<Value> {
 }
 
 /// The one worker a hive runs: its pid and URL.
-fn only_worker(hive: &str) -> (u32, String) {
+pub fn only_worker(hive: &str) -> (u32, String) {
     let workers = workers_of(hive);
     assert_eq!(workers.len(), 1, "{workers:?}");
     let pid = workers[0]["pid"].as_u64().expect("a pid") as u32;

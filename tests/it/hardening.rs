@@ -475,22 +475,6 @@ fn an_openai_stream_whose_worker_dies_with_nobody_to_take_over_ends_with_an_erro
     );
 }
 
-/// A small seeded generator (xorshift), so a failing case can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
-        &from[(self.next() % from.len() as u64) as usize]
-    }
-}
-
 /// Bodies that are wrong in one way or another: not JSON, wrong types,
 /// numbers out of range, strings where lists go, fields missing.
 fn bad_body(rng: &mut Rng) -> String {

@@ -14,6 +14,7 @@ mod hive;
 mod keeper;
 mod observe;
 mod openai;
+mod poison;
 mod resilience;
 mod shell;
 mod split;

@@ -87,6 +87,28 @@ impl Proc {
         Proc::spawn(command, url.to_string())
     }
 
+    /// `rbee ARGS` with its address space capped at `bytes` (RLIMIT_AS), so
+    /// memory a request makes it take fails inside it, not on the machine.
+    pub fn start_limited(args: &[&str], port: u16, bytes: u64) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rbee"));
+        command.args(args);
+        // SAFETY: setrlimit is async-signal-safe, and only it runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Proc::spawn(command, format!("http://127.0.0.1:{port}"))
+    }
+
     fn spawn(mut command: Command, url: String) -> Proc {
         let mut child = command
             .env("RUST_LOG", "info")
@@ -217,13 +239,16 @@ pub fn get(url: &str) -> (u16, Value) {
     try_get(url).unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
-pub fn post(url: &str, body: &str) -> (u16, Value) {
+pub fn try_post(url: &str, body: &str) -> Result<(u16, Value), ureq::Error> {
     agent()
         .post(url)
         .header("content-type", "application/json")
         .send(body)
         .map(status_and_json)
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+}
+
+pub fn post(url: &str, body: &str) -> (u16, Value) {
+    try_post(url, body).unwrap_or_else(|e| panic!("POST {url}: {e}"))
 }
 
 pub fn request(method: &str, url: &str) -> (u16, Value) {
@@ -461,4 +486,25 @@ pub fn python(script: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// A small seeded generator (xorshift), so a failing case can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        &from[(self.next() % from.len() as u64) as usize]
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
 }

@@ -14,11 +14,14 @@
 #include "json.h"
 #include "llama-grammar.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <new>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -47,45 +50,83 @@ const char * skip_space(const char * pos) {
 
 }  // namespace
 
-#define RBEE_GUARDED(body)                                    \
-    try {                                                     \
-        body;                                                 \
-        return 0;                                             \
-    } catch (const std::bad_alloc &) {                        \
-        say(err, cap, "out of memory");                       \
-        return -1;                                            \
-    } catch (const std::exception & e) {                      \
-        say(err, cap, e.what());                              \
-        return -1;                                            \
-    } catch (...) {                                           \
-        say(err, cap, "an exception that is not a std::exception"); \
-        return -1;                                            \
+// Runs `body`; what it throws becomes -1 and a message in `err`.
+template <typename F> int guarded(char * err, size_t cap, F && body) {
+    try {
+        body();
+        return 0;
+    } catch (const std::bad_alloc &) {
+        say(err, cap, "out of memory");
+    } catch (const std::exception & e) {
+        say(err, cap, e.what());
+    } catch (...) {
+        say(err, cap, "an exception that is not a std::exception");
     }
+    return -1;
+}
 
 extern "C" {
 
-// llama_sampler_sample: a grammar sampler throws when no token can continue it.
-int rbee_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx, llama_token * out,
-                        char * err, size_t cap) {
-    RBEE_GUARDED(*out = llama_sampler_sample(smpl, ctx, idx))
+// llama_sampler_sample, with the grammar (when there is one) applied first
+// on its own: when it allows no token at all, llama.cpp would hand the
+// chain nothing but -inf and then abort (an end-of-generation token the
+// grammar refuses) or throw (any other); here that is an error instead.
+int rbee_sample(llama_sampler * grammar, llama_sampler * chain, llama_context * ctx, int32_t idx,
+                llama_token * out, char * err, size_t cap) {
+    return guarded(err, cap, [&] {
+        const llama_vocab * vocab = llama_model_get_vocab(llama_get_model(ctx));
+        const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+        const float * logits = llama_get_logits_ith(ctx, idx);
+        if (logits == nullptr) {
+            throw std::runtime_error("no logits at this batch position");
+        }
+        // One buffer per thread (the engine's), as llama.cpp keeps one per chain.
+        static thread_local std::vector<llama_token_data> cur;
+        cur.resize(n_vocab);
+        for (llama_token id = 0; id < n_vocab; id++) {
+            cur[id] = llama_token_data{id, logits[id], 0.0f};
+        }
+        llama_token_data_array cur_p = {cur.data(), cur.size(), -1, false};
+        if (grammar != nullptr) {
+            llama_sampler_apply(grammar, &cur_p);
+            bool any = false;
+            for (size_t i = 0; i < cur_p.size && !any; i++) {
+                any = cur_p.data[i].logit != -INFINITY;
+            }
+            if (!any) {
+                throw std::runtime_error("the grammar allows no token this model can write next");
+            }
+        }
+        llama_sampler_apply(chain, &cur_p);
+        if (cur_p.selected < 0 || cur_p.selected >= (int64_t) cur_p.size) {
+            throw std::runtime_error("the samplers chose no token");
+        }
+        const llama_token token = cur_p.data[cur_p.selected].id;
+        if (grammar != nullptr) {
+            llama_sampler_accept(grammar, token);
+        }
+        llama_sampler_accept(chain, token);
+        *out = token;
+    });
 }
 
 // llama_sampler_accept: the same, for a token fed in (a failover's resumed answer).
 int rbee_sampler_accept(llama_sampler * smpl, llama_token token, char * err, size_t cap) {
-    RBEE_GUARDED(llama_sampler_accept(smpl, token))
+    return guarded(err, cap, [&] { llama_sampler_accept(smpl, token); });
 }
 
 // llama_tokenize; `*n` as llama_tokenize returns it (negative: the room needed).
 int rbee_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
                   llama_token * tokens, int32_t n_tokens_max, bool add_special,
                   bool parse_special, int32_t * n, char * err, size_t cap) {
-    RBEE_GUARDED(*n = llama_tokenize(vocab, text, text_len, tokens, n_tokens_max, add_special,
-                                     parse_special))
+    return guarded(err, cap, [&] {
+        *n = llama_tokenize(vocab, text, text_len, tokens, n_tokens_max, add_special, parse_special);
+    });
 }
 
 // common's JSON-schema converter; the grammar in `*out` (free with rbee_free).
 int rbee_json_schema_to_grammar(const char * schema, char ** out, char * err, size_t cap) {
-    RBEE_GUARDED({
+    return guarded(err, cap, [&] {
         const auto parsed = common_json::parse(schema);
         const std::string grammar = json_schema_to_grammar(parsed);
         *out = static_cast<char *>(std::malloc(grammar.size() + 1));
@@ -93,7 +134,7 @@ int rbee_json_schema_to_grammar(const char * schema, char ** out, char * err, si
             throw std::bad_alloc();
         }
         std::memcpy(*out, grammar.c_str(), grammar.size() + 1);
-    })
+    });
 }
 
 void rbee_free(char * p) {
@@ -103,7 +144,7 @@ void rbee_free(char * p) {
 // Parses a GBNF grammar as llama_sampler_init_grammar will, but says why it
 // does not parse (llama.cpp prints that to stderr and returns nothing).
 int rbee_grammar_check(const char * src, char * err, size_t cap) {
-    RBEE_GUARDED({
+    return guarded(err, cap, [&] {
         llama_grammar_parser parser;
         const char * pos = skip_space(src);
         while (*pos != '\0') {
@@ -130,7 +171,7 @@ int rbee_grammar_check(const char * src, char * err, size_t cap) {
         if (parser.symbol_ids.find("root") == parser.symbol_ids.end()) {
             throw std::runtime_error("there is no rule named root");
         }
-    })
+    });
 }
 
 }  // extern "C"

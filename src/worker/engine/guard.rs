@@ -15,8 +15,9 @@ mod ffi {
     use llama_cpp_sys_2::{llama_context, llama_sampler, llama_token, llama_vocab};
 
     extern "C" {
-        pub fn rbee_sampler_sample(
-            smpl: *mut llama_sampler,
+        pub fn rbee_sample(
+            grammar: *mut llama_sampler,
+            chain: *mut llama_sampler,
             ctx: *mut llama_context,
             idx: i32,
             out: *mut llama_token,
@@ -69,28 +70,43 @@ fn guarded(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String>
     Err(said.to_string_lossy().into_owned())
 }
 
-/// `LlamaSampler::sample`, with a grammar's exception as an error.
-pub fn sample(
-    sampler: &mut LlamaSampler,
-    ctx: &LlamaContext<'_>,
-    idx: i32,
-) -> Result<LlamaToken, String> {
+/// How a request's tokens are chosen: its grammar, if it has one, apart
+/// from the rest (penalties, top-k, top-p, temperature, the draw), so that a
+/// grammar that allows nothing is found before the rest see only -inf.
+pub struct Sampling {
+    pub grammar: Option<LlamaSampler>,
+    pub chain: LlamaSampler,
+}
+
+/// The next token at batch position `idx` (llama.cpp's `llama_sampler_sample`,
+/// grammar first), or why there is none: what the grammar or a sampler threw,
+/// or a grammar no token of the model can continue.
+pub fn sample(s: &mut Sampling, ctx: &LlamaContext<'_>, idx: i32) -> Result<LlamaToken, String> {
     let mut token = 0;
-    let smpl = sampler.as_raw();
-    // SAFETY: both pointers come from live objects borrowed for the call;
-    // the context's outputs are read only after it returns.
+    let grammar = s
+        .grammar
+        .as_mut()
+        .map_or(std::ptr::null_mut(), LlamaSampler::as_raw);
+    let chain = s.chain.as_raw();
+    // SAFETY: the pointers come from live objects borrowed for the call; the
+    // context's outputs are read only after it returns.
     let ctx = unsafe { ctx.as_raw() };
-    guarded(|err, cap| unsafe { ffi::rbee_sampler_sample(smpl, ctx, idx, &mut token, err, cap) })?;
+    guarded(|err, cap| unsafe {
+        ffi::rbee_sample(grammar, chain, ctx, idx, &mut token, err, cap)
+    })?;
     Ok(LlamaToken(token))
 }
 
-/// `LlamaSampler::accept` of each token, stopping at the first one a
-/// grammar refuses.
-pub fn accept_all(sampler: &mut LlamaSampler, tokens: &[i32]) -> Result<(), String> {
-    let smpl = sampler.as_raw();
-    for &t in tokens {
-        // SAFETY: the sampler is live and borrowed mutably for the call.
-        guarded(|err, cap| unsafe { ffi::rbee_sampler_accept(smpl, t, err, cap) })?;
+/// Feeds tokens generated elsewhere (a failover's answer so far) to the
+/// grammar and the chain, stopping at the first one the grammar refuses.
+pub fn accept_all(s: &mut Sampling, tokens: &[i32]) -> Result<(), String> {
+    let samplers = s.grammar.iter_mut().chain(std::iter::once(&mut s.chain));
+    for sampler in samplers {
+        let smpl = sampler.as_raw();
+        for &t in tokens {
+            // SAFETY: the sampler is live and borrowed mutably for the call.
+            guarded(|err, cap| unsafe { ffi::rbee_sampler_accept(smpl, t, err, cap) })?;
+        }
     }
     Ok(())
 }

@@ -33,7 +33,6 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 pub use load::gpus;
 use load::{load_model, progress_event};
@@ -277,7 +276,7 @@ struct Request {
     pending: Option<PieceKind>,
     /// The sampled token to feed next, once the prompt is read.
     next: Option<LlamaToken>,
-    sampler: LlamaSampler,
+    sampling: guard::Sampling,
     max_tokens: u32,
     generated: u32,
     /// Token events sent so far: the `i` of the next one.
@@ -728,16 +727,13 @@ impl<'m> Batcher<'m> {
             let Some(r) = self.slots.get_mut(slot) else {
                 continue;
             };
-            let token = match guard::sample(&mut r.sampler, &self.ctx, idx) {
+            let token = match guard::sample(&mut r.sampling, &self.ctx, idx) {
                 Ok(token) => token,
                 Err(e) => {
                     // A grammar no token can continue: this request ends, the others go on.
                     r.send(InferenceEvent::Error {
                         code: ErrorCode::InvalidRequest,
-                        message: format!(
-                            "the request's grammar allows no token this model can write next \
-                             (llama.cpp: {e})"
-                        ),
+                        message: format!("sampling under the request's grammar failed: {e}"),
                     });
                     self.release(slot);
                     continue;

@@ -63,20 +63,19 @@ pub(super) fn prepare(
         .sampling
         .max_tokens
         .map_or(room, |n| n.clamp(1, i64::from(room)) as u32);
-    let mut sampler = sampler_for(
-        &request.sampling,
-        model.n_vocab(),
-        grammar_for(model, request.constraint.as_ref())?,
-    );
+    let mut sampling = guard::Sampling {
+        grammar: grammar_for(model, request.constraint.as_ref())?,
+        chain: sampler_for(&request.sampling, model.n_vocab()),
+    };
     // A failover continues an answer the grammar has seen part of.
-    guard::accept_all(&mut sampler, &request.resume_tokens).map_err(|e| {
+    guard::accept_all(&mut sampling, &request.resume_tokens).map_err(|e| {
         ApiError::invalid(
             "resume_tokens",
             format!("the answer so far does not fit the request's grammar: {e}"),
         )
     })?;
     Ok(Request {
-        sampler,
+        sampling,
         text: TokenText::new(request.sampling.stop.clone()),
         textless: Vec::new(),
         submission,
@@ -252,13 +251,9 @@ fn tool_call_grammar(call: &str, parallel: bool) -> String {
 
 /// Greedy at temperature 0 (deterministic); else top-k, top-p, temperature,
 /// then a seeded draw. OpenAI's presence and frequency penalties go first.
-fn sampler_for(
-    request: &SamplingParams,
-    n_vocab: i32,
-    grammar: Option<LlamaSampler>,
-) -> LlamaSampler {
-    // The grammar first: the rest choose among the tokens it allows.
-    let mut chain: Vec<LlamaSampler> = grammar.into_iter().collect();
+/// (A grammar goes before all of them: see `guard::sample`.)
+fn sampler_for(request: &SamplingParams, n_vocab: i32) -> LlamaSampler {
+    let mut chain: Vec<LlamaSampler> = Vec::new();
     let presence = request.presence_penalty.unwrap_or(0.0);
     let frequency = request.frequency_penalty.unwrap_or(0.0);
     if presence != 0.0 || frequency != 0.0 {
