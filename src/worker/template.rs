@@ -26,6 +26,11 @@ pub struct Template {
     strip: Option<String>,
 }
 
+/// How much work one render may do, in minijinja's instructions: SmolLM2's
+/// template over 10,000 messages takes about a tenth of it; a template that
+/// loops without end stops here, on the engine thread, in about a second.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+
 impl Template {
     /// Compiles `source`; the error says why it cannot be used.
     /// `tokenizer_adds_bos`: the tokenizer puts a BOS first by itself.
@@ -36,6 +41,7 @@ impl Template {
         tokenizer_adds_bos: bool,
     ) -> Result<Template, String> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -300,6 +306,20 @@ mod tests {
             "{out}"
         );
         assert!(out.ends_with("<|im_start|>assistant\n"), "{out}");
+    }
+
+    #[test]
+    fn a_template_that_never_ends_is_stopped_and_ten_thousand_messages_are_not() {
+        let endless =
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = Template::new(endless, "", "", false).unwrap();
+        let e = t
+            .render(&[ChatMessage::new("user", "Hi")], &[])
+            .unwrap_err();
+        assert!(e.contains("fuel"), "{e}");
+        let t = Template::new(SMOLLM2, "<|im_start|>", "<|im_end|>", false).unwrap();
+        let many = vec![ChatMessage::new("user", "Hi"); 10_000];
+        assert!(t.render(&many, &[]).is_ok());
     }
 
     /// Each family's template (tests/fixtures/templates, from llama.cpp's
