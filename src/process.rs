@@ -67,6 +67,27 @@ pub fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// Caps this process's address space (RLIMIT_AS) at `bytes`: past it an
+/// allocation fails (a C++ `bad_alloc`, caught at the engine's exception
+/// boundary, or a Rust abort) in this process alone, not in the machine's
+/// OOM killer's choice of victim.
+pub fn limit_address_space(bytes: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let limit = libc::rlimit {
+            rlim_cur: bytes as libc::rlim_t,
+            rlim_max: bytes as libc::rlim_t,
+        };
+        // SAFETY: setrlimit reads a struct that outlives the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = bytes;
+    Ok(())
+}
+
 /// Whether a process runs; a zombie that is waiting to be reaped does not count.
 pub fn alive(pid: u32) -> bool {
     crate::machine::running(pid)

@@ -214,7 +214,11 @@ impl Workers {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if backend == "cpu" {
-            command.args(["--gpu-layers", "0"]);
+            // A GPU runtime maps far more than it uses; a CPU worker maps
+            // about what it uses, so a bound well above its plan catches
+            // only a runaway (a grammar nobody foresaw).
+            let limit = plan.memory_mb * 2 + 4096;
+            command.args(["--gpu-layers", "0", "--memory-limit", &limit.to_string()]);
         }
         for r in &req.remotes {
             let url = format!("{}/v1/rpc?lease={}", r.url.trim_end_matches('/'), r.lease);

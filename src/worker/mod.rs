@@ -86,6 +86,11 @@ pub struct Args {
     /// (with `?lease=ID`); repeatable, in order; the rest stay here
     #[argh(option)]
     pub remote: Vec<String>,
+    /// the most memory this process may map, in MiB (its address space,
+    /// RLIMIT_AS): a request that would take more fails, not the machine; the
+    /// hive sets it for CPU workers (default: no limit)
+    #[argh(option)]
+    pub memory_limit: Option<u64>,
 }
 
 /// Where a spawned worker finds the secret its report to the hive carries
@@ -118,6 +123,10 @@ struct Worker {
 /// fails. A stop signal during loading skips straight to the shutdown.
 pub async fn run(args: Args) -> Result<(), String> {
     check_flags(&args)?;
+    if let Some(mb) = args.memory_limit {
+        crate::process::limit_address_space(mb << 20)
+            .map_err(|e| format!("cannot limit this worker's memory to {mb} MiB: {e}"))?;
+    }
     let auth = Auth::load(args.token_file.as_deref())?.with_doors(
         &args.host,
         args.allowed_hosts.as_deref(),

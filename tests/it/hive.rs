@@ -316,6 +316,13 @@ fn a_model_goes_from_download_to_worker_to_tokens_to_shutdown() {
     wait_until("the worker to be ready", Duration::from_secs(60), || {
         get(&format!("{}/v1/workers/list", h.url)).1[0]["state"] == "ready"
     });
+    // A CPU worker's memory is bounded, so a runaway request fails in it alone.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("its limits");
+    let address_space = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))
+        .unwrap_or_default();
+    assert!(!address_space.contains("unlimited"), "{address_space}");
     let events = stream(
         &format!("{url}/v1/inference"),
         Some(&json!({"prompt": "Hello", "max_tokens": 6, "temperature": 0}).to_string()),

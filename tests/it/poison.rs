@@ -393,7 +393,7 @@ fn case(rng: &mut Rng) -> Value {
 }
 
 /// Runs `cases` fuzz cases from `seed` against one worker whose address
-/// space is capped at 3 GiB: after every case the worker is alive (the same
+/// space is capped at 3 GiB (`--memory-limit`, as its hive caps a CPU worker's): after every case the worker is alive (the same
 /// process) and its answer was not a server error; a plain request is
 /// answered every 50 cases and at the end.
 fn fuzz_worker(seed: u64, cases: u64) {
@@ -410,8 +410,10 @@ fn fuzz_worker(seed: u64, cases: u64) {
         "2",
         "--ctx-size",
         "2048",
+        "--memory-limit",
+        "3072",
     ];
-    let mut w = Proc::start_limited(&args, port, 3 << 30);
+    let mut w = Proc::start(&args, port);
     wait_ready(&w);
     let url = format!("{}/v1/chat/completions", w.url);
     let mut rng = Rng(seed | 1);

@@ -87,28 +87,6 @@ impl Proc {
         Proc::spawn(command, url.to_string())
     }
 
-    /// `rbee ARGS` with its address space capped at `bytes` (RLIMIT_AS), so
-    /// memory a request makes it take fails inside it, not on the machine.
-    pub fn start_limited(args: &[&str], port: u16, bytes: u64) -> Proc {
-        use std::os::unix::process::CommandExt;
-        let mut command = Command::new(env!("CARGO_BIN_EXE_rbee"));
-        command.args(args);
-        // SAFETY: setrlimit is async-signal-safe, and only it runs between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: bytes,
-                    rlim_max: bytes,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Proc::spawn(command, format!("http://127.0.0.1:{port}"))
-    }
-
     fn spawn(mut command: Command, url: String) -> Proc {
         let mut child = command
             .env("RUST_LOG", "info")
