@@ -164,9 +164,22 @@ impl WorkerClient {
         &self,
         req: &crate::protocol::EmbeddingsRequest,
     ) -> Result<serde_json::Value, ApiError> {
-        client::post(&self.at("/v1/embeddings"), self.token(), req).await
+        // As long as the worker takes: it computes them a slice at a time
+        // beside other work, and stops when this call is dropped.
+        client::call_within(
+            EMBEDDINGS_TIMEOUT,
+            Method::POST,
+            &self.at("/v1/embeddings"),
+            self.token(),
+            Some(req),
+        )
+        .await
     }
 }
+
+/// How long an embeddings call may take: the most tokens a request may
+/// bring (32,768) on a slow CPU, shared with other work.
+const EMBEDDINGS_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The typed events of an SSE answer, as they arrive.
 pub struct Events<T> {

@@ -89,6 +89,10 @@ fn main() -> ExitCode {
             }
         };
     }
+    if !matches!(role, Role::Keeper(_)) {
+        // A daemon's connections are files: let it hold as many as it may.
+        rbee::process::raise_open_file_limit();
+    }
     // The keeper is a CLI: its stderr is for the person, not for info logs.
     init_tracing(if matches!(role, Role::Keeper(_)) {
         "warn"

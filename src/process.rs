@@ -67,6 +67,42 @@ pub fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// Raises this process's open-file limit to the most it may have (the hard
+/// limit, at most 65,536): each connection a daemon holds is a file, and the
+/// usual soft limit of 1,024 would let a few hundred idle ones starve it.
+pub fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit read and write a struct we own.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur = limit.rlim_max.min(65_536);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
+    }
+}
+
+/// The files this process may have open (its soft limit), when known.
+pub fn open_file_limit() -> Option<usize> {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes a struct we own.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            return Some(usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX));
+        }
+    }
+    None
+}
+
 /// Caps this process's address space (RLIMIT_AS) at `bytes`: past it an
 /// allocation fails (a C++ `bad_alloc`, caught at the engine's exception
 /// boundary, or a Rust abort) in this process alone, not in the machine's

@@ -100,6 +100,8 @@ error_codes! {
     UnknownNode = "UNKNOWN_NODE", 404;
     // Busy, or not ready yet: worth trying again.
     QueueFull = "QUEUE_FULL", 503;
+    /// This client has asked too often, or holds too much, for now.
+    TooManyRequests = "TOO_MANY_REQUESTS", 429;
     Busy = "BUSY", 503;
     Loading = "LOADING", 503;
     ShuttingDown = "SHUTTING_DOWN", 503;

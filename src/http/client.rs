@@ -127,9 +127,21 @@ pub async fn call<T: DeserializeOwned>(
     token: Option<&str>,
     body: Option<&impl Serialize>,
 ) -> Result<T, ApiError> {
+    call_within(CALL_TIMEOUT, method, url, token, body).await
+}
+
+/// A JSON call that may take up to `limit` (work whose length the request
+/// sets, such as embeddings; its caller leaving ends it sooner).
+pub async fn call_within<T: DeserializeOwned>(
+    limit: Duration,
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&impl Serialize>,
+) -> Result<T, ApiError> {
     let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
     let exchange = async { read_json(send(method, url, token, body).await?).await };
-    tokio::time::timeout(CALL_TIMEOUT, exchange)
+    tokio::time::timeout(limit, exchange)
         .await
         .unwrap_or_else(|_| Err(unreachable(url, "no answer in time")))
 }

@@ -6,6 +6,7 @@
 //! cannot drift from what is served.
 
 mod auth;
+pub mod budget;
 pub mod client;
 pub mod session;
 pub mod sse;
@@ -46,12 +47,16 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a request's body may take to arrive once its headers have.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Connections served at once; more wait to be accepted.
-pub const MAX_CONNECTIONS: usize = 512;
+
+/// The address a request came from (in its extensions, put there by [`serve`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// Serves `handler` on `listener` behind `door` (token, host names, origins:
 /// [`Auth::admit`]) until `shutdown` resolves, then stops accepting and waits
-/// for open connections (streams included) to finish.
+/// for open connections (streams included) to finish. Connections are held
+/// within a [`budget::Budget`]: beyond it new ones wait to be accepted; beyond
+/// an address's share they are closed at once.
 pub async fn serve<H, F>(
     listener: TcpListener,
     door: Auth,
@@ -64,15 +69,15 @@ pub async fn serve<H, F>(
     // Connections hear of the shutdown here and finish what they are
     // answering; the drain waits for every connection slot to come back.
     let (stopping, _) = tokio::sync::watch::channel(false);
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let budget = budget::Budget::for_this_process();
+    let most = budget.total();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(most));
     tokio::pin!(shutdown);
     loop {
         let permit = match slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                tracing::warn!(
-                    "{MAX_CONNECTIONS} connections open, the most served at once: new ones wait"
-                );
+                tracing::warn!("{most} connections open, the most served at once: new ones wait");
                 tokio::select! {
                     permit = slots.clone().acquire_owned() => match permit {
                         Ok(permit) => permit,
@@ -84,8 +89,8 @@ pub async fn serve<H, F>(
         };
         tokio::select! {
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors and the like: wait, do not spin.
                         tracing::warn!("accept failed: {e}");
@@ -93,10 +98,15 @@ pub async fn serve<H, F>(
                         continue;
                     }
                 };
+                let Some((place, header_timeout)) = budget.admit(peer.ip(), HEADER_TIMEOUT) else {
+                    tracing::debug!("{} holds its share of connections: closed", peer.ip());
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 keepalive(&stream);
                 let (handler, door) = (handler.clone(), door.clone());
-                let service = service_fn(move |req: Request<Incoming>| {
+                let service = service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(Peer(peer));
                     let call = door.admit(&req).map(|cors| (handler(req), cors));
                     async move {
                         Ok::<_, Infallible>(match call {
@@ -109,12 +119,12 @@ pub async fn serve<H, F>(
                 // and its slot when switched: no timeout of this loop cuts them.
                 let conn = http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
+                    .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
                 let mut stop = stopping.subscribe();
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _held = (permit, place);
                     tokio::pin!(conn);
                     let ended = tokio::select! {
                         ended = conn.as_mut() => ended,
@@ -133,7 +143,7 @@ pub async fn serve<H, F>(
     }
     drop(listener);
     stopping.send_replace(true);
-    let all = MAX_CONNECTIONS as u32;
+    let all = most as u32;
     if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
         .await
         .is_err()

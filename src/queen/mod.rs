@@ -259,7 +259,7 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         }
         Endpoint::Page => Ok(status::page()),
         Endpoint::Status => Ok(http::json(StatusCode::OK, &status::status(&q).await)),
-        Endpoint::StatusStream => status::stream(&q),
+        Endpoint::StatusStream => status::stream(&q, &req),
         Endpoint::Login => status::login(&q, req).await,
         Endpoint::LoginLink => status::link(&q),
         Endpoint::Metrics => Ok(status::metrics(&q)),

@@ -54,10 +54,21 @@ pub(super) async fn status(q: &Queen) -> QueenStatus {
 }
 
 /// `GET /v1/status/stream`: the status, then again each time it changes.
-pub(super) fn stream(q: &Queen) -> Reply {
+/// A session (the page's cookie) holds at most
+/// [`crate::http::session::STREAMS_PER_SESSION`] of them at once.
+pub(super) fn stream(q: &Queen, req: &Request<Incoming>) -> Reply {
+    let cookie = req
+        .headers()
+        .get(hyper::header::COOKIE)
+        .and_then(|v| v.to_str().ok());
+    let place = match q.auth.sessions() {
+        Some(sessions) => sessions.open_stream(cookie)?,
+        None => None,
+    };
     let (tx, resp) = http::sse_response();
     let q = q.clone();
     tokio::spawn(async move {
+        let _place = place;
         let mut last = None;
         loop {
             let frame = sse::event(&status(&q).await);
@@ -96,12 +107,23 @@ pub(super) fn page() -> Response<Body> {
 }
 
 /// `POST /v1/session`: the token, or a one-time code, for a session cookie.
+/// Wrong tries from one address wait longer and longer (`Sessions::login_failed`).
 pub(super) async fn login(q: &Queen, req: Request<Incoming>) -> Reply {
-    let body: SessionRequest = http::read_json(req).await?;
     let sessions = q
         .auth
         .sessions()
         .ok_or_else(|| ApiError::internal("no sessions"))?;
+    let address = req.extensions().get::<http::Peer>().map(|p| p.0.ip());
+    if let Some(wait) = address.and_then(|a| sessions.login_wait(a)) {
+        return Err(ApiError::new(
+            ErrorCode::TooManyRequests,
+            format!(
+                "too many wrong logins from this address: try again in {} s",
+                wait.as_secs() + 1
+            ),
+        ));
+    }
+    let body: SessionRequest = http::read_json(req).await?;
     let ok = match (&body.token, &body.code) {
         (Some(token), None) => q.auth.is_token(token.trim()),
         (None, Some(code)) => sessions.redeem(code.trim()),
@@ -112,6 +134,13 @@ pub(super) async fn login(q: &Queen, req: Request<Incoming>) -> Reply {
             ))
         }
     };
+    if let Some(a) = address {
+        if ok {
+            sessions.login_succeeded(a);
+        } else {
+            sessions.login_failed(a);
+        }
+    }
     if !ok {
         return Err(ApiError::new(
             ErrorCode::Unauthorized,

@@ -4,6 +4,7 @@
 //! Tests that run a model take turns (`support::serial`): on a 2-core machine
 //! two models decoding at once would only make each other slow.
 
+mod abuse;
 mod bench;
 mod cache;
 mod chain;

@@ -10,7 +10,8 @@
 //!
 //! `load` loads the model (with progress, and a split model's remote
 //! devices); `prompt` turns a submission into a request (its prompt rendered
-//! and checked, its sampler built); `embed` computes embeddings between steps.
+//! and checked, its sampler built); `embed` computes embeddings, a slice
+//! between two decode steps.
 //! This module and those three (with `rpc`) are the only code that touches
 //! llama-cpp-2; `flash_attn` holds the tests of the CPU attention kernel rbee
 //! adds to llama.cpp (vendor/ggml-cpu).
@@ -385,6 +386,10 @@ struct Batcher<'m> {
     ctx: LlamaContext<'m>,
     /// The context embeddings are computed in, made at the first request for them.
     embedder: Option<LlamaContext<'m>>,
+    /// Embeddings requests, first come first served, a slice per step.
+    embeds: std::collections::VecDeque<embed::EmbedJob>,
+    /// Tokens in the next slice of embeddings (it follows how long slices take).
+    embed_slice: usize,
     batch: LlamaBatch<'static>,
     slots: Slots<Request>,
     cache: PromptCache<SeqState>,
@@ -416,6 +421,7 @@ fn serve<'m>(
         }
         b.drop_departed();
         b.admit();
+        b.embed_step();
         b.publish(load);
         let Some(wants_logits) = b.build_batch()? else {
             continue;
@@ -467,6 +473,8 @@ impl<'m> Batcher<'m> {
             threads: config.threads,
             ctx,
             embedder: None,
+            embeds: std::collections::VecDeque::new(),
+            embed_slice: 16,
             batch: LlamaBatch::new(BATCH_TOKENS, 1),
             slots: Slots::new(n_slots as usize),
             cache: PromptCache::new(n_slots as usize, config.cache_ram),
@@ -479,7 +487,7 @@ impl<'m> Batcher<'m> {
 
     /// Step 1: new work. Blocks only when there is nothing to run.
     fn take_commands(&mut self, commands: &std_mpsc::Receiver<Command>) -> Flow {
-        let mut next = if self.slots.is_idle() {
+        let mut next = if self.slots.is_idle() && self.embeds.is_empty() {
             match commands.recv() {
                 Ok(c) => Some(c),
                 Err(_) => return Flow::Stop,
@@ -506,10 +514,9 @@ impl<'m> Batcher<'m> {
                         }
                     }
                 }
-                Command::Embed(texts, reply) => {
-                    let _ = reply.send(self.embed(&texts));
-                }
+                Command::Embed(texts, reply) => self.embed_request(&texts, reply),
                 Command::Shutdown => {
+                    self.end_embeddings();
                     for r in self.slots.drain() {
                         r.send(InferenceEvent::Error {
                             code: ErrorCode::Cancelled,
