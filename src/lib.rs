@@ -41,6 +41,41 @@ pub fn data_dir(flag: Option<&std::path::Path>) -> std::path::PathBuf {
     std::path::Path::new(&home).join(".local/share/rbee")
 }
 
+/// The text of a small file rbee reads by name (a token, a config, a schema):
+/// only a regular file (a FIFO would hang the read, a device like
+/// `/dev/zero` never end it), of at most `limit` bytes. `Err(None)` when
+/// there is no such file; else what is wrong, in words.
+pub fn read_small_file(path: &std::path::Path, limit: u64) -> Result<String, Option<String>> {
+    use std::io::Read;
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(None),
+        Err(e) => return Err(Some(format!("cannot read {shown}: {e}"))),
+    };
+    if !meta.is_file() {
+        return Err(Some(format!("{shown} is not a regular file")));
+    }
+    if meta.len() > limit {
+        return Err(Some(format!("{shown} is larger than {limit} bytes")));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_string(&mut text))
+        .map_err(|e| Some(format!("cannot read {shown}: {e}")))?;
+    if text.len() as u64 > limit {
+        return Err(Some(format!("{shown} is larger than {limit} bytes")));
+    }
+    Ok(text)
+}
+
+/// A token file's token: at most 4 KiB, trimmed.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    read_small_file(path, 4096)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| e.unwrap_or_else(|| format!("no token file at {}", path.display())))
+}
+
 /// Creates a data dir (with its parents) that only its owner can enter: it
 /// holds the hive tokens the queen keeps, and the models.
 pub fn create_data_dir(dir: &std::path::Path) -> Result<(), String> {

@@ -92,6 +92,8 @@ fn main() -> ExitCode {
     if !matches!(role, Role::Keeper(_)) {
         // A daemon's connections are files: let it hold as many as it may.
         rbee::process::raise_open_file_limit();
+        // What a daemon writes (stores, tokens, models) is its owner's alone.
+        rbee::process::private_files();
     }
     // The keeper is a CLI: its stderr is for the person, not for info logs.
     init_tracing(if matches!(role, Role::Keeper(_)) {

@@ -87,6 +87,17 @@ pub fn raise_open_file_limit() {
     }
 }
 
+/// Makes every file and directory this process (and its children) creates
+/// its owner's alone: 0600 and 0700 (umask 077). A data dir holds hive
+/// tokens and the registry; no other user of the machine reads them.
+pub fn private_files() {
+    #[cfg(unix)]
+    // SAFETY: umask takes an integer and cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 /// The files this process may have open (its soft limit), when known.
 pub fn open_file_limit() -> Option<usize> {
     #[cfg(unix)]

@@ -102,6 +102,7 @@ impl Store {
         if !path.exists() && expected.as_ref().is_some_and(|c| !c.keys.is_empty()) {
             return Err(damaged("it is missing".into()));
         }
+        let existed = path.exists();
         let reserve = PathBuf::from(format!("{}.reserve", path.display()));
         let db = match sled::open(path) {
             // sled writes as it opens: on a full disk, the space set aside lets it.
@@ -140,6 +141,15 @@ impl Store {
             ))
         })?;
         let found = Check::of(&contents);
+        if expected.is_none() && existed && contents.is_empty() {
+            // A store that was there holds nothing, and nothing says what it held.
+            return Err(damaged(format!(
+                "it holds nothing and its check file {} is missing, so what it held cannot be \
+                 told; if it is meant to start empty, remove {} and start again",
+                store.check_path.display(),
+                path.display()
+            )));
+        }
         match expected {
             Some(expected) if !expected.matches(&found) => {
                 return Err(damaged(describe_loss(&expected, &found)));
@@ -377,6 +387,30 @@ mod tests {
         assert!(!pending.matches(&Check::of(&Contents::new())));
         let changed: Contents = [(b"a".to_vec(), b"9".to_vec())].into();
         assert!(!Check::of(&before).matches(&Check::of(&changed)));
+    }
+
+    #[test]
+    fn an_emptied_store_without_its_check_file_does_not_start_empty() {
+        let d = dir("nocheck");
+        let path = d.join("s");
+        {
+            let s = Store::open(&path, "test store", "test", "Run the fixer.").unwrap();
+            s.put("mac", &"http://mac:8080").unwrap();
+        }
+        std::fs::remove_file(d.join("s.check")).unwrap();
+        std::fs::remove_dir_all(&path).unwrap();
+        std::fs::create_dir_all(&path).unwrap();
+        let err = Store::open(&path, "test store", "test", "Run the fixer.")
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("its check file") && err.contains("is missing"),
+            "{err}"
+        );
+        // Told to (the store removed), it starts new.
+        std::fs::remove_dir_all(&path).unwrap();
+        assert!(Store::open(&path, "test store", "test", "Run the fixer.").is_ok());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -34,12 +34,7 @@ impl Auth {
     /// The token from `--token-file`, else `RBEE_TOKEN`, else none.
     pub fn load(token_file: Option<&std::path::Path>) -> Result<Auth, String> {
         let token = match token_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?
-                    .trim()
-                    .to_string(),
-            ),
+            Some(path) => Some(crate::read_token_file(path)?),
             None => std::env::var("RBEE_TOKEN").ok(),
         };
         match token {

@@ -233,6 +233,30 @@ pub async fn stop_signal(admin: &tokio::sync::Notify) {
     }
 }
 
+/// `text` with the user and password taken out of every URL in it
+/// (`http://u:p@host/` → `http://host/`): what a page or a list shows.
+pub fn without_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        // The authority ends at the path, the query, a blank or a quote.
+        let end = tail
+            .find(['/', '?', '#', ' ', '"', '\'', ')', ','])
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        out.push_str(
+            authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host),
+        );
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Binds `host:port`, with an error that says which address could not be had.
 pub async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
     TcpListener::bind((host, port))
@@ -502,6 +526,20 @@ pub fn assert_routes_are_consistent<E: Copy + PartialEq + std::fmt::Debug>(table
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn credentials_are_taken_out_of_urls_shown() {
+        assert_eq!(
+            without_credentials("http://admin:hunter2@mac.home.arpa:8080"),
+            "http://mac.home.arpa:8080"
+        );
+        assert_eq!(
+            without_credentials("cannot reach https://u:p@x:1/v1/health (refused); http://y/"),
+            "cannot reach https://x:1/v1/health (refused); http://y/"
+        );
+        assert_eq!(without_credentials("no url here"), "no url here");
+    }
+
     use super::*;
 
     #[tokio::test(start_paused = true)]

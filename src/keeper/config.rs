@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Written `queen_url`; `queen-url`, as `config set` names it, is read too.
+    #[serde(default, alias = "queen-url", skip_serializing_if = "Option::is_none")]
     pub queen_url: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, alias = "token-file", skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
@@ -37,11 +38,11 @@ pub fn path() -> PathBuf {
 impl Config {
     /// The file at `path`; none there is an empty config, a damaged one an error.
     pub fn load(path: &Path) -> Result<Config, String> {
-        match std::fs::read_to_string(path) {
+        match crate::read_small_file(path, 64 * 1024) {
             Ok(text) => toml::from_str(&text)
                 .map_err(|e| format!("{} is not a valid config file: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+            Err(None) => Ok(Config::default()),
+            Err(Some(e)) => Err(e),
         }
     }
 
@@ -156,6 +157,25 @@ mod tests {
         assert!(Config::load(&file)
             .unwrap_err()
             .contains("is not a valid config file"));
+        // A config that is a FIFO or a device is refused at once, not read forever.
+        let fifo = dir.join("fifo.toml");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        assert!(Config::load(&fifo)
+            .unwrap_err()
+            .contains("is not a regular file"));
+        assert!(Config::load(Path::new("/dev/zero"))
+            .unwrap_err()
+            .contains("is not a regular file"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn keys_are_read_as_the_readme_writes_them() {
+        let c: Config =
+            toml::from_str("queen-url = \"http://mac:8500\"\ntoken-file = \"/t\"\n").unwrap();
+        assert_eq!(c.queen_url.as_deref(), Some("http://mac:8500"));
+        assert_eq!(c.token_file.as_deref(), Some(Path::new("/t")));
     }
 }

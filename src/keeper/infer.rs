@@ -111,8 +111,8 @@ fn constraint_of(i: &Infer) -> Result<Option<Constraint>, String> {
     let Some(path) = &i.json_schema else {
         return Ok(None);
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the schema {}: {e}", path.display()))?;
+    let text = crate::read_small_file(path, crate::http::MAX_BODY_BYTES as u64)
+        .map_err(|e| e.unwrap_or_else(|| format!("there is no schema file {}", path.display())))?;
     let schema: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
     crate::schema::check(&schema, "json_schema")

@@ -77,12 +77,7 @@ pub async fn manage(queen: &Queen, command: Command) -> Result<u8, String> {
 
 async fn hive_add(queen: &Queen, a: HiveAdd) -> Result<(), String> {
     let token = match &a.token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-                .trim()
-                .to_string(),
-        ),
+        Some(path) => Some(crate::read_token_file(path)?),
         None => None,
     };
     let body = AddHive {

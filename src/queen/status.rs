@@ -186,14 +186,15 @@ pub(super) async fn hive_list(q: &Queen) -> Vec<HiveStatus> {
         list.push(HiveStatus {
             managed: q.registry.is_managed(&h.conn.name).await,
             name: h.conn.name.clone(),
-            url: h.conn.url.clone(),
+            // A page with only a cookie sees no password in a hive's URL.
+            url: http::without_credentials(&h.conn.url),
             status: match (h.reachable, &h.error) {
                 (true, _) => HiveState::Reachable,
                 (false, Some(_)) => HiveState::Unreachable,
                 (false, None) => HiveState::Unknown,
             },
             last_seen: h.last_seen.clone(),
-            error: h.error.clone(),
+            error: h.error.as_deref().map(http::without_credentials),
             version: snapshot.map(|s| s.version.clone()),
             version_matches: snapshot.is_some_and(|s| s.version == env!("CARGO_PKG_VERSION")),
             ram: snapshot.map(|s| s.ram.clone()),

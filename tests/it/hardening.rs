@@ -173,6 +173,22 @@ fn data_dirs_are_for_their_owner_only() {
     let _hive = start_hive(&data, &[], &[]);
     let mode = std::fs::metadata(&dir).expect("made").permissions().mode();
     assert_eq!(mode & 0o777, 0o700);
+    // And what is inside is for its owner too: the catalog's files, its check file.
+    let mut files = vec![dir.clone()];
+    let mut seen = 0;
+    while let Some(d) = files.pop() {
+        for entry in std::fs::read_dir(&d).expect("readable").flatten() {
+            let meta = entry.metadata().expect("a file");
+            if meta.is_dir() {
+                files.push(entry.path());
+            } else {
+                seen += 1;
+                let mode = meta.permissions().mode() & 0o777;
+                assert_eq!(mode & 0o077, 0, "{} is {mode:o}", entry.path().display());
+            }
+        }
+    }
+    assert!(seen > 0, "the hive wrote its catalog");
 }
 
 #[test]
