@@ -405,8 +405,51 @@ fn invalid(why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.to_string())
 }
 
+/// The catalog name of a model file: its stem, lower-case, with every
+/// character but letters, digits and `.`, `_`, `+`, `-` made a `-` (no
+/// space, quote or control character), so the name goes into a URL path, a
+/// command line or a unit file as it is, and every model can be named again
+/// to use or remove it (`My Model.gguf` is `my-model`).
+pub fn catalog_name(path: &std::path::Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let mut name = String::with_capacity(stem.len());
+    for c in stem.chars() {
+        let c = if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-') {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && name.ends_with('-')) {
+            name.push(c);
+        }
+    }
+    let name = name.trim_matches(['-', '.']);
+    if name.is_empty() {
+        "model".into()
+    } else {
+        name.to_string()
+    }
+}
+
 #[cfg(test)]
 pub mod tests {
+
+    #[test]
+    fn catalog_names_go_into_urls_and_commands_as_they_are() {
+        let name = |p: &str| catalog_name(std::path::Path::new(p));
+        assert_eq!(
+            name("/m/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "smollm2-135m-instruct.q4_1"
+        );
+        assert_eq!(name("/m/My Model.gguf"), "my-model");
+        assert_eq!(name("/m/a\"b'c\nd$(x).gguf"), "a-b-c-d-x");
+        assert_eq!(name("/m/modèle  v2.gguf"), "mod-le-v2");
+        assert_eq!(name("/m/...gguf"), "model");
+    }
+
     use super::*;
 
     /// A minimal GGUF header, written the way llama.cpp writes one.

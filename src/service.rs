@@ -39,6 +39,13 @@ impl Service {
             .and_then(std::fs::canonicalize)
             .map_err(|e| format!("cannot tell where this executable is: {e}"))?;
         let workdir = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
+        if workdir.display().to_string().contains(['\n', '\r']) {
+            return Err(format!(
+                "a service cannot start in {:?}: its name holds a line break; run this from \
+                 another directory",
+                workdir.display().to_string()
+            ));
+        }
         Ok(Service {
             exe,
             role,
@@ -54,11 +61,15 @@ impl Service {
 
     /// The systemd user unit.
     pub fn systemd_unit(&self) -> String {
-        let mut exec = vec![quote_systemd(&self.exe.display().to_string())];
+        let mut exec = vec![quote_systemd(&self.exe.display().to_string(), true)];
         exec.push(self.role.to_string());
-        exec.extend(self.args.iter().map(|a| quote_systemd(a)));
+        exec.extend(self.args.iter().map(|a| quote_systemd(a, true)));
+        // Environment= expands specifiers but not variables: `$` stays as it is.
         let env = self.rbee_home.as_ref().map_or(String::new(), |h| {
-            format!("Environment={}\n", quote_systemd(&format!("RBEE_HOME={h}")))
+            format!(
+                "Environment={}\n",
+                quote_systemd(&format!("RBEE_HOME={h}"), false)
+            )
         });
         format!(
             "[Unit]\n\
@@ -77,7 +88,9 @@ impl Service {
              WantedBy=default.target\n",
             role = self.role,
             exec = exec.join(" "),
-            dir = quote_systemd(&self.workdir.display().to_string()),
+            // A path, not words: never quoted (systemd would take the quotes
+            // as part of it), only its specifiers kept literal.
+            dir = self.workdir.display().to_string().replace('%', "%%"),
         )
     }
 
@@ -120,19 +133,36 @@ fn launchd_label(role: &str) -> String {
     format!("dev.rbee.{role}")
 }
 
-/// One `ExecStart` word: quoted when it must be, with systemd's specifiers
-/// (`%`) and variables (`$`) kept literal.
-fn quote_systemd(word: &str) -> String {
-    let literal = word.replace('%', "%%").replace('$', "$$");
+/// One word of `ExecStart` (or `Environment`): quoted when it must be, with
+/// C escapes for quotes, backslashes and control characters (a line break
+/// is `\n`), systemd's specifiers (`%`) and, where it expands them
+/// (`dollar`: `ExecStart`), its variables (`$`) kept literal.
+fn quote_systemd(word: &str, dollar: bool) -> String {
+    let mut literal = word.replace('%', "%%");
+    if dollar {
+        literal = literal.replace('$', "$$");
+    }
     if !literal.is_empty()
         && !literal
             .chars()
-            .any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | ';'))
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\' | ';'))
     {
         return literal;
     }
-    let escaped = literal.replace('\\', "\\\\").replace('"', "\\\"");
-    format!("\"{escaped}\"")
+    let mut quoted = String::from("\"");
+    for c in literal.chars() {
+        match c {
+            '\\' => quoted.push_str("\\\\"),
+            '"' => quoted.push_str("\\\""),
+            '\n' => quoted.push_str("\\n"),
+            '\t' => quoted.push_str("\\t"),
+            '\r' => quoted.push_str("\\r"),
+            c if c.is_control() => quoted.push_str(&format!("\\x{:02x}", c as u32)),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
 }
 
 fn xml_escape(s: &str) -> String {
@@ -297,6 +327,52 @@ mod tests {
             unit.contains("Environment=\"RBEE_HOME=/data/rbee home\"\n"),
             "{unit}"
         );
+    }
+
+    /// systemd itself reads the unit: a directory with a space and a `$`,
+    /// words with quotes, a line break, `$` and `%`, a home with `$`.
+    #[test]
+    fn systemd_analyze_verifies_a_unit_made_of_awkward_words() {
+        let Ok(probe) = std::process::Command::new("systemd-analyze")
+            .arg("--version")
+            .output()
+        else {
+            eprintln!("no systemd-analyze here: skipped");
+            return;
+        };
+        assert!(probe.status.success());
+        let dir = std::env::temp_dir().join(format!("rbee unit $HOME %h {}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = service(&[
+            "--data-dir",
+            "/srv/my models",
+            "--allowed-hosts",
+            "a%b$c\"d\ne'f",
+        ]);
+        s.exe = std::env::current_exe().unwrap();
+        s.workdir = dir.clone();
+        s.rbee_home = Some("/data/rbee $home".into());
+        let unit = s.systemd_unit();
+        assert!(
+            unit.contains(&format!(
+                "WorkingDirectory={}\n",
+                dir.display().to_string().replace('%', "%%")
+            )),
+            "{unit}"
+        );
+        assert!(
+            unit.contains("Environment=\"RBEE_HOME=/data/rbee $home\""),
+            "{unit}"
+        );
+        let file = dir.join("rbee-hive.service");
+        std::fs::write(&file, &unit).unwrap();
+        let verified = std::process::Command::new("systemd-analyze")
+            .args(["verify", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&verified.stderr).to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(verified.status.success(), "{unit}\n{said}");
     }
 
     #[test]

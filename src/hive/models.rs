@@ -350,7 +350,7 @@ fn entry_for(
     owned: bool,
 ) -> ModelEntry {
     ModelEntry {
-        name: crate::worker::model_name(path),
+        name: crate::gguf::catalog_name(path),
         model_ref: model_ref.to_string(),
         path: path.display().to_string(),
         size: std::fs::metadata(path).map_or(0, |m| m.len()),

@@ -146,7 +146,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         Engine::start(config).map_err(|e| format!("cannot start the engine thread: {e}"))?;
     let worker = Worker {
         engine: engine.clone(),
-        model: model_name(&args.model).into(),
+        model: crate::gguf::catalog_name(&args.model).into(),
         slots: args.slots,
         loading,
         auth,
@@ -327,14 +327,6 @@ async fn post_callback(
     crate::clients::report_ready(url, auth.token(), report)
         .await
         .map(|_| ())
-}
-
-/// The real core count: what llama.cpp should use, not its default of 4.
-/// The catalog name of a model file: its stem, lower-case.
-pub fn model_name(path: &std::path::Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().to_lowercase())
-        .unwrap_or_else(|| "model".into())
 }
 
 /// The worker's endpoints.
