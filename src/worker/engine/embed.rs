@@ -199,7 +199,7 @@ impl Batcher<'_> {
                 .add(*t, pos as i32, &[0], true)
                 .map_err(|e| e.to_string())?;
         }
-        ctx.decode(&mut batch)
+        guard::decode(ctx, &batch)
             .map_err(|e| format!("llama.cpp could not embed input {i}: {e}"))?;
         match pooling {
             Pooling::Declared => {

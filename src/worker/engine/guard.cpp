@@ -110,6 +110,12 @@ int rbee_sample(llama_sampler * grammar, llama_sampler * chain, llama_context * 
     });
 }
 
+// llama_decode: what it throws (an allocation that fails under the worker's
+// memory limit, say) becomes an error for the batch's requests.
+int rbee_decode(llama_context * ctx, llama_batch batch, int32_t * ret, char * err, size_t cap) {
+    return guarded(err, cap, [&] { *ret = llama_decode(ctx, batch); });
+}
+
 // llama_sampler_accept: the same, for a token fed in (a failover's resumed answer).
 int rbee_sampler_accept(llama_sampler * smpl, llama_token token, char * err, size_t cap) {
     return guarded(err, cap, [&] { llama_sampler_accept(smpl, token); });

@@ -5,6 +5,7 @@
 //! and never the throwing functions themselves.
 
 use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
@@ -12,7 +13,7 @@ use std::ffi::{c_char, c_int, CStr, CString};
 
 mod ffi {
     use super::{c_char, c_int};
-    use llama_cpp_sys_2::{llama_context, llama_sampler, llama_token, llama_vocab};
+    use llama_cpp_sys_2::{llama_batch, llama_context, llama_sampler, llama_token, llama_vocab};
 
     extern "C" {
         pub fn rbee_sample(
@@ -21,6 +22,13 @@ mod ffi {
             ctx: *mut llama_context,
             idx: i32,
             out: *mut llama_token,
+            err: *mut c_char,
+            cap: usize,
+        ) -> c_int;
+        pub fn rbee_decode(
+            ctx: *mut llama_context,
+            batch: llama_batch,
+            ret: *mut i32,
             err: *mut c_char,
             cap: usize,
         ) -> c_int;
@@ -109,6 +117,22 @@ pub fn accept_all(s: &mut Sampling, tokens: &[i32]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `LlamaContext::decode`: `Err` with llama.cpp's return code, or what it threw.
+pub fn decode(ctx: &mut LlamaContext<'_>, batch: &LlamaBatch<'_>) -> Result<(), String> {
+    let mut ret = 0;
+    // SAFETY: the context is borrowed mutably for the call; the batch's
+    // arrays live as long as `batch`, which outlives it.
+    let raw = unsafe { ctx.as_raw() };
+    let b = batch.as_raw();
+    guarded(|err, cap| unsafe { ffi::rbee_decode(raw, b, &mut ret, err, cap) })?;
+    match ret {
+        0 => Ok(()),
+        1 => Err("no room in the KV cache for this batch".into()),
+        2 => Err("aborted".into()),
+        code => Err(format!("llama_decode returned {code}")),
+    }
 }
 
 /// The model's tokens for `text`, a BOS first if the model wants one;

@@ -692,7 +692,7 @@ impl<'m> Batcher<'m> {
 
     /// Step 5: decode. A failure ends the requests in the batch, not the worker.
     fn decode(&mut self) -> DecodeOutcome {
-        match self.ctx.decode(&mut self.batch) {
+        match guard::decode(&mut self.ctx, &self.batch) {
             Ok(()) => {
                 self.metrics.decoded(self.slots.busy());
                 for (_, r) in self.slots.busy_mut() {

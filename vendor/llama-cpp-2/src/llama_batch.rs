@@ -32,6 +32,13 @@ pub enum BatchAddError {
 }
 
 impl<'a> LlamaBatch<'a> {
+    /// The llama.cpp batch, for a caller that makes the C call itself (rbee:
+    /// decoding through a shim that catches C++ exceptions). Added by rbee;
+    /// not in the published crate.
+    pub fn as_raw(&self) -> llama_batch {
+        self.llama_batch
+    }
+
     /// Clear the batch. This does not free the memory associated with the batch, but it does reset
     /// the number of tokens to 0.
     pub fn clear(&mut self) {
