@@ -333,13 +333,38 @@ fn register_file(catalog: &Catalog, path: &Path, model_ref: &str) -> Result<Mode
         }
     }
     let info = crate::gguf::read(&path).map_err(bad)?;
-    let sha256 = disk::sha256_file(&path).map_err(bad)?;
-    let entry = entry_for(&path, model_ref, sha256, info, false);
+    // Hashing a large file takes minutes (50 GB): the entry is usable at
+    // once, and gets its sha256 when the hash is done.
+    let entry = entry_for(&path, model_ref, String::new(), info, false);
     catalog
         .put(&entry)
         .map_err(|m| ApiError::new(ErrorCode::Internal, m))?;
-    tracing::info!("registered {} in place", path.display());
+    tracing::info!("registered {} in place; hashing it", path.display());
+    hash_later(catalog.clone(), entry.clone());
     Ok(entry)
+}
+
+/// Computes a registered file's sha256 on a thread of its own and records
+/// it, unless the entry has gone or changed meanwhile.
+fn hash_later(catalog: Catalog, entry: ModelEntry) {
+    std::thread::spawn(move || {
+        let path = PathBuf::from(&entry.path);
+        let sha256 = match disk::sha256_file(&path) {
+            Ok(sha256) => sha256,
+            Err(e) => {
+                tracing::warn!("cannot hash {}: {e}", path.display());
+                return;
+            }
+        };
+        let unchanged = catalog
+            .get(&entry.name)
+            .is_some_and(|now| now.path == entry.path && now.size == entry.size);
+        if unchanged {
+            if let Err(e) = catalog.put(&ModelEntry { sha256, ..entry }) {
+                tracing::warn!("cannot record the sha256 of {}: {e}", path.display());
+            }
+        }
+    });
 }
 
 fn entry_for(

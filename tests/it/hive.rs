@@ -410,6 +410,10 @@ fn idle_workers_are_stopped() {
         &json!({"model_ref": model}).to_string(),
     );
     let pid = w["pid"].as_u64().expect("pid") as u32;
+    // The file was registered at once; its checksum follows, computed aside.
+    wait_until("the file's sha256", Duration::from_secs(30), || {
+        models(&h).first().is_some_and(|m| m["sha256"] == SHA256)
+    });
     wait_until(
         "the idle worker to be stopped",
         Duration::from_secs(60),
