@@ -334,11 +334,16 @@ fn check_repetition(text: &str, start: usize) -> Result<usize, String> {
     let Some(len) = text[start..].find('}') else {
         return Ok(start + 1);
     };
-    let inner = &text[start + 1..start + len];
+    check_counts(&text[start + 1..start + len])?;
+    Ok(start + len + 1)
+}
+
+/// Checks what is between the braces of `{m,n}` (in a grammar, or in a
+/// schema's regex, which the converter copies into one): n at least m.
+pub fn check_counts(inner: &str) -> Result<(), String> {
     let counts: Vec<&str> = inner.split(',').map(str::trim).collect();
-    let number = |c: &str| c.parse::<u64>().ok();
     if let [min, max] = counts[..] {
-        if let (Some(lo), Some(hi)) = (number(min), number(max)) {
+        if let (Ok(lo), Ok(hi)) = (min.parse::<u64>(), max.parse::<u64>()) {
             if hi < lo {
                 return Err(format!(
                     "the repetition {{{inner}}} asks for at least {lo} and at most {hi}"
@@ -346,7 +351,7 @@ fn check_repetition(text: &str, start: usize) -> Result<usize, String> {
             }
         }
     }
-    Ok(start + len + 1)
+    Ok(())
 }
 
 /// Checks a character class at `start` (`[a-z]`, `[^"\\]`): no range whose

@@ -216,17 +216,7 @@ fn pattern(p: &str) -> Result<(), String> {
                     return Ok(()); // Unsupported by the converter: any string.
                 };
                 let counts: String = s[i + 1..i + close].iter().collect();
-                let parsed: Vec<Option<u64>> = counts
-                    .split(',')
-                    .map(|n| (!n.is_empty()).then(|| n.parse().ok()).flatten())
-                    .collect();
-                if let [Some(lo), Some(hi)] = parsed[..] {
-                    if hi < lo {
-                        return Err(format!(
-                            "the repetition {{{counts}}} asks for at least {lo} and at most {hi}"
-                        ));
-                    }
-                }
+                crate::gbnf::check_counts(&counts)?;
                 i += close + 1;
             }
             '[' => {

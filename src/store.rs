@@ -325,6 +325,14 @@ mod tests {
         d
     }
 
+    /// A store at `path` that was given these entries and closed.
+    fn written(path: &Path, entries: &[(&str, &str)]) {
+        let s = Store::open(path, "test store", "test", "Run the fixer.").unwrap();
+        for (k, v) in entries {
+            s.put(k, v).unwrap();
+        }
+    }
+
     #[test]
     fn what_was_written_opens_again() {
         let d = dir("reopen");
@@ -344,11 +352,10 @@ mod tests {
     fn a_store_that_lost_entries_is_refused_naming_them() {
         let d = dir("lost");
         let path = d.join("s");
-        {
-            let s = Store::open(&path, "test store", "test", "Run the fixer.").unwrap();
-            s.put("mac", &"http://mac:8080").unwrap();
-            s.put("pc", &"http://pc:8080").unwrap();
-        }
+        written(
+            &path,
+            &[("mac", "http://mac:8080"), ("pc", "http://pc:8080")],
+        );
         // sled starts empty where its files were: as if emptied.
         std::fs::remove_dir_all(&path).unwrap();
         std::fs::create_dir_all(&path).unwrap();
@@ -393,10 +400,7 @@ mod tests {
     fn an_emptied_store_without_its_check_file_does_not_start_empty() {
         let d = dir("nocheck");
         let path = d.join("s");
-        {
-            let s = Store::open(&path, "test store", "test", "Run the fixer.").unwrap();
-            s.put("mac", &"http://mac:8080").unwrap();
-        }
+        written(&path, &[("mac", "http://mac:8080")]);
         std::fs::remove_file(d.join("s.check")).unwrap();
         std::fs::remove_dir_all(&path).unwrap();
         std::fs::create_dir_all(&path).unwrap();

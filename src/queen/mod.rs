@@ -3,6 +3,7 @@
 
 pub mod cluster;
 mod front;
+mod hives;
 pub mod jobs;
 pub mod local_hive;
 pub mod placement;

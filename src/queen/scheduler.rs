@@ -5,17 +5,18 @@
 //! Decisions come from the live view through [`super::placement`]; nothing
 //! here asks a hive anything to route a job. The cluster comes in through
 //! [`Cluster`], so each rule below is tested against a fake one (see the
-//! tests at the end). The rules as they stand: see `placement.rs` for where a
+//! tests at the end); the hives a job may use come from [`super::hives`]. The
+//! rules as they stand: see `placement.rs` for where a
 //! request and a new worker go; a lost worker is excluded and the job
 //! continued on another from the tokens already sent (up to [`MAX_LOSSES`]
 //! workers); a full worker is waited for ([`BUSY_WAITS`] times) before `BUSY`.
 
 use super::cluster::Cluster;
+use super::hives;
 use super::jobs::Job;
 use super::placement::{self, Route};
 use super::provision;
-use super::registry::LOCALHOST;
-use super::view::{prefix_hashes, ClusterState, InFlight, POISON_WINDOW, SILENCE};
+use super::view::{prefix_hashes, InFlight, POISON_WINDOW};
 use crate::protocol::{
     ApiError, EmbeddingsRequest, ErrorCode, InferenceEvent, InferenceRequest, JobEvent, JobFigures,
     JobRequest, StopReason,
@@ -98,7 +99,7 @@ pub async fn run(cluster: &impl Cluster, job: &Job, work: &Work) -> Result<(), A
             ),
         ));
     }
-    let hives = candidates(cluster, job, work.node.as_deref()).await?;
+    let hives = hives::candidates(cluster, job, work.node.as_deref()).await?;
     let prefix = prefix_hashes(&prefix_text(&work.inference));
     let mut attempts = Attempts::default();
     let mut sent = Sent::default();
@@ -162,7 +163,7 @@ pub async fn embed(
     work: &Work,
     req: &EmbeddingsRequest,
 ) -> Result<serde_json::Value, ApiError> {
-    let hives = candidates(cluster, job, work.node.as_deref()).await?;
+    let hives = hives::candidates(cluster, job, work.node.as_deref()).await?;
     let (target, in_flight) = pick_worker(cluster, &hives, job, &work.model, &[], &[]).await?;
     job.serving(&target.hive.name, &target.worker_id);
     let answer = cluster.embed(&target.hive, &target.url, req).await;
@@ -338,123 +339,6 @@ fn reuse(cluster: &impl Cluster, job: &Job, t: Target) -> (Target, InFlight) {
     (t, in_flight)
 }
 
-/// The names of the hives this job may use, at least one of them reachable.
-async fn candidates(
-    cluster: &impl Cluster,
-    job: &Job,
-    node: Option<&str>,
-) -> Result<Vec<String>, ApiError> {
-    let names = named_hives(cluster, job, node).await?;
-    reachable(cluster, job, names).await
-}
-
-/// The hive `node` names, or every hive with this machine's among them;
-/// `localhost`, or no hive on this machine, starts the local one (again, if
-/// it has gone).
-async fn named_hives(
-    cluster: &impl Cluster,
-    job: &Job,
-    node: Option<&str>,
-) -> Result<Vec<String>, ApiError> {
-    let view = cluster.view();
-    let state = view.state();
-    let known: Vec<String> = state.hives.iter().map(|h| h.conn.name.clone()).collect();
-    let up = |name: &str| {
-        state
-            .hives
-            .iter()
-            .any(|h| h.conn.name == name && h.reachable)
-    };
-    match node {
-        Some(LOCALHOST) if !up(LOCALHOST) => Ok(vec![cluster.local_hive(job).await?.name]),
-        Some(name) if known.iter().any(|k| k == name) => Ok(vec![name.to_string()]),
-        Some(name) => Err(unknown_node(name, &known)),
-        None => {
-            // Until every hive has answered or failed, this machine's may be among them.
-            view.wait_until(SILENCE, |s| {
-                s.hives
-                    .iter()
-                    .all(|h| h.snapshot.is_some() || h.error.is_some())
-            })
-            .await;
-            let state = view.state();
-            let mut names = known;
-            let local_known = names.iter().any(|n| n == LOCALHOST);
-            let local_up = state
-                .hives
-                .iter()
-                .any(|h| h.conn.name == LOCALHOST && h.reachable);
-            if (local_known && !local_up) || (!local_known && !another_hive_here(&state)) {
-                let local = cluster.local_hive(job).await?.name;
-                if !names.contains(&local) {
-                    names.push(local);
-                }
-            }
-            Ok(names)
-        }
-    }
-}
-
-/// Whether a registered hive runs on the queen's own machine (by host name).
-fn another_hive_here(state: &ClusterState) -> bool {
-    let here = crate::machine::hostname();
-    state.hives.iter().any(|h| {
-        h.snapshot
-            .as_ref()
-            .is_some_and(|s| !here.is_empty() && s.hostname == here)
-    })
-}
-
-fn unknown_node(name: &str, known: &[String]) -> ApiError {
-    let known = if known.is_empty() {
-        "none".to_string()
-    } else {
-        known.join(", ")
-    };
-    ApiError::new(
-        ErrorCode::UnknownNode,
-        format!("no hive named {name}; registered: {known} (add one with `rbee keeper hive add`)"),
-    )
-}
-
-/// The hives that are reachable (waiting a moment for ones not heard from
-/// yet); the others are narrated as skipped, or, when none is, named in the
-/// `HIVE_UNREACHABLE` error with why.
-async fn reachable(
-    cluster: &impl Cluster,
-    job: &Job,
-    names: Vec<String>,
-) -> Result<Vec<String>, ApiError> {
-    let view = cluster.view();
-    let wanted = |s: &ClusterState| {
-        s.hives
-            .iter()
-            .any(|h| names.contains(&h.conn.name) && h.reachable)
-    };
-    view.wait_until(SILENCE, wanted).await;
-    let state = view.state();
-    let mut alive = Vec::new();
-    let mut down = Vec::new();
-    for hive in state.hives.iter().filter(|h| names.contains(&h.conn.name)) {
-        if hive.reachable {
-            alive.push(hive.conn.name.clone());
-        } else {
-            let why = hive.error.as_deref().unwrap_or("not heard from yet");
-            down.push(format!(
-                "hive {} at {} is not answering ({why})",
-                hive.conn.name, hive.conn.url
-            ));
-        }
-    }
-    if alive.is_empty() {
-        return Err(ApiError::new(ErrorCode::HiveUnreachable, down.join("; ")));
-    }
-    for d in down {
-        job.narrate("queen", "skip_hive", d);
-    }
-    Ok(alive)
-}
-
 /// Sends the inference to the worker and relays its events into the job. After
 /// a failover the request carries the tokens sent so far and asks only for the
 /// rest; the events continue the stream as if one worker had answered.
@@ -590,7 +474,7 @@ mod tests {
     };
     use crate::queen::jobs::Jobs;
     use crate::queen::placement::fixtures::{self, hive as hive_view, model, worker};
-    use crate::queen::registry::HiveConn;
+    use crate::queen::registry::{HiveConn, LOCALHOST};
     use crate::queen::view::View;
     use std::collections::HashMap;
     use std::sync::Mutex;
@@ -1283,9 +1167,9 @@ mod tests {
     async fn with_no_hive_registered_the_local_one_is_started() {
         let fake = Fake::default();
         let job = Jobs::default().create();
-        let hives = candidates(&fake, &job, None).await.expect("a hive");
+        let hives = hives::candidates(&fake, &job, None).await.expect("a hive");
         assert_eq!(hives, [LOCALHOST]);
-        let hives = candidates(&fake, &job, Some(LOCALHOST))
+        let hives = hives::candidates(&fake, &job, Some(LOCALHOST))
             .await
             .expect("a hive");
         assert_eq!(hives, [LOCALHOST]);

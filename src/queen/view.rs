@@ -299,8 +299,9 @@ impl View {
     /// lists it failed with `crashed`): waits a moment for the hive to say,
     /// and takes silence, an unreachable hive or a plain exit as no.
     pub async fn crashed(&self, hive: &str, url: &str) -> bool {
-        let said = |inner: &Inner| {
-            let Some(h) = inner.hives.get(hive).filter(|h| h.reachable) else {
+        // Some(crashed) once the hive has said how the worker ended, or cannot.
+        let said = |s: &ClusterState| {
+            let Some(h) = s.hives.iter().find(|h| h.conn.name == hive && h.reachable) else {
                 return Some(false);
             };
             let listed = h
@@ -313,20 +314,9 @@ impl View {
                 Some(_) => None,
             }
         };
-        let mut changed = self.changed.subscribe();
-        let wait = async {
-            loop {
-                if let Some(crashed) = said(&self.lock()) {
-                    return crashed;
-                }
-                if changed.changed().await.is_err() {
-                    return false;
-                }
-            }
-        };
-        tokio::time::timeout(CRASH_REPORT_WAIT, wait)
-            .await
-            .unwrap_or(false)
+        self.wait_until(CRASH_REPORT_WAIT, |s| said(s).is_some())
+            .await;
+        said(&self.state()).unwrap_or(false)
     }
 
     /// Remembers that the request with this content hash crashed a worker.

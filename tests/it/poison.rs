@@ -5,6 +5,7 @@
 //! messages and stop sequences leaves a worker under a memory limit alive.
 
 use crate::chain::{file_model, only_worker, Cluster};
+use crate::resilience::{job_of, two_hives};
 use crate::support::*;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -79,29 +80,6 @@ fn abort(pid: u32) {
     assert_eq!(sent, 0, "kill -ABRT {pid}");
 }
 
-/// A job through the queen, its events read to `[DONE]`; `on_started` runs
-/// when the `started` event arrives.
-fn job(c: &Cluster, body: &Value, mut on_started: impl FnMut()) -> Vec<Value> {
-    let (status, created) = post(&format!("{}/v1/jobs", c.queen), &body.to_string());
-    assert_eq!(status, 201, "{created}");
-    let url = format!("{}{}", c.queen, created["sse_url"].as_str().expect("a url"));
-    let mut sse = stream(&url, None).expect("the job streams");
-    let mut events = Vec::new();
-    loop {
-        match sse.next_frame() {
-            Some(rbee::http::sse::Frame::Data(d)) => {
-                let event: Value = serde_json::from_str(&d).expect("JSON");
-                if event["type"] == "started" {
-                    on_started();
-                }
-                events.push(event);
-            }
-            Some(rbee::http::sse::Frame::Done) => return events,
-            None => panic!("the job stream closed without [DONE] after {events:?}"),
-        }
-    }
-}
-
 fn error_code(events: &[Value]) -> String {
     events
         .iter()
@@ -113,13 +91,10 @@ fn error_code(events: &[Value]) -> String {
 #[test]
 fn a_request_that_crashes_its_worker_is_not_replayed_and_is_refused_for_a_while() {
     let _turn = serial();
-    let (h1, h2) = (TempDir::new("poison-a"), TempDir::new("poison-b"));
-    let a = start_hive(&h1, &["--max-memory", "2GiB"], &[]);
-    let b = start_hive(&h2, &["--max-memory", "2GiB"], &[]);
-    let c = Cluster::with_hives("poison", &[("a", &a), ("b", &b)]);
+    let (_h1, a, _h2, b, c) = two_hives("poison");
     let model = file_model();
     let warm = json!({"model": model, "prompt": "Hi", "max_tokens": 2});
-    assert_eq!(error_code(&job(&c, &warm, || {})), "");
+    assert_eq!(error_code(&job_of(&c, &warm, |_| {})), "");
     let (pid, _) = [&a, &b]
         .iter()
         .find_map(|h| crate::chain::workers_of(&h.url).first().cloned())
@@ -128,7 +103,12 @@ fn a_request_that_crashes_its_worker_is_not_replayed_and_is_refused_for_a_while(
     // A prompt long enough that the worker is still reading it when it dies.
     let long = "the quick brown fox jumps over the lazy dog ".repeat(220);
     let poison = json!({"model": model, "prompt": long, "max_tokens": 4, "temperature": 0});
-    let events = job(&c, &poison, || abort(pid));
+    // `at` sees 0 at `started`, before the prompt is read.
+    let events = job_of(&c, &poison, |n| {
+        if n == 0 {
+            abort(pid)
+        }
+    });
     assert_eq!(error_code(&events), "REQUEST_CRASHED_WORKER", "{events:?}");
     assert!(events.iter().any(|e| e["action"] == "poison"), "{events:?}");
     assert!(!events.iter().any(|e| e["action"] == "failover"));
@@ -148,12 +128,12 @@ fn a_request_that_crashes_its_worker_is_not_replayed_and_is_refused_for_a_while(
         "{metrics}"
     );
     // The same request again: refused without a worker started for it.
-    let again = job(&c, &poison, || {});
+    let again = job_of(&c, &poison, |_| {});
     assert_eq!(error_code(&again), "REQUEST_CRASHED_WORKER", "{again:?}");
     assert_eq!(alive(&a) + alive(&b), 0, "nothing was started for it");
     // Another request is served as ever.
     let other = json!({"model": model, "prompt": "Once upon a time", "max_tokens": 4});
-    let served = job(&c, &other, || {});
+    let served = job_of(&c, &other, |_| {});
     assert_eq!(error_code(&served), "", "{served:?}");
     assert_eq!(served.iter().filter(|e| e["type"] == "end").count(), 1);
 }

@@ -15,10 +15,15 @@ const PROMPT: &str = "Once upon a time";
 /// A greedy job through the queen's job API, read as it streams; `at`
 /// is called with the number of token events seen, after each one (and with
 /// 0 at `started`), so a test can break something mid-answer.
-pub fn job_with(c: &Cluster, max_tokens: u32, mut at: impl FnMut(usize)) -> Vec<Value> {
+pub fn job_with(c: &Cluster, max_tokens: u32, at: impl FnMut(usize)) -> Vec<Value> {
     let body = json!({
         "model": file_model(), "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
     });
+    job_of(c, &body, at)
+}
+
+/// The job `body` through the queen's job API, read to `[DONE]`, with `at` as in [`job_with`].
+pub fn job_of(c: &Cluster, body: &Value, mut at: impl FnMut(usize)) -> Vec<Value> {
     let (status, created) = post(&format!("{}/v1/jobs", c.queen), &body.to_string());
     assert_eq!(status, 201, "{created}");
     let url = format!("{}{}", c.queen, created["sse_url"].as_str().expect("a url"));
@@ -112,7 +117,7 @@ fn listening_pid(url: &str) -> u32 {
 }
 
 /// Two hives on loopback and a queen with both registered.
-fn two_hives(label: &str) -> (TempDir, Proc, TempDir, Proc, Cluster) {
+pub fn two_hives(label: &str) -> (TempDir, Proc, TempDir, Proc, Cluster) {
     let (h1, h2) = (
         TempDir::new(&format!("{label}-a")),
         TempDir::new(&format!("{label}-b")),

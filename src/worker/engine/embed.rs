@@ -39,7 +39,7 @@ pub(super) struct EmbedJob {
 }
 
 /// How the model's embeddings are pooled.
-enum Pooling {
+pub(super) enum Pooling {
     /// The model declares its own (an embedding model, often not causal):
     /// each input is read whole, in one step, and pooled by llama.cpp.
     Declared,
@@ -119,8 +119,8 @@ impl Batcher<'_> {
             return;
         }
         let failed = |m: String| ApiError::new(ErrorCode::InferenceFailed, m);
-        let outcome = match self.embedder() {
-            Ok(pooling) => self.embed_slice(&pooling).map_err(failed),
+        let outcome = match self.make_embedder() {
+            Ok(()) => self.embed_slice().map_err(failed),
             Err(e) => Err(failed(e)),
         };
         match outcome {
@@ -139,8 +139,11 @@ impl Batcher<'_> {
         }
     }
 
-    /// The embeddings context (made at the first request), and how it pools.
-    fn embedder(&mut self) -> Result<Pooling, String> {
+    /// Makes the embeddings context, and learns how the model pools, at the first request.
+    fn make_embedder(&mut self) -> Result<(), String> {
+        if self.embedder.is_some() {
+            return Ok(());
+        }
         let arch = self
             .model
             .meta_val_str("general.architecture")
@@ -149,37 +152,36 @@ impl Batcher<'_> {
             .model
             .meta_val_str(&format!("{arch}.pooling_type"))
             .is_ok();
-        if self.embedder.is_none() {
-            let n_ctx = self.n_ctx_slot.min(EMBED_CONTEXT);
-            let pooling = if declared {
+        let n_ctx = self.n_ctx_slot.min(EMBED_CONTEXT);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_ctx)
+            .with_n_ubatch(n_ctx)
+            .with_embeddings(true)
+            .with_pooling_type(if declared {
                 LlamaPoolingType::Unspecified
             } else {
                 LlamaPoolingType::None
-            };
-            let params = LlamaContextParams::default()
-                .with_n_ctx(NonZeroU32::new(n_ctx))
-                .with_n_batch(n_ctx)
-                .with_n_ubatch(n_ctx)
-                .with_embeddings(true)
-                .with_pooling_type(pooling)
-                .with_n_threads(self.threads)
-                .with_n_threads_batch(self.threads);
-            let ctx = self
-                .model
-                .new_context(self.backend, params)
-                .map_err(|e| format!("cannot create an embeddings context: {e}"))?;
-            self.embedder = Some(ctx);
-        }
-        Ok(if declared {
+            })
+            .with_n_threads(self.threads)
+            .with_n_threads_batch(self.threads);
+        let ctx = self
+            .model
+            .new_context(self.backend, params)
+            .map_err(|e| format!("cannot create an embeddings context: {e}"))?;
+        let pooling = if declared {
             Pooling::Declared
         } else {
             Pooling::Mean
-        })
+        };
+        self.embedder = Some((ctx, pooling));
+        Ok(())
     }
 
     /// Decodes the next slice of the first request; true when it is complete.
-    fn embed_slice(&mut self, pooling: &Pooling) -> Result<bool, String> {
-        let (Some(ctx), Some(job)) = (self.embedder.as_mut(), self.embeds.front_mut()) else {
+    fn embed_slice(&mut self) -> Result<bool, String> {
+        let (Some((ctx, pooling)), Some(job)) = (self.embedder.as_mut(), self.embeds.front_mut())
+        else {
             return Ok(false);
         };
         let i = job.input;

@@ -12,7 +12,8 @@
 //! devices); `prompt` turns a submission into a request (its prompt rendered
 //! and checked, its sampler built); `embed` computes embeddings, a slice
 //! between two decode steps.
-//! This module and those three (with `rpc`) are the only code that touches
+//! This module and those three (with `rpc`, and `guard`, through which every
+//! call that can throw a C++ exception goes) are the only code that touches
 //! llama-cpp-2; `flash_attn` holds the tests of the CPU attention kernel rbee
 //! adds to llama.cpp (vendor/ggml-cpu).
 
@@ -384,8 +385,9 @@ struct Batcher<'m> {
     backend: &'m LlamaBackend,
     threads: i32,
     ctx: LlamaContext<'m>,
-    /// The context embeddings are computed in, made at the first request for them.
-    embedder: Option<LlamaContext<'m>>,
+    /// The context embeddings are computed in, made at the first request
+    /// for them, and how the model pools them.
+    embedder: Option<(LlamaContext<'m>, embed::Pooling)>,
     /// Embeddings requests, first come first served, a slice per step.
     embeds: std::collections::VecDeque<embed::EmbedJob>,
     /// Tokens in the next slice of embeddings (it follows how long slices take).
