@@ -1,6 +1,7 @@
 //! Records which llama.cpp backends this binary carries, for `rbee --version`,
-//! and compiles the engine's exception boundary (`src/worker/engine/guard.cpp`)
-//! against the llama.cpp tree llama-cpp-sys-2 built.
+//! and compiles rbee's C++ (the engine's exception boundary,
+//! `src/worker/engine/guard.cpp`, and a lease's RPC server,
+//! `src/worker/engine/rpc.cpp`) against the llama.cpp tree llama-cpp-sys-2 built.
 
 use std::path::PathBuf;
 
@@ -19,22 +20,27 @@ fn main() {
     println!("cargo:rustc-env=RBEE_BACKENDS={}", backends.join(","));
     println!("cargo:rerun-if-env-changed=GGML_RPC");
     println!("cargo:rerun-if-changed=build.rs");
-    guard();
+    cpp();
 }
 
-/// The C++ shim every throwing llama.cpp call goes through. Its headers are
-/// llama.cpp's own, from the source tree the CMake build of llama-cpp-sys-2
-/// names in its cache; its symbols resolve against that build's libraries,
-/// which llama-cpp-sys-2 links (with the C++ runtime, statically).
-fn guard() {
-    let source = "src/worker/engine/guard.cpp";
-    println!("cargo:rerun-if-changed={source}");
+/// rbee's C++: the shim every throwing llama.cpp call goes through, and the
+/// lease's RPC server. Its headers are llama.cpp's own (ggml's internal
+/// backend header among them), from the source tree the CMake build of
+/// llama-cpp-sys-2 names in its cache; its symbols resolve against that
+/// build's libraries, which llama-cpp-sys-2 links (with the C++ runtime,
+/// statically).
+fn cpp() {
+    let sources = ["src/worker/engine/guard.cpp", "src/worker/engine/rpc.cpp"];
+    for source in sources {
+        println!("cargo:rerun-if-changed={source}");
+    }
     let llama = llama_source().unwrap_or_else(|e| panic!("cannot find llama.cpp's sources: {e}"));
     cc::Build::new()
         .cpp(true)
-        .file(source)
+        .files(sources)
         .include(llama.join("include"))
         .include(llama.join("ggml/include"))
+        .include(llama.join("ggml/src"))
         .include(llama.join("common"))
         .include(llama.join("src"))
         .include(llama.join("vendor"))
@@ -43,7 +49,7 @@ fn guard() {
         // binary needs nothing beyond glibc); cc would add a shared one.
         .cpp_link_stdlib(None)
         .warnings(false)
-        .compile("rbee_guard");
+        .compile("rbee_cpp");
 }
 
 /// llama.cpp's source directory, from the CMake cache of llama-cpp-sys-2's

@@ -203,6 +203,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultLabel {
+    fault: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabel {
     model: String,
 }
@@ -219,6 +224,7 @@ pub struct HiveMetrics {
     workers: Family<StateLabel, Gauge>,
     downloads: Family<OutcomeLabel, Counter>,
     download_bytes: Counter,
+    lease_faults: Family<FaultLabel, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -231,6 +237,7 @@ impl Default for HiveMetrics {
             workers: Family::default(),
             downloads: Family::default(),
             download_bytes: Counter::default(),
+            lease_faults: Family::default(),
             registry: Arc::default(),
         };
         r.register(
@@ -254,6 +261,11 @@ impl Default for HiveMetrics {
             "Bytes downloaded from Hugging Face",
             m.download_bytes.clone(),
         );
+        r.register(
+            "rbee_hive_lease_faults",
+            "What a lease's tunnels or RPC server were stopped for: a tunnel closed by its door, a message the server refused, a crash",
+            m.lease_faults.clone(),
+        );
         HiveMetrics {
             registry: Arc::new(r),
             ..m
@@ -267,6 +279,15 @@ impl HiveMetrics {
         self.downloads
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// A lease's tunnel or server was stopped for `fault`.
+    pub fn lease_fault(&self, fault: &str) {
+        self.lease_faults
+            .get_or_create(&FaultLabel {
+                fault: fault.into(),
             })
             .inc();
     }

@@ -4,13 +4,22 @@
 //! role, bound to loopback on a port of its own (the server takes one client at
 //! a time, so each split worker gets its own). The only way in from the
 //! network is the hive's port: `GET /v1/rpc?lease=ID` with `Upgrade: ggml-rpc`
-//! and the bearer token, then raw bytes both ways ([`open`] and
-//! [`crate::http::tunnel`]). A lease counts its memory against the hive's
-//! budget from the moment it is made; it ends when the queen ends it, when its
-//! worker's tunnels have all been closed for [`UNUSED_AFTER_USE`] (the worker
-//! is gone), or when no tunnel came within [`NEVER_USED`].
+//! and the bearer token, then llama.cpp's RPC messages, read one by one on
+//! their way in ([`Leases::open`], [`super::rpc_door`]).
+//!
+//! A lease holds to what it declared: its memory counts against the hive's
+//! budget from the moment it is made, and its server's device has that
+//! memory and no more (`rpc.cpp`: free memory reported from it, a buffer
+//! beyond it refused; the process's address space is bounded too). Its
+//! cache directory is its own, bounded by the budget and removed with it.
+//! A hive holds at most [`MOST_LEASES`] leases, [`MOST_PER_BORROWER`] for one
+//! borrower. A lease ends when the queen ends it, when its worker's tunnels
+//! have all been closed for [`UNUSED_AFTER_USE`] (the worker is gone), or
+//! when no tunnel came within [`NEVER_USED`].
 
+use super::rpc_door::Door;
 use super::state::Changes;
+use crate::metrics::HiveMetrics;
 use crate::process::{signal, Spawner};
 use crate::protocol::{new_id, now_rfc3339, ApiError, ErrorCode, LeaseInfo, LeaseRequest};
 use argh::FromArgs;
@@ -18,6 +27,7 @@ use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +40,14 @@ const UNUSED_AFTER_USE: Duration = Duration::from_secs(30);
 const NEVER_USED: Duration = Duration::from_secs(120);
 /// How long a new RPC server may take to listen.
 const START_WAIT: Duration = Duration::from_secs(10);
+/// Leases a hive holds at once (each is a process), and for one borrower.
+pub const MOST_LEASES: usize = 8;
+pub const MOST_PER_BORROWER: usize = 4;
+/// The RPC server's address space beyond its budget and the largest message
+/// (a tensor's data, at most the budget): the executable and a graph being
+/// read (MiB), and each compute thread's stack and malloc arena.
+const SERVER_OVERHEAD_MB: u64 = 1024;
+const THREAD_OVERHEAD_MB: u64 = 80;
 
 /// (internal) llama.cpp's RPC server on loopback, run by a hive for a lease.
 #[derive(FromArgs, Debug)]
@@ -41,6 +59,9 @@ pub struct RpcArgs {
     /// where received tensors are cached
     #[argh(option)]
     pub cache_dir: PathBuf,
+    /// the lease's memory (MiB): the device lent has this much
+    #[argh(option)]
+    pub memory_mb: u64,
     /// CPU threads for the lent CPU
     #[argh(option)]
     pub threads: Option<usize>,
@@ -53,10 +74,18 @@ pub fn serve(args: &RpcArgs) -> Result<(), String> {
     let threads = args
         .threads
         .unwrap_or_else(|| crate::machine::cores() as usize);
+    let most = args
+        .memory_mb
+        .saturating_mul(2)
+        .saturating_add(SERVER_OVERHEAD_MB)
+        .saturating_add(THREAD_OVERHEAD_MB.saturating_mul(threads as u64));
+    crate::process::limit_address_space(most.saturating_mul(1 << 20))
+        .map_err(|e| format!("cannot limit the RPC server to {most} MiB: {e}"))?;
     crate::worker::engine::rpc::serve(
         &format!("127.0.0.1:{}", args.port),
         &args.cache_dir,
         threads,
+        args.memory_mb.saturating_mul(1 << 20),
     )
 }
 
@@ -70,6 +99,8 @@ struct Lease {
     made: Instant,
     last_closed: Option<Instant>,
     ending: bool,
+    /// What its server may still cache on disk (its tunnels share it).
+    cache_left: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -79,20 +110,33 @@ pub struct Leases {
     leases: Arc<Mutex<HashMap<String, Lease>>>,
     spawner: Spawner,
     changes: Changes,
+    metrics: HiveMetrics,
 }
 
 impl Leases {
+    /// The hive's leases, none yet; what earlier leases cached is removed
+    /// (a cache lives as long as its lease).
     pub fn new(
         exe: PathBuf,
         data_dir: &std::path::Path,
         changes: Changes,
+        metrics: HiveMetrics,
     ) -> std::io::Result<Leases> {
+        let cache_dir = data_dir.join("rpc-cache");
+        match std::fs::remove_dir_all(&cache_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(
+                "cannot remove {} (what earlier leases cached): {e}",
+                cache_dir.display()
+            ),
+            _ => {}
+        }
         Ok(Leases {
             exe,
-            cache_dir: data_dir.join("rpc-cache"),
+            cache_dir,
             leases: Arc::default(),
             spawner: Spawner::new()?,
             changes,
+            metrics,
         })
     }
 
@@ -126,31 +170,33 @@ impl Leases {
     /// Starts the RPC server for a lease (the budget was checked by the
     /// caller) and waits until it listens.
     pub async fn make(&self, req: &LeaseRequest) -> Result<LeaseInfo, ApiError> {
-        if req.lease.is_empty()
-            || req.lease.len() > 64
-            || !req
-                .lease
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        check_lease_id(&req.lease)?;
         {
-            return Err(ApiError::invalid(
-                "lease",
-                "a lease id is 1 to 64 letters, digits and dashes",
-            ));
-        }
-        if self.lock().contains_key(&req.lease) {
-            return Err(ApiError::invalid(
-                "lease",
-                format!("lease {} exists already", req.lease),
-            ));
+            let leases = self.lock();
+            if leases.contains_key(&req.lease) {
+                return Err(ApiError::invalid(
+                    "lease",
+                    format!("lease {} exists already", req.lease),
+                ));
+            }
+            check_count(
+                leases.len(),
+                leases
+                    .values()
+                    .filter(|l| l.info.borrower == req.borrower)
+                    .count(),
+                &req.borrower,
+            )?;
         }
         let port = free_loopback_port()?;
+        let cache_dir = self.cache_dir.join(&req.lease);
         let mut command = Command::new(&self.exe);
         command
             .arg("rpc-server")
             .args(["--port", &port.to_string()])
+            .args(["--memory-mb", &req.memory_mb.to_string()])
             .arg("--cache-dir")
-            .arg(&self.cache_dir)
+            .arg(&cache_dir)
             .env_remove("RBEE_TOKEN")
             .env_remove(crate::worker::WORKER_SECRET_ENV)
             .stdin(Stdio::null())
@@ -164,8 +210,8 @@ impl Leases {
         })?;
         let pid = child.id();
         let (said_tx, said) = std::sync::mpsc::channel();
-        log_lines(child.stdout.take(), &req.lease, Some(said_tx));
-        log_lines(child.stderr.take(), &req.lease, None);
+        self.log_lines(child.stdout.take(), &req.lease, Some(said_tx));
+        self.log_lines(child.stderr.take(), &req.lease, None);
         let info = LeaseInfo {
             lease: req.lease.clone(),
             model: req.model.clone(),
@@ -185,18 +231,28 @@ impl Leases {
                 made: Instant::now(),
                 last_closed: None,
                 ending: false,
+                cache_left: Arc::new(AtomicU64::new(req.memory_mb << 20)),
             },
         );
         self.changes.bump();
         let this = self.clone();
         let id = req.lease.clone();
         std::thread::spawn(move || {
-            let status = child
-                .wait()
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| e.to_string());
-            tracing::info!("lease {id}: RPC server (pid {pid}) ended: {status}");
-            this.lock().remove(&id);
+            let status = child.wait();
+            let ending = this.lock().remove(&id).is_some_and(|l| l.ending);
+            let _ = std::fs::remove_dir_all(&cache_dir);
+            match status {
+                Ok(s) if ending || s.success() => {
+                    tracing::info!("lease {id}: RPC server (pid {pid}) ended: {s}");
+                }
+                Ok(s) => {
+                    tracing::warn!(
+                        "lease {id}: its RPC server (pid {pid}) crashed ({s}); the lease is over, its borrower's worker loses these layers"
+                    );
+                    this.metrics.lease_fault("rpc_server_crashed");
+                }
+                Err(e) => tracing::warn!("lease {id}: cannot wait for its RPC server: {e}"),
+            }
             this.changes.bump();
         });
         // llama.cpp names its transport just before it binds; a tunnel
@@ -225,9 +281,8 @@ impl Leases {
         Some(lease.info.clone())
     }
 
-    /// A tunnel to a lease's RPC server: its loopback port, and a guard that
-    /// counts the tunnel open until dropped.
-    pub fn open(&self, id: &str) -> Result<(u16, TunnelGuard), ApiError> {
+    /// A tunnel to a lease's RPC server, counted open until it ends.
+    pub fn open(&self, id: &str) -> Result<Tunnel, ApiError> {
         let mut leases = self.lock();
         let lease = leases.get_mut(id).filter(|l| !l.ending).ok_or_else(|| {
             ApiError::new(
@@ -236,16 +291,23 @@ impl Leases {
             )
         })?;
         lease.tunnels += 1;
-        let port = lease.port;
+        let tunnel = Tunnel {
+            leases: self.clone(),
+            id: id.to_string(),
+            port: lease.port,
+            door: Some(Door::new(
+                lease.info.memory_mb << 20,
+                lease.cache_left.clone(),
+            )),
+        };
         drop(leases);
         self.changes.bump();
-        Ok((
-            port,
-            TunnelGuard {
-                leases: self.clone(),
-                id: id.to_string(),
-            },
-        ))
+        Ok(tunnel)
+    }
+
+    /// Whether more than one tunnel to the lease is open: one waits.
+    fn contested(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|l| l.tunnels > 1)
     }
 
     /// Ends leases whose worker is gone: runs for the life of the hive.
@@ -277,13 +339,43 @@ impl Leases {
     }
 }
 
-/// Counts a tunnel open while it lives.
-pub struct TunnelGuard {
+/// A tunnel to a lease's RPC server: the borrower's messages pass its door
+/// on their way in, the server's answers come back as they are. Counted
+/// open while it lives.
+pub struct Tunnel {
     leases: Leases,
     id: String,
+    port: u16,
+    door: Option<Door>,
 }
 
-impl Drop for TunnelGuard {
+impl Tunnel {
+    /// Carries the upgraded connection to the lease's server until either
+    /// side closes or the door closes it (said in the log, and counted).
+    pub async fn carry(mut self, upgrade: hyper::upgrade::OnUpgrade) {
+        let id = self.id.clone();
+        let client = match upgrade.await {
+            Ok(upgraded) => hyper_util::rt::TokioIo::new(upgraded),
+            Err(e) => return tracing::warn!("lease {id}: the upgrade failed: {e}"),
+        };
+        let server =
+            match crate::http::tunnel::connect_local(self.port, Duration::from_secs(5)).await {
+                Ok(server) => server,
+                Err(e) => return tracing::warn!("lease {id}: its RPC server does not answer: {e}"),
+            };
+        let Some(door) = self.door.take() else { return };
+        let leases = self.leases.clone();
+        match super::rpc_door::carry(client, server, door, || leases.contested(&id)).await {
+            Ok(()) => tracing::debug!("lease {id}: a tunnel closed"),
+            Err(fault) => {
+                tracing::warn!("lease {id}: a tunnel was closed: {fault}");
+                self.leases.metrics.lease_fault(fault.label());
+            }
+        }
+    }
+}
+
+impl Drop for Tunnel {
     fn drop(&mut self) {
         if let Some(lease) = self.leases.lock().get_mut(&self.id) {
             lease.tunnels = lease.tunnels.saturating_sub(1);
@@ -321,27 +413,96 @@ fn free_loopback_port() -> Result<u16, ApiError> {
         .map_err(|e| ApiError::new(ErrorCode::NoPort, format!("no free loopback port: {e}")))
 }
 
-/// The RPC server's output into the hive's log; `started` hears when it
-/// names its transport, the last thing it says before it listens.
-fn log_lines(
-    pipe: Option<impl std::io::Read + Send + 'static>,
-    lease: &str,
-    started: Option<std::sync::mpsc::Sender<()>>,
-) {
-    let Some(pipe) = pipe else { return };
-    let lease = lease.to_string();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if line.trim().is_empty() {
-                continue;
-            }
-            tracing::info!(target: "rbee::rpc", "lease {lease}: {}", line.trim());
-            if line.trim_start().starts_with("transport") {
-                if let Some(tx) = &started {
-                    let _ = tx.send(());
+impl Leases {
+    /// The RPC server's output into the hive's log; `started` hears when it
+    /// names its transport, the last thing it says before it listens. What
+    /// `rpc.cpp` says of a tunnel it ended or a buffer it refused is a
+    /// warning, and counted.
+    fn log_lines(
+        &self,
+        pipe: Option<impl std::io::Read + Send + 'static>,
+        lease: &str,
+        started: Option<std::sync::mpsc::Sender<()>>,
+    ) {
+        let Some(pipe) = pipe else { return };
+        let lease = lease.to_string();
+        let metrics = self.metrics.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let line = line.trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let fault = if line.starts_with("tunnel ended by a malformed") {
+                    Some("malformed_message")
+                } else if line.starts_with("tunnel ended by") {
+                    Some("failed_message")
+                } else if line.starts_with("lease budget: refused") {
+                    Some("over_budget")
+                } else {
+                    None
+                };
+                match fault {
+                    Some(fault) => {
+                        tracing::warn!(target: "rbee::rpc", "lease {lease}: {line}");
+                        metrics.lease_fault(fault);
+                    }
+                    None => tracing::info!(target: "rbee::rpc", "lease {lease}: {line}"),
+                }
+                if line.starts_with("transport") {
+                    if let Some(tx) = &started {
+                        let _ = tx.send(());
+                    }
                 }
             }
+        });
+    }
+}
+
+/// Whether one more lease may be made beside `held` (of which `borrowers`
+/// are `borrower`'s).
+fn check_count(held: usize, borrowers: usize, borrower: &str) -> Result<(), ApiError> {
+    if held >= MOST_LEASES {
+        return Err(ApiError::new(
+            ErrorCode::TooManyRequests,
+            format!("this hive lends to {held} leases already, the most it holds at once"),
+        ));
+    }
+    if borrowers >= MOST_PER_BORROWER {
+        return Err(ApiError::new(
+            ErrorCode::TooManyRequests,
+            format!(
+                "hive {borrower} holds {borrowers} leases here already, the most one borrower may"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_limited_per_hive_and_per_borrower() {
+        assert!(check_count(0, 0, "desk").is_ok());
+        assert!(check_count(MOST_LEASES - 1, MOST_PER_BORROWER - 1, "desk").is_ok());
+        let e = check_count(MOST_LEASES, 0, "desk").unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooManyRequests);
+        let e = check_count(1, MOST_PER_BORROWER, "desk").unwrap_err();
+        assert!(
+            e.message.contains("hive desk holds 4 leases"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn lease_ids_go_into_urls() {
+        assert!(check_lease_id("lease-0a1b").is_ok());
+        for bad in ["", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(check_lease_id(bad).is_err(), "{bad:?}");
         }
-    });
+    }
 }

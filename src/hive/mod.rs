@@ -8,6 +8,7 @@ pub mod hf;
 pub mod lend;
 pub mod model_ref;
 pub mod models;
+pub mod rpc_door;
 pub mod state;
 pub mod workers;
 
@@ -131,8 +132,13 @@ pub async fn run(args: Args) -> Result<(), String> {
         args.host.clone()
     };
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
-    let leases = lend::Leases::new(exe.clone(), &data_dir, changes.clone())
-        .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
+    let leases = lend::Leases::new(
+        exe.clone(),
+        &data_dir,
+        changes.clone(),
+        models.metrics().clone(),
+    )
+    .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
     tokio::spawn(leases.clone().reap());
     let settings = Settings {
         exe,
@@ -375,22 +381,8 @@ async fn lend(h: &Hive, req: Request<Incoming>) -> Reply {
 fn rpc(h: &Hive, req: &mut Request<Incoming>) -> Reply {
     let id = query_param(req.uri().query(), "lease").unwrap_or_default();
     let upgrade = http::tunnel::accept(req, lend::PROTOCOL)?;
-    let (port, guard) = h.leases.open(&id)?;
-    tokio::spawn(async move {
-        let _open = guard;
-        let client = match upgrade.await {
-            Ok(upgraded) => hyper_util::rt::TokioIo::new(upgraded),
-            Err(e) => return tracing::warn!("lease {id}: the upgrade failed: {e}"),
-        };
-        let wait = std::time::Duration::from_secs(5);
-        match http::tunnel::connect_local(port, wait).await {
-            Ok(server) => {
-                let closed = http::tunnel::splice(client, server, std::time::Duration::ZERO).await;
-                tracing::debug!("lease {id}: tunnel closed first by the {closed:?} side");
-            }
-            Err(e) => tracing::warn!("lease {id}: its RPC server does not answer: {e}"),
-        }
-    });
+    let tunnel = h.leases.open(&id)?;
+    tokio::spawn(tunnel.carry(upgrade));
     Ok(http::tunnel::switching(lend::PROTOCOL))
 }
 

@@ -5,9 +5,9 @@
 //! client connects to; each connection is carried through `GET /v1/rpc` on
 //! the lending hive ([`connect`]). The hive side: [`accept`] checks the
 //! request and answers `101 Switching Protocols`; the upgraded connection is
-//! then spliced to the lease's loopback RPC server. No timeout ever cuts a
-//! tunnel: a loaded model's connection stays open, idle or not, for the
-//! worker's life.
+//! then carried to the lease's loopback RPC server through the lease's door
+//! ([`crate::hive::rpc_door`]). A tunnel that holds a loaded model's layers
+//! stays open, idle or not, for the worker's life.
 
 use super::client;
 use super::Body;

@@ -223,7 +223,7 @@ fn a_split_between_network_namespaces_answers_alike_and_a_lender_whose_link_is_c
 }
 
 /// The upgrade to the RPC tunnel, written by hand; the status line's code.
-fn upgrade(hive: &str, lease: &str, token: Option<&str>) -> (u16, TcpStream) {
+pub fn upgrade(hive: &str, lease: &str, token: Option<&str>) -> (u16, TcpStream) {
     let addr = hive.trim_start_matches("http://");
     let mut s = TcpStream::connect(addr).expect("connects");
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));

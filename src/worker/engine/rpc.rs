@@ -1,7 +1,8 @@
 //! llama.cpp's RPC backend (DESIGN.md §12): the server a lending hive runs in
 //! a child process (`rbee rpc-server`), and the remote devices a split worker
 //! adds before it loads its model. llama-cpp-sys-2's bindings leave out
-//! `ggml-rpc.h`, so the two entry points used are declared here.
+//! `ggml-rpc.h`, so the client's entry point is declared here; the server's
+//! is `rpc.cpp`'s, which holds it to a lease's budget.
 
 use llama_cpp_sys_2 as sys;
 use std::ffi::{c_char, CStr, CString};
@@ -9,21 +10,18 @@ use std::path::Path;
 
 // As declared in llama.cpp/ggml/include/ggml-rpc.h of llama-cpp-sys-2 0.1.161
 // (RPC protocol 7.0.0):
-//   GGML_BACKEND_API void ggml_backend_rpc_start_server(const char * endpoint,
-//       const char * cache_dir, size_t n_threads, size_t n_devices,
-//       ggml_backend_dev_t * devices);
 //   GGML_BACKEND_API ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint);
-// Both are in libggml-rpc.a, which the build links with GGML_RPC=ON
-// (.cargo/config.toml).
+// It is in libggml-rpc.a, which the build links with GGML_RPC=ON
+// (.cargo/config.toml). The server side is `rpc.cpp`: llama.cpp's server
+// around a device of the lease's own.
 extern "C" {
-    fn ggml_backend_rpc_start_server(
+    fn ggml_backend_rpc_add_server(endpoint: *const c_char) -> sys::ggml_backend_reg_t;
+    fn rbee_rpc_serve(
         endpoint: *const c_char,
         cache_dir: *const c_char,
         n_threads: usize,
-        n_devices: usize,
-        devices: *mut sys::ggml_backend_dev_t,
-    );
-    fn ggml_backend_rpc_add_server(endpoint: *const c_char) -> sys::ggml_backend_reg_t;
+        budget_bytes: u64,
+    ) -> i32;
 }
 
 // C's stdout, which llama.cpp's RPC server prints to.
@@ -60,39 +58,22 @@ fn text(p: *const c_char) -> String {
     unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
-/// The device this machine lends: its CPU, whose memory the hive's budget
-/// and the queen's plan count (lending GPUs would need their pools planned).
-fn lendable() -> Vec<sys::ggml_backend_dev_t> {
-    // SAFETY: the registry is filled at startup.
-    let cpu = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) };
-    if cpu.is_null() {
-        Vec::new()
-    } else {
-        vec![cpu]
-    }
-}
-
 /// Serves this machine's CPU on `endpoint` (`127.0.0.1:PORT`) to one RPC
-/// client at a time, caching received tensors in `cache_dir`. Returns only if
-/// the server could not start (llama.cpp has said why on stderr).
-pub fn serve(endpoint: &str, cache_dir: &Path, threads: usize) -> Result<(), String> {
+/// client at a time, as a device whose memory is `budget_bytes` (`rpc.cpp`),
+/// caching received tensors in `cache_dir`. Returns only if the server could
+/// not start (llama.cpp has said why on stderr).
+pub fn serve(
+    endpoint: &str,
+    cache_dir: &Path,
+    threads: usize,
+    budget_bytes: u64,
+) -> Result<(), String> {
     let endpoint_c = c_string("endpoint", endpoint)?;
     let cache_c = c_string("cache directory", &cache_dir.to_string_lossy())?;
     line_buffered_stdout();
-    let mut devices = lendable();
-    if devices.is_empty() {
-        return Err("llama.cpp found no device to lend".into());
-    }
-    // SAFETY: the strings and the device array outlive the call, which only
-    // returns on failure.
+    // SAFETY: the strings outlive the call, which only returns on failure.
     unsafe {
-        ggml_backend_rpc_start_server(
-            endpoint_c.as_ptr(),
-            cache_c.as_ptr(),
-            threads,
-            devices.len(),
-            devices.as_mut_ptr(),
-        );
+        rbee_rpc_serve(endpoint_c.as_ptr(), cache_c.as_ptr(), threads, budget_bytes);
     }
     Err(format!("llama.cpp's RPC server on {endpoint} stopped"))
 }
