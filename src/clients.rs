@@ -7,6 +7,7 @@
 //! means (a hive down, a worker lost), so the clients do not guess.
 
 use crate::http::client::{self, Silent, SseStream};
+use crate::http::segment;
 use crate::http::sse::Frame;
 use crate::protocol::{
     ApiError, DownloadEvent, DownloadRequest, DownloadStarted, Health, HiveSnapshot,
@@ -53,7 +54,7 @@ impl HiveClient {
 
     /// `DELETE /v1/models/{name}`: the entry that was removed.
     pub async fn delete_model(&self, name: &str) -> Result<ModelEntry, ApiError> {
-        let url = self.at(&format!("/v1/models/{name}"));
+        let url = self.at(&format!("/v1/models/{}", segment(name)));
         client::call(Method::DELETE, &url, self.token(), None::<&()>).await
     }
 

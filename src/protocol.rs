@@ -739,6 +739,17 @@ pub struct ModelEntry {
     /// a `file:` model registered in place is never deleted by the hive.
     pub owned: bool,
     pub added_at: String,
+    /// A file registered in place whose sha256 is being computed: how far
+    /// (`sha256` is empty until it is done). Not stored: `GET /v1/models` says it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashing: Option<Hashing>,
+}
+
+/// How far the sha256 of a registered file has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hashing {
+    pub bytes_hashed: u64,
+    pub bytes_total: u64,
 }
 
 /// `POST /v1/workers/spawn` on a hive.

@@ -64,16 +64,29 @@ fn has_room(free: u64, need: u64) -> bool {
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, String> {
+    sha256_file_reporting(path, |_| {})
+}
+
+/// [`sha256_file`], telling `hashed` how many bytes are done as it goes.
+pub fn sha256_file_reporting(path: &Path, hashed: impl FnMut(u64)) -> Result<String, String> {
     let mut file =
         std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut hasher = Sha256::new();
-    hash_reader(&mut file, &mut hasher)
+    hash_reader_reporting(&mut file, &mut hasher, hashed)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     Ok(hex(&hasher.finalize()))
 }
 
 /// Feeds everything `r` holds to `hasher`; the number of bytes read.
 pub fn hash_reader(r: &mut impl Read, hasher: &mut Sha256) -> std::io::Result<u64> {
+    hash_reader_reporting(r, hasher, |_| {})
+}
+
+fn hash_reader_reporting(
+    r: &mut impl Read,
+    hasher: &mut Sha256,
+    mut hashed: impl FnMut(u64),
+) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0;
     loop {
@@ -83,6 +96,7 @@ pub fn hash_reader(r: &mut impl Read, hasher: &mut Sha256) -> std::io::Result<u6
         }
         hasher.update(&buf[..n]);
         total += n as u64;
+        hashed(total);
     }
 }
 

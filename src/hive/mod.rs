@@ -301,7 +301,7 @@ async fn route(h: Hive, mut req: Request<Incoming>) -> Response<Body> {
         Ok(found) => found,
         Err(e) => return http::error(e),
     };
-    let param = params.first().copied().unwrap_or_default();
+    let param = params.first().map(String::as_str).unwrap_or_default();
     http::reply(match endpoint {
         Endpoint::Health => Ok(http::json(StatusCode::OK, &Health::alive("hive"))),
         Endpoint::Capabilities => Ok(http::json(
@@ -310,7 +310,7 @@ async fn route(h: Hive, mut req: Request<Incoming>) -> Response<Body> {
         )),
         Endpoint::State => h.state.stream(),
         Endpoint::Metrics => Ok(metrics(&h)),
-        Endpoint::Models => Ok(http::json(StatusCode::OK, &h.models.catalog().list())),
+        Endpoint::Models => Ok(http::json(StatusCode::OK, &h.models.list())),
         Endpoint::DeleteModel => h
             .models
             .delete(param)
@@ -351,7 +351,7 @@ async fn download(h: &Hive, req: Request<Incoming>) -> Reply {
 }
 
 fn download_progress(h: &Hive, req: &Request<Incoming>) -> Reply {
-    let id = query_param(req.uri().query(), "id").unwrap_or_default();
+    let id = http::query_param(req.uri().query(), "id").unwrap_or_default();
     let progress = h.models.progress(&id).ok_or_else(|| {
         ApiError::new(
             ErrorCode::DownloadNotFound,
@@ -379,7 +379,7 @@ async fn lend(h: &Hive, req: Request<Incoming>) -> Reply {
 /// checked the token before this runs, so a refused caller's bytes never
 /// reach llama.cpp.
 fn rpc(h: &Hive, req: &mut Request<Incoming>) -> Reply {
-    let id = query_param(req.uri().query(), "lease").unwrap_or_default();
+    let id = http::query_param(req.uri().query(), "lease").unwrap_or_default();
     let upgrade = http::tunnel::accept(req, lend::PROTOCOL)?;
     let tunnel = h.leases.open(&id)?;
     tokio::spawn(tunnel.carry(upgrade));
@@ -390,14 +390,6 @@ async fn worker_ready(h: &Hive, req: Request<Incoming>) -> Reply {
     let body: WorkerReadyCallback = http::read_json(req).await?;
     let info = h.workers.ready(&body)?;
     Ok(http::json(StatusCode::OK, &info))
-}
-
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
 }
 
 fn capabilities(models_dir: &std::path::Path) -> Capabilities {

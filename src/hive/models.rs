@@ -14,10 +14,12 @@ use super::downloads::{Downloads, Joined};
 use super::hf::{HfClient, Remote};
 use super::model_ref::{HfPick, ModelRef};
 use crate::protocol::{
-    now_rfc3339, ApiError, DownloadEvent, DownloadStarted, DownloadState, ErrorCode, ModelEntry,
+    now_rfc3339, ApiError, DownloadEvent, DownloadStarted, DownloadState, ErrorCode, Hashing,
+    ModelEntry,
 };
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 #[derive(Clone)]
@@ -27,9 +29,13 @@ pub struct Models {
     dir: PathBuf,
     hf: Arc<HfClient>,
     downloads: Downloads,
+    /// Registered files whose sha256 is being computed, by catalog name.
+    hashing: HashingNow,
     /// Downloads counted for `GET /metrics`.
     metrics: crate::metrics::HiveMetrics,
 }
+
+type HashingNow = Arc<Mutex<HashMap<String, Hashing>>>;
 
 impl Models {
     pub fn metrics(&self) -> &crate::metrics::HiveMetrics {
@@ -42,8 +48,19 @@ impl Models {
             dir,
             hf: Arc::new(HfClient::from_env()),
             downloads: Downloads::default(),
+            hashing: HashingNow::default(),
             metrics: crate::metrics::HiveMetrics::default(),
         }
+    }
+
+    /// The catalog, with how far each file being hashed has got.
+    pub fn list(&self) -> Vec<ModelEntry> {
+        let hashing = self.hashing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.catalog.list();
+        for entry in &mut all {
+            entry.hashing = hashing.get(&entry.name).copied();
+        }
+        all
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -174,9 +191,9 @@ impl Models {
                 )
             }),
             ModelRef::File(path) => {
-                let catalog = self.catalog.clone();
+                let (catalog, hashing) = (self.catalog.clone(), self.hashing.clone());
                 let model_ref = model_ref.to_string();
-                blocking(move || register_file(&catalog, &path, &model_ref)).await
+                blocking(move || register_file(&catalog, &hashing, &path, &model_ref)).await
             }
             ModelRef::HuggingFace { .. } => self.on_disk(model_ref, None).ok_or_else(|| {
                     ApiError::new(ErrorCode::ModelNotFound, format!(
@@ -312,7 +329,12 @@ fn parse(model_ref: &str) -> Result<ModelRef, ApiError> {
 }
 
 /// Registers a GGUF file in place (no copy); the hive never deletes it.
-fn register_file(catalog: &Catalog, path: &Path, model_ref: &str) -> Result<ModelEntry, ApiError> {
+fn register_file(
+    catalog: &Catalog,
+    hashing: &HashingNow,
+    path: &Path,
+    model_ref: &str,
+) -> Result<ModelEntry, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::InvalidModel, m);
     let path = std::fs::canonicalize(path).map_err(|e| {
         ApiError::new(
@@ -340,30 +362,54 @@ fn register_file(catalog: &Catalog, path: &Path, model_ref: &str) -> Result<Mode
         .put(&entry)
         .map_err(|m| ApiError::new(ErrorCode::Internal, m))?;
     tracing::info!("registered {} in place; hashing it", path.display());
-    hash_later(catalog.clone(), entry.clone());
+    hash_later(catalog.clone(), hashing.clone(), entry.clone());
     Ok(entry)
 }
 
-/// Computes a registered file's sha256 on a thread of its own and records
-/// it, unless the entry has gone or changed meanwhile.
-fn hash_later(catalog: Catalog, entry: ModelEntry) {
+/// Computes a registered file's sha256 on a thread of its own, saying how
+/// far it has got in `hashing`, and records it, unless the entry has gone or
+/// changed meanwhile.
+fn hash_later(catalog: Catalog, hashing: HashingNow, entry: ModelEntry) {
+    let (name, bytes_total) = (entry.name.clone(), entry.size);
+    let progress = move |done: Option<u64>| {
+        let mut now = hashing.lock().unwrap_or_else(|p| p.into_inner());
+        match done {
+            Some(bytes_hashed) => now.insert(
+                name.clone(),
+                Hashing {
+                    bytes_hashed,
+                    bytes_total,
+                },
+            ),
+            None => now.remove(&name),
+        };
+    };
+    // Said before the registration answers, so a listing right after shows it.
+    progress(Some(0));
     std::thread::spawn(move || {
         let path = PathBuf::from(&entry.path);
-        let sha256 = match disk::sha256_file(&path) {
-            Ok(sha256) => sha256,
-            Err(e) => {
-                tracing::warn!("cannot hash {}: {e}", path.display());
-                return;
+        let mut said = 0;
+        let hashed = disk::sha256_file_reporting(&path, |done| {
+            // Every 64 MiB: a lock per MiB read would be noise.
+            if done - said >= 64 << 20 {
+                said = done;
+                progress(Some(done));
             }
-        };
-        let unchanged = catalog
-            .get(&entry.name)
-            .is_some_and(|now| now.path == entry.path && now.size == entry.size);
-        if unchanged {
-            if let Err(e) = catalog.put(&ModelEntry { sha256, ..entry }) {
-                tracing::warn!("cannot record the sha256 of {}: {e}", path.display());
+        });
+        match hashed {
+            Ok(sha256) => {
+                let unchanged = catalog
+                    .get(&entry.name)
+                    .is_some_and(|now| now.path == entry.path && now.size == entry.size);
+                if unchanged {
+                    if let Err(e) = catalog.put(&ModelEntry { sha256, ..entry }) {
+                        tracing::warn!("cannot record the sha256 of {}: {e}", path.display());
+                    }
+                }
             }
+            Err(e) => tracing::warn!("cannot hash {}: {e}", path.display()),
         }
+        progress(None);
     });
 }
 
@@ -387,6 +433,7 @@ fn entry_for(
         layers: info.layers,
         owned,
         added_at: now_rfc3339(),
+        hashing: None,
     }
 }
 

@@ -9,8 +9,8 @@ use super::config::{self, Config};
 use super::queen::Queen;
 use super::render::Progress;
 use super::table::{bytes, lends, mb, print_json, worker_hives, Table};
-use crate::http::client;
 use crate::http::sse::Frame;
+use crate::http::{client, segment};
 use crate::protocol::{
     parse_rfc3339, AddHive, DownloadEvent, DownloadRequest, DownloadStarted, HiveRemoved,
     HiveStatus, HiveWorker, MemoryPool, ModelEntry, PartialsRemoved, QueenStatus,
@@ -133,25 +133,33 @@ async fn hive_list(queen: &Queen, json: bool) -> Result<(), String> {
 }
 
 async fn hive_remove(queen: &Queen, name: &str) -> Result<(), String> {
-    let path = format!("/v1/hives/{name}");
+    let path = format!("/v1/hives/{}", segment(name));
     let removed: HiveRemoved = queen.call(Method::DELETE, &path, None::<&()>).await?;
     println!("removed hive {}", removed.removed);
     Ok(())
 }
 
 async fn models_list(queen: &Queen, node: &str, json: bool) -> Result<(), String> {
-    let path = format!("/v1/hives/{node}/models");
+    let path = format!("/v1/hives/{}/models", segment(node));
     let models: Vec<ModelEntry> = queen.call(Method::GET, &path, None::<&()>).await?;
     if json {
         return print_json(&models);
     }
     let mut table = Table::new(&["NAME", "QUANT", "ARCH", "SIZE", "SOURCE"]);
     for m in models {
+        let size = match m.hashing {
+            Some(h) => format!(
+                "{} (hashing, {}%)",
+                bytes(m.size),
+                h.bytes_hashed * 100 / h.bytes_total.max(1)
+            ),
+            None => bytes(m.size),
+        };
         table.row(vec![
             m.name,
             m.quantization,
             m.architecture,
-            bytes(m.size),
+            size,
             m.model_ref,
         ]);
     }
@@ -184,11 +192,12 @@ async fn models_download(queen: &Queen, d: ModelsDownload) -> Result<(), String>
     let body = DownloadRequest {
         model_ref: super::infer::model_ref(&d.model_ref),
     };
-    let path = format!("/v1/hives/{}/models/download", d.node);
+    let path = format!("/v1/hives/{}/models/download", segment(&d.node));
     let started: DownloadStarted = queen.call(Method::POST, &path, Some(&body)).await?;
     let url = queen.url(&format!(
         "/v1/hives/{}/models/download/progress?id={}",
-        d.node, started.download_id
+        segment(&d.node),
+        segment(&started.download_id)
     ));
     let mut stream = client::stream(&url, queen.token.as_deref(), None::<&()>)
         .await
@@ -212,14 +221,14 @@ async fn models_download(queen: &Queen, d: ModelsDownload) -> Result<(), String>
 }
 
 async fn models_remove(queen: &Queen, node: &str, name: &str) -> Result<(), String> {
-    let path = format!("/v1/hives/{node}/models/{name}");
+    let path = format!("/v1/hives/{}/models/{}", segment(node), segment(name));
     let _: ModelEntry = queen.call(Method::DELETE, &path, None::<&()>).await?;
     println!("removed {name}");
     Ok(())
 }
 
 async fn models_clean(queen: &Queen, node: &str) -> Result<(), String> {
-    let path = format!("/v1/hives/{node}/models/download/partial");
+    let path = format!("/v1/hives/{}/models/download/partial", segment(node));
     let cleaned: PartialsRemoved = queen.call(Method::DELETE, &path, None::<&()>).await?;
     for file in &cleaned.removed {
         println!("removed {file}");

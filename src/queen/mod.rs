@@ -229,7 +229,7 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Ok(found) => found,
         Err(e) => return http::error(e),
     };
-    let param = params.first().copied().unwrap_or_default();
+    let param = params.first().map(String::as_str).unwrap_or_default();
     http::reply(match endpoint {
         Endpoint::Health => Ok(http::json(StatusCode::OK, &Health::alive("queen"))),
         Endpoint::Hives => Ok(http::json(StatusCode::OK, &status::hive_list(&q).await)),
@@ -400,7 +400,7 @@ async fn hive_models(
     hive: &HiveConn,
     view: &View,
     endpoint: Endpoint,
-    params: &[&str],
+    params: &[String],
     req: Request<Incoming>,
 ) -> Reply {
     let client = hive.client();
@@ -412,12 +412,12 @@ async fn hive_models(
             Ok(http::json(StatusCode::ACCEPTED, &started))
         }
         Endpoint::HiveDownloadProgress => {
-            let id = query_param(req.uri().query(), "id").unwrap_or_default();
-            let events = client.download_progress(id).await.map_err(relayed)?;
+            let id = http::query_param(req.uri().query(), "id").unwrap_or_default();
+            let events = client.download_progress(&id).await.map_err(relayed)?;
             Ok(relay_download(hive.name.clone(), events, view.clone()))
         }
         Endpoint::HiveDeleteModel => {
-            let name = params.get(1).copied().unwrap_or_default();
+            let name = params.get(1).map(String::as_str).unwrap_or_default();
             let entry = client.delete_model(name).await.map_err(relayed)?;
             Ok(http::json(StatusCode::OK, &entry))
         }
@@ -430,15 +430,6 @@ async fn hive_models(
             Ok(http::json(StatusCode::OK, &models))
         }
     }
-}
-
-/// `name`'s value in a query string, as given.
-fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
 }
 
 /// A hive's download progress as the queen's own SSE stream. A hive that

@@ -322,6 +322,7 @@ pub mod fixtures {
                 layers: 30,
                 owned: true,
                 added_at: String::new(),
+                hashing: None,
             },
             memory_estimate_mb: estimate_mb,
             split: None,

@@ -599,3 +599,36 @@ fn a_full_disk_fails_the_download_saying_what_is_missing_and_the_hive_still_serv
     );
     assert!(!part.exists());
 }
+
+#[test]
+fn a_large_file_is_registered_at_once_and_its_hash_follows_with_progress() {
+    let hf = hf();
+    let data = TempDir::new("hive-hashing");
+    let h = hive(&data, &hf, &[]);
+    // SmolLM2 followed by 3 GiB of holes: a large file that takes no disk.
+    let big = data.path().join("Big Model.gguf");
+    std::fs::copy(model_path(), &big).expect("copied");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&big)
+        .expect("opened");
+    file.set_len(3 << 30).expect("extended");
+    let (status, started) = download(&h, &format!("file:{}", big.display()));
+    assert_eq!(status, 202, "{started}");
+    assert_eq!(started["state"], "complete", "usable at once: {started}");
+    let listed = models(&h);
+    let entry = &listed[0];
+    assert_eq!(entry["name"], "big-model", "{entry}");
+    assert_eq!(entry["sha256"], "", "{entry}");
+    assert_eq!(entry["hashing"]["bytes_total"], 3u64 << 30, "{entry}");
+    let mut seen = Vec::new();
+    wait_until("the file's sha256", Duration::from_secs(120), || {
+        let entry = models(&h)[0].clone();
+        if let Some(done) = entry["hashing"]["bytes_hashed"].as_u64() {
+            seen.push(done);
+        }
+        entry["sha256"].as_str().is_some_and(|s| s.len() == 64)
+    });
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert!(models(&h)[0].get("hashing").is_none());
+}
