@@ -88,12 +88,18 @@ class Lender:
                 time.sleep(0.05)
         self.leases = 0
 
-    def lease(self, layers):
+    def lease(self, layers, memory_mb):
+        """A lease of `memory_mb` (its RPC server holds no more); its id and tunnel URL."""
         self.leases += 1
         lease = f"lease-bench-{self.leases}"
         call(self.host, self.port, "POST", "/v1/leases",
-             {"lease": lease, "model": "bench", "borrower": "bench", "layers": layers, "memory_mb": 0})
-        return f"http://{self.host}:{self.port}/v1/rpc?lease={lease}"
+             {"lease": lease, "model": "bench", "borrower": "bench", "layers": layers,
+              "memory_mb": memory_mb})
+        return lease, f"http://{self.host}:{self.port}/v1/rpc?lease={lease}"
+
+    def end(self, lease):
+        """Ends a lease at once (a hive holds a few per borrower)."""
+        call(self.host, self.port, "DELETE", f"/v1/leases/{lease}")
 
     def stop(self):
         self.proc.terminate()
@@ -157,16 +163,23 @@ def section(a):
         variants += [("split, netns", "netns", 0, False)]
     variants += [(f"split, {far} +1 ms", far, 1, False), (f"split, {far} +5 ms", far, 5, False)]
     runs = {v[0]: [] for v in variants}
+    # What a lease may hold: more than any share of the model's layers with their cache.
+    memory_mb = 2 * os.path.getsize(a.model) // 2**20 + 1024
     try:
         for _ in range(a.split_runs):
             for name, where, delay, passive in variants:
-                remote = f"{layers}@{lenders[where].lease(layers)}" if where else None
+                lease = None
+                if where:
+                    lease, url = lenders[where].lease(layers, memory_mb)
+                remote = f"{layers}@{url}" if where else None
                 w = Worker(a, remote, delay, passive)
                 try:
                     w.stream(8)  # warm
                     runs[name].append(figures(*w.stream(a.tokens)))
                 finally:
                     w.stop()
+                    if lease:
+                        lenders[where].end(lease)
     finally:
         for lender in lenders.values():
             lender.stop()

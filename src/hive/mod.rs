@@ -12,6 +12,10 @@ pub mod rpc_door;
 pub mod state;
 pub mod workers;
 
+/// The catalog's directory in the data dir (where the queen's local hive
+/// keeps it too, so a queen knows whether this machine's hive ran before).
+pub const CATALOG: &str = "hive-catalog";
+
 use crate::http::{self, Auth, Body, Reply, Route};
 use crate::protocol::{
     ApiError, Capabilities, DownloadEvent, DownloadRequest, ErrorCode, Health, LeaseRequest,
@@ -50,7 +54,7 @@ pub struct Args {
     /// first port handed to workers (default 8081)
     #[argh(option, default = "8081")]
     pub worker_port: u16,
-    /// host name or address others reach this machine's workers at (default: --host, or 127.0.0.1)
+    /// host name or address others reach this machine's workers at (default: --host; on a wildcard --host, the address the queen reached this hive at)
     #[argh(option)]
     pub advertise_host: Option<String>,
     /// file holding the shared bearer token (else RBEE_TOKEN)
@@ -117,7 +121,7 @@ pub async fn run(args: Args) -> Result<(), String> {
 
     let data_dir = crate::data_dir(args.data_dir.as_deref());
     crate::create_data_dir(&data_dir)?;
-    let catalog_path = data_dir.join("hive-catalog");
+    let catalog_path = data_dir.join(CATALOG);
     let models = if args.rebuild_catalog {
         rebuild_catalog(&catalog_path, &data_dir, changes.clone())?
     } else {
@@ -143,10 +147,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     let settings = Settings {
         exe,
         host: args.host.clone(),
-        advertise_host: args
-            .advertise_host
-            .clone()
-            .unwrap_or_else(|| local_host.clone()),
+        advertise_host: args.advertise_host.clone(),
         callback_url: format!("http://{local_host}:{port}/v1/workers/ready"),
         first_port: args.worker_port,
         ready_timeout,
@@ -182,6 +183,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     crate::process::report_ready(addr);
     let admin = hive.shutdown.clone();
     let door = hive.auth.clone();
+    let state = hive.state.clone();
     http::serve(
         listener,
         door,
@@ -189,6 +191,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         async move {
             http::stop_signal(&admin).await;
             tracing::info!("hive shutting down: stopping its workers");
+            state.end_streams();
         },
     )
     .await;
@@ -364,8 +367,10 @@ fn download_progress(h: &Hive, req: &Request<Incoming>) -> Reply {
 }
 
 async fn spawn(h: &Hive, req: Request<Incoming>) -> Reply {
+    // Its workers are reached at the address the caller reached the hive at.
+    let reached_at = req.extensions().get::<http::Local>().map(|l| l.0.ip());
     let body: SpawnRequest = http::read_json(req).await?;
-    let info = h.state.spawn(&body).await?;
+    let info = h.state.spawn(&body, reached_at).await?;
     Ok(http::json(StatusCode::ACCEPTED, &info))
 }
 

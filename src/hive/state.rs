@@ -105,6 +105,9 @@ pub struct State {
     headers: Arc<Mutex<HashMap<(String, u64), GgufInfo>>>,
     /// Held from a spawn's memory check until its worker is recorded.
     spawning: Arc<tokio::sync::Mutex<()>>,
+    /// Set when the hive stops: its state streams end then, so that no
+    /// follower holds the hive's exit for the drain's whole time.
+    stopping: Arc<watch::Sender<bool>>,
 }
 
 impl State {
@@ -123,7 +126,13 @@ impl State {
             budget_mb,
             headers: Arc::default(),
             spawning: Arc::default(),
+            stopping: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// Ends every state stream, now and to come: the hive is stopping.
+    pub fn end_streams(&self) {
+        self.stopping.send_replace(true);
     }
 
     fn header(&self, entry: &ModelEntry) -> Result<GgufInfo, String> {
@@ -160,7 +169,13 @@ impl State {
 
     /// Starts a worker if the budget has room for it; else `INSUFFICIENT_MEMORY`
     /// naming the need and what is free.
-    pub async fn spawn(&self, req: &SpawnRequest) -> Result<WorkerInfo, ApiError> {
+    /// Starts a worker for `req`; `reached_at` is this hive's address as
+    /// the caller reached it (where the worker is reached too, unless told).
+    pub async fn spawn(
+        &self,
+        req: &SpawnRequest,
+        reached_at: Option<std::net::IpAddr>,
+    ) -> Result<WorkerInfo, ApiError> {
         let entry = self.models.find(&req.model_ref).await?;
         let plan = self.plan_for(&entry, req.slots, req.ctx_size);
         crate::worker::check_slots(plan.slots, plan.ctx_size, entry.context_length).map_err(
@@ -205,7 +220,7 @@ impl State {
                 ),
             ));
         }
-        self.workers.spawn(&entry, req, &plan).await
+        self.workers.spawn(&entry, req, &plan, reached_at).await
     }
 
     /// Lends this hive's devices for a share of a split worker, if the budget
@@ -290,8 +305,12 @@ impl State {
         let state = self.clone();
         tokio::spawn(async move {
             let mut changes = state.changes.subscribe();
+            let mut stopping = state.stopping.subscribe();
             let mut sent: Option<HiveSnapshot> = None;
             loop {
+                if *stopping.borrow_and_update() {
+                    return;
+                }
                 let now = state.snapshot();
                 if sent.as_ref().is_none_or(|old| notable(old, &now)) {
                     if tx.send(sse::event(&now)).await.is_err() {
@@ -307,6 +326,7 @@ impl State {
                         tokio::time::sleep(COALESCE).await;
                     }
                     () = tokio::time::sleep(KEEPALIVE_EVERY) => {}
+                    _ = stopping.changed() => {}
                     () = tx.closed() => return,
                 }
             }

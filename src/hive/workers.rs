@@ -31,8 +31,9 @@ pub struct Settings {
     pub exe: PathBuf,
     /// Where workers listen.
     pub host: String,
-    /// The host in the URLs the hive gives out for its workers.
-    pub advertise_host: String,
+    /// The host in the URLs the hive gives out for its workers
+    /// (`--advertise-host`); else [`advertised_host`] decides.
+    pub advertise_host: Option<String>,
     pub callback_url: String,
     pub first_port: u16,
     pub ready_timeout: Duration,
@@ -135,8 +136,14 @@ impl Workers {
         model: &ModelEntry,
         req: &SpawnRequest,
         plan: &Plan,
+        reached_at: Option<std::net::IpAddr>,
     ) -> Result<WorkerInfo, ApiError> {
         let backend = choose_backend(req.backend.as_deref(), crate::BACKENDS)?;
+        let host = advertised_host(
+            self.settings.advertise_host.as_deref(),
+            &self.settings.host,
+            reached_at,
+        );
         let id = new_id("worker");
         let port = self.free_port()?;
         let secret = crate::protocol::new_secret();
@@ -145,7 +152,7 @@ impl Workers {
             .await?;
         let info = WorkerInfo {
             worker_id: id.clone(),
-            url: format!("http://{}:{port}", self.settings.advertise_host),
+            url: format!("http://{host}:{port}"),
             model: model.name.clone(),
             model_path: model.path.clone(),
             pid: child.id(),
@@ -503,6 +510,37 @@ async fn worker_busy(url: &str, token: Option<&str>) -> Option<bool> {
     Some(status.slots_busy > 0 || status.queue_len > 0)
 }
 
+/// The host in a new worker's URL: `--advertise-host` when given; else the
+/// address the hive listens on (`localhost` is loopback); on a wildcard, the
+/// address the caller reached the hive at, so a queen on another machine
+/// gets an address it can reach, never loopback (`127.0.0.1` only when
+/// nothing better is known).
+pub fn advertised_host(
+    explicit: Option<&str>,
+    listen: &str,
+    reached_at: Option<std::net::IpAddr>,
+) -> String {
+    if let Some(host) = explicit {
+        return host.to_string();
+    }
+    let wildcard = match listen.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_unspecified(),
+        Err(_) => false,
+    };
+    if !wildcard {
+        return match listen {
+            "localhost" => "127.0.0.1".to_string(),
+            host if host.contains(':') => format!("[{host}]"),
+            host => host.to_string(),
+        };
+    }
+    match reached_at.map(|ip| ip.to_canonical()) {
+        Some(std::net::IpAddr::V4(ip)) if !ip.is_unspecified() => ip.to_string(),
+        Some(std::net::IpAddr::V6(ip)) if !ip.is_unspecified() => format!("[{ip}]"),
+        _ => "127.0.0.1".to_string(),
+    }
+}
+
 /// The backend a spawn asks for (absent: the best this build has), if this build has it.
 fn choose_backend<'a>(asked: Option<&'a str>, compiled: &'a str) -> Result<&'a str, ApiError> {
     // `rpc` is how devices are lent and borrowed, not what a worker runs on.
@@ -580,6 +618,39 @@ fn keep_stderr(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_is_advertised_where_its_caller_reached_the_hive() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().ok();
+        // The queen on another machine reached a hive listening everywhere.
+        assert_eq!(
+            advertised_host(None, "0.0.0.0", ip("10.77.3.2")),
+            "10.77.3.2"
+        );
+        assert_eq!(advertised_host(None, "::", ip("fd00::2")), "[fd00::2]");
+        assert_eq!(
+            advertised_host(None, "::", ip("::ffff:10.0.0.5")),
+            "10.0.0.5",
+            "an IPv4 caller on a dual-stack socket"
+        );
+        // A queen on this machine reached it on loopback: loopback is right.
+        assert_eq!(
+            advertised_host(None, "0.0.0.0", ip("127.0.0.1")),
+            "127.0.0.1"
+        );
+        assert_eq!(advertised_host(None, "0.0.0.0", None), "127.0.0.1");
+        // A hive on one address, or told where it is reached, says so.
+        assert_eq!(
+            advertised_host(None, "10.1.1.1", ip("127.0.0.1")),
+            "10.1.1.1"
+        );
+        assert_eq!(advertised_host(None, "localhost", None), "127.0.0.1");
+        assert_eq!(advertised_host(None, "fd00::9", None), "[fd00::9]");
+        assert_eq!(
+            advertised_host(Some("mac.lan"), "0.0.0.0", ip("10.77.3.2")),
+            "mac.lan"
+        );
+    }
 
     #[test]
     fn a_spawn_gets_a_backend_this_build_has() {

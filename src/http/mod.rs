@@ -52,6 +52,11 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub std::net::SocketAddr);
 
+/// The address a request came to: this machine's address as the client
+/// reached it (in its extensions, put there by [`serve`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Local(pub std::net::SocketAddr);
+
 /// Serves `handler` on `listener` behind `door` (token, host names, origins:
 /// [`Auth::admit`]) until `shutdown` resolves, then stops accepting and waits
 /// for open connections (streams included) to finish. Connections are held
@@ -104,9 +109,13 @@ pub async fn serve<H, F>(
                 };
                 let _ = stream.set_nodelay(true);
                 keepalive(&stream);
+                let local = stream.local_addr().ok();
                 let (handler, door) = (handler.clone(), door.clone());
                 let service = service_fn(move |mut req: Request<Incoming>| {
                     req.extensions_mut().insert(Peer(peer));
+                    if let Some(local) = local {
+                        req.extensions_mut().insert(Local(local));
+                    }
                     let call = door.admit(&req).map(|cors| (handler(req), cors));
                     async move {
                         Ok::<_, Infallible>(match call {

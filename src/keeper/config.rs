@@ -69,17 +69,7 @@ impl Config {
     pub fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
         match key_of(key)? {
             "queen-url" => {
-                if let Some(url) = value {
-                    let ok = url.parse::<hyper::Uri>().is_ok_and(|u| {
-                        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-                    });
-                    if !ok {
-                        return Err(format!(
-                            "{url:?} is not a queen URL (like http://127.0.0.1:8500)"
-                        ));
-                    }
-                }
-                self.queen_url = value.map(|u| u.trim_end_matches('/').to_string());
+                self.queen_url = value.map(super::args::queen_url).transpose()?;
             }
             "token-file" => {
                 self.token_file = match value {
@@ -143,9 +133,12 @@ mod tests {
             Err("unknown config key \"modle\": use queen-url, token-file, model".into())
         );
         assert!(c
-            .set("queen-url", Some("mac:8500"))
+            .set("queen-url", Some("mac:port"))
             .unwrap_err()
-            .contains("not a queen URL"));
+            .contains("is not an address"));
+        // The OLLAMA_HOST habit: no scheme is http://.
+        c.set("queen-url", Some("mac:8500")).unwrap();
+        assert_eq!(c.queen_url.as_deref(), Some("http://mac:8500"));
         assert!(c
             .set("token-file", Some("/no/such/token"))
             .unwrap_err()

@@ -296,14 +296,42 @@ fn duration(secs: u64) -> String {
     }
 }
 
-/// Stops the workers of the model `target` names, or the one worker whose id starts with it.
+/// How long `stop` waits for the workers it stopped to be gone.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Stops the workers of the model `target` names, or the one worker whose
+/// id starts with it, and returns when they are gone (so the next job never
+/// lands on one that is stopping).
 async fn stop(queen: &Queen, target: &str) -> Result<(), String> {
     let workers: Vec<HiveWorker> = queen.call(Method::GET, "/v1/workers", None::<&()>).await?;
     let ids = stop_targets(&workers, target)?;
-    for id in ids {
-        let path = format!("/v1/workers/{id}/shutdown");
+    for id in &ids {
+        let path = format!("/v1/workers/{}/shutdown", segment(id));
         let _: HiveWorker = queen.call(Method::POST, &path, None::<&()>).await?;
-        println!("stopping {id}");
+        eprintln!("stopping {id}");
+    }
+    let deadline = tokio::time::Instant::now() + STOP_WAIT;
+    let mut left = ids;
+    while !left.is_empty() {
+        let workers: Vec<HiveWorker> = queen.call(Method::GET, "/v1/workers", None::<&()>).await?;
+        left.retain(|id| {
+            let here = workers.iter().any(|w| &w.worker.worker_id == id);
+            if !here {
+                println!("stopped {id}");
+            }
+            here
+        });
+        if left.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{} still stopping after {} s (`rbee keeper ps` shows them)",
+                left.join(", "),
+                STOP_WAIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     Ok(())
 }

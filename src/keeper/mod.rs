@@ -41,7 +41,7 @@ pub async fn run(args: Args) -> Result<u8, String> {
         url: args.queen_url(
             std::env::var("RBEE_QUEEN_URL").ok(),
             config.queen_url.as_deref(),
-        ),
+        )?,
         token,
         quiet: args.quiet(),
     };

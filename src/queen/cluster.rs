@@ -121,6 +121,30 @@ impl Live {
     pub async fn retrack(&self) {
         self.view.track(&self.registry.all().await);
     }
+
+    /// At the queen's start, on a data dir where this machine's hive ran
+    /// before: starts it again unless a registered hive runs here, so that
+    /// this machine's models are listed without waiting for a job.
+    pub async fn bring_back_local(self) {
+        self.view
+            .wait_until(SILENCE, |s| {
+                s.hives
+                    .iter()
+                    .all(|h| h.snapshot.is_some() || h.error.is_some())
+            })
+            .await;
+        if !super::hives::local_hive_wanted(&self.view.state()) {
+            return;
+        }
+        match self
+            .registry
+            .ensure_local(|_, human| tracing::info!("{human}"))
+            .await
+        {
+            Ok(_) => self.retrack().await,
+            Err(e) => tracing::warn!("cannot start this machine's hive again: {e}"),
+        }
+    }
 }
 
 impl Cluster for Live {

@@ -48,14 +48,8 @@ async fn named_hives(
                     .all(|h| h.snapshot.is_some() || h.error.is_some())
             })
             .await;
-            let state = view.state();
             let mut names = known;
-            let local_known = names.iter().any(|n| n == LOCALHOST);
-            let local_up = state
-                .hives
-                .iter()
-                .any(|h| h.conn.name == LOCALHOST && h.reachable);
-            if (local_known && !local_up) || (!local_known && !another_hive_here(&state)) {
+            if local_hive_wanted(&view.state()) {
                 let local = cluster.local_hive(job).await?.name;
                 if !names.contains(&local) {
                     names.push(local);
@@ -66,14 +60,44 @@ async fn named_hives(
     }
 }
 
-/// Whether a registered hive runs on the queen's own machine (by host name).
-fn another_hive_here(state: &ClusterState) -> bool {
+/// Whether this machine's hive should run (and be started if it does not):
+/// it is registered as `localhost` and not up, or no registered hive runs
+/// on this machine.
+pub fn local_hive_wanted(state: &ClusterState) -> bool {
+    let local = state.hives.iter().find(|h| h.conn.name == LOCALHOST);
+    match local {
+        Some(h) => !h.reachable,
+        None => !state.hives.iter().any(|h| {
+            let hostname = h.snapshot.as_ref().map(|s| s.hostname.as_str());
+            on_this_machine(&h.conn.url, hostname)
+        }),
+    }
+}
+
+/// Whether the hive at `url` runs on the queen's own machine: its address is
+/// one of this machine's (a socket can be bound to it), or its URL names
+/// this machine and the hive says it runs on a machine of that name. A host
+/// name alone proves nothing: machines cloned from one image, or network
+/// namespaces, share one.
+fn on_this_machine(url: &str, hostname: Option<&str>) -> bool {
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return false;
+    };
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok();
+    }
     let here = crate::machine::hostname();
-    state.hives.iter().any(|h| {
-        h.snapshot
-            .as_ref()
-            .is_some_and(|s| !here.is_empty() && s.hostname == here)
-    })
+    let first = |name: &str| {
+        name.split('.')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
+    !here.is_empty() && first(host) == first(&here) && hostname == Some(here.as_str())
 }
 
 fn unknown_node(name: &str, known: &[String]) -> ApiError {
@@ -124,4 +148,30 @@ async fn reachable(
         job.narrate("queen", "skip_hive", d);
     }
     Ok(alive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hive_is_on_this_machine_by_its_address_not_its_host_name() {
+        for here in [
+            "http://127.0.0.1:8080",
+            "http://localhost:9",
+            "http://[::1]:8080",
+        ] {
+            assert!(on_this_machine(here, None), "{here}");
+        }
+        // An address no interface here has: another machine, whatever it is called.
+        let name = crate::machine::hostname();
+        assert!(!on_this_machine("http://203.0.113.9:8080", Some(&name)));
+        assert!(!on_this_machine("not a url", None));
+        if !name.is_empty() {
+            let url = format!("http://{name}:8080");
+            assert!(on_this_machine(&url, Some(&name)));
+            assert!(!on_this_machine(&url, Some("elsewhere")));
+            assert!(!on_this_machine(&url, None));
+        }
+    }
 }

@@ -87,6 +87,9 @@ pub async fn run(args: Args) -> Result<(), String> {
     crate::create_data_dir(&data_dir)?;
     let registry = Registry::open(data_dir.clone(), auth.token().map(str::to_string))?;
     let cluster = Live::start(registry.clone()).await;
+    if data_dir.join(crate::hive::CATALOG).exists() {
+        tokio::spawn(cluster.clone().bring_back_local());
+    }
     let queen = Queen {
         registry: registry.clone(),
         cluster,

@@ -299,10 +299,11 @@ pub mod fixtures {
     use super::*;
     use crate::protocol::{MemoryPool, ModelEntry, SplitCostMb};
 
+    /// A hive of this name; on this machine, as its address says.
     pub fn conn(name: &str) -> HiveConn {
         HiveConn {
             name: name.into(),
-            url: format!("http://{name}:8080"),
+            url: format!("http://127.0.0.1:8080/{name}"),
             token: None,
         }
     }

@@ -1061,7 +1061,10 @@ mod tests {
         let (result, _) = run_job(&fake, None).await;
         let e = result.expect_err("the job fails");
         assert_eq!(e.code, ErrorCode::HiveUnreachable);
-        for name in ["hive one at http://one:8080", "hive two at http://two:8080"] {
+        for name in [
+            "hive one at http://127.0.0.1:8080/one",
+            "hive two at http://127.0.0.1:8080/two",
+        ] {
             assert!(e.message.contains(name), "{}", e.message);
         }
     }

@@ -327,3 +327,17 @@ fn interleaved_conversations_land_on_the_worker_that_holds_their_cache() {
         }
     }
 }
+
+#[test]
+fn a_hive_followed_by_a_queen_stops_at_once_when_told() {
+    let (_home, mut h) = hive("stop-followed", "1GiB");
+    let c = Cluster::with_hives("stop-followed", &[("followed", &h)]);
+    assert_eq!(c.hive_status("followed"), "reachable");
+    // The queen follows its state stream; SIGTERM ends that stream, so the
+    // hive does not wait out the connections' drain (15 s).
+    h.signal("TERM");
+    assert!(
+        h.wait_exit(Duration::from_secs(10)).is_some(),
+        "the hive is still running"
+    );
+}

@@ -299,8 +299,10 @@ impl Net {
         assert!(status.success());
     }
 
-    /// `rbee hive` inside host `i`'s namespace on its own address, with a
-    /// token and this memory budget.
+    /// `rbee hive` inside host `i`'s namespace, listening on every address
+    /// as README's second-machine recipe has it (so the workers' URLs the
+    /// queen gets are built from the address it reached the hive at), with
+    /// a token and this memory budget.
     pub fn hive(&self, i: usize, home: &TempDir, token_file: &str, budget: &str) -> Proc {
         let addr = self.addr(i);
         let p = Proc::start_in(
@@ -308,7 +310,7 @@ impl Net {
             &[
                 "hive",
                 "--host",
-                &addr,
+                "0.0.0.0",
                 "--port",
                 "8080",
                 "--token-file",
@@ -528,4 +530,49 @@ fn install_service_writes_a_unit_that_runs_this_role_with_its_flags_and_uninstal
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pass it with --token-file"), "{err}");
     assert!(!config.join("systemd/user/rbee-queen.service").exists());
+}
+
+#[test]
+fn a_restarted_queen_lists_this_machines_models_beside_a_remote_hive_of_the_same_host_name() {
+    let _turn = serial();
+    let Some(net) = Net::new(1) else {
+        return;
+    };
+    let secrets = TempDir::new("local-back-secrets");
+    let token = secrets.path().join("token");
+    std::fs::write(&token, "s3cret-for-the-test\n").expect("token written");
+    let token = token.display().to_string();
+    let home = TempDir::new("local-back-remote");
+    // The remote hive's machine has this machine's host name (a namespace shares it).
+    let remote = net.hive(0, &home, &token, "2GiB");
+    let c = Cluster::new("local-back", &[]);
+    let model = crate::chain::file_model();
+    let (code, _, err) = c.keeper(&crate::chain::infer_args("localhost", &model, "Hello"));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = c.keeper(&[
+        "hive",
+        "add",
+        "far",
+        "--url",
+        &remote.url,
+        "--token-file",
+        &token,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = c.keeper(&["queen", "stop"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = c.keeper(&["queen", "start"]);
+    assert_eq!(code, 0, "{err}");
+    // No job has run since: this machine's hive is back all the same.
+    wait_until(
+        "this machine's models to be listed",
+        Duration::from_secs(30),
+        || {
+            c.listed(&["list"])
+                .iter()
+                .any(|m| m["hive"] == "localhost" && m["name"] == "smollm2-135m-instruct.q4_1")
+        },
+    );
+    let _ = c.keeper(&["queen", "stop"]);
+    drop(remote);
 }
