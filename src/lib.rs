@@ -90,7 +90,7 @@ pub fn create_data_dir(dir: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses `300`, `300s`, `5m`, `1h` or `250ms`.
+/// Parses `300`, `300s`, `5m`, `1h`, `30d` or `250ms`.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     use std::time::Duration;
     let s = s.trim();
@@ -104,7 +104,8 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?} is not a duration (try 30s, 5m, 1h)")),
+        "d" => Ok(Duration::from_secs(n * 86_400)),
+        _ => Err(format!("{s:?} is not a duration (try 30s, 5m, 1h, 30d)")),
     }
 }
 

@@ -325,7 +325,20 @@ pub struct QueenMetrics {
     failovers: Counter,
     poison_requests: Counter,
     evictions: Counter,
+    key_requests: Family<KeyOutcomeLabel, Counter>,
+    key_tokens: Family<KeyLabel, Counter>,
     registry: Arc<Registry>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabel {
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyOutcomeLabel {
+    key: String,
+    outcome: String,
 }
 
 /// Tokens per second, from 1 to about 4,000.
@@ -345,8 +358,20 @@ impl Default for QueenMetrics {
             failovers: Counter::default(),
             poison_requests: Counter::default(),
             evictions: Counter::default(),
+            key_requests: Family::default(),
+            key_tokens: Family::default(),
             registry: Arc::default(),
         };
+        r.register(
+            "rbee_queen_key_requests",
+            "Requests made with each client key, by outcome (ok, limited, refused, error)",
+            m.key_requests.clone(),
+        );
+        r.register(
+            "rbee_queen_tokens",
+            "Tokens generated for each client key's jobs",
+            m.key_tokens.clone(),
+        );
         r.register(
             "rbee_queen_hives",
             "Registered hives, up (reachable) or down",
@@ -397,6 +422,23 @@ impl Default for QueenMetrics {
 impl QueenMetrics {
     pub fn job_started(&self) {
         self.jobs_running.inc();
+    }
+
+    /// A request made with client key `key` ended this way.
+    pub fn key_request(&self, key: &str, outcome: &str) {
+        self.key_requests
+            .get_or_create(&KeyOutcomeLabel {
+                key: key.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// `tokens` generated for client key `key`.
+    pub fn key_tokens(&self, key: &str, tokens: u64) {
+        self.key_tokens
+            .get_or_create(&KeyLabel { key: key.into() })
+            .inc_by(tokens);
     }
 
     /// A job ended: `ok`, `error` or `cancelled`.

@@ -125,6 +125,8 @@ error_codes! {
     /// Nobody answered at an address; the caller knows whether that was a hive or a worker.
     Unreachable = "UNREACHABLE", 502;
     Cancelled = "CANCELLED", 409;
+    /// What it would make exists already (a key of that name).
+    Conflict = "CONFLICT", 409;
     /// The request crashed a worker before its first token: it is not sent to
     /// another, and the same request is refused for a while.
     RequestCrashedWorker = "REQUEST_CRASHED_WORKER", 422;
@@ -146,6 +148,10 @@ pub struct ApiError {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub param: Option<String>,
+    /// Seconds after which asking again may succeed: the answer's
+    /// `Retry-After` header (not in the body).
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -154,16 +160,22 @@ impl ApiError {
             code,
             message: message.into(),
             param: None,
+            retry_after: None,
         }
     }
 
     /// A bad request field: `INVALID_REQUEST`, naming the field.
     pub fn invalid(param: &str, message: impl Into<String>) -> ApiError {
         ApiError {
-            code: ErrorCode::InvalidRequest,
-            message: message.into(),
             param: Some(param.into()),
+            ..ApiError::new(ErrorCode::InvalidRequest, message)
         }
+    }
+
+    /// The same error, saying when to ask again (whole seconds, at least 1).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> ApiError {
+        self.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        self
     }
 
     pub fn internal(message: impl Into<String>) -> ApiError {
@@ -750,6 +762,64 @@ pub struct ModelEntry {
 pub struct Hashing {
     pub bytes_hashed: u64,
     pub bytes_total: u64,
+}
+
+/// What a client key may reach: `use`, inference, models and embeddings;
+/// `admin`, everything (hives, workers, keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyScope {
+    #[default]
+    Use,
+    Admin,
+}
+
+impl std::fmt::Display for KeyScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyScope::Use => "use",
+            KeyScope::Admin => "admin",
+        })
+    }
+}
+
+/// `POST /v1/keys` on the queen: a new client key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequest {
+    pub name: String,
+    #[serde(default)]
+    pub scope: KeyScope,
+    /// How long it is good for (`30d`, `12h`); absent: until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    /// Requests it may make (`60/min`); absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    /// Requests it may hold open at once (streams included); absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
+}
+
+/// A client key as `GET /v1/keys` lists it (never the key itself).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub name: String,
+    pub scope: KeyScope,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub rate: Option<String>,
+    pub streams: Option<u32>,
+    pub last_used: Option<String>,
+    pub requests: u64,
+    pub tokens_used: u64,
+}
+
+/// `POST /v1/keys`'s answer: the key, shown this once, and its record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyAdded {
+    pub key: String,
+    pub info: KeyInfo,
 }
 
 /// `POST /v1/workers/spawn` on a hive.

@@ -20,7 +20,44 @@ pub struct Auth {
     token: Option<std::sync::Arc<str>>,
     /// Browser sessions, where this daemon has a page (the queen).
     sessions: Option<session::Sessions>,
+    /// Client keys, where this daemon has them (the queen).
+    keys: Option<std::sync::Arc<dyn KeyDoor>>,
     doors: std::sync::Arc<Doors>,
+}
+
+/// What every client key starts with: a key is told from the token by it.
+pub const KEY_PREFIX: &str = "rbee-key-";
+
+/// Client keys (the queen's `keys.rs`): whether a key may make this request.
+pub trait KeyDoor: Send + Sync {
+    fn admit(&self, key: &str, method: &hyper::Method, path: &str) -> Result<Grant, ApiError>;
+}
+
+/// A request let in by a client key: the key's name (in the request's
+/// extensions as [`KeyName`]), and its use, told the answer's status and
+/// dropped when the answer has been sent, stream and all.
+pub struct Grant {
+    pub key: String,
+    pub held: Box<dyn KeyUse>,
+}
+
+/// A key's request in flight.
+pub trait KeyUse: Send + Sync {
+    /// The handler answered with this status (the body may still be streaming).
+    fn answered(&self, status: u16);
+}
+
+/// A request let in: the origin to name in its CORS headers, and a client
+/// key's grant when it came with one.
+pub type Admitted = (Option<HeaderValue>, Option<Grant>);
+
+/// The client key a request came with (in its extensions).
+#[derive(Debug, Clone)]
+pub struct KeyName(pub String);
+
+/// The client key `req` came with, if any.
+pub fn key_of<B>(req: &Request<B>) -> Option<String> {
+    req.extensions().get::<KeyName>().map(|k| k.0.clone())
 }
 
 /// The host names and origins let in without a token.
@@ -82,6 +119,12 @@ impl Auth {
         self.sessions.as_ref()
     }
 
+    /// Lets requests in with a client key too (when a token is set).
+    pub fn with_keys(mut self, keys: std::sync::Arc<dyn KeyDoor>) -> Auth {
+        self.keys = Some(keys);
+        self
+    }
+
     /// Whether `given` is the token (in constant time); always, without one.
     pub fn is_token(&self, given: &str) -> bool {
         self.token
@@ -111,13 +154,10 @@ impl Auth {
     }
 
     /// Lets a request in, with the origin to name in its CORS headers (a
-    /// browser page from another origin that is allowed); else the answer
-    /// that refuses it. A browser's preflight for an allowed origin is
-    /// answered here.
-    pub fn admit(
-        &self,
-        req: &Request<Incoming>,
-    ) -> Result<Option<HeaderValue>, Box<Response<Body>>> {
+    /// browser page from another origin that is allowed) and, for a client
+    /// key, its grant; else the answer that refuses it. A browser's
+    /// preflight for an allowed origin is answered here.
+    pub fn admit(&self, req: &Request<Incoming>) -> Result<Admitted, Box<Response<Body>>> {
         let header = |name| {
             req.headers()
                 .get(name)
@@ -134,27 +174,45 @@ impl Auth {
         }
         let cors = allowed_cross.and_then(|o| HeaderValue::from_str(o).ok());
         if req.uri().path() == "/health" {
-            return Ok(cors);
+            return Ok((cors, None));
         }
         let (method, path) = (req.method(), req.uri().path());
+        let presented = presented(
+            header(hyper::header::AUTHORIZATION),
+            header(hyper::header::HeaderName::from_static("x-api-key")),
+        );
         let verdict = match self.token.as_deref() {
             Some(_)
                 if self.sessions.is_some()
                     && session::is_door(session::LOGIN_DOORS, method, path) =>
             {
-                Ok(())
+                Ok(None)
             }
-            Some(token) => check_bearer(header(hyper::header::AUTHORIZATION), token).or_else(|e| {
-                let page = session::is_door(session::SESSION_DOORS, method, path);
-                let sessions = self.sessions.as_ref().filter(|_| page);
-                match sessions {
-                    Some(s) if s.admits(header(hyper::header::COOKIE)) => Ok(()),
-                    _ => Err(e),
+            Some(token) if constant_time_eq(presented.as_bytes(), token.as_bytes()) => Ok(None),
+            Some(_) => match &self.keys {
+                Some(keys) if presented.starts_with(KEY_PREFIX) => {
+                    keys.admit(presented, method, path).map(Some)
                 }
-            }),
-            None => self.doors.check(host, cross, allowed_cross.is_some()),
+                _ => {
+                    let page = session::is_door(session::SESSION_DOORS, method, path);
+                    let sessions = self.sessions.as_ref().filter(|_| page);
+                    match sessions {
+                        Some(s) if s.admits(header(hyper::header::COOKIE)) => Ok(None),
+                        _ => Err(ApiError::new(
+                            ErrorCode::Unauthorized,
+                            "missing or wrong bearer token",
+                        )),
+                    }
+                }
+            },
+            None => self
+                .doors
+                .check(host, cross, allowed_cross.is_some())
+                .map(|()| None),
         };
-        verdict.map(|()| cors).map_err(|e| Box::new(error(e)))
+        verdict
+            .map(|grant| (cors, grant))
+            .map_err(|e| Box::new(error(e)))
     }
 }
 
@@ -235,20 +293,15 @@ fn refused_origin(origin: &str) -> ApiError {
     )
 }
 
-/// `Authorization: Bearer <token>`, the scheme in any case.
-fn check_bearer(header: Option<&str>, token: &str) -> Result<(), ApiError> {
-    let given = header
+/// The token or key a request presents: `Authorization: Bearer <it>` (the
+/// scheme in any case), else `x-api-key: <it>` (Anthropic's clients).
+fn presented<'h>(authorization: Option<&'h str>, api_key: Option<&'h str>) -> &'h str {
+    authorization
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, t)| t.trim());
-    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "missing or wrong bearer token",
-        ))
-    }
+        .map(|(_, t)| t.trim())
+        .or(api_key.map(str::trim))
+        .unwrap_or("")
 }
 
 /// The answer to a browser's preflight from an allowed origin.
@@ -381,13 +434,14 @@ mod tests {
     }
 
     #[test]
-    fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
-        assert!(check_bearer(Some("Bearer s3cret"), "s3cret").is_ok());
-        assert!(check_bearer(Some("bearer s3cret"), "s3cret").is_ok());
-        assert!(check_bearer(Some("BEARER s3cret"), "s3cret").is_ok());
-        assert!(check_bearer(Some("Basic s3cret"), "s3cret").is_err());
-        assert!(check_bearer(Some("Bearer s3cre"), "s3cret").is_err());
-        assert!(check_bearer(None, "s3cret").is_err());
+    fn the_bearer_scheme_is_case_insensitive_and_x_api_key_is_read_too() {
+        assert_eq!(presented(Some("Bearer s3cret"), None), "s3cret");
+        assert_eq!(presented(Some("bearer s3cret"), None), "s3cret");
+        assert_eq!(presented(Some("BEARER s3cret "), None), "s3cret");
+        assert_eq!(presented(Some("Basic s3cret"), None), "");
+        assert_eq!(presented(None, Some("rbee-key-1")), "rbee-key-1");
+        assert_eq!(presented(Some("Bearer a"), Some("b")), "a");
+        assert_eq!(presented(None, None), "");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! matches a request against it, so 404 and 405 come from the table and
 //! cannot drift from what is served.
 
-mod auth;
+pub mod auth;
 pub mod budget;
 pub mod client;
 pub mod session;
@@ -47,6 +47,32 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a request's body may take to arrive once its headers have.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `resp` with `held` kept until its body has been sent (or dropped).
+fn holding(resp: Response<Body>, held: Box<dyn auth::KeyUse>) -> Response<Body> {
+    struct Holding {
+        body: Body,
+        _held: Box<dyn auth::KeyUse>,
+    }
+    impl hyper::body::Body for Holding {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        }
+        fn is_end_stream(&self) -> bool {
+            self.body.is_end_stream()
+        }
+        fn size_hint(&self) -> hyper::body::SizeHint {
+            self.body.size_hint()
+        }
+    }
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, BodyExt::boxed(Holding { body, _held: held }))
+}
 
 /// The address a request came from (in its extensions, put there by [`serve`]).
 #[derive(Debug, Clone, Copy)]
@@ -116,10 +142,24 @@ pub async fn serve<H, F>(
                     if let Some(local) = local {
                         req.extensions_mut().insert(Local(local));
                     }
-                    let call = door.admit(&req).map(|cors| (handler(req), cors));
+                    let call = door.admit(&req).map(|(cors, grant)| {
+                        if let Some(g) = &grant {
+                            req.extensions_mut().insert(auth::KeyName(g.key.clone()));
+                        }
+                        (handler(req), cors, grant)
+                    });
                     async move {
                         Ok::<_, Infallible>(match call {
-                            Ok((response, cors)) => with_cors(response.await, cors),
+                            Ok((response, cors, grant)) => {
+                                let response = with_cors(response.await, cors);
+                                match grant {
+                                    Some(g) => {
+                                        g.held.answered(response.status().as_u16());
+                                        holding(response, g.held)
+                                    }
+                                    None => response,
+                                }
+                            }
                             Err(refused) => *refused,
                         })
                     }
@@ -296,7 +336,13 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
 
 /// A JSON error: `{"error":{"code","message"}}`, with the code's status.
 pub fn error(e: ApiError) -> Response<Body> {
-    json(status_of(e.code), &ErrorBody { error: e })
+    let retry_after = e.retry_after;
+    let mut resp = json(status_of(e.code), &ErrorBody { error: e });
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
 }
 
 impl From<ApiError> for Response<Body> {

@@ -46,6 +46,7 @@ pub enum Command {
     Workers(WorkersCmd),
     Queen(QueenCmd),
     Config(ConfigCmd),
+    Keys(KeysCmd),
 }
 
 /// Show the cluster: hives and their memory, workers, models, jobs
@@ -189,6 +190,61 @@ pub struct Stop {
     /// a model's catalog name, or the start of a worker id
     #[argh(positional)]
     pub target: String,
+}
+
+/// Make, list and revoke client keys (for people and programs that use the queen).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "keys", help_triggers("-h", "--help"))]
+pub struct KeysCmd {
+    #[argh(subcommand)]
+    pub action: KeysAction,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum KeysAction {
+    Add(KeysAdd),
+    List(KeysList),
+    Revoke(KeysRevoke),
+}
+
+/// Make a key; it is printed this once.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "add", help_triggers("-h", "--help"))]
+pub struct KeysAdd {
+    /// the key's name (who or what uses it)
+    #[argh(positional)]
+    pub name: String,
+    /// use (inference, models, embeddings; the default) or admin (also hives, workers, keys)
+    #[argh(option, default = "String::from(\"use\")")]
+    pub scope: String,
+    /// how long it is good for, e.g. 30d or 12h (default: until revoked)
+    #[argh(option)]
+    pub expires: Option<String>,
+    /// requests it may make, e.g. 60/min (default: no limit)
+    #[argh(option)]
+    pub rate: Option<String>,
+    /// requests it may hold open at once, streams included (default: no limit)
+    #[argh(option)]
+    pub streams: Option<u32>,
+}
+
+/// List the keys: name, scope, created, last used, requests, tokens.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list", help_triggers("-h", "--help"))]
+pub struct KeysList {
+    /// JSON instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// Revoke a key: refused from now on.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "revoke", help_triggers("-h", "--help"))]
+pub struct KeysRevoke {
+    /// the key's name
+    #[argh(positional)]
+    pub name: String,
 }
 
 /// Register, list and forget hives.

@@ -3,7 +3,8 @@
 //! for scripts); commands that only look never start a queen.
 
 use super::args::{
-    Command, ConfigCmd, HiveAction, HiveAdd, ModelsAction, ModelsDownload, QueenCmd, WorkersAction,
+    Command, ConfigCmd, HiveAction, HiveAdd, KeysAction, KeysAdd, ModelsAction, ModelsDownload,
+    QueenCmd, WorkersAction,
 };
 use super::config::{self, Config};
 use super::queen::Queen;
@@ -69,6 +70,11 @@ pub async fn manage(queen: &Queen, command: Command) -> Result<u8, String> {
         Command::Stop(s) => stop(queen, &s.target).await,
         Command::Queen(q) => return queen_cmd(queen, &q).await,
         Command::Config(c) => config_cmd(&c),
+        Command::Keys(k) => match k.action {
+            KeysAction::Add(a) => keys_add(queen, a).await,
+            KeysAction::List(l) => keys_list(queen, l.json).await,
+            KeysAction::Revoke(r) => keys_revoke(queen, &r.name).await,
+        },
         Command::Status(s) => super::status::status(queen, s.web).await,
         Command::Infer(_) | Command::Run(_) => Err("not a management command".into()),
     }
@@ -130,6 +136,66 @@ async fn hive_list(queen: &Queen, json: bool) -> Result<(), String> {
         ]);
     }
     table.print("no hives (add one with `rbee keeper hive add NAME --url URL`)")
+}
+
+async fn keys_add(queen: &Queen, a: KeysAdd) -> Result<(), String> {
+    let scope = match a.scope.as_str() {
+        "use" => crate::protocol::KeyScope::Use,
+        "admin" => crate::protocol::KeyScope::Admin,
+        other => return Err(format!("--scope is use or admin, not {other:?}")),
+    };
+    let body = crate::protocol::KeyRequest {
+        name: a.name,
+        scope,
+        expires: a.expires,
+        rate: a.rate,
+        streams: a.streams,
+    };
+    let added: crate::protocol::KeyAdded =
+        queen.call(Method::POST, "/v1/keys", Some(&body)).await?;
+    eprintln!(
+        "key {} ({} scope) made; it is shown this once: keep it (Authorization: Bearer KEY, or x-api-key: KEY)",
+        added.info.name, added.info.scope
+    );
+    println!("{}", added.key);
+    Ok(())
+}
+
+async fn keys_list(queen: &Queen, json: bool) -> Result<(), String> {
+    let keys: Vec<crate::protocol::KeyInfo> =
+        queen.call(Method::GET, "/v1/keys", None::<&()>).await?;
+    if json {
+        return print_json(&keys);
+    }
+    let mut table = Table::new(&[
+        "NAME",
+        "SCOPE",
+        "CREATED",
+        "EXPIRES",
+        "LAST USED",
+        "REQUESTS",
+        "TOKENS",
+    ]);
+    let or_dash = |s: Option<String>| s.unwrap_or_else(|| "-".into());
+    for k in keys {
+        table.row(vec![
+            k.name,
+            k.scope.to_string(),
+            k.created_at,
+            or_dash(k.expires_at),
+            or_dash(k.last_used),
+            k.requests.to_string(),
+            k.tokens_used.to_string(),
+        ]);
+    }
+    table.print("no keys (`rbee keeper keys add NAME` makes one)")
+}
+
+async fn keys_revoke(queen: &Queen, name: &str) -> Result<(), String> {
+    let path = format!("/v1/keys/{}", segment(name));
+    let revoked: crate::protocol::KeyInfo = queen.call(Method::DELETE, &path, None::<&()>).await?;
+    println!("revoked key {}", revoked.name);
+    Ok(())
 }
 
 async fn hive_remove(queen: &Queen, name: &str) -> Result<(), String> {

@@ -25,6 +25,12 @@ pub trait Cluster: Sync {
     fn view(&self) -> &View;
     /// What the queen counts for `GET /metrics`.
     fn metrics(&self) -> &crate::metrics::QueenMetrics;
+    /// `tokens` were generated for a job of client key `key`.
+    fn tokens_used(&self, _key: &str, _tokens: u64) {}
+    /// Whether the queen may start a hive on its own machine.
+    fn local_hive_allowed(&self) -> bool {
+        true
+    }
     /// The hive on this machine, started now if none runs, once the view has
     /// heard from it; `job` hears how it goes.
     fn local_hive(&self, job: &Job) -> impl Future<Output = Result<HiveConn, ApiError>> + Send;
@@ -96,15 +102,22 @@ pub struct Live {
     pub registry: Registry,
     pub view: View,
     pub metrics: crate::metrics::QueenMetrics,
+    /// Client keys, whose tokens are counted.
+    pub keys: super::keys::Keys,
 }
 
 impl Live {
     /// Follows every hive of the registry (and the local one) from now on.
-    pub async fn start(registry: Registry) -> Live {
+    pub async fn start(
+        registry: Registry,
+        metrics: crate::metrics::QueenMetrics,
+        keys: super::keys::Keys,
+    ) -> Live {
         let live = Live {
             registry,
             view: View::default(),
-            metrics: crate::metrics::QueenMetrics::default(),
+            metrics,
+            keys,
         };
         live.retrack().await;
         let backstop = live.clone();
@@ -150,6 +163,14 @@ impl Live {
 impl Cluster for Live {
     fn view(&self) -> &View {
         &self.view
+    }
+
+    fn tokens_used(&self, key: &str, tokens: u64) {
+        self.keys.count_tokens(key, tokens);
+    }
+
+    fn local_hive_allowed(&self) -> bool {
+        self.registry.local_allowed()
     }
 
     fn metrics(&self) -> &crate::metrics::QueenMetrics {

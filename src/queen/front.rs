@@ -32,6 +32,7 @@ pub(super) async fn openai_route(
     req: Request<Incoming>,
     kind: openai::Kind,
 ) -> Response<Body> {
+    let key = http::auth::key_of(&req);
     let (prepared, model) = match read_openai(req, kind).await {
         Ok(checked) => checked,
         Err(e) => return openai::error(e),
@@ -42,6 +43,7 @@ pub(super) async fn openai_route(
         inference: prepared.inference,
     };
     let job = q.jobs.create();
+    job.for_key(key);
     let mut events = job.tap();
     start_job(q, job.clone(), work);
     let prompt_tokens = loop {

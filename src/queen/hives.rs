@@ -49,7 +49,7 @@ async fn named_hives(
             })
             .await;
             let mut names = known;
-            if local_hive_wanted(&view.state()) {
+            if cluster.local_hive_allowed() && local_hive_wanted(&view.state()) {
                 let local = cluster.local_hive(job).await?.name;
                 if !names.contains(&local) {
                     names.push(local);

@@ -30,6 +30,8 @@ pub struct Job {
     /// Where its inference events also go, typed, for a reader in this
     /// process (the OpenAI front); a reader that has gone cancels the job.
     tap: Mutex<Option<mpsc::UnboundedSender<InferenceEvent>>>,
+    /// The client key it came with, whose tokens it counts.
+    key: Mutex<Option<String>>,
 }
 
 impl Job {
@@ -53,7 +55,17 @@ impl Job {
             finished: watch::channel(None).0,
             cancelled: watch::channel(false).0,
             tap: Mutex::default(),
+            key: Mutex::default(),
         }
+    }
+
+    /// The client key it came with, if any.
+    pub fn for_key(&self, key: Option<String>) {
+        *self.key.lock().unwrap_or_else(|p| p.into_inner()) = key;
+    }
+
+    pub fn key(&self) -> Option<String> {
+        self.key.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn push(&self, event: &JobEvent) {

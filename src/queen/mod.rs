@@ -5,6 +5,7 @@ pub mod cluster;
 mod front;
 mod hives;
 pub mod jobs;
+pub mod keys;
 pub mod local_hive;
 pub mod placement;
 pub mod provision;
@@ -62,6 +63,10 @@ pub struct Args {
     /// stop and remove that service, and exit
     #[argh(switch)]
     pub uninstall_service: bool,
+    /// never start a hive on this machine (a queen that only orchestrates;
+    /// also RBEE_LOCAL_HIVE=off)
+    #[argh(switch)]
+    pub no_local_hive: bool,
 }
 
 #[derive(Clone)]
@@ -85,9 +90,18 @@ pub async fn run(args: Args) -> Result<(), String> {
     let listener = crate::process::bind(&args.host, args.port).await?;
     let data_dir = crate::data_dir(args.data_dir.as_deref());
     crate::create_data_dir(&data_dir)?;
-    let registry = Registry::open(data_dir.clone(), auth.token().map(str::to_string))?;
-    let cluster = Live::start(registry.clone()).await;
-    if data_dir.join(crate::hive::CATALOG).exists() {
+    let local_hive = !args.no_local_hive
+        && !std::env::var("RBEE_LOCAL_HIVE").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
+    let registry = Registry::open(
+        data_dir.clone(),
+        auth.token().map(str::to_string),
+        local_hive,
+    )?;
+    let metrics = crate::metrics::QueenMetrics::default();
+    let keys = keys::Keys::open(&data_dir, metrics.clone())?;
+    let auth = auth.with_keys(Arc::new(keys.clone()));
+    let cluster = Live::start(registry.clone(), metrics, keys).await;
+    if local_hive && data_dir.join(crate::hive::CATALOG).exists() {
         tokio::spawn(cluster.clone().bring_back_local());
     }
     let queen = Queen {
@@ -167,6 +181,9 @@ enum Endpoint {
     Login,
     LoginLink,
     Metrics,
+    Keys,
+    AddKey,
+    RevokeKey,
 }
 
 /// How long the view may take to list a model a hive just downloaded.
@@ -223,6 +240,9 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/v1/session", Endpoint::Login),
     (Method::POST, "/v1/session/link", Endpoint::LoginLink),
     (Method::GET, "/metrics", Endpoint::Metrics),
+    (Method::GET, "/v1/keys", Endpoint::Keys),
+    (Method::POST, "/v1/keys", Endpoint::AddKey),
+    (Method::DELETE, "/v1/keys/{}", Endpoint::RevokeKey),
 ];
 
 async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
@@ -267,7 +287,21 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Endpoint::Login => status::login(&q, req).await,
         Endpoint::LoginLink => status::link(&q),
         Endpoint::Metrics => Ok(status::metrics(&q)),
+        Endpoint::Keys => Ok(http::json(StatusCode::OK, &q.cluster.keys.list())),
+        Endpoint::AddKey => add_key(&q, req).await,
+        Endpoint::RevokeKey => q
+            .cluster
+            .keys
+            .revoke(param)
+            .map(|k| http::json(StatusCode::OK, &k)),
     })
+}
+
+async fn add_key(q: &Queen, req: Request<Incoming>) -> Reply {
+    let body: crate::protocol::KeyRequest = http::read_json(req).await?;
+    let added = q.cluster.keys.add(&body)?;
+    tracing::info!("key {} made ({} scope)", added.info.name, added.info.scope);
+    Ok(http::json(StatusCode::CREATED, &added))
 }
 
 async fn add_hive(q: &Queen, req: Request<Incoming>) -> Reply {
@@ -474,6 +508,7 @@ fn relay_download(hive: String, mut events: Events<DownloadEvent>, view: View) -
 }
 
 async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
+    let key = http::auth::key_of(&req);
     let body: JobRequest = http::read_json(req).await?;
     crate::hive::model_ref::check(&body.model)?;
     crate::protocol::check_prompt(&body.prompt, body.messages.as_deref())?;
@@ -482,6 +517,7 @@ async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
     }
     body.sampling.validate()?;
     let job = q.jobs.create();
+    job.for_key(key);
     start_job(q, job.clone(), body.into());
     let created = JobCreated {
         job_id: job.id.clone(),

@@ -27,10 +27,16 @@ pub struct Registry {
     store: Store,
     /// The hive this queen starts itself on `localhost`.
     local: LocalHive,
+    /// Whether it may (`--no-local-hive` says not).
+    local_allowed: bool,
 }
 
 impl Registry {
-    pub fn open(data_dir: PathBuf, token: Option<String>) -> Result<Registry, String> {
+    pub fn open(
+        data_dir: PathBuf,
+        token: Option<String>,
+        local_allowed: bool,
+    ) -> Result<Registry, String> {
         let path = data_dir.join("queen-hives");
         let recovery = format!(
             "Move it away (mv {0} {0}.damaged; mv {0}.check {0}.check.damaged), start the queen \
@@ -41,6 +47,7 @@ impl Registry {
         Ok(Registry {
             store,
             local: LocalHive::new(data_dir, token)?,
+            local_allowed,
         })
     }
 
@@ -111,7 +118,19 @@ impl Registry {
 
     /// The local hive, started now if it is not running. `narrate` hears what happens.
     pub async fn ensure_local(&self, narrate: impl Fn(&str, String)) -> Result<HiveConn, String> {
+        if !self.local_allowed {
+            return Err(
+                "this queen starts no hive of its own (--no-local-hive, RBEE_LOCAL_HIVE=off): \
+                 register one with `rbee keeper hive add`"
+                    .into(),
+            );
+        }
         self.local.ensure(narrate).await
+    }
+
+    /// Whether this queen may start a hive on its own machine.
+    pub fn local_allowed(&self) -> bool {
+        self.local_allowed
     }
 
     /// Stops the local hive, which stops its workers first; waits a bounded time.

@@ -426,6 +426,9 @@ async fn relay(
                 cluster
                     .metrics()
                     .decoded(&model, tokens_out, decode_time_ms);
+                if let Some(key) = job.key() {
+                    cluster.tokens_used(&key, u64::from(tokens_out));
+                }
                 if decode_time_ms > 0 {
                     let rate = f64::from(tokens_out) * 1000.0 / decode_time_ms as f64;
                     cluster.view().record_rate(&target.url, rate);

@@ -13,6 +13,7 @@ mod hardening;
 mod hf_server;
 mod hive;
 mod keeper;
+mod keys;
 mod observe;
 mod openai;
 mod poison;

@@ -372,7 +372,8 @@ fn networked(label: &str) -> Option<Networked> {
     let hives: Vec<Proc> = (0..2)
         .map(|i| net.hive(i, &homes[i], &token, "2GiB"))
         .collect();
-    let c = Cluster::new(label, &[]);
+    // The queen's machine only orchestrates: every answer comes from the namespaces.
+    let c = Cluster::new(label, &[("RBEE_LOCAL_HIVE", "off")]);
     for (name, h) in [("a", &hives[0]), ("b", &hives[1])] {
         let (code, out, err) =
             c.keeper(&["hive", "add", name, "--url", &h.url, "--token-file", &token]);

@@ -178,7 +178,7 @@ fn a_split_between_network_namespaces_answers_alike_and_a_lender_whose_link_is_c
     ];
     let desk = net.hive(0, &homes[0], &token, "800MiB");
     let mac = net.hive(1, &homes[1], &token, "700MiB");
-    let c = Cluster::new("split-net", &[]);
+    let c = Cluster::new("split-net", &[("RBEE_LOCAL_HIVE", "off")]);
     for (name, h) in [("desk", &desk), ("mac", &mac)] {
         let (code, _, err) =
             c.keeper(&["hive", "add", name, "--url", &h.url, "--token-file", &token]);
