@@ -358,14 +358,19 @@ impl Tunnel {
             Ok(upgraded) => hyper_util::rt::TokioIo::new(upgraded),
             Err(e) => return tracing::warn!("lease {id}: the upgrade failed: {e}"),
         };
-        let server =
-            match crate::http::tunnel::connect_local(self.port, Duration::from_secs(5)).await {
-                Ok(server) => server,
-                Err(e) => return tracing::warn!("lease {id}: its RPC server does not answer: {e}"),
-            };
         let Some(door) = self.door.take() else { return };
-        let leases = self.leases.clone();
-        match super::rpc_door::carry(client, server, door, || leases.contested(&id)).await {
+        let (leases, port) = (self.leases.clone(), self.port);
+        let connect = || {
+            let id = id.clone();
+            async move {
+                crate::http::tunnel::connect_local(port, Duration::from_secs(5))
+                    .await
+                    .inspect_err(|e| {
+                        tracing::warn!("lease {id}: its RPC server does not answer: {e}")
+                    })
+            }
+        };
+        match super::rpc_door::carry(client, connect, door, || leases.contested(&id)).await {
             Ok(()) => tracing::debug!("lease {id}: a tunnel closed"),
             Err(fault) => {
                 tracing::warn!("lease {id}: a tunnel was closed: {fault}");

@@ -6,7 +6,8 @@
 //! one by one on their way in (`| command (1 byte) | size (8 bytes, little
 //! endian) | payload |`; answers go back untouched) and holds each tunnel to
 //! its lease: no message larger than the lease could use, no more cached than
-//! the lease's budget, and no tunnel left idle in the way of another.
+//! the lease's budget, and no tunnel left idle in the way of another (nor
+//! reaching the server before its first message is whole).
 //! (The server itself refuses buffers beyond the budget: `rpc.cpp`.)
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -145,42 +146,84 @@ impl Door {
     }
 }
 
+/// How often the first message is sent again to a server that closed the
+/// connection without answering it (it was restarting after a malformed
+/// message from another tunnel).
+const FIRST_TRIES: u32 = 5;
+
 /// Carries a tunnel: the client's messages to the server through `door`, the
 /// server's answers back as they are, until either side closes (`Ok`) or the
 /// door closes the tunnel (`Err`, with why). `contested` says whether
 /// another tunnel waits for the lease.
-pub async fn carry<C, S>(
+///
+/// The server is reached (`connect`) only once the client's first message
+/// is whole, so a tunnel that sends nothing never holds it; that message is
+/// kept until the server answers, and sent again to a new connection if the
+/// server closed the first one unanswered.
+pub async fn carry<C, S, F, Fut>(
     client: C,
-    server: S,
-    door: Door,
+    connect: F,
+    mut door: Door,
     contested: impl Fn() -> bool,
 ) -> Result<(), Fault>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
 {
     let (client_r, mut client_w) = tokio::io::split(client);
-    let (mut server_r, server_w) = tokio::io::split(server);
+    let mut from = tokio::io::BufReader::with_capacity(64 * 1024, client_r);
+    let mut first = Vec::new();
+    if !pass_message(&mut from, &mut first, &mut door, &contested).await? {
+        return Ok(());
+    }
+    let mut answer = vec![0u8; 64 * 1024];
+    let mut tries = 0;
+    let (mut server_r, mut server_w, answered) = loop {
+        tries += 1;
+        let Ok(server) = connect().await else {
+            return Ok(());
+        };
+        let (mut r, mut w) = tokio::io::split(server);
+        if w.write_all(&first).await.is_ok() {
+            if let Ok(n @ 1..) = r.read(&mut answer).await {
+                break (r, w, n);
+            }
+        }
+        if tries >= FIRST_TRIES {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    door.awaiting.store(false, Ordering::Relaxed);
+    if client_w.write_all(&answer[..answered]).await.is_err() {
+        return Ok(());
+    }
     let awaiting = door.awaiting.clone();
     let back = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n) = server_r.read(&mut buf).await {
+        while let Ok(n) = server_r.read(&mut answer).await {
             if n == 0 {
                 break;
             }
             awaiting.store(false, Ordering::Relaxed);
-            if client_w.write_all(&buf[..n]).await.is_err() {
+            if client_w.write_all(&answer[..n]).await.is_err() {
                 break;
             }
         }
     };
+    let there = async {
+        while pass_message(&mut from, &mut server_w, &mut door, &contested).await? {}
+        Ok(())
+    };
     tokio::select! {
-        carried = there(client_r, server_w, door, contested) => carried,
+        carried = there => carried,
         () = back => Ok(()),
     }
 }
 
-/// The client's messages to the server, through the door.
+/// The client's messages to `to`, through the door, until the client closes.
+#[cfg(test)]
 async fn there<R, W>(
     from: R,
     mut to: W,
@@ -192,45 +235,57 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut from = tokio::io::BufReader::with_capacity(64 * 1024, from);
+    while pass_message(&mut from, &mut to, &mut door, &contested).await? {}
+    Ok(())
+}
+
+/// Passes the client's next message to `to` through the door; false when
+/// either side has closed.
+async fn pass_message<R, W>(
+    from: &mut R,
+    to: &mut W,
+    door: &mut Door,
+    contested: &impl Fn() -> bool,
+) -> Result<bool, Fault>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut head = [0u8; 9];
+    // Between messages.
     loop {
-        // Between messages.
-        loop {
-            match tokio::time::timeout(IDLE, from.read(&mut head[..1])).await {
-                Ok(Ok(1)) => break,
-                Ok(_) => return Ok(()),
-                Err(_) if door.may_idle_out() && contested() => return Err(Fault::Idle),
-                Err(_) => {}
-            }
-        }
-        if !read_within(&mut from, &mut head[1..]).await? {
-            return Ok(());
-        }
-        let command = head[0];
-        let size = u64::from_le_bytes(head[1..].try_into().unwrap_or_default());
-        door.admit(command, size)?;
-        if to.write_all(&head).await.is_err() {
-            return Ok(());
-        }
-        let mut rest = size;
-        if command == SET_TENSOR && size > SET_TENSOR_HEAD {
-            let mut tensor_head = [0u8; RPC_TENSOR as usize + 1];
-            if !read_within(&mut from, &mut tensor_head).await? {
-                return Ok(());
-            }
-            let flag = &mut tensor_head[RPC_TENSOR as usize];
-            if *flag != 0 && !door.may_cache(size - SET_TENSOR_HEAD) {
-                *flag = 0;
-            }
-            if to.write_all(&tensor_head).await.is_err() {
-                return Ok(());
-            }
-            rest -= tensor_head.len() as u64;
-        }
-        if !copy_within(&mut from, &mut to, rest).await? {
-            return Ok(());
+        match tokio::time::timeout(IDLE, from.read(&mut head[..1])).await {
+            Ok(Ok(1)) => break,
+            Ok(_) => return Ok(false),
+            Err(_) if door.may_idle_out() && contested() => return Err(Fault::Idle),
+            Err(_) => {}
         }
     }
+    if !read_within(from, &mut head[1..]).await? {
+        return Ok(false);
+    }
+    let command = head[0];
+    let size = u64::from_le_bytes(head[1..].try_into().unwrap_or_default());
+    door.admit(command, size)?;
+    if to.write_all(&head).await.is_err() {
+        return Ok(false);
+    }
+    let mut rest = size;
+    if command == SET_TENSOR && size > SET_TENSOR_HEAD {
+        let mut tensor_head = [0u8; RPC_TENSOR as usize + 1];
+        if !read_within(from, &mut tensor_head).await? {
+            return Ok(false);
+        }
+        let flag = &mut tensor_head[RPC_TENSOR as usize];
+        if *flag != 0 && !door.may_cache(size - SET_TENSOR_HEAD) {
+            *flag = 0;
+        }
+        if to.write_all(&tensor_head).await.is_err() {
+            return Ok(false);
+        }
+        rest -= tensor_head.len() as u64;
+    }
+    copy_within(from, to, rest).await
 }
 
 /// Fills `buf`, each read within [`STALLED`]; false if the client closed.
@@ -389,23 +444,76 @@ mod tests {
         task: tokio::task::JoinHandle<Result<(), Fault>>,
     }
 
-    fn carried() -> Carried {
+    /// The client's end, whether another tunnel waits, how often the
+    /// server was reached, and the carrying task.
+    type Spawned = (
+        tokio::io::DuplexStream,
+        Arc<AtomicBool>,
+        Arc<std::sync::atomic::AtomicU32>,
+        tokio::task::JoinHandle<Result<(), Fault>>,
+    );
+
+    /// A tunnel whose server is reached through `servers`, one per connect, last first.
+    fn carried_to(servers: Vec<tokio::io::DuplexStream>) -> Spawned {
         let (client, client_end) = tokio::io::duplex(1 << 16);
-        let (server, server_end) = tokio::io::duplex(1 << 16);
+        let servers = Arc::new(std::sync::Mutex::new(servers));
+        let connects = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let waiting = Arc::new(AtomicBool::new(false));
-        let w = waiting.clone();
+        let (w, n) = (waiting.clone(), connects.clone());
         let task = tokio::spawn(async move {
-            carry(client_end, server_end, door(1 << 20), move || {
+            let connect = move || {
+                n.fetch_add(1, Ordering::Relaxed);
+                let next = servers.lock().ok().and_then(|mut s| s.pop());
+                async move { next.ok_or_else(|| std::io::Error::other("nobody listens")) }
+            };
+            carry(client_end, connect, door(1 << 20), move || {
                 w.load(Ordering::Relaxed)
             })
             .await
         });
+        (client, waiting, connects, task)
+    }
+
+    fn carried() -> Carried {
+        let (server, server_end) = tokio::io::duplex(1 << 16);
+        let (client, waiting, _, task) = carried_to(vec![server_end]);
         Carried {
             client,
             server,
             waiting,
             task,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_that_sends_nothing_never_reaches_the_server() {
+        let (server, server_end) = tokio::io::duplex(1 << 16);
+        let (_client, waiting, connects, task) = carried_to(vec![server_end]);
+        tokio::time::sleep(IDLE * 4).await;
+        assert_eq!(connects.load(Ordering::Relaxed), 0);
+        waiting.store(true, Ordering::Relaxed);
+        tokio::time::sleep(IDLE * 2).await;
+        assert_eq!(task.await.ok(), Some(Err(Fault::Idle)));
+        drop(server);
+    }
+
+    #[tokio::test]
+    async fn a_first_message_the_server_closed_unanswered_is_sent_again() {
+        // The first connection lands on a server going away: closed at once.
+        let (gone, gone_end) = tokio::io::duplex(1 << 16);
+        drop(gone);
+        let (mut server, server_end) = tokio::io::duplex(1 << 16);
+        let (mut client, _, connects, _task) = carried_to(vec![server_end, gone_end]);
+        let hello = message(14, &[0u8; 24]);
+        client.write_all(&hello).await.unwrap_or_default();
+        let mut got = vec![0u8; hello.len()];
+        server.read_exact(&mut got).await.unwrap_or_default();
+        assert_eq!(got, hello);
+        server.write_all(&[9u8; 36]).await.unwrap_or_default();
+        let mut answer = [0u8; 36];
+        client.read_exact(&mut answer).await.unwrap_or_default();
+        assert_eq!(answer, [9u8; 36]);
+        assert_eq!(connects.load(Ordering::Relaxed), 2);
     }
 
     async fn hello(c: &mut Carried) {

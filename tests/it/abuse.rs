@@ -394,7 +394,11 @@ fn a_lease_holds_to_what_it_declared_whatever_its_tunnels_send() {
     assert!(t2.closed(), "the malformed message ends its tunnel");
     assert!(alive(server), "the RPC server lives on");
     let mut t3 = Rpc::open(&url, "lease-a");
-    assert!(t3.hello().is_some(), "and answers the next tunnel");
+    assert!(
+        t3.hello().is_some(),
+        "and answers the next tunnel:\n{}",
+        hive.stderr()
+    );
 
     // A tunnel that holds nothing and sends nothing is closed once another
     // waits for the lease.

@@ -304,9 +304,14 @@ fn the_rpc_server_is_reached_only_through_the_hive_port_behind_its_token() {
         "{}",
         hive.stderr()
     );
-    // The right token opens the tunnel to it.
-    let (code, s) = upgrade(&hive.url, "lease-door", Some("s3cret"));
+    // The right token opens the tunnel to it: its first message (llama.cpp's
+    // HELLO) reaches the server.
+    let (code, mut s) = upgrade(&hive.url, "lease-door", Some("s3cret"));
     assert_eq!(code, 101);
+    let mut hello = vec![14u8];
+    hello.extend_from_slice(&24u64.to_le_bytes());
+    hello.extend_from_slice(&[0u8; 24]);
+    s.write_all(&hello).expect("the HELLO is sent");
     wait_until(
         "the RPC server to take the tunnel",
         Duration::from_secs(10),
