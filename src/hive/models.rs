@@ -57,7 +57,7 @@ impl Models {
     pub fn list(&self) -> Vec<ModelEntry> {
         let hashing = self.hashing.lock().unwrap_or_else(|p| p.into_inner());
         let mut all = self.catalog.list();
-        for entry in &mut all {
+        for entry in all.iter_mut().filter(|e| e.sha256.is_empty()) {
             entry.hashing = hashing.get(&entry.name).copied();
         }
         all
