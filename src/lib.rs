@@ -8,6 +8,7 @@ pub mod gbnf;
 pub mod gguf;
 pub mod hive;
 pub mod http;
+pub mod identity;
 pub mod keeper;
 pub mod machine;
 pub mod metrics;

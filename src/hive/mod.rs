@@ -87,6 +87,9 @@ pub struct Args {
     /// stop and remove that service, and exit
     #[argh(switch)]
     pub uninstall_service: bool,
+    /// print this hive's identity (its certificate's SHA-256, made on first start), and exit
+    #[argh(switch)]
+    pub show_identity: bool,
 }
 
 #[derive(Clone)]
@@ -101,6 +104,15 @@ struct Hive {
 }
 
 pub async fn run(args: Args) -> Result<(), String> {
+    if args.show_identity {
+        let data_dir = crate::data_dir(args.data_dir.as_deref());
+        crate::create_data_dir(&data_dir)?;
+        println!(
+            "{}",
+            crate::identity::load_or_make(&data_dir, "hive")?.fingerprint
+        );
+        return Ok(());
+    }
     let idle_timeout =
         crate::parse_duration(&args.idle_timeout).map_err(|e| format!("--idle-timeout: {e}"))?;
     let ready_timeout =
@@ -121,6 +133,8 @@ pub async fn run(args: Args) -> Result<(), String> {
 
     let data_dir = crate::data_dir(args.data_dir.as_deref());
     crate::create_data_dir(&data_dir)?;
+    let identity = crate::identity::load_or_make(&data_dir, "hive")?;
+    tracing::info!("hive identity {}", identity.fingerprint);
     let catalog_path = data_dir.join(CATALOG);
     let models = if args.rebuild_catalog {
         rebuild_catalog(&catalog_path, &data_dir, changes.clone())?

@@ -63,6 +63,9 @@ pub struct Args {
     /// stop and remove that service, and exit
     #[argh(switch)]
     pub uninstall_service: bool,
+    /// print this queen's identity (its certificate's SHA-256, made on first start), and exit
+    #[argh(switch)]
+    pub show_identity: bool,
     /// never start a hive on this machine (a queen that only orchestrates;
     /// also RBEE_LOCAL_HIVE=off)
     #[argh(switch)]
@@ -79,6 +82,15 @@ struct Queen {
 }
 
 pub async fn run(args: Args) -> Result<(), String> {
+    if args.show_identity {
+        let data_dir = crate::data_dir(args.data_dir.as_deref());
+        crate::create_data_dir(&data_dir)?;
+        println!(
+            "{}",
+            crate::identity::load_or_make(&data_dir, "queen")?.fingerprint
+        );
+        return Ok(());
+    }
     let auth = Auth::load(args.token_file.as_deref())?
         .with_doors(
             &args.host,
@@ -90,6 +102,8 @@ pub async fn run(args: Args) -> Result<(), String> {
     let listener = crate::process::bind(&args.host, args.port).await?;
     let data_dir = crate::data_dir(args.data_dir.as_deref());
     crate::create_data_dir(&data_dir)?;
+    let identity = crate::identity::load_or_make(&data_dir, "queen")?;
+    tracing::info!("queen identity {}", identity.fingerprint);
     let local_hive = !args.no_local_hive
         && !std::env::var("RBEE_LOCAL_HIVE").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
     let registry = Registry::open(

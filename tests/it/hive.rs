@@ -632,3 +632,33 @@ fn a_large_file_is_registered_at_once_and_its_hash_follows_with_progress() {
     assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
     assert!(models(&h)[0].get("hashing").is_none());
 }
+
+#[test]
+fn a_hive_has_an_identity_from_its_first_start_and_keeps_it() {
+    let hf = hf();
+    let data = TempDir::new("hive-identity");
+    let show = |role: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rbee"))
+            .args([role, "--show-identity", "--data-dir", data.str()])
+            .output()
+            .expect("rbee runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let h = hive(&data, &hf, &[]);
+    let said = h.stderr();
+    let shown = show("hive");
+    assert!(shown.starts_with("sha256:") && shown.len() == 71, "{shown}");
+    assert!(said.contains(&format!("hive identity {shown}")), "{said}");
+    drop(h);
+    // Restarted, it is the same hive.
+    let h = hive(&data, &hf, &[]);
+    assert!(h.stderr().contains(&format!("hive identity {shown}")));
+    assert_eq!(show("hive"), shown);
+    // A queen on the same data dir (as with its local hive) is another identity.
+    assert_ne!(show("queen"), shown);
+}
