@@ -238,9 +238,14 @@ pub async fn start_daemon(
     let see_log = format!("see {}", log.display());
     // What this start writes to the log begins here: its last lines are the reason.
     let log_start = std::fs::metadata(log).map_or(0, |m| m.len());
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // A daemon's log names its models, hives and clients: its owner's alone.
+        options.mode(0o600);
+    }
+    let log_file = options
         .open(log)
         .map_err(|e| StartError::other(format!("cannot open {}: {e}", log.display())))?;
     // Both ends are close-on-exec, so children started at the same time by

@@ -38,6 +38,8 @@ pub trait KeyDoor: Send + Sync {
 /// dropped when the answer has been sent, stream and all.
 pub struct Grant {
     pub key: String,
+    /// An admin key reaches what the token reaches; a use key its own jobs only.
+    pub admin: bool,
     pub held: Box<dyn KeyUse>,
 }
 
@@ -53,11 +55,22 @@ pub type Admitted = (Option<HeaderValue>, Option<Grant>);
 
 /// The client key a request came with (in its extensions).
 #[derive(Debug, Clone)]
-pub struct KeyName(pub String);
+pub struct KeyName {
+    pub name: String,
+    pub admin: bool,
+}
 
 /// The client key `req` came with, if any.
 pub fn key_of<B>(req: &Request<B>) -> Option<String> {
-    req.extensions().get::<KeyName>().map(|k| k.0.clone())
+    req.extensions().get::<KeyName>().map(|k| k.name.clone())
+}
+
+/// The `use` key `req` came with, if any: one limited to its own jobs.
+pub fn use_key_of<B>(req: &Request<B>) -> Option<String> {
+    req.extensions()
+        .get::<KeyName>()
+        .filter(|k| !k.admin)
+        .map(|k| k.name.clone())
 }
 
 /// The host names and origins let in without a token.

@@ -144,7 +144,10 @@ pub async fn serve<H, F>(
                     }
                     let call = door.admit(&req).map(|(cors, grant)| {
                         if let Some(g) = &grant {
-                            req.extensions_mut().insert(auth::KeyName(g.key.clone()));
+                            req.extensions_mut().insert(auth::KeyName {
+                                name: g.key.clone(),
+                                admin: g.admin,
+                            });
                         }
                         (handler(req), cors, grant)
                     });

@@ -458,6 +458,15 @@ pub fn queen_url(given: &str) -> Result<String, String> {
         ));
     }
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    // The OpenAI base URL (`http://mac:8500/v1`) names the same queen.
+    let path = match path.trim_end_matches('/') {
+        "" | "/v1" => "",
+        other => {
+            return Err(format!(
+                "queen URL {given:?}: a queen is named by its address alone, not a path ({other})"
+            ))
+        }
+    };
     let has_port = match authority.rfind(']') {
         Some(end) => authority[end..].contains(':'),
         None => authority.contains(':'),
@@ -492,6 +501,8 @@ mod tests {
             ("[::1]:8500", "http://[::1]:8500"),
             ("[::1]", "http://[::1]:8500"),
             (" mac:1 ", "http://mac:1"),
+            ("http://127.0.0.1:8500/v1", "http://127.0.0.1:8500"),
+            ("mac:8500/v1/", "http://mac:8500"),
         ] {
             assert_eq!(queen_url(given).as_deref(), Ok(url), "{given}");
         }
@@ -502,6 +513,7 @@ mod tests {
             "http://",
             "mac:port",
             "a b:1",
+            "mac:1/api",
         ] {
             assert!(queen_url(bad).is_err(), "{bad:?}");
         }

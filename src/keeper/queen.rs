@@ -79,6 +79,11 @@ impl Queen {
         let log = data_dir.join("queen.log");
         let mut command = process::own_command("queen").map_err(|e| e.message)?;
         command.args(["--port", &port.to_string()]);
+        // The queen this keeper wakes asks for the token the keeper holds
+        // (from --token-file, RBEE_TOKEN or the config file alike).
+        if let Some(token) = &self.token {
+            command.env("RBEE_TOKEN", token);
+        }
         // The queen outlives this call, so the next one is warm; its Child is
         // dropped here and the queen left to init.
         process::start_daemon(command, "the queen", &log, Lifetime::Detached, WAKE_TIMEOUT)

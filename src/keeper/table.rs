@@ -63,9 +63,9 @@ impl Table {
 
 /// `value` as pretty JSON on stdout, for `--json`.
 pub fn print_json(value: &impl serde::Serialize) -> Result<(), String> {
+    use std::io::Write;
     let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-    println!("{text}");
-    Ok(())
+    writeln!(std::io::stdout().lock(), "{text}").map_err(|e| format!("cannot write: {e}"))
 }
 
 /// MiB in human units: `967 MB`, `8.0 GB`.

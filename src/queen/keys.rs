@@ -192,7 +192,7 @@ impl KeyDoor for Keys {
             let e = ApiError::new(
                 ErrorCode::Forbidden,
                 format!(
-                    "key {name} is a use key: it reaches inference, models and embeddings, not {method} {path}"
+                    "key {name} is a use key: it reaches inference, models, embeddings and the cluster's status, not {method} {path}"
                 ),
             );
             return Err(self.refuse(&name, e));
@@ -230,6 +230,7 @@ impl KeyDoor for Keys {
         let keys = self.clone();
         Ok(Grant {
             key: name.clone(),
+            admin: record.info.scope == KeyScope::Admin,
             held: Box::new(InFlight {
                 keys,
                 hash: h,

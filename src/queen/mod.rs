@@ -273,8 +273,8 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Endpoint::AddHive => add_hive(&q, req).await,
         Endpoint::RemoveHive => remove_hive(&q, param).await,
         Endpoint::CreateJob => create_job(&q, req).await,
-        Endpoint::JobStream => job_stream(&q, param),
-        Endpoint::CancelJob => cancel_job(&q, param),
+        Endpoint::JobStream => job_stream(&q, param, &req),
+        Endpoint::CancelJob => cancel_job(&q, param, &req),
         Endpoint::Workers => Ok(http::json(StatusCode::OK, &status::workers(&q))),
         Endpoint::StopWorker => stop_worker(&q, param).await,
         Endpoint::HiveModels
@@ -312,6 +312,13 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn add_key(q: &Queen, req: Request<Incoming>) -> Reply {
+    if q.auth.token().is_none() {
+        return Err(ApiError::invalid(
+            "name",
+            "this queen has no token (--token-file or RBEE_TOKEN), so it answers this machine \
+             without one and a key would restrict nothing: give it a token first",
+        ));
+    }
     let body: crate::protocol::KeyRequest = http::read_json(req).await?;
     let added = q.cluster.keys.add(&body)?;
     tracing::info!("key {} made ({} scope)", added.info.name, added.info.scope);
@@ -359,11 +366,19 @@ async fn remove_hive(q: &Queen, name: &str) -> Reply {
     }
 }
 
-fn job_stream(q: &Queen, id: &str) -> Reply {
-    let job = q
-        .jobs
-        .get(id)
-        .ok_or_else(|| ApiError::new(ErrorCode::JobNotFound, format!("no job {id}")))?;
+/// The job `id`, as `req` may see it: a use key sees its own jobs only
+/// (another's are not found, so ids read off the status say nothing).
+fn job_for(q: &Queen, id: &str, req: &Request<Incoming>) -> Result<Arc<jobs::Job>, ApiError> {
+    let not_found = || ApiError::new(ErrorCode::JobNotFound, format!("no job {id}"));
+    let job = q.jobs.get(id).ok_or_else(not_found)?;
+    match http::auth::use_key_of(req) {
+        Some(key) if job.key().as_deref() != Some(key.as_str()) => Err(not_found()),
+        _ => Ok(job),
+    }
+}
+
+fn job_stream(q: &Queen, id: &str, req: &Request<Incoming>) -> Reply {
+    let job = job_for(q, id, req)?;
     let (tx, resp) = http::sse_response();
     tokio::spawn(async move {
         // A client that leaves before the end cancels the job.
@@ -375,11 +390,8 @@ fn job_stream(q: &Queen, id: &str) -> Reply {
     Ok(resp)
 }
 
-fn cancel_job(q: &Queen, id: &str) -> Reply {
-    let job = q
-        .jobs
-        .get(id)
-        .ok_or_else(|| ApiError::new(ErrorCode::JobNotFound, format!("no job {id}")))?;
+fn cancel_job(q: &Queen, id: &str, req: &Request<Incoming>) -> Reply {
+    let job = job_for(q, id, req)?;
     job.cancel();
     Ok(http::json(
         StatusCode::OK,

@@ -102,6 +102,28 @@ fn keys_reach_what_their_scope_allows_within_their_rate_until_revoked() {
     );
     assert_eq!(status, 401);
 
+    // A use key sees its own jobs only: another's id is not found.
+    let admin = [("authorization", "Bearer the-admin-token")];
+    let job = json!({"model": file_model(), "prompt": "Hi", "max_tokens": 2});
+    let (status, _, body) = send("POST", &q("/v1/jobs"), &admin, Some(&job));
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap_or_default()["job_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let stream = q(&format!("/v1/jobs/{id}/stream"));
+    let (status, _, _) = send("GET", &stream, &[("x-api-key", &alice)], None);
+    assert_eq!(status, 404);
+    let (status, _, _) = send(
+        "DELETE",
+        &q(&format!("/v1/jobs/{id}")),
+        &[("x-api-key", &alice)],
+        None,
+    );
+    assert_eq!(status, 404);
+    let (status, _, body) = send("GET", &stream, &admin, None);
+    assert_eq!(status, 200, "{body}");
+
     // Over its rate: 429, saying when to come back.
     for _ in 0..2 {
         let (status, _, _) = send("GET", &q("/v1/models"), &[("x-api-key", &limited)], None);
@@ -122,7 +144,6 @@ fn keys_reach_what_their_scope_allows_within_their_rate_until_revoked() {
     assert_eq!(row["scope"], "use", "{row}");
     assert!(row["tokens_used"].as_u64().unwrap_or(0) > 0, "{row}");
     assert!(row["last_used"].is_string(), "{row}");
-    let admin = [("authorization", "Bearer the-admin-token")];
     let (status, _, metrics) = send("GET", &q("/metrics"), &admin, None);
     assert_eq!(status, 200);
     let tokens = row["tokens_used"].as_u64().unwrap_or(0);
@@ -145,4 +166,28 @@ fn keys_reach_what_their_scope_allows_within_their_rate_until_revoked() {
     assert_eq!(code, 1);
     assert!(err.contains("exists already"), "{err}");
     let _ = c.keeper(&["queen", "stop"]);
+
+    // A queen without a token answers this machine without one: a key would
+    // restrict nothing, so none is made.
+    let open = Cluster::new("keys-open", &[]);
+    let (code, _, err) = open.keeper(&["queen", "start"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = open.keeper(&["keys", "add", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("has no token"), "{err}");
+    let _ = open.keeper(&["queen", "stop"]);
+
+    // A queen woken by a keeper with a token file asks for that token.
+    let dir = TempDir::new("keys-token-file");
+    let file = dir.path().join("token");
+    std::fs::write(&file, "from-a-file\n").expect("token written");
+    let file = file.display().to_string();
+    let woken = Cluster::new("keys-woken", &[]);
+    let (code, _, err) = woken.keeper(&["--token-file", &file, "queen", "start"]);
+    assert_eq!(code, 0, "{err}");
+    let hives = format!("{}/v1/hives", woken.queen);
+    assert_eq!(send("GET", &hives, &[], None).0, 401);
+    let bearer = [("authorization", "Bearer from-a-file")];
+    assert_eq!(send("GET", &hives, &bearer, None).0, 200);
+    let _ = woken.keeper(&["--token-file", &file, "queen", "stop"]);
 }
