@@ -57,6 +57,15 @@ pub fn load_or_make(data_dir: &Path, role: &str) -> Result<Identity, String> {
     })
 }
 
+/// `--show-identity`: prints the fingerprint of `role`'s identity in the
+/// data dir `flag` names (made now if it has none).
+pub fn show(flag: Option<&Path>, role: &str) -> Result<(), String> {
+    let data_dir = crate::data_dir(flag);
+    crate::create_data_dir(&data_dir)?;
+    println!("{}", load_or_make(&data_dir, role)?.fingerprint);
+    Ok(())
+}
+
 /// `sha256:` and the SHA-256 of a certificate (DER), in hex.
 pub fn fingerprint(cert: &[u8]) -> String {
     format!("sha256:{}", crate::hive::disk::hex(&Sha256::digest(cert)))

@@ -105,13 +105,7 @@ struct Hive {
 
 pub async fn run(args: Args) -> Result<(), String> {
     if args.show_identity {
-        let data_dir = crate::data_dir(args.data_dir.as_deref());
-        crate::create_data_dir(&data_dir)?;
-        println!(
-            "{}",
-            crate::identity::load_or_make(&data_dir, "hive")?.fingerprint
-        );
-        return Ok(());
+        return crate::identity::show(args.data_dir.as_deref(), "hive");
     }
     let idle_timeout =
         crate::parse_duration(&args.idle_timeout).map_err(|e| format!("--idle-timeout: {e}"))?;

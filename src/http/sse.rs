@@ -1,12 +1,23 @@
-//! Server-sent events: the encoder every daemon streams with, and the
-//! incremental decoder its clients read with.
+//! Server-sent events: the encoder every daemon streams with, the responses
+//! that carry them (keep-alives when idle, an end when the producer stops),
+//! and the incremental decoder its clients read with.
 //!
 //! Only the part of the SSE format rbee uses: `data:` lines, comments for
 //! keep-alives, a blank line ending each event. Other fields are ignored, as
 //! the format requires.
 
+use super::Body;
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Bytes;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::Response;
 use serde::Serialize;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
 
 /// The frame that ends every stream.
 pub const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -77,6 +88,90 @@ impl Decoder {
     }
 }
 
+/// An SSE response fed by the returned sender. Keep-alive comments go out on
+/// their own whenever the stream is idle for [`KEEPALIVE_EVERY`]. When the
+/// client goes away the body is dropped, so `send` fails and `closed()`
+/// resolves: that is how producers learn to stop.
+pub fn sse_response() -> (mpsc::Sender<Bytes>, Response<Body>) {
+    sse_response_every(KEEPALIVE_EVERY)
+}
+
+/// [`sse_response`] with keep-alives every `every` instead.
+pub fn sse_response_every(every: std::time::Duration) -> (mpsc::Sender<Bytes>, Response<Body>) {
+    let (tx, rx) = mpsc::channel(64);
+    let stream = SseStream {
+        rx,
+        every,
+        keepalive: Box::pin(tokio::time::sleep(every)),
+    };
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert("cache-control", HeaderValue::from_static("no-cache"));
+    (tx, resp)
+}
+
+/// Streams a `watch` channel's values as SSE, from the current one until one
+/// for which `is_last` holds, then `[DONE]`: progress that any number of
+/// subscribers follow, a late one starting from where things stand.
+pub fn sse_from_watch<T>(
+    mut rx: tokio::sync::watch::Receiver<T>,
+    is_last: fn(&T) -> bool,
+) -> Response<Body>
+where
+    T: Serialize + Clone + Send + Sync + 'static,
+{
+    let (tx, resp) = sse_response();
+    tokio::spawn(async move {
+        loop {
+            let value = rx.borrow_and_update().clone();
+            if tx.send(event(&value)).await.is_err() {
+                return;
+            }
+            if is_last(&value) {
+                break;
+            }
+            tokio::select! {
+                // The sender is gone: no value will ever end the stream.
+                changed = rx.changed() => if changed.is_err() { break },
+                () = tx.closed() => return,
+            }
+        }
+        let _ = tx.send(DONE.into()).await;
+    });
+    resp
+}
+
+struct SseStream {
+    rx: mpsc::Receiver<Bytes>,
+    every: std::time::Duration,
+    keepalive: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Stream for SseStream {
+    type Item = Result<hyper::body::Frame<Bytes>, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = tokio::time::Instant::now() + self.every;
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(bytes)) => {
+                self.keepalive.as_mut().reset(next);
+                Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.keepalive.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.keepalive.as_mut().reset(next);
+                    Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+                        KEEPALIVE,
+                    )))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +218,20 @@ mod tests {
     fn a_comment_alone_is_no_event() {
         let mut d = Decoder::new();
         assert!(d.push(KEEPALIVE).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_sse_stream_sends_keep_alives_and_ends_when_the_sender_does() {
+        let (tx, resp) = sse_response();
+        let mut body = resp.into_body();
+        tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"data: 1\n\n");
+        let started = tokio::time::Instant::now();
+        let idle = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&idle[..], KEEPALIVE);
+        assert_eq!(started.elapsed(), KEEPALIVE_EVERY);
+        drop(tx);
+        assert!(body.frame().await.is_none());
     }
 }

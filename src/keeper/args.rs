@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 /// Where the keeper finds the queen without a flag (DESIGN.md §1).
 pub const DEFAULT_QUEEN: &str = "http://127.0.0.1:8500";
-const DEFAULT_QUEEN_PORT: u16 = 8500;
 
 /// The options every keeper command takes, wherever they are written; each
 /// takes a value.
@@ -425,7 +424,7 @@ impl Command {
 
 impl Args {
     /// The queen's URL: `--queen-url`, else `$RBEE_QUEEN_URL` (`env`), else
-    /// the config file's (`config`), else the default; as [`queen_url`] reads it.
+    /// the config file's (`config`), else the default; as [`super::queen::queen_url`] reads it.
     pub fn queen_url(&self, env: Option<String>, config: Option<&str>) -> Result<String, String> {
         let given = self
             .queen_url
@@ -433,7 +432,7 @@ impl Args {
             .or(env.filter(|u| !u.trim().is_empty()))
             .or(config.map(str::to_string))
             .unwrap_or_else(|| DEFAULT_QUEEN.into());
-        queen_url(&given)
+        super::queen::queen_url(&given)
     }
 
     /// Whether only a final error may reach stderr (`infer -q`).
@@ -442,82 +441,9 @@ impl Args {
     }
 }
 
-/// A queen's address as people write it (`OLLAMA_HOST`'s habits included):
-/// `http://mac:8500`, `mac:8500`, `127.0.0.1`, `[::1]:8500`; no scheme is
-/// `http://`, no port is 8500's, no trailing slash. Anything else is refused
-/// saying what was wrong.
-pub fn queen_url(given: &str) -> Result<String, String> {
-    let url = given.trim().trim_end_matches('/');
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
-        None => ("http".to_string(), url),
-    };
-    if scheme != "http" {
-        return Err(format!(
-            "queen URL {given:?}: the queen speaks http://, not {scheme}://"
-        ));
-    }
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    // The OpenAI base URL (`http://mac:8500/v1`) names the same queen.
-    let path = match path.trim_end_matches('/') {
-        "" | "/v1" => "",
-        other => {
-            return Err(format!(
-                "queen URL {given:?}: a queen is named by its address alone, not a path ({other})"
-            ))
-        }
-    };
-    let has_port = match authority.rfind(']') {
-        Some(end) => authority[end..].contains(':'),
-        None => authority.contains(':'),
-    };
-    let authority = if has_port {
-        authority.to_string()
-    } else {
-        format!("{authority}:{}", DEFAULT_QUEEN_PORT)
-    };
-    let url = format!("http://{authority}{path}");
-    match url.parse::<hyper::Uri>() {
-        Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) && uri.port_u16().is_some() => Ok(url),
-        _ => Err(format!(
-            "queen URL {given:?} is not an address: write it as http://HOST:PORT (or HOST:PORT)"
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_queen_url_is_read_as_people_write_it() {
-        for (given, url) in [
-            ("http://mac:8500", "http://mac:8500"),
-            ("http://mac:8500/", "http://mac:8500"),
-            ("127.0.0.1:8500", "http://127.0.0.1:8500"),
-            ("127.0.0.1", "http://127.0.0.1:8500"),
-            ("mac.lan", "http://mac.lan:8500"),
-            ("HTTP://mac:9", "http://mac:9"),
-            ("[::1]:8500", "http://[::1]:8500"),
-            ("[::1]", "http://[::1]:8500"),
-            (" mac:1 ", "http://mac:1"),
-            ("http://127.0.0.1:8500/v1", "http://127.0.0.1:8500"),
-            ("mac:8500/v1/", "http://mac:8500"),
-        ] {
-            assert_eq!(queen_url(given).as_deref(), Ok(url), "{given}");
-        }
-        for bad in [
-            "https://mac:8500",
-            "ftp://x",
-            "",
-            "http://",
-            "mac:port",
-            "a b:1",
-            "mac:1/api",
-        ] {
-            assert!(queen_url(bad).is_err(), "{bad:?}");
-        }
-    }
 
     fn parse(argv: &[&str]) -> Args {
         Args::from_args(&["keeper"], argv).unwrap_or_else(|e| panic!("{argv:?}: {}", e.output))

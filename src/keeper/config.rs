@@ -69,7 +69,7 @@ impl Config {
     pub fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
         match key_of(key)? {
             "queen-url" => {
-                self.queen_url = value.map(super::args::queen_url).transpose()?;
+                self.queen_url = value.map(super::queen::queen_url).transpose()?;
             }
             "token-file" => {
                 self.token_file = match value {

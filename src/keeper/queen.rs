@@ -143,6 +143,52 @@ fn wakeable_port(url: &str) -> Result<u16, String> {
     Ok(uri.port_u16().unwrap_or(8500))
 }
 
+/// The port a queen's address without one means.
+const DEFAULT_QUEEN_PORT: u16 = 8500;
+
+/// A queen's address as people write it (`OLLAMA_HOST`'s habits included):
+/// `http://mac:8500`, `mac:8500`, `127.0.0.1`, `[::1]:8500`; no scheme is
+/// `http://`, no port is 8500's, no trailing slash. Anything else is refused
+/// saying what was wrong.
+pub fn queen_url(given: &str) -> Result<String, String> {
+    let url = given.trim().trim_end_matches('/');
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
+        None => ("http".to_string(), url),
+    };
+    if scheme != "http" {
+        return Err(format!(
+            "queen URL {given:?}: the queen speaks http://, not {scheme}://"
+        ));
+    }
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    // The OpenAI base URL (`http://mac:8500/v1`) names the same queen.
+    let path = match path.trim_end_matches('/') {
+        "" | "/v1" => "",
+        other => {
+            return Err(format!(
+                "queen URL {given:?}: a queen is named by its address alone, not a path ({other})"
+            ))
+        }
+    };
+    let has_port = match authority.rfind(']') {
+        Some(end) => authority[end..].contains(':'),
+        None => authority.contains(':'),
+    };
+    let authority = if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:{}", DEFAULT_QUEEN_PORT)
+    };
+    let url = format!("http://{authority}{path}");
+    match url.parse::<hyper::Uri>() {
+        Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) && uri.port_u16().is_some() => Ok(url),
+        _ => Err(format!(
+            "queen URL {given:?} is not an address: write it as http://HOST:PORT (or HOST:PORT)"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +203,35 @@ mod tests {
             "the queen at http://mac.home.arpa:8500 is not answering"
         );
         assert!(wakeable_port("not a url").is_err());
+    }
+
+    #[test]
+    fn a_queen_url_is_read_as_people_write_it() {
+        for (given, url) in [
+            ("http://mac:8500", "http://mac:8500"),
+            ("http://mac:8500/", "http://mac:8500"),
+            ("127.0.0.1:8500", "http://127.0.0.1:8500"),
+            ("127.0.0.1", "http://127.0.0.1:8500"),
+            ("mac.lan", "http://mac.lan:8500"),
+            ("HTTP://mac:9", "http://mac:9"),
+            ("[::1]:8500", "http://[::1]:8500"),
+            ("[::1]", "http://[::1]:8500"),
+            (" mac:1 ", "http://mac:1"),
+            ("http://127.0.0.1:8500/v1", "http://127.0.0.1:8500"),
+            ("mac:8500/v1/", "http://mac:8500"),
+        ] {
+            assert_eq!(queen_url(given).as_deref(), Ok(url), "{given}");
+        }
+        for bad in [
+            "https://mac:8500",
+            "ftp://x",
+            "",
+            "http://",
+            "mac:port",
+            "a b:1",
+            "mac:1/api",
+        ] {
+            assert!(queen_url(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -40,12 +40,18 @@ struct Now {
     streams: u32,
 }
 
+/// How often the use of keys is written to disk.
+const SAVE_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Clone)]
 pub struct Keys {
     store: Store,
     /// By key hash: records, read once and kept in step with the store.
     records: Arc<Mutex<HashMap<String, Record>>>,
     now: Arc<Mutex<HashMap<String, Now>>>,
+    /// Keys whose use (last used, requests, tokens) is not on disk yet: written
+    /// every [`SAVE_EVERY`], not on each request.
+    unsaved: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Requests by key and outcome, tokens by key.
     metrics: QueenMetrics,
 }
@@ -68,6 +74,7 @@ impl Keys {
             store,
             records: Arc::new(Mutex::new(records)),
             now: Arc::default(),
+            unsaved: Arc::default(),
             metrics,
         })
     }
@@ -159,7 +166,31 @@ impl Keys {
         let mut records = self.records();
         if let Some(r) = records.values_mut().find(|r| r.info.name == name) {
             r.info.tokens_used += tokens;
-            let _ = self.store.put(name, &*r);
+            self.used(name);
+        }
+    }
+
+    /// The key named `name` was used: its record is written at the next save.
+    fn used(&self, name: &str) {
+        self.unsaved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+    }
+
+    /// Writes the use of keys to the store every [`SAVE_EVERY`]; runs for the
+    /// life of the queen.
+    pub async fn save_use(self) {
+        loop {
+            tokio::time::sleep(SAVE_EVERY).await;
+            let names =
+                std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()));
+            let records = self.records();
+            for r in records.values().filter(|r| names.contains(&r.info.name)) {
+                if let Err(e) = self.store.put(&r.info.name, r) {
+                    tracing::warn!("cannot record the use of key {}: {e}", r.info.name);
+                }
+            }
         }
     }
 
@@ -226,11 +257,13 @@ impl KeyDoor for Keys {
         drop(now);
         record.info.requests += 1;
         record.info.last_used = Some(crate::protocol::now_rfc3339());
-        let _ = self.store.put(&name, &*record);
+        let admin = record.info.scope == KeyScope::Admin;
+        drop(records);
+        self.used(&name);
         let keys = self.clone();
         Ok(Grant {
             key: name.clone(),
-            admin: record.info.scope == KeyScope::Admin,
+            admin,
             held: Box::new(InFlight {
                 keys,
                 hash: h,

@@ -83,13 +83,7 @@ struct Queen {
 
 pub async fn run(args: Args) -> Result<(), String> {
     if args.show_identity {
-        let data_dir = crate::data_dir(args.data_dir.as_deref());
-        crate::create_data_dir(&data_dir)?;
-        println!(
-            "{}",
-            crate::identity::load_or_make(&data_dir, "queen")?.fingerprint
-        );
-        return Ok(());
+        return crate::identity::show(args.data_dir.as_deref(), "queen");
     }
     let auth = Auth::load(args.token_file.as_deref())?
         .with_doors(
@@ -113,6 +107,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     )?;
     let metrics = crate::metrics::QueenMetrics::default();
     let keys = keys::Keys::open(&data_dir, metrics.clone())?;
+    tokio::spawn(keys.clone().save_use());
     let auth = auth.with_keys(Arc::new(keys.clone()));
     let cluster = Live::start(registry.clone(), metrics, keys).await;
     if local_hive && data_dir.join(crate::hive::CATALOG).exists() {

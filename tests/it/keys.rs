@@ -13,32 +13,8 @@ fn send(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> (u16, String, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut req = ureq::http::Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = match body {
-        Some(b) => agent.run(
-            req.header("content-type", "application/json")
-                .body(b.to_string())
-                .expect("a request"),
-        ),
-        None => agent.run(req.body(()).expect("a request")),
-    }
-    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let retry_after = resp
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let status = resp.status().as_u16();
-    let text = resp.into_body().read_to_string().unwrap_or_default();
-    (status, retry_after, text)
+    let body = body.map(Value::to_string);
+    call_header(method, url, headers, body.as_deref(), "retry-after")
 }
 
 #[test]

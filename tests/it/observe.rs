@@ -177,44 +177,6 @@ fn the_status_page_in_a_real_browser_shows_the_hive_the_worker_and_the_job() {
     }
 }
 
-/// A request with headers: status, `Set-Cookie`, body.
-fn call(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> (u16, String, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut req = ureq::http::Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = match body {
-        Some(b) => agent.run(
-            req.header("content-type", "application/json")
-                .body(b.to_string())
-                .unwrap(),
-        ),
-        None => agent.run(req.body(()).unwrap()),
-    }
-    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let cookie = resp
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let status = resp.status().as_u16();
-    (
-        status,
-        cookie,
-        resp.into_body().read_to_string().unwrap_or_default(),
-    )
-}
-
 #[test]
 fn with_a_token_the_page_trades_it_for_a_cookie_that_opens_its_doors_only() {
     let home = TempDir::new("page-token");
@@ -310,4 +272,14 @@ fn with_a_token_the_page_trades_it_for_a_cookie_that_opens_its_doors_only() {
         text.contains("0/0 hives up") && text.contains("HIVES\n  none"),
         "{text}"
     );
+}
+
+/// A request with headers: status, `Set-Cookie`, body.
+fn call(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String, String) {
+    call_header(method, url, headers, body, "set-cookie")
 }

@@ -4,8 +4,13 @@
 //! by hand for another role: it serialises one of these types, so the two sides
 //! cannot drift apart.
 
+mod error;
+mod stamps;
+
+pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use stamps::{new_id, new_secret, now_rfc3339, parse_rfc3339, random_u64, rfc3339_at};
+
 use serde::{Deserialize, Serialize};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The API version every daemon reports in its health answer.
 pub const API_VERSION: &str = "v1";
@@ -36,175 +41,6 @@ impl Health {
             ..Health::alive(role)
         }
     }
-}
-
-/// Declares [`ErrorCode`] from one table: variant, wire name, HTTP status.
-macro_rules! error_codes {
-    ($($(#[$doc:meta])* $variant:ident = $name:literal, $status:literal;)*) => {
-        /// Every error code a role sends, on a plain endpoint or in a stream's
-        /// `error` event. Each knows its HTTP status; roles match on these,
-        /// never on strings.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum ErrorCode {
-            $($(#[$doc])* #[serde(rename = $name)] $variant,)*
-            /// A code this build does not know, from a newer peer: its message still shows.
-            #[serde(other, rename = "UNKNOWN")]
-            Unknown,
-        }
-
-        impl ErrorCode {
-            /// Every code but `Unknown`, for tests and docs.
-            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
-
-            /// The HTTP status a plain endpoint answers with.
-            pub fn status(self) -> u16 {
-                match self {
-                    $(ErrorCode::$variant => $status,)*
-                    ErrorCode::Unknown => 502,
-                }
-            }
-
-            /// The name on the wire, as in `INVALID_REQUEST`.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(ErrorCode::$variant => $name,)*
-                    ErrorCode::Unknown => "UNKNOWN",
-                }
-            }
-        }
-    };
-}
-
-error_codes! {
-    // The request itself is wrong.
-    InvalidRequest = "INVALID_REQUEST", 400;
-    BodyTooLarge = "BODY_TOO_LARGE", 413;
-    Unauthorized = "UNAUTHORIZED", 401;
-    /// Refused whoever asks: a host name or origin not allowed, a report not the worker's own.
-    Forbidden = "FORBIDDEN", 403;
-    NotFound = "NOT_FOUND", 404;
-    MethodNotAllowed = "METHOD_NOT_ALLOWED", 405;
-    InvalidModelRef = "INVALID_MODEL_REF", 400;
-    /// The file is not a GGUF model rbee can load.
-    InvalidModel = "INVALID_MODEL", 400;
-    ContextOverflow = "CONTEXT_OVERFLOW", 400;
-    BackendUnavailable = "BACKEND_UNAVAILABLE", 400;
-    // What it names does not exist.
-    ModelNotFound = "MODEL_NOT_FOUND", 404;
-    RepoNotFound = "REPO_NOT_FOUND", 404;
-    NoGguf = "NO_GGUF", 404;
-    WorkerNotFound = "WORKER_NOT_FOUND", 404;
-    JobNotFound = "JOB_NOT_FOUND", 404;
-    DownloadNotFound = "DOWNLOAD_NOT_FOUND", 404;
-    LeaseNotFound = "LEASE_NOT_FOUND", 404;
-    UnknownNode = "UNKNOWN_NODE", 404;
-    // Busy, or not ready yet: worth trying again.
-    QueueFull = "QUEUE_FULL", 503;
-    /// This client has asked too often, or holds too much, for now.
-    TooManyRequests = "TOO_MANY_REQUESTS", 429;
-    Busy = "BUSY", 503;
-    Loading = "LOADING", 503;
-    ShuttingDown = "SHUTTING_DOWN", 503;
-    NoPort = "NO_PORT", 503;
-    // Hugging Face and the disk.
-    HfTokenNeeded = "HF_TOKEN_NEEDED", 401;
-    HfTokenRefused = "HF_TOKEN_REFUSED", 403;
-    Upstream = "UPSTREAM", 502;
-    DiskFull = "DISK_FULL", 507;
-    /// No hive has (or can free) the memory a model needs.
-    InsufficientMemory = "INSUFFICIENT_MEMORY", 507;
-    // Something failed on the way.
-    DownloadFailed = "DOWNLOAD_FAILED", 502;
-    SpawnFailed = "SPAWN_FAILED", 500;
-    WorkerFailed = "WORKER_FAILED", 500;
-    ModelLoadFailed = "MODEL_LOAD_FAILED", 503;
-    InferenceFailed = "INFERENCE_FAILED", 500;
-    WorkerLost = "WORKER_LOST", 502;
-    HiveUnreachable = "HIVE_UNREACHABLE", 502;
-    HiveStartFailed = "HIVE_START_FAILED", 502;
-    /// Nobody answered at an address; the caller knows whether that was a hive or a worker.
-    Unreachable = "UNREACHABLE", 502;
-    Cancelled = "CANCELLED", 409;
-    /// What it would make exists already (a key of that name).
-    Conflict = "CONFLICT", 409;
-    /// The request crashed a worker before its first token: it is not sent to
-    /// another, and the same request is refused for a while.
-    RequestCrashedWorker = "REQUEST_CRASHED_WORKER", 422;
-    Internal = "INTERNAL", 500;
-}
-
-impl std::fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The one error type: what every handler returns, what every client call
-/// fails with, and what an `error` event carries. `param` names the request
-/// field at fault, when one is (OpenAI's clients show it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiError {
-    pub code: ErrorCode,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub param: Option<String>,
-    /// Seconds after which asking again may succeed: the answer's
-    /// `Retry-After` header (not in the body).
-    #[serde(skip)]
-    pub retry_after: Option<u64>,
-}
-
-impl ApiError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            code,
-            message: message.into(),
-            param: None,
-            retry_after: None,
-        }
-    }
-
-    /// A bad request field: `INVALID_REQUEST`, naming the field.
-    pub fn invalid(param: &str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            param: Some(param.into()),
-            ..ApiError::new(ErrorCode::InvalidRequest, message)
-        }
-    }
-
-    /// The same error, saying when to ask again (whole seconds, at least 1).
-    pub fn retry_after(mut self, wait: std::time::Duration) -> ApiError {
-        self.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
-        self
-    }
-
-    pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(ErrorCode::Internal, message)
-    }
-
-    /// The same error with context in front: `hive mac: <message>`.
-    pub fn context(mut self, what: impl std::fmt::Display) -> ApiError {
-        self.message = format!("{what}: {}", self.message);
-        self
-    }
-
-    pub fn status(&self) -> u16 {
-        self.code.status()
-    }
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ApiError {}
-
-/// The body of every JSON error: `{"error":{"code","message"}}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: ApiError,
 }
 
 /// How a request samples its tokens: one set of fields and one rule set for
@@ -1266,103 +1102,9 @@ pub enum StartFailure {
     Other,
 }
 
-/// The current time as RFC 3339 in UTC, to the second.
-pub fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    rfc3339(secs)
-}
-
-/// A moment as RFC 3339, to the second.
-pub fn rfc3339_at(t: SystemTime) -> String {
-    rfc3339(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
-}
-
-fn rfc3339(unix_secs: u64) -> String {
-    let days = (unix_secs / 86_400) as i64;
-    let rem = unix_secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's days-to-civil algorithm, valid for the proleptic Gregorian calendar.
-/// Seconds since the Unix epoch of an RFC 3339 time as [`rfc3339`] writes it
-/// (`YYYY-MM-DDTHH:MM:SSZ`).
-pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    if s.len() != 20 || !s.ends_with('Z') {
-        return None;
-    }
-    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
-    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
-    // Howard Hinnant's days-from-civil.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
-}
-
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-/// A fresh random 64-bit number, from the standard library's per-process random keys.
-pub fn random_u64() -> u64 {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
-}
-
-/// A 128-bit random secret, hex: what ties a worker's report to the hive
-/// that started it.
-pub fn new_secret() -> String {
-    format!("{:016x}{:016x}", random_u64(), random_u64())
-}
-
-/// A short random id with a prefix, such as `job-3f9a1c2b7e4d5a60`.
-pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", random_u64())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_431_723), "2026-11-23T11:02:03Z");
-        for t in [0, 951_782_400, 1_795_431_723] {
-            assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
-        }
-        assert_eq!(parse_rfc3339("yesterday"), None);
-    }
 
     #[test]
     fn job_events_read_back_as_what_was_sent() {
@@ -1394,20 +1136,6 @@ mod tests {
         }
         let json = serde_json::to_string(&ClusterEvent::Loading(LoadingEvent::Ready)).unwrap();
         assert_eq!(json, r#"{"type":"loading","stage":"ready"}"#);
-    }
-
-    #[test]
-    fn error_codes_read_back_and_unknown_ones_survive() {
-        for &code in ErrorCode::ALL {
-            let json = serde_json::to_string(&code).unwrap();
-            assert_eq!(json, format!("\"{}\"", code.as_str()));
-            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
-            assert!((400..600).contains(&code.status()), "{code}");
-        }
-        let body: ErrorBody =
-            serde_json::from_str(r#"{"error":{"code":"SOMETHING_NEW","message":"m"}}"#).unwrap();
-        assert_eq!(body.error.code, ErrorCode::Unknown);
-        assert_eq!(body.error.message, "m");
     }
 
     #[test]
