@@ -63,12 +63,13 @@ pydeps: $(PYDEPS)
 $(PYDEPS):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts --root-user-action=ignore --target $(MODEL_DIR)/py openai
 
-# A real Prometheus and a real headless browser for the observability tests:
+# A real Prometheus, a real headless browser and tcpdump (what crosses the wire between machines) for the tests:
 # installed when missing and apt-get can; else those tests say they skipped.
 testdeps:
 	@missing=""; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v tcpdump >/dev/null || missing="$$missing tcpdump"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
 	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo"; \

@@ -90,11 +90,16 @@ fn damaged(cert: &Path, key: &Path, why: &str) -> String {
 
 /// A new key pair and self-signed certificate, written key first (0600).
 fn make(cert_path: &Path, key_path: &Path, role: &str) -> Result<(), String> {
+    // The names and addresses a client checking names (an OpenAI client
+    // given this certificate as its CA file) may reach it by; rbee's own
+    // peers check the fingerprint alone.
     let mut names = vec!["localhost".to_string(), format!("rbee-{role}")];
     let host = crate::machine::hostname();
-    if !host.is_empty() {
+    if !host.is_empty() && host.parse::<std::net::IpAddr>().is_err() {
         names.push(host);
     }
+    names.extend(["127.0.0.1".to_string(), "::1".to_string()]);
+    names.extend(crate::machine::addresses().iter().map(|ip| ip.to_string()));
     let key = rcgen::KeyPair::generate().map_err(|e| format!("cannot make a key pair: {e}"))?;
     let mut params = rcgen::CertificateParams::new(names)
         .map_err(|e| format!("cannot describe a certificate: {e}"))?;

@@ -4,11 +4,13 @@
 
 pub mod cli;
 pub mod clients;
+pub mod discovery;
 pub mod gbnf;
 pub mod gguf;
 pub mod hive;
 pub mod http;
 pub mod identity;
+pub mod join_token;
 pub mod keeper;
 pub mod machine;
 pub mod metrics;

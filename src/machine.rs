@@ -64,6 +64,23 @@ pub fn cores() -> u32 {
     std::thread::available_parallelism().map_or(4, |n| n.get() as u32)
 }
 
+/// This machine's addresses beyond loopback (IPv6 link-local ones left out:
+/// they need an interface named to be reached), IPv4 first.
+pub fn addresses() -> Vec<std::net::IpAddr> {
+    let mut all: Vec<std::net::IpAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| !ip.is_loopback())
+        .filter(
+            |ip| !matches!(ip, std::net::IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80),
+        )
+        .collect();
+    all.sort_by_key(|ip| ip.is_ipv6());
+    all.dedup();
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

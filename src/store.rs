@@ -193,6 +193,16 @@ impl Store {
             .collect()
     }
 
+    /// Every key, in order.
+    pub fn keys(&self) -> Vec<String> {
+        self.db
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .collect()
+    }
+
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
         let bytes = self.db.get(key).ok()??;
         serde_json::from_slice(&bytes).ok()

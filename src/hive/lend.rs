@@ -101,6 +101,8 @@ struct Lease {
     ending: bool,
     /// What its server may still cache on disk (its tunnels share it).
     cache_left: Arc<AtomicU64>,
+    /// The borrowing hive's certificate, pinned while the lease lives.
+    borrower_fingerprint: Option<String>,
 }
 
 #[derive(Clone)]
@@ -111,6 +113,11 @@ pub struct Leases {
     spawner: Spawner,
     changes: Changes,
     metrics: HiveMetrics,
+    /// The hive's TLS pins: a lease's borrower is let in while it lives
+    /// (its worker's tunnels show the borrowing hive's certificate).
+    pins: crate::http::tls::Pins,
+    /// Fingerprints pinned for more than a lease (the queen's, this hive's).
+    kept: Arc<Vec<String>>,
 }
 
 impl Leases {
@@ -121,6 +128,7 @@ impl Leases {
         data_dir: &std::path::Path,
         changes: Changes,
         metrics: HiveMetrics,
+        pins: crate::http::tls::Pins,
     ) -> std::io::Result<Leases> {
         let cache_dir = data_dir.join("rpc-cache");
         match std::fs::remove_dir_all(&cache_dir) {
@@ -137,7 +145,28 @@ impl Leases {
             spawner: Spawner::new()?,
             changes,
             metrics,
+            kept: Arc::new(pins.list()),
+            pins,
         })
+    }
+
+    /// Pins a lease's borrower while it lives.
+    fn pin(&self, borrower: Option<&str>) {
+        if let Some(fp) = borrower {
+            self.pins.add(fp);
+        }
+    }
+
+    /// Unpins a borrower that holds no other lease here.
+    fn unpin(&self, borrower: Option<&str>) {
+        let Some(fp) = borrower else { return };
+        let held = self
+            .lock()
+            .values()
+            .any(|l| l.borrower_fingerprint.as_deref() == Some(fp));
+        if !held && !self.kept.iter().any(|k| k == fp) {
+            self.pins.remove(fp);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
@@ -232,14 +261,18 @@ impl Leases {
                 last_closed: None,
                 ending: false,
                 cache_left: Arc::new(AtomicU64::new(req.memory_mb << 20)),
+                borrower_fingerprint: req.borrower_fingerprint.clone(),
             },
         );
+        self.pin(req.borrower_fingerprint.as_deref());
         self.changes.bump();
         let this = self.clone();
         let id = req.lease.clone();
         std::thread::spawn(move || {
             let status = child.wait();
-            let ending = this.lock().remove(&id).is_some_and(|l| l.ending);
+            let removed = this.lock().remove(&id);
+            let ending = removed.as_ref().is_some_and(|l| l.ending);
+            this.unpin(removed.and_then(|l| l.borrower_fingerprint).as_deref());
             let _ = std::fs::remove_dir_all(&cache_dir);
             match status {
                 Ok(s) if ending || s.success() => {

@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod disk;
 pub mod downloads;
 pub mod hf;
+pub mod join;
 pub mod lend;
 pub mod model_ref;
 pub mod models;
@@ -36,9 +37,10 @@ use workers::{Settings, Workers};
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "hive")]
 pub struct Args {
-    /// address to listen on (default 127.0.0.1; others need a token)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
-    pub host: String,
+    /// address to listen on (default 127.0.0.1; joined to a queen, 0.0.0.0;
+    /// others need a token)
+    #[argh(option)]
+    pub host: Option<String>,
     /// port to listen on (default 8080)
     #[argh(option, default = "8080")]
     pub port: u16,
@@ -90,6 +92,13 @@ pub struct Args {
     /// print this hive's identity (its certificate's SHA-256, made on first start), and exit
     #[argh(switch)]
     pub show_identity: bool,
+    /// join the queen this token names (`rbee keeper join-token` prints it);
+    /// once joined, the hive restarts without one
+    #[argh(option)]
+    pub join: Option<String>,
+    /// the name this hive joins under (default: this machine's name)
+    #[argh(option)]
+    pub name: Option<String>,
 }
 
 #[derive(Clone)]
@@ -115,20 +124,46 @@ pub async fn run(args: Args) -> Result<(), String> {
         Some(size) => crate::parse_size_mb(size).map_err(|e| format!("--max-memory: {e}"))?,
         None => state::default_budget_mb(crate::machine::ram().available_mb),
     };
-    let auth = Auth::load(args.token_file.as_deref())?.with_doors(
-        &args.host,
-        args.allowed_hosts.as_deref(),
-        args.allowed_origins.as_deref(),
-    );
-    auth.check_bind(&args.host)?;
-    let listener = crate::process::bind(&args.host, args.port).await?;
-    let port = listener.local_addr().map_or(args.port, |a| a.port());
-    let changes = Changes::new();
-
     let data_dir = crate::data_dir(args.data_dir.as_deref());
     crate::create_data_dir(&data_dir)?;
     let identity = crate::identity::load_or_make(&data_dir, "hive")?;
     tracing::info!("hive identity {}", identity.fingerprint);
+    let token = args
+        .join
+        .as_deref()
+        .map(crate::join_token::JoinToken::decode)
+        .transpose()?;
+    let joined = join::joined(&data_dir)?;
+    // Its queen's certificate is let in as the token is; its own, for the
+    // workers it reaches over TLS.
+    let queen_pin = token
+        .as_ref()
+        .map(|t| t.fingerprint.clone())
+        .or(joined.as_ref().map(|j| j.fingerprint.clone()));
+    let pins = crate::http::tls::Pins::new([identity.fingerprint.clone()]);
+    if let Some(fp) = &queen_pin {
+        pins.add(fp);
+    }
+    crate::http::tls::install(Some(&identity), pins.clone())?;
+    let host = args.host.clone().unwrap_or_else(|| {
+        match queen_pin {
+            Some(_) => "0.0.0.0",
+            None => "127.0.0.1",
+        }
+        .to_string()
+    });
+    let mut auth = Auth::load(args.token_file.as_deref())?.with_doors(
+        &host,
+        args.allowed_hosts.as_deref(),
+        args.allowed_origins.as_deref(),
+    );
+    if queen_pin.is_some() {
+        auth = auth.with_peers(pins.clone());
+    }
+    auth.check_bind(&host)?;
+    let listener = crate::process::bind(&host, args.port).await?;
+    let port = listener.local_addr().map_or(args.port, |a| a.port());
+    let changes = Changes::new();
     let catalog_path = data_dir.join(CATALOG);
     let models = if args.rebuild_catalog {
         rebuild_catalog(&catalog_path, &data_dir, changes.clone())?
@@ -137,11 +172,11 @@ pub async fn run(args: Args) -> Result<(), String> {
         Models::new(catalog, data_dir.join("models"))
     };
 
-    let unspecified = args.host == "0.0.0.0" || args.host == "::";
-    let local_host = if unspecified || args.host == "localhost" {
+    let unspecified = host == "0.0.0.0" || host == "::";
+    let local_host = if unspecified || host == "localhost" {
         "127.0.0.1".to_string()
     } else {
-        args.host.clone()
+        host.clone()
     };
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let leases = lend::Leases::new(
@@ -149,13 +184,18 @@ pub async fn run(args: Args) -> Result<(), String> {
         &data_dir,
         changes.clone(),
         models.metrics().clone(),
+        pins.clone(),
     )
     .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
     tokio::spawn(leases.clone().reap());
     let settings = Settings {
         exe,
-        host: args.host.clone(),
+        host: host.clone(),
         advertise_host: args.advertise_host.clone(),
+        tls: Some(workers::WorkerTls {
+            identity_dir: data_dir.clone(),
+            pins: pins.clone(),
+        }),
         callback_url: format!("http://{local_host}:{port}/v1/workers/ready"),
         first_port: args.worker_port,
         ready_timeout,
@@ -181,8 +221,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         shutdown: Arc::new(tokio::sync::Notify::new()),
     };
     tracing::info!(
-        "hive listening on http://{}:{port}, data in {}, {budget_mb} MiB of memory for workers",
-        args.host,
+        "hive listening on {host}:{port}, data in {}, {budget_mb} MiB of memory for workers",
         data_dir.display()
     );
     let addr = listener
@@ -192,6 +231,43 @@ pub async fn run(args: Args) -> Result<(), String> {
     let admin = hive.shutdown.clone();
     let door = hive.auth.clone();
     let state = hive.state.clone();
+    // Joining (or checking in) needs this hive answering: the queen checks
+    // that it reaches it. A refusal stops the hive with the queen's reason.
+    let refusal = Arc::new(std::sync::Mutex::new(None::<String>));
+    if token.is_some() || joined.is_some() {
+        let here = join::Here {
+            port,
+            addresses: args
+                .advertise_host
+                .iter()
+                .cloned()
+                .chain(
+                    crate::machine::addresses()
+                        .into_iter()
+                        .map(|ip| ip.to_string()),
+                )
+                .collect(),
+        };
+        let name = args.name.clone().unwrap_or_else(crate::machine::hostname);
+        let (data_dir, refusal, admin) = (data_dir.clone(), refusal.clone(), admin.clone());
+        tokio::spawn(async move {
+            let same_queen = |j: &join::JoinedQueen| {
+                token
+                    .as_ref()
+                    .is_none_or(|t| t.fingerprint == j.fingerprint)
+            };
+            let outcome = match (joined.filter(same_queen), &token) {
+                (Some(queen), _) => join::check_in(&data_dir, queen, &here).await,
+                (None, Some(token)) => join::join(&data_dir, token, &name, &here).await.map(|_| ()),
+                (None, None) => Ok(()),
+            };
+            if let Err(e) = outcome {
+                tracing::error!("{e}");
+                *refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                admin.notify_one();
+            }
+        });
+    }
     http::serve(
         listener,
         door,
@@ -205,7 +281,11 @@ pub async fn run(args: Args) -> Result<(), String> {
     .await;
     leases.end_all();
     workers.stop_all().await;
-    Ok(())
+    let refused = refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// `GET /metrics`: downloads as counted, memory and workers as the snapshot has them.

@@ -197,7 +197,9 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     door.awaiting.store(false, Ordering::Relaxed);
-    if client_w.write_all(&answer[..answered]).await.is_err() {
+    // Flushed: over TLS an answer's last record may wait in the session.
+    let sent = client_w.write_all(&answer[..answered]).await;
+    if sent.is_err() || client_w.flush().await.is_err() {
         return Ok(());
     }
     let awaiting = door.awaiting.clone();
@@ -207,7 +209,8 @@ where
                 break;
             }
             awaiting.store(false, Ordering::Relaxed);
-            if client_w.write_all(&answer[..n]).await.is_err() {
+            let sent = client_w.write_all(&answer[..n]).await;
+            if sent.is_err() || client_w.flush().await.is_err() {
                 break;
             }
         }

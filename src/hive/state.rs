@@ -185,11 +185,12 @@ impl State {
         if !req.remotes.is_empty() {
             for r in &req.remotes {
                 super::lend::check_lease_id(&r.lease)?;
-                if r.layers == 0 || !r.url.starts_with("http://") {
+                let web = r.url.starts_with("http://") || r.url.starts_with("https://");
+                if r.layers == 0 || !web {
                     return Err(ApiError::invalid(
                         "remotes",
                         format!(
-                            "a remote takes at least one layer at an http:// URL, not {} at {:?}",
+                            "a remote takes at least one layer at an https:// URL, not {} at {:?}",
                             r.layers, r.url
                         ),
                     ));

@@ -41,6 +41,17 @@ pub struct Settings {
     pub token: Option<String>,
     /// The workers' `--flash-attn`.
     pub flash_attn: crate::worker::FlashAttn,
+    /// The hive's identity, which its workers serve TLS with, and whom they pin.
+    pub tls: Option<WorkerTls>,
+}
+
+/// What a worker needs for TLS: where its hive's identity is, and the
+/// fingerprints its hive pins (its queen's, its own), to which a split
+/// worker adds its lenders'.
+#[derive(Debug, Clone)]
+pub struct WorkerTls {
+    pub identity_dir: PathBuf,
+    pub pins: crate::http::tls::Pins,
 }
 
 /// How one worker is started, and the memory that takes (MiB): decided by
@@ -150,9 +161,14 @@ impl Workers {
         let mut child = self
             .start_process((&id, &secret, port), model, req, backend, plan)
             .await?;
+        // Reached from another machine, over TLS with the hive's identity.
+        let scheme = match self.settings.tls.is_some() && !is_loopback(&host) {
+            true => "https",
+            false => "http",
+        };
         let info = WorkerInfo {
             worker_id: id.clone(),
-            url: format!("http://{host}:{port}"),
+            url: format!("{scheme}://{host}:{port}"),
             model: model.name.clone(),
             model_path: model.path.clone(),
             pid: child.id(),
@@ -230,6 +246,13 @@ impl Workers {
         for r in &req.remotes {
             let url = format!("{}/v1/rpc?lease={}", r.url.trim_end_matches('/'), r.lease);
             command.args(["--remote", &format!("{}@{url}", r.layers)]);
+        }
+        if let Some(tls) = &s.tls {
+            command.arg("--identity-dir").arg(&tls.identity_dir);
+            let lenders = req.remotes.iter().filter_map(|r| r.fingerprint.clone());
+            for fp in tls.pins.list().into_iter().chain(lenders) {
+                command.args(["--peer", &fp]);
+            }
         }
         if !req.remotes.is_empty() {
             // One line per remote, in order; an empty line: no token.
@@ -539,6 +562,15 @@ pub fn advertised_host(
         Some(std::net::IpAddr::V6(ip)) if !ip.is_unspecified() => format!("[{ip}]"),
         _ => "127.0.0.1".to_string(),
     }
+}
+
+/// Whether `host` (a name or an address, IPv6 in brackets) is this machine's loopback.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The backend a spawn asks for (absent: the best this build has), if this build has it.

@@ -22,6 +22,12 @@ pub struct Auth {
     sessions: Option<session::Sessions>,
     /// Client keys, where this daemon has them (the queen).
     keys: Option<std::sync::Arc<dyn KeyDoor>>,
+    /// Certificates let in as the token is (a hive's queen, a worker's): a
+    /// request over TLS whose client certificate is pinned here.
+    peers: Option<super::tls::Pins>,
+    /// Paths open at the door, whose handlers check who came themselves
+    /// (a hive joining with a token's secret and its certificate).
+    open: &'static [&'static str],
     doors: std::sync::Arc<Doors>,
 }
 
@@ -138,6 +144,18 @@ impl Auth {
         self
     }
 
+    /// Opens `paths` at the door: their handlers decide.
+    pub fn with_open(mut self, paths: &'static [&'static str]) -> Auth {
+        self.open = paths;
+        self
+    }
+
+    /// Lets requests in over TLS from a client whose certificate is pinned in `peers`.
+    pub fn with_peers(mut self, peers: super::tls::Pins) -> Auth {
+        self.peers = Some(peers);
+        self
+    }
+
     /// Whether `given` is the token (in constant time); always, without one.
     pub fn is_token(&self, given: &str) -> bool {
         self.token
@@ -157,7 +175,7 @@ impl Auth {
                 .parse::<IpAddr>()
                 .map(|ip| ip.is_loopback())
                 .unwrap_or(false);
-        if loopback || self.token.is_some() {
+        if loopback || self.token.is_some() || self.peers.is_some() {
             Ok(())
         } else {
             Err(format!(
@@ -186,8 +204,36 @@ impl Auth {
             }));
         }
         let cors = allowed_cross.and_then(|o| HeaderValue::from_str(o).ok());
-        if req.uri().path() == "/health" {
+        let secure = req.extensions().get::<super::tls::Secure>().is_some();
+        let from_here = req
+            .extensions()
+            .get::<super::Peer>()
+            .is_none_or(|p| p.0.ip().is_loopback());
+        if !secure && !from_here && super::tls::installed().is_some_and(|t| t.server.is_some()) {
+            return Err(Box::new(error(ApiError::new(
+                ErrorCode::Forbidden,
+                "from another machine this daemon is reached over https:// (TLS): plain http:// \
+                 is answered on this machine only",
+            ))));
+        }
+        if req.uri().path() == "/health" || self.open.contains(&req.uri().path()) {
             return Ok((cors, None));
+        }
+        let pinned =
+            |fp: &super::tls::PeerCert| self.peers.as_ref().is_some_and(|p| p.contains(&fp.0));
+        if req
+            .extensions()
+            .get::<super::tls::PeerCert>()
+            .is_some_and(pinned)
+        {
+            return Ok((cors, None));
+        }
+        if self.peers.is_some() && self.token.is_none() && !from_here {
+            return Err(Box::new(error(ApiError::new(
+                ErrorCode::Unauthorized,
+                "from another machine this daemon answers its queen only: a client certificate \
+                 it pinned (machines join with `rbee hive --join`)",
+            ))));
         }
         let (method, path) = (req.method(), req.uri().path());
         let presented = presented(

@@ -48,24 +48,10 @@ pub async fn send_with(
     let uri: Uri = url
         .parse()
         .map_err(|e| unreachable(format!("bad URL: {e}")))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(unreachable("only http:// URLs are supported".into()));
-    }
-    let host = uri.host().ok_or_else(|| unreachable("no host".into()))?;
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
-        .await
-        .map_err(|_| unreachable("connection timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
-    if headers
+    let tunnel = headers
         .iter()
-        .any(|(name, _)| name.eq_ignore_ascii_case("upgrade"))
-    {
-        super::keepalive_tunnel(&stream);
-    } else {
-        super::keepalive(&stream);
-    }
+        .any(|(name, _)| name.eq_ignore_ascii_case("upgrade"));
+    let stream = connect(&uri, tunnel).await.map_err(unreachable)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| unreachable(e.to_string()))?;
@@ -96,6 +82,72 @@ pub async fn send_with(
         .send_request(req)
         .await
         .map_err(|e| unreachable(e.to_string()))
+}
+
+/// A connection to `uri`'s host: plain for `http://`, TLS for `https://`
+/// with this process's TLS (its identity presented, the server's pinned).
+pub async fn connect(uri: &Uri, tunnel: bool) -> Result<Box<dyn super::Io>, String> {
+    let secure = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err("only http:// and https:// URLs are supported".into()),
+    };
+    let stream = tcp(uri, tunnel).await?;
+    if !secure {
+        return Ok(Box::new(stream));
+    }
+    let tls = super::tls::installed().ok_or("this process has no TLS set up for https://")?;
+    Ok(Box::new(handshake(uri, stream, tls.client.clone()).await?))
+}
+
+async fn tcp(uri: &Uri, tunnel: bool) -> Result<TcpStream, String> {
+    let host = uri.host().ok_or("no host")?;
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    let port = uri.port_u16().unwrap_or(default_port);
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    if tunnel {
+        super::keepalive_tunnel(&stream);
+    } else {
+        super::keepalive(&stream);
+    }
+    Ok(stream)
+}
+
+async fn handshake(
+    uri: &Uri,
+    stream: TcpStream,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("bad host name: {e}"))?;
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, stream);
+    tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+        .await
+        .map_err(|_| "the TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS refused: {e}"))
+}
+
+/// The fingerprint of the certificate the server at `url` (`https://`)
+/// presents, whatever it is: what a first contact shows and pins.
+pub async fn probe_identity(url: &str) -> Result<String, ApiError> {
+    let unreachable = |e: String| unreachable(url, e);
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| unreachable(format!("bad URL: {e}")))?;
+    let config = super::tls::probing().map_err(unreachable)?;
+    let stream = tcp(&uri, false).await.map_err(unreachable)?;
+    let tls = handshake(&uri, stream, config).await.map_err(unreachable)?;
+    super::tls::presented(tls.get_ref().1.peer_certificates())
+        .ok_or_else(|| unreachable("it presented no certificate".into()))
 }
 
 /// Reads an answer: the JSON body when the status is 2xx, else the error it carries.

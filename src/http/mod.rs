@@ -11,6 +11,7 @@ pub mod client;
 mod routes;
 pub mod session;
 pub mod sse;
+pub mod tls;
 pub mod tunnel;
 
 use crate::protocol::{ApiError, ErrorBody, ErrorCode};
@@ -104,6 +105,7 @@ pub async fn serve<H, F>(
     let budget = budget::Budget::for_this_process();
     let most = budget.total();
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(most));
+    let tls = tls::installed().and_then(|t| t.server.clone());
     tokio::pin!(shutdown);
     loop {
         let permit = match slots.clone().try_acquire_owned() {
@@ -138,46 +140,56 @@ pub async fn serve<H, F>(
                 keepalive(&stream);
                 let local = stream.local_addr().ok();
                 let (handler, door) = (handler.clone(), door.clone());
-                let service = service_fn(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(Peer(peer));
-                    if let Some(local) = local {
-                        req.extensions_mut().insert(Local(local));
-                    }
-                    let call = door.admit(&req).map(|(cors, grant)| {
-                        if let Some(g) = &grant {
-                            req.extensions_mut().insert(auth::KeyName {
-                                name: g.key.clone(),
-                                admin: g.admin,
-                            });
-                        }
-                        (handler(req), cors, grant)
-                    });
-                    async move {
-                        Ok::<_, Infallible>(match call {
-                            Ok((response, cors, grant)) => {
-                                let response = with_cors(response.await, cors);
-                                match grant {
-                                    Some(g) => {
-                                        g.held.answered(response.status().as_u16());
-                                        holding(response, g.held)
-                                    }
-                                    None => response,
-                                }
-                            }
-                            Err(refused) => *refused,
-                        })
-                    }
-                });
-                // Upgrades (the hive's `/v1/rpc` tunnels) leave the connection
-                // and its slot when switched: no timeout of this loop cuts them.
-                let conn = http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades();
+                let tls = tls.clone();
                 let mut stop = stopping.subscribe();
                 tokio::spawn(async move {
                     let _held = (permit, place);
+                    let Some((io, secure)) = open(stream, tls, header_timeout).await else {
+                        return;
+                    };
+                    let service = service_fn(move |mut req: Request<Incoming>| {
+                        req.extensions_mut().insert(Peer(peer));
+                        if let Some(local) = local {
+                            req.extensions_mut().insert(Local(local));
+                        }
+                        if let Some(peer_cert) = &secure {
+                            req.extensions_mut().insert(tls::Secure);
+                            if let Some(fp) = peer_cert {
+                                req.extensions_mut().insert(tls::PeerCert(fp.clone()));
+                            }
+                        }
+                        let call = door.admit(&req).map(|(cors, grant)| {
+                            if let Some(g) = &grant {
+                                req.extensions_mut().insert(auth::KeyName {
+                                    name: g.key.clone(),
+                                    admin: g.admin,
+                                });
+                            }
+                            (handler(req), cors, grant)
+                        });
+                        async move {
+                            Ok::<_, Infallible>(match call {
+                                Ok((response, cors, grant)) => {
+                                    let response = with_cors(response.await, cors);
+                                    match grant {
+                                        Some(g) => {
+                                            g.held.answered(response.status().as_u16());
+                                            holding(response, g.held)
+                                        }
+                                        None => response,
+                                    }
+                                }
+                                Err(refused) => *refused,
+                            })
+                        }
+                    });
+                    // Upgrades (the hive's `/v1/rpc` tunnels) leave the connection
+                    // and its slot when switched: no timeout of this loop cuts them.
+                    let conn = http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .serve_connection(TokioIo::new(io), service)
+                        .with_upgrades();
                     tokio::pin!(conn);
                     let ended = tokio::select! {
                         ended = conn.as_mut() => ended,
@@ -202,6 +214,43 @@ pub async fn serve<H, F>(
         .is_err()
     {
         tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+}
+
+/// A connection's byte stream, plain or TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// An accepted connection made ready to read requests from: over TLS when
+/// its first byte opens a TLS handshake (and this process has TLS), else
+/// plain. With it, for TLS, the fingerprint of the client's certificate if
+/// it showed one. `None` when the peer sent nothing, or a broken handshake,
+/// within `limit`.
+async fn open(
+    stream: tokio::net::TcpStream,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    limit: Duration,
+) -> Option<(Box<dyn Io>, Option<Option<String>>)> {
+    let Some(config) = tls else {
+        return Some((Box::new(stream), None));
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+        Ok(Ok(1..)) if first[0] == tls::HANDSHAKE => {}
+        Ok(Ok(1..)) => return Some((Box::new(stream), None)),
+        _ => return None,
+    }
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    match tokio::time::timeout(limit, accept).await {
+        Ok(Ok(tls)) => {
+            let peer = tls::presented(tls.get_ref().1.peer_certificates());
+            Some((Box::new(tls), Some(peer)))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake refused: {e}");
+            None
+        }
+        Err(_) => None,
     }
 }
 

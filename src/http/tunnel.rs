@@ -162,7 +162,7 @@ where
     });
     while let Some((due, chunk)) = rx.recv().await {
         tokio::time::sleep_until(due).await;
-        if to.write_all(&chunk).await.is_err() {
+        if to.write_all(&chunk).await.is_err() || to.flush().await.is_err() {
             break;
         }
     }

@@ -46,6 +46,7 @@ pub enum Command {
     Queen(QueenCmd),
     Config(ConfigCmd),
     Keys(KeysCmd),
+    JoinToken(JoinTokenCmd),
 }
 
 /// Show the cluster: hives and their memory, workers, models, jobs
@@ -191,6 +192,22 @@ pub struct Stop {
     pub target: String,
 }
 
+/// Print the command that joins another machine to this cluster (`rbee hive --join TOKEN`)
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "join-token", help_triggers("-h", "--help"))]
+pub struct JoinTokenCmd {
+    /// how long it may be used, e.g. 30m, 1h, 7d (default 1h)
+    #[argh(option)]
+    pub expires: Option<String>,
+    /// how many machines may join with it (default 1)
+    #[argh(option)]
+    pub uses: Option<u32>,
+    /// leave the queen's addresses out: the new machine finds the queen on
+    /// the LAN (mDNS) by its certificate
+    #[argh(switch)]
+    pub no_addresses: bool,
+}
+
 /// Make, list and revoke client keys (for people and programs that use the queen).
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "keys", help_triggers("-h", "--help"))]
@@ -269,12 +286,16 @@ pub struct HiveAdd {
     /// the hive's name, used with --node
     #[argh(positional)]
     pub name: String,
-    /// where it listens, e.g. http://mac.home.arpa:8080
+    /// where it listens: https://mac.home.arpa:8080 (http:// on this machine only)
     #[argh(option)]
     pub url: String,
     /// file holding the hive's token (the queen's is `--token-file` before `hive`)
     #[argh(option)]
     pub token_file: Option<PathBuf>,
+    /// the certificate fingerprint the hive must present (`rbee hive
+    /// --show-identity` there); absent, the one it presents is pinned and shown
+    #[argh(option)]
+    pub fingerprint: Option<String>,
 }
 
 /// List hives and whether they answer.
@@ -459,19 +480,20 @@ mod tests {
     fn the_flag_beats_the_environment_beats_the_config_file() {
         let env = || Some("http://env:1/".to_string());
         let flag = parse(&["--queen-url", "http://flag:2/", "workers", "list"]);
+        // Beyond this machine, a queen is reached over TLS.
         assert_eq!(
             flag.queen_url(env(), Some("http://conf:3")).as_deref(),
-            Ok("http://flag:2")
+            Ok("https://flag:2")
         );
         let none = parse(&["workers", "list"]);
         assert_eq!(
             none.queen_url(env(), Some("http://conf:3")).as_deref(),
-            Ok("http://env:1")
+            Ok("https://env:1")
         );
         assert_eq!(
-            none.queen_url(Some(String::new()), Some("http://conf:3/"))
+            none.queen_url(Some(String::new()), Some("http://127.0.0.1:3/"))
                 .as_deref(),
-            Ok("http://conf:3")
+            Ok("http://127.0.0.1:3")
         );
         assert_eq!(none.queen_url(None, None).as_deref(), Ok(DEFAULT_QUEEN));
     }

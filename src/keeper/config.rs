@@ -20,6 +20,10 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The certificate fingerprint of each queen reached over TLS, by its
+    /// `host:port`: pinned at the first contact.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub queen_pins: std::collections::BTreeMap<String, String>,
 }
 
 /// The keys, as written on the command line.
@@ -113,7 +117,7 @@ mod tests {
         assert_eq!(loaded, c);
         assert_eq!(
             loaded.get("queen_url").unwrap().as_deref(),
-            Some("http://mac.home.arpa:8500")
+            Some("https://mac.home.arpa:8500")
         );
         let text = std::fs::read_to_string(&file).unwrap();
         assert!(
@@ -138,7 +142,7 @@ mod tests {
             .contains("is not an address"));
         // The OLLAMA_HOST habit: no scheme is http://.
         c.set("queen-url", Some("mac:8500")).unwrap();
-        assert_eq!(c.queen_url.as_deref(), Some("http://mac:8500"));
+        assert_eq!(c.queen_url.as_deref(), Some("https://mac:8500"));
         assert!(c
             .set("token-file", Some("/no/such/token"))
             .unwrap_err()

@@ -3,8 +3,8 @@
 //! for scripts); commands that only look never start a queen.
 
 use super::args::{
-    Command, ConfigCmd, HiveAction, HiveAdd, KeysAction, KeysAdd, ModelsAction, ModelsDownload,
-    QueenCmd, WorkersAction,
+    Command, ConfigCmd, HiveAction, HiveAdd, JoinTokenCmd, KeysAction, KeysAdd, ModelsAction,
+    ModelsDownload, QueenCmd, WorkersAction,
 };
 use super::config::{self, Config};
 use super::queen::Queen;
@@ -75,6 +75,7 @@ pub async fn manage(queen: &Queen, command: Command) -> Result<u8, String> {
             KeysAction::List(l) => keys_list(queen, l.json).await,
             KeysAction::Revoke(r) => keys_revoke(queen, &r.name).await,
         },
+        Command::JoinToken(j) => join_token(queen, j).await,
         Command::Status(s) => super::status::status(queen, s.web).await,
         Command::Infer(_) | Command::Run(_) => Err("not a management command".into()),
     }
@@ -90,9 +91,15 @@ async fn hive_add(queen: &Queen, a: HiveAdd) -> Result<(), String> {
         name: a.name,
         url: a.url,
         token,
+        fingerprint: a.fingerprint,
     };
     let h: HiveStatus = queen.call(Method::POST, "/v1/hives", Some(&body)).await?;
     println!("added hive {} at {}: {}", h.name, h.url, h.status);
+    if let Some(fp) = &h.fingerprint {
+        eprintln!(
+            "pinned its certificate {fp} (compare with `rbee hive --show-identity` on that machine)"
+        );
+    }
     Ok(())
 }
 
@@ -127,7 +134,13 @@ async fn hive_list(queen: &Queen, json: bool) -> Result<(), String> {
             h.name,
             h.status.to_string(),
             h.url,
-            if h.managed { "managed" } else { "registered" }.into(),
+            match h.found.as_str() {
+                "" | "added" if h.managed => "managed".into(),
+                "" | "added" => "added".into(),
+                "token" => "joined".into(),
+                "mdns" => "joined (mDNS)".into(),
+                other => other.to_string(),
+            },
             h.ram.as_ref().map_or("-".to_string(), pool),
             gpus,
             version,
@@ -135,7 +148,32 @@ async fn hive_list(queen: &Queen, json: bool) -> Result<(), String> {
             lent,
         ]);
     }
-    table.print("no hives (add one with `rbee keeper hive add NAME --url URL`)")
+    table.print("no hives (join one with `rbee keeper join-token`)")
+}
+
+async fn join_token(queen: &Queen, j: JoinTokenCmd) -> Result<(), String> {
+    let expires_s = j
+        .expires
+        .as_deref()
+        .map(|e| crate::parse_duration(e).map(|d| d.as_secs()))
+        .transpose()
+        .map_err(|e| format!("--expires: {e}"))?;
+    let body = crate::protocol::JoinTokenRequest {
+        expires_s,
+        uses: j.uses,
+        no_addresses: j.no_addresses,
+    };
+    let made: crate::protocol::JoinToken = queen
+        .call(Method::POST, "/v1/join-tokens", Some(&body))
+        .await?;
+    eprintln!(
+        "on the machine that joins, run this (good for {} hive{}, until {}):",
+        made.uses,
+        if made.uses == 1 { "" } else { "s" },
+        made.expires_at
+    );
+    println!("rbee hive --join {}", made.token);
+    Ok(())
 }
 
 async fn keys_add(queen: &Queen, a: KeysAdd) -> Result<(), String> {

@@ -26,7 +26,7 @@ pub use args::*;
 /// Runs a keeper command; the exit code on success (0, 130 after Ctrl+C,
 /// 3 from `queen status` when no queen runs).
 pub async fn run(args: Args) -> Result<u8, String> {
-    let config = config::Config::load(&config::path())?;
+    let mut config = config::Config::load(&config::path())?;
     // The token: --token-file, else RBEE_TOKEN, else the config file's token file.
     let token_file = args.token_file.clone().or_else(|| {
         std::env::var_os("RBEE_TOKEN")
@@ -45,6 +45,7 @@ pub async fn run(args: Args) -> Result<u8, String> {
         token,
         quiet: args.quiet(),
     };
+    queen::trust(&queen.url, &mut config, &config::path()).await?;
     match args.command {
         Command::Infer(i) | Command::Run(Run(i)) => infer::infer(&queen, i, config.model).await,
         other => manage::manage(&queen, other).await,

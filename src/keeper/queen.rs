@@ -1,6 +1,7 @@
 //! Talking to the queen: calls with the token, and waking a queen that is
 //! asleep (a detached `rbee queen` that reports when it is ready, or why not).
 
+use super::config::Config;
 use crate::http::client;
 use crate::process::{self, Lifetime};
 use crate::protocol::{Health, JobCancelled};
@@ -38,9 +39,21 @@ impl Queen {
     /// Whether a queen answers `/health` (within [`HEALTH_TIMEOUT`]: a host
     /// that drops packets must not hang the keeper).
     pub async fn alive(&self) -> bool {
+        matches!(self.answers().await, Ok(true))
+    }
+
+    /// [`Queen::alive`], or the error of a queen that answers with a
+    /// certificate other than the one pinned.
+    async fn answers(&self) -> Result<bool, String> {
         let url = self.url("/health");
         let health = tokio::time::timeout(HEALTH_TIMEOUT, client::get::<Health>(&url, None)).await;
-        matches!(health, Ok(Ok(h)) if h.role == "queen")
+        match health {
+            Ok(Ok(h)) => Ok(h.role == "queen"),
+            Ok(Err(e)) if e.message.contains("not the one pinned") => {
+                Err(explain(e.to_string(), &self.url))
+            }
+            _ => Ok(false),
+        }
     }
 
     /// One JSON call; the error is the queen's message.
@@ -52,13 +65,13 @@ impl Queen {
     ) -> Result<T, String> {
         client::call(method, &self.url(path), self.token.as_deref(), body)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| explain(e.to_string(), &self.url))
     }
 
     /// The queen answers, or the error says none runs and how to start one
     /// (for commands that only look: they never start a queen).
     pub async fn require(&self) -> Result<(), String> {
-        if self.alive().await {
+        if self.answers().await? {
             return Ok(());
         }
         Err(format!(
@@ -69,7 +82,7 @@ impl Queen {
 
     /// The queen, woken if asleep; true if this call started it.
     pub async fn wake(&self) -> Result<bool, String> {
-        if self.alive().await {
+        if self.answers().await? {
             return Ok(false);
         }
         let port = wakeable_port(&self.url)?;
@@ -125,6 +138,53 @@ impl Queen {
     }
 }
 
+/// Sets up TLS for a queen reached over `https://`: the fingerprint pinned
+/// for it in the config file, else (the first time) the one it presents,
+/// shown and pinned there. A queen that later presents another is refused
+/// by the TLS handshake ([`explain`] says what to do).
+pub async fn trust(url: &str, config: &mut Config, path: &std::path::Path) -> Result<(), String> {
+    if !crate::http::tls::is_tls_url(url) {
+        return Ok(());
+    }
+    let authority = authority(url);
+    let pinned = match config.queen_pins.get(&authority) {
+        Some(fp) => fp.clone(),
+        None => {
+            let seen = client::probe_identity(url)
+                .await
+                .map_err(|e| format!("cannot reach the queen: {e}"))?;
+            config.queen_pins.insert(authority, seen.clone());
+            config.save(path)?;
+            eprintln!(
+                "the queen at {url} presents {seen}: pinned in {} (compare with \
+                 `rbee queen --show-identity` on its machine)",
+                path.display()
+            );
+            seen
+        }
+    };
+    crate::http::tls::install(None, crate::http::tls::Pins::new([pinned])).map(|_| ())
+}
+
+/// An error from a queen whose certificate is not the pinned one, with what to do.
+pub fn explain(e: String, url: &str) -> String {
+    if !e.contains("not the one pinned") {
+        return e;
+    }
+    format!(
+        "{e}. The queen at {url} is not the one this keeper pinned: if its identity changed on \
+         purpose, remove its line under [queen_pins] in {} and run again",
+        super::config::path().display()
+    )
+}
+
+fn authority(url: &str) -> String {
+    url.parse::<hyper::Uri>()
+        .ok()
+        .and_then(|u| u.authority().map(|a| a.as_str().to_ascii_lowercase()))
+        .unwrap_or_default()
+}
+
 /// The port to start a queen on for `url`: only a queen on this machine can be
 /// woken, so any other host is an error.
 fn wakeable_port(url: &str) -> Result<u16, String> {
@@ -147,20 +207,27 @@ fn wakeable_port(url: &str) -> Result<u16, String> {
 const DEFAULT_QUEEN_PORT: u16 = 8500;
 
 /// A queen's address as people write it (`OLLAMA_HOST`'s habits included):
-/// `http://mac:8500`, `mac:8500`, `127.0.0.1`, `[::1]:8500`; no scheme is
-/// `http://`, no port is 8500's, no trailing slash. Anything else is refused
-/// saying what was wrong.
+/// `http://mac:8500`, `mac:8500`, `127.0.0.1`, `[::1]:8500`; no port is
+/// 8500's, no trailing slash. A queen on this machine is reached over
+/// `http://`, any other over `https://` (whichever was written: the token
+/// and the prompts never cross a network in clear). Anything else is
+/// refused saying what was wrong.
 pub fn queen_url(given: &str) -> Result<String, String> {
     let url = given.trim().trim_end_matches('/');
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
-        None => ("http".to_string(), url),
+    let rest = match url.split_once("://") {
+        Some((scheme, rest))
+            if ["http", "https"].contains(&scheme.to_ascii_lowercase().as_str()) =>
+        {
+            rest
+        }
+        Some((scheme, _)) => {
+            return Err(format!(
+                "queen URL {given:?}: the queen speaks https:// (http:// on this machine), not \
+                 {scheme}://"
+            ))
+        }
+        None => url,
     };
-    if scheme != "http" {
-        return Err(format!(
-            "queen URL {given:?}: the queen speaks http://, not {scheme}://"
-        ));
-    }
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     // The OpenAI base URL (`http://mac:8500/v1`) names the same queen.
     let path = match path.trim_end_matches('/') {
@@ -180,7 +247,16 @@ pub fn queen_url(given: &str) -> Result<String, String> {
     } else {
         format!("{authority}:{}", DEFAULT_QUEEN_PORT)
     };
-    let url = format!("http://{authority}{path}");
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority.as_str(), |(h, _)| h)
+        .trim_matches(['[', ']']);
+    let here = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let scheme = if here { "http" } else { "https" };
+    let url = format!("{scheme}://{authority}{path}");
     match url.parse::<hyper::Uri>() {
         Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) && uri.port_u16().is_some() => Ok(url),
         _ => Err(format!(
@@ -208,29 +284,24 @@ mod tests {
     #[test]
     fn a_queen_url_is_read_as_people_write_it() {
         for (given, url) in [
-            ("http://mac:8500", "http://mac:8500"),
-            ("http://mac:8500/", "http://mac:8500"),
+            ("http://mac:8500", "https://mac:8500"),
+            ("https://mac:8500/", "https://mac:8500"),
             ("127.0.0.1:8500", "http://127.0.0.1:8500"),
             ("127.0.0.1", "http://127.0.0.1:8500"),
-            ("mac.lan", "http://mac.lan:8500"),
-            ("HTTP://mac:9", "http://mac:9"),
+            ("localhost:9", "http://localhost:9"),
+            ("mac.lan", "https://mac.lan:8500"),
+            ("HTTP://mac:9", "https://mac:9"),
             ("[::1]:8500", "http://[::1]:8500"),
             ("[::1]", "http://[::1]:8500"),
-            (" mac:1 ", "http://mac:1"),
+            ("[fd00::1]:1", "https://[fd00::1]:1"),
+            (" mac:1 ", "https://mac:1"),
             ("http://127.0.0.1:8500/v1", "http://127.0.0.1:8500"),
-            ("mac:8500/v1/", "http://mac:8500"),
+            ("mac:8500/v1/", "https://mac:8500"),
+            ("10.0.0.5", "https://10.0.0.5:8500"),
         ] {
             assert_eq!(queen_url(given).as_deref(), Ok(url), "{given}");
         }
-        for bad in [
-            "https://mac:8500",
-            "ftp://x",
-            "",
-            "http://",
-            "mac:port",
-            "a b:1",
-            "mac:1/api",
-        ] {
+        for bad in ["ftp://x", "", "http://", "mac:port", "a b:1", "mac:1/api"] {
             assert!(queen_url(bad).is_err(), "{bad:?}");
         }
     }

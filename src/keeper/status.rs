@@ -151,7 +151,9 @@ mod tests {
             version: "0.1.0".into(),
             hives: vec![HiveStatus {
                 name: "mac".into(),
-                url: "http://mac:8080".into(),
+                url: "https://mac:8080".into(),
+                found: "token".into(),
+                fingerprint: None,
                 status: HiveState::Reachable,
                 last_seen: None,
                 managed: false,

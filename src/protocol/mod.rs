@@ -690,6 +690,10 @@ pub struct RemoteShare {
     /// The lending hive's token, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The lending hive's certificate fingerprint, which the worker pins
+    /// (a hive that joined over TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// Where a split worker's layers are: its own hive's share and each lender's.
@@ -711,6 +715,10 @@ pub struct LeaseRequest {
     pub layers: u32,
     /// What its share takes here, counted against this hive's budget.
     pub memory_mb: u64,
+    /// The borrowing hive's certificate fingerprint: its worker's tunnels
+    /// present it, and are let in by it while the lease lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub borrower_fingerprint: Option<String>,
 }
 
 /// A lease as its lending hive shows it.
@@ -893,6 +901,70 @@ pub struct AddHive {
     pub url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// For an `https://` URL: the certificate fingerprint the hive must
+    /// present (`rbee hive --show-identity` there); absent, the one it
+    /// presents now is pinned and shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+/// `POST /v1/join-tokens` on the queen: a token a new machine joins with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenRequest {
+    /// How long it may be used, in seconds (default an hour).
+    #[serde(default)]
+    pub expires_s: Option<u64>,
+    /// How many hives may join with it (default one).
+    #[serde(default)]
+    pub uses: Option<u32>,
+    /// Put none of the queen's addresses in it: the hive finds the queen on
+    /// the LAN (mDNS) by its fingerprint.
+    #[serde(default)]
+    pub no_addresses: bool,
+}
+
+/// The token made: the one line to paste on the new machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub token: String,
+    pub expires_at: String,
+    pub uses: u32,
+}
+
+/// `POST /v1/join` on the queen, over TLS with the hive's certificate: a
+/// hive proving a join token's secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub secret: String,
+    pub name: String,
+    /// The port the hive listens on.
+    pub port: u16,
+    /// Its addresses beyond loopback, as it sees them.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// How it found the queen: `token` (an address in it) or `mdns`.
+    pub found: String,
+}
+
+/// `POST /v1/hives/checkin` on the queen, over TLS with a joined hive's
+/// certificate: a restarted hive saying where it is now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckIn {
+    pub port: u16,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// The queen's answer to a join or a check-in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Joined {
+    /// The name the hive is registered under.
+    pub name: String,
+    /// The URL the queen reaches it at.
+    pub url: String,
 }
 
 /// A hive as the queen knows it (`GET /v1/hives`). The token is never shown.
@@ -900,6 +972,14 @@ pub struct AddHive {
 pub struct HiveStatus {
     pub name: String,
     pub url: String,
+    /// How it came to the cluster: `local`, `added` (`hive add`), `token`
+    /// (joined, the queen's address in the token) or `mdns` (joined, the
+    /// queen found on the LAN).
+    #[serde(default)]
+    pub found: String,
+    /// Its pinned certificate fingerprint, when reached over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
     pub status: HiveState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,

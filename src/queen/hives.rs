@@ -79,7 +79,7 @@ pub fn local_hive_wanted(state: &ClusterState) -> bool {
 /// this machine and the hive says it runs on a machine of that name. A host
 /// name alone proves nothing: machines cloned from one image, or network
 /// namespaces, share one.
-fn on_this_machine(url: &str, hostname: Option<&str>) -> bool {
+pub fn on_this_machine(url: &str, hostname: Option<&str>) -> bool {
     let Ok(uri) = url.parse::<hyper::Uri>() else {
         return false;
     };

@@ -94,6 +94,8 @@ impl LocalHive {
             name: LOCALHOST.into(),
             url: format!("http://{}", started.addr),
             token: self.token.clone(),
+            fingerprint: None,
+            found: "local".into(),
         };
         narrate(
             "hive_up",

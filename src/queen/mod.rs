@@ -5,6 +5,7 @@ pub mod cluster;
 mod front;
 mod hives;
 pub mod jobs;
+mod join;
 pub mod keys;
 pub mod local_hive;
 pub mod placement;
@@ -79,6 +80,11 @@ struct Queen {
     jobs: Jobs,
     auth: Auth,
     shutdown: Arc<tokio::sync::Notify>,
+    join_tokens: join::JoinTokens,
+    /// Its certificate's fingerprint, which its join tokens carry.
+    fingerprint: String,
+    /// Where it listens (`--host`, the bound port): its tokens' addresses.
+    listen: (String, u16),
 }
 
 pub async fn run(args: Args) -> Result<(), String> {
@@ -91,7 +97,8 @@ pub async fn run(args: Args) -> Result<(), String> {
             args.allowed_hosts.as_deref(),
             args.allowed_origins.as_deref(),
         )
-        .with_sessions();
+        .with_sessions()
+        .with_open(&["/v1/join", "/v1/hives/checkin"]);
     auth.check_bind(&args.host)?;
     let listener = crate::process::bind(&args.host, args.port).await?;
     let data_dir = crate::data_dir(args.data_dir.as_deref());
@@ -105,6 +112,17 @@ pub async fn run(args: Args) -> Result<(), String> {
         auth.token().map(str::to_string),
         local_hive,
     )?;
+    crate::http::tls::install(Some(&identity), registry.pins())?;
+    let port = listener.local_addr().map_or(args.port, |a| a.port());
+    // Found on the LAN by joining hives, when other machines can reach it.
+    let _announced = match join::reachable_addresses(&args.host, port).is_empty() {
+        true => None,
+        false => {
+            crate::discovery::announce(&crate::machine::hostname(), port, &identity.fingerprint)
+                .map_err(|e| tracing::warn!("not announced on the LAN (mDNS): {e}"))
+                .ok()
+        }
+    };
     let metrics = crate::metrics::QueenMetrics::default();
     let keys = keys::Keys::open(&data_dir, metrics.clone())?;
     tokio::spawn(keys.clone().save_use());
@@ -119,6 +137,9 @@ pub async fn run(args: Args) -> Result<(), String> {
         jobs: Jobs::default(),
         auth,
         shutdown: Arc::new(tokio::sync::Notify::new()),
+        join_tokens: join::JoinTokens::open(&data_dir)?,
+        fingerprint: identity.fingerprint.clone(),
+        listen: (args.host.clone(), port),
     };
     tracing::info!(
         "queen listening on http://{}:{}, data in {}",
@@ -193,6 +214,9 @@ enum Endpoint {
     Keys,
     AddKey,
     RevokeKey,
+    AddJoinToken,
+    Join,
+    CheckIn,
 }
 
 /// How long the view may take to list a model a hive just downloaded.
@@ -251,6 +275,9 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::GET, "/metrics", Endpoint::Metrics),
     (Method::GET, "/v1/keys", Endpoint::Keys),
     (Method::POST, "/v1/keys", Endpoint::AddKey),
+    (Method::POST, "/v1/join-tokens", Endpoint::AddJoinToken),
+    (Method::POST, "/v1/join", Endpoint::Join),
+    (Method::POST, "/v1/hives/checkin", Endpoint::CheckIn),
     (Method::DELETE, "/v1/keys/{}", Endpoint::RevokeKey),
 ];
 
@@ -298,6 +325,9 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Endpoint::Metrics => Ok(status::metrics(&q)),
         Endpoint::Keys => Ok(http::json(StatusCode::OK, &q.cluster.keys.list())),
         Endpoint::AddKey => add_key(&q, req).await,
+        Endpoint::AddJoinToken => add_join_token(&q, req).await,
+        Endpoint::Join => join(&q, req).await,
+        Endpoint::CheckIn => check_in(&q, req).await,
         Endpoint::RevokeKey => q
             .cluster
             .keys
@@ -320,9 +350,112 @@ async fn add_key(q: &Queen, req: Request<Incoming>) -> Reply {
     Ok(http::json(StatusCode::CREATED, &added))
 }
 
+async fn add_join_token(q: &Queen, req: Request<Incoming>) -> Reply {
+    let body: crate::protocol::JoinTokenRequest = http::read_json(req).await?;
+    let addresses = match body.no_addresses {
+        true => Vec::new(),
+        false => join::reachable_addresses(&q.listen.0, q.listen.1),
+    };
+    if addresses.is_empty() && !body.no_addresses {
+        return Err(ApiError::invalid(
+            "addresses",
+            format!(
+                "this queen listens on {} only, which no other machine reaches: start it with \
+                 --host 0.0.0.0 (and a token)",
+                q.listen.0
+            ),
+        ));
+    }
+    let (token, expires, uses) = q.join_tokens.make(&body, &q.fingerprint, addresses)?;
+    tracing::info!("join token made ({uses} uses)");
+    let expires_at = crate::protocol::rfc3339_at(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires),
+    );
+    Ok(http::json(
+        StatusCode::CREATED,
+        &crate::protocol::JoinToken {
+            token: token.encode(),
+            expires_at,
+            uses,
+        },
+    ))
+}
+
+/// The certificate a joining or checking-in hive showed, and where its
+/// connection came from: joining is over TLS with a certificate, or not at all.
+fn hive_cert(req: &Request<Incoming>) -> Result<(String, Option<std::net::IpAddr>), ApiError> {
+    let cert = req
+        .extensions()
+        .get::<http::tls::PeerCert>()
+        .map(|c| c.0.clone())
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "a hive joins over TLS, showing its certificate (rbee hive --join TOKEN)",
+            )
+        })?;
+    let from = req.extensions().get::<http::Peer>().map(|p| p.0.ip());
+    Ok((cert, from))
+}
+
+async fn join(q: &Queen, req: Request<Incoming>) -> Reply {
+    let (cert, from) = hive_cert(&req)?;
+    let body: crate::protocol::JoinRequest = http::read_json(req).await?;
+    q.join_tokens.check(&body.secret)?;
+    let found = if body.found == "mdns" {
+        "mdns"
+    } else {
+        "token"
+    };
+    let urls = join::candidates(from, &body.addresses, body.port);
+    // Reachable first, then the token's use taken: a hive the queen cannot
+    // reach keeps its token for another try.
+    join::reach(&urls, &cert).await?;
+    q.join_tokens.spend(&body.secret)?;
+    let conn = join::register(&q.registry, &body.name, &cert, &urls, found).await?;
+    tracing::info!("hive {} joined at {} ({cert})", conn.name, conn.url);
+    q.cluster.retrack().await;
+    Ok(http::json(
+        StatusCode::CREATED,
+        &crate::protocol::Joined {
+            name: conn.name,
+            url: conn.url,
+        },
+    ))
+}
+
+async fn check_in(q: &Queen, req: Request<Incoming>) -> Reply {
+    let (cert, from) = hive_cert(&req)?;
+    let body: crate::protocol::CheckIn = http::read_json(req).await?;
+    let Some(known) = q.registry.by_fingerprint(&cert) else {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "this hive is not part of the cluster (removed with `rbee keeper hive remove`, or \
+             never joined): join it again with a token from `rbee keeper join-token`",
+        ));
+    };
+    let mut urls = join::candidates(from, &body.addresses, body.port);
+    // Where it was stays first when it is still there.
+    if let Some(i) = urls.iter().position(|u| *u == known.url) {
+        urls.swap(0, i);
+    }
+    let conn = join::register(&q.registry, &known.name, &cert, &urls, &known.found).await?;
+    if conn.url != known.url {
+        tracing::info!("hive {} is now at {}", conn.name, conn.url);
+        q.cluster.retrack().await;
+    }
+    Ok(http::json(
+        StatusCode::OK,
+        &crate::protocol::Joined {
+            name: conn.name,
+            url: conn.url,
+        },
+    ))
+}
+
 async fn add_hive(q: &Queen, req: Request<Incoming>) -> Reply {
     let body: AddHive = http::read_json(req).await?;
-    let conn = q.registry.add(body)?;
+    let conn = q.registry.add(body).await?;
     q.cluster.retrack().await;
     // Its status as of its first answer, or its first failure to answer.
     let name = conn.name.clone();

@@ -305,6 +305,8 @@ pub mod fixtures {
             name: name.into(),
             url: format!("http://127.0.0.1:8080/{name}"),
             token: None,
+            fingerprint: None,
+            found: "added".into(),
         }
     }
 

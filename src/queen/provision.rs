@@ -274,6 +274,7 @@ async fn lend(
             borrower: place.hive.name.clone(),
             layers: share.layers,
             memory_mb: share.memory_mb,
+            borrower_fingerprint: place.hive.fingerprint.clone(),
         };
         job.narrate(
             "hive",
@@ -296,6 +297,7 @@ async fn lend(
             lease: req.lease,
             layers: share.layers,
             token: share.hive.token.clone(),
+            fingerprint: share.hive.fingerprint.clone(),
         });
     }
     Ok(remotes)

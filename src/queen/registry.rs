@@ -6,7 +6,7 @@
 //! queen, naming the hives it lost.
 
 use super::local_hive::LocalHive;
-use crate::protocol::{AddHive, ApiError};
+use crate::protocol::{AddHive, ApiError, ErrorCode};
 use crate::store::Store;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -20,6 +20,12 @@ pub struct HiveConn {
     pub name: String,
     pub url: String,
     pub token: Option<String>,
+    /// The certificate it must present over TLS (`https://` URLs).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// How it came: `local`, `added`, `token` or `mdns` (`HiveStatus::found`).
+    #[serde(default)]
+    pub found: String,
 }
 
 #[derive(Clone)]
@@ -29,6 +35,9 @@ pub struct Registry {
     local: LocalHive,
     /// Whether it may (`--no-local-hive` says not).
     local_allowed: bool,
+    /// The registered hives' fingerprints: the certificates this queen's
+    /// TLS accepts (its hives', and their workers', which show their hive's).
+    pins: crate::http::tls::Pins,
 }
 
 impl Registry {
@@ -44,51 +53,132 @@ impl Registry {
             path.display()
         );
         let store = Store::open(&path, "hive registry", "queen", &recovery)?;
+        let registered: Vec<HiveConn> = store.list();
+        let pins =
+            crate::http::tls::Pins::new(registered.into_iter().filter_map(|h| h.fingerprint));
         Ok(Registry {
             store,
             local: LocalHive::new(data_dir, token)?,
             local_allowed,
+            pins,
         })
     }
 
-    pub fn add(&self, hive: AddHive) -> Result<HiveConn, ApiError> {
-        let valid_name = !hive.name.is_empty()
-            && hive.name.len() <= 64
-            && hive
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !valid_name {
-            return Err(ApiError::invalid(
-                "name",
-                format!(
-                    "hive name {:?} must be 1-64 letters, digits, '-', '_' or '.'",
-                    hive.name
-                ),
-            ));
-        }
+    /// The fingerprints this queen pins (its TLS is installed with them).
+    pub fn pins(&self) -> crate::http::tls::Pins {
+        self.pins.clone()
+    }
+
+    /// `hive add`: a hive by its URL, `http://` on this machine, `https://`
+    /// beyond it (its certificate pinned: the fingerprint given, else the
+    /// one it presents now).
+    pub async fn add(&self, hive: AddHive) -> Result<HiveConn, ApiError> {
+        check_name(&hive.name)?;
         let url = hive.url.trim_end_matches('/').to_string();
-        let parsed: Result<hyper::Uri, _> = url.parse();
-        if !parsed.is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()) {
+        let parsed: Option<hyper::Uri> =
+            url.parse().ok().filter(|u: &hyper::Uri| u.host().is_some());
+        let Some(uri) = parsed else {
             return Err(ApiError::invalid(
                 "url",
-                format!("hive url {url:?} must look like http://host:port"),
+                format!("hive url {url:?} must look like https://host:port"),
             ));
-        }
-        let conn = HiveConn {
+        };
+        let here = super::hives::on_this_machine(&url, None);
+        let fingerprint = match uri.scheme_str() {
+            Some("http") if here => None,
+            Some("http") => {
+                return Err(ApiError::invalid(
+                    "url",
+                    format!(
+                        "a hive on another machine is reached over TLS: https://{}, or join it \
+                         with a token (`rbee keeper join-token`)",
+                        uri.authority().map_or("", |a| a.as_str())
+                    ),
+                ))
+            }
+            Some("https") => {
+                let seen = crate::http::client::probe_identity(&url)
+                    .await
+                    .map_err(|e| {
+                        ApiError::new(
+                            ErrorCode::HiveUnreachable,
+                            format!("hive {}: {e}", hive.name),
+                        )
+                    })?;
+                match hive.fingerprint.as_deref().map(str::trim) {
+                    Some(want) if !want.eq_ignore_ascii_case(&seen) => {
+                        return Err(ApiError::new(
+                            ErrorCode::Forbidden,
+                            format!(
+                                "the hive at {url} presents {seen}, not {want}: nothing registered"
+                            ),
+                        ))
+                    }
+                    _ => Some(seen),
+                }
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "url",
+                    format!("hive url {url:?} must look like https://host:port"),
+                ))
+            }
+        };
+        self.register(HiveConn {
             name: hive.name,
             url,
             token: hive.token.filter(|t| !t.is_empty()),
-        };
+            fingerprint,
+            found: "added".into(),
+        })
+    }
+
+    /// Registers (or re-registers) a hive and pins its certificate; a name
+    /// held by another certificate is refused.
+    pub fn register(&self, conn: HiveConn) -> Result<HiveConn, ApiError> {
+        check_name(&conn.name)?;
+        let old: Option<HiveConn> = self.store.get(&conn.name);
+        if let Some(old) = &old {
+            if old.fingerprint.is_some()
+                && conn.found != "added"
+                && old.fingerprint != conn.fingerprint
+            {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "a hive named {} is already registered with another certificate: remove it \
+                         first (`rbee keeper hive remove {}`) or join under another --name",
+                        conn.name, conn.name
+                    ),
+                ));
+            }
+        }
         self.store
             .put(&conn.name, &conn)
             .map_err(ApiError::internal)?;
+        if let Some(fp) = old.and_then(|o| o.fingerprint) {
+            self.pins.remove(&fp);
+        }
+        if let Some(fp) = &conn.fingerprint {
+            self.pins.add(fp);
+        }
         Ok(conn)
+    }
+
+    /// The registered hive whose certificate is `fingerprint`.
+    pub fn by_fingerprint(&self, fingerprint: &str) -> Option<HiveConn> {
+        self.registered()
+            .into_iter()
+            .find(|h| h.fingerprint.as_deref() == Some(fingerprint))
     }
 
     /// Forgets a registered hive; false if there was none by that name.
     pub fn remove(&self, name: &str) -> Result<bool, ApiError> {
         let old: Option<HiveConn> = self.store.remove(name).map_err(ApiError::internal)?;
+        // Its certificate is refused from now on: it comes back with a new join token.
+        if let Some(fp) = old.as_ref().and_then(|o| o.fingerprint.as_deref()) {
+            self.pins.remove(fp);
+        }
         Ok(old.is_some())
     }
 
@@ -136,5 +226,21 @@ impl Registry {
     /// Stops the local hive, which stops its workers first; waits a bounded time.
     pub async fn stop_local(&self) {
         self.local.stop().await;
+    }
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "name",
+            format!("hive name {name:?} must be 1-64 letters, digits, '-', '_' or '.'"),
+        ))
     }
 }

@@ -188,6 +188,8 @@ pub(super) async fn hive_list(q: &Queen) -> Vec<HiveStatus> {
             name: h.conn.name.clone(),
             // A page with only a cookie sees no password in a hive's URL.
             url: http::without_credentials(&h.conn.url),
+            found: h.conn.found.clone(),
+            fingerprint: h.conn.fingerprint.clone(),
             status: match (h.reachable, &h.error) {
                 (true, _) => HiveState::Reachable,
                 (false, Some(_)) => HiveState::Unreachable,

@@ -91,6 +91,14 @@ pub struct Args {
     /// hive sets it for CPU workers (default: no limit)
     #[argh(option)]
     pub memory_limit: Option<u64>,
+    /// the data dir of the hive whose identity this worker serves TLS with
+    /// (from other machines it is reached over TLS)
+    #[argh(option)]
+    pub identity_dir: Option<PathBuf>,
+    /// a certificate fingerprint let in as the token is, and accepted from
+    /// the servers it calls (its queen, its lenders); repeatable
+    #[argh(option)]
+    pub peer: Vec<String>,
 }
 
 /// Where a spawned worker finds the secret its report to the hive carries
@@ -127,11 +135,17 @@ pub async fn run(args: Args) -> Result<(), String> {
         crate::process::limit_address_space(mb << 20)
             .map_err(|e| format!("cannot limit this worker's memory to {mb} MiB: {e}"))?;
     }
-    let auth = Auth::load(args.token_file.as_deref())?.with_doors(
+    let mut auth = Auth::load(args.token_file.as_deref())?.with_doors(
         &args.host,
         args.allowed_hosts.as_deref(),
         args.allowed_origins.as_deref(),
     );
+    if let Some(dir) = &args.identity_dir {
+        let identity = crate::identity::load_or_make(dir, "hive")?;
+        let pins = http::tls::Pins::new(args.peer.iter().cloned());
+        http::tls::install(Some(&identity), pins.clone())?;
+        auth = auth.with_peers(pins);
+    }
     auth.check_bind(&args.host)?;
     let listener = http::bind(&args.host, args.port).await?;
     let url = format!(

@@ -23,8 +23,10 @@ pub fn parse(s: &str) -> Result<(u32, String), String> {
     if layers == 0 {
         return Err(format!("--remote {s:?}: a remote takes at least one layer"));
     }
-    if !url.starts_with("http://") {
-        return Err(format!("--remote {s:?}: the URL must start with http://"));
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(format!(
+            "--remote {s:?}: the URL must start with https:// (http:// on this machine)"
+        ));
     }
     Ok((layers, url.to_string()))
 }
@@ -82,16 +84,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_remote_is_layers_at_an_http_url() {
+    fn a_remote_is_layers_at_an_https_url() {
         assert_eq!(
-            parse("15@http://mac:8080/v1/rpc?lease=lease-1"),
-            Ok((15, "http://mac:8080/v1/rpc?lease=lease-1".to_string()))
+            parse("15@https://mac:8080/v1/rpc?lease=lease-1"),
+            Ok((15, "https://mac:8080/v1/rpc?lease=lease-1".to_string()))
         );
+        assert!(parse("2@http://127.0.0.1:8080/v1/rpc?lease=l").is_ok());
         for bad in [
             "http://mac:8080/v1/rpc",
             "x@http://mac",
             "0@http://mac",
-            "3@https://mac",
+            "3@ftp://mac",
         ] {
             let e = parse(bad).unwrap_err();
             assert!(e.starts_with(&format!("--remote {bad:?}")), "{e}");

@@ -14,6 +14,9 @@ pub struct Cluster {
     _home: TempDir,
     pub queen: String,
     env: Vec<(String, String)>,
+    /// A queen started here rather than woken by the keeper (one that
+    /// listens beyond loopback); stopped with the cluster.
+    _queen: Option<Proc>,
 }
 
 impl Cluster {
@@ -28,7 +31,57 @@ impl Cluster {
             queen: format!("http://127.0.0.1:{}", free_port()),
             _home: home,
             env,
+            _queen: None,
         }
+    }
+
+    /// A cluster whose queen listens on every address (other machines join
+    /// it), with a token, and starts no hive of its own; the keeper talks to
+    /// it on loopback.
+    pub fn listening(label: &str) -> Cluster {
+        let mut c = Cluster::new(
+            label,
+            &[
+                ("RBEE_TOKEN", "s3cret-queen-token"),
+                ("RBEE_LOCAL_HIVE", "off"),
+            ],
+        );
+        let port = free_port();
+        c.queen = format!("http://127.0.0.1:{port}");
+        let env: Vec<(&str, &str)> = c
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let port_s = port.to_string();
+        let queen = Proc::start_with_env(
+            &["queen", "--host", "0.0.0.0", "--port", &port_s],
+            port,
+            &env,
+        );
+        wait_until("the queen to answer", Duration::from_secs(30), || {
+            matches!(try_get(&format!("{}/health", queen.url)), Ok((200, _)))
+        });
+        c._queen = Some(queen);
+        c
+    }
+
+    /// The queen's token, when it has one.
+    pub fn token(&self) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "RBEE_TOKEN")
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `keeper join-token ARGS`: the token in the line it prints.
+    pub fn join_token(&self, args: &[&str]) -> String {
+        let mut all = vec!["join-token"];
+        all.extend_from_slice(args);
+        let (code, out, err) = self.keeper(&all);
+        assert_eq!(code, 0, "{err}");
+        let token = out.trim().strip_prefix("rbee hive --join ");
+        token.unwrap_or_else(|| panic!("{out}")).to_string()
     }
 
     /// A cluster with these hives registered under these names.

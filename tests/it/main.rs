@@ -12,6 +12,7 @@ mod cluster;
 mod hardening;
 mod hf_server;
 mod hive;
+mod join;
 mod keeper;
 mod keys;
 mod observe;

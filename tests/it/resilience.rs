@@ -24,10 +24,17 @@ pub fn job_with(c: &Cluster, max_tokens: u32, at: impl FnMut(usize)) -> Vec<Valu
 
 /// The job `body` through the queen's job API, read to `[DONE]`, with `at` as in [`job_with`].
 pub fn job_of(c: &Cluster, body: &Value, mut at: impl FnMut(usize)) -> Vec<Value> {
-    let (status, created) = post(&format!("{}/v1/jobs", c.queen), &body.to_string());
+    let bearer = c.token().map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("authorization", b.as_str()))
+        .collect();
+    let url = format!("{}/v1/jobs", c.queen);
+    let (status, _, created) = call_header("POST", &url, &headers, Some(&body.to_string()), "-");
     assert_eq!(status, 201, "{created}");
+    let created: Value = serde_json::from_str(&created).expect("JSON");
     let url = format!("{}{}", c.queen, created["sse_url"].as_str().expect("a url"));
-    let mut sse = stream(&url, None).expect("the job streams");
+    let mut sse = stream_as(&url, None, c.token()).expect("the job streams");
     let mut events = Vec::new();
     let mut tokens = 0;
     loop {
@@ -80,9 +87,16 @@ pub fn assert_whole(events: &[Value], max_tokens: u64) {
 }
 
 /// The ready workers the queen sees: (hive, pid).
-fn ready_workers(queen: &str) -> Vec<(String, u32)> {
-    let (status, list) = get(&format!("{queen}/v1/workers"));
+fn ready_workers(c: &Cluster) -> Vec<(String, u32)> {
+    let bearer = c.token().map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("authorization", b.as_str()))
+        .collect();
+    let url = format!("{}/v1/workers", c.queen);
+    let (status, _, list) = call_header("GET", &url, &headers, None, "-");
     assert_eq!(status, 200, "{list}");
+    let list: Value = serde_json::from_str(&list).expect("JSON");
     list.as_array()
         .into_iter()
         .flatten()
@@ -137,7 +151,7 @@ fn a_worker_killed_after_0_1_or_30_tokens_is_continued_with_the_same_greedy_text
     assert_whole(&whole, max.into());
     let reference = text(&whole);
     for n in [0, 1, 30] {
-        let serving = ready_workers(&c.queen);
+        let serving = ready_workers(&c);
         assert_eq!(serving.len(), 1, "one worker serves: {serving:?}");
         let (hive, pid) = serving[0].clone();
         let mut killed = false;
@@ -171,7 +185,7 @@ fn the_official_client_streams_through_a_failover_without_a_break() {
         &json!({"model": file_model(), "prompt": "Hi", "max_tokens": 2}).to_string(),
     );
     assert_eq!(status, 200, "{created}");
-    let serving = ready_workers(&c.queen);
+    let serving = ready_workers(&c);
     assert_eq!(serving.len(), 1, "{serving:?}");
     let pid = serving[0].1.to_string();
     let stdout = python("openai/failover_test.py", &[&c.queen, &file_model(), &pid]);
@@ -188,7 +202,7 @@ fn two_hundred_jobs_with_a_worker_killed_every_twenty_all_end_whole() {
     let mut seed: u64 = 0x5eed;
     for n in 0..200 {
         let mut victim = (n % 20 == 10).then(|| {
-            let workers = ready_workers(&c.queen);
+            let workers = ready_workers(&c);
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
@@ -215,6 +229,8 @@ pub struct Net {
     tag: String,
     subnet: u32,
     hosts: usize,
+    /// The data dirs of the hives joined on it, removed with it.
+    homes: std::sync::Mutex<Vec<TempDir>>,
 }
 
 impl Net {
@@ -227,6 +243,7 @@ impl Net {
             tag: format!("{}{}", pid % 10_000, n % 10),
             subnet: 77 + (pid * 7 + n) % 170,
             hosts,
+            homes: std::sync::Mutex::default(),
         };
         let bridge = net.bridge();
         let gateway = format!("10.77.{}.1/24", net.subnet);
@@ -300,32 +317,105 @@ impl Net {
     }
 
     /// `rbee hive` inside host `i`'s namespace, listening on every address
-    /// as README's second-machine recipe has it (so the workers' URLs the
-    /// queen gets are built from the address it reached the hive at), with
-    /// a token and this memory budget.
+    /// with a token and this memory budget (added by URL, not joined).
     pub fn hive(&self, i: usize, home: &TempDir, token_file: &str, budget: &str) -> Proc {
-        let addr = self.addr(i);
+        let args = [
+            "hive",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8080",
+            "--token-file",
+            token_file,
+            "--data-dir",
+            home.str(),
+            "--max-memory",
+            budget,
+        ];
         let p = Proc::start_in(
             &self.ns(i),
-            &[
-                "hive",
-                "--host",
-                "0.0.0.0",
-                "--port",
-                "8080",
-                "--token-file",
-                token_file,
-                "--data-dir",
-                home.str(),
-                "--max-memory",
-                budget,
-            ],
-            &format!("http://{addr}:8080"),
+            &args,
+            &format!("https://{}:8080", self.addr(i)),
         );
-        wait_until("the hive to answer", Duration::from_secs(30), || {
-            matches!(try_get(&format!("{}/health", p.url)), Ok((200, _)))
+        wait_until("the hive to listen", Duration::from_secs(30), || {
+            p.stderr().contains("hive listening")
         });
         p
+    }
+
+    /// `rbee hive --join TOKEN` on host `i` under `name`, once the queen
+    /// of cluster `c` lists it as reachable.
+    pub fn join(&self, i: usize, c: &Cluster, token: &str, name: &str, budget: &str) -> Proc {
+        let home = TempDir::new(&format!("{}-{name}", self.tag));
+        let p = self.join_in(i, &home, token, name, &["--max-memory", budget]);
+        wait_until("the hive to join", Duration::from_secs(60), || {
+            let hives = c.listed(&["hive", "list"]);
+            hives
+                .iter()
+                .any(|h| h["name"] == name && h["status"] == "reachable")
+        });
+        self.homes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(home);
+        p
+    }
+
+    /// `rbee hive --join TOKEN --name NAME ARGS` on host `i` with data in
+    /// `home`, on port 8080, not waited for.
+    pub fn join_in(
+        &self,
+        i: usize,
+        home: &TempDir,
+        token: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> Proc {
+        let mut args = vec![
+            "hive",
+            "--join",
+            token,
+            "--name",
+            name,
+            "--port",
+            "8080",
+            "--data-dir",
+            home.str(),
+        ];
+        args.extend_from_slice(extra);
+        Proc::start_in(
+            &self.ns(i),
+            &args,
+            &format!("https://{}:8080", self.addr(i)),
+        )
+    }
+
+    /// `GET path` of the hive on host `i`, asked on that host's loopback
+    /// (plain, as a person on that machine would).
+    pub fn get_inside(&self, i: usize, path: &str) -> serde_json::Value {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(i),
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+            ])
+            .arg(format!("http://127.0.0.1:8080{path}"))
+            .output()
+            .expect("curl runs");
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// Host `i`'s address.
+    pub fn host(&self, i: usize) -> String {
+        self.addr(i)
+    }
+
+    pub fn bridge_name(&self) -> String {
+        self.bridge()
     }
 }
 
@@ -349,42 +439,26 @@ impl Drop for Net {
     }
 }
 
-/// Two hives in namespaces of their own, registered with a token with a
-/// queen here. Fields drop in order: the queen first, the network last.
+/// Two hives in namespaces of their own, joined with a token to a queen
+/// here. Fields drop in order: the queen first, the network last.
 struct Networked {
     c: Cluster,
     _hives: Vec<Proc>,
-    _homes: Vec<TempDir>,
-    _secrets: TempDir,
     net: Net,
 }
 
 fn networked(label: &str) -> Option<Networked> {
     let net = Net::new(2)?;
-    let secrets = TempDir::new(&format!("{label}-secrets"));
-    let token = secrets.path().join("token");
-    std::fs::write(&token, "s3cret-for-the-test\n").expect("token written");
-    let token = token.display().to_string();
-    let homes = vec![
-        TempDir::new(&format!("{label}-a")),
-        TempDir::new(&format!("{label}-b")),
-    ];
-    let hives: Vec<Proc> = (0..2)
-        .map(|i| net.hive(i, &homes[i], &token, "2GiB"))
-        .collect();
     // The queen's machine only orchestrates: every answer comes from the namespaces.
-    let c = Cluster::new(label, &[("RBEE_LOCAL_HIVE", "off")]);
-    for (name, h) in [("a", &hives[0]), ("b", &hives[1])] {
-        let (code, out, err) =
-            c.keeper(&["hive", "add", name, "--url", &h.url, "--token-file", &token]);
-        assert_eq!(code, 0, "{err}");
-        assert!(out.ends_with(": reachable\n"), "{out}");
-    }
+    let c = Cluster::listening(label);
+    let token = c.join_token(&["--uses", "2"]);
+    let hives = vec![
+        net.join(0, &c, &token, "a", "2GiB"),
+        net.join(1, &c, &token, "b", "2GiB"),
+    ];
     Some(Networked {
         c,
         _hives: hives,
-        _homes: homes,
-        _secrets: secrets,
         net,
     })
 }
@@ -399,7 +473,7 @@ fn a_hive_whose_link_is_cut_mid_answer_is_failed_over_and_with_both_gone_the_err
     let max = 160;
     let reference = job_with(c, max, |_| {});
     assert_whole(&reference, max.into());
-    let serving = ready_workers(&c.queen);
+    let serving = ready_workers(c);
     assert_eq!(serving.len(), 1, "{serving:?}");
     let first = if serving[0].0 == "a" { 0 } else { 1 };
     let events = job_with(c, max, |tokens| {
@@ -440,7 +514,7 @@ fn a_queen_restarted_under_running_hives_keeps_its_registry_and_serves_the_next_
     let c = &n.c;
     let max = 8;
     let before = text(&job_with(c, max, |_| {}));
-    let workers = ready_workers(&c.queen);
+    let workers = ready_workers(c);
     // The queen dies as a machine's power cut would take it: no goodbye.
     kill(listening_pid(&c.queen));
     wait_until("the queen to be gone", Duration::from_secs(10), || {
@@ -462,7 +536,7 @@ fn a_queen_restarted_under_running_hives_keeps_its_registry_and_serves_the_next_
     assert_whole(&after, max.into());
     assert_eq!(text(&after), before);
     // The worker from before the restart answered: the new queen found it.
-    assert_eq!(ready_workers(&c.queen), workers);
+    assert_eq!(ready_workers(c), workers);
     assert!(narrated(&after, "reuse"), "{after:?}");
 }
 

@@ -168,22 +168,12 @@ fn a_split_between_network_namespaces_answers_alike_and_a_lender_whose_link_is_c
     let Some(net) = crate::resilience::Net::new(2) else {
         return;
     };
-    let secrets = TempDir::new("split-net-secrets");
-    let token = secrets.path().join("token");
-    std::fs::write(&token, "s3cret-split\n").expect("token written");
-    let token = token.display().to_string();
-    let homes = [
-        TempDir::new("split-net-desk"),
-        TempDir::new("split-net-mac"),
-    ];
-    let desk = net.hive(0, &homes[0], &token, "800MiB");
-    let mac = net.hive(1, &homes[1], &token, "700MiB");
-    let c = Cluster::new("split-net", &[("RBEE_LOCAL_HIVE", "off")]);
-    for (name, h) in [("desk", &desk), ("mac", &mac)] {
-        let (code, _, err) =
-            c.keeper(&["hive", "add", name, "--url", &h.url, "--token-file", &token]);
-        assert_eq!(code, 0, "{err}");
-    }
+    // Both joined with a token: the tunnel between them is TLS, each side
+    // pinning the other.
+    let c = Cluster::listening("split-net");
+    let token = c.join_token(&["--uses", "2"]);
+    let desk = net.join(0, &c, &token, "desk", "800MiB");
+    let mac = net.join(1, &c, &token, "mac", "700MiB");
     let events = job_with(&c, 60, |_| {});
     assert!(narrated(&events, "split"), "{events:?}");
     assert_eq!(
@@ -202,19 +192,11 @@ fn a_split_between_network_namespaces_answers_alike_and_a_lender_whose_link_is_c
     });
     assert!(narrated(&events, "failover"), "{events:?}");
     assert_eq!(of_type(&events, "error").len(), 1, "{events:?}");
-    let authed = |url: &str| {
-        ureq::get(url)
-            .header("Authorization", "Bearer s3cret-split")
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
-            .unwrap_or_default()
-    };
     wait_until(
         "the stuck split worker to exit",
         Duration::from_secs(40),
         || {
-            let list = authed(&format!("{}/v1/workers/list", desk.url));
+            let list = net.get_inside(0, "/v1/workers/list");
             list.as_array()
                 .is_some_and(|l| !l.is_empty() && l.iter().all(|w| w["state"] == "failed"))
         },

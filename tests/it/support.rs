@@ -289,13 +289,28 @@ impl Sse {
 
 /// Opens an SSE stream with GET (body `None`) or POST; a non-200 answer is the error.
 pub fn stream(url: &str, body: Option<&str>) -> Result<Sse, (u16, Value)> {
+    stream_as(url, body, None)
+}
+
+/// [`stream`], presenting `token` when given.
+pub fn stream_as(url: &str, body: Option<&str>, token: Option<&str>) -> Result<Sse, (u16, Value)> {
     let agent = agent();
+    let bearer = token.map(|t| format!("Bearer {t}"));
     let resp = match body {
-        Some(b) => agent
-            .post(url)
-            .header("content-type", "application/json")
-            .send(b),
-        None => agent.get(url).call(),
+        Some(b) => {
+            let mut req = agent.post(url).header("content-type", "application/json");
+            if let Some(b) = &bearer {
+                req = req.header("authorization", b);
+            }
+            req.send(b)
+        }
+        None => {
+            let mut req = agent.get(url);
+            if let Some(b) = &bearer {
+                req = req.header("authorization", b);
+            }
+            req.call()
+        }
     }
     .unwrap_or_else(|e| panic!("{url}: {e}"));
     if resp.status() != 200 {
