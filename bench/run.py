@@ -133,11 +133,18 @@ class Chain:
     ones whose budget fits no worker. Routing comes from its live view of all of them."""
     name = "chain (queen)"
 
-    def __init__(self, a, hives=8):
+    def __init__(self, a, hives=8, tls=False):
+        # With `tls`, the queen reaches its hives and the worker over TLS 1.3 as it
+        # does between machines (the hive's certificate pinned), here on loopback.
+        self.tls = tls
+        if tls:
+            self.name = "chain, TLS"
         self.homes, self.hives = [], []
         self.hive_port = self.start_hive(a, [])
         started = json.loads(http_post(self.hive_port, "/v1/workers/spawn", {
-            "model_ref": "file:" + a.model, "slots": a.slots, "ctx_size": a.ctx // a.slots}))
+            "model_ref": "file:" + a.model, "slots": a.slots, "ctx_size": a.ctx // a.slots}, tls=tls))
+        if tls and not started["url"].startswith("https://"):
+            raise RuntimeError(f"a worker spawned over TLS is given out as {started['url']}")
         wait_http(self.hive_port, "/v1/workers/list", lambda s, b: '"state":"ready"' in b)
         self.worker_pid = started["pid"]
         idle = [self.start_hive(a, ["--max-memory", "64MB"]) for _ in range(hives - 1)]
@@ -146,8 +153,9 @@ class Chain:
         self.proc = subprocess.Popen([a.rbee, "queen", "--port", str(self.port)], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http(self.port, "/health", lambda s, b: s == 200)
+        scheme = "https" if tls else "http"
         for i, port in enumerate([self.hive_port] + idle):
-            http_post(self.port, "/v1/hives", {"name": f"h{i}", "url": f"http://127.0.0.1:{port}"})
+            http_post(self.port, "/v1/hives", {"name": f"h{i}", "url": f"{scheme}://127.0.0.1:{port}"})
         wait_http(self.port, "/v1/workers", lambda s, b: '"state":"ready"' in b)
         self.stream(a)  # warm
 
@@ -283,8 +291,13 @@ def http_get(port, path):
     return c.getresponse().read()
 
 
-def http_post(port, path, body):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+def http_post(port, path, body, tls=False):
+    """POST on loopback; over TLS (the daemon's own certificate, not checked here) when `tls`."""
+    if tls:
+        import ssl
+        c = http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=ssl._create_unverified_context())
+    else:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     c.request("POST", path, body=json.dumps(body), headers={"content-type": "application/json"})
     r = c.getresponse()
     data = r.read()
@@ -383,24 +396,25 @@ def main():
 
     servers = [Rbee(a)] + ([LlamaServer(a)] if with_llama else [])
     chain = Chain(a, a.hives)
-    single = {s.name: [] for s in servers + [chain]}
+    chains = [chain, Chain(a, a.hives, tls=True)]
+    single = {s.name: [] for s in servers + chains}
     single["bare engine"] = []
-    agg = {s.name: {c: [] for c in concurrency} for s in servers + [chain]}
+    agg = {s.name: {c: [] for c in concurrency} for s in servers + chains}
     try:
         for run in range(a.runs):
-            for s in servers + [chain]:
+            for s in servers + chains:
                 single[s.name].append(figures(*s.stream(a)))
             if Path(a.bare).exists():
                 single["bare engine"].append(bare(a))
             for c in concurrency:
-                for s in servers + [chain]:
+                for s in servers + chains:
                     agg[s.name][c].append(aggregate(s, a, c))
             print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
         queen_pid, hive_pid, worker_pid = chain.pids()
         memory = {"queen_idle_mb": rss_mb(queen_pid), "hive_idle_mb": rss_mb(hive_pid),
                   "worker_loaded_mb": rss_mb(worker_pid)}
     finally:
-        for s in servers + [chain]:
+        for s in servers + chains:
             s.stop()
     cold = [cold_start(a) for _ in range(a.runs)]
     llama_bench = None
@@ -417,6 +431,7 @@ def main():
     med = {k: {f: median([r[f] for r in v]) for f in ("ttft_ms", "decode_tps")} for k, v in single.items() if v}
     med_agg = {k: {c: median(v) for c, v in per.items()} for k, per in agg.items()}
     rbee, srv, ch, b = med.get("rbee worker"), med.get("llama-server"), med.get("chain (queen)"), med.get("bare engine")
+    tls = med.get("chain, TLS")
 
     def ratio(x, y):
         return x / y if x and y else float("nan")
@@ -443,6 +458,8 @@ def main():
             checks.append((f"chain/worker aggregate at {c} streams ≥ 0.95",
                            ratio(med_agg["chain (queen)"][c], med_agg["rbee worker"][c]), 0.95))
     checks.append(("chain/worker tok/s ≥ 0.99", ratio(ch["decode_tps"], rbee["decode_tps"]), 0.99))
+    checks.append(("chain TLS TTFT overhead vs plain chain ms ≤ 1", tls["ttft_ms"] - ch["ttft_ms"], -1))
+    checks.append(("chain TLS/plain chain tok/s ≥ 0.99", ratio(tls["decode_tps"], ch["decode_tps"]), 0.99))
     checks.append(("cold start ms ≤ 2000", median(cold), -2000))
     checks.append(("idle queen MB ≤ 20", memory["queen_idle_mb"], -20))
     checks.append(("idle hive MB ≤ 20", memory["hive_idle_mb"], -20))

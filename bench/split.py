@@ -4,9 +4,10 @@
 A lending hive makes a lease (llama.cpp's RPC server on its loopback, reached
 only through the hive's port); a worker gets `--remote LAYERS@URL` and keeps the
 rest of the layers on its own CPU. Measured single-stream, greedy, the same prompt
-each run: the worker whole, split over loopback, split between two network
-namespaces (a veth pair: separate network stacks, addresses and a token on the
-lender's port), and split with latency added in the tunnel, each chunk held 1 and
+each run: the worker whole, split over loopback (plain, and over TLS as between
+machines), split between two network namespaces (a veth pair: separate network
+stacks, addresses and a token on the lender's port; TLS, as everything between
+machines is), and split with latency added in the tunnel, each chunk held 1 and
 5 ms each way (RBEE_TUNNEL_DELAY_MS: `tc netem` is not available here). Runs
 alternate between the variants; medians. As a section of bench/run.py, or alone:
 `python3 bench/split.py --runs 3`. Needs root for the namespaces (else skipped).
@@ -24,7 +25,13 @@ TOKEN = "rbee-bench-split"
 
 
 def call(host, port, method, path, body=None):
-    c = http.client.HTTPConnection(host, port, timeout=60)
+    """A call with the token; over TLS beyond loopback (the lender's certificate is not
+    checked here: the bench made it)."""
+    if host == "127.0.0.1":
+        c = http.client.HTTPConnection(host, port, timeout=60)
+    else:
+        import ssl
+        c = http.client.HTTPSConnection(host, port, timeout=60, context=ssl._create_unverified_context())
     c.request(method, path, body=json.dumps(body) if body is not None else None,
               headers={"content-type": "application/json", "authorization": f"Bearer {TOKEN}"})
     r = c.getresponse()
@@ -60,6 +67,11 @@ def netns_up():
         return False
 
 
+def identity(a, home):
+    """The fingerprint of the hive identity in `home` (made there if it has none)."""
+    return sh(a.rbee, "hive", "--show-identity", "--data-dir", home).stdout.strip()
+
+
 def netns_down():
     sh("ip", "link", "del", "rbee-bsp0", check=False)
     sh("ip", "netns", "del", NETNS, check=False)
@@ -70,6 +82,8 @@ class Lender:
 
     def __init__(self, a, netns):
         self.home = tempfile.mkdtemp(prefix="rbee-bench-lend-")
+        self.fingerprint = identity(a, self.home)
+        self.netns = netns
         self.port = free_port()
         self.host = FAR if netns else "127.0.0.1"
         cmd = [a.rbee, "hive", "--port", str(self.port), "--data-dir", self.home]
@@ -88,14 +102,16 @@ class Lender:
                 time.sleep(0.05)
         self.leases = 0
 
-    def lease(self, layers, memory_mb):
-        """A lease of `memory_mb` (its RPC server holds no more); its id and tunnel URL."""
+    def lease(self, layers, memory_mb, tls):
+        """A lease of `memory_mb` (its RPC server holds no more); its id and tunnel URL
+        (https:// when `tls`, which reaching the lender in the namespace needs)."""
         self.leases += 1
         lease = f"lease-bench-{self.leases}"
         call(self.host, self.port, "POST", "/v1/leases",
              {"lease": lease, "model": "bench", "borrower": "bench", "layers": layers,
               "memory_mb": memory_mb})
-        return lease, f"http://{self.host}:{self.port}/v1/rpc?lease={lease}"
+        scheme = "https" if tls else "http"
+        return lease, f"{scheme}://{self.host}:{self.port}/v1/rpc?lease={lease}"
 
     def end(self, lease):
         """Ends a lease at once (a hive holds a few per borrower)."""
@@ -108,12 +124,15 @@ class Lender:
 
 
 class Worker:
-    def __init__(self, a, remote=None, delay_ms=0, passive=False):
+    def __init__(self, a, remote=None, delay_ms=0, passive=False, tls=None):
+        """`tls`: (the worker's identity dir, the lender's fingerprint) for an https:// tunnel."""
         self.port = free_port()
         cmd = [a.rbee, "worker", "--model", a.model, "--port", str(self.port), "--threads", str(a.threads),
                "--slots", "1", "--ctx-size", "2048", "--cache-ram", "0"]
         if remote:
             cmd += ["--remote", remote]
+        if tls:
+            cmd += ["--identity-dir", tls[0], "--peer", tls[1]]
         # The lender's token for its tunnel; the worker itself takes none.
         env = dict(os.environ, RBEE_REMOTE_TOKENS=TOKEN, RBEE_TUNNEL_DELAY_MS=str(delay_ms))
         env.pop("RBEE_TOKEN", None)
@@ -156,23 +175,30 @@ def section(a):
     # the worker waits for the lender, and take the cores the lender computes on.
     # With passive waits (OMP_WAIT_POLICY=PASSIVE) the pair shows what the split
     # itself costs, as on two machines.
-    variants = [("one worker", None, 0, False), ("split, loopback", "loopback", 0, False),
-                ("one worker, passive", None, 0, True), ("split, loopback, passive", "loopback", 0, True)]
+    # (name, lender, added delay ms, passive waits, TLS)
+    variants = [("one worker", None, 0, False, False), ("split, loopback", "loopback", 0, False, False),
+                ("split, loopback, TLS", "loopback", 0, False, True),
+                ("one worker, passive", None, 0, True, False),
+                ("split, loopback, passive", "loopback", 0, True, False)]
     far = "netns" if with_netns else "loopback"
     if with_netns:
-        variants += [("split, netns", "netns", 0, False)]
-    variants += [(f"split, {far} +1 ms", far, 1, False), (f"split, {far} +5 ms", far, 5, False)]
+        variants += [("split, netns, TLS", "netns", 0, False, True)]
+    variants += [(f"split, {far} +1 ms", far, 1, False, with_netns), (f"split, {far} +5 ms", far, 5, False, with_netns)]
     runs = {v[0]: [] for v in variants}
     # What a lease may hold: more than any share of the model's layers with their cache.
     memory_mb = 2 * os.path.getsize(a.model) // 2**20 + 1024
+    # The worker's side of a TLS tunnel: an identity of its own (its hive's, in a cluster).
+    worker_home = tempfile.mkdtemp(prefix="rbee-bench-borrow-")
+    identity(a, worker_home)
     try:
         for _ in range(a.split_runs):
-            for name, where, delay, passive in variants:
+            for name, where, delay, passive, tls in variants:
                 lease = None
                 if where:
-                    lease, url = lenders[where].lease(layers, memory_mb)
+                    lease, url = lenders[where].lease(layers, memory_mb, tls)
                 remote = f"{layers}@{url}" if where else None
-                w = Worker(a, remote, delay, passive)
+                pinned = (worker_home, lenders[where].fingerprint) if tls else None
+                w = Worker(a, remote, delay, passive, pinned)
                 try:
                     w.stream(8)  # warm
                     runs[name].append(figures(*w.stream(a.tokens)))
@@ -185,6 +211,7 @@ def section(a):
             lender.stop()
         if with_netns:
             netns_down()
+        shutil.rmtree(worker_home, ignore_errors=True)
     med = {k: {f: median([r[f] for r in v]) for f in ("ttft_ms", "decode_tps")} for k, v in runs.items()}
     for k, v in med.items():
         whole = med["one worker, passive" if "passive" in k else "one worker"]["decode_tps"]

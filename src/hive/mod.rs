@@ -456,9 +456,12 @@ fn download_progress(h: &Hive, req: &Request<Incoming>) -> Reply {
 
 async fn spawn(h: &Hive, req: Request<Incoming>) -> Reply {
     // Its workers are reached at the address the caller reached the hive at.
-    let reached_at = req.extensions().get::<http::Local>().map(|l| l.0.ip());
+    let reached = workers::Reached {
+        at: req.extensions().get::<http::Local>().map(|l| l.0.ip()),
+        tls: req.extensions().get::<http::tls::Secure>().is_some(),
+    };
     let body: SpawnRequest = http::read_json(req).await?;
-    let info = h.state.spawn(&body, reached_at).await?;
+    let info = h.state.spawn(&body, reached).await?;
     Ok(http::json(StatusCode::ACCEPTED, &info))
 }
 

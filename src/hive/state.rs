@@ -169,12 +169,12 @@ impl State {
 
     /// Starts a worker if the budget has room for it; else `INSUFFICIENT_MEMORY`
     /// naming the need and what is free.
-    /// Starts a worker for `req`; `reached_at` is this hive's address as
-    /// the caller reached it (where the worker is reached too, unless told).
+    /// Starts a worker for `req`; `reached` is how the caller reached this
+    /// hive (where, and whether over TLS, the worker is reached too, unless told).
     pub async fn spawn(
         &self,
         req: &SpawnRequest,
-        reached_at: Option<std::net::IpAddr>,
+        reached: super::workers::Reached,
     ) -> Result<WorkerInfo, ApiError> {
         let entry = self.models.find(&req.model_ref).await?;
         let plan = self.plan_for(&entry, req.slots, req.ctx_size);
@@ -221,7 +221,7 @@ impl State {
                 ),
             ));
         }
-        self.workers.spawn(&entry, req, &plan, reached_at).await
+        self.workers.spawn(&entry, req, &plan, reached).await
     }
 
     /// Lends this hive's devices for a share of a split worker, if the budget

@@ -45,6 +45,14 @@ pub struct Settings {
     pub tls: Option<WorkerTls>,
 }
 
+/// How the caller of a spawn reached this hive: at which of its addresses,
+/// and whether over TLS (its workers are then given out over TLS too).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reached {
+    pub at: Option<std::net::IpAddr>,
+    pub tls: bool,
+}
+
 /// What a worker needs for TLS: where its hive's identity is, and the
 /// fingerprints its hive pins (its queen's, its own), to which a split
 /// worker adds its lenders'.
@@ -147,13 +155,13 @@ impl Workers {
         model: &ModelEntry,
         req: &SpawnRequest,
         plan: &Plan,
-        reached_at: Option<std::net::IpAddr>,
+        reached: Reached,
     ) -> Result<WorkerInfo, ApiError> {
         let backend = choose_backend(req.backend.as_deref(), crate::BACKENDS)?;
         let host = advertised_host(
             self.settings.advertise_host.as_deref(),
             &self.settings.host,
-            reached_at,
+            reached.at,
         );
         let id = new_id("worker");
         let port = self.free_port()?;
@@ -161,8 +169,10 @@ impl Workers {
         let mut child = self
             .start_process((&id, &secret, port), model, req, backend, plan)
             .await?;
-        // Reached from another machine, over TLS with the hive's identity.
-        let scheme = match self.settings.tls.is_some() && !is_loopback(&host) {
+        // Reached from another machine, or by a caller that came over TLS:
+        // over TLS, with the hive's identity.
+        let secure = reached.tls || !is_loopback(&host);
+        let scheme = match self.settings.tls.is_some() && secure {
             true => "https",
             false => "http",
         };
