@@ -86,49 +86,80 @@ pub async fn join(
         .map(|a| format!("https://{a}"))
         .collect();
     let mut silent = Vec::new();
-    for (urls, found) in [(at_token, "token"), (Vec::new(), "mdns")] {
+    for found in ["token", "mdns"] {
         let urls = match found {
-            "mdns" => lan_queens(&token.fingerprint).await,
-            _ => urls,
-        };
-        for url in urls {
-            let body = request(found);
-            match client::post::<Joined>(&format!("{url}/v1/join"), None, &body).await {
-                Ok(joined) => {
-                    let queen = JoinedQueen {
-                        fingerprint: token.fingerprint.clone(),
-                        url,
-                        name: joined.name,
-                    };
-                    remember(data_dir, &queen)?;
-                    tracing::info!(
-                        "joined the queen at {} as hive {} (the queen reaches it at {})",
-                        queen.url,
-                        queen.name,
-                        joined.url
-                    );
-                    return Ok(queen);
-                }
-                Err(e) if e.code == ErrorCode::Unreachable => silent.push(e.message),
-                Err(e) => {
-                    return Err(format!(
-                        "the queen at {url} refused this hive: {}",
-                        e.message
-                    ))
-                }
+            "mdns" => {
+                tracing::info!("looking for the queen on the LAN (mDNS)");
+                lan_queens(&token.fingerprint).await
             }
+            _ => at_token.clone(),
+        };
+        // The addresses are tried at once: a token names every address of the
+        // queen's machine, some of which (a VPN's, a container bridge's) drop
+        // packets for seconds.
+        let (answering, mut failed) = first_answering(&urls).await;
+        silent.append(&mut failed);
+        let Some(url) = answering else { continue };
+        let body = request(found);
+        match client::post::<Joined>(&format!("{url}/v1/join"), None, &body).await {
+            Ok(joined) => {
+                let queen = JoinedQueen {
+                    fingerprint: token.fingerprint.clone(),
+                    url,
+                    name: joined.name,
+                };
+                remember(data_dir, &queen)?;
+                tracing::info!(
+                    "joined the queen at {} as hive {} (the queen reaches it at {})",
+                    queen.url,
+                    queen.name,
+                    joined.url
+                );
+                return Ok(queen);
+            }
+            Err(e) if e.code == ErrorCode::Unreachable => silent.push(e.message),
+            Err(e) => return Err(refused(&url, &e)),
         }
+    }
+    if let Some(other) = silent.iter().find(|e| e.contains("not the one pinned")) {
+        return Err(format!(
+            "a queen answered with another certificate than the token's {} ({other}): the token \
+             is another queen's, or mistyped",
+            token.fingerprint
+        ));
     }
     Err(format!(
         "no queen with the token's certificate {} answered ({}); is this machine on the queen's \
          network, and does the queen listen beyond its own machine (--host 0.0.0.0)?",
         token.fingerprint,
         if silent.is_empty() {
-            "none found on the LAN".to_string()
+            "none found on the LAN with it".to_string()
         } else {
             silent.join("; ")
         }
     ))
+}
+
+/// The first of `urls` where a queen with the pinned certificate answers,
+/// all tried at once; and why each that was heard of before it failed.
+async fn first_answering(urls: &[String]) -> (Option<String>, Vec<String>) {
+    let mut tries = tokio::task::JoinSet::new();
+    for url in urls {
+        let url = url.clone();
+        tries.spawn(async move {
+            let at = format!("{url}/health");
+            let health = client::get::<crate::protocol::Health>(&at, None).await;
+            (health.map_err(|e| e.message), url)
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(Ok((health, url))) = tries.join_next().await {
+        match health {
+            Ok(_) => return (Some(url), failed),
+            Err(e) => failed.push(e),
+        }
+    }
+    (None, failed)
 }
 
 /// Tells the joined queen where this hive is now; a queen that does not

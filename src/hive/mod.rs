@@ -248,7 +248,7 @@ pub async fn run(args: Args) -> Result<(), String> {
                 )
                 .collect(),
         };
-        let name = args.name.clone().unwrap_or_else(crate::machine::hostname);
+        let name = args.name.clone();
         let (data_dir, refusal, admin) = (data_dir.clone(), refusal.clone(), admin.clone());
         tokio::spawn(async move {
             let same_queen = |j: &join::JoinedQueen| {
@@ -257,8 +257,23 @@ pub async fn run(args: Args) -> Result<(), String> {
                     .is_none_or(|t| t.fingerprint == j.fingerprint)
             };
             let outcome = match (joined.filter(same_queen), &token) {
-                (Some(queen), _) => join::check_in(&data_dir, queen, &here).await,
-                (None, Some(token)) => join::join(&data_dir, token, &name, &here).await.map(|_| ()),
+                (Some(queen), token) => {
+                    let again = name.clone().unwrap_or_else(|| queen.name.clone());
+                    match (join::check_in(&data_dir, queen, &here).await, token) {
+                        // Removed, and given a new token: it joins anew.
+                        (Err(refused), Some(token)) => {
+                            tracing::warn!("{refused}; joining with the token given");
+                            join::join(&data_dir, token, &again, &here)
+                                .await
+                                .map(|_| ())
+                        }
+                        (outcome, _) => outcome,
+                    }
+                }
+                (None, Some(token)) => {
+                    let name = name.unwrap_or_else(crate::machine::hostname);
+                    join::join(&data_dir, token, &name, &here).await.map(|_| ())
+                }
                 (None, None) => Ok(()),
             };
             if let Err(e) = outcome {

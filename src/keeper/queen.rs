@@ -65,7 +65,13 @@ impl Queen {
     ) -> Result<T, String> {
         client::call(method, &self.url(path), self.token.as_deref(), body)
             .await
-            .map_err(|e| explain(e.to_string(), &self.url))
+            .map_err(|e| match e.code {
+                crate::protocol::ErrorCode::Unauthorized if self.token.is_none() => format!(
+                    "{e} (this keeper has no token for the queen: give it with --token-file, \
+                     RBEE_TOKEN or `rbee keeper config set token-file FILE`)"
+                ),
+                _ => explain(e.to_string(), &self.url),
+            })
     }
 
     /// The queen answers, or the error says none runs and how to start one

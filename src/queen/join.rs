@@ -64,6 +64,12 @@ impl JoinTokens {
         if uses == 0 {
             return Err(ApiError::invalid("uses", "a token needs at least one use"));
         }
+        if req.expires_s == Some(0) {
+            return Err(ApiError::invalid(
+                "expires",
+                "a token needs at least a second to be used in",
+            ));
+        }
         let expires = unix_now() + req.expires_s.unwrap_or(DEFAULT_EXPIRY_S);
         let mut bytes = [0u8; 16];
         rustls::crypto::ring::default_provider()
@@ -265,12 +271,18 @@ mod tests {
         let e = t.check(&"0".repeat(32)).unwrap_err();
         assert!(e.message.contains("not one this queen made"), "{e}");
         let expired = JoinTokenRequest {
-            expires_s: Some(0),
+            expires_s: Some(1),
             ..JoinTokenRequest::default()
         };
         let (token, _, _) = t.make(&expired, "sha256:ab", vec![]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
         let e = t.spend(&token.secret).unwrap_err();
         assert!(e.message.contains("has expired"), "{e}");
+        let now = JoinTokenRequest {
+            expires_s: Some(0),
+            ..JoinTokenRequest::default()
+        };
+        assert!(t.make(&now, "sha256:ab", vec![]).is_err());
         let zero = JoinTokenRequest {
             uses: Some(0),
             ..JoinTokenRequest::default()

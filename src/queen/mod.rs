@@ -326,8 +326,12 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Endpoint::Keys => Ok(http::json(StatusCode::OK, &q.cluster.keys.list())),
         Endpoint::AddKey => add_key(&q, req).await,
         Endpoint::AddJoinToken => add_join_token(&q, req).await,
-        Endpoint::Join => join(&q, req).await,
-        Endpoint::CheckIn => check_in(&q, req).await,
+        Endpoint::Join => join(&q, req)
+            .await
+            .inspect_err(|e| tracing::warn!("a hive's join was refused: {e}")),
+        Endpoint::CheckIn => check_in(&q, req)
+            .await
+            .inspect_err(|e| tracing::warn!("a hive's check-in was refused: {e}")),
         Endpoint::RevokeKey => q
             .cluster
             .keys
@@ -352,11 +356,8 @@ async fn add_key(q: &Queen, req: Request<Incoming>) -> Reply {
 
 async fn add_join_token(q: &Queen, req: Request<Incoming>) -> Reply {
     let body: crate::protocol::JoinTokenRequest = http::read_json(req).await?;
-    let addresses = match body.no_addresses {
-        true => Vec::new(),
-        false => join::reachable_addresses(&q.listen.0, q.listen.1),
-    };
-    if addresses.is_empty() && !body.no_addresses {
+    let reachable = join::reachable_addresses(&q.listen.0, q.listen.1);
+    if reachable.is_empty() {
         return Err(ApiError::invalid(
             "addresses",
             format!(
@@ -366,6 +367,12 @@ async fn add_join_token(q: &Queen, req: Request<Incoming>) -> Reply {
             ),
         ));
     }
+    // Without addresses, the hive finds the queen on the LAN (where it announces itself).
+    let addresses = if body.no_addresses {
+        Vec::new()
+    } else {
+        reachable
+    };
     let (token, expires, uses) = q.join_tokens.make(&body, &q.fingerprint, addresses)?;
     tracing::info!("join token made ({uses} uses)");
     let expires_at = crate::protocol::rfc3339_at(
@@ -479,6 +486,7 @@ async fn add_hive(q: &Queen, req: Request<Incoming>) -> Reply {
 
 async fn remove_hive(q: &Queen, name: &str) -> Reply {
     if q.registry.remove(name)? {
+        tracing::info!("hive {name} removed (its certificate, if pinned, is refused from now on)");
         q.cluster.retrack().await;
         Ok(http::json(
             StatusCode::OK,

@@ -230,7 +230,7 @@ fn hives_join_by_token_and_by_mdns_talk_tls_only_and_a_removed_hive_is_refused()
     assert_eq!(stranger(&a_models, Some(home_b.path())), "401");
     assert_eq!(stranger(&a_models, None), "401");
 
-    // Removed, b is refused when it comes back without a new token.
+    // Removed, b is refused when it comes back without a new token …
     let (code, _, err) = c.keeper(&["hive", "remove", "b"]);
     assert_eq!(code, 0, "{err}");
     b.signal("TERM");
@@ -238,10 +238,19 @@ fn hives_join_by_token_and_by_mdns_talk_tls_only_and_a_removed_hive_is_refused()
     let mut back = net.join_in(1, &home_b, &lan, "b", &[]);
     let status = back.wait_exit(Duration::from_secs(60)).expect("it exits");
     assert!(!status.success());
+    let said = back.stderr();
     assert!(
-        back.stderr().contains("not part of the cluster"),
-        "{}",
-        back.stderr()
+        said.contains("not part of the cluster") && said.contains("has been used"),
+        "{said}"
     );
     assert!(c.listed(&["hive", "list"]).iter().all(|h| h["name"] != "b"));
+    // … and joins again with one.
+    let fresh = c.join_token(&[]);
+    let _b = net.join_in(1, &home_b, &fresh, "b", &["--max-memory", "2GiB"]);
+    wait_until("b to join again", Duration::from_secs(60), || {
+        let hives = c.listed(&["hive", "list"]);
+        hives
+            .iter()
+            .any(|h| h["name"] == "b" && h["status"] == "reachable")
+    });
 }
