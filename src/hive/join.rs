@@ -65,6 +65,42 @@ pub struct Here {
     pub addresses: Vec<String>,
 }
 
+/// A hive's part in its cluster at start: checking in with the queen it
+/// joined (the same queen the token names, if one is given), joining anew
+/// with the token when it has none or was removed, under `name` (else its
+/// old name, else this machine's).
+pub async fn take_part(
+    data_dir: &Path,
+    token: Option<JoinToken>,
+    joined: Option<JoinedQueen>,
+    name: Option<String>,
+    here: &Here,
+) -> Result<(), String> {
+    let same_queen = |j: &JoinedQueen| {
+        token
+            .as_ref()
+            .is_none_or(|t| t.fingerprint == j.fingerprint)
+    };
+    match (joined.filter(same_queen), token) {
+        (Some(queen), token) => {
+            let again = name.unwrap_or_else(|| queen.name.clone());
+            match (check_in(data_dir, queen, here).await, token) {
+                // Removed, and given a new token: it joins anew.
+                (Err(refused), Some(token)) => {
+                    tracing::warn!("{refused}; joining with the token given");
+                    join(data_dir, &token, &again, here).await.map(|_| ())
+                }
+                (outcome, _) => outcome,
+            }
+        }
+        (None, Some(token)) => {
+            let name = name.unwrap_or_else(crate::machine::hostname);
+            join(data_dir, &token, &name, here).await.map(|_| ())
+        }
+        (None, None) => Ok(()),
+    }
+}
+
 /// Joins the queen `token` names: at its addresses, else at queens found on
 /// the LAN with its fingerprint. The name taken, and the queen.
 pub async fn join(

@@ -37,8 +37,8 @@ use workers::{Settings, Workers};
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "hive")]
 pub struct Args {
-    /// address to listen on (default 127.0.0.1; joined to a queen, 0.0.0.0;
-    /// others need a token)
+    /// address to listen on (default 127.0.0.1, or 0.0.0.0 when joining or
+    /// joined to a queen; beyond loopback it needs a token or a joined queen)
     #[argh(option)]
     pub host: Option<String>,
     /// port to listen on (default 8080)
@@ -241,42 +241,13 @@ pub async fn run(args: Args) -> Result<(), String> {
                 .advertise_host
                 .iter()
                 .cloned()
-                .chain(
-                    crate::machine::addresses()
-                        .into_iter()
-                        .map(|ip| ip.to_string()),
-                )
+                .chain(crate::machine::addresses().iter().map(|ip| ip.to_string()))
                 .collect(),
         };
-        let name = args.name.clone();
         let (data_dir, refusal, admin) = (data_dir.clone(), refusal.clone(), admin.clone());
+        let name = args.name.clone();
         tokio::spawn(async move {
-            let same_queen = |j: &join::JoinedQueen| {
-                token
-                    .as_ref()
-                    .is_none_or(|t| t.fingerprint == j.fingerprint)
-            };
-            let outcome = match (joined.filter(same_queen), &token) {
-                (Some(queen), token) => {
-                    let again = name.clone().unwrap_or_else(|| queen.name.clone());
-                    match (join::check_in(&data_dir, queen, &here).await, token) {
-                        // Removed, and given a new token: it joins anew.
-                        (Err(refused), Some(token)) => {
-                            tracing::warn!("{refused}; joining with the token given");
-                            join::join(&data_dir, token, &again, &here)
-                                .await
-                                .map(|_| ())
-                        }
-                        (outcome, _) => outcome,
-                    }
-                }
-                (None, Some(token)) => {
-                    let name = name.unwrap_or_else(crate::machine::hostname);
-                    join::join(&data_dir, token, &name, &here).await.map(|_| ())
-                }
-                (None, None) => Ok(()),
-            };
-            if let Err(e) = outcome {
+            if let Err(e) = join::take_part(&data_dir, token, joined, name, &here).await {
                 tracing::error!("{e}");
                 *refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 admin.notify_one();

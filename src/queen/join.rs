@@ -36,9 +36,10 @@ struct Record {
     uses_left: u32,
 }
 
+/// The join tokens, in a store opened at the first token made or used.
 #[derive(Clone)]
 pub struct JoinTokens {
-    store: Store,
+    store: crate::store::Lazy,
 }
 
 impl JoinTokens {
@@ -49,8 +50,12 @@ impl JoinTokens {
              queen again; tokens not yet used must be made again",
             path.display()
         );
-        let store = Store::open(&path, "join tokens", "queen", &recovery)?;
+        let store = crate::store::Lazy::open(&path, "join tokens", "queen", &recovery)?;
         Ok(JoinTokens { store })
+    }
+
+    fn store(&self) -> Result<&Store, ApiError> {
+        self.store.get().map_err(ApiError::internal)
     }
 
     /// A new token for `req`, naming the queen by `fingerprint` and `addresses`.
@@ -77,12 +82,13 @@ impl JoinTokens {
             .fill(&mut bytes)
             .map_err(|_| ApiError::internal("no randomness for a secret"))?;
         let secret = crate::hive::disk::hex(&bytes);
-        self.prune();
+        let store = self.store()?;
+        prune(store);
         let record = Record {
             expires,
             uses_left: uses,
         };
-        self.store
+        store
             .put(&hash(&secret), &record)
             .map_err(ApiError::internal)?;
         let token = JoinToken {
@@ -102,7 +108,8 @@ impl JoinTokens {
     pub fn spend(&self, secret: &str) -> Result<(), ApiError> {
         let mut record = self.usable(secret)?;
         record.uses_left -= 1;
-        self.store
+        let store = self.store()?;
+        store
             .put(&hash(secret), &record)
             .map_err(ApiError::internal)
     }
@@ -118,7 +125,7 @@ impl JoinTokens {
             )
         };
         let record: Record = self
-            .store
+            .store()?
             .get(&hash(secret))
             .ok_or_else(|| refused("is not one this queen made"))?;
         if unix_now() >= record.expires {
@@ -129,18 +136,17 @@ impl JoinTokens {
         }
         Ok(record)
     }
+}
 
-    /// Forgets tokens past their expiry by more than [`REMEMBER_S`].
-    fn prune(&self) {
-        let now = unix_now();
-        for key in self.store.keys() {
-            let old = self
-                .store
-                .get::<Record>(&key)
-                .is_some_and(|r| r.expires + REMEMBER_S < now);
-            if old {
-                let _ = self.store.remove::<Record>(&key);
-            }
+/// Forgets tokens past their expiry by more than [`REMEMBER_S`].
+fn prune(store: &Store) {
+    let now = unix_now();
+    for key in store.keys() {
+        let old = store
+            .get::<Record>(&key)
+            .is_some_and(|r| r.expires + REMEMBER_S < now);
+        if old {
+            let _ = store.remove::<Record>(&key);
         }
     }
 }

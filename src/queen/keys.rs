@@ -2,7 +2,7 @@
 //! each with a scope, an expiry, a rate and a number of streams it may hold.
 //!
 //! A key is shown once, when made; the queen keeps its SHA-256 only, in a
-//! [`Store`] of its own (`queen-keys`). A request presents a key as
+//! store of its own (`queen-keys`). A request presents a key as
 //! `Authorization: Bearer …` or `x-api-key: …` (what Anthropic's clients
 //! send); the queen's token (`--token-file`) stays what it was, an admin key.
 //! `use` keys reach inference, models and embeddings; `admin` keys
@@ -12,7 +12,7 @@
 use crate::http::auth::{Grant, KeyDoor, KeyUse, KEY_PREFIX as PREFIX};
 use crate::metrics::QueenMetrics;
 use crate::protocol::{ApiError, ErrorCode, KeyAdded, KeyInfo, KeyRequest, KeyScope};
-use crate::store::Store;
+use crate::store::Lazy;
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -45,7 +45,7 @@ const SAVE_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct Keys {
-    store: Store,
+    store: Lazy,
     /// By key hash: records, read once and kept in step with the store.
     records: Arc<Mutex<HashMap<String, Record>>>,
     now: Arc<Mutex<HashMap<String, Now>>>,
@@ -64,9 +64,12 @@ impl Keys {
              again and make the keys again with `rbee keeper keys add NAME`",
             path.display()
         );
-        let store = Store::open(&path, "key store", "queen", &recovery)?;
+        // Opened at the first key made (or now, when there are keys).
+        let store = Lazy::open(&path, "key store", "queen", &recovery)?;
         let records = store
-            .list::<Record>()
+            .opened()
+            .map(|s| s.list::<Record>())
+            .unwrap_or_default()
             .into_iter()
             .map(|r| (r.hash.clone(), r))
             .collect();
@@ -127,7 +130,8 @@ impl Keys {
             expires,
         };
         self.store
-            .put(&req.name, &record)
+            .get()
+            .and_then(|s| s.put(&req.name, &record))
             .map_err(|m| ApiError::new(ErrorCode::Internal, m))?;
         let info = record.info.clone();
         records.insert(record.hash.clone(), record);
@@ -150,7 +154,8 @@ impl Keys {
             .map(|(h, _)| h.clone())
             .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no key named {name}")))?;
         self.store
-            .remove::<Record>(name)
+            .get()
+            .and_then(|s| s.remove::<Record>(name))
             .map_err(|m| ApiError::new(ErrorCode::Internal, m))?;
         let record = records.remove(&hash);
         self.now
@@ -187,7 +192,7 @@ impl Keys {
                 std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()));
             let records = self.records();
             for r in records.values().filter(|r| names.contains(&r.info.name)) {
-                if let Err(e) = self.store.put(&r.info.name, r) {
+                if let Err(e) = self.store.get().and_then(|s| s.put(&r.info.name, r)) {
                     tracing::warn!("cannot record the use of key {}: {e}", r.info.name);
                 }
             }

@@ -142,9 +142,8 @@ pub async fn run(args: Args) -> Result<(), String> {
         listen: (args.host.clone(), port),
     };
     tracing::info!(
-        "queen listening on http://{}:{}, data in {}",
+        "queen listening on {}:{port} (http:// on this machine, https:// from others), data in {}",
         args.host,
-        args.port,
         data_dir.display()
     );
     let addr = listener
