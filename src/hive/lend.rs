@@ -113,11 +113,9 @@ pub struct Leases {
     spawner: Spawner,
     changes: Changes,
     metrics: HiveMetrics,
-    /// The hive's TLS pins: a lease's borrower is let in while it lives
+    /// The borrowers let in at `/v1/rpc` while a lease of theirs lives
     /// (its worker's tunnels show the borrowing hive's certificate).
-    pins: crate::http::tls::Pins,
-    /// Fingerprints pinned for more than a lease (the queen's, this hive's).
-    kept: Arc<Vec<String>>,
+    borrowers: crate::http::tls::Pins,
 }
 
 impl Leases {
@@ -128,7 +126,7 @@ impl Leases {
         data_dir: &std::path::Path,
         changes: Changes,
         metrics: HiveMetrics,
-        pins: crate::http::tls::Pins,
+        borrowers: crate::http::tls::Pins,
     ) -> std::io::Result<Leases> {
         let cache_dir = data_dir.join("rpc-cache");
         match std::fs::remove_dir_all(&cache_dir) {
@@ -145,15 +143,14 @@ impl Leases {
             spawner: Spawner::new()?,
             changes,
             metrics,
-            kept: Arc::new(pins.list()),
-            pins,
+            borrowers,
         })
     }
 
     /// Pins a lease's borrower while it lives.
     fn pin(&self, borrower: Option<&str>) {
         if let Some(fp) = borrower {
-            self.pins.add(fp);
+            self.borrowers.add(fp);
         }
     }
 
@@ -164,8 +161,8 @@ impl Leases {
             .lock()
             .values()
             .any(|l| l.borrower_fingerprint.as_deref() == Some(fp));
-        if !held && !self.kept.iter().any(|k| k == fp) {
-            self.pins.remove(fp);
+        if !held {
+            self.borrowers.remove(fp);
         }
     }
 

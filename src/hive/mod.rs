@@ -157,8 +157,12 @@ pub async fn run(args: Args) -> Result<(), String> {
         args.allowed_hosts.as_deref(),
         args.allowed_origins.as_deref(),
     );
+    // A lease's borrower reaches this hive's tunnels, and nothing else.
+    let borrowers = crate::http::tls::Pins::default();
     if queen_pin.is_some() {
-        auth = auth.with_peers(pins.clone());
+        auth = auth
+            .with_peers(pins.clone())
+            .with_tunnel_peers(borrowers.clone(), "/v1/rpc");
     }
     auth.check_bind(&host)?;
     let listener = crate::process::bind(&host, args.port).await?;
@@ -184,7 +188,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         &data_dir,
         changes.clone(),
         models.metrics().clone(),
-        pins.clone(),
+        borrowers,
     )
     .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
     tokio::spawn(leases.clone().reap());

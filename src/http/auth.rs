@@ -25,6 +25,9 @@ pub struct Auth {
     /// Certificates let in as the token is (a hive's queen, a worker's): a
     /// request over TLS whose client certificate is pinned here.
     peers: Option<super::tls::Pins>,
+    /// Certificates let in at one path only (a lending hive's borrowers, at
+    /// its `/v1/rpc` tunnels, while their leases live).
+    tunnel_peers: Option<(super::tls::Pins, &'static str)>,
     /// Paths open at the door, whose handlers check who came themselves
     /// (a hive joining with a token's secret and its certificate).
     open: &'static [&'static str],
@@ -144,6 +147,12 @@ impl Auth {
         self
     }
 
+    /// Lets requests to `path` in over TLS from a client pinned in `peers`.
+    pub fn with_tunnel_peers(mut self, peers: super::tls::Pins, path: &'static str) -> Auth {
+        self.tunnel_peers = Some((peers, path));
+        self
+    }
+
     /// Opens `paths` at the door: their handlers decide.
     pub fn with_open(mut self, paths: &'static [&'static str]) -> Auth {
         self.open = paths;
@@ -219,8 +228,14 @@ impl Auth {
         if req.uri().path() == "/health" || self.open.contains(&req.uri().path()) {
             return Ok((cors, None));
         }
-        let pinned =
-            |fp: &super::tls::PeerCert| self.peers.as_ref().is_some_and(|p| p.contains(&fp.0));
+        let pinned = |fp: &super::tls::PeerCert| {
+            let anywhere = self.peers.as_ref().is_some_and(|p| p.contains(&fp.0));
+            let here = self
+                .tunnel_peers
+                .as_ref()
+                .is_some_and(|(p, at)| *at == req.uri().path() && p.contains(&fp.0));
+            anywhere || here
+        };
         if req
             .extensions()
             .get::<super::tls::PeerCert>()
