@@ -178,6 +178,12 @@ impl Cluster {
             &model,
             "--max-tokens",
             "3000",
+            // Greedy and without the chat template the small model goes on
+            // until cut; a sampled chat answer may end after a few words,
+            // before the test has stopped it.
+            "--raw",
+            "--temperature",
+            "0",
             "Once upon a time",
         ]);
         wait_until("tokens to flow", Duration::from_secs(60), || {
