@@ -5,10 +5,32 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The current time as RFC 3339 in UTC, to the second.
 pub fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
+    rfc3339(unix_now())
+}
+
+/// The current time in Unix seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    rfc3339(secs)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A name a person gives a hive or a key: 1-64 letters, digits, `-`, `_`,
+/// `.`, as it goes into URLs and metrics labels; `what` names it in the error.
+pub fn check_name(what: &str, name: &str) -> Result<(), super::ApiError> {
+    let fine = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if fine {
+        Ok(())
+    } else {
+        Err(super::ApiError::invalid(
+            "name",
+            format!("{what} name {name:?} must be 1-64 letters, digits, '-', '_' or '.'"),
+        ))
+    }
 }
 
 /// A moment as RFC 3339, to the second.

@@ -13,14 +13,17 @@
 //! same certificate, which is refused once `hive remove` forgot it.
 
 use super::registry::{HiveConn, Registry};
+use super::Queen;
+use crate::http::{self, Reply};
 use crate::join_token::JoinToken;
 use crate::protocol::{ApiError, ErrorCode, JoinTokenRequest};
 use crate::store::Store;
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How long a token may be used when nobody says (`--expires`).
 const DEFAULT_EXPIRY_S: u64 = 3600;
@@ -75,7 +78,7 @@ impl JoinTokens {
                 "a token needs at least a second to be used in",
             ));
         }
-        let expires = unix_now() + req.expires_s.unwrap_or(DEFAULT_EXPIRY_S);
+        let expires = crate::protocol::unix_now() + req.expires_s.unwrap_or(DEFAULT_EXPIRY_S);
         let mut bytes = [0u8; 16];
         rustls::crypto::ring::default_provider()
             .secure_random
@@ -128,7 +131,7 @@ impl JoinTokens {
             .store()?
             .get(&hash(secret))
             .ok_or_else(|| refused("is not one this queen made"))?;
-        if unix_now() >= record.expires {
+        if crate::protocol::unix_now() >= record.expires {
             return Err(refused("has expired"));
         }
         if record.uses_left == 0 {
@@ -140,7 +143,7 @@ impl JoinTokens {
 
 /// Forgets tokens past their expiry by more than [`REMEMBER_S`].
 fn prune(store: &Store) {
-    let now = unix_now();
+    let now = crate::protocol::unix_now();
     for key in store.keys() {
         let old = store
             .get::<Record>(&key)
@@ -237,14 +240,117 @@ pub async fn register(
     })
 }
 
-fn hash(secret: &str) -> String {
-    crate::hive::disk::hex(&Sha256::digest(secret.as_bytes()))
+/// `POST /v1/join-tokens`: a token for `rbee keeper join-token`.
+pub(super) async fn add_token(q: &Queen, req: Request<Incoming>) -> Reply {
+    let body: crate::protocol::JoinTokenRequest = http::read_json(req).await?;
+    let reachable = reachable_addresses(&q.listen.0, q.listen.1);
+    if reachable.is_empty() {
+        return Err(ApiError::invalid(
+            "addresses",
+            format!(
+                "this queen listens on {} only, which no other machine reaches: start it with \
+                 --host 0.0.0.0 (and a token)",
+                q.listen.0
+            ),
+        ));
+    }
+    // Without addresses, the hive finds the queen on the LAN (where it announces itself).
+    let addresses = if body.no_addresses {
+        Vec::new()
+    } else {
+        reachable
+    };
+    let (token, expires, uses) = q.join_tokens.make(&body, &q.fingerprint, addresses)?;
+    tracing::info!("join token made ({uses} uses)");
+    let expires_at = crate::protocol::rfc3339_at(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires),
+    );
+    Ok(http::json(
+        StatusCode::CREATED,
+        &crate::protocol::JoinToken {
+            token: token.encode(),
+            expires_at,
+            uses,
+        },
+    ))
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// The certificate a joining or checking-in hive showed, and where its
+/// connection came from: joining is over TLS with a certificate, or not at all.
+fn hive_cert(req: &Request<Incoming>) -> Result<(String, Option<std::net::IpAddr>), ApiError> {
+    let cert = req
+        .extensions()
+        .get::<http::tls::PeerCert>()
+        .map(|c| c.0.clone())
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "a hive joins over TLS, showing its certificate (rbee hive --join TOKEN)",
+            )
+        })?;
+    let from = req.extensions().get::<http::Peer>().map(|p| p.0.ip());
+    Ok((cert, from))
+}
+
+/// `POST /v1/join`: a hive proving a token.
+pub(super) async fn join(q: &Queen, req: Request<Incoming>) -> Reply {
+    let (cert, from) = hive_cert(&req)?;
+    let body: crate::protocol::JoinRequest = http::read_json(req).await?;
+    q.join_tokens.check(&body.secret)?;
+    let found = if body.found == "mdns" {
+        "mdns"
+    } else {
+        "token"
+    };
+    let urls = candidates(from, &body.addresses, body.port);
+    // Reachable first, then the token's use taken: a hive the queen cannot
+    // reach keeps its token for another try.
+    reach(&urls, &cert).await?;
+    q.join_tokens.spend(&body.secret)?;
+    let conn = register(&q.registry, &body.name, &cert, &urls, found).await?;
+    tracing::info!("hive {} joined at {} ({cert})", conn.name, conn.url);
+    q.cluster.retrack().await;
+    Ok(http::json(
+        StatusCode::CREATED,
+        &crate::protocol::Joined {
+            name: conn.name,
+            url: conn.url,
+        },
+    ))
+}
+
+/// `POST /v1/hives/checkin`: a joined hive saying where it is now.
+pub(super) async fn check_in(q: &Queen, req: Request<Incoming>) -> Reply {
+    let (cert, from) = hive_cert(&req)?;
+    let body: crate::protocol::CheckIn = http::read_json(req).await?;
+    let Some(known) = q.registry.by_fingerprint(&cert) else {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "this hive is not part of the cluster (removed with `rbee keeper hive remove`, or \
+             never joined): join it again with a token from `rbee keeper join-token`",
+        ));
+    };
+    let mut urls = candidates(from, &body.addresses, body.port);
+    // Where it was stays first when it is still there.
+    if let Some(i) = urls.iter().position(|u| *u == known.url) {
+        urls.swap(0, i);
+    }
+    let conn = register(&q.registry, &known.name, &cert, &urls, &known.found).await?;
+    if conn.url != known.url {
+        tracing::info!("hive {} is now at {}", conn.name, conn.url);
+        q.cluster.retrack().await;
+    }
+    Ok(http::json(
+        StatusCode::OK,
+        &crate::protocol::Joined {
+            name: conn.name,
+            url: conn.url,
+        },
+    ))
+}
+
+fn hash(secret: &str) -> String {
+    crate::hive::disk::hex(&Sha256::digest(secret.as_bytes()))
 }
 
 #[cfg(test)]

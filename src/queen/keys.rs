@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 /// A key as the store keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,12 +88,12 @@ impl Keys {
 
     /// Makes a key: its record, and the key itself (shown this once).
     pub fn add(&self, req: &KeyRequest) -> Result<KeyAdded, ApiError> {
-        check_name(&req.name)?;
+        crate::protocol::check_name("key", &req.name)?;
         let expires = match req.expires.as_deref() {
             None => None,
             Some(e) => {
                 let d = crate::parse_duration(e).map_err(|m| ApiError::invalid("expires", m))?;
-                Some(unix_now().saturating_add(d.as_secs()))
+                Some(crate::protocol::unix_now().saturating_add(d.as_secs()))
             }
         };
         if let Some(rate) = req.rate.as_deref() {
@@ -216,7 +216,10 @@ impl KeyDoor for Keys {
         let mut records = self.records();
         let record = records.get_mut(&h).ok_or_else(refused)?;
         let name = record.info.name.clone();
-        if record.expires.is_some_and(|e| unix_now() >= e) {
+        if record
+            .expires
+            .is_some_and(|e| crate::protocol::unix_now() >= e)
+        {
             let at = record.info.expires_at.clone().unwrap_or_default();
             let e = ApiError::new(
                 ErrorCode::Unauthorized,
@@ -372,31 +375,8 @@ fn allows(scope: KeyScope, method: &Method, path: &str) -> bool {
     }
 }
 
-/// 1-64 letters, digits, `-`, `_`, `.`: it goes into URLs and metrics labels.
-fn check_name(name: &str) -> Result<(), ApiError> {
-    let fine = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if fine {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(
-            "name",
-            format!("key name {name:?} must be 1-64 letters, digits, '-', '_' or '.'"),
-        ))
-    }
-}
-
 fn hash(key: &str) -> String {
     crate::hive::disk::hex(&Sha256::digest(key.as_bytes()))
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// `bytes` random bytes from the kernel, hex.

@@ -324,11 +324,11 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Endpoint::Metrics => Ok(status::metrics(&q)),
         Endpoint::Keys => Ok(http::json(StatusCode::OK, &q.cluster.keys.list())),
         Endpoint::AddKey => add_key(&q, req).await,
-        Endpoint::AddJoinToken => add_join_token(&q, req).await,
-        Endpoint::Join => join(&q, req)
+        Endpoint::AddJoinToken => join::add_token(&q, req).await,
+        Endpoint::Join => join::join(&q, req)
             .await
             .inspect_err(|e| tracing::warn!("a hive's join was refused: {e}")),
-        Endpoint::CheckIn => check_in(&q, req)
+        Endpoint::CheckIn => join::check_in(&q, req)
             .await
             .inspect_err(|e| tracing::warn!("a hive's check-in was refused: {e}")),
         Endpoint::RevokeKey => q
@@ -351,112 +351,6 @@ async fn add_key(q: &Queen, req: Request<Incoming>) -> Reply {
     let added = q.cluster.keys.add(&body)?;
     tracing::info!("key {} made ({} scope)", added.info.name, added.info.scope);
     Ok(http::json(StatusCode::CREATED, &added))
-}
-
-async fn add_join_token(q: &Queen, req: Request<Incoming>) -> Reply {
-    let body: crate::protocol::JoinTokenRequest = http::read_json(req).await?;
-    let reachable = join::reachable_addresses(&q.listen.0, q.listen.1);
-    if reachable.is_empty() {
-        return Err(ApiError::invalid(
-            "addresses",
-            format!(
-                "this queen listens on {} only, which no other machine reaches: start it with \
-                 --host 0.0.0.0 (and a token)",
-                q.listen.0
-            ),
-        ));
-    }
-    // Without addresses, the hive finds the queen on the LAN (where it announces itself).
-    let addresses = if body.no_addresses {
-        Vec::new()
-    } else {
-        reachable
-    };
-    let (token, expires, uses) = q.join_tokens.make(&body, &q.fingerprint, addresses)?;
-    tracing::info!("join token made ({uses} uses)");
-    let expires_at = crate::protocol::rfc3339_at(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires),
-    );
-    Ok(http::json(
-        StatusCode::CREATED,
-        &crate::protocol::JoinToken {
-            token: token.encode(),
-            expires_at,
-            uses,
-        },
-    ))
-}
-
-/// The certificate a joining or checking-in hive showed, and where its
-/// connection came from: joining is over TLS with a certificate, or not at all.
-fn hive_cert(req: &Request<Incoming>) -> Result<(String, Option<std::net::IpAddr>), ApiError> {
-    let cert = req
-        .extensions()
-        .get::<http::tls::PeerCert>()
-        .map(|c| c.0.clone())
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::Unauthorized,
-                "a hive joins over TLS, showing its certificate (rbee hive --join TOKEN)",
-            )
-        })?;
-    let from = req.extensions().get::<http::Peer>().map(|p| p.0.ip());
-    Ok((cert, from))
-}
-
-async fn join(q: &Queen, req: Request<Incoming>) -> Reply {
-    let (cert, from) = hive_cert(&req)?;
-    let body: crate::protocol::JoinRequest = http::read_json(req).await?;
-    q.join_tokens.check(&body.secret)?;
-    let found = if body.found == "mdns" {
-        "mdns"
-    } else {
-        "token"
-    };
-    let urls = join::candidates(from, &body.addresses, body.port);
-    // Reachable first, then the token's use taken: a hive the queen cannot
-    // reach keeps its token for another try.
-    join::reach(&urls, &cert).await?;
-    q.join_tokens.spend(&body.secret)?;
-    let conn = join::register(&q.registry, &body.name, &cert, &urls, found).await?;
-    tracing::info!("hive {} joined at {} ({cert})", conn.name, conn.url);
-    q.cluster.retrack().await;
-    Ok(http::json(
-        StatusCode::CREATED,
-        &crate::protocol::Joined {
-            name: conn.name,
-            url: conn.url,
-        },
-    ))
-}
-
-async fn check_in(q: &Queen, req: Request<Incoming>) -> Reply {
-    let (cert, from) = hive_cert(&req)?;
-    let body: crate::protocol::CheckIn = http::read_json(req).await?;
-    let Some(known) = q.registry.by_fingerprint(&cert) else {
-        return Err(ApiError::new(
-            ErrorCode::Forbidden,
-            "this hive is not part of the cluster (removed with `rbee keeper hive remove`, or \
-             never joined): join it again with a token from `rbee keeper join-token`",
-        ));
-    };
-    let mut urls = join::candidates(from, &body.addresses, body.port);
-    // Where it was stays first when it is still there.
-    if let Some(i) = urls.iter().position(|u| *u == known.url) {
-        urls.swap(0, i);
-    }
-    let conn = join::register(&q.registry, &known.name, &cert, &urls, &known.found).await?;
-    if conn.url != known.url {
-        tracing::info!("hive {} is now at {}", conn.name, conn.url);
-        q.cluster.retrack().await;
-    }
-    Ok(http::json(
-        StatusCode::OK,
-        &crate::protocol::Joined {
-            name: conn.name,
-            url: conn.url,
-        },
-    ))
 }
 
 async fn add_hive(q: &Queen, req: Request<Incoming>) -> Reply {

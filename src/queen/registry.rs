@@ -73,7 +73,7 @@ impl Registry {
     /// beyond it (its certificate pinned: the fingerprint given, else the
     /// one it presents now).
     pub async fn add(&self, hive: AddHive) -> Result<HiveConn, ApiError> {
-        check_name(&hive.name)?;
+        crate::protocol::check_name("hive", &hive.name)?;
         let url = hive.url.trim_end_matches('/').to_string();
         let parsed: Option<hyper::Uri> =
             url.parse().ok().filter(|u: &hyper::Uri| u.host().is_some());
@@ -136,7 +136,7 @@ impl Registry {
     /// Registers (or re-registers) a hive and pins its certificate; a name
     /// held by another certificate is refused.
     pub fn register(&self, conn: HiveConn) -> Result<HiveConn, ApiError> {
-        check_name(&conn.name)?;
+        crate::protocol::check_name("hive", &conn.name)?;
         let old: Option<HiveConn> = self.store.get(&conn.name);
         if let Some(old) = &old {
             if old.fingerprint.is_some()
@@ -226,21 +226,5 @@ impl Registry {
     /// Stops the local hive, which stops its workers first; waits a bounded time.
     pub async fn stop_local(&self) {
         self.local.stop().await;
-    }
-}
-
-fn check_name(name: &str) -> Result<(), ApiError> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(
-            "name",
-            format!("hive name {name:?} must be 1-64 letters, digits, '-', '_' or '.'"),
-        ))
     }
 }
