@@ -2,6 +2,7 @@
 //! for GGUF models. One executable, several roles; see ARCHITECTURE.md for the
 //! map and DESIGN.md for the wire formats.
 
+pub mod answer;
 pub mod cli;
 pub mod clients;
 pub mod discovery;

@@ -3,8 +3,9 @@
 //! usage with its cached tokens, embeddings, the model list.
 
 use super::{error, error_event, Kind};
+use crate::answer::{Ending, Piece, Pieces};
 use crate::http::{self, Body};
-use crate::protocol::{ApiError, ErrorCode, InferenceEvent, StopReason, ToolCall};
+use crate::protocol::{StopReason, ToolCall};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -29,8 +30,6 @@ pub struct Answer {
     pub model: String,
     pub created: u64,
     pub prompt_tokens: u32,
-    /// Tool calls are looked for in the text (the request had tools).
-    pub tool_calls: bool,
 }
 
 #[derive(Serialize)]
@@ -60,7 +59,6 @@ impl Answer {
             model: model.to_string(),
             created: created(),
             prompt_tokens,
-            tool_calls: false,
         }
     }
 
@@ -125,75 +123,46 @@ impl Answer {
             .collect()
     }
 
-    /// The text's tool calls, when the request had tools and the model made some.
-    fn calls_in(&self, text: &str) -> Option<(String, Vec<ToolCall>)> {
-        if self.tool_calls {
-            crate::tool_calls::parse(text)
-        } else {
-            None
-        }
-    }
-
     /// The whole answer, not streamed.
-    pub fn whole(&self, text: &str, reason: StopReason, completion: u32, cached: u32) -> Value {
-        let finish = finish_reason(reason);
+    pub fn whole(&self, text: &str, end: &Ending) -> Value {
+        let mut finish = finish_reason(end.reason);
+        let usage = self.usage(end.tokens_out, end.cached_tokens);
         match self.kind {
             Kind::Chat => {
-                let (message, finish) = match self.calls_in(text) {
-                    Some((content, calls)) => (
-                        json!({"role": "assistant", "content": if content.is_empty() { Value::Null } else { json!(content) },
-                               "tool_calls": calls}),
-                        "tool_calls",
-                    ),
-                    None => (json!({"role": "assistant", "content": text}), finish),
+                let message = if end.calls.is_empty() {
+                    json!({"role": "assistant", "content": text})
+                } else {
+                    finish = "tool_calls";
+                    json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) },
+                           "tool_calls": end.calls})
                 };
                 json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                "usage": self.usage(completion, cached)})
+                "usage": usage})
             }
             Kind::Completion => {
                 json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
-                "usage": self.usage(completion, cached)})
+                "usage": usage})
             }
         }
     }
 }
 
-const ENGINE_STOPPED: &str = "the engine stopped before the answer was complete";
-
-/// Turns a worker's inference events into the OpenAI answer, streamed or whole.
+/// Turns an answer's pieces into the OpenAI answer, streamed or whole.
 ///
 /// Not streamed, the answer is awaited here: a client that leaves drops this
-/// future and with it `events`, which cancels the generation.
+/// future and with it the events, which cancels the generation.
 pub async fn respond(
     answer: Answer,
-    mut events: tokio::sync::mpsc::UnboundedReceiver<InferenceEvent>,
+    mut pieces: Pieces,
     stream: bool,
     include_usage: bool,
 ) -> Response<Body> {
     if !stream {
-        let mut text = String::new();
-        return loop {
-            match events.recv().await {
-                Some(InferenceEvent::Token { t, .. }) => text.push_str(&t),
-                Some(InferenceEvent::End {
-                    tokens_out,
-                    stop_reason,
-                    cached_tokens,
-                    ..
-                }) => {
-                    break http::json(
-                        StatusCode::OK,
-                        &answer.whole(&text, stop_reason, tokens_out, cached_tokens),
-                    )
-                }
-                Some(InferenceEvent::Error { code, message }) => {
-                    break error(ApiError::new(code, message))
-                }
-                Some(InferenceEvent::Started { .. }) => {}
-                None => break error(ApiError::new(ErrorCode::InferenceFailed, ENGINE_STOPPED)),
-            }
+        return match pieces.whole().await {
+            Ok((text, end)) => http::json(StatusCode::OK, &answer.whole(&text, &end)),
+            Err(e) => error(e),
         };
     }
     let (tx, resp) = http::sse_response();
@@ -203,64 +172,40 @@ pub async fn respond(
         if answer.kind == Kind::Chat && tx.send(send(&answer.chunk(None, None))).await.is_err() {
             return;
         }
-        // With tools, text that may be (the start of) a call is held until it
-        // is known; calls are sent whole at the end.
-        let mut held = String::new();
-        let mut sent_text = false;
         loop {
-            tokio::select! {
-                event = events.recv() => match event {
-                    Some(InferenceEvent::Token { t, .. }) => {
-                        let text = if answer.tool_calls {
-                            held.push_str(&t);
-                            let n = crate::tool_calls::sendable(&held, !sent_text);
-                            if n == 0 {
-                                continue;
-                            }
-                            held.drain(..n).collect()
-                        } else {
-                            t
-                        };
-                        sent_text = true;
-                        if tx.send(send(&answer.chunk(Some(&text), None))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(InferenceEvent::End { tokens_out, stop_reason, cached_tokens, .. }) => {
-                        let mut finish = finish_reason(stop_reason);
-                        match answer.calls_in(&held) {
-                            Some((content, calls)) => {
-                                if !content.is_empty() {
-                                    let _ = tx.send(send(&answer.chunk(Some(&content), None))).await;
-                                }
-                                for chunk in answer.call_chunks(&calls) {
-                                    let _ = tx.send(send(&chunk)).await;
-                                }
-                                finish = "tool_calls";
-                            }
-                            None if !held.is_empty() => {
-                                let _ = tx.send(send(&answer.chunk(Some(&held), None))).await;
-                            }
-                            None => {}
-                        }
-                        let _ = tx.send(send(&answer.chunk(None, Some(finish)))).await;
-                        if include_usage {
-                            let _ = tx.send(send(&answer.usage_chunk(tokens_out, cached_tokens))).await;
-                        }
-                        break;
-                    }
-                    Some(InferenceEvent::Error { code, message }) => {
-                        let _ = tx.send(error_event(ApiError::new(code, message))).await;
-                        break;
-                    }
-                    Some(InferenceEvent::Started { .. }) => {}
-                    None => {
-                        let e = ApiError::new(ErrorCode::InferenceFailed, ENGINE_STOPPED);
-                        let _ = tx.send(error_event(e)).await;
-                        break;
-                    }
-                },
+            let piece = tokio::select! {
+                piece = pieces.next() => piece,
                 () = tx.closed() => return,
+            };
+            match piece {
+                Piece::Text(text) => {
+                    if tx
+                        .send(send(&answer.chunk(Some(&text), None)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Piece::End(end) => {
+                    let mut finish = finish_reason(end.reason);
+                    if !end.calls.is_empty() {
+                        for chunk in answer.call_chunks(&end.calls) {
+                            let _ = tx.send(send(&chunk)).await;
+                        }
+                        finish = "tool_calls";
+                    }
+                    let _ = tx.send(send(&answer.chunk(None, Some(finish)))).await;
+                    if include_usage {
+                        let usage = answer.usage_chunk(end.tokens_out, end.cached_tokens);
+                        let _ = tx.send(send(&usage)).await;
+                    }
+                    break;
+                }
+                Piece::Failed(e) => {
+                    let _ = tx.send(error_event(e)).await;
+                    break;
+                }
             }
         }
         let _ = tx.send(crate::http::sse::DONE.into()).await;
@@ -335,13 +280,20 @@ mod tests {
 
     #[test]
     fn an_answer_with_a_call_has_tool_calls_and_their_finish_reason() {
-        let mut answer = Answer::new(Kind::Chat, "m", 3);
+        let answer = Answer::new(Kind::Chat, "m", 3);
         let text = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let ending = |calls| Ending {
+            calls,
+            reason: StopReason::Eos,
+            tokens_out: 9,
+            cached_tokens: 0,
+            decode_time_ms: 1,
+        };
         // Without tools in the request, the text is just text.
-        let plain = answer.whole(text, StopReason::Eos, 9, 0);
+        let plain = answer.whole(text, &ending(vec![]));
         assert_eq!(plain["choices"][0]["message"]["content"], text);
-        answer.tool_calls = true;
-        let whole = answer.whole(text, StopReason::Eos, 9, 0);
+        let (content, calls) = crate::tool_calls::parse(text).unwrap();
+        let whole = answer.whole(&content, &ending(calls));
         let choice = &whole["choices"][0];
         assert_eq!(choice["finish_reason"], "tool_calls");
         assert_eq!(choice["message"]["content"], Value::Null);
@@ -366,6 +318,16 @@ mod tests {
         );
     }
 
+    fn ending(reason: StopReason, tokens_out: u32) -> Ending {
+        Ending {
+            calls: vec![],
+            reason,
+            tokens_out,
+            cached_tokens: 0,
+            decode_time_ms: 1,
+        }
+    }
+
     #[test]
     fn chunks_have_openai_shapes() {
         let chat = Answer::new(Kind::Chat, "m", 3);
@@ -388,7 +350,7 @@ mod tests {
             json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
                    "prompt_tokens_details": {"cached_tokens": 2}})
         );
-        let whole = chat.whole("hello", StopReason::Eos, 2, 0);
+        let whole = chat.whole("hello", &ending(StopReason::Eos, 2));
         assert_eq!(whole["object"], "chat.completion");
         assert_eq!(
             whole["choices"][0]["message"],
@@ -399,7 +361,7 @@ mod tests {
         let chunk = completion.chunk(Some("x"), None);
         assert_eq!(chunk["object"], "text_completion");
         assert_eq!(chunk["choices"][0]["text"], "x");
-        let whole = completion.whole("x", StopReason::MaxTokens, 1, 0);
+        let whole = completion.whole("x", &ending(StopReason::MaxTokens, 1));
         assert_eq!(whole["choices"][0]["finish_reason"], "length");
     }
 }

@@ -62,9 +62,9 @@ pub(super) async fn openai_route(
             }
         }
     };
-    let mut answer = openai::Answer::new(kind, &model, prompt_tokens);
-    answer.tool_calls = prepared.tool_calls;
-    let mut resp = openai::respond(answer, events, prepared.stream, prepared.include_usage).await;
+    let answer = openai::Answer::new(kind, &model, prompt_tokens);
+    let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
+    let mut resp = openai::respond(answer, pieces, prepared.stream, prepared.include_usage).await;
     if let Ok(id) = hyper::header::HeaderValue::from_str(&job.id) {
         resp.headers_mut().insert("x-rbee-job", id);
     }

@@ -511,9 +511,9 @@ async fn openai_completion(
     };
     match started.await {
         Ok((stream, include_usage, tool_calls, prompt_tokens, events)) => {
-            let mut answer = openai::Answer::new(kind, &w.model, prompt_tokens);
-            answer.tool_calls = tool_calls;
-            openai::respond(answer, events, stream, include_usage).await
+            let answer = openai::Answer::new(kind, &w.model, prompt_tokens);
+            let pieces = crate::answer::Pieces::new(events, tool_calls);
+            openai::respond(answer, pieces, stream, include_usage).await
         }
         Err(e) => openai::error(e),
     }

@@ -1,0 +1,205 @@
+//! One answer as every front reads it (OpenAI, Ollama, Anthropic): a worker's
+//! or a job's inference events become text that may go out now, and at the end
+//! the tool calls found in what was held back, the stop reason and the counts.
+//! Each front only puts these pieces into its own protocol's shape, so text is
+//! held back from where a call may begin in one place, for all of them.
+
+use crate::protocol::{ApiError, ErrorCode, InferenceEvent, StopReason, ToolCall};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+pub const ENGINE_STOPPED: &str = "the engine stopped before the answer was complete";
+
+/// What a front sends next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    /// Text that can go out now.
+    Text(String),
+    /// The answer is complete.
+    End(Ending),
+    /// The answer failed; nothing follows.
+    Failed(ApiError),
+}
+
+/// How an answer ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ending {
+    /// The tool calls the answer made (the request had tools), in order.
+    pub calls: Vec<ToolCall>,
+    pub reason: StopReason,
+    pub tokens_out: u32,
+    /// Prompt tokens that came from the prompt cache.
+    pub cached_tokens: u32,
+    /// Milliseconds the worker spent generating.
+    pub decode_time_ms: u64,
+}
+
+/// Reads an answer's events as pieces. With `tool_calls`, text that may be
+/// (the start of) a call is held until it is known; a call is never sent as text.
+pub struct Pieces {
+    events: UnboundedReceiver<InferenceEvent>,
+    tool_calls: bool,
+    held: String,
+    sent_text: bool,
+    next: Option<Piece>,
+}
+
+impl Pieces {
+    pub fn new(events: UnboundedReceiver<InferenceEvent>, tool_calls: bool) -> Pieces {
+        Pieces {
+            events,
+            tool_calls,
+            held: String::new(),
+            sent_text: false,
+            next: None,
+        }
+    }
+
+    /// The next piece; after `End` or `Failed`, nothing more is to be read.
+    pub async fn next(&mut self) -> Piece {
+        if let Some(piece) = self.next.take() {
+            return piece;
+        }
+        loop {
+            let event = self.events.recv().await;
+            match event {
+                Some(InferenceEvent::Token { t, .. }) => {
+                    if !self.tool_calls {
+                        return Piece::Text(t);
+                    }
+                    self.held.push_str(&t);
+                    let n = crate::tool_calls::sendable(&self.held, !self.sent_text);
+                    if n > 0 {
+                        self.sent_text = true;
+                        return Piece::Text(self.held.drain(..n).collect());
+                    }
+                }
+                Some(InferenceEvent::End {
+                    tokens_out,
+                    stop_reason,
+                    cached_tokens,
+                    decode_time_ms,
+                    ..
+                }) => {
+                    let held = std::mem::take(&mut self.held);
+                    let (text, calls) = match self.tool_calls {
+                        true => crate::tool_calls::parse(&held).unwrap_or((held, Vec::new())),
+                        false => (held, Vec::new()),
+                    };
+                    let end = Piece::End(Ending {
+                        calls,
+                        reason: stop_reason,
+                        tokens_out,
+                        cached_tokens,
+                        decode_time_ms,
+                    });
+                    if text.is_empty() {
+                        return end;
+                    }
+                    self.next = Some(end);
+                    return Piece::Text(text);
+                }
+                Some(InferenceEvent::Error { code, message }) => {
+                    return Piece::Failed(ApiError::new(code, message))
+                }
+                Some(InferenceEvent::Started { .. }) => {}
+                None => {
+                    return Piece::Failed(ApiError::new(ErrorCode::InferenceFailed, ENGINE_STOPPED))
+                }
+            }
+        }
+    }
+
+    /// The whole answer: its text and how it ended, or why it failed.
+    pub async fn whole(mut self) -> Result<(String, Ending), ApiError> {
+        let mut text = String::new();
+        loop {
+            match self.next().await {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::End(end) => return Ok((text, end)),
+                Piece::Failed(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(tokens: &[&str]) -> UnboundedReceiver<InferenceEvent> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for (i, t) in tokens.iter().enumerate() {
+            tx.send(InferenceEvent::Token {
+                t: t.to_string(),
+                i: i as u32,
+                ids: vec![],
+            })
+            .unwrap();
+        }
+        tx.send(InferenceEvent::End {
+            tokens_out: tokens.len() as u32,
+            decode_time_ms: 5,
+            stop_reason: StopReason::Eos,
+            cached_tokens: 2,
+            ids: vec![],
+            figures: None,
+        })
+        .unwrap();
+        rx
+    }
+
+    async fn all(mut p: Pieces) -> Vec<Piece> {
+        let mut out = Vec::new();
+        loop {
+            let piece = p.next().await;
+            let last = !matches!(piece, Piece::Text(_));
+            out.push(piece);
+            if last {
+                return out;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn text_goes_out_as_it_comes_and_calls_are_held_back() {
+        let plain = all(Pieces::new(events(&["Hel", "lo"]), false)).await;
+        assert_eq!(plain[0], Piece::Text("Hel".into()));
+        assert_eq!(plain[1], Piece::Text("lo".into()));
+        assert!(matches!(&plain[2], Piece::End(e) if e.calls.is_empty() && e.cached_tokens == 2));
+
+        let call = [
+            "Sure. ",
+            "<tool_call>",
+            r#"{"name":"f","arguments":{"a":1}}"#,
+            "</tool_call>",
+        ];
+        let pieces = all(Pieces::new(events(&call), true)).await;
+        let text: String = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Text(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text.trim(), "Sure.");
+        let Some(Piece::End(end)) = pieces.last() else {
+            panic!("{pieces:?}")
+        };
+        assert_eq!(end.calls.len(), 1);
+        assert_eq!(end.calls[0].function.name, "f");
+
+        let (text, end) = Pieces::new(events(&["a", "b"]), true)
+            .whole()
+            .await
+            .unwrap();
+        assert_eq!((text.as_str(), end.tokens_out), ("ab", 2));
+    }
+
+    #[tokio::test]
+    async fn a_vanished_engine_is_a_failure() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<InferenceEvent>();
+        drop(tx);
+        let e = Pieces::new(rx, false).whole().await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InferenceFailed);
+    }
+}
