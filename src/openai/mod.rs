@@ -91,8 +91,8 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// `POST /v1/chat/completions` and `POST /v1/completions`; fields OpenAI has
-/// and rbee does not use are accepted and ignored, as its clients send many.
+/// `POST /v1/chat/completions` and `POST /v1/completions`. A field rbee does
+/// not honour is refused naming it, unless it cannot change the answer.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     #[serde(default)]
@@ -125,7 +125,20 @@ pub struct CompletionRequest {
     /// llama-server's GBNF grammar on the output (rule `root` first).
     #[serde(default)]
     pub grammar: Option<String>,
+    /// Every other field: refused unless it leaves the answer as it is.
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, Value>,
 }
+
+/// Fields OpenAI's clients send that do not change an answer: accepted.
+pub const HARMLESS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -157,6 +170,7 @@ pub fn model_of(body: &[u8]) -> Option<String> {
 pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
     let req: CompletionRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    crate::protocol::refuse_unhonoured(&req.rest, HARMLESS)?;
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("n", "only n=1 is supported"));
     }
@@ -448,6 +462,42 @@ mod tests {
             ),
             (chat(r#","stop":[""]"#), Kind::Chat, Some("stop")),
             (chat(r#","n":2"#), Kind::Chat, Some("n")),
+            (
+                chat(r#","min_p":0.1,"repeat_penalty":1.1,"repeat_last_n":-1,"typical_p":0.9"#),
+                Kind::Chat,
+                None,
+            ),
+            (
+                chat(r#","mirostat":2,"mirostat_tau":4,"logit_bias":{"42":-100,"7":5}"#),
+                Kind::Chat,
+                None,
+            ),
+            (chat(r#","logit_bias":[[42,-100]]"#), Kind::Chat, None),
+            (
+                chat(r#","logit_bias":{"42":-101}"#),
+                Kind::Chat,
+                Some("logit_bias"),
+            ),
+            (chat(r#","min_p":2"#), Kind::Chat, Some("min_p")),
+            (
+                chat(r#","repeat_last_n":-2"#),
+                Kind::Chat,
+                Some("repeat_last_n"),
+            ),
+            (chat(r#","mirostat":3"#), Kind::Chat, Some("mirostat")),
+            (
+                chat(
+                    r#","user":"u1","store":true,"metadata":{"a":"b"},"logprobs":false,"echo":null"#,
+                ),
+                Kind::Chat,
+                None,
+            ),
+            (chat(r#","audio":{"voice":"x"}"#), Kind::Chat, Some("audio")),
+            (
+                chat(r#","reasoning_effort":"low""#),
+                Kind::Chat,
+                Some("reasoning_effort"),
+            ),
             (r#"{"model":"m"}"#.into(), Kind::Chat, Some("messages")),
             (
                 r#"{"model":"m","messages":[]}"#.into(),

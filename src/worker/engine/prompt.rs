@@ -9,6 +9,7 @@ use crate::protocol::{ApiError, ChatMessage, Constraint, ErrorCode, SamplingPara
 use crate::worker::text::TokenText;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -46,6 +47,17 @@ pub(super) fn prepare(
             format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
         ));
     }
+    if let Some(&(bad, _)) = request
+        .sampling
+        .logit_bias
+        .iter()
+        .find(|&&(t, _)| t >= n_vocab)
+    {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
+        ));
+    }
     let resumed_from = tokens.len();
     tokens.extend(request.resume_tokens.iter().map(|&t| LlamaToken(t)));
     if tokens.len() >= n_ctx_slot as usize {
@@ -65,7 +77,7 @@ pub(super) fn prepare(
         .map_or(room, |n| n.clamp(1, i64::from(room)) as u32);
     let mut sampling = guard::Sampling {
         grammar: grammar_for(model, request.constraint.as_ref())?,
-        chain: sampler_for(&request.sampling, model.n_vocab()),
+        chain: sampler_for(&request.sampling, n_vocab, n_ctx_slot),
     };
     // A failover continues an answer the grammar has seen part of.
     guard::accept_all(&mut sampling, &request.resume_tokens).map_err(|e| {
@@ -249,31 +261,68 @@ fn tool_call_grammar(call: &str, parallel: bool) -> String {
     format!("{root}\n{}\n", renamed.join("\n"))
 }
 
-/// Greedy at temperature 0 (deterministic); else top-k, top-p, temperature,
-/// then a seeded draw. OpenAI's presence and frequency penalties go first.
-/// (A grammar goes before all of them: see `guard::sample`.)
-fn sampler_for(request: &SamplingParams, n_vocab: i32) -> LlamaSampler {
+/// llama.cpp's order: logit biases, the penalties (llama.cpp's repetition
+/// penalty, OpenAI's presence and frequency), then greedy at temperature 0
+/// (deterministic); else top-k, typical, top-p, min-p, temperature and a seeded
+/// draw, or temperature and Mirostat. (A grammar goes before all of them: see
+/// `guard::sample`.) Token ids were checked against the vocabulary.
+fn sampler_for(request: &SamplingParams, n_vocab: i32, n_ctx: u32) -> LlamaSampler {
     let mut chain: Vec<LlamaSampler> = Vec::new();
+    if !request.logit_bias.is_empty() {
+        let biases: Vec<LlamaLogitBias> = request
+            .logit_bias
+            .iter()
+            .map(|&(t, bias)| LlamaLogitBias::new(LlamaToken(t), bias))
+            .collect();
+        chain.push(LlamaSampler::logit_bias(n_vocab, &biases));
+    }
+    let repeat = request.repeat_penalty.unwrap_or(1.0);
     let presence = request.presence_penalty.unwrap_or(0.0);
     let frequency = request.frequency_penalty.unwrap_or(0.0);
-    if presence != 0.0 || frequency != 0.0 {
+    if repeat != 1.0 || presence != 0.0 || frequency != 0.0 {
+        let last_n = match request.repeat_last_n.unwrap_or(64) {
+            -1 => i32::try_from(n_ctx).unwrap_or(i32::MAX),
+            n => n,
+        };
         chain.push(LlamaSampler::penalties(
-            n_vocab, 64, 1.0, frequency, presence,
+            n_vocab, last_n, repeat, frequency, presence,
         ));
     }
     let temperature = request.temperature.unwrap_or(DEFAULT_TEMPERATURE);
     if temperature <= 0.0 {
         chain.push(LlamaSampler::greedy());
-    } else {
-        let seed = request
-            .seed
-            .map_or_else(|| crate::protocol::random_u64() as u32, |s| s as u32);
-        chain.extend([
-            LlamaSampler::top_k(request.top_k.unwrap_or(DEFAULT_TOP_K)),
-            LlamaSampler::top_p(request.top_p.unwrap_or(DEFAULT_TOP_P), 1),
+        return LlamaSampler::chain_simple(chain);
+    }
+    let seed = request
+        .seed
+        .map_or_else(|| crate::protocol::random_u64() as u32, |s| s as u32);
+    let (tau, eta) = (
+        request.mirostat_tau.unwrap_or(5.0),
+        request.mirostat_eta.unwrap_or(0.1),
+    );
+    match request.mirostat.unwrap_or(0) {
+        1 => chain.extend([
             LlamaSampler::temp(temperature),
-            LlamaSampler::dist(seed),
-        ]);
+            LlamaSampler::mirostat(n_vocab, seed, tau, eta, 100),
+        ]),
+        2 => chain.extend([
+            LlamaSampler::temp(temperature),
+            LlamaSampler::mirostat_v2(seed, tau, eta),
+        ]),
+        _ => {
+            chain.push(LlamaSampler::top_k(request.top_k.unwrap_or(DEFAULT_TOP_K)));
+            if let Some(p) = request.typical_p.filter(|&p| p < 1.0) {
+                chain.push(LlamaSampler::typical(p, 1));
+            }
+            chain.push(LlamaSampler::top_p(
+                request.top_p.unwrap_or(DEFAULT_TOP_P),
+                1,
+            ));
+            if let Some(p) = request.min_p.filter(|&p| p > 0.0) {
+                chain.push(LlamaSampler::min_p(p, 1));
+            }
+            chain.extend([LlamaSampler::temp(temperature), LlamaSampler::dist(seed)]);
+        }
     }
     LlamaSampler::chain_simple(chain)
 }
