@@ -12,7 +12,7 @@ use crate::http::sse::Frame;
 use crate::protocol::{
     ApiError, DownloadEvent, DownloadRequest, DownloadStarted, Health, HiveSnapshot,
     InferenceEvent, InferenceRequest, LeaseInfo, LeaseRequest, LoadingEvent, ModelEntry,
-    PartialsRemoved, ReadyStatus, SpawnRequest, WorkerInfo, WorkerReadyCallback,
+    KeepAliveRequest, PartialsRemoved, ReadyStatus, SpawnRequest, WorkerInfo, WorkerReadyCallback,
 };
 use hyper::Method;
 use serde::de::DeserializeOwned;
@@ -108,6 +108,13 @@ impl HiveClient {
     pub async fn stop_worker(&self, id: &str) -> Result<WorkerInfo, ApiError> {
         let url = self.at(&format!("/v1/workers/{id}/shutdown"));
         client::post(&url, self.token(), &()).await
+    }
+
+    /// `POST /v1/workers/{id}/keep-alive`: idle this long before it is stopped
+    /// (`None`: until stopped).
+    pub async fn keep_alive(&self, id: &str, seconds: Option<u64>) -> Result<WorkerInfo, ApiError> {
+        let url = self.at(&format!("/v1/workers/{id}/keep-alive"));
+        client::post(&url, self.token(), &KeepAliveRequest { seconds }).await
     }
 }
 

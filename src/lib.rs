@@ -15,6 +15,7 @@ pub mod join_token;
 pub mod keeper;
 pub mod machine;
 pub mod metrics;
+pub mod ollama;
 pub mod openai;
 pub mod process;
 pub mod protocol;

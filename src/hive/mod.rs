@@ -335,6 +335,7 @@ enum Endpoint {
     Workers,
     WorkerReady,
     StopWorker,
+    KeepAlive,
     Lend,
     EndLease,
     Rpc,
@@ -367,6 +368,11 @@ const ROUTES: &[Route<Endpoint>] = &[
         Method::POST,
         "/v1/workers/{}/shutdown",
         Endpoint::StopWorker,
+    ),
+    (
+        Method::POST,
+        "/v1/workers/{}/keep-alive",
+        Endpoint::KeepAlive,
     ),
     (Method::POST, "/v1/leases", Endpoint::Lend),
     (Method::DELETE, "/v1/leases/{}", Endpoint::EndLease),
@@ -406,6 +412,7 @@ async fn route(h: Hive, mut req: Request<Incoming>) -> Response<Body> {
             .workers
             .stop(param)
             .map(|info| http::json(StatusCode::ACCEPTED, &info)),
+        Endpoint::KeepAlive => keep_alive(&h, param, req).await,
         Endpoint::Lend => lend(&h, req).await,
         Endpoint::EndLease => h
             .leases
@@ -425,9 +432,18 @@ async fn route(h: Hive, mut req: Request<Incoming>) -> Response<Body> {
     })
 }
 
+/// How long a worker stays once idle, as a request asked (Ollama's `keep_alive`).
+async fn keep_alive(h: &Hive, id: &str, req: Request<Incoming>) -> Reply {
+    let body: crate::protocol::KeepAliveRequest = http::read_json(req).await?;
+    let limit = body.seconds.map(std::time::Duration::from_secs);
+    let info = h.workers.keep_alive(id, limit)?;
+    Ok(http::json(StatusCode::OK, &info))
+}
+
 async fn download(h: &Hive, req: Request<Incoming>) -> Reply {
     let body: DownloadRequest = http::read_json(req).await?;
-    let started = h.models.download(&body.model_ref).await?;
+    let model_ref = model_ref::canonical(&body.model_ref)?;
+    let started = h.models.download(&model_ref).await?;
     Ok(http::json(StatusCode::ACCEPTED, &started))
 }
 

@@ -12,6 +12,21 @@ pub fn check(model_ref: &str) -> Result<ModelRef, ApiError> {
     })
 }
 
+/// The one spelling of a reference, whichever form it was written in
+/// (`hf.co/ORG/REPO:Q` is `hf:ORG/REPO:Q`, `NAME:TAG` the catalog name
+/// `name.tag`): what the queen routes by and hives record.
+pub fn canonical(model_ref: &str) -> Result<String, ApiError> {
+    Ok(match check(model_ref)? {
+        ModelRef::HuggingFace { repo, pick } => match pick {
+            HfPick::Default => format!("hf:{repo}"),
+            HfPick::Quant(q) => format!("hf:{repo}:{q}"),
+            HfPick::File(f) => format!("hf:{repo}/{f}"),
+        },
+        ModelRef::File(_) => model_ref.trim().to_string(),
+        ModelRef::Name(name) => name,
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelRef {
     /// A Hugging Face repository, and which of its GGUF files.
@@ -55,12 +70,28 @@ impl ModelRef {
         if s.to_ascii_lowercase().ends_with(".gguf") {
             return Ok(ModelRef::File(PathBuf::from(s)));
         }
+        // Hugging Face's and Ollama's forms: hf.co/ORG/REPO[:QUANT], ORG/REPO[:QUANT].
+        let hub = ["hf.co/", "huggingface.co/", "https://huggingface.co/"]
+            .iter()
+            .find_map(|p| s.strip_prefix(p));
+        if let Some(repo) = hub.or_else(|| (s.matches('/').count() == 1).then_some(s)) {
+            if let Some(hf) = parse_hf(repo).filter(|_| !s.contains(char::is_whitespace)) {
+                return Ok(hf);
+            }
+        }
         if s.contains('/') || s.contains(char::is_whitespace) {
             return Err(format!(
-                "{s:?} is not a model reference: use hf:ORG/REPO[:QUANT], file:/path/model.gguf, or a catalog name"
+                "{s:?} is not a model reference: use hf:ORG/REPO[:QUANT], hf.co/ORG/REPO[:QUANT], file:/path/model.gguf, or a catalog name"
             ));
         }
-        Ok(ModelRef::Name(s.to_lowercase()))
+        // NAME:TAG, as Ollama's clients write it, is the catalog name NAME.TAG
+        // (NAME:latest, NAME).
+        let name = s.to_lowercase();
+        Ok(ModelRef::Name(match name.rsplit_once(':') {
+            Some((base, "latest")) => base.to_string(),
+            Some((base, tag)) => format!("{base}.{tag}"),
+            None => name,
+        }))
     }
 }
 
@@ -143,6 +174,24 @@ mod tests {
     }
 
     #[test]
+    fn ollamas_and_hugging_faces_forms_are_the_same_references() {
+        let smol = "hf:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1";
+        for same in [
+            "hf.co/HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1",
+            "huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1",
+            "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1",
+            smol,
+        ] {
+            assert_eq!(canonical(same).unwrap(), smol, "{same}");
+        }
+        assert_eq!(canonical("org/repo").unwrap(), "hf:org/repo");
+        assert_eq!(canonical("SmolLM2-135M-Instruct:Q4_1").unwrap(), "smollm2-135m-instruct.q4_1");
+        assert_eq!(canonical("smollm2:latest").unwrap(), "smollm2");
+        assert_eq!(canonical("/m/x.gguf").unwrap(), "/m/x.gguf");
+        assert_eq!(canonical("file:/m/x.gguf").unwrap(), "file:/m/x.gguf");
+    }
+
+    #[test]
     fn malformed_references_say_what_is_expected() {
         for bad in [
             "",
@@ -154,7 +203,8 @@ mod tests {
             "hf:a/b:",
             "hf:a/b/c.gguf:Q4",
             "file:relative.gguf",
-            "some/thing",
+            "some/thing/more",
+            "hf.co/onlyorg",
             "two words",
         ] {
             assert!(ModelRef::parse(bad).is_err(), "{bad:?} should be refused");

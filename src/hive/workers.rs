@@ -95,6 +95,9 @@ struct Record {
     idle_since: Option<Instant>,
     /// The hive asked it to stop: its exit is expected, and removes it.
     stopping: bool,
+    /// How long it may stay idle, when a request said (Ollama's `keep_alive`):
+    /// `Some(None)` is until stopped; `None`, the hive's `--idle-timeout`.
+    keep_alive: Option<Option<Duration>>,
 }
 
 impl Workers {
@@ -138,7 +141,8 @@ impl Workers {
                 };
                 if info.state == WorkerState::Ready {
                     info.idle_since = r.idle_since.map(at);
-                    info.stops_at = r.idle_since.map(|i| at(i + self.settings.idle_timeout));
+                    let limit = self.idle_limit(r);
+                    info.stops_at = r.idle_since.zip(limit).map(|(i, l)| at(i + l));
                 }
                 info
             })
@@ -207,6 +211,7 @@ impl Workers {
                 stderr,
                 idle_since: None,
                 stopping: false,
+                keep_alive: None,
             },
         );
         self.changes.bump();
@@ -455,6 +460,26 @@ impl Workers {
         }
     }
 
+    /// How long `r` may stay idle; `None`: until it is stopped.
+    fn idle_limit(&self, r: &Record) -> Option<Duration> {
+        r.keep_alive.unwrap_or(Some(self.settings.idle_timeout))
+    }
+
+    /// Keeps worker `id` for `limit` once idle (`None`: until stopped),
+    /// instead of the hive's idle timeout.
+    pub fn keep_alive(&self, id: &str, limit: Option<Duration>) -> Result<WorkerInfo, ApiError> {
+        let _bump = Bump(&self.changes);
+        let mut records = self.lock();
+        let record = records.get_mut(id).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::WorkerNotFound,
+                format!("this hive has no worker {id}"),
+            )
+        })?;
+        record.keep_alive = Some(limit);
+        Ok(record.info.clone())
+    }
+
     /// Stops workers that have had nothing to do for the idle timeout. Runs forever.
     pub async fn reap_idle(self) {
         let tick = (self.settings.idle_timeout / 4)
@@ -471,11 +496,12 @@ impl Workers {
                 let Some(busy) = worker_busy(&url, self.settings.token.as_deref()).await else {
                     continue;
                 };
-                let idle_for = {
+                let (idle_for, limit) = {
                     let mut records = self.lock();
                     let Some(record) = records.get_mut(&id) else {
                         continue;
                     };
+                    let limit = self.idle_limit(record);
                     if busy {
                         if record.idle_since.take().is_some() {
                             self.changes.bump();
@@ -485,9 +511,10 @@ impl Workers {
                     if record.idle_since.is_none() {
                         self.changes.bump();
                     }
-                    record.idle_since.get_or_insert_with(Instant::now).elapsed()
+                    let since = record.idle_since.get_or_insert_with(Instant::now);
+                    (since.elapsed(), limit)
                 };
-                if idle_for >= self.settings.idle_timeout {
+                if limit.is_some_and(|limit| idle_for >= limit) {
                     tracing::info!("stopping {id}: idle for {}s", idle_for.as_secs());
                     let _ = self.stop(&id);
                 }

@@ -32,6 +32,37 @@ pub fn event<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(format!("data: {json}\n\n"))
 }
 
+/// One `event: <name>\ndata: <json>\n\n` frame: the typed events of
+/// Anthropic's and OpenAI's Responses streams.
+pub fn named_event<T: Serialize>(name: &str, value: &T) -> Bytes {
+    let json = serde_json::to_string(value).unwrap_or_else(|_| "null".into());
+    Bytes::from(format!("event: {name}\ndata: {json}\n\n"))
+}
+
+/// One line of newline-delimited JSON (Ollama's streams).
+pub fn json_line<T: Serialize>(value: &T) -> Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// A stream of JSON lines (`application/x-ndjson`) fed by the returned sender,
+/// as [`sse_response`] is; the format has no keep-alive, so none is sent.
+pub fn ndjson_response() -> (mpsc::Sender<Bytes>, Response<Body>) {
+    let (tx, rx) = mpsc::channel(64);
+    let stream = SseStream {
+        rx,
+        every: None,
+        keepalive: Box::pin(tokio::time::sleep(KEEPALIVE_EVERY)),
+    };
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    (tx, resp)
+}
+
 /// What a decoded event carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -101,7 +132,7 @@ pub fn sse_response_every(every: std::time::Duration) -> (mpsc::Sender<Bytes>, R
     let (tx, rx) = mpsc::channel(64);
     let stream = SseStream {
         rx,
-        every,
+        every: Some(every),
         keepalive: Box::pin(tokio::time::sleep(every)),
     };
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
@@ -144,7 +175,8 @@ where
 
 struct SseStream {
     rx: mpsc::Receiver<Bytes>,
-    every: std::time::Duration,
+    /// How often an idle stream sends a keep-alive; `None`: never.
+    every: Option<std::time::Duration>,
     keepalive: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -152,7 +184,11 @@ impl Stream for SseStream {
     type Item = Result<hyper::body::Frame<Bytes>, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let next = tokio::time::Instant::now() + self.every;
+        let Some(every) = self.every else {
+            let next = self.rx.poll_recv(cx);
+            return next.map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))));
+        };
+        let next = tokio::time::Instant::now() + every;
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(bytes)) => {
                 self.keepalive.as_mut().reset(next);

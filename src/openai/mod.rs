@@ -274,10 +274,9 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
             messages: chat,
             sampling,
             cache_prompt: req.cache_prompt,
-            job_id: None,
-            resume_tokens: Vec::new(),
             tools,
             constraint: tool_constraint.or(format),
+            ..InferenceRequest::default()
         },
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
@@ -287,7 +286,7 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
 /// The tools the model is shown, and the constraint `tool_choice` asks for:
 /// none for `auto`; a call of any tool for `required`, of that one for a name;
 /// `none` shows no tools at all.
-fn tools_of(
+pub(crate) fn tools_of(
     tools: Vec<Tool>,
     choice: Option<&Value>,
     parallel: Option<bool>,

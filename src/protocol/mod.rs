@@ -275,6 +275,18 @@ pub struct InferenceRequest {
     /// What the output must be, enforced by a grammar while sampling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<Constraint>,
+    /// The most tokens of context the request may use, prompt and answer
+    /// (Ollama's `num_ctx`); the worker's own context per slot when less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_limit: Option<u32>,
+}
+
+/// `POST /v1/workers/{id}/keep-alive` on a hive: how long the worker may stay
+/// idle before it is stopped, in seconds; `null`, until it is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepAliveRequest {
+    pub seconds: Option<u64>,
 }
 
 /// `POST /v1/embeddings`, in OpenAI's shape, on a worker and on the queen.

@@ -2,7 +2,9 @@
 //! chat and completions run as jobs (so they fail over like one), and
 //! embeddings routed by `model` to a worker of it.
 
+use super::jobs::Job;
 use super::{scheduler, start_job, Queen};
+use std::sync::Arc;
 use crate::http::{self, Body};
 use crate::openai;
 use crate::protocol::{ApiError, ErrorCode, InferenceEvent};
@@ -37,51 +39,74 @@ pub(super) async fn openai_route(
         Ok(checked) => checked,
         Err(e) => return openai::error(e),
     };
+    let (job, prompt_tokens, events) = match run_job(q, key, &model, prepared.inference).await {
+        Ok(started) => started,
+        Err(e) => return openai::error(e),
+    };
+    let answer = openai::Answer::new(kind, &model, prompt_tokens);
+    let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
+    let resp = openai::respond(answer, pieces, prepared.stream, prepared.include_usage).await;
+    with_job(resp, &job)
+}
+
+/// The job's inference events once a worker has started on it, and the
+/// prompt's length; every front runs its requests through here.
+pub(super) async fn run_job(
+    q: &Queen,
+    key: Option<String>,
+    model: &str,
+    inference: crate::protocol::InferenceRequest,
+) -> Result<(Arc<Job>, u32, Events), ApiError> {
     let work = scheduler::Work {
         node: None,
-        model: model.clone(),
-        inference: prepared.inference,
+        model: model.to_string(),
+        inference,
     };
     let job = q.jobs.create();
     job.for_key(key);
     let mut events = job.tap();
     start_job(q, job.clone(), work);
-    let prompt_tokens = loop {
+    loop {
         match events.recv().await {
-            Some(InferenceEvent::Started { prompt_tokens, .. }) => break prompt_tokens,
+            Some(InferenceEvent::Started { prompt_tokens, .. }) => {
+                return Ok((job, prompt_tokens, events))
+            }
             Some(InferenceEvent::Error { code, message }) => {
-                return openai::error(ApiError::new(code, message))
+                return Err(ApiError::new(code, message))
             }
             Some(_) => {}
             None => {
-                let e = ApiError::new(
+                return Err(ApiError::new(
                     ErrorCode::InferenceFailed,
                     "the job ended without an answer",
-                );
-                return openai::error(e);
+                ))
             }
         }
-    };
-    let answer = openai::Answer::new(kind, &model, prompt_tokens);
-    let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
-    let mut resp = openai::respond(answer, pieces, prepared.stream, prepared.include_usage).await;
+    }
+}
+
+/// Names the job behind an answer in its `x-rbee-job` header.
+pub(super) fn with_job(mut resp: Response<Body>, job: &Job) -> Response<Body> {
     if let Ok(id) = hyper::header::HeaderValue::from_str(&job.id) {
         resp.headers_mut().insert("x-rbee-job", id);
     }
     resp
 }
 
+/// A job's inference events, typed.
+pub(super) type Events = tokio::sync::mpsc::UnboundedReceiver<InferenceEvent>;
+
 /// `POST /v1/embeddings`, routed by `model` to a worker of it (provisioned
 /// like a job's, and shown as a job on the status page).
 pub(super) async fn embeddings_route(q: &Queen, req: Request<Incoming>) -> Response<Body> {
     let checked = async {
         let body = http::read_body(req).await?;
-        let request = crate::protocol::EmbeddingsRequest::read(&body)?;
+        let mut request = crate::protocol::EmbeddingsRequest::read(&body)?;
         request.texts()?;
         if request.model.is_empty() {
             return Err(ApiError::invalid("model", "model is required"));
         }
-        crate::hive::model_ref::check(&request.model)?;
+        request.model = crate::hive::model_ref::canonical(&request.model)?;
         Ok::<_, ApiError>(request)
     };
     let request = match checked.await {
@@ -118,6 +143,6 @@ async fn read_openai(
     if model.is_empty() {
         return Err(ApiError::invalid("model", "model is required"));
     }
-    crate::hive::model_ref::check(&model)?;
+    let model = crate::hive::model_ref::canonical(&model)?;
     Ok((prepared, model))
 }

@@ -365,6 +365,10 @@ fn allows(scope: KeyScope, method: &Method, path: &str) -> bool {
         ("POST", ["v1", "chat", "completions"] | ["v1", "completions"] | ["v1", "embeddings"]) => {
             true
         }
+        // Ollama's and Anthropic's faces: inference, listings, fetching.
+        ("POST", ["api", "chat" | "generate" | "embed" | "embeddings" | "show" | "pull"]) => true,
+        ("GET", ["api", "tags" | "ps" | "version"]) => true,
+        ("POST", ["v1", "messages"] | ["v1", "messages", "count_tokens"]) => true,
         // Models: listing and fetching (not removing).
         ("GET", ["v1", "models"] | ["v1", "hives", _, "models"]) => true,
         ("POST", ["v1", "hives", _, "models", "download"]) => true,
@@ -441,6 +445,9 @@ mod tests {
             (&get, "/v1/hives/mac/models"),
             (&post, "/v1/hives/mac/models/download"),
             (&get, "/v1/status"),
+            (&post, "/api/chat"),
+            (&get, "/api/tags"),
+            (&post, "/v1/messages"),
         ] {
             assert!(allows(KeyScope::Use, m, p), "{m} {p}");
         }
@@ -453,6 +460,7 @@ mod tests {
             (&get, "/v1/keys"),
             (&get, "/metrics"),
             (&post, "/v1/admin/shutdown"),
+            (&delete, "/api/delete"),
         ] {
             assert!(!allows(KeyScope::Use, m, p), "{m} {p}");
             assert!(allows(KeyScope::Admin, m, p), "{m} {p}");

@@ -6,6 +6,7 @@ mod front;
 mod hives;
 pub mod jobs;
 mod join;
+mod ollama;
 pub mod keys;
 pub mod local_hive;
 pub mod placement;
@@ -216,6 +217,17 @@ enum Endpoint {
     AddJoinToken,
     Join,
     CheckIn,
+    Probe,
+    OllamaVersion,
+    OllamaTags,
+    OllamaPs,
+    OllamaShow,
+    OllamaPull,
+    OllamaDelete,
+    OllamaChat,
+    OllamaGenerate,
+    OllamaEmbed,
+    OllamaEmbeddings,
 }
 
 /// How long the view may take to list a model a hive just downloaded.
@@ -278,6 +290,18 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/v1/join", Endpoint::Join),
     (Method::POST, "/v1/hives/checkin", Endpoint::CheckIn),
     (Method::DELETE, "/v1/keys/{}", Endpoint::RevokeKey),
+    // Ollama's API (DESIGN.md §16).
+    (Method::HEAD, "/", Endpoint::Probe),
+    (Method::GET, "/api/version", Endpoint::OllamaVersion),
+    (Method::GET, "/api/tags", Endpoint::OllamaTags),
+    (Method::GET, "/api/ps", Endpoint::OllamaPs),
+    (Method::POST, "/api/show", Endpoint::OllamaShow),
+    (Method::POST, "/api/pull", Endpoint::OllamaPull),
+    (Method::DELETE, "/api/delete", Endpoint::OllamaDelete),
+    (Method::POST, "/api/chat", Endpoint::OllamaChat),
+    (Method::POST, "/api/generate", Endpoint::OllamaGenerate),
+    (Method::POST, "/api/embed", Endpoint::OllamaEmbed),
+    (Method::POST, "/api/embeddings", Endpoint::OllamaEmbeddings),
 ];
 
 async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
@@ -336,6 +360,22 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
             .keys
             .revoke(param)
             .map(|k| http::json(StatusCode::OK, &k)),
+        Endpoint::Probe => Ok(Response::new(http::full(""))),
+        Endpoint::OllamaVersion => Ok(http::json(
+            StatusCode::OK,
+            &serde_json::json!({ "version": crate::ollama::VERSION }),
+        )),
+        Endpoint::OllamaTags => return ollama::tags(&q),
+        Endpoint::OllamaPs => return ollama::ps(&q),
+        Endpoint::OllamaShow => return ollama::show(&q, req).await,
+        Endpoint::OllamaPull => return ollama::pull(&q, req).await,
+        Endpoint::OllamaDelete => return ollama::delete(&q, req).await,
+        Endpoint::OllamaChat => return ollama::chat(&q, req, crate::ollama::Kind::Chat).await,
+        Endpoint::OllamaGenerate => {
+            return ollama::chat(&q, req, crate::ollama::Kind::Generate).await
+        }
+        Endpoint::OllamaEmbed => return ollama::embed(&q, req, false).await,
+        Endpoint::OllamaEmbeddings => return ollama::embed(&q, req, true).await,
     })
 }
 
@@ -564,8 +604,8 @@ fn relay_download(hive: String, mut events: Events<DownloadEvent>, view: View) -
 
 async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
     let key = http::auth::key_of(&req);
-    let body: JobRequest = http::read_json(req).await?;
-    crate::hive::model_ref::check(&body.model)?;
+    let mut body: JobRequest = http::read_json(req).await?;
+    body.model = crate::hive::model_ref::canonical(&body.model)?;
     crate::protocol::check_prompt(&body.prompt, body.messages.as_deref())?;
     if let Some(crate::protocol::Constraint::JsonSchema { schema }) = &body.constraint {
         crate::schema::check(schema, "constraint")?;

@@ -171,6 +171,14 @@ pub async fn embed(
     answer
 }
 
+/// A ready worker of `work.model`, routed to or provisioned as a job's would
+/// be, with nothing sent to it (Ollama's load without a prompt).
+pub async fn load(cluster: &impl Cluster, job: &Job, work: &Work) -> Result<Target, ApiError> {
+    let hives = hives::candidates(cluster, job, work.node.as_deref()).await?;
+    let (target, _in_flight) = pick_worker(cluster, &hives, job, &work.model, &[], &[]).await?;
+    Ok(target)
+}
+
 /// How many workers one job may lose before it fails.
 const MAX_LOSSES: usize = 3;
 

@@ -58,13 +58,17 @@ pub(super) fn prepare(
             format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
         ));
     }
+    let (n_ctx_slot, whose) = match request.context_limit {
+        Some(n) if n < n_ctx_slot => (n, "the request's num_ctx"),
+        _ => (n_ctx_slot, "this worker's context"),
+    };
     let resumed_from = tokens.len();
     tokens.extend(request.resume_tokens.iter().map(|&t| LlamaToken(t)));
     if tokens.len() >= n_ctx_slot as usize {
         return Err(ApiError::new(
             ErrorCode::ContextOverflow,
             format!(
-                "the prompt is {} tokens, and this worker's context is {n_ctx_slot} tokens per \
+                "the prompt is {} tokens, and {whose} is {n_ctx_slot} tokens per \
                  request, with at least one left to generate",
                 tokens.len()
             ),

@@ -1,0 +1,382 @@
+//! The queen's Ollama front (DESIGN.md §16): `/api/*` for every model in the
+//! cluster. Chat and generate run as jobs, like OpenAI's requests, so they
+//! fail over; `keep_alive` is handed to the hive of the worker that answered;
+//! the listings come from the live view; `pull` fetches onto the hive with the
+//! most room, its progress in Ollama's lines.
+
+use super::front::{run_job, with_job, Events};
+use super::{hives, placement, scheduler, status, Queen};
+use crate::http::{self, Body};
+use crate::ollama::{self, KeepAlive, Kind};
+use crate::protocol::{ApiError, DownloadEvent, ErrorCode, InferenceEvent, ModelEntry};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::time::Instant;
+
+/// `POST /api/chat` and `POST /api/generate`.
+pub(super) async fn chat(q: &Queen, req: Request<Incoming>, kind: Kind) -> Response<Body> {
+    let arrived = Instant::now();
+    let key = http::auth::key_of(&req);
+    let read = async {
+        let body = http::read_body(req).await?;
+        let prepared = ollama::parse(&body, kind)?;
+        let model = crate::hive::model_ref::canonical(&prepared.model)?;
+        Ok::<_, ApiError>((prepared, model))
+    };
+    let (prepared, model) = match read.await {
+        Ok(read) => read,
+        Err(e) => return ollama::error(e),
+    };
+    if prepared.load_only {
+        return match load(q, &model, prepared.keep_alive).await {
+            Ok(()) => {
+                let reason = match prepared.keep_alive {
+                    Some(KeepAlive::Unload) => "unload",
+                    _ => "load",
+                };
+                let mut v = json!({"model": prepared.model, "created_at": crate::protocol::now_rfc3339(),
+                                   "done": true, "done_reason": reason});
+                v[if kind == Kind::Chat { "message" } else { "response" }] = match kind {
+                    Kind::Chat => json!({"role": "assistant", "content": ""}),
+                    Kind::Generate => json!(""),
+                };
+                http::json(StatusCode::OK, &v)
+            }
+            Err(e) => ollama::error(e),
+        };
+    }
+    let (job, prompt_tokens, events) = match run_job(q, key, &model, prepared.inference).await {
+        Ok(started) => started,
+        Err(e) => return ollama::error(e),
+    };
+    let events = keeping_alive(q, events, prepared.keep_alive);
+    let answer = ollama::Answer::new(kind, &prepared.model, prompt_tokens, arrived);
+    let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
+    with_job(ollama::respond(answer, pieces, prepared.stream).await, &job)
+}
+
+/// The job's events, passed on; once its answer has ended, the worker that
+/// gave it is kept as `keep_alive` asked, or stopped for `0`.
+fn keeping_alive(q: &Queen, mut events: Events, keep_alive: Option<KeepAlive>) -> Events {
+    let Some(keep_alive) = keep_alive else {
+        return events;
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let q = q.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let served = match &event {
+                InferenceEvent::End { figures, .. } => figures.clone(),
+                _ => None,
+            };
+            let ended = matches!(event, InferenceEvent::End { .. } | InferenceEvent::Error { .. });
+            if tx.send(event).is_err() {
+                return;
+            }
+            if let Some(f) = served {
+                if let Err(e) = keep(&q, &f.hive, &f.worker, keep_alive).await {
+                    tracing::warn!("keep_alive for worker {}: {e}", f.worker);
+                }
+            }
+            if ended {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Tells `hive` how long to keep `worker`, or to stop it.
+async fn keep(q: &Queen, hive: &str, worker: &str, keep_alive: KeepAlive) -> Result<(), ApiError> {
+    let conn = q.cluster.view.hive(hive).map(|h| h.conn).ok_or_else(|| {
+        ApiError::new(ErrorCode::UnknownNode, format!("hive {hive} is gone"))
+    })?;
+    let client = conn.client();
+    match keep_alive {
+        KeepAlive::Unload => client.stop_worker(worker).await.map(drop),
+        KeepAlive::Forever => client.keep_alive(worker, None).await.map(drop),
+        KeepAlive::For(d) => client.keep_alive(worker, Some(d.as_secs().max(1))).await.map(drop),
+    }
+}
+
+/// `/api/generate` without a prompt: a worker of `model` made ready (kept as
+/// `keep_alive` says), or with `keep_alive` 0 every worker of it stopped.
+async fn load(q: &Queen, model: &str, keep_alive: Option<KeepAlive>) -> Result<(), ApiError> {
+    if keep_alive == Some(KeepAlive::Unload) {
+        let state = q.cluster.view.state();
+        for h in state.hives.iter().filter(|h| h.reachable) {
+            let Some(snapshot) = &h.snapshot else { continue };
+            let Some(entry) = placement::entry(snapshot, model) else {
+                continue;
+            };
+            for w in snapshot.workers.iter().filter(|w| w.model == entry.entry.name) {
+                h.conn.client().stop_worker(&w.worker_id).await?;
+            }
+        }
+        return Ok(());
+    }
+    let job = q.jobs.create();
+    let work = scheduler::Work {
+        node: None,
+        model: model.to_string(),
+        inference: Default::default(),
+    };
+    job.describe(model);
+    let loaded = scheduler::load(&q.cluster, &job, &work).await;
+    job.finish();
+    let target = loaded?;
+    if let Some(k) = keep_alive {
+        keep(q, &target.hive.name, &target.worker_id, k).await?;
+    }
+    Ok(())
+}
+
+/// Every catalog entry of every reachable hive, each model once.
+fn catalog(q: &Queen) -> Vec<ModelEntry> {
+    let mut seen: Vec<ModelEntry> = Vec::new();
+    for h in q.cluster.view.state().hives.iter().filter(|h| h.reachable) {
+        for m in h.snapshot.iter().flat_map(|s| &s.models) {
+            if !seen.iter().any(|e| e.name == m.entry.name) {
+                seen.push(m.entry.clone());
+            }
+        }
+    }
+    seen
+}
+
+/// `GET /api/tags`.
+pub(super) fn tags(q: &Queen) -> Response<Body> {
+    http::json(StatusCode::OK, &ollama::tags(&catalog(q)))
+}
+
+/// `GET /api/ps`: the workers, each with its catalog entry.
+pub(super) fn ps(q: &Queen) -> Response<Body> {
+    let entries = catalog(q);
+    let workers = status::workers(q);
+    let running = workers.iter().map(|w| {
+        let entry = entries.iter().find(|e| e.name == w.worker.model);
+        (&w.worker, entry)
+    });
+    http::json(StatusCode::OK, &ollama::ps(running))
+}
+
+#[derive(Deserialize)]
+struct Named {
+    #[serde(default)]
+    model: Option<String>,
+    /// The older name of `model`.
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+impl Named {
+    async fn read(req: Request<Incoming>) -> Result<(Named, String), ApiError> {
+        let named: Named = http::read_json(req).await?;
+        let given = named.model.clone().or_else(|| named.name.clone());
+        let given = given
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| ApiError::invalid("model", "model is required"))?;
+        let model = crate::hive::model_ref::canonical(&given)?;
+        Ok((named, model))
+    }
+}
+
+fn not_found(model: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::ModelNotFound,
+        format!("model '{model}' not found: `rbee keeper list` shows the models the hives have"),
+    )
+}
+
+/// `POST /api/show`.
+pub(super) async fn show(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    let shown = async {
+        let (_, model) = Named::read(req).await?;
+        let state = q.cluster.view.state();
+        let entry = state
+            .hives
+            .iter()
+            .filter(|h| h.reachable)
+            .find_map(|h| placement::entry(h.snapshot.as_ref()?, &model))
+            .ok_or_else(|| not_found(&model))?;
+        Ok::<_, ApiError>(ollama::show(&entry.entry))
+    };
+    match shown.await {
+        Ok(v) => http::json(StatusCode::OK, &v),
+        Err(e) => ollama::error(e),
+    }
+}
+
+/// `DELETE /api/delete`: the model removed from every hive that has it.
+pub(super) async fn delete(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    let deleted = async {
+        let (_, model) = Named::read(req).await?;
+        let state = q.cluster.view.state();
+        let mut any = false;
+        for h in state.hives.iter().filter(|h| h.reachable) {
+            let Some(entry) = h.snapshot.as_ref().and_then(|s| placement::entry(s, &model)) else {
+                continue;
+            };
+            h.conn.client().delete_model(&entry.entry.name).await?;
+            any = true;
+        }
+        if !any {
+            return Err(not_found(&model));
+        }
+        Ok::<_, ApiError>(())
+    };
+    match deleted.await {
+        Ok(()) => http::json(StatusCode::OK, &json!({})),
+        Err(e) => ollama::error(e),
+    }
+}
+
+/// `POST /api/pull`: a model no hive has fetched onto the one with the most
+/// room, its progress as Ollama's lines (`pulling …` with `completed` and
+/// `total`, then `success`); one a hive has already is a `success` at once.
+pub(super) async fn pull(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    let started = async {
+        let (named, model) = Named::read(req).await?;
+        let job = q.jobs.create();
+        job.describe(&model);
+        let hives = hives::candidates(&q.cluster, &job, None).await;
+        job.finish();
+        let state = q.cluster.view.state();
+        let had = placement::usable(&state, &hives?)
+            .any(|(_, s)| placement::entry(s, &model).is_some());
+        if had {
+            return Ok((named, None));
+        }
+        let all: Vec<String> = state.hives.iter().map(|h| h.conn.name.clone()).collect();
+        let hive = placement::fetch_onto(&state, &all)
+            .ok_or_else(|| ApiError::new(ErrorCode::HiveUnreachable, "no hive is reachable"))?;
+        let client = hive.client();
+        let download = client.download(&model).await?;
+        let progress = client.download_progress(&download.download_id).await?;
+        Ok((named, Some((model, progress))))
+    };
+    let (named, progress) = match started.await {
+        Ok(started) => started,
+        Err(e) => return ollama::error(e),
+    };
+    let stream = named.stream.unwrap_or(true);
+    let (tx, resp) = http::sse::ndjson_response();
+    let Some((model, mut progress)) = progress else {
+        let done = json!({"status": "success"});
+        return match stream {
+            true => {
+                let _ = tx.send(http::sse::json_line(&done)).await;
+                resp
+            }
+            false => http::json(StatusCode::OK, &done),
+        };
+    };
+    if !stream {
+        let mut last = None;
+        while let Some(event) = progress.next().await {
+            last = Some(event);
+        }
+        return match last {
+            Some(DownloadEvent::Complete { .. }) => http::json(StatusCode::OK, &json!({"status": "success"})),
+            Some(DownloadEvent::Error { message }) => ollama::error(ApiError::new(ErrorCode::DownloadFailed, message)),
+            _ => ollama::error(ApiError::new(ErrorCode::DownloadFailed, "the download ended without a word")),
+        };
+    }
+    tokio::spawn(async move {
+        let line = |v: Value| http::sse::json_line(&v);
+        if tx.send(line(json!({"status": "pulling manifest"}))).await.is_err() {
+            return;
+        }
+        let digest = format!("rbee:{model}");
+        while let Some(event) = progress.next().await {
+            let out = match event {
+                DownloadEvent::Downloading { bytes_downloaded, bytes_total, .. } => {
+                    json!({"status": format!("pulling {model}"), "digest": digest,
+                           "total": bytes_total, "completed": bytes_downloaded})
+                }
+                DownloadEvent::Complete { .. } => {
+                    let _ = tx.send(line(json!({"status": "verifying sha256 digest"}))).await;
+                    json!({"status": "success"})
+                }
+                DownloadEvent::Error { message } => json!({"error": message}),
+            };
+            if tx.send(line(out)).await.is_err() {
+                return;
+            }
+        }
+    });
+    resp
+}
+
+#[derive(Deserialize)]
+struct EmbedRequest {
+    model: String,
+    #[serde(default)]
+    input: Option<Value>,
+    /// `/api/embeddings`' one text.
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    truncate: Option<bool>,
+    #[serde(default)]
+    dimensions: Option<u32>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+    #[serde(default)]
+    options: Option<serde_json::Map<String, Value>>,
+}
+
+/// `POST /api/embed` (a vector per input) and the older `POST /api/embeddings`
+/// (`prompt`, one vector), through a worker of the model like OpenAI's.
+pub(super) async fn embed(q: &Queen, req: Request<Incoming>, older: bool) -> Response<Body> {
+    let arrived = Instant::now();
+    let answered = async {
+        let body: EmbedRequest = http::read_json(req).await?;
+        if body.truncate == Some(false) || body.dimensions.is_some() {
+            let param = if body.dimensions.is_some() { "dimensions" } else { "truncate" };
+            return Err(ApiError::invalid(param, format!("{param} is not supported by rbee: leave it out")));
+        }
+        if let Some(k) = &body.keep_alive {
+            ollama::keep_alive(k)?;
+        }
+        if body.options.as_ref().is_some_and(|o| !o.is_empty()) {
+            return Err(ApiError::invalid("options", "embeddings take no options in rbee: leave them out"));
+        }
+        let input = match (older, body.input, body.prompt) {
+            (true, _, Some(p)) => json!(p),
+            (false, Some(i), _) => i,
+            (true, _, None) => return Err(ApiError::invalid("prompt", "prompt is required")),
+            (false, None, _) => return Err(ApiError::invalid("input", "input is required")),
+        };
+        let model = crate::hive::model_ref::canonical(&body.model)?;
+        let request: crate::protocol::EmbeddingsRequest =
+            serde_json::from_value(json!({"model": model, "input": input}))
+                .map_err(|e| ApiError::invalid("input", format!("input must be a text or a list of texts: {e}")))?;
+        request.texts()?;
+        let job = q.jobs.create();
+        job.describe(&model);
+        let work = scheduler::Work { node: None, model: model.clone(), inference: Default::default() };
+        let answer = scheduler::embed(&q.cluster, &job, &work, &request).await;
+        job.finish();
+        let answer = answer?;
+        let vectors: Vec<Vec<f32>> = answer["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| serde_json::from_value(d["embedding"].clone()).ok())
+            .collect();
+        let tokens = answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32;
+        Ok::<_, ApiError>(match older {
+            true => ollama::embeddings(vectors.first().map_or(&[][..], |v| v)),
+            false => ollama::embed(&body.model, &vectors, tokens, arrived),
+        })
+    };
+    match answered.await {
+        Ok(v) => http::json(StatusCode::OK, &v),
+        Err(e) => ollama::error(e),
+    }
+}
