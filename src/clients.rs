@@ -11,8 +11,8 @@ use crate::http::segment;
 use crate::http::sse::Frame;
 use crate::protocol::{
     ApiError, DownloadEvent, DownloadRequest, DownloadStarted, Health, HiveSnapshot,
-    InferenceEvent, InferenceRequest, LeaseInfo, LeaseRequest, LoadingEvent, ModelEntry,
-    KeepAliveRequest, PartialsRemoved, ReadyStatus, SpawnRequest, WorkerInfo, WorkerReadyCallback,
+    InferenceEvent, InferenceRequest, KeepAliveRequest, LeaseInfo, LeaseRequest, LoadingEvent,
+    ModelEntry, PartialsRemoved, ReadyStatus, SpawnRequest, WorkerInfo, WorkerReadyCallback,
 };
 use hyper::Method;
 use serde::de::DeserializeOwned;

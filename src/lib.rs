@@ -3,6 +3,7 @@
 //! map and DESIGN.md for the wire formats.
 
 pub mod answer;
+pub mod anthropic;
 pub mod cli;
 pub mod clients;
 pub mod discovery;

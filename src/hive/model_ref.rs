@@ -185,7 +185,10 @@ mod tests {
             assert_eq!(canonical(same).unwrap(), smol, "{same}");
         }
         assert_eq!(canonical("org/repo").unwrap(), "hf:org/repo");
-        assert_eq!(canonical("SmolLM2-135M-Instruct:Q4_1").unwrap(), "smollm2-135m-instruct.q4_1");
+        assert_eq!(
+            canonical("SmolLM2-135M-Instruct:Q4_1").unwrap(),
+            "smollm2-135m-instruct.q4_1"
+        );
         assert_eq!(canonical("smollm2:latest").unwrap(), "smollm2");
         assert_eq!(canonical("/m/x.gguf").unwrap(), "/m/x.gguf");
         assert_eq!(canonical("file:/m/x.gguf").unwrap(), "file:/m/x.gguf");

@@ -52,7 +52,10 @@ impl Answer {
         let mut v = self.part(text, &end.calls);
         let nanos = |d: std::time::Duration| d.as_nanos() as u64;
         let total = self.arrived.elapsed();
-        let prompt = self.first.map_or(total, |f| f - self.arrived);
+        let decode = std::time::Duration::from_millis(end.decode_time_ms);
+        let prompt = self
+            .first
+            .map_or(total.saturating_sub(decode), |f| f - self.arrived);
         v["done"] = json!(true);
         v["done_reason"] = json!(match end.reason {
             StopReason::MaxTokens => "length",
@@ -181,7 +184,9 @@ pub fn show(e: &ModelEntry) -> Value {
 }
 
 /// `GET /api/ps`: the running workers, each with its catalog entry if known.
-pub fn ps<'a>(workers: impl IntoIterator<Item = (&'a WorkerInfo, Option<&'a ModelEntry>)>) -> Value {
+pub fn ps<'a>(
+    workers: impl IntoIterator<Item = (&'a WorkerInfo, Option<&'a ModelEntry>)>,
+) -> Value {
     // Ollama's "forever": far in the future.
     const FOREVER: &str = "2318-01-01T00:00:00Z";
     let models: Vec<Value> = workers
@@ -205,7 +210,10 @@ mod tests {
 
     #[test]
     fn names_carry_the_quantization_as_their_tag() {
-        assert_eq!(tagged("smollm2-135m-instruct.q4_1"), "smollm2-135m-instruct:q4_1");
+        assert_eq!(
+            tagged("smollm2-135m-instruct.q4_1"),
+            "smollm2-135m-instruct:q4_1"
+        );
         assert_eq!(tagged("plain"), "plain:latest");
         assert_eq!(parameter_size(134_515_008), "134M");
         assert_eq!(parameter_size(1_235_814_400), "1.2B");
@@ -224,10 +232,19 @@ mod tests {
         };
         let v = a.done("hi", &end);
         assert_eq!(v["message"], json!({"role": "assistant", "content": "hi"}));
-        assert_eq!((v["done"].clone(), v["done_reason"].clone()), (json!(true), json!("length")));
-        assert_eq!((v["prompt_eval_count"].clone(), v["eval_count"].clone()), (json!(5), json!(3)));
+        assert_eq!(
+            (v["done"].clone(), v["done_reason"].clone()),
+            (json!(true), json!("length"))
+        );
+        assert_eq!(
+            (v["prompt_eval_count"].clone(), v["eval_count"].clone()),
+            (json!(5), json!(3))
+        );
         assert_eq!(v["eval_duration"], json!(2_000_000));
         let g = Answer::new(Kind::Generate, "m:q", 5, Instant::now()).part("x", &[]);
-        assert_eq!((g["response"].clone(), g["done"].clone()), (json!("x"), json!(false)));
+        assert_eq!(
+            (g["response"].clone(), g["done"].clone()),
+            (json!("x"), json!(false))
+        );
     }
 }

@@ -157,9 +157,14 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
         Kind::Chat => ["prompt", "system", "raw"],
         Kind::Generate => ["messages", "tools", "tool_choice"],
     };
-    rest.remove("think").filter(|t| t != &Value::Bool(false) && !t.is_null()).map_or(Ok(()), |_| {
-        Err(ApiError::invalid("think", "think is not supported by rbee: its models do not reason apart from their answer"))
-    })?;
+    rest.remove("think")
+        .filter(|t| t != &Value::Bool(false) && !t.is_null())
+        .map_or(Ok(()), |_| {
+            Err(ApiError::invalid(
+                "think",
+                "think is not supported by rbee: its models do not reason apart from their answer",
+            ))
+        })?;
     crate::protocol::refuse_unhonoured(&rest, &[])?;
     let keep_alive = req.keep_alive.as_ref().map(keep_alive).transpose()?;
     let (sampling, context_limit) = options(req.options.unwrap_or_default())?;
@@ -208,7 +213,11 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
         _ => prompt.is_empty(),
     };
     let messages = messages.filter(|_| !load_only);
-    let prompt = if messages.is_some() { String::new() } else { prompt };
+    let prompt = if messages.is_some() {
+        String::new()
+    } else {
+        prompt
+    };
     Ok(Prepared {
         model: req.model,
         tool_calls: !tools.is_empty(),
@@ -290,7 +299,12 @@ fn options(mut o: Map<String, Value>) -> Result<(SamplingParams, Option<u32>), A
             v.as_u64()
                 .filter(|&n| n > 0)
                 .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| ApiError::invalid("num_ctx", format!("num_ctx must be a positive number of tokens, got {v}")))?,
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "num_ctx",
+                        format!("num_ctx must be a positive number of tokens, got {v}"),
+                    )
+                })?,
         ),
     };
     let num_predict = o.remove("num_predict");
@@ -316,14 +330,19 @@ fn options(mut o: Map<String, Value>) -> Result<(SamplingParams, Option<u32>), A
         // -1: until the end; -2: until the context is full.
         Some(v) if v.as_i64().is_some_and(|n| n == -1 || n == -2) => None,
         Some(v) => Some(v.as_i64().filter(|&n| n > 0).ok_or_else(|| {
-            ApiError::invalid("num_predict", format!("num_predict must be -1, -2 or a positive number, got {v}"))
+            ApiError::invalid(
+                "num_predict",
+                format!("num_predict must be -1, -2 or a positive number, got {v}"),
+            )
         })?),
     };
     if sampling.seed.is_some_and(|s| s < 0) {
         sampling.seed = None;
     }
     sampling.top_p.get_or_insert(DEFAULT_TOP_P);
-    sampling.repeat_penalty.get_or_insert(DEFAULT_REPEAT_PENALTY);
+    sampling
+        .repeat_penalty
+        .get_or_insert(DEFAULT_REPEAT_PENALTY);
     sampling.validate()?;
     Ok((sampling, num_ctx))
 }
@@ -435,7 +454,10 @@ mod tests {
     fn what_rbee_does_not_honour_is_named() {
         for (extra, param) in [
             (r#","options":{"tfs_z":0.5}"#, "tfs_z"),
-            (r#","options":{"penalize_newline":true}"#, "penalize_newline"),
+            (
+                r#","options":{"penalize_newline":true}"#,
+                "penalize_newline",
+            ),
             (r#","options":{"temperature":9}"#, "temperature"),
             (r#","options":{"num_ctx":0}"#, "num_ctx"),
             (r#","think":true"#, "think"),
@@ -455,11 +477,21 @@ mod tests {
 
     #[test]
     fn generate_wraps_the_prompt_in_the_chat_template_unless_raw() {
-        let p = parse(br#"{"model":"m","prompt":"hi","system":"be brief"}"#, Kind::Generate).unwrap();
+        let p = parse(
+            br#"{"model":"m","prompt":"hi","system":"be brief"}"#,
+            Kind::Generate,
+        )
+        .unwrap();
         let m = p.inference.messages.unwrap();
-        assert_eq!((m[0].role.as_str(), m[1].content.as_str()), ("system", "hi"));
+        assert_eq!(
+            (m[0].role.as_str(), m[1].content.as_str()),
+            ("system", "hi")
+        );
         let p = parse(br#"{"model":"m","prompt":"hi","raw":true}"#, Kind::Generate).unwrap();
-        assert_eq!((p.inference.prompt.as_str(), p.inference.messages), ("hi", None));
+        assert_eq!(
+            (p.inference.prompt.as_str(), p.inference.messages),
+            ("hi", None)
+        );
         let p = parse(br#"{"model":"m","keep_alive":0}"#, Kind::Generate).unwrap();
         assert!(p.load_only);
         assert_eq!(p.keep_alive, Some(KeepAlive::Unload));
@@ -475,7 +507,10 @@ mod tests {
         let p = parse(body.as_bytes(), Kind::Chat).unwrap();
         let m = p.inference.messages.unwrap();
         assert_eq!(m[1].tool_calls[0].function.arguments, r#"{"city":"Paris"}"#);
-        assert_eq!(m[2].tool_call_id.as_deref(), Some(m[1].tool_calls[0].id.as_str()));
+        assert_eq!(
+            m[2].tool_call_id.as_deref(),
+            Some(m[1].tool_calls[0].id.as_str())
+        );
         assert!(p.tool_calls);
     }
 

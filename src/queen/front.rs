@@ -4,12 +4,12 @@
 
 use super::jobs::Job;
 use super::{scheduler, start_job, Queen};
-use std::sync::Arc;
 use crate::http::{self, Body};
-use crate::openai;
 use crate::protocol::{ApiError, ErrorCode, InferenceEvent};
+use crate::{anthropic, openai};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use std::sync::Arc;
 
 /// The models of every reachable hive, for OpenAI's `GET /v1/models`.
 pub(super) fn models(q: &Queen) -> serde_json::Value {
@@ -47,6 +47,32 @@ pub(super) async fn openai_route(
     let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
     let resp = openai::respond(answer, pieces, prepared.stream, prepared.include_usage).await;
     with_job(resp, &job)
+}
+
+/// Anthropic's `POST /v1/messages`, run as a job like OpenAI's requests.
+pub(super) async fn anthropic_route(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    let key = http::auth::key_of(&req);
+    let read = async {
+        let body = http::read_body(req).await?;
+        let prepared = anthropic::parse(&body)?;
+        let model = crate::hive::model_ref::canonical(&prepared.model)?;
+        Ok::<_, ApiError>((prepared, model))
+    };
+    let (prepared, model) = match read.await {
+        Ok(read) => read,
+        Err(e) => return anthropic::error(e),
+    };
+    let stop = prepared.inference.sampling.stop.clone();
+    let (job, prompt_tokens, events) = match run_job(q, key, &model, prepared.inference).await {
+        Ok(started) => started,
+        Err(e) => return anthropic::error(e),
+    };
+    let answer = anthropic::Answer::new(&prepared.model, prompt_tokens, stop);
+    let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
+    with_job(
+        anthropic::respond(answer, pieces, prepared.stream).await,
+        &job,
+    )
 }
 
 /// The job's inference events once a worker has started on it, and the

@@ -6,9 +6,9 @@ mod front;
 mod hives;
 pub mod jobs;
 mod join;
-mod ollama;
 pub mod keys;
 pub mod local_hive;
+mod ollama;
 pub mod placement;
 pub mod provision;
 pub mod registry;
@@ -228,6 +228,7 @@ enum Endpoint {
     OllamaGenerate,
     OllamaEmbed,
     OllamaEmbeddings,
+    Messages,
 }
 
 /// How long the view may take to list a model a hive just downloaded.
@@ -302,6 +303,8 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/api/generate", Endpoint::OllamaGenerate),
     (Method::POST, "/api/embed", Endpoint::OllamaEmbed),
     (Method::POST, "/api/embeddings", Endpoint::OllamaEmbeddings),
+    // Anthropic's Messages API.
+    (Method::POST, "/v1/messages", Endpoint::Messages),
 ];
 
 async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
@@ -376,6 +379,7 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         }
         Endpoint::OllamaEmbed => return ollama::embed(&q, req, false).await,
         Endpoint::OllamaEmbeddings => return ollama::embed(&q, req, true).await,
+        Endpoint::Messages => return front::anthropic_route(&q, req).await,
     })
 }
 

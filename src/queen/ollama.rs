@@ -38,7 +38,11 @@ pub(super) async fn chat(q: &Queen, req: Request<Incoming>, kind: Kind) -> Respo
                 };
                 let mut v = json!({"model": prepared.model, "created_at": crate::protocol::now_rfc3339(),
                                    "done": true, "done_reason": reason});
-                v[if kind == Kind::Chat { "message" } else { "response" }] = match kind {
+                v[if kind == Kind::Chat {
+                    "message"
+                } else {
+                    "response"
+                }] = match kind {
                     Kind::Chat => json!({"role": "assistant", "content": ""}),
                     Kind::Generate => json!(""),
                 };
@@ -71,7 +75,10 @@ fn keeping_alive(q: &Queen, mut events: Events, keep_alive: Option<KeepAlive>) -
                 InferenceEvent::End { figures, .. } => figures.clone(),
                 _ => None,
             };
-            let ended = matches!(event, InferenceEvent::End { .. } | InferenceEvent::Error { .. });
+            let ended = matches!(
+                event,
+                InferenceEvent::End { .. } | InferenceEvent::Error { .. }
+            );
             if tx.send(event).is_err() {
                 return;
             }
@@ -90,14 +97,20 @@ fn keeping_alive(q: &Queen, mut events: Events, keep_alive: Option<KeepAlive>) -
 
 /// Tells `hive` how long to keep `worker`, or to stop it.
 async fn keep(q: &Queen, hive: &str, worker: &str, keep_alive: KeepAlive) -> Result<(), ApiError> {
-    let conn = q.cluster.view.hive(hive).map(|h| h.conn).ok_or_else(|| {
-        ApiError::new(ErrorCode::UnknownNode, format!("hive {hive} is gone"))
-    })?;
+    let conn = q
+        .cluster
+        .view
+        .hive(hive)
+        .map(|h| h.conn)
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownNode, format!("hive {hive} is gone")))?;
     let client = conn.client();
     match keep_alive {
         KeepAlive::Unload => client.stop_worker(worker).await.map(drop),
         KeepAlive::Forever => client.keep_alive(worker, None).await.map(drop),
-        KeepAlive::For(d) => client.keep_alive(worker, Some(d.as_secs().max(1))).await.map(drop),
+        KeepAlive::For(d) => client
+            .keep_alive(worker, Some(d.as_secs().max(1)))
+            .await
+            .map(drop),
     }
 }
 
@@ -107,11 +120,17 @@ async fn load(q: &Queen, model: &str, keep_alive: Option<KeepAlive>) -> Result<(
     if keep_alive == Some(KeepAlive::Unload) {
         let state = q.cluster.view.state();
         for h in state.hives.iter().filter(|h| h.reachable) {
-            let Some(snapshot) = &h.snapshot else { continue };
+            let Some(snapshot) = &h.snapshot else {
+                continue;
+            };
             let Some(entry) = placement::entry(snapshot, model) else {
                 continue;
             };
-            for w in snapshot.workers.iter().filter(|w| w.model == entry.entry.name) {
+            for w in snapshot
+                .workers
+                .iter()
+                .filter(|w| w.model == entry.entry.name)
+            {
                 h.conn.client().stop_worker(&w.worker_id).await?;
             }
         }
@@ -218,7 +237,11 @@ pub(super) async fn delete(q: &Queen, req: Request<Incoming>) -> Response<Body> 
         let state = q.cluster.view.state();
         let mut any = false;
         for h in state.hives.iter().filter(|h| h.reachable) {
-            let Some(entry) = h.snapshot.as_ref().and_then(|s| placement::entry(s, &model)) else {
+            let Some(entry) = h
+                .snapshot
+                .as_ref()
+                .and_then(|s| placement::entry(s, &model))
+            else {
                 continue;
             };
             h.conn.client().delete_model(&entry.entry.name).await?;
@@ -246,8 +269,8 @@ pub(super) async fn pull(q: &Queen, req: Request<Incoming>) -> Response<Body> {
         let hives = hives::candidates(&q.cluster, &job, None).await;
         job.finish();
         let state = q.cluster.view.state();
-        let had = placement::usable(&state, &hives?)
-            .any(|(_, s)| placement::entry(s, &model).is_some());
+        let had =
+            placement::usable(&state, &hives?).any(|(_, s)| placement::entry(s, &model).is_some());
         if had {
             return Ok((named, None));
         }
@@ -281,25 +304,42 @@ pub(super) async fn pull(q: &Queen, req: Request<Incoming>) -> Response<Body> {
             last = Some(event);
         }
         return match last {
-            Some(DownloadEvent::Complete { .. }) => http::json(StatusCode::OK, &json!({"status": "success"})),
-            Some(DownloadEvent::Error { message }) => ollama::error(ApiError::new(ErrorCode::DownloadFailed, message)),
-            _ => ollama::error(ApiError::new(ErrorCode::DownloadFailed, "the download ended without a word")),
+            Some(DownloadEvent::Complete { .. }) => {
+                http::json(StatusCode::OK, &json!({"status": "success"}))
+            }
+            Some(DownloadEvent::Error { message }) => {
+                ollama::error(ApiError::new(ErrorCode::DownloadFailed, message))
+            }
+            _ => ollama::error(ApiError::new(
+                ErrorCode::DownloadFailed,
+                "the download ended without a word",
+            )),
         };
     }
     tokio::spawn(async move {
         let line = |v: Value| http::sse::json_line(&v);
-        if tx.send(line(json!({"status": "pulling manifest"}))).await.is_err() {
+        if tx
+            .send(line(json!({"status": "pulling manifest"})))
+            .await
+            .is_err()
+        {
             return;
         }
         let digest = format!("rbee:{model}");
         while let Some(event) = progress.next().await {
             let out = match event {
-                DownloadEvent::Downloading { bytes_downloaded, bytes_total, .. } => {
+                DownloadEvent::Downloading {
+                    bytes_downloaded,
+                    bytes_total,
+                    ..
+                } => {
                     json!({"status": format!("pulling {model}"), "digest": digest,
                            "total": bytes_total, "completed": bytes_downloaded})
                 }
                 DownloadEvent::Complete { .. } => {
-                    let _ = tx.send(line(json!({"status": "verifying sha256 digest"}))).await;
+                    let _ = tx
+                        .send(line(json!({"status": "verifying sha256 digest"})))
+                        .await;
                     json!({"status": "success"})
                 }
                 DownloadEvent::Error { message } => json!({"error": message}),
@@ -337,14 +377,24 @@ pub(super) async fn embed(q: &Queen, req: Request<Incoming>, older: bool) -> Res
     let answered = async {
         let body: EmbedRequest = http::read_json(req).await?;
         if body.truncate == Some(false) || body.dimensions.is_some() {
-            let param = if body.dimensions.is_some() { "dimensions" } else { "truncate" };
-            return Err(ApiError::invalid(param, format!("{param} is not supported by rbee: leave it out")));
+            let param = if body.dimensions.is_some() {
+                "dimensions"
+            } else {
+                "truncate"
+            };
+            return Err(ApiError::invalid(
+                param,
+                format!("{param} is not supported by rbee: leave it out"),
+            ));
         }
         if let Some(k) = &body.keep_alive {
             ollama::keep_alive(k)?;
         }
         if body.options.as_ref().is_some_and(|o| !o.is_empty()) {
-            return Err(ApiError::invalid("options", "embeddings take no options in rbee: leave them out"));
+            return Err(ApiError::invalid(
+                "options",
+                "embeddings take no options in rbee: leave them out",
+            ));
         }
         let input = match (older, body.input, body.prompt) {
             (true, _, Some(p)) => json!(p),
@@ -354,12 +404,20 @@ pub(super) async fn embed(q: &Queen, req: Request<Incoming>, older: bool) -> Res
         };
         let model = crate::hive::model_ref::canonical(&body.model)?;
         let request: crate::protocol::EmbeddingsRequest =
-            serde_json::from_value(json!({"model": model, "input": input}))
-                .map_err(|e| ApiError::invalid("input", format!("input must be a text or a list of texts: {e}")))?;
+            serde_json::from_value(json!({"model": model, "input": input})).map_err(|e| {
+                ApiError::invalid(
+                    "input",
+                    format!("input must be a text or a list of texts: {e}"),
+                )
+            })?;
         request.texts()?;
         let job = q.jobs.create();
         job.describe(&model);
-        let work = scheduler::Work { node: None, model: model.clone(), inference: Default::default() };
+        let work = scheduler::Work {
+            node: None,
+            model: model.clone(),
+            inference: Default::default(),
+        };
         let answer = scheduler::embed(&q.cluster, &job, &work, &request).await;
         job.finish();
         let answer = answer?;
