@@ -57,11 +57,11 @@ demo: build model
 	@RBEE_HOME=$(MODEL_DIR)/home $(BIN) keeper infer --queen-url $(DEMO_QUEEN) --ephemeral --node localhost \
 	  --model $(MODEL) --max-tokens 60 --temperature 0.7 "$(DEMO_PROMPT)"
 
-# The official openai Python client, for the OpenAI-compatibility tests.
-PYDEPS := $(MODEL_DIR)/py/openai/__init__.py
+# The official openai, ollama and anthropic Python clients, for the tests of each protocol.
+PYDEPS := $(MODEL_DIR)/py/anthropic/__init__.py
 pydeps: $(PYDEPS)
 $(PYDEPS):
-	python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts --root-user-action=ignore --target $(MODEL_DIR)/py openai
+	python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts --root-user-action=ignore --upgrade --target $(MODEL_DIR)/py openai ollama anthropic
 
 # A real Prometheus, a real headless browser and tcpdump (what crosses the wire between machines) for the tests:
 # installed when missing and apt-get can; else those tests say they skipped.

@@ -122,6 +122,22 @@ impl Pieces {
     }
 }
 
+/// A request no route takes (404, 405), answered in the shape of the
+/// protocol its path belongs to: Ollama's under `/api/`, Anthropic's for
+/// `/v1/messages`, OpenAI's (whose clients read rbee's own fields too) for
+/// the rest of `/v1/`, rbee's elsewhere.
+pub fn route_error(path: &str, e: ApiError) -> hyper::Response<crate::http::Body> {
+    if path.starts_with("/api/") {
+        crate::ollama::error(e)
+    } else if path.starts_with("/v1/messages") {
+        crate::anthropic::error(e)
+    } else if path.starts_with("/v1/") {
+        crate::openai::error(e)
+    } else {
+        crate::http::error(e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -240,12 +240,14 @@ fn system(system: Option<Value>) -> Result<Vec<ChatMessage>, ApiError> {
 fn message(m: Message) -> Result<Vec<ChatMessage>, ApiError> {
     let role = match m.role.as_str() {
         r @ ("user" | "assistant") => r,
-        other => return Err(ApiError::invalid(
-            "messages",
-            format!(
+        other => {
+            return Err(ApiError::invalid(
+                "messages",
+                format!(
                 "unknown role {other:?}: use user or assistant (the system text goes in system)"
             ),
-        )),
+            ))
+        }
     };
     let blocks = match m.content {
         Value::Array(blocks) => blocks,

@@ -120,6 +120,17 @@ pub async fn respond(mut answer: Answer, mut pieces: Pieces, stream: bool) -> Re
     resp
 }
 
+/// `/api/generate` or `/api/chat` without a prompt: the model loaded (or unloaded).
+pub fn loaded(kind: Kind, model: &str, reason: &str) -> Value {
+    let mut v = json!({"model": model, "created_at": crate::protocol::now_rfc3339(),
+                       "done": true, "done_reason": reason});
+    match kind {
+        Kind::Chat => v["message"] = json!({"role": "assistant", "content": ""}),
+        Kind::Generate => v["response"] = json!(""),
+    }
+    v
+}
+
 /// `/api/embed`: a vector per input.
 pub fn embed(model: &str, vectors: &[Vec<f32>], tokens: u32, arrived: Instant) -> Value {
     json!({"model": model, "embeddings": vectors,

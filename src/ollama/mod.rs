@@ -7,7 +7,7 @@
 
 mod answer;
 
-pub use answer::{embed, embeddings, model_details, ps, respond, show, tags, Answer};
+pub use answer::{embed, embeddings, loaded, model_details, ps, respond, show, tags, Answer};
 
 use crate::http::{self, Body};
 use crate::protocol::{
@@ -364,6 +364,69 @@ fn format(format: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
             format!("format must be \"json\" or a JSON schema, not {other}"),
         )),
     }
+}
+
+#[derive(Deserialize)]
+struct EmbedRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    input: Option<Value>,
+    /// `/api/embeddings`' one text.
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    truncate: Option<bool>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+    #[serde(default)]
+    options: Option<Map<String, Value>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// `/api/embed` (`input`: a text or a list) or the older `/api/embeddings`
+/// (`prompt`) as OpenAI's embeddings request, and the model it names. Inputs
+/// longer than the model's context are refused, never truncated.
+pub fn embed_request(
+    body: &[u8],
+    older: bool,
+) -> Result<(String, crate::protocol::EmbeddingsRequest), ApiError> {
+    let req: EmbedRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    if req.model.is_empty() {
+        return Err(ApiError::invalid("model", "model is required"));
+    }
+    if req.truncate == Some(true) {
+        return Err(ApiError::invalid(
+            "truncate",
+            "truncate is not supported by rbee: an input longer than the context is refused; send truncate: false",
+        ));
+    }
+    crate::protocol::refuse_unhonoured(&req.rest, &[])?;
+    if let Some(k) = &req.keep_alive {
+        keep_alive(k)?;
+    }
+    let mut options = req.options.unwrap_or_default();
+    for name in LOAD_OPTIONS {
+        options.remove(*name);
+    }
+    options.remove("num_ctx");
+    crate::protocol::refuse_unhonoured(&options, &[])?;
+    let input = match (older, req.input, req.prompt) {
+        (true, _, Some(p)) => Value::String(p),
+        (false, Some(i), _) => i,
+        (true, _, None) => return Err(ApiError::invalid("prompt", "prompt is required")),
+        (false, None, _) => return Err(ApiError::invalid("input", "input is required")),
+    };
+    let request = serde_json::from_value(serde_json::json!({"model": req.model, "input": input}))
+        .map_err(|e| {
+        ApiError::invalid(
+            "input",
+            format!("input must be a text or a list of texts: {e}"),
+        )
+    })?;
+    Ok((req.model, request))
 }
 
 /// `keep_alive`: seconds, or a duration such as `"5m"`, `"1h30m"`, `"-1"`.

@@ -72,6 +72,10 @@ pub struct Args {
     /// also RBEE_LOCAL_HIVE=off)
     #[argh(switch)]
     pub no_local_hive: bool,
+    /// also serve Ollama's API on this port of --host (e.g. 11434, for tools
+    /// that assume Ollama's port)
+    #[argh(option)]
+    pub ollama_port: Option<u16>,
 }
 
 #[derive(Clone)]
@@ -102,6 +106,10 @@ pub async fn run(args: Args) -> Result<(), String> {
         .with_open(&["/v1/join", "/v1/hives/checkin"]);
     auth.check_bind(&args.host)?;
     let listener = crate::process::bind(&args.host, args.port).await?;
+    let ollama_listener = match args.ollama_port {
+        Some(port) => Some(crate::process::bind(&args.host, port).await?),
+        None => None,
+    };
     let data_dir = crate::data_dir(args.data_dir.as_deref());
     crate::create_data_dir(&data_dir)?;
     let identity = crate::identity::load_or_make(&data_dir, "queen")?;
@@ -154,12 +162,17 @@ pub async fn run(args: Args) -> Result<(), String> {
     let admin = queen.shutdown.clone();
     let jobs = queen.jobs.clone();
     let door = queen.auth.clone();
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    if let Some(listener) = ollama_listener {
+        tokio::spawn(serve_ollama(listener, queen.clone(), stopped));
+    }
     http::serve(
         listener,
         door,
         move |req| route(queen.clone(), req),
         async move {
             http::stop_signal(&admin).await;
+            let _ = stopping.send(true);
             tracing::info!("queen shutting down");
             jobs.cancel_all();
             // Still answering health while the local hive and its workers stop, so
@@ -169,6 +182,32 @@ pub async fn run(args: Args) -> Result<(), String> {
     )
     .await;
     Ok(())
+}
+
+/// `--ollama-port`: the queen's routes again where tools expect Ollama, whose
+/// `GET /` says it is running (the status page stays on the queen's port).
+async fn serve_ollama(
+    listener: tokio::net::TcpListener,
+    q: Queen,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!("Ollama's API also on {addr}");
+    }
+    let door = q.auth.clone();
+    let handler = move |req: Request<Incoming>| {
+        let q = q.clone();
+        async move {
+            match (req.method(), req.uri().path()) {
+                (&Method::GET, "/") => Response::new(http::full("Ollama is running")),
+                _ => route(q, req).await,
+            }
+        }
+    };
+    let stop = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    http::serve(listener, door, handler, stop).await;
 }
 
 /// A hive's error answer, passed on as it was; silence becomes `HIVE_UNREACHABLE`.
@@ -312,7 +351,7 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
     let found = http::find(ROUTES, req.method(), &path);
     let (endpoint, params) = match found {
         Ok(found) => found,
-        Err(e) => return http::error(e),
+        Err(e) => return crate::answer::route_error(&path, e),
     };
     let param = params.first().map(String::as_str).unwrap_or_default();
     http::reply(match endpoint {

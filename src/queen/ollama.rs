@@ -36,17 +36,10 @@ pub(super) async fn chat(q: &Queen, req: Request<Incoming>, kind: Kind) -> Respo
                     Some(KeepAlive::Unload) => "unload",
                     _ => "load",
                 };
-                let mut v = json!({"model": prepared.model, "created_at": crate::protocol::now_rfc3339(),
-                                   "done": true, "done_reason": reason});
-                v[if kind == Kind::Chat {
-                    "message"
-                } else {
-                    "response"
-                }] = match kind {
-                    Kind::Chat => json!({"role": "assistant", "content": ""}),
-                    Kind::Generate => json!(""),
-                };
-                http::json(StatusCode::OK, &v)
+                http::json(
+                    StatusCode::OK,
+                    &ollama::loaded(kind, &prepared.model, reason),
+                )
             }
             Err(e) => ollama::error(e),
         };
@@ -211,6 +204,21 @@ fn not_found(model: &str) -> ApiError {
     )
 }
 
+/// Waits (a moment at most) until the view lists `model` on some hive, or on
+/// none: what a client lists next shows what it just pulled or deleted.
+async fn listed(q: &Queen, model: &str, wanted: bool) {
+    let has = |s: &super::view::ClusterState| {
+        s.hives
+            .iter()
+            .filter_map(|h| h.snapshot.as_ref())
+            .any(|snapshot| placement::entry(snapshot, model).is_some())
+    };
+    q.cluster
+        .view
+        .wait_until(super::VIEW_WAIT, |s| has(s) == wanted)
+        .await;
+}
+
 /// `POST /api/show`.
 pub(super) async fn show(q: &Queen, req: Request<Incoming>) -> Response<Body> {
     let shown = async {
@@ -250,6 +258,7 @@ pub(super) async fn delete(q: &Queen, req: Request<Incoming>) -> Response<Body> 
         if !any {
             return Err(not_found(&model));
         }
+        listed(q, &model, false).await;
         Ok::<_, ApiError>(())
     };
     match deleted.await {
@@ -305,6 +314,7 @@ pub(super) async fn pull(q: &Queen, req: Request<Incoming>) -> Response<Body> {
         }
         return match last {
             Some(DownloadEvent::Complete { .. }) => {
+                listed(q, &model, true).await;
                 http::json(StatusCode::OK, &json!({"status": "success"}))
             }
             Some(DownloadEvent::Error { message }) => {
@@ -316,6 +326,7 @@ pub(super) async fn pull(q: &Queen, req: Request<Incoming>) -> Response<Body> {
             )),
         };
     }
+    let q = q.clone();
     tokio::spawn(async move {
         let line = |v: Value| http::sse::json_line(&v);
         if tx
@@ -340,6 +351,7 @@ pub(super) async fn pull(q: &Queen, req: Request<Incoming>) -> Response<Body> {
                     let _ = tx
                         .send(line(json!({"status": "verifying sha256 digest"})))
                         .await;
+                    listed(&q, &model, true).await;
                     json!({"status": "success"})
                 }
                 DownloadEvent::Error { message } => json!({"error": message}),
@@ -352,64 +364,15 @@ pub(super) async fn pull(q: &Queen, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-#[derive(Deserialize)]
-struct EmbedRequest {
-    model: String,
-    #[serde(default)]
-    input: Option<Value>,
-    /// `/api/embeddings`' one text.
-    #[serde(default)]
-    prompt: Option<String>,
-    #[serde(default)]
-    truncate: Option<bool>,
-    #[serde(default)]
-    dimensions: Option<u32>,
-    #[serde(default)]
-    keep_alive: Option<Value>,
-    #[serde(default)]
-    options: Option<serde_json::Map<String, Value>>,
-}
-
 /// `POST /api/embed` (a vector per input) and the older `POST /api/embeddings`
 /// (`prompt`, one vector), through a worker of the model like OpenAI's.
 pub(super) async fn embed(q: &Queen, req: Request<Incoming>, older: bool) -> Response<Body> {
     let arrived = Instant::now();
     let answered = async {
-        let body: EmbedRequest = http::read_json(req).await?;
-        if body.truncate == Some(false) || body.dimensions.is_some() {
-            let param = if body.dimensions.is_some() {
-                "dimensions"
-            } else {
-                "truncate"
-            };
-            return Err(ApiError::invalid(
-                param,
-                format!("{param} is not supported by rbee: leave it out"),
-            ));
-        }
-        if let Some(k) = &body.keep_alive {
-            ollama::keep_alive(k)?;
-        }
-        if body.options.as_ref().is_some_and(|o| !o.is_empty()) {
-            return Err(ApiError::invalid(
-                "options",
-                "embeddings take no options in rbee: leave them out",
-            ));
-        }
-        let input = match (older, body.input, body.prompt) {
-            (true, _, Some(p)) => json!(p),
-            (false, Some(i), _) => i,
-            (true, _, None) => return Err(ApiError::invalid("prompt", "prompt is required")),
-            (false, None, _) => return Err(ApiError::invalid("input", "input is required")),
-        };
-        let model = crate::hive::model_ref::canonical(&body.model)?;
-        let request: crate::protocol::EmbeddingsRequest =
-            serde_json::from_value(json!({"model": model, "input": input})).map_err(|e| {
-                ApiError::invalid(
-                    "input",
-                    format!("input must be a text or a list of texts: {e}"),
-                )
-            })?;
+        let body = http::read_body(req).await?;
+        let (given, mut request) = ollama::embed_request(&body, older)?;
+        let model = crate::hive::model_ref::canonical(&given)?;
+        request.model = model.clone();
         request.texts()?;
         let job = q.jobs.create();
         job.describe(&model);
@@ -430,7 +393,7 @@ pub(super) async fn embed(q: &Queen, req: Request<Incoming>, older: bool) -> Res
         let tokens = answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32;
         Ok::<_, ApiError>(match older {
             true => ollama::embeddings(vectors.first().map_or(&[][..], |v| v)),
-            false => ollama::embed(&body.model, &vectors, tokens, arrived),
+            false => ollama::embed(&given, &vectors, tokens, arrived),
         })
     };
     match answered.await {

@@ -13,11 +13,11 @@ pub mod template;
 pub mod text;
 
 use crate::http::{self, sse, Auth, Body, Reply, Route};
-use crate::openai;
 use crate::protocol::{
     new_id, now_rfc3339, ApiError, ErrorCode, Health, InferenceEvent, InferenceRequest,
     LoadingEvent, ReadyStatus, WorkerReadyCallback, WorkerState,
 };
+use crate::{anthropic, ollama, openai};
 use argh::FromArgs;
 pub use engine::FlashAttn;
 use engine::{Config, Engine, Submission};
@@ -356,6 +356,11 @@ enum Endpoint {
     Models,
     Metrics,
     Shutdown,
+    OllamaChat,
+    OllamaGenerate,
+    OllamaEmbed,
+    OllamaVersion,
+    Messages,
 }
 
 const ROUTES: &[Route<Endpoint>] = &[
@@ -378,6 +383,12 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::GET, "/v1/models", Endpoint::Models),
     (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
     (Method::GET, "/metrics", Endpoint::Metrics),
+    // Ollama's and Anthropic's faces, for this worker's model (DESIGN.md §16).
+    (Method::POST, "/api/chat", Endpoint::OllamaChat),
+    (Method::POST, "/api/generate", Endpoint::OllamaGenerate),
+    (Method::POST, "/api/embed", Endpoint::OllamaEmbed),
+    (Method::GET, "/api/version", Endpoint::OllamaVersion),
+    (Method::POST, "/v1/messages", Endpoint::Messages),
 ];
 
 async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
@@ -385,7 +396,7 @@ async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
     let found = http::find(ROUTES, req.method(), &path);
     let endpoint = match found {
         Ok((endpoint, _)) => endpoint,
-        Err(e) => return http::error(e),
+        Err(e) => return crate::answer::route_error(&path, e),
     };
     let reply = match endpoint {
         Endpoint::Health => Ok(http::json(StatusCode::OK, &Health::alive("worker"))),
@@ -396,6 +407,14 @@ async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
         Endpoint::ChatCompletions => return openai_completion(&w, req, openai::Kind::Chat).await,
         Endpoint::Completions => return openai_completion(&w, req, openai::Kind::Completion).await,
         Endpoint::Embeddings => return embeddings(&w, req).await,
+        Endpoint::OllamaChat => return ollama_chat(&w, req, ollama::Kind::Chat).await,
+        Endpoint::OllamaGenerate => return ollama_chat(&w, req, ollama::Kind::Generate).await,
+        Endpoint::OllamaEmbed => return ollama_embed(&w, req).await,
+        Endpoint::OllamaVersion => Ok(http::json(
+            StatusCode::OK,
+            &serde_json::json!({ "version": ollama::VERSION }),
+        )),
+        Endpoint::Messages => return messages(&w, req).await,
         Endpoint::Models => Ok(http::json(
             StatusCode::OK,
             &openai::model_list([(w.model.to_string(), "rbee".to_string())]),
@@ -448,26 +467,27 @@ fn validate(r: &InferenceRequest) -> Result<(), ApiError> {
 }
 
 /// Hands a checked request to the engine; its events, and the prompt's length in tokens.
+/// Whether the model is loaded, or why requests cannot run yet.
+fn loaded(w: &Worker) -> Result<(), ApiError> {
+    match &*w.loading.borrow() {
+        LoadingEvent::Ready => Ok(()),
+        LoadingEvent::Failed { message } => Err(ApiError::new(
+            ErrorCode::ModelLoadFailed,
+            format!("the model failed to load: {message}"),
+        )),
+        _ => Err(ApiError::new(
+            ErrorCode::Loading,
+            "the model is still loading; watch /v1/loading/progress",
+        )),
+    }
+}
+
 async fn start(
     w: &Worker,
     request: InferenceRequest,
 ) -> Result<(u32, mpsc::UnboundedReceiver<InferenceEvent>), ApiError> {
     validate(&request)?;
-    match &*w.loading.borrow() {
-        LoadingEvent::Ready => {}
-        LoadingEvent::Failed { message } => {
-            return Err(ApiError::new(
-                ErrorCode::ModelLoadFailed,
-                format!("the model failed to load: {message}"),
-            ))
-        }
-        _ => {
-            return Err(ApiError::new(
-                ErrorCode::Loading,
-                "the model is still loading; watch /v1/loading/progress",
-            ))
-        }
-    }
+    loaded(w)?;
     let Some(reservation) = w.engine.reserve() else {
         return Err(ApiError::new(
             ErrorCode::QueueFull,
@@ -519,18 +539,86 @@ async fn openai_completion(
     }
 }
 
+/// Ollama's `POST /api/chat` and `/api/generate` for this worker's model. A
+/// worker is stopped by its hive, so `keep_alive: 0` is for the queen.
+async fn ollama_chat(w: &Worker, req: Request<Incoming>, kind: ollama::Kind) -> Response<Body> {
+    let arrived = std::time::Instant::now();
+    let started = async {
+        let body = http::read_body(req).await?;
+        let prepared = ollama::parse(&body, kind)?;
+        if prepared.keep_alive == Some(ollama::KeepAlive::Unload) {
+            return Err(ApiError::invalid(
+                "keep_alive",
+                "keep_alive 0 stops a worker through its hive: send it to the queen",
+            ));
+        }
+        if prepared.load_only {
+            return Ok((prepared, None));
+        }
+        let inference = prepared.inference.clone();
+        Ok::<_, ApiError>((prepared, Some(start(w, inference).await?)))
+    };
+    match started.await {
+        Ok((prepared, Some((prompt_tokens, events)))) => {
+            let answer = ollama::Answer::new(kind, &prepared.model, prompt_tokens, arrived);
+            let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
+            ollama::respond(answer, pieces, prepared.stream).await
+        }
+        Ok((prepared, None)) => http::json(
+            StatusCode::OK,
+            &ollama::loaded(kind, &prepared.model, "load"),
+        ),
+        Err(e) => ollama::error(e),
+    }
+}
+
+/// Ollama's `POST /api/embed` for this worker's model.
+async fn ollama_embed(w: &Worker, req: Request<Incoming>) -> Response<Body> {
+    let arrived = std::time::Instant::now();
+    let answered = async {
+        let body = http::read_body(req).await?;
+        let (model, request) = ollama::embed_request(&body, false)?;
+        let (texts, _) = request.texts()?;
+        loaded(w)?;
+        let (vectors, tokens) = w
+            .engine
+            .embed(texts)
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::InferenceFailed, "the engine stopped"))??;
+        Ok::<_, ApiError>(ollama::embed(&model, &vectors, tokens, arrived))
+    };
+    match answered.await {
+        Ok(v) => http::json(StatusCode::OK, &v),
+        Err(e) => ollama::error(e),
+    }
+}
+
+/// Anthropic's `POST /v1/messages` for this worker's model.
+async fn messages(w: &Worker, req: Request<Incoming>) -> Response<Body> {
+    let started = async {
+        let body = http::read_body(req).await?;
+        let prepared = anthropic::parse(&body)?;
+        let inference = prepared.inference.clone();
+        Ok::<_, ApiError>((prepared, start(w, inference).await?))
+    };
+    match started.await {
+        Ok((prepared, (prompt_tokens, events))) => {
+            let stop = prepared.inference.sampling.stop.clone();
+            let answer = anthropic::Answer::new(&prepared.model, prompt_tokens, stop);
+            let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
+            anthropic::respond(answer, pieces, prepared.stream).await
+        }
+        Err(e) => anthropic::error(e),
+    }
+}
+
 /// `POST /v1/embeddings`: a vector per input, in OpenAI's shape.
 async fn embeddings(w: &Worker, req: Request<Incoming>) -> Response<Body> {
     let answered = async {
         let body = http::read_body(req).await?;
         let request = crate::protocol::EmbeddingsRequest::read(&body)?;
         let (texts, base64) = request.texts()?;
-        if !matches!(&*w.loading.borrow(), LoadingEvent::Ready) {
-            return Err(ApiError::new(
-                ErrorCode::Loading,
-                "the model is still loading",
-            ));
-        }
+        loaded(w)?;
         let (vectors, tokens) = w
             .engine
             .embed(texts)

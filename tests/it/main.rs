@@ -9,6 +9,7 @@ mod bench;
 mod cache;
 mod chain;
 mod cluster;
+mod fronts;
 mod hardening;
 mod hf_server;
 mod hive;

@@ -35,13 +35,13 @@ fn the_official_python_client_works_against_worker_and_queen() {
     }
 
     let stdout = python(
-        "openai/client_test.py",
+        "clients/client_test.py",
         &[&worker.url, &queen.url, "smollm2-135m-instruct.q4_1"],
     );
     assert!(stdout.contains("15 passed, 0 failed"), "{stdout}");
     // Embeddings, structured output and tool calls, on both.
     let stdout = python(
-        "openai/complete_test.py",
+        "clients/complete_test.py",
         &[&worker.url, &queen.url, "smollm2-135m-instruct.q4_1"],
     );
     assert!(stdout.contains("14 passed, 0 failed"), "{stdout}");

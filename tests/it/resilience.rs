@@ -188,7 +188,7 @@ fn the_official_client_streams_through_a_failover_without_a_break() {
     let serving = ready_workers(&c);
     assert_eq!(serving.len(), 1, "{serving:?}");
     let pid = serving[0].1.to_string();
-    let stdout = python("openai/failover_test.py", &[&c.queen, &file_model(), &pid]);
+    let stdout = python("clients/failover_test.py", &[&c.queen, &file_model(), &pid]);
     assert!(stdout.contains("3 passed, 0 failed"), "{stdout}");
 }
 

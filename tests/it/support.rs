@@ -462,10 +462,12 @@ pub fn python(script: &str, args: &[&str]) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let pythonpath = std::env::var("RBEE_TEST_PYTHONPATH")
         .unwrap_or_else(|_| root.join(".models/py").display().to_string());
-    assert!(
-        std::path::Path::new(&pythonpath).join("openai").is_dir(),
-        "the openai package is missing from {pythonpath}: run `make test` (it installs it)"
-    );
+    for package in ["openai", "ollama", "anthropic"] {
+        assert!(
+            std::path::Path::new(&pythonpath).join(package).is_dir(),
+            "the {package} package is missing from {pythonpath}: run `make test` (it installs it)"
+        );
+    }
     let out = Command::new("python3")
         .arg(root.join("tests").join(script))
         .args(args)
