@@ -216,6 +216,61 @@ def chat_ttft(port, messages, max_tokens):
     return ((first or time.perf_counter()) - t0) * 1000, "".join(text)
 
 
+def front_stream(port, front, model, content, max_tokens):
+    """One streamed chat turn through one of the queen's fronts: the request's time and
+    each text piece's. The same turn, greedy, whichever protocol carries it."""
+    messages = [{"role": "user", "content": content}]
+    path, body = {
+        "openai": ("/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": max_tokens,
+                                            "temperature": 0, "stream": True}),
+        "ollama": ("/api/chat", {"model": model, "messages": messages, "stream": True,
+                                 "options": {"num_predict": max_tokens, "temperature": 0, "repeat_penalty": 1.0}}),
+        "anthropic": ("/v1/messages", {"model": model, "messages": messages, "max_tokens": max_tokens,
+                                       "temperature": 0, "stream": True}),
+    }[front]
+    t0 = time.perf_counter()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    c.request("POST", path, body=json.dumps(body), headers={"content-type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"{front}: HTTP {r.status} {r.read()[:300]!r}")
+    times = []
+    for raw in r:
+        line = raw.decode(errors="replace").strip()
+        if front == "ollama" and line:
+            event = json.loads(line)
+            if event.get("message", {}).get("content"):
+                times.append(time.perf_counter())
+            if event.get("done"):
+                break
+        elif line.startswith("data: ") and line[6:] != "[DONE]":
+            event = json.loads(line[6:])
+            text = ((event.get("choices") or [{}])[0].get("delta") or {}).get("content") \
+                if front == "openai" else (event.get("delta") or {}).get("text")
+            if text:
+                times.append(time.perf_counter())
+            if event.get("type") == "message_stop" or (event.get("choices") or [{}])[0].get("finish_reason"):
+                break
+        elif line == "data: [DONE]":
+            break
+    c.close()
+    return t0, times
+
+
+FRONTS = ["openai", "ollama", "anthropic"]
+
+
+def fronts_section(a, chain):
+    """The same chat turn through each of the queen's fronts, alternating, each run's
+    text its own so no prompt cache carries over: TTFT and decode tok/s."""
+    runs = {f: [] for f in FRONTS}
+    for run in range(a.runs):
+        for k, front in enumerate(FRONTS):
+            content = f"Story {run:03d}-{k}: {PROMPT}"
+            runs[front].append(figures(*front_stream(chain.port, front, a.model, content, a.tokens)))
+    return runs
+
+
 def document(tag, sentences):
     """A long system document; `tag` makes each run's text its own, so no cache carries over."""
     return f"Document {tag}. " + " ".join(
@@ -410,6 +465,7 @@ def main():
                 for s in servers + chains:
                     agg[s.name][c].append(aggregate(s, a, c))
             print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
+        fronts = fronts_section(a, chain)
         queen_pid, hive_pid, worker_pid = chain.pids()
         memory = {"queen_idle_mb": rss_mb(queen_pid), "hive_idle_mb": rss_mb(hive_pid),
                   "worker_loaded_mb": rss_mb(worker_pid)}
@@ -463,6 +519,14 @@ def main():
     checks.append(("cold start ms ≤ 2000", median(cold), -2000))
     checks.append(("idle queen MB ≤ 20", memory["queen_idle_mb"], -20))
     checks.append(("idle hive MB ≤ 20", memory["hive_idle_mb"], -20))
+    med_fronts = {f: {k: median([r[k] for r in v]) for k in ("ttft_ms", "decode_tps")} for f, v in fronts.items()}
+    lines.append("the queen's fronts, one chat turn streamed: " + ", ".join(
+        f"{f} TTFT {v['ttft_ms']:.1f} ms {v['decode_tps']:.1f} tok/s" for f, v in med_fronts.items()))
+    for f in FRONTS[1:]:
+        checks.append((f"{f}/openai front tok/s ≥ 0.98",
+                       ratio(med_fronts[f]["decode_tps"], med_fronts["openai"]["decode_tps"]), 0.98))
+        checks.append((f"{f}/openai front TTFT ≤ 1.02",
+                       ratio(med_fronts[f]["ttft_ms"], med_fronts["openai"]["ttft_ms"]), -1.02))
     lines.append(f"loaded worker RSS: {memory['worker_loaded_mb']:.0f} MB")
     lines.append(f"multi-turn chat, TTFT ms ({a.chat_slots} slots, total context {a.chat_ctx}, "
                  f"{a.chat_tokens}-token answers; {a.conversations} conversations interleaved):")
@@ -488,7 +552,8 @@ def main():
     out.write_text(json.dumps({"settings": vars(a), "llama_cpp_versions": a.llama_version, "single": single,
                                "medians": med, "aggregate": agg, "aggregate_medians": med_agg,
                                "cold_start_ms": cold, "memory_mb": memory, "llama_bench": llama_bench,
-                               "chat": chat, "split": split_figures,
+                               "chat": chat, "split": split_figures, "fronts": fronts,
+                               "fronts_medians": med_fronts,
                                "checks": [{"name": n, "value": v} for n, v, _ in checks],
                                "table": lines}, indent=1))
     print(f"figures: {out}")

@@ -191,6 +191,22 @@ fn output_format(config: Option<Value>) -> Result<Option<crate::protocol::Constr
     }
 }
 
+/// Checks a `/v1/messages/count_tokens` request (a message request without
+/// `max_tokens`): the model, and the chat messages and tools to count.
+pub fn parse_count(body: &[u8]) -> Result<Prepared, ApiError> {
+    let mut v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    if let Some(o) = v.as_object_mut() {
+        o.entry("max_tokens").or_insert(json!(1));
+    }
+    parse(v.to_string().as_bytes())
+}
+
+/// `count_tokens`' answer.
+pub fn counted(input_tokens: usize) -> Value {
+    json!({ "input_tokens": input_tokens })
+}
+
 /// The text of content: a string, or its `text` blocks (other kinds named).
 fn text_of(content: &Value, field: &str) -> Result<String, ApiError> {
     match content {

@@ -167,6 +167,14 @@ impl WorkerClient {
         Events::open(&self.at("/v1/inference"), self.token(), Some(req)).await
     }
 
+    /// `POST /tokenize`: llama-server's answer, as the worker gave it.
+    pub async fn tokenize(
+        &self,
+        req: &crate::protocol::TokenizeRequest,
+    ) -> Result<serde_json::Value, ApiError> {
+        client::post(&self.at("/tokenize"), self.token(), req).await
+    }
+
     /// `POST /v1/embeddings`: OpenAI's answer, as the worker gave it.
     pub async fn embed(
         &self,

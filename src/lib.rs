@@ -14,6 +14,7 @@ pub mod http;
 pub mod identity;
 pub mod join_token;
 pub mod keeper;
+pub mod llama_server;
 pub mod machine;
 pub mod metrics;
 pub mod ollama;

@@ -257,9 +257,14 @@ fn base64_encode(bytes: &[u8]) -> String {
 pub fn model_list(names: impl IntoIterator<Item = (String, String)>) -> Value {
     let data: Vec<Value> = names
         .into_iter()
-        .map(|(id, owner)| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
+        .map(|(id, owner)| model_object(&id, &owner))
         .collect();
     json!({"object": "list", "data": data})
+}
+
+/// One model, as `GET /v1/models/{id}` answers it.
+pub fn model_object(id: &str, owner: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
 }
 
 #[cfg(test)]

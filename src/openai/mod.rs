@@ -6,7 +6,7 @@
 
 mod answer;
 
-pub use answer::{embeddings, model_list, respond, Answer};
+pub use answer::{embeddings, model_list, model_object, respond, Answer};
 
 use crate::http::{self, Body};
 use crate::protocol::{

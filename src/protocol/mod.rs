@@ -281,6 +281,33 @@ pub struct InferenceRequest {
     pub context_limit: Option<u32>,
 }
 
+/// `POST /tokenize` on a worker: llama-server's fields (`content`, `add_special`,
+/// `parse_special`, `with_pieces`), or rbee's `messages` and `tools`: the
+/// prompt a chat request would make (what Anthropic's `count_tokens` counts).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    /// Which model, when sent to the queen.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub add_special: bool,
+    #[serde(default = "yes")]
+    pub parse_special: bool,
+    #[serde(default)]
+    pub with_pieces: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// `POST /v1/workers/{id}/keep-alive` on a hive: how long the worker may stay
 /// idle before it is stopped, in seconds; `null`, until it is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@ use super::jobs::Job;
 use super::{scheduler, start_job, Queen};
 use crate::http::{self, Body};
 use crate::protocol::{ApiError, ErrorCode, InferenceEvent};
-use crate::{anthropic, openai};
+use crate::{anthropic, llama_server, openai};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use std::sync::Arc;
@@ -73,6 +73,126 @@ pub(super) async fn anthropic_route(q: &Queen, req: Request<Incoming>) -> Respon
         anthropic::respond(answer, pieces, prepared.stream).await,
         &job,
     )
+}
+
+/// llama-server's `POST /completion`, routed by `model` and run as a job.
+pub(super) async fn completion_route(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    let arrived = std::time::Instant::now();
+    let key = http::auth::key_of(&req);
+    let read = async {
+        let body = http::read_body(req).await?;
+        let prepared = llama_server::parse_completion(&body)?;
+        if prepared.model.is_empty() {
+            return Err(ApiError::invalid(
+                "model",
+                "model is required (the queen routes by it)",
+            ));
+        }
+        let model = crate::hive::model_ref::canonical(&prepared.model)?;
+        Ok::<_, ApiError>((prepared, model))
+    };
+    let (prepared, model) = match read.await {
+        Ok(read) => read,
+        Err(e) => return llama_server::error(e),
+    };
+    let stop = prepared.inference.sampling.stop.clone();
+    let (job, prompt_tokens, events) = match run_job(q, key, &model, prepared.inference).await {
+        Ok(started) => started,
+        Err(e) => return llama_server::error(e),
+    };
+    let answer = llama_server::Answer {
+        model: prepared.model,
+        prompt_tokens,
+        arrived,
+        stop,
+    };
+    let pieces = crate::answer::Pieces::new(events, false);
+    with_job(
+        llama_server::respond(answer, pieces, prepared.stream).await,
+        &job,
+    )
+}
+
+/// Tokens of a text or of chat messages, counted by a worker of `model`
+/// (routed to, or provisioned as a job's would be).
+async fn tokenize_on(
+    q: &Queen,
+    model: &str,
+    mut req: crate::protocol::TokenizeRequest,
+) -> Result<serde_json::Value, ApiError> {
+    let job = q.jobs.create();
+    job.describe(model);
+    let work = scheduler::Work {
+        node: None,
+        model: model.to_string(),
+        inference: Default::default(),
+    };
+    let target = scheduler::load(&q.cluster, &job, &work).await;
+    job.finish();
+    let target = target?;
+    req.model.clear();
+    let worker = crate::clients::WorkerClient::new(&target.url, target.hive.token.as_deref());
+    worker.tokenize(&req).await
+}
+
+/// llama-server's `POST /tokenize`, with the `model` whose tokens are wanted.
+pub(super) async fn tokenize_route(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    let answered = async {
+        let r: crate::protocol::TokenizeRequest = http::read_json(req).await?;
+        if r.model.is_empty() {
+            return Err(ApiError::invalid(
+                "model",
+                "model is required (the queen routes by it)",
+            ));
+        }
+        let model = crate::hive::model_ref::canonical(&r.model)?;
+        tokenize_on(q, &model, r).await
+    };
+    match answered.await {
+        Ok(v) => http::json(StatusCode::OK, &v),
+        Err(e) => llama_server::error(e),
+    }
+}
+
+/// Anthropic's `POST /v1/messages/count_tokens`: the prompt the messages and
+/// tools make with the model's own template, counted by a worker of it.
+pub(super) async fn count_tokens_route(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    let counted = async {
+        let body = http::read_body(req).await?;
+        let prepared = anthropic::parse_count(&body)?;
+        let model = crate::hive::model_ref::canonical(&prepared.model)?;
+        let request = crate::protocol::TokenizeRequest {
+            messages: prepared.inference.messages,
+            tools: prepared.inference.tools,
+            ..Default::default()
+        };
+        let answer = tokenize_on(q, &model, request).await?;
+        Ok::<_, ApiError>(answer["tokens"].as_array().map_or(0, Vec::len))
+    };
+    match counted.await {
+        Ok(n) => http::json(StatusCode::OK, &anthropic::counted(n)),
+        Err(e) => anthropic::error(e),
+    }
+}
+
+/// OpenAI's `GET /v1/models/{id}`: a model some reachable hive lists.
+pub(super) fn model_route(q: &Queen, id: &str) -> Response<Body> {
+    let found = crate::hive::model_ref::canonical(id)
+        .ok()
+        .and_then(|model| {
+            let state = q.cluster.view.state();
+            state.hives.iter().filter(|h| h.reachable).find_map(|h| {
+                let entry = super::placement::entry(h.snapshot.as_ref()?, &model)?;
+                Some((entry.entry.name.clone(), h.conn.name.clone()))
+            })
+        });
+    match found {
+        Some((name, hive)) => http::json(StatusCode::OK, &openai::model_object(&name, &hive)),
+        None => openai::error(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!("no hive has a model {id} (GET /v1/models lists them)"),
+        )),
+    }
 }
 
 /// The job's inference events once a worker has started on it, and the

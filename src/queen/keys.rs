@@ -369,6 +369,8 @@ fn allows(scope: KeyScope, method: &Method, path: &str) -> bool {
         ("POST", ["api", "chat" | "generate" | "embed" | "embeddings" | "show" | "pull"]) => true,
         ("GET", ["api", "tags" | "ps" | "version"]) => true,
         ("POST", ["v1", "messages"] | ["v1", "messages", "count_tokens"]) => true,
+        ("POST", ["completion" | "tokenize"]) => true,
+        ("GET", ["v1", "models", _]) => true,
         // Models: listing and fetching (not removing).
         ("GET", ["v1", "models"] | ["v1", "hives", _, "models"]) => true,
         ("POST", ["v1", "hives", _, "models", "download"]) => true,

@@ -268,6 +268,10 @@ enum Endpoint {
     OllamaEmbed,
     OllamaEmbeddings,
     Messages,
+    CountTokens,
+    Completion,
+    Tokenize,
+    Model,
 }
 
 /// How long the view may take to list a model a hive just downloaded.
@@ -344,6 +348,15 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/api/embeddings", Endpoint::OllamaEmbeddings),
     // Anthropic's Messages API.
     (Method::POST, "/v1/messages", Endpoint::Messages),
+    (
+        Method::POST,
+        "/v1/messages/count_tokens",
+        Endpoint::CountTokens,
+    ),
+    // llama-server's own endpoints, by `model`.
+    (Method::POST, "/completion", Endpoint::Completion),
+    (Method::POST, "/tokenize", Endpoint::Tokenize),
+    (Method::GET, "/v1/models/{}", Endpoint::Model),
 ];
 
 async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
@@ -419,6 +432,10 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Endpoint::OllamaEmbed => return ollama::embed(&q, req, false).await,
         Endpoint::OllamaEmbeddings => return ollama::embed(&q, req, true).await,
         Endpoint::Messages => return front::anthropic_route(&q, req).await,
+        Endpoint::CountTokens => return front::count_tokens_route(&q, req).await,
+        Endpoint::Completion => return front::completion_route(&q, req).await,
+        Endpoint::Tokenize => return front::tokenize_route(&q, req).await,
+        Endpoint::Model => return front::model_route(&q, param),
     })
 }
 

@@ -17,9 +17,10 @@ use crate::protocol::{
     new_id, now_rfc3339, ApiError, ErrorCode, Health, InferenceEvent, InferenceRequest,
     LoadingEvent, ReadyStatus, WorkerReadyCallback, WorkerState,
 };
-use crate::{anthropic, ollama, openai};
+use crate::{anthropic, llama_server, ollama, openai};
 use argh::FromArgs;
 pub use engine::FlashAttn;
+use engine::ToTokenize;
 use engine::{Config, Engine, Submission};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -114,6 +115,8 @@ struct Worker {
     engine: Engine,
     /// The catalog name of the model: its file stem, lower-case.
     model: Arc<str>,
+    /// Its file, as `--model` gave it.
+    model_path: Arc<str>,
     slots: u32,
     /// The engine's loading state; its last value is `Ready` or `Failed` once loading ends.
     loading: watch::Receiver<LoadingEvent>,
@@ -161,6 +164,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     let worker = Worker {
         engine: engine.clone(),
         model: crate::gguf::catalog_name(&args.model).into(),
+        model_path: args.model.display().to_string().into(),
         slots: args.slots,
         loading,
         auth,
@@ -361,6 +365,13 @@ enum Endpoint {
     OllamaEmbed,
     OllamaVersion,
     Messages,
+    CountTokens,
+    Completion,
+    Tokenize,
+    Detokenize,
+    Props,
+    Slots,
+    Model,
 }
 
 const ROUTES: &[Route<Endpoint>] = &[
@@ -389,13 +400,25 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/api/embed", Endpoint::OllamaEmbed),
     (Method::GET, "/api/version", Endpoint::OllamaVersion),
     (Method::POST, "/v1/messages", Endpoint::Messages),
+    (
+        Method::POST,
+        "/v1/messages/count_tokens",
+        Endpoint::CountTokens,
+    ),
+    // llama-server's own endpoints.
+    (Method::POST, "/completion", Endpoint::Completion),
+    (Method::POST, "/tokenize", Endpoint::Tokenize),
+    (Method::POST, "/detokenize", Endpoint::Detokenize),
+    (Method::GET, "/props", Endpoint::Props),
+    (Method::GET, "/slots", Endpoint::Slots),
+    (Method::GET, "/v1/models/{}", Endpoint::Model),
 ];
 
 async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let found = http::find(ROUTES, req.method(), &path);
-    let endpoint = match found {
-        Ok((endpoint, _)) => endpoint,
+    let (endpoint, params) = match found {
+        Ok(found) => found,
         Err(e) => return crate::answer::route_error(&path, e),
     };
     let reply = match endpoint {
@@ -415,6 +438,15 @@ async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
             &serde_json::json!({ "version": ollama::VERSION }),
         )),
         Endpoint::Messages => return messages(&w, req).await,
+        Endpoint::CountTokens => return count_tokens(&w, req).await,
+        Endpoint::Completion => return completion(&w, req).await,
+        Endpoint::Tokenize => return tokenize(&w, req).await,
+        Endpoint::Detokenize => return detokenize(&w, req).await,
+        Endpoint::Props | Endpoint::Slots => return describe(&w, endpoint).await,
+        Endpoint::Model => {
+            let id = params.first().map(String::as_str).unwrap_or_default();
+            return model(&w, id);
+        }
         Endpoint::Models => Ok(http::json(
             StatusCode::OK,
             &openai::model_list([(w.model.to_string(), "rbee".to_string())]),
@@ -609,6 +641,132 @@ async fn messages(w: &Worker, req: Request<Incoming>) -> Response<Body> {
             anthropic::respond(answer, pieces, prepared.stream).await
         }
         Err(e) => anthropic::error(e),
+    }
+}
+
+/// Anthropic's `POST /v1/messages/count_tokens`: the prompt the messages and
+/// tools make with this model's template, counted.
+async fn count_tokens(w: &Worker, req: Request<Incoming>) -> Response<Body> {
+    let counted = async {
+        let body = http::read_body(req).await?;
+        let prepared = anthropic::parse_count(&body)?;
+        let what = ToTokenize::Chat {
+            messages: prepared.inference.messages.unwrap_or_default(),
+            tools: prepared.inference.tools,
+        };
+        Ok::<_, ApiError>(engine_answer(w, w.engine.tokenize(what)).await??)
+    };
+    match counted.await {
+        Ok(t) => http::json(StatusCode::OK, &anthropic::counted(t.ids.len())),
+        Err(e) => anthropic::error(e),
+    }
+}
+
+/// What the engine answers, once the model is loaded.
+async fn engine_answer<T>(
+    w: &Worker,
+    answer: tokio::sync::oneshot::Receiver<T>,
+) -> Result<T, ApiError> {
+    loaded(w)?;
+    answer
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::InferenceFailed, "the engine stopped"))
+}
+
+/// llama-server's `POST /completion`.
+async fn completion(w: &Worker, req: Request<Incoming>) -> Response<Body> {
+    let arrived = std::time::Instant::now();
+    let started = async {
+        let body = http::read_body(req).await?;
+        let prepared = llama_server::parse_completion(&body)?;
+        let inference = prepared.inference.clone();
+        Ok::<_, ApiError>((prepared, start(w, inference).await?))
+    };
+    match started.await {
+        Ok((prepared, (prompt_tokens, events))) => {
+            let answer = llama_server::Answer {
+                model: w.model.to_string(),
+                prompt_tokens,
+                arrived,
+                stop: prepared.inference.sampling.stop.clone(),
+            };
+            let pieces = crate::answer::Pieces::new(events, false);
+            llama_server::respond(answer, pieces, prepared.stream).await
+        }
+        Err(e) => llama_server::error(e),
+    }
+}
+
+/// llama-server's `POST /tokenize`, and rbee's chat form of it (`messages`, `tools`).
+async fn tokenize(w: &Worker, req: Request<Incoming>) -> Response<Body> {
+    let answered = async {
+        let r: crate::protocol::TokenizeRequest = http::read_json(req).await?;
+        let what = match (r.content, r.messages) {
+            (Some(content), None) => ToTokenize::Text {
+                content,
+                add_special: r.add_special,
+                parse_special: r.parse_special,
+            },
+            (None, Some(messages)) => ToTokenize::Chat {
+                messages,
+                tools: r.tools,
+            },
+            _ => {
+                return Err(ApiError::invalid(
+                    "content",
+                    "give content (a text) or messages, one of the two",
+                ))
+            }
+        };
+        let tokens = engine_answer(w, w.engine.tokenize(what)).await??;
+        Ok::<_, ApiError>(llama_server::tokens(&tokens, r.with_pieces))
+    };
+    match answered.await {
+        Ok(v) => http::json(StatusCode::OK, &v),
+        Err(e) => llama_server::error(e),
+    }
+}
+
+/// llama-server's `POST /detokenize`.
+async fn detokenize(w: &Worker, req: Request<Incoming>) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    struct Tokens {
+        tokens: Vec<i32>,
+    }
+    let answered = async {
+        let r: Tokens = http::read_json(req).await?;
+        let bytes = engine_answer(w, w.engine.detokenize(r.tokens)).await??;
+        Ok::<_, ApiError>(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match answered.await {
+        Ok(content) => http::json(StatusCode::OK, &serde_json::json!({ "content": content })),
+        Err(e) => llama_server::error(e),
+    }
+}
+
+/// llama-server's `GET /props` and `GET /slots`.
+async fn describe(w: &Worker, endpoint: Endpoint) -> Response<Body> {
+    match engine_answer(w, w.engine.describe()).await {
+        Ok(d) if endpoint == Endpoint::Slots => {
+            http::json(StatusCode::OK, &llama_server::slots(&d))
+        }
+        Ok(d) => http::json(
+            StatusCode::OK,
+            &llama_server::props(&d, &w.model, &w.model_path),
+        ),
+        Err(e) => llama_server::error(e),
+    }
+}
+
+/// OpenAI's `GET /v1/models/{id}`: this worker's model, by its name.
+fn model(w: &Worker, id: &str) -> Response<Body> {
+    let named = crate::hive::model_ref::canonical(id).is_ok_and(|c| c == *w.model);
+    match named {
+        true => http::json(StatusCode::OK, &openai::model_object(&w.model, "rbee")),
+        false => openai::error(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!("this worker serves {}, not {id}", w.model),
+        )),
     }
 }
 

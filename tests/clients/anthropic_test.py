@@ -79,7 +79,12 @@ def suite(base, where):
             assert e.body["type"] == "error" and e.body["error"]["type"] == "invalid_request_error", e.body
             assert "image" in e.body["error"]["message"], e.body
 
-    for name, fn in [("message", whole_and_streamed), ("stop", system_and_stop_sequence),
+    def count_tokens():
+        counted = c.messages.count_tokens(model=MODEL, messages=ask, tools=[WEATHER])
+        used = c.messages.create(model=MODEL, max_tokens=1, messages=ask, tools=[WEATHER], extra_body=GREEDY)
+        assert counted.input_tokens == used.usage.input_tokens > 0, (counted, used.usage)
+
+    for name, fn in [("message", whole_and_streamed), ("count tokens", count_tokens), ("stop", system_and_stop_sequence),
                      ("tool use", tool_use_round_trip), ("tool use streamed", tool_use_streamed),
                      ("structured", structured_output), ("errors", errors)]:
         check(f"{where} {name}", fn)

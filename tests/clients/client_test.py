@@ -17,6 +17,12 @@ def suite(base, where):
     def models():
         ids = [m.id for m in client.models.list()]
         assert MODEL in ids, ids
+        assert client.models.retrieve(MODEL).id == MODEL
+        try:
+            client.models.retrieve("no-such-model")
+            raise AssertionError("an unknown model was found")
+        except openai.NotFoundError as e:
+            assert e.body["type"] == "not_found_error", e.body
 
     def chat_whole():
         r = client.chat.completions.create(

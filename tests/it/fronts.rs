@@ -1,7 +1,8 @@
 //! Every client's protocol (DESIGN.md §16), checked with the official clients
 //! (installed by `make test` into .models/py): the `ollama` library against
 //! the queen, its `--ollama-port` and a worker (`clients/ollama_test.py`), and
-//! the `anthropic` SDK against the queen and a worker (`clients/anthropic_test.py`).
+//! the `anthropic` SDK against the queen and a worker (`clients/anthropic_test.py`),
+//! and llama-server's own endpoints as scripts call them (`clients/llama_server_test.py`).
 
 use crate::hf_server::HfServer;
 use crate::support::*;
@@ -55,5 +56,10 @@ fn ollama_and_anthropic_clients_work_against_queen_and_worker() {
         "clients/anthropic_test.py",
         &[&queen.url, &worker.url, name],
     );
-    assert!(stdout.contains("13 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("15 passed, 0 failed"), "{stdout}");
+    let stdout = python(
+        "clients/llama_server_test.py",
+        &[&worker.url, &queen.url, name],
+    );
+    assert!(stdout.contains("9 passed, 0 failed"), "{stdout}");
 }

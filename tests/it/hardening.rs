@@ -124,10 +124,11 @@ fn a_damaged_catalog_stops_the_hive_and_can_be_rebuilt_from_the_model_files() {
         models[0]["model_ref"],
         "hf:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/smollm2-135m-instruct-q4_1.gguf"
     );
-    assert!(
-        hive.stderr().contains("rebuilt the model catalog"),
-        "{}",
-        hive.stderr()
+    // Its stderr is read by a thread of ours: the line may come a moment after the answer.
+    wait_until(
+        "the hive to say it rebuilt the catalog",
+        Duration::from_secs(10),
+        || hive.stderr().contains("rebuilt the model catalog"),
     );
 }
 

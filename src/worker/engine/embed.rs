@@ -72,7 +72,7 @@ impl Batcher<'_> {
         let mut total = 0;
         let mut inputs = Vec::with_capacity(texts.len());
         for (i, text) in texts.iter().enumerate() {
-            let tokens = guard::tokenize(self.model, text, false).map_err(|e| {
+            let tokens = guard::tokenize(self.model, text, true, false).map_err(|e| {
                 ApiError::invalid("input", format!("input {i} cannot be tokenized: {e}"))
             })?;
             if tokens.len() > n_ctx {

@@ -135,11 +135,12 @@ pub fn decode(ctx: &mut LlamaContext<'_>, batch: &LlamaBatch<'_>) -> Result<(), 
     }
 }
 
-/// The model's tokens for `text`, a BOS first if the model wants one;
-/// `parse_special`: special tokens written out in the text are those tokens.
+/// The model's tokens for `text`, with `add_special` a BOS first if the model
+/// wants one; `parse_special`: special tokens written out in the text are those tokens.
 pub fn tokenize(
     model: &LlamaModel,
     text: &str,
+    add_special: bool,
     parse_special: bool,
 ) -> Result<Vec<LlamaToken>, String> {
     let len = i32::try_from(text.len()).map_err(|_| {
@@ -161,7 +162,7 @@ pub fn tokenize(
                 len,
                 tokens.as_mut_ptr(),
                 room,
-                true,
+                add_special,
                 parse_special,
                 &mut n,
                 err,

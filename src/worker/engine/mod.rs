@@ -169,7 +169,46 @@ pub type Embedded = Result<(Vec<Vec<f32>>, u32), ApiError>;
 enum Command {
     Submit(Box<Submission>, oneshot::Sender<Result<u32, ApiError>>),
     Embed(Vec<String>, oneshot::Sender<Embedded>),
+    Tokenize(ToTokenize, oneshot::Sender<Result<Tokenized, ApiError>>),
+    Detokenize(Vec<i32>, oneshot::Sender<Result<Vec<u8>, ApiError>>),
+    Describe(oneshot::Sender<Described>),
     Shutdown,
+}
+
+/// What `/tokenize` asks for: a text, or chat messages and tools rendered as a
+/// request's prompt would be (what Anthropic's `count_tokens` counts).
+#[derive(Debug, Clone)]
+pub enum ToTokenize {
+    Text {
+        content: String,
+        /// The model's BOS (and such) added, as a prompt gets them.
+        add_special: bool,
+        /// Special tokens written out in the text are those tokens.
+        parse_special: bool,
+    },
+    Chat {
+        messages: Vec<crate::protocol::ChatMessage>,
+        tools: Vec<crate::protocol::Tool>,
+    },
+}
+
+/// Tokens, each with the bytes it stands for.
+#[derive(Debug, Clone, Default)]
+pub struct Tokenized {
+    pub ids: Vec<i32>,
+    pub pieces: Vec<Vec<u8>>,
+}
+
+/// The engine as llama-server's `/props` and `/slots` show it.
+#[derive(Debug, Clone, Default)]
+pub struct Described {
+    /// Tokens of context per slot.
+    pub n_ctx: u32,
+    pub n_vocab: i32,
+    /// The model's own chat template (`tokenizer.chat_template`), if any.
+    pub chat_template: String,
+    /// Per slot: `None` idle, else the request's prompt tokens and tokens generated.
+    pub slots: Vec<Option<(u32, u32)>>,
 }
 
 /// The handle the HTTP side holds. Cheap to clone.
@@ -252,6 +291,27 @@ impl Engine {
     pub fn embed(&self, texts: Vec<String>) -> oneshot::Receiver<Embedded> {
         let (tx, rx) = oneshot::channel();
         let _ = self.commands.send(Command::Embed(texts, tx));
+        rx
+    }
+
+    /// Tokens of a text or of chat messages.
+    pub fn tokenize(&self, what: ToTokenize) -> oneshot::Receiver<Result<Tokenized, ApiError>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Tokenize(what, tx));
+        rx
+    }
+
+    /// The bytes of a run of tokens.
+    pub fn detokenize(&self, ids: Vec<i32>) -> oneshot::Receiver<Result<Vec<u8>, ApiError>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Detokenize(ids, tx));
+        rx
+    }
+
+    /// What the engine runs: context, vocabulary, template, slots.
+    pub fn describe(&self) -> oneshot::Receiver<Described> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Describe(tx));
         rx
     }
 
@@ -487,6 +547,26 @@ impl<'m> Batcher<'m> {
         })
     }
 
+    fn describe(&mut self) -> Described {
+        let n = self.slots.idle_slots().len() + self.slots.busy();
+        let mut slots: Vec<Option<(u32, u32)>> = vec![None; n];
+        for (i, r) in self.slots.busy_mut() {
+            slots[i] = Some((r.tokens.len() as u32, r.generated));
+        }
+        let chat_template = self
+            .model
+            .chat_template(None)
+            .ok()
+            .and_then(|t| t.to_string().ok())
+            .unwrap_or_default();
+        Described {
+            n_ctx: self.n_ctx_slot,
+            n_vocab: self.model.n_vocab(),
+            chat_template,
+            slots,
+        }
+    }
+
     /// Step 1: new work. Blocks only when there is nothing to run.
     fn take_commands(&mut self, commands: &std_mpsc::Receiver<Command>) -> Flow {
         let mut next = if self.slots.is_idle() && self.embeds.is_empty() {
@@ -517,6 +597,15 @@ impl<'m> Batcher<'m> {
                     }
                 }
                 Command::Embed(texts, reply) => self.embed_request(&texts, reply),
+                Command::Tokenize(what, reply) => {
+                    let _ = reply.send(prompt::tokenize(self.model, self.template.as_ref(), what));
+                }
+                Command::Detokenize(ids, reply) => {
+                    let _ = reply.send(prompt::detokenize(self.model, &ids));
+                }
+                Command::Describe(reply) => {
+                    let _ = reply.send(self.describe());
+                }
                 Command::Shutdown => {
                     self.end_embeddings();
                     for r in self.slots.drain() {

@@ -30,7 +30,7 @@ pub(super) fn prepare(
         }
         None => &request.prompt,
     };
-    let mut tokens = guard::tokenize(model, prompt, true)
+    let mut tokens = guard::tokenize(model, prompt, true, true)
         .map_err(|e| ApiError::invalid("prompt", format!("the prompt cannot be tokenized: {e}")))?;
     if tokens.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt has no tokens"));
@@ -109,6 +109,49 @@ pub(super) fn prepare(
         admitted: None,
         decode_started: None,
     })
+}
+
+/// `/tokenize`: a text's tokens, or the prompt chat messages make, each
+/// with its bytes.
+pub(super) fn tokenize(
+    model: &LlamaModel,
+    template: Option<&Template>,
+    what: super::ToTokenize,
+) -> Result<super::Tokenized, ApiError> {
+    let (text, add_special, parse_special) = match what {
+        super::ToTokenize::Text {
+            content,
+            add_special,
+            parse_special,
+        } => (content, add_special, parse_special),
+        super::ToTokenize::Chat { messages, tools } => {
+            crate::protocol::check_prompt("", Some(&messages))?;
+            (render_chat(model, template, &messages, &tools)?, true, true)
+        }
+    };
+    let tokens = guard::tokenize(model, &text, add_special, parse_special)
+        .map_err(|e| ApiError::invalid("content", format!("the text cannot be tokenized: {e}")))?;
+    let vocab = model.vocab();
+    Ok(super::Tokenized {
+        pieces: tokens
+            .iter()
+            .map(|&t| vocab.token_to_piece(t, true, None))
+            .collect(),
+        ids: tokens.into_iter().map(|t| t.0).collect(),
+    })
+}
+
+/// `/detokenize`: the bytes of a run of tokens, each checked to be in the vocabulary.
+pub(super) fn detokenize(model: &LlamaModel, ids: &[i32]) -> Result<Vec<u8>, ApiError> {
+    let n_vocab = model.n_vocab();
+    if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= n_vocab) {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
+        ));
+    }
+    let tokens: Vec<LlamaToken> = ids.iter().map(|&t| LlamaToken(t)).collect();
+    Ok(model.vocab().detokenize(&tokens, false, true))
 }
 
 /// The model's chat template (`tokenizer.chat_template`), compiled; `None`

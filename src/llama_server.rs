@@ -1,0 +1,259 @@
+//! llama-server's own endpoints, for scripts written against llama.cpp
+//! (its `tools/server` README): `/completion` with its request fields and its
+//! answer (`content`, `stop`, `tokens_predicted`, `timings`, …), `/tokenize`,
+//! `/detokenize`, `/props` and `/slots`. Errors use OpenAI's shape, as
+//! llama-server's do.
+
+use crate::answer::{Ending, Piece, Pieces};
+use crate::http::{self, Body};
+use crate::protocol::{
+    ApiError, Constraint, ErrorCode, InferenceRequest, SamplingParams, StopReason,
+};
+use hyper::{Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::time::Instant;
+
+pub use crate::openai::error;
+
+/// `POST /completion`: llama-server's fields; `n_predict` is `max_tokens`.
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    prompt: Value,
+    n_predict: Option<i64>,
+    #[serde(flatten)]
+    sampling: SamplingParams,
+    #[serde(default)]
+    stream: bool,
+    cache_prompt: Option<bool>,
+    grammar: Option<String>,
+    json_schema: Option<Value>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// A `/completion` request rbee can run.
+#[derive(Debug)]
+pub struct Prepared {
+    pub model: String,
+    pub inference: InferenceRequest,
+    pub stream: bool,
+}
+
+/// Fields that cannot change the answer: the slot a request would like, how
+/// the answer's figures are sent.
+const HARMLESS: &[&str] = &[
+    "id_slot",
+    "timings_per_token",
+    "return_tokens",
+    "t_max_predict_ms",
+];
+
+/// Checks a `/completion` request.
+pub fn parse_completion(body: &[u8]) -> Result<Prepared, ApiError> {
+    let req: CompletionRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    crate::protocol::refuse_unhonoured(&req.rest, HARMLESS)?;
+    let prompt = match req.prompt {
+        Value::String(s) if !s.is_empty() => s,
+        Value::Array(_) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "a prompt of token ids is not supported by rbee: send the text",
+            ))
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "prompt must be a non-empty string",
+            ))
+        }
+    };
+    let mut sampling = req.sampling;
+    // -1: until the end (llama-server's default).
+    sampling.max_tokens = req.n_predict.filter(|&n| n >= 0).or(sampling.max_tokens);
+    sampling.validate()?;
+    let constraint = match (req.grammar, req.json_schema) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "grammar",
+                "a grammar and a json_schema cannot both hold: give one",
+            ))
+        }
+        (Some(gbnf), None) => {
+            crate::gbnf::check(&gbnf).map_err(|e| ApiError::invalid("grammar", e))?;
+            Some(Constraint::Grammar { gbnf })
+        }
+        (None, Some(schema)) => {
+            crate::schema::check(&schema, "json_schema")?;
+            Some(Constraint::JsonSchema { schema })
+        }
+        (None, None) => None,
+    };
+    Ok(Prepared {
+        model: req.model,
+        inference: InferenceRequest {
+            prompt,
+            sampling,
+            cache_prompt: req.cache_prompt,
+            constraint,
+            ..InferenceRequest::default()
+        },
+        stream: req.stream,
+    })
+}
+
+/// One `/completion` answer being put into llama-server's shape.
+pub struct Answer {
+    pub model: String,
+    pub prompt_tokens: u32,
+    pub arrived: Instant,
+    /// The request's stop sequences: one that ended the answer is named.
+    pub stop: Vec<String>,
+}
+
+impl Answer {
+    fn last(&self, content: &str, end: &Ending) -> Value {
+        let (stop_type, word) = match end.reason {
+            StopReason::MaxTokens => ("limit", ""),
+            StopReason::StopSequence => (
+                "word",
+                self.stop
+                    .first()
+                    .filter(|_| self.stop.len() == 1)
+                    .map_or("", String::as_str),
+            ),
+            StopReason::Eos | StopReason::Cancelled => ("eos", ""),
+        };
+        let total_ms = self.arrived.elapsed().as_secs_f64() * 1000.0;
+        let predicted_ms = end.decode_time_ms as f64;
+        json!({"content": content, "stop": true, "model": self.model,
+               "tokens_predicted": end.tokens_out, "tokens_evaluated": self.prompt_tokens,
+               "tokens_cached": end.cached_tokens, "stop_type": stop_type, "stopping_word": word,
+               "truncated": false,
+               "timings": {"prompt_n": self.prompt_tokens.saturating_sub(end.cached_tokens),
+                           "prompt_ms": (total_ms - predicted_ms).max(0.0),
+                           "predicted_n": end.tokens_out, "predicted_ms": predicted_ms,
+                           "predicted_per_second": if predicted_ms > 0.0 { f64::from(end.tokens_out) * 1000.0 / predicted_ms } else { 0.0 }}})
+    }
+}
+
+/// Turns an answer's pieces into llama-server's `/completion` answer: whole,
+/// or `data:` events of `content` ending with one that has `stop: true`.
+pub async fn respond(answer: Answer, mut pieces: Pieces, stream: bool) -> Response<Body> {
+    if !stream {
+        return match pieces.whole().await {
+            Ok((text, end)) => http::json(StatusCode::OK, &answer.last(&text, &end)),
+            Err(e) => error(e),
+        };
+    }
+    let (tx, resp) = http::sse_response();
+    tokio::spawn(async move {
+        loop {
+            let piece = tokio::select! {
+                piece = pieces.next() => piece,
+                () = tx.closed() => return,
+            };
+            let (event, last) = match piece {
+                Piece::Text(text) => (json!({"content": text, "stop": false}), false),
+                Piece::End(end) => (answer.last("", &end), true),
+                Piece::Failed(e) => {
+                    let _ = tx.send(crate::openai::error_event(e)).await;
+                    return;
+                }
+            };
+            if tx.send(http::sse::event(&event)).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    resp
+}
+
+/// `POST /tokenize`: llama-server's fields, and rbee's `messages` and `tools`
+/// (the prompt a chat request makes: what Anthropic's `count_tokens` counts).
+pub use crate::protocol::TokenizeRequest;
+
+/// The answer to `/tokenize`: ids, or with `with_pieces` each id and its text
+/// (its bytes where they are not whole UTF-8), as llama-server gives them.
+pub fn tokens(t: &crate::worker::engine::Tokenized, with_pieces: bool) -> Value {
+    if !with_pieces {
+        return json!({ "tokens": t.ids });
+    }
+    let tokens: Vec<Value> = t
+        .ids
+        .iter()
+        .zip(&t.pieces)
+        .map(|(id, piece)| match std::str::from_utf8(piece) {
+            Ok(text) => json!({"id": id, "piece": text}),
+            Err(_) => json!({"id": id, "piece": piece}),
+        })
+        .collect();
+    json!({ "tokens": tokens })
+}
+
+/// `GET /props`.
+pub fn props(d: &crate::worker::engine::Described, model: &str, model_path: &str) -> Value {
+    json!({"default_generation_settings": {"n_ctx": d.n_ctx, "model": model,
+               "params": {"temperature": crate::worker::engine::DEFAULT_TEMPERATURE,
+                          "top_k": crate::worker::engine::DEFAULT_TOP_K,
+                          "top_p": crate::worker::engine::DEFAULT_TOP_P,
+                          "n_predict": -1}},
+           "total_slots": d.slots.len(), "model_path": model_path, "chat_template": d.chat_template,
+           "n_vocab": d.n_vocab, "modalities": {"vision": false, "audio": false},
+           "build_info": format!("rbee {}", env!("CARGO_PKG_VERSION"))})
+}
+
+/// `GET /slots`.
+pub fn slots(d: &crate::worker::engine::Described) -> Value {
+    let slots: Vec<Value> = d
+        .slots
+        .iter()
+        .enumerate()
+        .map(|(id, s)| match s {
+            Some((prompt, decoded)) => json!({"id": id, "n_ctx": d.n_ctx, "is_processing": true,
+                                              "n_prompt_tokens": prompt, "n_decoded": decoded}),
+            None => json!({"id": id, "n_ctx": d.n_ctx, "is_processing": false}),
+        })
+        .collect();
+    Value::Array(slots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completion_reads_llama_servers_fields() {
+        let p = parse_completion(
+            br#"{"prompt":"hi","n_predict":5,"temperature":0,"min_p":0.1,"repeat_penalty":1.2,"id_slot":-1,"stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(p.inference.sampling.max_tokens, Some(5));
+        assert_eq!(p.inference.sampling.repeat_penalty, Some(1.2));
+        assert!(p.stream);
+        let p =
+            parse_completion(br#"{"prompt":"hi","n_predict":-1,"json_schema":{"type":"object"}}"#)
+                .unwrap();
+        assert_eq!(p.inference.sampling.max_tokens, None);
+        assert!(matches!(
+            p.inference.constraint,
+            Some(Constraint::JsonSchema { .. })
+        ));
+        for (body, param) in [
+            (r#"{"prompt":[1,2]}"#, "prompt"),
+            (r#"{"prompt":"hi","n_probs":3}"#, "n_probs"),
+            (
+                r#"{"prompt":"hi","grammar":"root ::= \"a\"","json_schema":{}}"#,
+                "grammar",
+            ),
+            (r#"{"prompt":"hi","top_p":3}"#, "top_p"),
+        ] {
+            let e = parse_completion(body.as_bytes()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+    }
+}

@@ -1,0 +1,98 @@
+"""llama-server's own endpoints on a real rbee worker and through a real queen,
+as scripts written for llama.cpp call them (HTTP and JSON, no client library).
+
+Run by the integration test `fronts::ollama_and_anthropic_clients_work_against_queen_and_worker` as:
+python3 llama_server_test.py WORKER_URL QUEEN_URL MODEL
+"""
+import json
+import sys
+import urllib.error
+import urllib.request
+
+from checks import check, report
+
+WORKER, QUEEN, MODEL = sys.argv[1:4]
+
+
+def call(base, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def completion(base, body):
+    status, text = call(base, "/completion", body)
+    assert status == 200, (status, text)
+    if not body.get("stream"):
+        return json.loads(text)
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1]["stop"] is True and all(not e["stop"] for e in events[:-1]), events[-2:]
+    last = dict(events[-1])
+    last["content"] = "".join(e["content"] for e in events)
+    return last
+
+
+def suite(base, where, model):
+    def completion_whole_and_streamed():
+        body = {"model": model, "prompt": "Once upon a time", "n_predict": 8, "temperature": 0}
+        completion(base, body)  # the next two read the prompt from the cache
+        whole = completion(base, body)
+        assert whole["stop"] is True and whole["tokens_predicted"] == 8 and whole["stop_type"] == "limit", whole
+        assert whole["tokens_evaluated"] > 0 and whole["timings"]["predicted_n"] == 8, whole
+        streamed = completion(base, dict(body, stream=True))
+        assert streamed["content"] == whole["content"], (streamed, whole)
+
+    def grammar_yes_or_no():
+        for prompt in ["Is water wet?", "Is the sun cold?", "Answer: is 2 > 1?"]:
+            r = completion(base, {"model": model, "prompt": prompt, "n_predict": 8, "temperature": 0.7,
+                                  "grammar": 'root ::= "yes" | "no"'})
+            assert r["content"] in ("yes", "no"), r["content"]
+
+    def sampler_fields_and_refusals():
+        r = completion(base, {"model": model, "prompt": "Hello", "n_predict": 4, "min_p": 0.1,
+                              "repeat_penalty": 1.2, "repeat_last_n": 32, "typical_p": 0.9,
+                              "logit_bias": [[42, -100]], "seed": 7})
+        assert r["tokens_predicted"] <= 4, r
+        status, text = call(base, "/completion", {"model": model, "prompt": "Hello", "n_probs": 3})
+        assert status == 400 and "n_probs" in text, (status, text)
+
+    def tokenize():
+        status, text = call(base, "/tokenize", {"model": model, "content": "Hello world", "with_pieces": True})
+        assert status == 200, text
+        tokens = json.loads(text)["tokens"]
+        assert "".join(t["piece"] for t in tokens) == "Hello world", tokens
+        return [t["id"] for t in tokens]
+
+    checks = [("completion", completion_whole_and_streamed), ("grammar", grammar_yes_or_no),
+              ("sampling", sampler_fields_and_refusals), ("tokenize", tokenize)]
+    for name, fn in checks:
+        check(f"{where} {name}", fn)
+
+
+def worker_only():
+    def detokenize_props_slots():
+        status, text = call(WORKER, "/tokenize", {"content": "Hello world", "add_special": True})
+        ids = json.loads(text)["tokens"]
+        status, text = call(WORKER, "/detokenize", {"tokens": ids})
+        assert status == 200 and json.loads(text)["content"].endswith("Hello world"), text
+        status, text = call(WORKER, "/detokenize", {"tokens": [10 ** 9]})
+        assert status == 400 and "vocabulary" in text, (status, text)
+        status, text = call(WORKER, "/props")
+        props = json.loads(text)
+        assert props["total_slots"] == 2 and props["default_generation_settings"]["n_ctx"] > 0, props
+        assert "im_start" in props["chat_template"], props["chat_template"][:100]
+        status, text = call(WORKER, "/slots")
+        slots = json.loads(text)
+        assert len(slots) == 2 and all(not s["is_processing"] for s in slots), slots
+
+    check("worker detokenize props slots", detokenize_props_slots)
+
+
+suite(WORKER, "worker", MODEL)
+suite(QUEEN, "queen", MODEL)
+worker_only()
+report()
