@@ -654,7 +654,7 @@ async fn count_tokens(w: &Worker, req: Request<Incoming>) -> Response<Body> {
             messages: prepared.inference.messages.unwrap_or_default(),
             tools: prepared.inference.tools,
         };
-        Ok::<_, ApiError>(engine_answer(w, w.engine.tokenize(what)).await??)
+        engine_answer(w, w.engine.tokenize(what)).await?
     };
     match counted.await {
         Ok(t) => http::json(StatusCode::OK, &anthropic::counted(t.ids.len())),
