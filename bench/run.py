@@ -261,14 +261,48 @@ FRONTS = ["openai", "ollama", "anthropic"]
 
 
 def fronts_section(a, chain):
-    """The same chat turn through each of the queen's fronts, alternating, each run's
-    text its own so no prompt cache carries over: TTFT and decode tok/s."""
+    """The same chat turn through each of the queen's fronts, alternating (each first in
+    turn), each run's text its own so no prompt cache carries over: TTFT and decode tok/s."""
     runs = {f: [] for f in FRONTS}
     for run in range(a.runs):
-        for k, front in enumerate(FRONTS):
+        # Each front goes first in turn: no front always follows the same one.
+        for k, front in enumerate(FRONTS[run % 3:] + FRONTS[:run % 3]):
             content = f"Story {run:03d}-{k}: {PROMPT}"
             runs[front].append(figures(*front_stream(chain.port, front, a.model, content, a.tokens)))
     return runs
+
+
+def fronts_table(fronts):
+    """Medians per front, and each front against OpenAI's (the targets: within 2%)."""
+    med = {f: {k: median([r[k] for r in v]) for k in ("ttft_ms", "decode_tps")} for f, v in fronts.items()}
+    lines = ["the queen's fronts, one chat turn streamed: " + ", ".join(
+        f"{f} TTFT {v['ttft_ms']:.1f} ms {v['decode_tps']:.1f} tok/s" for f, v in med.items())]
+    checks = []
+    for f in FRONTS[1:]:
+        checks.append((f"{f}/openai front tok/s ≥ 0.98", med[f]["decode_tps"] / med["openai"]["decode_tps"], 0.98))
+        checks.append((f"{f}/openai front TTFT ≤ 1.02", med[f]["ttft_ms"] / med["openai"]["ttft_ms"], -1.02))
+    return med, lines, checks
+
+
+def fronts_only(a):
+    """`--fronts-only`: the chain's queen, each front in turn, and nothing else."""
+    chain = Chain(a, a.hives)
+    try:
+        fronts = fronts_section(a, chain)
+    finally:
+        chain.stop()
+    med, lines, checks = fronts_table(fronts)
+    lines.insert(0, f"machine: {os.cpu_count()} cores, threads {a.threads}, model {Path(a.model).name}, "
+                    f"{a.tokens} tokens at temperature 0, {a.runs} runs each, medians")
+    for name, value, target in checks:
+        met = value >= target if target > 0 else value <= -target
+        lines.append(f"{name:<52}{value:>10.3f}  {'met' if met else 'MISSED'}")
+    print("\n".join(lines))
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    out = Path(a.out) / time.strftime("fronts-%Y%m%d-%H%M%S.json")
+    out.write_text(json.dumps({"settings": vars(a), "fronts": fronts, "fronts_medians": med,
+                               "checks": [{"name": n, "value": v} for n, v, _ in checks], "table": lines}, indent=1))
+    print(f"figures: {out}")
 
 
 def document(tag, sentences):
@@ -437,6 +471,8 @@ def main():
     ap.add_argument("--split-runs", type=int, default=5)
     ap.add_argument("--split-layers", type=int, default=15, help="of SmolLM2's 30, on the lending hive")
     ap.add_argument("--tiny", action="store_true", help="one quick run of rbee's own contenders (for the test)")
+    ap.add_argument("--fronts-only", action="store_true",
+                    help="only the queen's fronts (OpenAI, Ollama, Anthropic) against each other")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     a = ap.parse_args()
     if a.tiny:
@@ -445,6 +481,8 @@ def main():
         a.conversations, a.chat_rounds, a.chat_slots, a.chat_ctx = 3, 2, 2, 2048
         a.split_runs, a.chat_fa_off = 1, False
     concurrency = [int(c) for c in a.concurrency.split(",")]
+    if a.fronts_only:
+        return fronts_only(a)
     with_llama = not a.tiny and Path(a.llama_server).exists()
     if not a.tiny and not with_llama:
         sys.exit(f"{a.llama_server} is missing: run `make bench`, which builds it")
@@ -519,14 +557,9 @@ def main():
     checks.append(("cold start ms ≤ 2000", median(cold), -2000))
     checks.append(("idle queen MB ≤ 20", memory["queen_idle_mb"], -20))
     checks.append(("idle hive MB ≤ 20", memory["hive_idle_mb"], -20))
-    med_fronts = {f: {k: median([r[k] for r in v]) for k in ("ttft_ms", "decode_tps")} for f, v in fronts.items()}
-    lines.append("the queen's fronts, one chat turn streamed: " + ", ".join(
-        f"{f} TTFT {v['ttft_ms']:.1f} ms {v['decode_tps']:.1f} tok/s" for f, v in med_fronts.items()))
-    for f in FRONTS[1:]:
-        checks.append((f"{f}/openai front tok/s ≥ 0.98",
-                       ratio(med_fronts[f]["decode_tps"], med_fronts["openai"]["decode_tps"]), 0.98))
-        checks.append((f"{f}/openai front TTFT ≤ 1.02",
-                       ratio(med_fronts[f]["ttft_ms"], med_fronts["openai"]["ttft_ms"]), -1.02))
+    med_fronts, front_lines, front_checks = fronts_table(fronts)
+    lines += front_lines
+    checks += front_checks
     lines.append(f"loaded worker RSS: {memory['worker_loaded_mb']:.0f} MB")
     lines.append(f"multi-turn chat, TTFT ms ({a.chat_slots} slots, total context {a.chat_ctx}, "
                  f"{a.chat_tokens}-token answers; {a.conversations} conversations interleaved):")
