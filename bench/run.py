@@ -227,6 +227,8 @@ def front_stream(port, front, model, content, max_tokens):
                                  "options": {"num_predict": max_tokens, "temperature": 0, "repeat_penalty": 1.0}}),
         "anthropic": ("/v1/messages", {"model": model, "messages": messages, "max_tokens": max_tokens,
                                        "temperature": 0, "stream": True}),
+        "responses": ("/v1/responses", {"model": model, "input": content, "max_output_tokens": max_tokens,
+                                        "temperature": 0, "stream": True}),
     }[front]
     t0 = time.perf_counter()
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -245,11 +247,16 @@ def front_stream(port, front, model, content, max_tokens):
                 break
         elif line.startswith("data: ") and line[6:] != "[DONE]":
             event = json.loads(line[6:])
-            text = ((event.get("choices") or [{}])[0].get("delta") or {}).get("content") \
-                if front == "openai" else (event.get("delta") or {}).get("text")
+            if front == "openai":
+                text = ((event.get("choices") or [{}])[0].get("delta") or {}).get("content")
+            elif front == "responses":
+                text = event.get("delta") if event.get("type") == "response.output_text.delta" else None
+            else:
+                text = (event.get("delta") or {}).get("text")
             if text:
                 times.append(time.perf_counter())
-            if event.get("type") == "message_stop" or (event.get("choices") or [{}])[0].get("finish_reason"):
+            if event.get("type") in ("message_stop", "response.completed", "response.incomplete") \
+                    or (event.get("choices") or [{}])[0].get("finish_reason"):
                 break
         elif line == "data: [DONE]":
             break
@@ -257,7 +264,7 @@ def front_stream(port, front, model, content, max_tokens):
     return t0, times
 
 
-FRONTS = ["openai", "ollama", "anthropic"]
+FRONTS = ["openai", "ollama", "anthropic", "responses"]
 
 
 def fronts_section(a, chain):
@@ -266,18 +273,79 @@ def fronts_section(a, chain):
     runs = {f: [] for f in FRONTS}
     for run in range(a.runs):
         # Each front goes first in turn: no front always follows the same one.
-        for k, front in enumerate(FRONTS[run % 3:] + FRONTS[:run % 3]):
+        for k, front in enumerate(FRONTS[run % len(FRONTS):] + FRONTS[:run % len(FRONTS)]):
             content = f"Story {run:03d}-{k}: {PROMPT}"
             runs[front].append(figures(*front_stream(chain.port, front, a.model, content, a.tokens)))
     return runs
 
 
-def fronts_table(fronts):
-    """Medians per front, and each front against OpenAI's (the targets: within 2%)."""
+def streamed_turn(port, path, body):
+    """One streamed turn (chat completions or responses): its request's size in
+    bytes, time to first text (ms), the text, and the response's id if any."""
+    data = json.dumps(dict(body, stream=True)).encode()
+    t0 = time.perf_counter()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    c.request("POST", path, body=data, headers={"content-type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"{path}: HTTP {r.status} {r.read()[:300]!r}")
+    first, text, rid = None, [], None
+    for raw in r:
+        line = raw.decode(errors="replace").strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if event.get("type") == "response.created":
+            rid = event["response"]["id"]
+        piece = event.get("delta") if event.get("type") == "response.output_text.delta" else \
+            ((event.get("choices") or [{}])[0].get("delta") or {}).get("content")
+        if piece:
+            first = first or time.perf_counter()
+            text.append(piece)
+    c.close()
+    return len(data), ((first or time.perf_counter()) - t0) * 1000, "".join(text), rid
+
+
+def previous_response_section(a, chain):
+    """Conversations over a document, each later turn sent whole through chat
+    completions or as the new turn alone with previous_response_id (each its own
+    conversation, both warm in the prompt cache): bytes sent and TTFT, turns 2+."""
+    out = {"chat_completions": {"bytes": [], "ttft_ms": []}, "previous_response_id": {"bytes": [], "ttft_ms": []}}
+    for run in range(max(1, a.chat_runs)):
+        # Within the chain worker's context per slot (1,024 tokens of its 8 slots).
+        first = document(f"resp-{run}", min(a.doc_sentences, 25)) + "\n" + QUESTIONS[0]
+        messages, previous = [], None
+        for turn, q in enumerate(QUESTIONS[:a.chat_turns]):
+            said = first if turn == 0 else q
+            messages.append({"role": "user", "content": said})
+            sent, ttft, text, _ = streamed_turn(chain.port, "/v1/chat/completions", {
+                "model": a.model, "messages": messages, "max_tokens": a.chat_tokens, "temperature": 0})
+            messages.append({"role": "assistant", "content": text})
+            body = {"model": a.model, "input": said, "max_output_tokens": a.chat_tokens, "temperature": 0}
+            if previous:
+                body["previous_response_id"] = previous
+            sent_r, ttft_r, _, previous = streamed_turn(chain.port, "/v1/responses", body)
+            if turn:
+                out["chat_completions"]["bytes"].append(sent)
+                out["chat_completions"]["ttft_ms"].append(ttft)
+                out["previous_response_id"]["bytes"].append(sent_r)
+                out["previous_response_id"]["ttft_ms"].append(ttft_r)
+    return out
+
+
+def fronts_table(fronts, previous):
+    """Medians per front, and each front against OpenAI's (the targets: within 2%);
+    later turns by previous_response_id against whole conversations."""
     med = {f: {k: median([r[k] for r in v]) for k in ("ttft_ms", "decode_tps")} for f, v in fronts.items()}
     lines = ["the queen's fronts, one chat turn streamed: " + ", ".join(
         f"{f} TTFT {v['ttft_ms']:.1f} ms {v['decode_tps']:.1f} tok/s" for f, v in med.items())]
-    checks = []
+    whole, by_id = previous["chat_completions"], previous["previous_response_id"]
+    lines.append(f"later turns: whole conversation {median(whole['bytes']):.0f} bytes TTFT "
+                 f"{median(whole['ttft_ms']):.1f} ms, by previous_response_id {median(by_id['bytes']):.0f} bytes "
+                 f"TTFT {median(by_id['ttft_ms']):.1f} ms")
+    checks = [("previous_response_id/whole turn bytes ≤ 0.2", median(by_id["bytes"]) / median(whole["bytes"]), -0.2),
+              ("previous_response_id/whole turn TTFT ≤ 1.02",
+               median(by_id["ttft_ms"]) / median(whole["ttft_ms"]), -1.02)]
     for f in FRONTS[1:]:
         checks.append((f"{f}/openai front tok/s ≥ 0.98", med[f]["decode_tps"] / med["openai"]["decode_tps"], 0.98))
         checks.append((f"{f}/openai front TTFT ≤ 1.02", med[f]["ttft_ms"] / med["openai"]["ttft_ms"], -1.02))
@@ -289,9 +357,10 @@ def fronts_only(a):
     chain = Chain(a, a.hives)
     try:
         fronts = fronts_section(a, chain)
+        previous = previous_response_section(a, chain)
     finally:
         chain.stop()
-    med, lines, checks = fronts_table(fronts)
+    med, lines, checks = fronts_table(fronts, previous)
     lines.insert(0, f"machine: {os.cpu_count()} cores, threads {a.threads}, model {Path(a.model).name}, "
                     f"{a.tokens} tokens at temperature 0, {a.runs} runs each, medians")
     for name, value, target in checks:
@@ -300,7 +369,7 @@ def fronts_only(a):
     print("\n".join(lines))
     Path(a.out).mkdir(parents=True, exist_ok=True)
     out = Path(a.out) / time.strftime("fronts-%Y%m%d-%H%M%S.json")
-    out.write_text(json.dumps({"settings": vars(a), "fronts": fronts, "fronts_medians": med,
+    out.write_text(json.dumps({"settings": vars(a), "fronts": fronts, "fronts_medians": med, "previous_response": previous,
                                "checks": [{"name": n, "value": v} for n, v, _ in checks], "table": lines}, indent=1))
     print(f"figures: {out}")
 
@@ -504,6 +573,7 @@ def main():
                     agg[s.name][c].append(aggregate(s, a, c))
             print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
         fronts = fronts_section(a, chain)
+        previous = previous_response_section(a, chain)
         queen_pid, hive_pid, worker_pid = chain.pids()
         memory = {"queen_idle_mb": rss_mb(queen_pid), "hive_idle_mb": rss_mb(hive_pid),
                   "worker_loaded_mb": rss_mb(worker_pid)}
@@ -557,7 +627,7 @@ def main():
     checks.append(("cold start ms ≤ 2000", median(cold), -2000))
     checks.append(("idle queen MB ≤ 20", memory["queen_idle_mb"], -20))
     checks.append(("idle hive MB ≤ 20", memory["hive_idle_mb"], -20))
-    med_fronts, front_lines, front_checks = fronts_table(fronts)
+    med_fronts, front_lines, front_checks = fronts_table(fronts, previous)
     lines += front_lines
     checks += front_checks
     lines.append(f"loaded worker RSS: {memory['worker_loaded_mb']:.0f} MB")
@@ -586,6 +656,7 @@ def main():
                                "medians": med, "aggregate": agg, "aggregate_medians": med_agg,
                                "cold_start_ms": cold, "memory_mb": memory, "llama_bench": llama_bench,
                                "chat": chat, "split": split_figures, "fronts": fronts,
+                               "previous_response": previous,
                                "fronts_medians": med_fronts,
                                "checks": [{"name": n, "value": v} for n, v, _ in checks],
                                "table": lines}, indent=1))

@@ -22,6 +22,7 @@ pub mod openai;
 pub mod process;
 pub mod protocol;
 pub mod queen;
+pub mod responses;
 pub mod schema;
 pub mod service;
 pub mod store;

@@ -6,7 +6,7 @@ use super::jobs::Job;
 use super::{scheduler, start_job, Queen};
 use crate::http::{self, Body};
 use crate::protocol::{ApiError, ErrorCode, InferenceEvent};
-use crate::{anthropic, llama_server, openai};
+use crate::{anthropic, llama_server, openai, responses};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use std::sync::Arc;
@@ -73,6 +73,45 @@ pub(super) async fn anthropic_route(q: &Queen, req: Request<Incoming>) -> Respon
         anthropic::respond(answer, pieces, prepared.stream).await,
         &job,
     )
+}
+
+/// OpenAI's `POST /v1/responses`, run as a job; `previous_response_id`
+/// continues a conversation the queen kept, routed by its prefix to the worker
+/// that holds it.
+pub(super) async fn responses_route(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    let key = http::auth::key_of(&req);
+    let read = async {
+        let body = http::read_body(req).await?;
+        let prepared = responses::parse(&body, &q.responses)?;
+        let model = crate::hive::model_ref::canonical(&prepared.model)?;
+        Ok::<_, ApiError>((prepared, model))
+    };
+    let (mut prepared, model) = match read.await {
+        Ok(read) => read,
+        Err(e) => return responses::error(e),
+    };
+    let inference = std::mem::take(&mut prepared.inference);
+    let tool_calls = prepared.tool_calls;
+    let (job, prompt_tokens, events) = match run_job(q, key, &model, inference).await {
+        Ok(started) => started,
+        Err(e) => return responses::error(e),
+    };
+    let name = prepared.model.clone();
+    let answer = responses::Answer::new(&name, prompt_tokens, prepared, q.responses.clone());
+    let pieces = crate::answer::Pieces::new(events, tool_calls);
+    with_job(responses::respond(answer, pieces).await, &job)
+}
+
+/// `GET` and `DELETE /v1/responses/{id}`.
+pub(super) fn stored_response(q: &Queen, id: &str, delete: bool) -> Response<Body> {
+    let found = match delete {
+        true => q.responses.delete(id),
+        false => q.responses.get(id),
+    };
+    match found {
+        Ok(v) => http::json(StatusCode::OK, &v),
+        Err(e) => responses::error(e),
+    }
 }
 
 /// llama-server's `POST /completion`, routed by `model` and run as a job.

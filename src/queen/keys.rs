@@ -369,7 +369,8 @@ fn allows(scope: KeyScope, method: &Method, path: &str) -> bool {
         ("POST", ["api", "chat" | "generate" | "embed" | "embeddings" | "show" | "pull"]) => true,
         ("GET", ["api", "tags" | "ps" | "version"]) => true,
         ("POST", ["v1", "messages"] | ["v1", "messages", "count_tokens"]) => true,
-        ("POST", ["completion" | "tokenize"]) => true,
+        ("POST", ["completion" | "tokenize"] | ["v1", "responses"]) => true,
+        ("GET" | "DELETE", ["v1", "responses", _]) => true,
         ("GET", ["v1", "models", _]) => true,
         // Models: listing and fetching (not removing).
         ("GET", ["v1", "models"] | ["v1", "hives", _, "models"]) => true,

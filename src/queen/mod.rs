@@ -90,6 +90,8 @@ struct Queen {
     fingerprint: String,
     /// Where it listens (`--host`, the bound port): its tokens' addresses.
     listen: (String, u16),
+    /// Responses kept for `previous_response_id` (OpenAI's Responses API).
+    responses: crate::responses::Store,
 }
 
 pub async fn run(args: Args) -> Result<(), String> {
@@ -149,6 +151,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         join_tokens: join::JoinTokens::open(&data_dir)?,
         fingerprint: identity.fingerprint.clone(),
         listen: (args.host.clone(), port),
+        responses: Default::default(),
     };
     tracing::info!(
         "queen listening on {}:{port} (http:// on this machine, https:// from others), data in {}",
@@ -272,6 +275,9 @@ enum Endpoint {
     Completion,
     Tokenize,
     Model,
+    Responses,
+    GetResponse,
+    DeleteResponse,
 }
 
 /// How long the view may take to list a model a hive just downloaded.
@@ -357,6 +363,10 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/completion", Endpoint::Completion),
     (Method::POST, "/tokenize", Endpoint::Tokenize),
     (Method::GET, "/v1/models/{}", Endpoint::Model),
+    // OpenAI's Responses API.
+    (Method::POST, "/v1/responses", Endpoint::Responses),
+    (Method::GET, "/v1/responses/{}", Endpoint::GetResponse),
+    (Method::DELETE, "/v1/responses/{}", Endpoint::DeleteResponse),
 ];
 
 async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
@@ -436,6 +446,9 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Endpoint::Completion => return front::completion_route(&q, req).await,
         Endpoint::Tokenize => return front::tokenize_route(&q, req).await,
         Endpoint::Model => return front::model_route(&q, param),
+        Endpoint::Responses => return front::responses_route(&q, req).await,
+        Endpoint::GetResponse => return front::stored_response(&q, param, false),
+        Endpoint::DeleteResponse => return front::stored_response(&q, param, true),
     })
 }
 

@@ -17,7 +17,7 @@ use crate::protocol::{
     new_id, now_rfc3339, ApiError, ErrorCode, Health, InferenceEvent, InferenceRequest,
     LoadingEvent, ReadyStatus, WorkerReadyCallback, WorkerState,
 };
-use crate::{anthropic, llama_server, ollama, openai};
+use crate::{anthropic, llama_server, ollama, openai, responses};
 use argh::FromArgs;
 pub use engine::FlashAttn;
 use engine::ToTokenize;
@@ -117,6 +117,8 @@ struct Worker {
     model: Arc<str>,
     /// Its file, as `--model` gave it.
     model_path: Arc<str>,
+    /// Responses kept for `previous_response_id`.
+    responses: responses::Store,
     slots: u32,
     /// The engine's loading state; its last value is `Ready` or `Failed` once loading ends.
     loading: watch::Receiver<LoadingEvent>,
@@ -165,6 +167,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         engine: engine.clone(),
         model: crate::gguf::catalog_name(&args.model).into(),
         model_path: args.model.display().to_string().into(),
+        responses: Default::default(),
         slots: args.slots,
         loading,
         auth,
@@ -372,6 +375,9 @@ enum Endpoint {
     Props,
     Slots,
     Model,
+    Responses,
+    GetResponse,
+    DeleteResponse,
 }
 
 const ROUTES: &[Route<Endpoint>] = &[
@@ -412,6 +418,9 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::GET, "/props", Endpoint::Props),
     (Method::GET, "/slots", Endpoint::Slots),
     (Method::GET, "/v1/models/{}", Endpoint::Model),
+    (Method::POST, "/v1/responses", Endpoint::Responses),
+    (Method::GET, "/v1/responses/{}", Endpoint::GetResponse),
+    (Method::DELETE, "/v1/responses/{}", Endpoint::DeleteResponse),
 ];
 
 async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
@@ -421,6 +430,7 @@ async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
         Ok(found) => found,
         Err(e) => return crate::answer::route_error(&path, e),
     };
+    let param = params.first().map(String::as_str).unwrap_or_default();
     let reply = match endpoint {
         Endpoint::Health => Ok(http::json(StatusCode::OK, &Health::alive("worker"))),
         Endpoint::Ready => Ok(http::json(StatusCode::OK, &ready_status(&w))),
@@ -443,10 +453,16 @@ async fn route(w: Worker, req: Request<Incoming>) -> Response<Body> {
         Endpoint::Tokenize => return tokenize(&w, req).await,
         Endpoint::Detokenize => return detokenize(&w, req).await,
         Endpoint::Props | Endpoint::Slots => return describe(&w, endpoint).await,
-        Endpoint::Model => {
-            let id = params.first().map(String::as_str).unwrap_or_default();
-            return model(&w, id);
-        }
+        Endpoint::Model => return model(&w, param),
+        Endpoint::Responses => return responses_route(&w, req).await,
+        Endpoint::GetResponse => w
+            .responses
+            .get(param)
+            .map(|v| http::json(StatusCode::OK, &v)),
+        Endpoint::DeleteResponse => w
+            .responses
+            .delete(param)
+            .map(|v| http::json(StatusCode::OK, &v)),
         Endpoint::Models => Ok(http::json(
             StatusCode::OK,
             &openai::model_list([(w.model.to_string(), "rbee".to_string())]),
@@ -671,6 +687,27 @@ async fn engine_answer<T>(
     answer
         .await
         .map_err(|_| ApiError::new(ErrorCode::InferenceFailed, "the engine stopped"))
+}
+
+/// OpenAI's `POST /v1/responses` for this worker's model; it keeps its own
+/// responses for `previous_response_id`.
+async fn responses_route(w: &Worker, req: Request<Incoming>) -> Response<Body> {
+    let started = async {
+        let body = http::read_body(req).await?;
+        let mut prepared = responses::parse(&body, &w.responses)?;
+        let inference = std::mem::take(&mut prepared.inference);
+        Ok::<_, ApiError>((prepared, start(w, inference).await?))
+    };
+    match started.await {
+        Ok((prepared, (prompt_tokens, events))) => {
+            let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
+            let name = prepared.model.clone();
+            let answer =
+                responses::Answer::new(&name, prompt_tokens, prepared, w.responses.clone());
+            responses::respond(answer, pieces).await
+        }
+        Err(e) => responses::error(e),
+    }
 }
 
 /// llama-server's `POST /completion`.

@@ -2,7 +2,8 @@
 //! (installed by `make test` into .models/py): the `ollama` library against
 //! the queen, its `--ollama-port` and a worker (`clients/ollama_test.py`), and
 //! the `anthropic` SDK against the queen and a worker (`clients/anthropic_test.py`),
-//! and llama-server's own endpoints as scripts call them (`clients/llama_server_test.py`).
+//! llama-server's own endpoints as scripts call them (`clients/llama_server_test.py`),
+//! and OpenAI's Responses API with the `openai` client (`clients/responses_test.py`).
 
 use crate::hf_server::HfServer;
 use crate::support::*;
@@ -62,4 +63,9 @@ fn ollama_and_anthropic_clients_work_against_queen_and_worker() {
         &[&worker.url, &queen.url, name],
     );
     assert!(stdout.contains("9 passed, 0 failed"), "{stdout}");
+    let stdout = python(
+        "clients/responses_test.py",
+        &[&queen.url, &worker.url, name],
+    );
+    assert!(stdout.contains("10 passed, 0 failed"), "{stdout}");
 }

@@ -1,0 +1,703 @@
+//! OpenAI's Responses API (`/v1/responses`): a string or items as input,
+//! `instructions`, function tools, `text.format`, streaming with its typed
+//! events, and `previous_response_id`: the conversation of each stored response
+//! is kept a while (an hour, at most [`MAX_STORED`] of them and
+//! [`MAX_STORED_BYTES`] of text, least recently used first out), so a client
+//! sends only its new turn; its prefix routes it to the worker that holds it.
+
+use crate::answer::{Ending, Piece, Pieces};
+use crate::http::{self, Body};
+use crate::protocol::{
+    ApiError, ChatMessage, Constraint, ErrorCode, FunctionCall, InferenceRequest, SamplingParams,
+    StopReason, Tool, ToolCall,
+};
+use hyper::body::Bytes;
+use hyper::{Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use crate::openai::error;
+
+/// How long a stored response can be continued or fetched.
+pub const KEEP_FOR: Duration = Duration::from_secs(3600);
+pub const MAX_STORED: usize = 1024;
+pub const MAX_STORED_BYTES: usize = 64 << 20;
+
+/// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.
+#[derive(Clone, Default)]
+pub struct Store {
+    inner: Arc<Mutex<HashMap<String, Stored>>>,
+}
+
+struct Stored {
+    /// The response object as it was answered.
+    response: Value,
+    /// The whole conversation up to and with its answer (no instructions).
+    messages: Vec<ChatMessage>,
+    bytes: usize,
+    used: Instant,
+}
+
+impl Store {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Stored>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put(&self, id: &str, response: Value, messages: Vec<ChatMessage>) {
+        let bytes = messages.iter().map(|m| m.content.len() + 64).sum::<usize>()
+            + response.to_string().len();
+        let mut all = self.lock();
+        all.retain(|_, s| s.used.elapsed() < KEEP_FOR);
+        all.insert(
+            id.to_string(),
+            Stored {
+                response,
+                messages,
+                bytes,
+                used: Instant::now(),
+            },
+        );
+        // Least recently used out first, until both bounds hold.
+        while all.len() > MAX_STORED
+            || all.values().map(|s| s.bytes).sum::<usize>() > MAX_STORED_BYTES
+        {
+            let Some(oldest) = all
+                .iter()
+                .min_by_key(|(_, s)| s.used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            all.remove(&oldest);
+        }
+    }
+
+    fn take_messages(&self, id: &str) -> Option<Vec<ChatMessage>> {
+        let mut all = self.lock();
+        let stored = all.get_mut(id).filter(|s| s.used.elapsed() < KEEP_FOR)?;
+        stored.used = Instant::now();
+        Some(stored.messages.clone())
+    }
+
+    /// `GET /v1/responses/{id}`.
+    pub fn get(&self, id: &str) -> Result<Value, ApiError> {
+        let all = self.lock();
+        all.get(id)
+            .filter(|s| s.used.elapsed() < KEEP_FOR)
+            .map(|s| s.response.clone())
+            .ok_or_else(|| not_found(id))
+    }
+
+    /// `DELETE /v1/responses/{id}`.
+    pub fn delete(&self, id: &str) -> Result<Value, ApiError> {
+        self.lock()
+            .remove(id)
+            .map(|_| json!({"id": id, "object": "response", "deleted": true}))
+            .ok_or_else(|| not_found(id))
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no response {id}: responses are kept for an hour, the {MAX_STORED} most recent"),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct Request {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    input: Value,
+    #[serde(default)]
+    instructions: Option<String>,
+    #[serde(default)]
+    previous_response_id: Option<String>,
+    max_output_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    #[serde(default)]
+    tools: Vec<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    text: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    store: Option<bool>,
+    #[serde(default)]
+    metadata: Option<Value>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// Fields that cannot change the answer.
+const HARMLESS: &[&str] = &[
+    "user",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+];
+
+/// A request rbee can run, and what its response object repeats.
+#[derive(Debug)]
+pub struct Prepared {
+    pub model: String,
+    pub inference: InferenceRequest,
+    pub stream: bool,
+    pub tool_calls: bool,
+    /// The conversation so far, with this turn's input (not the instructions).
+    conversation: Vec<ChatMessage>,
+    /// What the response object echoes of the request.
+    echo: Value,
+    store: bool,
+}
+
+/// Checks a `/v1/responses` request; `previous_response_id` is looked up in `store`.
+pub fn parse(body: &[u8], store: &Store) -> Result<Prepared, ApiError> {
+    let req: Request = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    if req.model.is_empty() {
+        return Err(ApiError::invalid("model", "model is required"));
+    }
+    let mut rest = req.rest;
+    for name in ["truncation", "reasoning", "include"] {
+        // Their off values: no truncation, no reasoning, nothing extra included.
+        let off = match rest.get(name) {
+            Some(Value::String(s)) => s == "disabled",
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(Value::Object(o)) => o.values().all(Value::is_null),
+            _ => true,
+        };
+        if off {
+            rest.remove(name);
+        }
+    }
+    crate::protocol::refuse_unhonoured(&rest, HARMLESS)?;
+    let sampling = SamplingParams {
+        max_tokens: req.max_output_tokens,
+        temperature: Some(req.temperature.unwrap_or(1.0)),
+        top_p: req.top_p,
+        top_k: Some(0),
+        ..SamplingParams::default()
+    };
+    sampling.validate().map_err(|e| match e.param.as_deref() {
+        Some("max_tokens") => ApiError::invalid(
+            "max_output_tokens",
+            e.message.replace("max_tokens", "max_output_tokens"),
+        ),
+        _ => e,
+    })?;
+    let mut conversation = match &req.previous_response_id {
+        Some(id) => store
+            .take_messages(id)
+            .ok_or_else(|| ApiError::invalid("previous_response_id", not_found(id).message))?,
+        None => Vec::new(),
+    };
+    conversation.extend(input(req.input)?);
+    if conversation.is_empty() {
+        return Err(ApiError::invalid("input", "input is required"));
+    }
+    let tools: Vec<Tool> = req.tools.iter().map(tool).collect::<Result<_, _>>()?;
+    let choice = req.tool_choice.as_ref().map(tool_choice).transpose()?;
+    let (tools, tool_constraint) =
+        crate::openai::tools_of(tools, choice.as_ref(), req.parallel_tool_calls)?;
+    let format = text_format(req.text.as_ref())?;
+    if tool_constraint.is_some() && format.is_some() {
+        return Err(ApiError::invalid(
+            "text",
+            "a tool_choice that requires a call and a text.format cannot both hold: give one",
+        ));
+    }
+    let mut messages: Vec<ChatMessage> = req
+        .instructions
+        .iter()
+        .map(|i| ChatMessage::new("system", i.clone()))
+        .collect();
+    messages.extend(conversation.iter().cloned());
+    let echo = json!({"instructions": req.instructions, "previous_response_id": req.previous_response_id,
+        "max_output_tokens": req.max_output_tokens, "temperature": req.temperature.unwrap_or(1.0),
+        "top_p": req.top_p.unwrap_or(1.0), "tools": req.tools, "tool_choice": req.tool_choice.unwrap_or(json!("auto")),
+        "parallel_tool_calls": req.parallel_tool_calls.unwrap_or(false),
+        "text": req.text.unwrap_or(json!({"format": {"type": "text"}})),
+        "metadata": req.metadata.unwrap_or(json!({})), "store": req.store.unwrap_or(true)});
+    Ok(Prepared {
+        model: req.model,
+        tool_calls: !tools.is_empty(),
+        inference: InferenceRequest {
+            messages: Some(messages),
+            sampling,
+            tools,
+            constraint: tool_constraint.or(format),
+            ..InferenceRequest::default()
+        },
+        stream: req.stream,
+        conversation,
+        echo,
+        store: req.store.unwrap_or(true),
+    })
+}
+
+/// `input`: a string (one user message) or a list of items: messages (text
+/// parts), `function_call`s and their `function_call_output`s.
+fn input(input: Value) -> Result<Vec<ChatMessage>, ApiError> {
+    let bad = |m: String| ApiError::invalid("input", m);
+    let items = match input {
+        Value::String(s) => return Ok(vec![ChatMessage::new("user", s)]),
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(items) => items,
+        other => {
+            return Err(bad(format!(
+                "input must be text or a list of items, not {other}"
+            )))
+        }
+    };
+    let mut out: Vec<ChatMessage> = Vec::new();
+    for item in items {
+        let kind = item
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("message");
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        match kind {
+            "message" => {
+                let role = match item.get("role").and_then(Value::as_str) {
+                    Some("developer" | "system") => "system",
+                    Some(r @ ("user" | "assistant")) => r,
+                    other => return Err(bad(format!("unknown role {other:?}: use user, assistant, system or developer"))),
+                };
+                out.push(ChatMessage::new(role, content(item.get("content").unwrap_or(&Value::Null))?));
+            }
+            "function_call" => {
+                let call = ToolCall {
+                    id: text(&item["call_id"]),
+                    kind: "function".into(),
+                    function: FunctionCall {
+                        name: text(&item["name"]),
+                        arguments: text(&item["arguments"]),
+                    },
+                };
+                match out.last_mut().filter(|m| m.role == "assistant") {
+                    Some(m) => m.tool_calls.push(call),
+                    None => {
+                        let mut m = ChatMessage::new("assistant", "");
+                        m.tool_calls.push(call);
+                        out.push(m);
+                    }
+                }
+            }
+            "function_call_output" => {
+                let output = match &item["output"] {
+                    Value::String(s) => s.clone(),
+                    other => content(other)?,
+                };
+                let mut m = ChatMessage::new("tool", output);
+                m.tool_call_id = item["call_id"].as_str().map(str::to_string);
+                out.push(m);
+            }
+            other => return Err(bad(format!("input items of type {other:?} are not supported by rbee: use messages, function_call and function_call_output"))),
+        }
+    }
+    Ok(out)
+}
+
+/// A message's content: text, or its text parts (`input_text`, `output_text`).
+fn content(v: &Value) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match p.get("type").and_then(Value::as_str) {
+                Some("input_text" | "output_text" | "text") => {
+                    Ok(p.get("text").and_then(Value::as_str).unwrap_or_default())
+                }
+                other => Err(ApiError::invalid(
+                    "input",
+                    format!(
+                        "content parts of type {} are not supported: rbee's workers read text",
+                        other.unwrap_or("untyped")
+                    ),
+                )),
+            })
+            .collect(),
+        other => Err(ApiError::invalid(
+            "input",
+            format!("content must be text or parts, not {other}"),
+        )),
+    }
+}
+
+/// A Responses function tool (`{"type":"function","name",…}`, flat) as rbee's.
+fn tool(t: &Value) -> Result<Tool, ApiError> {
+    match t.get("type").and_then(Value::as_str) {
+        Some("function") => Ok(Tool {
+            kind: "function".into(),
+            function: crate::protocol::FunctionDef {
+                name: t
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                description: t
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                parameters: t.get("parameters").cloned().filter(|p| !p.is_null()),
+            },
+        }),
+        other => Err(ApiError::invalid(
+            "tools",
+            format!(
+                "tools of type {} are not supported: rbee runs the client's own functions",
+                other.unwrap_or("untyped")
+            ),
+        )),
+    }
+}
+
+/// `tool_choice` in Chat Completions' terms, which `openai::tools_of` reads.
+fn tool_choice(choice: &Value) -> Result<Value, ApiError> {
+    match choice {
+        Value::String(_) => Ok(choice.clone()),
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => Ok(
+            json!({"type": "function", "function": {"name": o.get("name").cloned().unwrap_or(Value::Null)}}),
+        ),
+        other => Err(ApiError::invalid(
+            "tool_choice",
+            format!("tool_choice must be auto, none, required or a function, not {other}"),
+        )),
+    }
+}
+
+/// `text.format`: text, `json_object`, or `json_schema` with its `schema`.
+fn text_format(text: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
+    let Some(format) = text.and_then(|t| t.get("format")) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        None | Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::JsonObject)),
+        Some("json_schema") => {
+            let schema = format.get("schema").cloned().unwrap_or(Value::Null);
+            crate::schema::check(&schema, "text")?;
+            Ok(Some(Constraint::JsonSchema { schema }))
+        }
+        Some(other) => Err(ApiError::invalid(
+            "text",
+            format!(
+                "text.format type {other:?} is not supported: use text, json_object or json_schema"
+            ),
+        )),
+    }
+}
+
+/// One response being made.
+pub struct Answer {
+    id: String,
+    model: String,
+    created_at: u64,
+    prompt_tokens: u32,
+    prepared: Prepared,
+    store: Store,
+    message_id: String,
+}
+
+impl Answer {
+    pub fn new(model: &str, prompt_tokens: u32, prepared: Prepared, store: Store) -> Answer {
+        let id = crate::protocol::new_id("resp").replace('-', "_");
+        Answer {
+            message_id: id.replacen("resp", "msg", 1),
+            id,
+            model: model.to_string(),
+            created_at: crate::protocol::unix_now(),
+            prompt_tokens,
+            prepared,
+            store,
+        }
+    }
+
+    /// The response object: `output` so far, `status`, and at the end `usage`.
+    fn object(&self, status: &str, output: Vec<Value>, end: Option<&Ending>) -> Value {
+        let mut v = self.prepared.echo.clone();
+        let fields = json!({"id": self.id, "object": "response", "created_at": self.created_at,
+            "status": status, "model": self.model, "output": output, "error": null,
+            "incomplete_details": match end {
+                Some(e) if e.reason == StopReason::MaxTokens => json!({"reason": "max_output_tokens"}),
+                _ => Value::Null,
+            },
+            "usage": end.map(|e| json!({"input_tokens": self.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": e.cached_tokens},
+                "output_tokens": e.tokens_out, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.prompt_tokens + e.tokens_out}))});
+        if let (Some(v), Value::Object(f)) = (v.as_object_mut(), fields) {
+            v.extend(f);
+        }
+        v
+    }
+
+    fn message(&self, text: &str, status: &str) -> Value {
+        json!({"type": "message", "id": self.message_id, "status": status, "role": "assistant",
+               "content": if status == "in_progress" { json!([]) } else { json!([text_part(text)]) }})
+    }
+
+    /// The finished response's output items: its text, then its calls.
+    fn output(&self, text: &str, end: &Ending) -> Vec<Value> {
+        let mut output = Vec::new();
+        if !text.is_empty() || end.calls.is_empty() {
+            output.push(self.message(text, "completed"));
+        }
+        output.extend(end.calls.iter().map(function_call));
+        output
+    }
+
+    /// The finished response, kept for later turns unless `store` was false.
+    fn finish(&self, text: &str, end: &Ending) -> Value {
+        let status = if end.reason == StopReason::MaxTokens {
+            "incomplete"
+        } else {
+            "completed"
+        };
+        let response = self.object(status, self.output(text, end), Some(end));
+        if self.prepared.store {
+            let mut messages = self.prepared.conversation.clone();
+            let mut said = ChatMessage::new("assistant", text);
+            said.tool_calls = end.calls.clone();
+            messages.push(said);
+            self.store.put(&self.id, response.clone(), messages);
+        }
+        response
+    }
+}
+
+fn text_part(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+}
+
+fn function_call(c: &ToolCall) -> Value {
+    json!({"type": "function_call", "id": format!("fc_{}", c.id), "call_id": c.id,
+           "name": c.function.name, "arguments": c.function.arguments, "status": "completed"})
+}
+
+/// The typed events of a streamed response, numbered.
+struct Events {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    n: u64,
+}
+
+impl Events {
+    async fn send(&mut self, kind: &str, mut v: Value) -> bool {
+        v["type"] = json!(kind);
+        v["sequence_number"] = json!(self.n);
+        self.n += 1;
+        self.tx.send(http::sse::named_event(kind, &v)).await.is_ok()
+    }
+}
+
+/// Turns an answer's pieces into a response, whole or as its event stream.
+pub async fn respond(answer: Answer, mut pieces: Pieces) -> Response<Body> {
+    if !answer.prepared.stream {
+        return match pieces.whole().await {
+            Ok((text, end)) => http::json(StatusCode::OK, &answer.finish(&text, &end)),
+            Err(e) => error(e),
+        };
+    }
+    let (tx, resp) = http::sse_response();
+    tokio::spawn(async move {
+        let mut ev = Events { tx, n: 0 };
+        let started = answer.object("in_progress", vec![], None);
+        if !ev
+            .send("response.created", json!({"response": started}))
+            .await
+            || !ev
+                .send("response.in_progress", json!({"response": started}))
+                .await
+        {
+            return;
+        }
+        let (item, mut text, mut opened) = (answer.message_id.clone(), String::new(), false);
+        let open = json!({"output_index": 0, "item": answer.message("", "in_progress")});
+        let part =
+            json!({"item_id": item, "output_index": 0, "content_index": 0, "part": text_part("")});
+        loop {
+            let piece = tokio::select! {
+                piece = pieces.next() => piece,
+                () = ev.tx.closed() => return,
+            };
+            match piece {
+                Piece::Text(t) => {
+                    if !opened {
+                        opened = true;
+                        if !ev.send("response.output_item.added", open.clone()).await
+                            || !ev.send("response.content_part.added", part.clone()).await
+                        {
+                            return;
+                        }
+                    }
+                    text.push_str(&t);
+                    let delta = json!({"item_id": item, "output_index": 0, "content_index": 0, "delta": t, "logprobs": []});
+                    if !ev.send("response.output_text.delta", delta).await {
+                        return;
+                    }
+                }
+                Piece::End(end) => {
+                    if !opened && end.calls.is_empty() {
+                        opened = true;
+                        ev.send("response.output_item.added", open.clone()).await;
+                        ev.send("response.content_part.added", part.clone()).await;
+                    }
+                    if opened {
+                        let done = json!({"item_id": item, "output_index": 0, "content_index": 0, "text": text, "logprobs": []});
+                        ev.send("response.output_text.done", done).await;
+                        let part = json!({"item_id": item, "output_index": 0, "content_index": 0, "part": text_part(&text)});
+                        ev.send("response.content_part.done", part).await;
+                        let item =
+                            json!({"output_index": 0, "item": answer.message(&text, "completed")});
+                        ev.send("response.output_item.done", item).await;
+                    }
+                    for (i, call) in end.calls.iter().enumerate() {
+                        let index = i + usize::from(opened);
+                        let done = function_call(call);
+                        let mut added = done.clone();
+                        added["arguments"] = json!("");
+                        added["status"] = json!("in_progress");
+                        let id = done["id"].clone();
+                        ev.send(
+                            "response.output_item.added",
+                            json!({"output_index": index, "item": added}),
+                        )
+                        .await;
+                        ev.send("response.function_call_arguments.delta",
+                                json!({"item_id": id, "output_index": index, "delta": call.function.arguments})).await;
+                        ev.send("response.function_call_arguments.done",
+                                json!({"item_id": id, "output_index": index, "arguments": call.function.arguments})).await;
+                        ev.send(
+                            "response.output_item.done",
+                            json!({"output_index": index, "item": done}),
+                        )
+                        .await;
+                    }
+                    let response = answer.finish(&text, &end);
+                    let kind = if response["status"] == "incomplete" {
+                        "response.incomplete"
+                    } else {
+                        "response.completed"
+                    };
+                    ev.send(kind, json!({ "response": response })).await;
+                    return;
+                }
+                Piece::Failed(e) => {
+                    let failed =
+                        json!({"code": e.code.as_str(), "message": e.message, "param": e.param});
+                    ev.send("error", failed).await;
+                    return;
+                }
+            }
+        }
+    });
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_json(v: Value, store: &Store) -> Result<Prepared, ApiError> {
+        parse(v.to_string().as_bytes(), store)
+    }
+
+    #[test]
+    fn input_items_become_messages_and_a_previous_response_continues() {
+        let store = Store::default();
+        let p = parse_json(json!({"model": "m", "instructions": "Be brief.", "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+            "max_output_tokens": 9, "store": true, "user": "u", "truncation": "disabled"}), &store)
+        .unwrap();
+        let m = p.inference.messages.as_ref().unwrap();
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool"]);
+        assert_eq!(m[3].tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(p.inference.sampling.max_tokens, Some(9));
+        assert!(p.tool_calls);
+
+        let answer = Answer::new("m", 10, p, store.clone());
+        let end = Ending {
+            calls: vec![],
+            reason: StopReason::Eos,
+            tokens_out: 2,
+            cached_tokens: 0,
+            decode_time_ms: 1,
+        };
+        let response = answer.finish("It is sunny.", &end);
+        assert_eq!(response["status"], "completed");
+        assert_eq!(response["output"][0]["content"][0]["text"], "It is sunny.");
+        let id = response["id"].as_str().unwrap();
+        assert_eq!(store.get(id).unwrap()["id"], id);
+
+        let next = parse_json(
+            json!({"model": "m", "input": "And tomorrow?", "previous_response_id": id}),
+            &store,
+        )
+        .unwrap();
+        let m = next.inference.messages.unwrap();
+        // The earlier turns without the earlier instructions, then the new one.
+        assert_eq!(m.len(), 5);
+        assert_eq!(
+            (m[3].role.as_str(), m[4].content.as_str()),
+            ("assistant", "And tomorrow?")
+        );
+        assert!(parse_json(
+            json!({"model": "m", "input": "x", "previous_response_id": "resp_nope"}),
+            &store
+        )
+        .is_err());
+        assert!(store.delete(id).is_ok() && store.get(id).is_err());
+    }
+
+    #[test]
+    fn what_rbee_does_not_honour_is_named() {
+        let store = Store::default();
+        for (extra, param) in [
+            (json!({"reasoning": {"effort": "high"}}), "reasoning"),
+            (json!({"tools": [{"type": "web_search"}]}), "tools"),
+            (
+                json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
+                "input",
+            ),
+            (json!({"text": {"format": {"type": "yaml"}}}), "text"),
+            (json!({"max_output_tokens": 0}), "max_output_tokens"),
+        ] {
+            let mut body = json!({"model": "m", "input": "hi"});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let e = parse_json(body, &store).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn the_store_keeps_the_most_recent_within_its_bounds() {
+        let store = Store::default();
+        for i in 0..MAX_STORED + 5 {
+            store.put(
+                &format!("r{i}"),
+                json!({}),
+                vec![ChatMessage::new("user", "x")],
+            );
+        }
+        assert!(store.get("r0").is_err(), "the oldest went");
+        assert!(store.get(&format!("r{}", MAX_STORED + 4)).is_ok());
+        assert_eq!(store.lock().len(), MAX_STORED);
+    }
+}
