@@ -4,7 +4,7 @@
 //! Each front only puts these pieces into its own protocol's shape, so text is
 //! held back from where a call may begin in one place, for all of them.
 
-use crate::protocol::{ApiError, ErrorCode, InferenceEvent, StopReason, ToolCall};
+use crate::protocol::{ApiError, ErrorCode, InferenceEvent, StopReason, TokenLogprob, ToolCall};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub const ENGINE_STOPPED: &str = "the engine stopped before the answer was complete";
@@ -31,6 +31,9 @@ pub struct Ending {
     pub cached_tokens: u32,
     /// Milliseconds the worker spent generating.
     pub decode_time_ms: u64,
+    /// Every token's log-probability, when the request asked and the answer
+    /// was read whole ([`Pieces::whole`]).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Reads an answer's events as pieces. With `tool_calls`, text that may be
@@ -41,6 +44,8 @@ pub struct Pieces {
     held: String,
     sent_text: bool,
     next: Option<Piece>,
+    /// Log-probabilities of the text read so far and not yet taken.
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl Pieces {
@@ -51,6 +56,7 @@ impl Pieces {
             held: String::new(),
             sent_text: false,
             next: None,
+            logprobs: Vec::new(),
         }
     }
 
@@ -62,7 +68,8 @@ impl Pieces {
         loop {
             let event = self.events.recv().await;
             match event {
-                Some(InferenceEvent::Token { t, .. }) => {
+                Some(InferenceEvent::Token { t, logprobs, .. }) => {
+                    self.logprobs.extend(logprobs);
                     if !self.tool_calls {
                         return Piece::Text(t);
                     }
@@ -91,6 +98,7 @@ impl Pieces {
                         tokens_out,
                         cached_tokens,
                         decode_time_ms,
+                        logprobs: Vec::new(),
                     });
                     if text.is_empty() {
                         return end;
@@ -109,13 +117,21 @@ impl Pieces {
         }
     }
 
+    /// The log-probabilities of the text returned so far, once each.
+    pub fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.logprobs)
+    }
+
     /// The whole answer: its text and how it ended, or why it failed.
     pub async fn whole(mut self) -> Result<(String, Ending), ApiError> {
         let mut text = String::new();
         loop {
             match self.next().await {
                 Piece::Text(t) => text.push_str(&t),
-                Piece::End(end) => return Ok((text, end)),
+                Piece::End(mut end) => {
+                    end.logprobs = self.take_logprobs();
+                    return Ok((text, end));
+                }
                 Piece::Failed(e) => return Err(e),
             }
         }
@@ -149,6 +165,7 @@ mod tests {
                 t: t.to_string(),
                 i: i as u32,
                 ids: vec![],
+                logprobs: vec![],
             })
             .unwrap();
         }

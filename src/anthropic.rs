@@ -599,6 +599,7 @@ mod tests {
             tokens_out: 3,
             cached_tokens: 2,
             decode_time_ms: 1,
+            logprobs: vec![],
         };
         let v = a.whole("hi", &end(StopReason::StopSequence, vec![]));
         assert_eq!(v["content"], json!([{"type": "text", "text": "hi"}]));

@@ -637,6 +637,7 @@ mod tests {
             tokens_out: 2,
             cached_tokens: 0,
             decode_time_ms: 1,
+            logprobs: vec![],
         };
         let response = answer.finish("It is sunny.", &end);
         assert_eq!(response["status"], "completed");

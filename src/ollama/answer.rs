@@ -5,7 +5,7 @@
 use super::{error, Kind};
 use crate::answer::{Ending, Piece, Pieces};
 use crate::http::{self, Body};
-use crate::protocol::{ModelEntry, StopReason, ToolCall, WorkerInfo};
+use crate::protocol::{ModelEntry, StopReason, TokenLogprob, ToolCall, WorkerInfo};
 use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -19,6 +19,8 @@ pub struct Answer {
     pub arrived: Instant,
     /// When the first piece came: the prompt's evaluation ends there.
     first: Option<Instant>,
+    /// The request asked for its tokens' log-probabilities.
+    pub logprobs: bool,
 }
 
 impl Answer {
@@ -29,6 +31,7 @@ impl Answer {
             prompt_tokens,
             arrived,
             first: None,
+            logprobs: false,
         }
     }
 
@@ -38,6 +41,23 @@ impl Answer {
         match self.kind {
             Kind::Chat => v["message"] = message(text, calls),
             Kind::Generate => v["response"] = json!(text),
+        }
+        v
+    }
+
+    /// Ollama's `logprobs` for these tokens, when asked.
+    fn with_logprobs(&self, mut v: Value, lps: &[TokenLogprob]) -> Value {
+        if self.logprobs {
+            let one = |l: &TokenLogprob| json!({"token": l.token, "logprob": l.logprob});
+            let all: Vec<Value> = lps
+                .iter()
+                .map(|l| {
+                    let mut v = one(l);
+                    v["top_logprobs"] = l.top.iter().map(one).collect();
+                    v
+                })
+                .collect();
+            v["logprobs"] = json!(all);
         }
         v
     }
@@ -94,7 +114,10 @@ fn message(text: &str, calls: &[ToolCall]) -> Value {
 pub async fn respond(mut answer: Answer, mut pieces: Pieces, stream: bool) -> Response<Body> {
     if !stream {
         return match pieces.whole().await {
-            Ok((text, end)) => http::json(StatusCode::OK, &answer.done(&text, &end)),
+            Ok((text, end)) => {
+                let whole = answer.with_logprobs(answer.done(&text, &end), &end.logprobs);
+                http::json(StatusCode::OK, &whole)
+            }
             Err(e) => error(e),
         };
     }
@@ -108,7 +131,10 @@ pub async fn respond(mut answer: Answer, mut pieces: Pieces, stream: bool) -> Re
             };
             answer.first.get_or_insert_with(Instant::now);
             let (out, last) = match piece {
-                Piece::Text(text) => (answer.part(&text, &[]), false),
+                Piece::Text(text) => {
+                    let lps = pieces.take_logprobs();
+                    (answer.with_logprobs(answer.part(&text, &[]), &lps), false)
+                }
                 Piece::End(end) => (answer.done("", &end), true),
                 Piece::Failed(e) => (json!({"error": e.message}), true),
             };
@@ -240,6 +266,7 @@ mod tests {
             tokens_out: 3,
             cached_tokens: 0,
             decode_time_ms: 2,
+            logprobs: vec![],
         };
         let v = a.done("hi", &end);
         assert_eq!(v["message"], json!({"role": "assistant", "content": "hi"}));

@@ -57,6 +57,8 @@ pub struct Prepared {
     pub keep_alive: Option<KeepAlive>,
     /// `/api/generate` with no prompt: load the model (or, with `keep_alive` 0, unload it).
     pub load_only: bool,
+    /// The answer carries its tokens' log-probabilities.
+    pub logprobs: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +83,10 @@ struct Request {
     stream: Option<bool>,
     #[serde(default)]
     keep_alive: Option<Value>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
     /// Everything else: refused unless harmless.
     #[serde(flatten)]
     rest: Map<String, Value>,
@@ -167,6 +173,25 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
         })?;
     crate::protocol::refuse_unhonoured(&rest, &[])?;
     let keep_alive = req.keep_alive.as_ref().map(keep_alive).transpose()?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs.unwrap_or(0)) {
+        (_, top) if top > crate::protocol::MAX_TOP_LOGPROBS => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                format!(
+                    "top_logprobs must be between 0 and {}, got {top}",
+                    crate::protocol::MAX_TOP_LOGPROBS
+                ),
+            ))
+        }
+        (true, top) => Some(top),
+        (false, 0) => None,
+        (false, _) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ))
+        }
+    };
     let (sampling, context_limit) = options(req.options.unwrap_or_default())?;
     let constraint = format(req.format.as_ref())?;
     let (tools, _) = crate::openai::tools_of(req.tools.unwrap_or_default(), None, None)?;
@@ -228,8 +253,10 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
             context_limit,
             tools,
             constraint,
+            logprobs,
             ..InferenceRequest::default()
         },
+        logprobs: logprobs.is_some(),
         stream: req.stream.unwrap_or(true),
         keep_alive,
         load_only,
@@ -524,7 +551,7 @@ mod tests {
             (r#","options":{"temperature":9}"#, "temperature"),
             (r#","options":{"num_ctx":0}"#, "num_ctx"),
             (r#","think":true"#, "think"),
-            (r#","logprobs":true"#, "logprobs"),
+            (r#","logprobs":true,"top_logprobs":21"#, "top_logprobs"),
             (r#","format":"yaml""#, "format"),
             (r#","keep_alive":"soon""#, "keep_alive"),
             (r#","prompt":"x""#, "prompt"),

@@ -5,7 +5,7 @@
 use super::{error, error_event, Kind};
 use crate::answer::{Ending, Piece, Pieces};
 use crate::http::{self, Body};
-use crate::protocol::{StopReason, ToolCall};
+use crate::protocol::{StopReason, TokenLogprob, ToolCall};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -30,6 +30,8 @@ pub struct Answer {
     pub model: String,
     pub created: u64,
     pub prompt_tokens: u32,
+    /// The request asked for its tokens' log-probabilities.
+    pub logprobs: bool,
 }
 
 #[derive(Serialize)]
@@ -59,6 +61,7 @@ impl Answer {
             model: model.to_string(),
             created: created(),
             prompt_tokens,
+            logprobs: false,
         }
     }
 
@@ -123,6 +126,60 @@ impl Answer {
             .collect()
     }
 
+    /// A choice's `logprobs`, in the shape of the answer's kind: chat's
+    /// `content` list, or completions' parallel lists; `null` when not asked.
+    fn logprobs(&self, lps: &[TokenLogprob]) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        match self.kind {
+            Kind::Chat => {
+                let one = |l: &TokenLogprob| json!({"token": l.token, "logprob": l.logprob, "bytes": l.bytes});
+                let content: Vec<Value> = lps
+                    .iter()
+                    .map(|l| {
+                        let mut v = one(l);
+                        v["top_logprobs"] = l.top.iter().map(one).collect();
+                        v
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Kind::Completion => {
+                let top: Vec<Value> = lps
+                    .iter()
+                    .map(|l| {
+                        l.top
+                            .iter()
+                            .map(|t| (t.token.clone(), json!(t.logprob)))
+                            .collect::<serde_json::Map<_, _>>()
+                            .into()
+                    })
+                    .collect();
+                let mut offset = 0;
+                let offsets: Vec<usize> = lps
+                    .iter()
+                    .map(|l| {
+                        let at = offset;
+                        offset += l.token.len();
+                        at
+                    })
+                    .collect();
+                json!({"tokens": lps.iter().map(|l| &l.token).collect::<Vec<_>>(),
+                       "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                       "top_logprobs": top, "text_offset": offsets})
+            }
+        }
+    }
+
+    /// A streamed chunk with the log-probabilities of its text, when asked.
+    fn with_logprobs(&self, mut chunk: Value, lps: &[TokenLogprob]) -> Value {
+        if self.logprobs {
+            chunk["choices"][0]["logprobs"] = self.logprobs(lps);
+        }
+        chunk
+    }
+
     /// The whole answer, not streamed.
     pub fn whole(&self, text: &str, end: &Ending) -> Value {
         let mut finish = finish_reason(end.reason);
@@ -137,12 +194,12 @@ impl Answer {
                            "tool_calls": end.calls})
                 };
                 json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "choices": [{"index": 0, "message": message, "logprobs": self.logprobs(&end.logprobs), "finish_reason": finish}],
                 "usage": usage})
             }
             Kind::Completion => {
                 json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+                "choices": [{"index": 0, "text": text, "logprobs": self.logprobs(&end.logprobs), "finish_reason": finish}],
                 "usage": usage})
             }
         }
@@ -179,11 +236,9 @@ pub async fn respond(
             };
             match piece {
                 Piece::Text(text) => {
-                    if tx
-                        .send(send(&answer.chunk(Some(&text), None)))
-                        .await
-                        .is_err()
-                    {
+                    let lps = pieces.take_logprobs();
+                    let chunk = answer.with_logprobs(answer.chunk(Some(&text), None), &lps);
+                    if tx.send(send(&chunk)).await.is_err() {
                         return;
                     }
                 }
@@ -293,6 +348,7 @@ mod tests {
             tokens_out: 9,
             cached_tokens: 0,
             decode_time_ms: 1,
+            logprobs: vec![],
         };
         // Without tools in the request, the text is just text.
         let plain = answer.whole(text, &ending(vec![]));
@@ -330,6 +386,7 @@ mod tests {
             tokens_out,
             cached_tokens: 0,
             decode_time_ms: 1,
+            logprobs: vec![],
         }
     }
 

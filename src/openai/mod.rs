@@ -125,6 +125,13 @@ pub struct CompletionRequest {
     /// llama-server's GBNF grammar on the output (rule `root` first).
     #[serde(default)]
     pub grammar: Option<String>,
+    /// Chat: `true` for each token's log-probability; completions: a number,
+    /// how many alternatives with it.
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    /// Chat: how many alternatives with each token's log-probability.
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
     /// Every other field: refused unless it leaves the answer as it is.
     #[serde(flatten)]
     pub rest: serde_json::Map<String, Value>,
@@ -155,6 +162,8 @@ pub struct Prepared {
     pub include_usage: bool,
     /// The answer may hold tool calls, to be found in its text.
     pub tool_calls: bool,
+    /// The answer carries its tokens' log-probabilities.
+    pub logprobs: bool,
 }
 
 /// The model a request names, read without judging the rest (the queen routes by it).
@@ -267,8 +276,10 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
     if kind == Kind::Completion && !tools.is_empty() {
         return Err(bad("tools need /v1/chat/completions".into(), "tools"));
     }
+    let logprobs = logprobs_of(kind, req.logprobs.as_ref(), req.top_logprobs)?;
     Ok(Prepared {
         tool_calls: !tools.is_empty(),
+        logprobs: logprobs.is_some(),
         inference: InferenceRequest {
             prompt,
             messages: chat,
@@ -276,11 +287,61 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
             cache_prompt: req.cache_prompt,
             tools,
             constraint: tool_constraint.or(format),
+            logprobs,
             ..InferenceRequest::default()
         },
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
     })
+}
+
+/// How many alternatives to send with each token's log-probability, if any:
+/// chat's `logprobs: true` with `top_logprobs`, completions' `logprobs: N`.
+fn logprobs_of(
+    kind: Kind,
+    logprobs: Option<&Value>,
+    top: Option<u32>,
+) -> Result<Option<u32>, ApiError> {
+    let asked = match (kind, logprobs) {
+        (_, None | Some(Value::Null) | Some(Value::Bool(false))) => {
+            if top.is_some_and(|t| t > 0) {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                ));
+            }
+            return Ok(None);
+        }
+        (Kind::Chat, Some(Value::Bool(true))) => top.unwrap_or(0),
+        (Kind::Completion, Some(Value::Number(n))) => n
+            .as_u64()
+            .map_or(u32::MAX, |n| n.min(u64::from(u32::MAX)) as u32),
+        (Kind::Chat, Some(other)) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("logprobs must be true or false, not {other}"),
+            ))
+        }
+        (Kind::Completion, Some(other)) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("logprobs must be a number of alternatives (0 to 20), not {other}"),
+            ))
+        }
+    };
+    let max = crate::protocol::MAX_TOP_LOGPROBS;
+    if asked > max {
+        let param = if kind == Kind::Chat {
+            "top_logprobs"
+        } else {
+            "logprobs"
+        };
+        return Err(ApiError::invalid(
+            param,
+            format!("{param} must be between 0 and {max}, got {asked}"),
+        ));
+    }
+    Ok(Some(asked))
 }
 
 /// The tools the model is shown, and the constraint `tool_choice` asks for:
@@ -492,6 +553,31 @@ mod tests {
                 None,
             ),
             (chat(r#","audio":{"voice":"x"}"#), Kind::Chat, Some("audio")),
+            (
+                chat(r#","logprobs":true,"top_logprobs":5"#),
+                Kind::Chat,
+                None,
+            ),
+            (
+                chat(r#","logprobs":true,"top_logprobs":21"#),
+                Kind::Chat,
+                Some("top_logprobs"),
+            ),
+            (
+                chat(r#","top_logprobs":2"#),
+                Kind::Chat,
+                Some("top_logprobs"),
+            ),
+            (
+                r#"{"model":"m","prompt":"x","logprobs":3}"#.into(),
+                Kind::Completion,
+                None,
+            ),
+            (
+                r#"{"model":"m","prompt":"x","logprobs":true}"#.into(),
+                Kind::Completion,
+                Some("logprobs"),
+            ),
             (
                 chat(r#","reasoning_effort":"low""#),
                 Kind::Chat,

@@ -279,6 +279,10 @@ pub struct InferenceRequest {
     /// (Ollama's `num_ctx`); the worker's own context per slot when less.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_limit: Option<u32>,
+    /// Each generated token's log-probability is sent, with this many of the
+    /// likeliest alternatives (0 to [`MAX_TOP_LOGPROBS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
 }
 
 /// `POST /tokenize` on a worker: llama-server's fields (`content`, `add_special`,
@@ -528,6 +532,10 @@ pub enum InferenceEvent {
         /// The tokens this text is made of (a failover resumes after them).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         ids: Vec<i32>,
+        /// When the request asked (`logprobs`): each of `ids`' log-probability
+        /// and the likeliest alternatives.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        logprobs: Vec<TokenLogprob>,
     },
     End {
         tokens_out: u32,
@@ -548,6 +556,20 @@ pub enum InferenceEvent {
         message: String,
     },
 }
+
+/// A generated token's log-probability under the model (its logits before any
+/// sampler), and the `top` likeliest tokens at that place with theirs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TokenLogprob>,
+}
+
+/// The most alternatives a request may ask for, as OpenAI allows.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// Where a job's answer came from and how long it took to start, as the
 /// queen saw it (the keeper's `--verbose` summary).
@@ -1295,6 +1317,7 @@ mod tests {
                 t: "x".into(),
                 i: 0,
                 ids: vec![87],
+                logprobs: vec![],
             }),
         ];
         for e in events {
@@ -1377,6 +1400,7 @@ mod tests {
             t: " upon".into(),
             i: 1,
             ids: vec![2402],
+            logprobs: vec![],
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),

@@ -43,7 +43,8 @@ pub(super) async fn openai_route(
         Ok(started) => started,
         Err(e) => return openai::error(e),
     };
-    let answer = openai::Answer::new(kind, &model, prompt_tokens);
+    let mut answer = openai::Answer::new(kind, &model, prompt_tokens);
+    answer.logprobs = prepared.logprobs;
     let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
     let resp = openai::respond(answer, pieces, prepared.stream, prepared.include_usage).await;
     with_job(resp, &job)

@@ -289,6 +289,7 @@ mod tests {
             t: "hi".into(),
             i: 0,
             ids: vec![7],
+            logprobs: vec![],
         };
         job.push(&JobEvent::Inference(token.clone()));
         assert_eq!(

@@ -49,7 +49,8 @@ pub(super) async fn chat(q: &Queen, req: Request<Incoming>, kind: Kind) -> Respo
         Err(e) => return ollama::error(e),
     };
     let events = keeping_alive(q, events, prepared.keep_alive);
-    let answer = ollama::Answer::new(kind, &prepared.model, prompt_tokens, arrived);
+    let mut answer = ollama::Answer::new(kind, &prepared.model, prompt_tokens, arrived);
+    answer.logprobs = prepared.logprobs;
     let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
     with_job(ollama::respond(answer, pieces, prepared.stream).await, &job)
 }

@@ -409,7 +409,12 @@ async fn relay(
                 sent.started = true;
                 event
             }
-            InferenceEvent::Token { t, i, ids } => {
+            InferenceEvent::Token {
+                t,
+                i,
+                ids,
+                logprobs,
+            } => {
                 if first + i == 0 {
                     let ttft = job.created.elapsed();
                     sent.first_token_ms = ttft.as_millis() as u64;
@@ -421,6 +426,7 @@ async fn relay(
                     t,
                     i: first + i,
                     ids,
+                    logprobs,
                 }
             }
             InferenceEvent::End {
@@ -712,6 +718,7 @@ mod tests {
             };
             let tokens = |n: u32| {
                 std::iter::once(started.clone()).chain((0..n).map(|i| InferenceEvent::Token {
+                    logprobs: vec![],
                     t: "x".into(),
                     i,
                     ids: vec![100 + i as i32],

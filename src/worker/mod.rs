@@ -567,19 +567,19 @@ async fn openai_completion(
     let started = async {
         let body = http::read_body(req).await?;
         let prepared = openai::parse(&body, kind)?;
-        let tool_calls = prepared.tool_calls;
+        let (tool_calls, logprobs) = (prepared.tool_calls, prepared.logprobs);
         let (prompt_tokens, events) = start(w, prepared.inference).await?;
         Ok::<_, ApiError>((
-            prepared.stream,
-            prepared.include_usage,
-            tool_calls,
+            (prepared.stream, prepared.include_usage),
+            (tool_calls, logprobs),
             prompt_tokens,
             events,
         ))
     };
     match started.await {
-        Ok((stream, include_usage, tool_calls, prompt_tokens, events)) => {
-            let answer = openai::Answer::new(kind, &w.model, prompt_tokens);
+        Ok(((stream, include_usage), (tool_calls, logprobs), prompt_tokens, events)) => {
+            let mut answer = openai::Answer::new(kind, &w.model, prompt_tokens);
+            answer.logprobs = logprobs;
             let pieces = crate::answer::Pieces::new(events, tool_calls);
             openai::respond(answer, pieces, stream, include_usage).await
         }
@@ -608,7 +608,8 @@ async fn ollama_chat(w: &Worker, req: Request<Incoming>, kind: ollama::Kind) -> 
     };
     match started.await {
         Ok((prepared, Some((prompt_tokens, events)))) => {
-            let answer = ollama::Answer::new(kind, &prepared.model, prompt_tokens, arrived);
+            let mut answer = ollama::Answer::new(kind, &prepared.model, prompt_tokens, arrived);
+            answer.logprobs = prepared.logprobs;
             let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
             ollama::respond(answer, pieces, prepared.stream).await
         }

@@ -85,7 +85,23 @@ def suite(base, where):
         except openai.BadRequestError as e:
             assert "unknown role" in str(e), e
 
-    for name, fn in [("models", models), ("chat", chat_whole), ("chat stream", chat_stream),
+    def logprobs():
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Why is the sky blue?"}],
+                                           max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        assert "".join(t.token for t in content) == r.choices[0].message.content, content
+        assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 for t in content), content
+        assert all(t.token == t.top_logprobs[0].token for t in content), "greedy takes the likeliest"
+        streamed = list(client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Why is the sky blue?"}], max_tokens=5,
+            temperature=0, logprobs=True, stream=True))
+        tokens = [t.token for c in streamed if c.choices and c.choices[0].logprobs
+                  for t in c.choices[0].logprobs.content or []]
+        assert "".join(tokens) == r.choices[0].message.content, tokens
+        done = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0, logprobs=2)
+        assert len(done.choices[0].logprobs.token_logprobs) == 4, done.choices[0].logprobs
+
+    for name, fn in [("models", models), ("logprobs", logprobs), ("chat", chat_whole), ("chat stream", chat_stream),
                      ("completions", completion_whole_and_stream), ("stop", stop_sequences), ("prompt cache", prompt_cache),
                      ("errors", errors)]:
         check(f"{where} {name}", fn)

@@ -74,6 +74,12 @@ def chat_suite(base, where):
         answer = c.chat(model=MODEL, messages=messages, tools=[WEATHER], options={"temperature": 0, "num_predict": 30})
         assert answer.message.content or answer.message.tool_calls, answer
 
+    def logprobs():
+        r = c.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=2,
+                   options={"temperature": 0, "num_predict": 4})
+        assert len(r.logprobs) == r.eval_count and all(len(l.top_logprobs) == 2 for l in r.logprobs), r.logprobs
+        assert "".join(l.token for l in r.logprobs) == r.message.content, r
+
     def embed():
         e = c.embed(model=MODEL, input=["hello", "world"])
         assert len(e.embeddings) == 2 and len(e.embeddings[0]) == len(e.embeddings[1]) > 0, e
@@ -90,7 +96,7 @@ def chat_suite(base, where):
                 assert e.status_code == 400 and says in e.error, (e.status_code, e.error)
 
     for name, fn in [("chat", chat_whole_and_streamed), ("generate", generate_whole_streamed_and_raw),
-                     ("format", format_schema), ("tools", tools_round_trip), ("embed", embed), ("errors", errors)]:
+                     ("format", format_schema), ("tools", tools_round_trip), ("logprobs", logprobs), ("embed", embed), ("errors", errors)]:
         check(f"{where} {name}", fn)
 
 

@@ -52,7 +52,7 @@ fn ollama_and_anthropic_clients_work_against_queen_and_worker() {
             "hf.co/test/tiny-GGUF:Q4_1",
         ],
     );
-    assert!(stdout.contains("18 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("20 passed, 0 failed"), "{stdout}");
     let stdout = python(
         "clients/anthropic_test.py",
         &[&queen.url, &worker.url, name],

@@ -38,7 +38,7 @@ fn the_official_python_client_works_against_worker_and_queen() {
         "clients/client_test.py",
         &[&worker.url, &queen.url, "smollm2-135m-instruct.q4_1"],
     );
-    assert!(stdout.contains("15 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("17 passed, 0 failed"), "{stdout}");
     // Embeddings, structured output and tool calls, on both.
     let stdout = python(
         "clients/complete_test.py",

@@ -28,7 +28,9 @@ use super::cache::{Placement, PromptCache, Step, Token};
 use super::slots::{plan_batch, Phase, PieceKind, Slots};
 use super::template::Template;
 use super::text::{Released, TokenText};
-use crate::protocol::{ApiError, ErrorCode, InferenceEvent, LoadingEvent, StopReason};
+use crate::protocol::{
+    ApiError, ErrorCode, InferenceEvent, LoadingEvent, StopReason, TokenLogprob,
+};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
@@ -347,6 +349,8 @@ struct Request {
     /// Ids of generated tokens that went out with no text (they made a stop
     /// sequence): the `end` event carries them.
     textless: Vec<i32>,
+    /// Log-probabilities of sampled tokens not yet sent (when asked for).
+    logprobs: std::collections::VecDeque<TokenLogprob>,
     /// When it arrived, and when it got a slot (for the metrics).
     arrived: Instant,
     admitted: Option<Instant>,
@@ -382,6 +386,9 @@ impl Request {
 
     /// Sends released text with the ids of the tokens it is made of.
     fn send_text(&mut self, released: Released) {
+        // The log-probabilities of exactly the tokens this text is made of.
+        let n = released.ids.len().min(self.logprobs.len());
+        let logprobs: Vec<TokenLogprob> = self.logprobs.drain(..n).collect();
         if released.text.is_empty() {
             self.textless.extend(released.ids);
             return;
@@ -392,6 +399,7 @@ impl Request {
             t: released.text,
             i,
             ids: released.ids,
+            logprobs,
         });
     }
 
@@ -853,6 +861,11 @@ impl<'m> Batcher<'m> {
                 true
             } else {
                 self.metrics.predicted();
+                if let Some(top) = r.submission.request.logprobs {
+                    let logits = self.ctx.get_logits_ith(idx);
+                    r.logprobs
+                        .push_back(logprob(&vocab, logits, token, top as usize));
+                }
                 accept(
                     r,
                     &vocab.token_to_piece(token, false, None),
@@ -894,6 +907,47 @@ fn accept(r: &mut Request, piece: &[u8], token: LlamaToken, n_ctx_slot: u32) -> 
     }
     r.next = Some(token);
     false
+}
+
+/// `token`'s log-probability under `logits` (a log-softmax over the whole
+/// vocabulary), with the `top` likeliest tokens and theirs.
+fn logprob(
+    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+    logits: &[f32],
+    token: LlamaToken,
+    top: usize,
+) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln() + max;
+    let entry = |t: LlamaToken| {
+        let bytes = vocab.token_to_piece(t, true, None);
+        TokenLogprob {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            logprob: logits
+                .get(t.0 as usize)
+                .map_or(f32::NEG_INFINITY, |&l| l - log_sum),
+            top: Vec::new(),
+        }
+    };
+    let top = top.min(logits.len());
+    let mut best: Vec<usize> = match top {
+        0 => Vec::new(),
+        _ => (0..logits.len()).collect(),
+    };
+    if top > 0 {
+        best.select_nth_unstable_by(top - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+        best.truncate(top);
+        best.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    }
+    TokenLogprob {
+        top: best
+            .into_iter()
+            .take(top)
+            .map(|t| entry(LlamaToken(t as i32)))
+            .collect(),
+        ..entry(token)
+    }
 }
 
 /// llama.cpp's own sampling defaults, which is what its users expect.

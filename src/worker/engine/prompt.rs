@@ -94,6 +94,7 @@ pub(super) fn prepare(
         sampling,
         text: TokenText::new(request.sampling.stop.clone()),
         textless: Vec::new(),
+        logprobs: Default::default(),
         submission,
         tokens,
         resumed_from,
