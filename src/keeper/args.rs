@@ -47,6 +47,25 @@ pub enum Command {
     Config(ConfigCmd),
     Keys(KeysCmd),
     JoinToken(JoinTokenCmd),
+    Alias(AliasCmd),
+}
+
+/// Give a model a short name that every command and API accepts, e.g.
+/// `alias smollm2 hf:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1`;
+/// with no arguments, list the aliases
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "alias", help_triggers("-h", "--help"))]
+pub struct AliasCmd {
+    /// NAME MODEL: the short name, and the model it stands for (a catalog
+    /// name, NAME:TAG, hf:ORG/REPO[:QUANT], …)
+    #[argh(positional)]
+    pub words: Vec<String>,
+    /// remove the alias NAME
+    #[argh(switch)]
+    pub remove: bool,
+    /// print the list as JSON
+    #[argh(switch)]
+    pub json: bool,
 }
 
 /// Show the cluster: hives and their memory, workers, models, jobs

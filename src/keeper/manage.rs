@@ -3,8 +3,8 @@
 //! for scripts); commands that only look never start a queen.
 
 use super::args::{
-    Command, ConfigCmd, HiveAction, HiveAdd, JoinTokenCmd, KeysAction, KeysAdd, ModelsAction,
-    ModelsDownload, QueenCmd, WorkersAction,
+    AliasCmd, Command, ConfigCmd, HiveAction, HiveAdd, JoinTokenCmd, KeysAction, KeysAdd,
+    ModelsAction, ModelsDownload, QueenCmd, WorkersAction,
 };
 use super::config::{self, Config};
 use super::queen::Queen;
@@ -76,6 +76,7 @@ pub async fn manage(queen: &Queen, command: Command) -> Result<u8, String> {
             KeysAction::Revoke(r) => keys_revoke(queen, &r.name).await,
         },
         Command::JoinToken(j) => join_token(queen, j).await,
+        Command::Alias(a) => alias(queen, a).await,
         Command::Status(s) => super::status::status(queen, s.web).await,
         Command::Infer(_) | Command::Run(_) => Err("not a management command".into()),
     }
@@ -173,6 +174,51 @@ async fn join_token(queen: &Queen, j: JoinTokenCmd) -> Result<(), String> {
         made.expires_at
     );
     println!("rbee hive --join {}", made.token);
+    Ok(())
+}
+
+/// `alias NAME MODEL` sets, `alias NAME --remove` removes, `alias` lists.
+async fn alias(queen: &Queen, a: AliasCmd) -> Result<(), String> {
+    let path = |name: &str| format!("/v1/aliases/{}", segment(name));
+    let mut words = a.words.into_iter();
+    match (words.next(), words.next(), words.next(), a.remove) {
+        (_, _, Some(extra), _) => {
+            return Err(format!("alias takes NAME MODEL, not also {extra:?}"))
+        }
+        (Some(name), None, None, true) => {
+            let gone: crate::protocol::Alias = queen
+                .call(Method::DELETE, &path(&name), None::<&()>)
+                .await?;
+            println!("removed alias {}", gone.name);
+        }
+        (Some(name), Some(model), None, false) => {
+            let body = crate::protocol::SetAlias { model };
+            let set: crate::protocol::Alias =
+                queen.call(Method::PUT, &path(&name), Some(&body)).await?;
+            println!("{} is {}", set.name, set.model);
+        }
+        (None, None, None, false) => {
+            let all: Vec<crate::protocol::Alias> =
+                queen.call(Method::GET, "/v1/aliases", None::<&()>).await?;
+            if a.json {
+                return print_json(&all);
+            }
+            let mut table = Table::new(&["ALIAS", "MODEL"]);
+            for alias in all {
+                table.row(vec![alias.name, alias.model]);
+            }
+            table.print("no aliases (rbee keeper alias NAME MODEL sets one)")?;
+        }
+        (Some(_), None, None, false) => {
+            return Err("give the model it stands for (alias NAME MODEL), or --remove".into())
+        }
+        _ => {
+            return Err(
+                "alias NAME MODEL sets one, alias NAME --remove removes one, alias lists them"
+                    .into(),
+            )
+        }
+    }
     Ok(())
 }
 

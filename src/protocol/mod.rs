@@ -312,6 +312,21 @@ fn yes() -> bool {
     true
 }
 
+/// A short name for a model (`GET /v1/aliases`; `PUT /v1/aliases/{name}` sets one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alias {
+    pub name: String,
+    /// The reference it stands for, in its canonical spelling.
+    pub model: String,
+}
+
+/// `PUT /v1/aliases/{name}` on the queen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetAlias {
+    pub model: String,
+}
+
 /// `POST /v1/workers/{id}/keep-alive` on a hive: how long the worker may stay
 /// idle before it is stopped, in seconds; `null`, until it is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

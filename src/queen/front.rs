@@ -35,7 +35,7 @@ pub(super) async fn openai_route(
     kind: openai::Kind,
 ) -> Response<Body> {
     let key = http::auth::key_of(&req);
-    let (prepared, model) = match read_openai(req, kind).await {
+    let (prepared, model) = match read_openai(q, req, kind).await {
         Ok(checked) => checked,
         Err(e) => return openai::error(e),
     };
@@ -56,7 +56,7 @@ pub(super) async fn anthropic_route(q: &Queen, req: Request<Incoming>) -> Respon
     let read = async {
         let body = http::read_body(req).await?;
         let prepared = anthropic::parse(&body)?;
-        let model = crate::hive::model_ref::canonical(&prepared.model)?;
+        let model = q.aliases.resolve(&prepared.model)?;
         Ok::<_, ApiError>((prepared, model))
     };
     let (prepared, model) = match read.await {
@@ -84,7 +84,7 @@ pub(super) async fn responses_route(q: &Queen, req: Request<Incoming>) -> Respon
     let read = async {
         let body = http::read_body(req).await?;
         let prepared = responses::parse(&body, &q.responses)?;
-        let model = crate::hive::model_ref::canonical(&prepared.model)?;
+        let model = q.aliases.resolve(&prepared.model)?;
         Ok::<_, ApiError>((prepared, model))
     };
     let (mut prepared, model) = match read.await {
@@ -128,7 +128,7 @@ pub(super) async fn completion_route(q: &Queen, req: Request<Incoming>) -> Respo
                 "model is required (the queen routes by it)",
             ));
         }
-        let model = crate::hive::model_ref::canonical(&prepared.model)?;
+        let model = q.aliases.resolve(&prepared.model)?;
         Ok::<_, ApiError>((prepared, model))
     };
     let (prepared, model) = match read.await {
@@ -185,7 +185,7 @@ pub(super) async fn tokenize_route(q: &Queen, req: Request<Incoming>) -> Respons
                 "model is required (the queen routes by it)",
             ));
         }
-        let model = crate::hive::model_ref::canonical(&r.model)?;
+        let model = q.aliases.resolve(&r.model)?;
         tokenize_on(q, &model, r).await
     };
     match answered.await {
@@ -200,7 +200,7 @@ pub(super) async fn count_tokens_route(q: &Queen, req: Request<Incoming>) -> Res
     let counted = async {
         let body = http::read_body(req).await?;
         let prepared = anthropic::parse_count(&body)?;
-        let model = crate::hive::model_ref::canonical(&prepared.model)?;
+        let model = q.aliases.resolve(&prepared.model)?;
         let request = crate::protocol::TokenizeRequest {
             messages: prepared.inference.messages,
             tools: prepared.inference.tools,
@@ -217,15 +217,13 @@ pub(super) async fn count_tokens_route(q: &Queen, req: Request<Incoming>) -> Res
 
 /// OpenAI's `GET /v1/models/{id}`: a model some reachable hive lists.
 pub(super) fn model_route(q: &Queen, id: &str) -> Response<Body> {
-    let found = crate::hive::model_ref::canonical(id)
-        .ok()
-        .and_then(|model| {
-            let state = q.cluster.view.state();
-            state.hives.iter().filter(|h| h.reachable).find_map(|h| {
-                let entry = super::placement::entry(h.snapshot.as_ref()?, &model)?;
-                Some((entry.entry.name.clone(), h.conn.name.clone()))
-            })
-        });
+    let found = q.aliases.resolve(id).ok().and_then(|model| {
+        let state = q.cluster.view.state();
+        state.hives.iter().filter(|h| h.reachable).find_map(|h| {
+            let entry = super::placement::entry(h.snapshot.as_ref()?, &model)?;
+            Some((entry.entry.name.clone(), h.conn.name.clone()))
+        })
+    });
     match found {
         Some((name, hive)) => http::json(StatusCode::OK, &openai::model_object(&name, &hive)),
         None => openai::error(ApiError::new(
@@ -292,7 +290,7 @@ pub(super) async fn embeddings_route(q: &Queen, req: Request<Incoming>) -> Respo
         if request.model.is_empty() {
             return Err(ApiError::invalid("model", "model is required"));
         }
-        request.model = crate::hive::model_ref::canonical(&request.model)?;
+        request.model = q.aliases.resolve(&request.model)?;
         Ok::<_, ApiError>(request)
     };
     let request = match checked.await {
@@ -320,6 +318,7 @@ pub(super) async fn embeddings_route(q: &Queen, req: Request<Incoming>) -> Respo
 
 /// An OpenAI request checked, and its `model`.
 async fn read_openai(
+    q: &Queen,
     req: Request<Incoming>,
     kind: openai::Kind,
 ) -> Result<(openai::Prepared, String), ApiError> {
@@ -329,6 +328,6 @@ async fn read_openai(
     if model.is_empty() {
         return Err(ApiError::invalid("model", "model is required"));
     }
-    let model = crate::hive::model_ref::canonical(&model)?;
+    let model = q.aliases.resolve(&model)?;
     Ok((prepared, model))
 }

@@ -371,7 +371,7 @@ fn allows(scope: KeyScope, method: &Method, path: &str) -> bool {
         ("POST", ["v1", "messages"] | ["v1", "messages", "count_tokens"]) => true,
         ("POST", ["completion" | "tokenize"] | ["v1", "responses"]) => true,
         ("GET" | "DELETE", ["v1", "responses", _]) => true,
-        ("GET", ["v1", "models", _]) => true,
+        ("GET", ["v1", "models", _] | ["v1", "aliases"]) => true,
         // Models: listing and fetching (not removing).
         ("GET", ["v1", "models"] | ["v1", "hives", _, "models"]) => true,
         ("POST", ["v1", "hives", _, "models", "download"]) => true,

@@ -1,6 +1,7 @@
 //! `rbee queen`: the orchestrator. It takes jobs, picks a machine, streams
 //! results back, and keeps the registry of hives.
 
+mod aliases;
 pub mod cluster;
 mod front;
 mod hives;
@@ -92,6 +93,8 @@ struct Queen {
     listen: (String, u16),
     /// Responses kept for `previous_response_id` (OpenAI's Responses API).
     responses: crate::responses::Store,
+    /// Short names for models, read before anything else at every front.
+    aliases: Arc<aliases::Aliases>,
 }
 
 pub async fn run(args: Args) -> Result<(), String> {
@@ -152,6 +155,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         fingerprint: identity.fingerprint.clone(),
         listen: (args.host.clone(), port),
         responses: Default::default(),
+        aliases: Arc::new(aliases::Aliases::open(&data_dir)?),
     };
     tracing::info!(
         "queen listening on {}:{port} (http:// on this machine, https:// from others), data in {}",
@@ -278,6 +282,9 @@ enum Endpoint {
     Responses,
     GetResponse,
     DeleteResponse,
+    Aliases,
+    SetAlias,
+    RemoveAlias,
 }
 
 /// How long the view may take to list a model a hive just downloaded.
@@ -367,6 +374,9 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/v1/responses", Endpoint::Responses),
     (Method::GET, "/v1/responses/{}", Endpoint::GetResponse),
     (Method::DELETE, "/v1/responses/{}", Endpoint::DeleteResponse),
+    (Method::GET, "/v1/aliases", Endpoint::Aliases),
+    (Method::PUT, "/v1/aliases/{}", Endpoint::SetAlias),
+    (Method::DELETE, "/v1/aliases/{}", Endpoint::RemoveAlias),
 ];
 
 async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
@@ -449,7 +459,20 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Endpoint::Responses => return front::responses_route(&q, req).await,
         Endpoint::GetResponse => return front::stored_response(&q, param, false),
         Endpoint::DeleteResponse => return front::stored_response(&q, param, true),
+        Endpoint::Aliases => q.aliases.list().map(|a| http::json(StatusCode::OK, &a)),
+        Endpoint::SetAlias => set_alias(&q, param, req).await,
+        Endpoint::RemoveAlias => q
+            .aliases
+            .remove(param)
+            .map(|a| http::json(StatusCode::OK, &a)),
     })
+}
+
+async fn set_alias(q: &Queen, name: &str, req: Request<Incoming>) -> Reply {
+    let body: crate::protocol::SetAlias = http::read_json(req).await?;
+    let alias = q.aliases.set(name, &body.model)?;
+    tracing::info!("alias {} is {}", alias.name, alias.model);
+    Ok(http::json(StatusCode::OK, &alias))
 }
 
 async fn add_key(q: &Queen, req: Request<Incoming>) -> Reply {
@@ -678,7 +701,7 @@ fn relay_download(hive: String, mut events: Events<DownloadEvent>, view: View) -
 async fn create_job(q: &Queen, req: Request<Incoming>) -> Reply {
     let key = http::auth::key_of(&req);
     let mut body: JobRequest = http::read_json(req).await?;
-    body.model = crate::hive::model_ref::canonical(&body.model)?;
+    body.model = q.aliases.resolve(&body.model)?;
     crate::protocol::check_prompt(&body.prompt, body.messages.as_deref())?;
     if let Some(crate::protocol::Constraint::JsonSchema { schema }) = &body.constraint {
         crate::schema::check(schema, "constraint")?;

@@ -22,7 +22,7 @@ pub(super) async fn chat(q: &Queen, req: Request<Incoming>, kind: Kind) -> Respo
     let read = async {
         let body = http::read_body(req).await?;
         let prepared = ollama::parse(&body, kind)?;
-        let model = crate::hive::model_ref::canonical(&prepared.model)?;
+        let model = q.aliases.resolve(&prepared.model)?;
         Ok::<_, ApiError>((prepared, model))
     };
     let (prepared, model) = match read.await {
@@ -187,13 +187,13 @@ struct Named {
 }
 
 impl Named {
-    async fn read(req: Request<Incoming>) -> Result<(Named, String), ApiError> {
+    async fn read(q: &Queen, req: Request<Incoming>) -> Result<(Named, String), ApiError> {
         let named: Named = http::read_json(req).await?;
         let given = named.model.clone().or_else(|| named.name.clone());
         let given = given
             .filter(|m| !m.is_empty())
             .ok_or_else(|| ApiError::invalid("model", "model is required"))?;
-        let model = crate::hive::model_ref::canonical(&given)?;
+        let model = q.aliases.resolve(&given)?;
         Ok((named, model))
     }
 }
@@ -223,7 +223,7 @@ async fn listed(q: &Queen, model: &str, wanted: bool) {
 /// `POST /api/show`.
 pub(super) async fn show(q: &Queen, req: Request<Incoming>) -> Response<Body> {
     let shown = async {
-        let (_, model) = Named::read(req).await?;
+        let (_, model) = Named::read(q, req).await?;
         let state = q.cluster.view.state();
         let entry = state
             .hives
@@ -242,7 +242,7 @@ pub(super) async fn show(q: &Queen, req: Request<Incoming>) -> Response<Body> {
 /// `DELETE /api/delete`: the model removed from every hive that has it.
 pub(super) async fn delete(q: &Queen, req: Request<Incoming>) -> Response<Body> {
     let deleted = async {
-        let (_, model) = Named::read(req).await?;
+        let (_, model) = Named::read(q, req).await?;
         let state = q.cluster.view.state();
         let mut any = false;
         for h in state.hives.iter().filter(|h| h.reachable) {
@@ -273,7 +273,7 @@ pub(super) async fn delete(q: &Queen, req: Request<Incoming>) -> Response<Body> 
 /// `total`, then `success`); one a hive has already is a `success` at once.
 pub(super) async fn pull(q: &Queen, req: Request<Incoming>) -> Response<Body> {
     let started = async {
-        let (named, model) = Named::read(req).await?;
+        let (named, model) = Named::read(q, req).await?;
         let job = q.jobs.create();
         job.describe(&model);
         let hives = hives::candidates(&q.cluster, &job, None).await;
@@ -372,7 +372,7 @@ pub(super) async fn embed(q: &Queen, req: Request<Incoming>, older: bool) -> Res
     let answered = async {
         let body = http::read_body(req).await?;
         let (given, mut request) = ollama::embed_request(&body, older)?;
-        let model = crate::hive::model_ref::canonical(&given)?;
+        let model = q.aliases.resolve(&given)?;
         request.model = model.clone();
         request.texts()?;
         let job = q.jobs.create();

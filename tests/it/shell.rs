@@ -124,6 +124,27 @@ fn the_short_verbs_pull_list_ps_stop_and_a_default_model() {
         "no workers (one starts with the first job for its model)\n"
     );
 
+    // A short name: every command (and API) takes it for the model.
+    let (code, out, err) = c.keeper(&["alias", "smol", "smollm2-135m-instruct:q4_1"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "smol is smollm2-135m-instruct.q4_1\n"),
+        "{err}"
+    );
+    let (code, out, err) = c.keeper(&["run", "smol", "Say hello.", "-n", "4"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.trim().is_empty(), "{err}");
+    let aliases = c.listed(&["alias"]);
+    assert_eq!(
+        aliases,
+        [json!({"name": "smol", "model": "smollm2-135m-instruct.q4_1"})]
+    );
+    let (code, _, err) = c.keeper(&["alias", "smol", "--remove"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = c.keeper(&["run", "smol", "Say hello.", "-n", "4"]);
+    assert_ne!(code, 0, "the alias is gone");
+    assert!(err.contains("no model named smol"), "{err}");
+
     // With a default model in the config file, a question needs no flags.
     let (code, _, err) = c.keeper(&["config", "set", "model", "smollm2-135m-instruct.q4_1"]);
     assert_eq!(code, 0, "{err}");
