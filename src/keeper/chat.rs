@@ -7,11 +7,13 @@
 use super::args::Infer;
 use super::infer::{job_request, run_job};
 use super::queen::Queen;
-use crate::protocol::ChatMessage;
+use crate::protocol::{ChatMessage, SamplingParams};
 use std::io::{BufRead, Write};
 use tokio::sync::mpsc;
 
 const HELP: &str = "/bye (or Ctrl+D) leaves, /clear forgets the conversation, \
+/set parameter NAME VALUE (temperature, top_p, top_k, min_p, num_predict, seed, stop, \
+repeat_penalty, …), /set system TEXT, /show info, \
 \"\"\" starts and ends a message of several lines (so does a line ending in \\), \
 Ctrl+C stops an answer";
 
@@ -22,6 +24,10 @@ enum Input {
     Bye,
     Clear,
     Help,
+    /// `/set …`: what follows.
+    Set(String),
+    /// `/show …`: what follows.
+    Show(String),
     Unknown(String),
     Nothing,
 }
@@ -62,11 +68,15 @@ impl Lines {
             }
             let command = line.trim();
             if command.starts_with('/') {
-                return Some(match command {
+                let (word, rest) = command.split_once(' ').unwrap_or((command, ""));
+                let rest = rest.trim().to_string();
+                return Some(match word {
                     "/bye" | "/exit" | "/quit" => Input::Bye,
                     "/clear" => Input::Clear,
                     "/?" | "/help" => Input::Help,
-                    other => Input::Unknown(other.to_string()),
+                    "/set" => Input::Set(rest),
+                    "/show" => Input::Show(rest),
+                    _ => Input::Unknown(command.to_string()),
                 });
             }
         }
@@ -101,6 +111,91 @@ impl Lines {
     }
 }
 
+/// What `/set` changes, as `ollama run` has it: sampling parameters (Ollama's
+/// names, `num_predict` for the answer's length) and the system message.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Settings {
+    /// Parameters set, by rbee's field name, over the command line's.
+    params: serde_json::Map<String, serde_json::Value>,
+    system: Option<String>,
+}
+
+impl Settings {
+    /// `/set parameter NAME VALUE` or `/set system TEXT`: what was set, or why not.
+    fn set(&mut self, rest: &str, base: &SamplingParams) -> Result<String, String> {
+        let (what, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+        match what {
+            "system" if !rest.trim().is_empty() => {
+                self.system = Some(rest.trim().to_string());
+                Ok("set the system message".into())
+            }
+            "parameter" => {
+                let (name, value) = rest
+                    .trim()
+                    .split_once(' ')
+                    .ok_or("/set parameter NAME VALUE")?;
+                let field = if name == "num_predict" {
+                    "max_tokens"
+                } else {
+                    name
+                };
+                let value = value.trim();
+                let json = match field {
+                    "stop" => serde_json::json!(value.split_whitespace().collect::<Vec<_>>()),
+                    _ => serde_json::from_str::<serde_json::Value>(value)
+                        .ok()
+                        .filter(serde_json::Value::is_number)
+                        .ok_or(format!("{name} takes a number, not {value:?}"))?,
+                };
+                let mut tried = self.clone();
+                tried.params.insert(field.to_string(), json);
+                tried.apply(base)?;
+                let known = serde_json::to_value(tried.apply(base)?).unwrap_or_default();
+                if known.get(field).is_none() {
+                    return Err(format!("no parameter {name}: temperature, top_p, top_k, min_p, typical_p, num_predict, seed, stop, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, mirostat, mirostat_tau, mirostat_eta"));
+                }
+                *self = tried;
+                Ok(format!("set parameter {name} to {value}"))
+            }
+            _ => Err("/set parameter NAME VALUE, or /set system TEXT".into()),
+        }
+    }
+
+    /// The command line's sampling with the parameters set over it, checked.
+    fn apply(&self, base: &SamplingParams) -> Result<SamplingParams, String> {
+        let mut all = match serde_json::to_value(base) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        all.extend(self.params.clone());
+        let sampling: SamplingParams =
+            serde_json::from_value(serde_json::Value::Object(all)).map_err(|e| e.to_string())?;
+        sampling.validate().map_err(|e| e.message)?;
+        Ok(sampling)
+    }
+
+    /// `/show info`, `/show parameters`, `/show system`.
+    fn show(&self, what: &str, model: &str, base: &SamplingParams) -> String {
+        let params = match self
+            .apply(base)
+            .map(|s| serde_json::to_value(s).unwrap_or_default())
+        {
+            Ok(serde_json::Value::Object(m)) if !m.is_empty() => m
+                .iter()
+                .map(|(k, v)| format!("  {k} {v}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => "  (the model's and the worker's defaults)".into(),
+        };
+        let system = self.system.as_deref().unwrap_or("(none)");
+        match what {
+            "parameters" => format!("parameters:\n{params}"),
+            "system" => format!("system: {system}"),
+            _ => format!("model: {model}\nsystem: {system}\nparameters:\n{params}"),
+        }
+    }
+}
+
 /// Lines from stdin as they are typed, `None` at its end, read on a thread
 /// of their own (a blocking read must not hold the runtime).
 fn typed_lines() -> mpsc::UnboundedReceiver<Option<String>> {
@@ -129,12 +224,18 @@ fn typed_lines() -> mpsc::UnboundedReceiver<Option<String>> {
 /// Runs the chat until `/bye` or the end of stdin; exit code 0.
 pub async fn chat(queen: &Queen, i: &Infer, model: &str) -> Result<u8, String> {
     queen.wake().await?;
-    let start: Vec<ChatMessage> = i
-        .system
-        .iter()
-        .map(|s| ChatMessage::new("system", s.as_str()))
-        .collect();
-    let mut history = start.clone();
+    let mut settings = Settings {
+        system: i.system.clone(),
+        ..Settings::default()
+    };
+    let base = job_request(i, model, Vec::new()).sampling;
+    let start = |s: &Settings| -> Vec<ChatMessage> {
+        s.system
+            .iter()
+            .map(|t| ChatMessage::new("system", t.as_str()))
+            .collect()
+    };
+    let mut history = start(&settings);
     let mut typed = typed_lines();
     let mut lines = Lines::default();
     eprintln!("chatting with {model}: {HELP}");
@@ -157,12 +258,26 @@ pub async fn chat(queen: &Queen, i: &Infer, model: &str) -> Result<u8, String> {
             None | Some(Input::Nothing) => continue,
             Some(Input::Bye) => return Ok(0),
             Some(Input::Clear) => {
-                history = start.clone();
+                history = start(&settings);
                 eprintln!("(conversation cleared)");
                 continue;
             }
             Some(Input::Help) => {
                 eprintln!("{HELP}");
+                continue;
+            }
+            Some(Input::Set(rest)) => {
+                match settings.set(&rest, &base) {
+                    Ok(done) => eprintln!("({done})"),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+                // A new system message leads the conversation from here.
+                history.retain(|m| m.role != "system");
+                history.splice(0..0, start(&settings));
+                continue;
+            }
+            Some(Input::Show(what)) => {
+                eprintln!("{}", settings.show(&what, model, &base));
                 continue;
             }
             Some(Input::Unknown(c)) => {
@@ -172,7 +287,9 @@ pub async fn chat(queen: &Queen, i: &Infer, model: &str) -> Result<u8, String> {
             Some(Input::Say(text)) => text,
         };
         history.push(ChatMessage::new("user", said));
-        match run_job(queen, job_request(i, model, history.clone()), i, true).await {
+        let mut request = job_request(i, model, history.clone());
+        request.sampling = settings.apply(&base).unwrap_or(request.sampling);
+        match run_job(queen, request, i, true).await {
             // A stopped answer stays as far as it went: it was read.
             Ok((_, answer)) if !answer.is_empty() => {
                 history.push(ChatMessage::new("assistant", answer))
@@ -195,6 +312,51 @@ mod tests {
     fn feed(typed: &[&str]) -> Vec<Input> {
         let mut lines = Lines::default();
         typed.iter().filter_map(|l| lines.push(l)).collect()
+    }
+
+    #[test]
+    fn set_and_show_change_the_parameters_and_the_system_message() {
+        let base = SamplingParams {
+            temperature: Some(0.7),
+            ..SamplingParams::default()
+        };
+        let mut s = Settings::default();
+        assert!(s.set("parameter temperature 0", &base).is_ok());
+        assert!(s.set("parameter num_predict 12", &base).is_ok());
+        assert!(s.set("parameter stop ### END", &base).is_ok());
+        let applied = s.apply(&base).unwrap();
+        assert_eq!(applied.temperature, Some(0.0));
+        assert_eq!(applied.max_tokens, Some(12));
+        assert_eq!(applied.stop, ["###", "END"]);
+        for bad in [
+            "parameter temperature 9",
+            "parameter temperature hot",
+            "parameter wat 1",
+            "parameter",
+            "nonsense",
+        ] {
+            assert!(s.set(bad, &base).is_err(), "{bad}");
+        }
+        assert_eq!(
+            s.apply(&base).unwrap().temperature,
+            Some(0.0),
+            "a refused /set changes nothing"
+        );
+        assert!(s.set("system Answer in French.", &base).is_ok());
+        let info = s.show("info", "smol", &base);
+        assert!(
+            info.contains("model: smol")
+                && info.contains("Answer in French.")
+                && info.contains("max_tokens 12"),
+            "{info}"
+        );
+        assert_eq!(
+            feed(&["/set parameter top_k 5\n", "/show info\n"]),
+            [
+                Input::Set("parameter top_k 5".into()),
+                Input::Show("info".into())
+            ]
+        );
     }
 
     #[test]

@@ -435,6 +435,21 @@ fn the_chat_keeps_the_conversation_survives_ctrl_c_and_leaves_on_bye() {
         get(&format!("{worker}/v1/ready")).1["slots_busy"] == 0
     });
 
+    // `/set` as `ollama run` has it: the next answer is 3 tokens long.
+    let at4 = chat.screen().len();
+    chat.type_keys("/set parameter num_predict 3\n");
+    let set = chat.wait_for(
+        at4,
+        "(set parameter num_predict to 3)",
+        Duration::from_secs(20),
+    );
+    chat.type_keys("/show info\n");
+    let shown = chat.wait_for(set, "max_tokens 3", Duration::from_secs(20));
+    chat.type_keys("Write a long story about a cat.\n");
+    let end3 = chat.wait_for(shown, "tokens/s, stopped:", long);
+    assert_eq!(tokens_out(&chat.screen(), shown), 3, "{}", chat.screen());
+    chat.wait_for(end3, ">>> ", long);
+
     chat.type_keys("/bye\n");
     wait_until("the chat to end", Duration::from_secs(20), || {
         matches!(chat.child.try_wait(), Ok(Some(_)))
