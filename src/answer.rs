@@ -117,6 +117,15 @@ impl Pieces {
         }
     }
 
+    /// The next piece, or `None` once the client behind `tx` has gone (a
+    /// stream's producer stops there).
+    pub async fn next_for<T>(&mut self, tx: &tokio::sync::mpsc::Sender<T>) -> Option<Piece> {
+        tokio::select! {
+            piece = self.next() => Some(piece),
+            () = tx.closed() => None,
+        }
+    }
+
     /// The log-probabilities of the text returned so far, once each.
     pub fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
         std::mem::take(&mut self.logprobs)

@@ -6,9 +6,7 @@
 
 use crate::answer::{Ending, Piece, Pieces};
 use crate::http::{self, Body};
-use crate::protocol::{
-    ApiError, Constraint, ErrorCode, InferenceRequest, SamplingParams, StopReason,
-};
+use crate::protocol::{ApiError, Constraint, InferenceRequest, SamplingParams, StopReason};
 use hyper::{Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -54,8 +52,7 @@ const HARMLESS: &[&str] = &[
 
 /// Checks a `/completion` request.
 pub fn parse_completion(body: &[u8]) -> Result<Prepared, ApiError> {
-    let req: CompletionRequest = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    let req: CompletionRequest = crate::protocol::parse_json(body)?;
     crate::protocol::refuse_unhonoured(&req.rest, HARMLESS)?;
     let prompt = match req.prompt {
         Value::String(s) if !s.is_empty() => s,
@@ -153,9 +150,8 @@ pub async fn respond(answer: Answer, mut pieces: Pieces, stream: bool) -> Respon
     let (tx, resp) = http::sse_response();
     tokio::spawn(async move {
         loop {
-            let piece = tokio::select! {
-                piece = pieces.next() => piece,
-                () = tx.closed() => return,
+            let Some(piece) = pieces.next_for(&tx).await else {
+                return;
             };
             let (event, last) = match piece {
                 Piece::Text(text) => (json!({"content": text, "stop": false}), false),

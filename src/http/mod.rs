@@ -416,8 +416,7 @@ pub fn reply(r: Reply) -> Response<Body> {
 /// see a broken pipe instead of the answer if the server hung up on them.
 pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let bytes = read_body(req).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))
+    crate::protocol::parse_json(&bytes)
 }
 
 /// Reads a body of at most [`MAX_BODY_BYTES`], as [`read_json`] does.

@@ -125,9 +125,8 @@ pub async fn respond(mut answer: Answer, mut pieces: Pieces, stream: bool) -> Re
     tokio::spawn(async move {
         let line = |v: &Value| http::sse::json_line(v);
         loop {
-            let piece = tokio::select! {
-                piece = pieces.next() => piece,
-                () = tx.closed() => return,
+            let Some(piece) = pieces.next_for(&tx).await else {
+                return;
             };
             answer.first.get_or_insert_with(Instant::now);
             let (out, last) = match piece {

@@ -11,8 +11,8 @@ pub use answer::{embed, embeddings, loaded, model_details, ps, respond, show, ta
 
 use crate::http::{self, Body};
 use crate::protocol::{
-    ApiError, ChatMessage, Constraint, ErrorCode, FunctionCall, InferenceRequest, SamplingParams,
-    Tool, ToolCall,
+    ApiError, ChatMessage, Constraint, FunctionCall, InferenceRequest, SamplingParams, Tool,
+    ToolCall,
 };
 use hyper::Response;
 use serde::Deserialize;
@@ -152,8 +152,7 @@ pub fn model_of(body: &[u8]) -> String {
 
 /// Checks an `/api/chat` or `/api/generate` request.
 pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
-    let req: Request = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    let req: Request = crate::protocol::parse_json(body)?;
     if req.model.is_empty() {
         return Err(ApiError::invalid("model", "model is required"));
     }
@@ -419,8 +418,7 @@ pub fn embed_request(
     body: &[u8],
     older: bool,
 ) -> Result<(String, crate::protocol::EmbeddingsRequest), ApiError> {
-    let req: EmbedRequest = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    let req: EmbedRequest = crate::protocol::parse_json(body)?;
     if req.model.is_empty() {
         return Err(ApiError::invalid("model", "model is required"));
     }

@@ -230,9 +230,8 @@ pub async fn respond(
             return;
         }
         loop {
-            let piece = tokio::select! {
-                piece = pieces.next() => piece,
-                () = tx.closed() => return,
+            let Some(piece) = pieces.next_for(&tx).await else {
+                return;
             };
             match piece {
                 Piece::Text(text) => {

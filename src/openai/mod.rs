@@ -10,7 +10,7 @@ pub use answer::{embeddings, model_list, model_object, respond, Answer};
 
 use crate::http::{self, Body};
 use crate::protocol::{
-    ApiError, ChatMessage, Constraint, ErrorCode, InferenceRequest, SamplingParams, Tool, ToolCall,
+    ApiError, ChatMessage, Constraint, InferenceRequest, SamplingParams, Tool, ToolCall,
 };
 use hyper::Response;
 use serde::{Deserialize, Serialize};
@@ -177,8 +177,7 @@ pub fn model_of(body: &[u8]) -> Option<String> {
 
 /// Checks a request, sampling with the one rule set (`SamplingParams`).
 pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
-    let req: CompletionRequest = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    let req: CompletionRequest = crate::protocol::parse_json(body)?;
     crate::protocol::refuse_unhonoured(&req.rest, HARMLESS)?;
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("n", "only n=1 is supported"));
@@ -435,6 +434,7 @@ fn response_format(format: Option<&Value>) -> Result<Option<Constraint>, ApiErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::ErrorCode;
     use serde_json::json;
 
     const TOOLS: &str = r#""tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}]"#;

@@ -172,6 +172,13 @@ pub struct ErrorBody {
     pub error: ApiError,
 }
 
+/// A request body read as `T`; malformed JSON (or a wrong field) is
+/// `INVALID_REQUEST` saying what serde found.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ mod error;
 mod join;
 mod stamps;
 
-pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use error::{parse_json, ApiError, ErrorBody, ErrorCode};
 pub use join::{CheckIn, JoinRequest, JoinToken, JoinTokenRequest, Joined};
 pub use stamps::{
     check_name, new_id, new_secret, now_rfc3339, parse_rfc3339, random_u64, rfc3339_at, unix_now,
@@ -361,9 +361,7 @@ pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 impl EmbeddingsRequest {
     /// A request body read: a syntax error says so, a wrong `input` says what it must be.
     pub fn read(body: &[u8]) -> Result<EmbeddingsRequest, ApiError> {
-        let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-            ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}"))
-        })?;
+        let value: serde_json::Value = parse_json(body)?;
         let input_ok = match value.get("input") {
             Some(serde_json::Value::String(_)) => true,
             Some(serde_json::Value::Array(items)) => items.iter().all(|i| i.is_string()),

@@ -7,6 +7,11 @@
 
 pub mod cache;
 pub mod engine;
+mod fronts;
+use fronts::{
+    completion, count_tokens, describe, detokenize, embeddings, messages, model, ollama_chat,
+    ollama_embed, openai_completion, responses_route, tokenize,
+};
 pub mod remote;
 pub mod slots;
 pub mod template;
@@ -17,10 +22,9 @@ use crate::protocol::{
     new_id, now_rfc3339, ApiError, ErrorCode, Health, InferenceEvent, InferenceRequest,
     LoadingEvent, ReadyStatus, WorkerReadyCallback, WorkerState,
 };
-use crate::{anthropic, llama_server, ollama, openai, responses};
+use crate::{ollama, openai, responses};
 use argh::FromArgs;
 pub use engine::FlashAttn;
-use engine::ToTokenize;
 use engine::{Config, Engine, Submission};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -514,7 +518,6 @@ fn validate(r: &InferenceRequest) -> Result<(), ApiError> {
     r.sampling.validate()
 }
 
-/// Hands a checked request to the engine; its events, and the prompt's length in tokens.
 /// Whether the model is loaded, or why requests cannot run yet.
 fn loaded(w: &Worker) -> Result<(), ApiError> {
     match &*w.loading.borrow() {
@@ -530,6 +533,7 @@ fn loaded(w: &Worker) -> Result<(), ApiError> {
     }
 }
 
+/// Hands a checked request to the engine; its events, and the prompt's length in tokens.
 async fn start(
     w: &Worker,
     request: InferenceRequest,
@@ -555,276 +559,6 @@ async fn start(
             ErrorCode::ShuttingDown,
             "the worker is shutting down",
         )),
-    }
-}
-
-/// `POST /v1/chat/completions` and `POST /v1/completions`.
-async fn openai_completion(
-    w: &Worker,
-    req: Request<Incoming>,
-    kind: openai::Kind,
-) -> Response<Body> {
-    let started = async {
-        let body = http::read_body(req).await?;
-        let prepared = openai::parse(&body, kind)?;
-        let (tool_calls, logprobs) = (prepared.tool_calls, prepared.logprobs);
-        let (prompt_tokens, events) = start(w, prepared.inference).await?;
-        Ok::<_, ApiError>((
-            (prepared.stream, prepared.include_usage),
-            (tool_calls, logprobs),
-            prompt_tokens,
-            events,
-        ))
-    };
-    match started.await {
-        Ok(((stream, include_usage), (tool_calls, logprobs), prompt_tokens, events)) => {
-            let mut answer = openai::Answer::new(kind, &w.model, prompt_tokens);
-            answer.logprobs = logprobs;
-            let pieces = crate::answer::Pieces::new(events, tool_calls);
-            openai::respond(answer, pieces, stream, include_usage).await
-        }
-        Err(e) => openai::error(e),
-    }
-}
-
-/// Ollama's `POST /api/chat` and `/api/generate` for this worker's model. A
-/// worker is stopped by its hive, so `keep_alive: 0` is for the queen.
-async fn ollama_chat(w: &Worker, req: Request<Incoming>, kind: ollama::Kind) -> Response<Body> {
-    let arrived = std::time::Instant::now();
-    let started = async {
-        let body = http::read_body(req).await?;
-        let prepared = ollama::parse(&body, kind)?;
-        if prepared.keep_alive == Some(ollama::KeepAlive::Unload) {
-            return Err(ApiError::invalid(
-                "keep_alive",
-                "keep_alive 0 stops a worker through its hive: send it to the queen",
-            ));
-        }
-        if prepared.load_only {
-            return Ok((prepared, None));
-        }
-        let inference = prepared.inference.clone();
-        Ok::<_, ApiError>((prepared, Some(start(w, inference).await?)))
-    };
-    match started.await {
-        Ok((prepared, Some((prompt_tokens, events)))) => {
-            let mut answer = ollama::Answer::new(kind, &prepared.model, prompt_tokens, arrived);
-            answer.logprobs = prepared.logprobs;
-            let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
-            ollama::respond(answer, pieces, prepared.stream).await
-        }
-        Ok((prepared, None)) => http::json(
-            StatusCode::OK,
-            &ollama::loaded(kind, &prepared.model, "load"),
-        ),
-        Err(e) => ollama::error(e),
-    }
-}
-
-/// Ollama's `POST /api/embed` for this worker's model.
-async fn ollama_embed(w: &Worker, req: Request<Incoming>) -> Response<Body> {
-    let arrived = std::time::Instant::now();
-    let answered = async {
-        let body = http::read_body(req).await?;
-        let (model, request) = ollama::embed_request(&body, false)?;
-        let (texts, _) = request.texts()?;
-        loaded(w)?;
-        let (vectors, tokens) = w
-            .engine
-            .embed(texts)
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::InferenceFailed, "the engine stopped"))??;
-        Ok::<_, ApiError>(ollama::embed(&model, &vectors, tokens, arrived))
-    };
-    match answered.await {
-        Ok(v) => http::json(StatusCode::OK, &v),
-        Err(e) => ollama::error(e),
-    }
-}
-
-/// Anthropic's `POST /v1/messages` for this worker's model.
-async fn messages(w: &Worker, req: Request<Incoming>) -> Response<Body> {
-    let started = async {
-        let body = http::read_body(req).await?;
-        let prepared = anthropic::parse(&body)?;
-        let inference = prepared.inference.clone();
-        Ok::<_, ApiError>((prepared, start(w, inference).await?))
-    };
-    match started.await {
-        Ok((prepared, (prompt_tokens, events))) => {
-            let stop = prepared.inference.sampling.stop.clone();
-            let answer = anthropic::Answer::new(&prepared.model, prompt_tokens, stop);
-            let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
-            anthropic::respond(answer, pieces, prepared.stream).await
-        }
-        Err(e) => anthropic::error(e),
-    }
-}
-
-/// Anthropic's `POST /v1/messages/count_tokens`: the prompt the messages and
-/// tools make with this model's template, counted.
-async fn count_tokens(w: &Worker, req: Request<Incoming>) -> Response<Body> {
-    let counted = async {
-        let body = http::read_body(req).await?;
-        let prepared = anthropic::parse_count(&body)?;
-        let what = ToTokenize::Chat {
-            messages: prepared.inference.messages.unwrap_or_default(),
-            tools: prepared.inference.tools,
-        };
-        engine_answer(w, w.engine.tokenize(what)).await?
-    };
-    match counted.await {
-        Ok(t) => http::json(StatusCode::OK, &anthropic::counted(t.ids.len())),
-        Err(e) => anthropic::error(e),
-    }
-}
-
-/// What the engine answers, once the model is loaded.
-async fn engine_answer<T>(
-    w: &Worker,
-    answer: tokio::sync::oneshot::Receiver<T>,
-) -> Result<T, ApiError> {
-    loaded(w)?;
-    answer
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::InferenceFailed, "the engine stopped"))
-}
-
-/// OpenAI's `POST /v1/responses` for this worker's model; it keeps its own
-/// responses for `previous_response_id`.
-async fn responses_route(w: &Worker, req: Request<Incoming>) -> Response<Body> {
-    let started = async {
-        let body = http::read_body(req).await?;
-        let mut prepared = responses::parse(&body, &w.responses)?;
-        let inference = std::mem::take(&mut prepared.inference);
-        Ok::<_, ApiError>((prepared, start(w, inference).await?))
-    };
-    match started.await {
-        Ok((prepared, (prompt_tokens, events))) => {
-            let pieces = crate::answer::Pieces::new(events, prepared.tool_calls);
-            let name = prepared.model.clone();
-            let answer =
-                responses::Answer::new(&name, prompt_tokens, prepared, w.responses.clone());
-            responses::respond(answer, pieces).await
-        }
-        Err(e) => responses::error(e),
-    }
-}
-
-/// llama-server's `POST /completion`.
-async fn completion(w: &Worker, req: Request<Incoming>) -> Response<Body> {
-    let arrived = std::time::Instant::now();
-    let started = async {
-        let body = http::read_body(req).await?;
-        let prepared = llama_server::parse_completion(&body)?;
-        let inference = prepared.inference.clone();
-        Ok::<_, ApiError>((prepared, start(w, inference).await?))
-    };
-    match started.await {
-        Ok((prepared, (prompt_tokens, events))) => {
-            let answer = llama_server::Answer {
-                model: w.model.to_string(),
-                prompt_tokens,
-                arrived,
-                stop: prepared.inference.sampling.stop.clone(),
-            };
-            let pieces = crate::answer::Pieces::new(events, false);
-            llama_server::respond(answer, pieces, prepared.stream).await
-        }
-        Err(e) => llama_server::error(e),
-    }
-}
-
-/// llama-server's `POST /tokenize`, and rbee's chat form of it (`messages`, `tools`).
-async fn tokenize(w: &Worker, req: Request<Incoming>) -> Response<Body> {
-    let answered = async {
-        let r: crate::protocol::TokenizeRequest = http::read_json(req).await?;
-        let what = match (r.content, r.messages) {
-            (Some(content), None) => ToTokenize::Text {
-                content,
-                add_special: r.add_special,
-                parse_special: r.parse_special,
-            },
-            (None, Some(messages)) => ToTokenize::Chat {
-                messages,
-                tools: r.tools,
-            },
-            _ => {
-                return Err(ApiError::invalid(
-                    "content",
-                    "give content (a text) or messages, one of the two",
-                ))
-            }
-        };
-        let tokens = engine_answer(w, w.engine.tokenize(what)).await??;
-        Ok::<_, ApiError>(llama_server::tokens(&tokens, r.with_pieces))
-    };
-    match answered.await {
-        Ok(v) => http::json(StatusCode::OK, &v),
-        Err(e) => llama_server::error(e),
-    }
-}
-
-/// llama-server's `POST /detokenize`.
-async fn detokenize(w: &Worker, req: Request<Incoming>) -> Response<Body> {
-    #[derive(serde::Deserialize)]
-    struct Tokens {
-        tokens: Vec<i32>,
-    }
-    let answered = async {
-        let r: Tokens = http::read_json(req).await?;
-        let bytes = engine_answer(w, w.engine.detokenize(r.tokens)).await??;
-        Ok::<_, ApiError>(String::from_utf8_lossy(&bytes).into_owned())
-    };
-    match answered.await {
-        Ok(content) => http::json(StatusCode::OK, &serde_json::json!({ "content": content })),
-        Err(e) => llama_server::error(e),
-    }
-}
-
-/// llama-server's `GET /props` and `GET /slots`.
-async fn describe(w: &Worker, endpoint: Endpoint) -> Response<Body> {
-    match engine_answer(w, w.engine.describe()).await {
-        Ok(d) if endpoint == Endpoint::Slots => {
-            http::json(StatusCode::OK, &llama_server::slots(&d))
-        }
-        Ok(d) => http::json(
-            StatusCode::OK,
-            &llama_server::props(&d, &w.model, &w.model_path),
-        ),
-        Err(e) => llama_server::error(e),
-    }
-}
-
-/// OpenAI's `GET /v1/models/{id}`: this worker's model, by its name.
-fn model(w: &Worker, id: &str) -> Response<Body> {
-    let named = crate::hive::model_ref::canonical(id).is_ok_and(|c| c == *w.model);
-    match named {
-        true => http::json(StatusCode::OK, &openai::model_object(&w.model, "rbee")),
-        false => openai::error(ApiError::new(
-            ErrorCode::ModelNotFound,
-            format!("this worker serves {}, not {id}", w.model),
-        )),
-    }
-}
-
-/// `POST /v1/embeddings`: a vector per input, in OpenAI's shape.
-async fn embeddings(w: &Worker, req: Request<Incoming>) -> Response<Body> {
-    let answered = async {
-        let body = http::read_body(req).await?;
-        let request = crate::protocol::EmbeddingsRequest::read(&body)?;
-        let (texts, base64) = request.texts()?;
-        loaded(w)?;
-        let (vectors, tokens) = w
-            .engine
-            .embed(texts)
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::InferenceFailed, "the engine stopped"))??;
-        Ok(openai::embeddings(&w.model, &vectors, tokens, base64))
-    };
-    match answered.await {
-        Ok(v) => http::json(StatusCode::OK, &v),
-        Err(e) => openai::error(e),
     }
 }
 

@@ -2,16 +2,18 @@
 //! rbee's inference request — content blocks into chat messages, `tool_use`
 //! and `tool_result` into calls and their answers, `tools` and `tool_choice`
 //! into tools and constraints —, its answer whole or as its typed event stream
-//! (`message_start` … `message_stop`, with pings), and its error shape.
+//! (`message_start` … `message_stop`, with pings: `answer.rs`), and its
+//! error shape.
 
-use crate::answer::{Ending, Piece, Pieces};
+mod answer;
+
+pub use answer::{respond, Answer};
+
 use crate::http::{self, Body};
 use crate::protocol::{
-    ApiError, ChatMessage, ErrorCode, FunctionCall, InferenceRequest, SamplingParams, StopReason,
-    Tool, ToolCall,
+    ApiError, ChatMessage, FunctionCall, InferenceRequest, SamplingParams, Tool, ToolCall,
 };
-use hyper::body::Bytes;
-use hyper::{Response, StatusCode};
+use hyper::Response;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -20,7 +22,7 @@ pub fn error(e: ApiError) -> Response<Body> {
     http::json(http::status_of(e.code), &error_body(&e))
 }
 
-fn error_body(e: &ApiError) -> Value {
+pub(crate) fn error_body(e: &ApiError) -> Value {
     let kind = match e.status() {
         400 | 422 => "invalid_request_error",
         401 => "authentication_error",
@@ -101,8 +103,7 @@ pub struct Prepared {
 
 /// Checks a `/v1/messages` request.
 pub fn parse(body: &[u8]) -> Result<Prepared, ApiError> {
-    let req: Request = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    let req: Request = crate::protocol::parse_json(body)?;
     if req.model.is_empty() {
         return Err(ApiError::invalid("model", "model: Field required"));
     }
@@ -194,8 +195,7 @@ fn output_format(config: Option<Value>) -> Result<Option<crate::protocol::Constr
 /// Checks a `/v1/messages/count_tokens` request (a message request without
 /// `max_tokens`): the model, and the chat messages and tools to count.
 pub fn parse_count(body: &[u8]) -> Result<Prepared, ApiError> {
-    let mut v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    let mut v: Value = crate::protocol::parse_json(body)?;
     if let Some(o) = v.as_object_mut() {
         o.entry("max_tokens").or_insert(json!(1));
     }
@@ -355,178 +355,10 @@ fn tool_choice(choice: Option<&Value>) -> Result<Option<Value>, ApiError> {
     }))
 }
 
-/// One answer being put into Anthropic's shape.
-pub struct Answer {
-    pub id: String,
-    pub model: String,
-    pub input_tokens: u32,
-    /// The request's stop sequences: one that ended the answer is named.
-    pub stop: Vec<String>,
-}
-
-impl Answer {
-    pub fn new(model: &str, input_tokens: u32, stop: Vec<String>) -> Answer {
-        Answer {
-            id: crate::protocol::new_id("msg").replace('-', "_"),
-            model: model.to_string(),
-            input_tokens,
-            stop,
-        }
-    }
-
-    fn stop_reason(&self, end: &Ending) -> (&'static str, Option<&str>) {
-        match end.reason {
-            _ if !end.calls.is_empty() => ("tool_use", None),
-            StopReason::MaxTokens => ("max_tokens", None),
-            // Which sequence it was is known when there was only one.
-            StopReason::StopSequence => (
-                "stop_sequence",
-                self.stop
-                    .first()
-                    .filter(|_| self.stop.len() == 1)
-                    .map(String::as_str),
-            ),
-            StopReason::Eos | StopReason::Cancelled => ("end_turn", None),
-        }
-    }
-
-    fn usage(&self, end: Option<&Ending>) -> Value {
-        json!({"input_tokens": self.input_tokens,
-               "output_tokens": end.map_or(0, |e| e.tokens_out),
-               "cache_read_input_tokens": end.map_or(0, |e| e.cached_tokens)})
-    }
-
-    /// The whole message.
-    pub fn whole(&self, text: &str, end: &Ending) -> Value {
-        let mut content = Vec::new();
-        if !text.is_empty() || end.calls.is_empty() {
-            content.push(json!({"type": "text", "text": text}));
-        }
-        content.extend(end.calls.iter().map(tool_use));
-        let (reason, sequence) = self.stop_reason(end);
-        json!({"id": self.id, "type": "message", "role": "assistant", "model": self.model,
-               "content": content, "stop_reason": reason, "stop_sequence": sequence,
-               "usage": self.usage(Some(end))})
-    }
-
-    fn start(&self) -> Value {
-        json!({"type": "message_start", "message": {"id": self.id, "type": "message", "role": "assistant",
-               "model": self.model, "content": [], "stop_reason": null, "stop_sequence": null,
-               "usage": self.usage(None)}})
-    }
-}
-
-/// A call as Anthropic writes it: `tool_use` with its input as an object.
-fn tool_use(c: &ToolCall) -> Value {
-    let input: Value = serde_json::from_str(&c.function.arguments).unwrap_or_else(|_| json!({}));
-    json!({"type": "tool_use", "id": c.id, "name": c.function.name, "input": input})
-}
-
-fn event(name: &str, value: &Value) -> Bytes {
-    http::sse::named_event(name, value)
-}
-
-/// Turns an answer's pieces into Anthropic's answer, streamed or whole.
-pub async fn respond(answer: Answer, mut pieces: Pieces, stream: bool) -> Response<Body> {
-    if !stream {
-        return match pieces.whole().await {
-            Ok((text, end)) => http::json(StatusCode::OK, &answer.whole(&text, &end)),
-            Err(e) => error(e),
-        };
-    }
-    let (tx, resp) = http::sse_response();
-    tokio::spawn(async move {
-        let frames = [
-            event("message_start", &answer.start()),
-            event("ping", &json!({"type": "ping"})),
-        ];
-        for f in frames {
-            if tx.send(f).await.is_err() {
-                return;
-            }
-        }
-        // The text block opens with the first text; calls follow it, one block each.
-        let mut block: Option<usize> = None;
-        loop {
-            let piece = tokio::select! {
-                piece = pieces.next() => piece,
-                () = tx.closed() => return,
-            };
-            let mut out = Vec::new();
-            let open_text = |out: &mut Vec<Bytes>, block: &mut Option<usize>| {
-                if block.is_none() {
-                    *block = Some(0);
-                    out.push(event(
-                        "content_block_start",
-                        &json!({"type": "content_block_start", "index": 0,
-                        "content_block": {"type": "text", "text": ""}}),
-                    ));
-                }
-            };
-            let last = match piece {
-                Piece::Text(text) => {
-                    open_text(&mut out, &mut block);
-                    out.push(event(
-                        "content_block_delta",
-                        &json!({"type": "content_block_delta", "index": 0,
-                        "delta": {"type": "text_delta", "text": text}}),
-                    ));
-                    false
-                }
-                Piece::End(end) => {
-                    if end.calls.is_empty() {
-                        open_text(&mut out, &mut block);
-                    }
-                    if block.is_some() {
-                        out.push(event(
-                            "content_block_stop",
-                            &json!({"type": "content_block_stop", "index": 0}),
-                        ));
-                    }
-                    let first = usize::from(block.is_some());
-                    for (i, call) in end.calls.iter().enumerate() {
-                        let index = first + i;
-                        let mut start = tool_use(call);
-                        start["input"] = json!({});
-                        out.push(event("content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": start})));
-                        out.push(event("content_block_delta", &json!({"type": "content_block_delta", "index": index,
-                            "delta": {"type": "input_json_delta", "partial_json": call.function.arguments}})));
-                        out.push(event(
-                            "content_block_stop",
-                            &json!({"type": "content_block_stop", "index": index}),
-                        ));
-                    }
-                    let (reason, sequence) = answer.stop_reason(&end);
-                    out.push(event(
-                        "message_delta",
-                        &json!({"type": "message_delta",
-                        "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                        "usage": {"output_tokens": end.tokens_out}}),
-                    ));
-                    out.push(event("message_stop", &json!({"type": "message_stop"})));
-                    true
-                }
-                Piece::Failed(e) => {
-                    out.push(event("error", &error_body(&e)));
-                    true
-                }
-            };
-            for f in out {
-                if tx.send(f).await.is_err() {
-                    return;
-                }
-            }
-            if last {
-                return;
-            }
-        }
-    });
-    resp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::ErrorCode;
 
     fn parse_json(v: Value) -> Result<Prepared, ApiError> {
         parse(v.to_string().as_bytes())
@@ -588,42 +420,5 @@ mod tests {
             e,
             json!({"type": "error", "error": {"type": "not_found_error", "message": "no such model"}})
         );
-    }
-
-    #[test]
-    fn the_whole_message_has_anthropics_shape() {
-        let a = Answer::new("m", 7, vec!["###".into()]);
-        let end = |reason, calls| Ending {
-            calls,
-            reason,
-            tokens_out: 3,
-            cached_tokens: 2,
-            decode_time_ms: 1,
-            logprobs: vec![],
-        };
-        let v = a.whole("hi", &end(StopReason::StopSequence, vec![]));
-        assert_eq!(v["content"], json!([{"type": "text", "text": "hi"}]));
-        assert_eq!(
-            (v["stop_reason"].clone(), v["stop_sequence"].clone()),
-            (json!("stop_sequence"), json!("###"))
-        );
-        assert_eq!(
-            v["usage"],
-            json!({"input_tokens": 7, "output_tokens": 3, "cache_read_input_tokens": 2})
-        );
-        let call = ToolCall {
-            id: "call_1".into(),
-            kind: "function".into(),
-            function: FunctionCall {
-                name: "f".into(),
-                arguments: r#"{"a":1}"#.into(),
-            },
-        };
-        let v = a.whole("", &end(StopReason::Eos, vec![call]));
-        assert_eq!(
-            v["content"],
-            json!([{"type": "tool_use", "id": "call_1", "name": "f", "input": {"a": 1}}])
-        );
-        assert_eq!(v["stop_reason"], "tool_use");
     }
 }
