@@ -1,14 +1,15 @@
 //! The interactive chat (`rbee keeper run MODEL` on a terminal): the
 //! conversation is kept and sent whole each turn, so the worker's prompt
 //! cache answers every turn after the first from where the last one ended.
-//! Ctrl+C cancels the answer being written, not the session; `/bye` or
-//! Ctrl+D leaves.
+//! Lines are edited as in a shell (arrows, history kept across sessions
+//! beside the config file, Ctrl+R searches it). Ctrl+C cancels the answer
+//! being written, not the session; `/bye` or Ctrl+D leaves.
 
 use super::args::Infer;
 use super::infer::{job_request, run_job};
 use super::queen::Queen;
 use crate::protocol::{ChatMessage, SamplingParams};
-use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use tokio::sync::mpsc;
 
 const HELP: &str = "/bye (or Ctrl+D) leaves, /clear forgets the conversation, \
@@ -196,29 +197,91 @@ impl Settings {
     }
 }
 
-/// Lines from stdin as they are typed, `None` at its end, read on a thread
-/// of their own (a blocking read must not hold the runtime).
-fn typed_lines() -> mpsc::UnboundedReceiver<Option<String>> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        let stdin = std::io::stdin();
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match stdin.lock().read_line(&mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(None);
+/// What the line editor read.
+#[derive(Debug)]
+enum Typed {
+    Line(String),
+    /// Ctrl+C at the prompt: the line (and a message of several lines) dropped.
+    Interrupted,
+    /// Ctrl+D, or the terminal gone.
+    End,
+}
+
+/// The line editor (rustyline: arrows, history across sessions, Ctrl+R), on
+/// a thread of its own: a blocking read must not hold the runtime, and the
+/// terminal is in raw mode only while a line is being typed, so an answer
+/// is written (and Ctrl+C stops it) in the terminal's usual mode.
+struct Typing {
+    ask: std::sync::mpsc::Sender<&'static str>,
+    lines: mpsc::UnboundedReceiver<Typed>,
+}
+
+impl Typing {
+    /// An editor keeping its history in `history` (a file, read now and
+    /// appended to after every line, so two chats at once both keep theirs).
+    fn start(history: PathBuf) -> Typing {
+        let (ask, asked) = std::sync::mpsc::channel::<&'static str>();
+        let (tx, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            let config = rustyline::Config::builder()
+                .max_history_size(1000)
+                .and_then(|b| b.history_ignore_dups(true))
+                .map(|b| {
+                    b.history_ignore_space(true)
+                        .auto_add_history(true)
+                        // Prompts and editing on the terminal even when stdout is
+                        // a file: the answer goes there, the prompts do not.
+                        .behavior(rustyline::Behavior::PreferTerm)
+                        .build()
+                });
+            let editor = config.and_then(rustyline::DefaultEditor::with_config);
+            let mut editor = match editor {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: no line editor on this terminal: {e}");
+                    let _ = tx.send(Typed::End);
                     return;
                 }
-                Ok(_) => {
-                    if tx.send(Some(line.clone())).is_err() {
-                        return;
-                    }
+            };
+            // No file yet is the first chat; one unreadable is said once.
+            if history.exists() {
+                if let Err(e) = editor.load_history(&history) {
+                    eprintln!("(history {} not read: {e})", history.display());
                 }
             }
+            while let Ok(prompt) = asked.recv() {
+                let typed = match editor.readline(prompt) {
+                    Ok(line) => {
+                        if let Some(dir) = history.parent() {
+                            let _ = std::fs::create_dir_all(dir);
+                        }
+                        let _ = editor.append_history(&history);
+                        Typed::Line(line)
+                    }
+                    Err(rustyline::error::ReadlineError::Interrupted) => Typed::Interrupted,
+                    Err(_) => Typed::End,
+                };
+                let end = matches!(typed, Typed::End);
+                if tx.send(typed).is_err() || end {
+                    return;
+                }
+            }
+        });
+        Typing { ask, lines }
+    }
+
+    /// The next line typed after `prompt`.
+    async fn read(&mut self, prompt: &'static str) -> Typed {
+        if self.ask.send(prompt).is_err() {
+            return Typed::End;
         }
-    });
-    rx
+        self.lines.recv().await.unwrap_or(Typed::End)
+    }
+}
+
+/// Where the chat's history is kept: beside the keeper's config file.
+fn history_path() -> PathBuf {
+    super::config::path().with_file_name("history")
 }
 
 /// Runs the chat until `/bye` or the end of stdin; exit code 0.
@@ -236,23 +299,18 @@ pub async fn chat(queen: &Queen, i: &Infer, model: &str) -> Result<u8, String> {
             .collect()
     };
     let mut history = start(&settings);
-    let mut typed = typed_lines();
+    let mut typing = Typing::start(history_path());
     let mut lines = Lines::default();
     eprintln!("chatting with {model}: {HELP}");
     loop {
-        eprint!("{}", lines.prompt());
-        let _ = std::io::stderr().flush();
-        let line = tokio::select! {
-            line = typed.recv() => line.flatten(),
-            _ = tokio::signal::ctrl_c() => {
+        let line = match typing.read(lines.prompt()).await {
+            Typed::Line(line) => line,
+            Typed::Interrupted => {
                 lines = Lines::default();
-                eprintln!("\n(/bye or Ctrl+D leaves)");
+                eprintln!("(/bye or Ctrl+D leaves)");
                 continue;
             }
-        };
-        let Some(line) = line else {
-            eprintln!();
-            return Ok(0);
+            Typed::End => return Ok(0),
         };
         let said = match lines.push(&line) {
             None | Some(Input::Nothing) => continue,

@@ -293,11 +293,28 @@ impl Pty {
         }
     }
 
+    /// What was written to the terminal, without its control sequences
+    /// (the line editor's cursor moves, the progress bar's erasing).
     fn screen(&self) -> String {
-        self.screen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let raw = self.screen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut plain = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c != '\x1b' {
+                plain.push(c);
+                continue;
+            }
+            // CSI: ESC [ parameters, then a final byte in @..~ (an unfinished
+            // one at the end is left out until it is finished).
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        }
+        plain
     }
 
     fn type_keys(&mut self, keys: &str) {
@@ -331,7 +348,11 @@ impl Drop for Pty {
 /// The answer to the line typed at `from`: the text between its echo and the summary.
 fn answer_after(screen: &str, typed: &str, from: usize) -> String {
     let after = &screen[from..];
-    let start = after.find(&format!("{typed}\n")).expect("the echo") + typed.len() + 1;
+    let start = after
+        .find(&format!("{typed}\n"))
+        .unwrap_or_else(|| panic!("no echo of {typed:?} in:\n{after:?}"))
+        + typed.len()
+        + 1;
     let end = after[start..].find("\nprompt ").expect("the summary") + start;
     after[start..end].to_string()
 }
@@ -365,7 +386,7 @@ fn prompt_figures(screen: &str, from: usize) -> (u32, u32) {
 }
 
 #[test]
-fn the_chat_keeps_the_conversation_survives_ctrl_c_and_leaves_on_bye() {
+fn the_chat_keeps_the_conversation_survives_ctrl_c_leaves_on_bye_and_edits_lines_with_history() {
     let _turn = serial();
     let c = Cluster::new("shell-chat", &[]);
     let model = file_model();
@@ -456,4 +477,36 @@ fn the_chat_keeps_the_conversation_survives_ctrl_c_and_leaves_on_bye() {
     });
     let status = chat.child.wait().expect("exit status");
     assert_eq!(status.code(), Some(0), "{}", chat.screen());
+
+    // Lines are edited as in a shell and the history outlives the session:
+    // in a new chat, Ctrl+R finds `/show info` typed above, Up brings it back.
+    let mut again = Pty::start(
+        &["keeper", "run", &model, "--queen-url", &c.queen],
+        &[("RBEE_HOME", home.as_str())],
+    );
+    let short = Duration::from_secs(20);
+    let at = again.wait_for(0, ">>> ", long);
+    again.type_keys("\x12show i");
+    again.wait_for(at, "/show info", short);
+    again.type_keys("\r");
+    let info = format!("model: {model}");
+    let shown = again.wait_for(at, &info, short);
+    let at = again.wait_for(shown, ">>> ", short);
+    again.type_keys("\x1b[A\r");
+    let shown = again.wait_for(at, &info, short);
+    // Ctrl+C at the prompt drops the line typed so far; Ctrl+D leaves.
+    again.type_keys("half a line\x03");
+    let dropped = again.wait_for(shown, "(/bye or Ctrl+D leaves)", short);
+    again.wait_for(dropped, ">>> ", short);
+    again.type_keys("\x04");
+    wait_until("the second chat to end", short, || {
+        matches!(again.child.try_wait(), Ok(Some(_)))
+    });
+    let status = again.child.wait().expect("exit status");
+    assert_eq!(status.code(), Some(0), "{}", again.screen());
+    let history = std::fs::read_to_string(format!("{home}/history")).expect("the history file");
+    assert!(
+        history.contains("What is my name?") && !history.contains("half a line"),
+        "{history}"
+    );
 }
