@@ -147,6 +147,26 @@ impl Pieces {
     }
 }
 
+/// Each token's log-probability with its likeliest alternatives
+/// (`top_logprobs`), in the shape OpenAI's chat and Responses answers share;
+/// with `ids`, each token's vocabulary id too (llama-server's `n_probs`).
+pub fn logprob_list(lps: &[TokenLogprob], ids: bool) -> Vec<serde_json::Value> {
+    let one = |l: &TokenLogprob| {
+        let mut v = serde_json::json!({"token": l.token, "logprob": l.logprob, "bytes": l.bytes});
+        if ids {
+            v["id"] = l.id.into();
+        }
+        v
+    };
+    lps.iter()
+        .map(|l| {
+            let mut v = one(l);
+            v["top_logprobs"] = l.top.iter().map(one).collect();
+            v
+        })
+        .collect()
+}
+
 /// A request no route takes (404, 405), answered in the shape of the
 /// protocol its path belongs to: Ollama's under `/api/`, Anthropic's for
 /// `/v1/messages`, OpenAI's (whose clients read rbee's own fields too) for

@@ -6,7 +6,10 @@
 
 use crate::answer::{Ending, Piece, Pieces};
 use crate::http::{self, Body};
-use crate::protocol::{ApiError, Constraint, InferenceRequest, SamplingParams, StopReason};
+use crate::protocol::{
+    ApiError, Constraint, InferenceRequest, SamplingParams, StopReason, TokenLogprob,
+    MAX_TOP_LOGPROBS,
+};
 use hyper::{Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -27,6 +30,10 @@ struct CompletionRequest {
     #[serde(default)]
     stream: bool,
     cache_prompt: Option<bool>,
+    /// Each token's likeliest alternatives, with their log-probabilities.
+    n_probs: Option<u32>,
+    /// Probabilities after the sampler chain instead of the model's own.
+    post_sampling_probs: Option<bool>,
     grammar: Option<String>,
     json_schema: Option<Value>,
     #[serde(flatten)]
@@ -72,6 +79,19 @@ pub fn parse_completion(body: &[u8]) -> Result<Prepared, ApiError> {
     let mut sampling = req.sampling;
     // -1: until the end (llama-server's default).
     sampling.max_tokens = req.n_predict.filter(|&n| n >= 0).or(sampling.max_tokens);
+    if req.n_probs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        return Err(ApiError::invalid(
+            "n_probs",
+            format!("n_probs must be 0 to {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    if req.post_sampling_probs == Some(true) {
+        return Err(ApiError::invalid(
+            "post_sampling_probs",
+            "rbee gives the model's own log-probabilities (before sampling), not those after \
+             the sampler chain: leave post_sampling_probs out",
+        ));
+    }
     sampling.validate()?;
     let constraint = match (req.grammar, req.json_schema) {
         (Some(_), Some(_)) => {
@@ -97,6 +117,8 @@ pub fn parse_completion(body: &[u8]) -> Result<Prepared, ApiError> {
             sampling,
             cache_prompt: req.cache_prompt,
             constraint,
+            // A token's own log-probability comes with its alternatives, as llama-server's does.
+            logprobs: req.n_probs.filter(|&n| n > 0),
             ..InferenceRequest::default()
         },
         stream: req.stream,
@@ -110,9 +132,19 @@ pub struct Answer {
     pub arrived: Instant,
     /// The request's stop sequences: one that ended the answer is named.
     pub stop: Vec<String>,
+    /// `n_probs` was asked: each event carries its tokens' `completion_probabilities`.
+    pub probs: bool,
 }
 
 impl Answer {
+    /// `event` with its tokens' probabilities in llama-server's shape, when asked.
+    fn with_probs(&self, mut event: Value, lps: &[TokenLogprob]) -> Value {
+        if self.probs {
+            event["completion_probabilities"] = crate::answer::logprob_list(lps, true).into();
+        }
+        event
+    }
+
     fn last(&self, content: &str, end: &Ending) -> Value {
         let (stop_type, word) = match end.reason {
             StopReason::MaxTokens => ("limit", ""),
@@ -143,7 +175,10 @@ impl Answer {
 pub async fn respond(answer: Answer, mut pieces: Pieces, stream: bool) -> Response<Body> {
     if !stream {
         return match pieces.whole().await {
-            Ok((text, end)) => http::json(StatusCode::OK, &answer.last(&text, &end)),
+            Ok((text, end)) => http::json(
+                StatusCode::OK,
+                &answer.with_probs(answer.last(&text, &end), &end.logprobs),
+            ),
             Err(e) => error(e),
         };
     }
@@ -154,7 +189,11 @@ pub async fn respond(answer: Answer, mut pieces: Pieces, stream: bool) -> Respon
                 return;
             };
             let (event, last) = match piece {
-                Piece::Text(text) => (json!({"content": text, "stop": false}), false),
+                Piece::Text(text) => {
+                    let lps = pieces.take_logprobs();
+                    let event = json!({"content": text, "stop": false});
+                    (answer.with_probs(event, &lps), false)
+                }
                 Piece::End(end) => (answer.last("", &end), true),
                 Piece::Failed(e) => {
                     let _ = tx.send(crate::openai::error_event(e)).await;
@@ -231,6 +270,9 @@ mod tests {
         assert_eq!(p.inference.sampling.max_tokens, Some(5));
         assert_eq!(p.inference.sampling.repeat_penalty, Some(1.2));
         assert!(p.stream);
+        assert_eq!(p.inference.logprobs, None);
+        let p = parse_completion(br#"{"prompt":"hi","n_probs":3}"#).unwrap();
+        assert_eq!(p.inference.logprobs, Some(3));
         let p =
             parse_completion(br#"{"prompt":"hi","n_predict":-1,"json_schema":{"type":"object"}}"#)
                 .unwrap();
@@ -241,7 +283,11 @@ mod tests {
         ));
         for (body, param) in [
             (r#"{"prompt":[1,2]}"#, "prompt"),
-            (r#"{"prompt":"hi","n_probs":3}"#, "n_probs"),
+            (r#"{"prompt":"hi","n_probs":21}"#, "n_probs"),
+            (
+                r#"{"prompt":"hi","n_probs":2,"post_sampling_probs":true}"#,
+                "post_sampling_probs",
+            ),
             (
                 r#"{"prompt":"hi","grammar":"root ::= \"a\"","json_schema":{}}"#,
                 "grammar",

@@ -178,6 +178,14 @@ pub fn tagged(name: &str) -> String {
     }
 }
 
+/// An alias as Ollama lists a name: with its tag, `:latest` when it has none.
+pub fn alias_tagged(name: &str) -> String {
+    match name.contains(':') {
+        true => name.to_string(),
+        false => format!("{name}:latest"),
+    }
+}
+
 /// A parameter count as Ollama writes it: `135M`, `1.2B`.
 fn parameter_size(n: u64) -> String {
     match n {
@@ -195,11 +203,11 @@ pub fn model_details(e: &ModelEntry) -> Value {
 }
 
 /// `GET /api/tags`: every model, once.
-pub fn tags<'a>(models: impl IntoIterator<Item = &'a ModelEntry>) -> Value {
+pub fn tags<'a>(models: impl IntoIterator<Item = (String, &'a ModelEntry)>) -> Value {
     let models: Vec<Value> = models
         .into_iter()
-        .map(|e| {
-            json!({"name": tagged(&e.name), "model": tagged(&e.name), "modified_at": e.added_at,
+        .map(|(name, e)| {
+            json!({"name": name, "model": name, "modified_at": e.added_at,
                    "size": e.size, "digest": e.sha256, "details": model_details(e)})
         })
         .collect();

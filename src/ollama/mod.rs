@@ -7,7 +7,9 @@
 
 mod answer;
 
-pub use answer::{embed, embeddings, loaded, model_details, ps, respond, show, tags, Answer};
+pub use answer::{
+    alias_tagged, embed, embeddings, loaded, model_details, ps, respond, show, tagged, tags, Answer,
+};
 
 use crate::http::{self, Body};
 use crate::protocol::{

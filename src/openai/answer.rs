@@ -134,16 +134,7 @@ impl Answer {
         }
         match self.kind {
             Kind::Chat => {
-                let one = |l: &TokenLogprob| json!({"token": l.token, "logprob": l.logprob, "bytes": l.bytes});
-                let content: Vec<Value> = lps
-                    .iter()
-                    .map(|l| {
-                        let mut v = one(l);
-                        v["top_logprobs"] = l.top.iter().map(one).collect();
-                        v
-                    })
-                    .collect();
-                json!({"content": content, "refusal": null})
+                json!({"content": crate::answer::logprob_list(lps, false), "refusal": null})
             }
             Kind::Completion => {
                 let top: Vec<Value> = lps

@@ -574,6 +574,9 @@ pub enum InferenceEvent {
 /// sampler), and the `top` likeliest tokens at that place with theirs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenLogprob {
+    /// The token's id in the model's vocabulary (llama-server's `n_probs` names it).
+    #[serde(default)]
+    pub id: i32,
     pub token: String,
     pub bytes: Vec<u8>,
     pub logprob: f32,

@@ -40,10 +40,11 @@ impl Aliases {
     /// The model `given` names: an alias's model, else `given` itself, in the
     /// one spelling the cluster routes by (`model_ref::canonical`).
     pub fn resolve(&self, given: &str) -> Result<String, ApiError> {
-        let key = given.trim().to_lowercase();
-        if self.any() && !key.is_empty() {
-            if let Some(alias) = self.store()?.get::<Alias>(&key) {
-                return crate::hive::model_ref::canonical(&alias.model);
+        if self.any() {
+            for key in keys(given) {
+                if let Some(alias) = self.store()?.get::<Alias>(&key) {
+                    return crate::hive::model_ref::canonical(&alias.model);
+                }
             }
         }
         crate::hive::model_ref::canonical(given)
@@ -79,16 +80,35 @@ impl Aliases {
     }
 
     pub fn remove(&self, name: &str) -> Result<Alias, ApiError> {
-        let key = name.trim().to_lowercase();
-        let gone = match self.any() {
-            true => self
-                .store()?
-                .remove::<Alias>(&key)
-                .map_err(ApiError::internal)?,
-            false => None,
-        };
-        gone.ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no alias {name:?}")))
+        if self.any() {
+            for key in keys(name) {
+                let gone = self
+                    .store()?
+                    .remove::<Alias>(&key)
+                    .map_err(ApiError::internal)?;
+                if let Some(alias) = gone {
+                    return Ok(alias);
+                }
+            }
+        }
+        Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no alias {name:?}"),
+        ))
     }
+}
+
+/// The keys an alias typed as `given` may be stored under: as typed, and
+/// without Ollama's `:latest` (what /api/tags lists for an alias without a tag).
+fn keys(given: &str) -> Vec<String> {
+    let key = given.trim().to_lowercase();
+    if key.is_empty() {
+        return Vec::new();
+    }
+    let plain = crate::hive::model_ref::canonical(&key)
+        .ok()
+        .filter(|p| *p != key);
+    std::iter::once(key).chain(plain).collect()
 }
 
 /// An alias as people type a model's name: letters, digits and `.`, `_`,
@@ -141,10 +161,13 @@ mod tests {
             )
             .unwrap();
         assert_eq!(set.name, "smollm2");
-        assert_eq!(
-            aliases.resolve("smollm2").unwrap(),
-            "hf:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1"
-        );
+        for typed in ["smollm2", "SmolLM2:latest"] {
+            assert_eq!(
+                aliases.resolve(typed).unwrap(),
+                "hf:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1",
+                "{typed}"
+            );
+        }
         aliases
             .set("smol:tiny", "smollm2-135m-instruct:q4_1")
             .unwrap();

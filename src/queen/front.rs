@@ -136,6 +136,7 @@ pub(super) async fn completion_route(q: &Queen, req: Request<Incoming>) -> Respo
         Err(e) => return llama_server::error(e),
     };
     let stop = prepared.inference.sampling.stop.clone();
+    let probs = prepared.inference.logprobs.is_some();
     let (job, prompt_tokens, events) = match run_job(q, key, &model, prepared.inference).await {
         Ok(started) => started,
         Err(e) => return llama_server::error(e),
@@ -145,6 +146,7 @@ pub(super) async fn completion_route(q: &Queen, req: Request<Incoming>) -> Respo
         prompt_tokens,
         arrived,
         stop,
+        probs,
     };
     let pieces = crate::answer::Pieces::new(events, false);
     with_job(

@@ -270,6 +270,10 @@ enum Endpoint {
     OllamaShow,
     OllamaPull,
     OllamaDelete,
+    OllamaCopy,
+    OllamaCreate,
+    /// Pushing to, or creating from blobs of, a registry rbee does not have.
+    OllamaRegistry,
     OllamaChat,
     OllamaGenerate,
     OllamaEmbed,
@@ -355,6 +359,11 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/api/show", Endpoint::OllamaShow),
     (Method::POST, "/api/pull", Endpoint::OllamaPull),
     (Method::DELETE, "/api/delete", Endpoint::OllamaDelete),
+    (Method::POST, "/api/copy", Endpoint::OllamaCopy),
+    (Method::POST, "/api/create", Endpoint::OllamaCreate),
+    (Method::POST, "/api/push", Endpoint::OllamaRegistry),
+    (Method::HEAD, "/api/blobs/{}", Endpoint::OllamaRegistry),
+    (Method::POST, "/api/blobs/{}", Endpoint::OllamaRegistry),
     (Method::POST, "/api/chat", Endpoint::OllamaChat),
     (Method::POST, "/api/generate", Endpoint::OllamaGenerate),
     (Method::POST, "/api/embed", Endpoint::OllamaEmbed),
@@ -445,6 +454,16 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         Endpoint::OllamaShow => return ollama::show(&q, req).await,
         Endpoint::OllamaPull => return ollama::pull(&q, req).await,
         Endpoint::OllamaDelete => return ollama::delete(&q, req).await,
+        Endpoint::OllamaCopy => return ollama::copy(&q, req).await,
+        Endpoint::OllamaCreate => return ollama::create(&q, req).await,
+        Endpoint::OllamaRegistry => {
+            return crate::ollama::error(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "rbee has no model registry to push to or create from blobs: models come from \
+                 Hugging Face (pull hf.co/ORG/REPO:QUANT) or a GGUF file on a hive \
+                 (rbee keeper pull file:/path/model.gguf)",
+            ))
+        }
         Endpoint::OllamaChat => return ollama::chat(&q, req, crate::ollama::Kind::Chat).await,
         Endpoint::OllamaGenerate => {
             return ollama::chat(&q, req, crate::ollama::Kind::Generate).await

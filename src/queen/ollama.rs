@@ -159,9 +159,100 @@ fn catalog(q: &Queen) -> Vec<ModelEntry> {
     seen
 }
 
-/// `GET /api/tags`.
+/// `GET /api/tags`: every model, and every alias of one a hive has.
 pub(super) fn tags(q: &Queen) -> Response<Body> {
-    http::json(StatusCode::OK, &ollama::tags(&catalog(q)))
+    let entries = catalog(q);
+    let state = q.cluster.view.state();
+    let aliased = |model: &str| {
+        let found = state
+            .hives
+            .iter()
+            .filter(|h| h.reachable)
+            .find_map(|h| placement::entry(h.snapshot.as_ref()?, model))?;
+        entries.iter().find(|e| e.name == found.entry.name)
+    };
+    let aliases = q.aliases.list().unwrap_or_default();
+    let named = entries
+        .iter()
+        .map(|e| (ollama::tagged(&e.name), e))
+        .chain(aliases.iter().filter_map(|a| {
+            Some((ollama::alias_tagged(&a.name), aliased(&a.model)?))
+        }));
+    http::json(StatusCode::OK, &ollama::tags(named))
+}
+
+/// `POST /api/copy` (`ollama cp SOURCE DESTINATION`): DESTINATION becomes an
+/// alias of SOURCE; no file is copied (the same weights answer both names).
+pub(super) async fn copy(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    #[derive(Deserialize)]
+    struct Copy {
+        source: String,
+        destination: String,
+    }
+    let copied = async {
+        let c: Copy = http::read_json(req).await?;
+        alias_of(q, &c.destination, &c.source).await
+    };
+    match copied.await {
+        Ok(()) => http::json(StatusCode::OK, &json!({})),
+        Err(e) => ollama::error(e),
+    }
+}
+
+/// `POST /api/create` with `from` alone: `model` becomes an alias of `from`.
+/// rbee keeps no models of its own making: a system message, parameters, a
+/// template or files are refused, naming the field (send them per request).
+pub(super) async fn create(q: &Queen, req: Request<Incoming>) -> Response<Body> {
+    #[derive(Deserialize)]
+    struct Create {
+        model: Option<String>,
+        /// The older name of `model`.
+        name: Option<String>,
+        from: Option<String>,
+        #[serde(default)]
+        stream: Option<bool>,
+        #[serde(flatten)]
+        rest: serde_json::Map<String, serde_json::Value>,
+    }
+    let created = async {
+        let c: Create = http::read_json(req).await?;
+        crate::protocol::refuse_unhonoured(&c.rest, &[])?;
+        let model = c.model.or(c.name).filter(|m| !m.is_empty());
+        let model = model.ok_or_else(|| ApiError::invalid("model", "model is required"))?;
+        let from = c.from.filter(|f| !f.is_empty()).ok_or_else(|| {
+            ApiError::invalid(
+                "from",
+                "from is required: rbee makes a new name for a model it has (FROM), not a model",
+            )
+        })?;
+        alias_of(q, &model, &from).await?;
+        Ok::<_, ApiError>(c.stream.unwrap_or(true))
+    };
+    match created.await {
+        // Streamed, the one status line Ollama ends its own with.
+        Ok(true) => {
+            let (tx, resp) = http::sse::ndjson_response();
+            let _ = tx.try_send(http::sse::json_line(&json!({"status": "success"})));
+            resp
+        }
+        Ok(false) => http::json(StatusCode::OK, &json!({"status": "success"})),
+        Err(e) => ollama::error(e),
+    }
+}
+
+/// `name` set as an alias of `model`, which some hive must have.
+async fn alias_of(q: &Queen, name: &str, model: &str) -> Result<(), ApiError> {
+    let model = q.aliases.resolve(model)?;
+    let state = q.cluster.view.state();
+    let entry = state
+        .hives
+        .iter()
+        .filter(|h| h.reachable)
+        .find_map(|h| placement::entry(h.snapshot.as_ref()?, &model))
+        .ok_or_else(|| not_found(&model))?;
+    let alias = q.aliases.set(name, &entry.entry.name)?;
+    tracing::info!("alias {} is {} (Ollama's copy)", alias.name, alias.model);
+    Ok(())
 }
 
 /// `GET /api/ps`: the workers, each with its catalog entry.
@@ -189,12 +280,16 @@ struct Named {
 impl Named {
     async fn read(q: &Queen, req: Request<Incoming>) -> Result<(Named, String), ApiError> {
         let named: Named = http::read_json(req).await?;
-        let given = named.model.clone().or_else(|| named.name.clone());
-        let given = given
-            .filter(|m| !m.is_empty())
-            .ok_or_else(|| ApiError::invalid("model", "model is required"))?;
-        let model = q.aliases.resolve(&given)?;
+        let model = q.aliases.resolve(&named.given()?)?;
         Ok((named, model))
+    }
+
+    /// The name as the client gave it.
+    fn given(&self) -> Result<String, ApiError> {
+        let given = self.model.clone().or_else(|| self.name.clone());
+        given
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| ApiError::invalid("model", "model is required"))
     }
 }
 
@@ -242,7 +337,18 @@ pub(super) async fn show(q: &Queen, req: Request<Incoming>) -> Response<Body> {
 /// `DELETE /api/delete`: the model removed from every hive that has it.
 pub(super) async fn delete(q: &Queen, req: Request<Incoming>) -> Response<Body> {
     let deleted = async {
-        let (_, model) = Named::read(q, req).await?;
+        let given = http::read_json::<Named>(req).await?.given()?;
+        // An alias is only a name: removing it leaves the model, as `ollama rm`
+        // of a copy leaves the original.
+        match q.aliases.remove(&given) {
+            Ok(alias) => {
+                tracing::info!("alias {} removed (Ollama's delete)", alias.name);
+                return Ok(());
+            }
+            Err(e) if e.code != ErrorCode::NotFound => return Err(e),
+            Err(_) => {}
+        }
+        let model = q.aliases.resolve(&given)?;
         let state = q.cluster.view.state();
         let mut any = false;
         for h in state.hives.iter().filter(|h| h.reachable) {

@@ -4,7 +4,7 @@
 use super::{error, Prepared, Store};
 use crate::answer::{Ending, Piece, Pieces};
 use crate::http::{self, Body};
-use crate::protocol::{ChatMessage, StopReason, ToolCall};
+use crate::protocol::{ChatMessage, StopReason, TokenLogprob, ToolCall};
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
@@ -53,16 +53,28 @@ impl Answer {
         v
     }
 
-    fn message(&self, text: &str, status: &str) -> Value {
+    fn message(&self, text: &str, lps: &[TokenLogprob], status: &str) -> Value {
         json!({"type": "message", "id": self.message_id, "status": status, "role": "assistant",
-               "content": if status == "in_progress" { json!([]) } else { json!([text_part(text)]) }})
+               "content": if status == "in_progress" { json!([]) } else { json!([self.text_part(text, lps)]) }})
+    }
+
+    /// An `output_text` part, with its tokens' log-probabilities when asked.
+    fn text_part(&self, text: &str, lps: &[TokenLogprob]) -> Value {
+        json!({"type": "output_text", "text": text, "annotations": [], "logprobs": self.logprobs(lps)})
+    }
+
+    fn logprobs(&self, lps: &[TokenLogprob]) -> Vec<Value> {
+        match self.prepared.logprobs {
+            true => crate::answer::logprob_list(lps, false),
+            false => Vec::new(),
+        }
     }
 
     /// The finished response's output items: its text, then its calls.
     fn output(&self, text: &str, end: &Ending) -> Vec<Value> {
         let mut output = Vec::new();
         if !text.is_empty() || end.calls.is_empty() {
-            output.push(self.message(text, "completed"));
+            output.push(self.message(text, &end.logprobs, "completed"));
         }
         output.extend(end.calls.iter().map(function_call));
         output
@@ -85,10 +97,6 @@ impl Answer {
         }
         response
     }
-}
-
-fn text_part(text: &str) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
 }
 
 fn function_call(c: &ToolCall) -> Value {
@@ -133,9 +141,10 @@ pub async fn respond(answer: Answer, mut pieces: Pieces) -> Response<Body> {
             return;
         }
         let (item, mut text, mut opened) = (answer.message_id.clone(), String::new(), false);
-        let open = json!({"output_index": 0, "item": answer.message("", "in_progress")});
-        let part =
-            json!({"item_id": item, "output_index": 0, "content_index": 0, "part": text_part("")});
+        let mut lps = Vec::new();
+        let open = json!({"output_index": 0, "item": answer.message("", &[], "in_progress")});
+        let part = json!({"item_id": item, "output_index": 0, "content_index": 0,
+                          "part": answer.text_part("", &[])});
         loop {
             let Some(piece) = pieces.next_for(&ev.tx).await else {
                 return;
@@ -151,7 +160,10 @@ pub async fn respond(answer: Answer, mut pieces: Pieces) -> Response<Body> {
                         }
                     }
                     text.push_str(&t);
-                    let delta = json!({"item_id": item, "output_index": 0, "content_index": 0, "delta": t, "logprobs": []});
+                    let these = pieces.take_logprobs();
+                    let delta = json!({"item_id": item, "output_index": 0, "content_index": 0, "delta": t,
+                                       "logprobs": answer.logprobs(&these)});
+                    lps.extend(these);
                     if !ev.send("response.output_text.delta", delta).await {
                         return;
                     }
@@ -163,12 +175,14 @@ pub async fn respond(answer: Answer, mut pieces: Pieces) -> Response<Body> {
                         ev.send("response.content_part.added", part.clone()).await;
                     }
                     if opened {
-                        let done = json!({"item_id": item, "output_index": 0, "content_index": 0, "text": text, "logprobs": []});
+                        let done = json!({"item_id": item, "output_index": 0, "content_index": 0, "text": text,
+                                          "logprobs": answer.logprobs(&lps)});
                         ev.send("response.output_text.done", done).await;
-                        let part = json!({"item_id": item, "output_index": 0, "content_index": 0, "part": text_part(&text)});
+                        let part = json!({"item_id": item, "output_index": 0, "content_index": 0,
+                                          "part": answer.text_part(&text, &lps)});
                         ev.send("response.content_part.done", part).await;
-                        let item =
-                            json!({"output_index": 0, "item": answer.message(&text, "completed")});
+                        let item = json!({"output_index": 0,
+                                          "item": answer.message(&text, &lps, "completed")});
                         ev.send("response.output_item.done", item).await;
                     }
                     for (i, call) in end.calls.iter().enumerate() {
@@ -193,6 +207,7 @@ pub async fn respond(answer: Answer, mut pieces: Pieces) -> Response<Body> {
                         )
                         .await;
                     }
+                    let end = Ending { logprobs: lps, ..end };
                     let response = answer.finish(&text, &end);
                     let kind = if response["status"] == "incomplete" {
                         "response.incomplete"

@@ -33,6 +33,7 @@ struct Request {
     previous_response_id: Option<String>,
     max_output_tokens: Option<i64>,
     temperature: Option<f32>,
+    top_logprobs: Option<u32>,
     top_p: Option<f32>,
     #[serde(default)]
     tools: Vec<Value>,
@@ -67,6 +68,8 @@ pub struct Prepared {
     pub inference: InferenceRequest,
     pub stream: bool,
     pub tool_calls: bool,
+    /// The output text carries its tokens' log-probabilities.
+    logprobs: bool,
     /// The conversation so far, with this turn's input (not the instructions).
     conversation: Vec<ChatMessage>,
     /// What the response object echoes of the request.
@@ -81,8 +84,9 @@ pub fn parse(body: &[u8], store: &Store) -> Result<Prepared, ApiError> {
         return Err(ApiError::invalid("model", "model is required"));
     }
     let mut rest = req.rest;
-    for name in ["truncation", "reasoning", "include"] {
-        // Their off values: no truncation, no reasoning, nothing extra included.
+    let logprobs = logprobs_of(rest.remove("include"), req.top_logprobs)?;
+    for name in ["truncation", "reasoning"] {
+        // Their off values: no truncation, no reasoning.
         let off = match rest.get(name) {
             Some(Value::String(s)) => s == "disabled",
             Some(Value::Array(a)) => a.is_empty(),
@@ -149,13 +153,55 @@ pub fn parse(body: &[u8], store: &Store) -> Result<Prepared, ApiError> {
             sampling,
             tools,
             constraint: tool_constraint.or(format),
+            logprobs,
             ..InferenceRequest::default()
         },
         stream: req.stream,
+        logprobs: logprobs.is_some(),
         conversation,
         echo,
         store: req.store.unwrap_or(true),
     })
+}
+
+/// What `include` may name: the output text's log-probabilities, which
+/// rbee gives, and what belongs to outputs rbee never makes (so there is
+/// nothing to add).
+const INCLUDABLE: &[&str] = &[
+    "message.output_text.logprobs",
+    "reasoning.encrypted_content",
+    "web_search_call.action.sources",
+    "code_interpreter_call.outputs",
+    "computer_call_output.output.image_url",
+    "file_search_call.results",
+    "message.input_image.image_url",
+];
+
+/// `include` and `top_logprobs`: how many alternatives each output token's
+/// log-probability comes with, or `None` when they are not asked for.
+fn logprobs_of(include: Option<Value>, top: Option<u32>) -> Result<Option<u32>, ApiError> {
+    let names: Vec<String> = match include {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => serde_json::from_value(v)
+            .map_err(|_| ApiError::invalid("include", "include must be a list of names"))?,
+    };
+    if let Some(bad) = names.iter().find(|n| !INCLUDABLE.contains(&n.as_str())) {
+        return Err(ApiError::invalid(
+            "include",
+            format!("include cannot name {bad:?}: {}", INCLUDABLE.join(", ")),
+        ));
+    }
+    if top.is_some_and(|n| n > crate::protocol::MAX_TOP_LOGPROBS) {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            format!(
+                "top_logprobs must be 0 to {}",
+                crate::protocol::MAX_TOP_LOGPROBS
+            ),
+        ));
+    }
+    let asked = names.iter().any(|n| n == "message.output_text.logprobs");
+    Ok((asked || top.is_some_and(|n| n > 0)).then(|| top.unwrap_or(0)))
 }
 
 /// `input`: a string (one user message) or a list of items: messages (text
@@ -386,6 +432,9 @@ mod tests {
             ),
             (json!({"text": {"format": {"type": "yaml"}}}), "text"),
             (json!({"max_output_tokens": 0}), "max_output_tokens"),
+            (json!({"include": ["message.output_txt.logprobs"]}), "include"),
+            (json!({"include": "everything"}), "include"),
+            (json!({"top_logprobs": 21}), "top_logprobs"),
         ] {
             let mut body = json!({"model": "m", "input": "hi"});
             body.as_object_mut()
@@ -393,6 +442,31 @@ mod tests {
                 .extend(extra.as_object().unwrap().clone());
             let e = parse_json(body, &store).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn logprobs_are_given_when_include_or_top_logprobs_asks() {
+        let store = Store::default();
+        for (extra, asked) in [
+            (json!({}), None),
+            (json!({"include": []}), None),
+            (json!({"include": ["reasoning.encrypted_content"]}), None),
+            (json!({"top_logprobs": 0}), None),
+            (json!({"include": ["message.output_text.logprobs"]}), Some(0)),
+            (
+                json!({"include": ["message.output_text.logprobs"], "top_logprobs": 3}),
+                Some(3),
+            ),
+            (json!({"top_logprobs": 2}), Some(2)),
+        ] {
+            let mut body = json!({"model": "m", "input": "hi"});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let p = parse_json(body, &store).unwrap();
+            assert_eq!(p.inference.logprobs, asked, "{extra}");
+            assert_eq!(p.logprobs, asked.is_some());
         }
     }
 }

@@ -186,6 +186,7 @@ pub(super) async fn completion(w: &Worker, req: Request<Incoming>) -> Response<B
                 prompt_tokens,
                 arrived,
                 stop: prepared.inference.sampling.stop.clone(),
+                probs: prepared.inference.logprobs.is_some(),
             };
             let pieces = crate::answer::Pieces::new(events, false);
             llama_server::respond(answer, pieces, prepared.stream).await

@@ -33,6 +33,8 @@ def completion(base, body):
     assert events[-1]["stop"] is True and all(not e["stop"] for e in events[:-1]), events[-2:]
     last = dict(events[-1])
     last["content"] = "".join(e["content"] for e in events)
+    if body.get("n_probs"):
+        last["completion_probabilities"] = [p for e in events for p in e.get("completion_probabilities", [])]
     return last
 
 
@@ -57,8 +59,25 @@ def suite(base, where, model):
                               "repeat_penalty": 1.2, "repeat_last_n": 32, "typical_p": 0.9,
                               "logit_bias": [[42, -100]], "seed": 7})
         assert r["tokens_predicted"] <= 4, r
-        status, text = call(base, "/completion", {"model": model, "prompt": "Hello", "n_probs": 3})
+        status, text = call(base, "/completion", {"model": model, "prompt": "Hello", "n_probs": 3,
+                                                  "post_sampling_probs": True})
+        assert status == 400 and "post_sampling_probs" in text, (status, text)
+        status, text = call(base, "/completion", {"model": model, "prompt": "Hello", "n_probs": 50})
         assert status == 400 and "n_probs" in text, (status, text)
+
+    def n_probs_whole_and_streamed():
+        body = {"model": model, "prompt": "The capital of France is", "n_predict": 4, "temperature": 0,
+                "n_probs": 3}
+        for r in [completion(base, body), completion(base, dict(body, stream=True))]:
+            probs = r["completion_probabilities"]
+            assert len(probs) == r["tokens_predicted"] == 4, r
+            assert "".join(p["token"] for p in probs) == r["content"], r
+            for p in probs:
+                top = p["top_logprobs"]
+                assert len(top) == 3 and top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"], p
+                # Greedy: the token taken is the likeliest one, with its log-probability.
+                assert p["id"] == top[0]["id"] and abs(p["logprob"] - top[0]["logprob"]) < 1e-4, p
+                assert p["logprob"] <= 0 and bytes(p["bytes"]).decode() == p["token"], p
 
     def tokenize():
         status, text = call(base, "/tokenize", {"model": model, "content": "Hello world", "with_pieces": True})
@@ -68,7 +87,8 @@ def suite(base, where, model):
         return [t["id"] for t in tokens]
 
     checks = [("completion", completion_whole_and_streamed), ("grammar", grammar_yes_or_no),
-              ("sampling", sampler_fields_and_refusals), ("tokenize", tokenize)]
+              ("sampling", sampler_fields_and_refusals), ("n_probs", n_probs_whole_and_streamed),
+              ("tokenize", tokenize)]
     for name, fn in checks:
         check(f"{where} {name}", fn)
 

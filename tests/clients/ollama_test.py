@@ -141,6 +141,30 @@ def queen_suite(base, where):
         c.delete("tiny:q4_1")
         assert not any(m.model == "tiny:q4_1" for m in c.list().models), c.list()
 
+    def copy_create_and_delete_names():
+        c.copy(tagged, "mine")
+        names = [m.model for m in c.list().models]
+        assert "mine:latest" in names and tagged in names, names
+        assert c.show("mine:latest").details.format == "gguf"
+        assert c.create(model="made", from_="mine").status == "success"
+        assert list(c.create(model="made:2", from_=tagged, stream=True))[-1].status == "success"
+        for kwargs, says in [(dict(model="x", from_=tagged, system="You are Mario"), "system"),
+                             (dict(model="x"), "from")]:
+            try:
+                c.create(**kwargs)
+                raise AssertionError(f"create {kwargs} was accepted")
+            except ollama.ResponseError as e:
+                assert e.status_code == 400 and says in e.error, e.error
+        try:
+            c.push("mine")
+            raise AssertionError("a push was accepted")
+        except ollama.ResponseError as e:
+            assert "registry" in e.error, e.error
+        for name in ["mine", "made", "made:2"]:
+            c.delete(name)  # the name only: the model stays
+        names = [m.model for m in c.list().models]
+        assert tagged in names and not {"mine:latest", "made:latest", "made:2"} & set(names), names
+
     def unload():
         loaded = c.generate(model=tagged, keep_alive=-1)
         assert loaded.done, loaded
@@ -151,7 +175,8 @@ def queen_suite(base, where):
         eventually("unloaded", lambda: not any(m.model == tagged for m in c.ps().models))
 
     for name, fn in [("probes", probes), ("list show ps", list_show_ps), ("embeddings", older_embeddings),
-                     ("not found", not_found), ("pull delete", pull_and_delete), ("unload", unload)]:
+                     ("not found", not_found), ("pull delete", pull_and_delete),
+                     ("copy create delete", copy_create_and_delete_names), ("unload", unload)]:
         check(f"{where} {name}", fn)
 
 

@@ -69,6 +69,22 @@ def suite(base, where):
                                text={"format": {"type": "json_schema", "name": "person", "schema": schema}})
         assert isinstance(json.loads(r.output_text)["name"], str), r.output_text
 
+    def logprobs():
+        ask = dict(model=MODEL, input="The capital of France is", max_output_tokens=4, temperature=0,
+                   include=["message.output_text.logprobs"], top_logprobs=2)
+        whole = c.responses.create(**ask)
+        lps = whole.output[0].content[0].logprobs
+        assert "".join(l.token for l in lps) == whole.output_text and len(lps) == 4, lps
+        for l in lps:
+            # Greedy: the token taken is the likelier of the two alternatives.
+            assert len(l.top_logprobs) == 2 and l.top_logprobs[0].token == l.token, l
+            assert l.logprob <= 0 and abs(l.logprob - l.top_logprobs[0].logprob) < 1e-4, l
+        events = list(c.responses.create(stream=True, **ask))
+        streamed = [l for e in events if e.type == "response.output_text.delta" for l in e.logprobs]
+        assert [l.token for l in streamed] == [l.token for l in lps], (streamed, lps)
+        plain = c.responses.create(**dict(ask, include=None, top_logprobs=None))
+        assert plain.output[0].content[0].logprobs == [], plain
+
     def errors():
         for kwargs, says in [({"previous_response_id": "resp_nope"}, "resp_nope"),
                              ({"reasoning": {"effort": "high"}}, "reasoning")]:
@@ -79,7 +95,7 @@ def suite(base, where):
                 assert says in str(e), e
 
     for name, fn in [("whole and streamed", whole_and_streamed), ("previous response", previous_response_id),
-                     ("function tool", function_tool), ("structured", structured), ("errors", errors)]:
+                     ("function tool", function_tool), ("structured", structured), ("logprobs", logprobs), ("errors", errors)]:
         check(f"{where} responses {name}", fn)
 
 

@@ -52,7 +52,7 @@ fn ollama_and_anthropic_clients_work_against_queen_and_worker() {
             "hf.co/test/tiny-GGUF:Q4_1",
         ],
     );
-    assert!(stdout.contains("20 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("21 passed, 0 failed"), "{stdout}");
     let stdout = python(
         "clients/anthropic_test.py",
         &[&queen.url, &worker.url, name],
@@ -62,10 +62,10 @@ fn ollama_and_anthropic_clients_work_against_queen_and_worker() {
         "clients/llama_server_test.py",
         &[&worker.url, &queen.url, name],
     );
-    assert!(stdout.contains("9 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("11 passed, 0 failed"), "{stdout}");
     let stdout = python(
         "clients/responses_test.py",
         &[&queen.url, &worker.url, name],
     );
-    assert!(stdout.contains("10 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("12 passed, 0 failed"), "{stdout}");
 }

@@ -922,6 +922,7 @@ fn logprob(
     let entry = |t: LlamaToken| {
         let bytes = vocab.token_to_piece(t, true, None);
         TokenLogprob {
+            id: t.0,
             token: String::from_utf8_lossy(&bytes).into_owned(),
             bytes,
             logprob: logits
