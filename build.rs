@@ -1,7 +1,7 @@
 //! Records which llama.cpp backends this binary carries, for `rbee --version`,
 //! and compiles rbee's C++ (the engine's exception boundary,
 //! `src/worker/engine/guard.cpp`, and a lease's RPC server,
-//! `src/worker/engine/rpc.cpp`) against the llama.cpp tree llama-cpp-sys-2 built.
+//! `src/rpc.cpp`) against the llama.cpp tree llama-cpp-sys-2 built.
 
 use std::path::PathBuf;
 
@@ -30,7 +30,7 @@ fn main() {
 /// build's libraries, which llama-cpp-sys-2 links (with the C++ runtime,
 /// statically).
 fn cpp() {
-    let sources = ["src/worker/engine/guard.cpp", "src/worker/engine/rpc.cpp"];
+    let sources = ["src/worker/engine/guard.cpp", "src/rpc.cpp"];
     for source in sources {
         println!("cargo:rerun-if-changed={source}");
     }

@@ -7,67 +7,11 @@ so drift on the machine hits all of them alike. Prints one table of medians with
 ratios and the targets, and writes every figure to bench/results/<time>.json.
 Standard library only.
 """
-import argparse, http.client, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, threading, time
+import argparse, http.client, json, os, shutil, signal, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "Once upon a time, in a small village by the sea, there lived"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(port, path, ok, timeout=120):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", path)
-            r = c.getresponse()
-            body = r.read().decode(errors="replace")
-            if ok(r.status, body):
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"port {port}{path} not ready")
-
-
-def sse_tokens(port, method, path, body, is_token):
-    """Sends a request and reads its SSE answer; times of the request and of each token."""
-    t0 = time.perf_counter()
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    c.request(method, path, body=json.dumps(body) if body is not None else None,
-              headers={"content-type": "application/json"})
-    r = c.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"{path}: HTTP {r.status} {r.read()[:300]!r}")
-    times = []
-    for raw in r:
-        line = raw.decode(errors="replace").strip()
-        if not line.startswith("data: "):
-            continue
-        data = line[6:]
-        if data == "[DONE]":
-            break
-        event = json.loads(data)
-        if is_token(event):
-            times.append(time.perf_counter())
-        if event.get("stop") is True or event.get("type") in ("end", "error"):
-            if event.get("type") == "error":
-                raise RuntimeError(f"{path}: {event}")
-            break
-    c.close()
-    return t0, times
-
-
-def figures(t0, times):
-    ttft = (times[0] - t0) * 1000
-    tps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
-    return {"ttft_ms": ttft, "decode_tps": tps, "tokens": len(times)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PROMPT, ROOT, figures, free_port, median, sse_tokens, stream, wait_http  # noqa: E402
 
 
 class Rbee:
@@ -194,25 +138,13 @@ class Chain:
 def chat_ttft(port, messages, max_tokens):
     """One streamed chat turn through /v1/chat/completions: time to first token (ms) and the answer."""
     body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    t0 = time.perf_counter()
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    c.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"content-type": "application/json"})
-    r = c.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"chat: HTTP {r.status} {r.read()[:300]!r}")
+    t0, events = stream(port, "POST", "/v1/chat/completions", body)
     first, text = None, []
-    for raw in r:
-        line = raw.decode(errors="replace").strip()
-        if not line.startswith("data: "):
-            continue
-        if line[6:] == "[DONE]":
-            break
-        choices = json.loads(line[6:]).get("choices") or [{}]
-        piece = (choices[0].get("delta") or {}).get("content")
+    for t, event in events:
+        piece = ((event.get("choices") or [{}])[0].get("delta") or {}).get("content")
         if piece:
-            first = first or time.perf_counter()
+            first = first or t
             text.append(piece)
-    c.close()
     return ((first or time.perf_counter()) - t0) * 1000, "".join(text)
 
 
@@ -230,37 +162,22 @@ def front_stream(port, front, model, content, max_tokens):
         "responses": ("/v1/responses", {"model": model, "input": content, "max_output_tokens": max_tokens,
                                         "temperature": 0, "stream": True}),
     }[front]
-    t0 = time.perf_counter()
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    c.request("POST", path, body=json.dumps(body), headers={"content-type": "application/json"})
-    r = c.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"{front}: HTTP {r.status} {r.read()[:300]!r}")
+    t0, events = stream(port, "POST", path, body, lines=front == "ollama")
     times = []
-    for raw in r:
-        line = raw.decode(errors="replace").strip()
-        if front == "ollama" and line:
-            event = json.loads(line)
-            if event.get("message", {}).get("content"):
-                times.append(time.perf_counter())
-            if event.get("done"):
-                break
-        elif line.startswith("data: ") and line[6:] != "[DONE]":
-            event = json.loads(line[6:])
-            if front == "openai":
-                text = ((event.get("choices") or [{}])[0].get("delta") or {}).get("content")
-            elif front == "responses":
-                text = event.get("delta") if event.get("type") == "response.output_text.delta" else None
-            else:
-                text = (event.get("delta") or {}).get("text")
-            if text:
-                times.append(time.perf_counter())
-            if event.get("type") in ("message_stop", "response.completed", "response.incomplete") \
-                    or (event.get("choices") or [{}])[0].get("finish_reason"):
-                break
-        elif line == "data: [DONE]":
+    for t, event in events:
+        if front == "ollama":
+            text = event.get("message", {}).get("content")
+        elif front == "openai":
+            text = ((event.get("choices") or [{}])[0].get("delta") or {}).get("content")
+        elif front == "responses":
+            text = event.get("delta") if event.get("type") == "response.output_text.delta" else None
+        else:
+            text = (event.get("delta") or {}).get("text")
+        if text:
+            times.append(t)
+        if event.get("done") or event.get("type") in ("message_stop", "response.completed", "response.incomplete") \
+                or (event.get("choices") or [{}])[0].get("finish_reason"):
             break
-    c.close()
     return t0, times
 
 
@@ -282,28 +199,18 @@ def fronts_section(a, chain):
 def streamed_turn(port, path, body):
     """One streamed turn (chat completions or responses): its request's size in
     bytes, time to first text (ms), the text, and the response's id if any."""
-    data = json.dumps(dict(body, stream=True)).encode()
-    t0 = time.perf_counter()
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    c.request("POST", path, body=data, headers={"content-type": "application/json"})
-    r = c.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"{path}: HTTP {r.status} {r.read()[:300]!r}")
+    body = dict(body, stream=True)
+    t0, events = stream(port, "POST", path, body)
     first, text, rid = None, [], None
-    for raw in r:
-        line = raw.decode(errors="replace").strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        event = json.loads(line[6:])
+    for t, event in events:
         if event.get("type") == "response.created":
             rid = event["response"]["id"]
         piece = event.get("delta") if event.get("type") == "response.output_text.delta" else \
             ((event.get("choices") or [{}])[0].get("delta") or {}).get("content")
         if piece:
-            first = first or time.perf_counter()
+            first = first or t
             text.append(piece)
-    c.close()
-    return len(data), ((first or time.perf_counter()) - t0) * 1000, "".join(text), rid
+    return len(json.dumps(body).encode()), ((first or time.perf_counter()) - t0) * 1000, "".join(text), rid
 
 
 def previous_response_section(a, chain):
@@ -506,10 +413,6 @@ def cold_start(a):
     p.stdout.read()
     p.wait()
     return first * 1000
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
 
 
 def main():

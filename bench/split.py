@@ -17,7 +17,7 @@ import argparse, http.client, json, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import PROMPT, ROOT, figures, free_port, median, wait_http  # noqa: E402
+from common import PROMPT, ROOT, figures, free_port, median, sse_tokens, wait_http  # noqa: E402
 
 NETNS = "rbee-bench-lend"
 NEAR, FAR = "10.79.0.1", "10.79.0.2"
@@ -142,7 +142,6 @@ class Worker:
         wait_http_token(self.port)
 
     def stream(self, tokens):
-        from run import sse_tokens
         return sse_tokens(self.port, "POST", "/v1/inference",
                           {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "cache_prompt": False},
                           lambda e: e.get("type") == "token")

@@ -68,7 +68,7 @@ pub fn show(flag: Option<&Path>, role: &str) -> Result<(), String> {
 
 /// `sha256:` and the SHA-256 of a certificate (DER), in hex.
 pub fn fingerprint(cert: &[u8]) -> String {
-    format!("sha256:{}", crate::hive::disk::hex(&Sha256::digest(cert)))
+    format!("sha256:{}", crate::disk::hex(&Sha256::digest(cert)))
 }
 
 fn paths(data_dir: &Path, role: &str) -> (PathBuf, PathBuf) {

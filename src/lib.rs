@@ -7,6 +7,7 @@ pub mod anthropic;
 pub mod cli;
 pub mod clients;
 pub mod discovery;
+pub mod disk;
 pub mod gbnf;
 pub mod gguf;
 pub mod hive;
@@ -14,15 +15,19 @@ pub mod http;
 pub mod identity;
 pub mod join_token;
 pub mod keeper;
+#[cfg(test)]
+mod layers;
 pub mod llama_server;
 pub mod machine;
 pub mod metrics;
+pub mod model_ref;
 pub mod ollama;
 pub mod openai;
 pub mod process;
 pub mod protocol;
 pub mod queen;
 pub mod responses;
+pub mod rpc;
 pub mod schema;
 pub mod service;
 pub mod store;
@@ -35,6 +40,10 @@ pub const GPU_BACKEND: bool = cfg!(any(feature = "cuda", feature = "metal"));
 
 /// The llama.cpp backends compiled into this binary, for `rbee --version`.
 pub const BACKENDS: &str = env!("RBEE_BACKENDS");
+
+/// The hive's catalog directory in the data dir (where the queen's local hive
+/// keeps it too, so a queen knows whether this machine's hive ran before).
+pub const HIVE_CATALOG: &str = "hive-catalog";
 
 /// Where a daemon keeps its state: `--data-dir`, else `$RBEE_HOME`, else
 /// `~/.local/share/rbee` (DESIGN.md §5).

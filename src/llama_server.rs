@@ -1,8 +1,9 @@
-//! llama-server's own endpoints, for scripts written against llama.cpp
-//! (its `tools/server` README): `/completion` with its request fields and its
-//! answer (`content`, `stop`, `tokens_predicted`, `timings`, …), `/tokenize`,
-//! `/detokenize`, `/props` and `/slots`. Errors use OpenAI's shape, as
-//! llama-server's do.
+//! llama-server's own `/completion`, for scripts written against llama.cpp
+//! (its `tools/server` README): its request fields and its answer (`content`,
+//! `stop`, `tokens_predicted`, `timings`, `completion_probabilities`, …), on
+//! the queen and on a worker. (`/tokenize`, `/detokenize`, `/props` and
+//! `/slots` describe a worker's own engine: the worker answers them.) Errors
+//! use OpenAI's shape, as llama-server's do.
 
 use crate::answer::{Ending, Piece, Pieces};
 use crate::http::{self, Body};
@@ -211,51 +212,6 @@ pub async fn respond(answer: Answer, mut pieces: Pieces, stream: bool) -> Respon
 /// `POST /tokenize`: llama-server's fields, and rbee's `messages` and `tools`
 /// (the prompt a chat request makes: what Anthropic's `count_tokens` counts).
 pub use crate::protocol::TokenizeRequest;
-
-/// The answer to `/tokenize`: ids, or with `with_pieces` each id and its text
-/// (its bytes where they are not whole UTF-8), as llama-server gives them.
-pub fn tokens(t: &crate::worker::engine::Tokenized, with_pieces: bool) -> Value {
-    if !with_pieces {
-        return json!({ "tokens": t.ids });
-    }
-    let tokens: Vec<Value> = t
-        .ids
-        .iter()
-        .zip(&t.pieces)
-        .map(|(id, piece)| match std::str::from_utf8(piece) {
-            Ok(text) => json!({"id": id, "piece": text}),
-            Err(_) => json!({"id": id, "piece": piece}),
-        })
-        .collect();
-    json!({ "tokens": tokens })
-}
-
-/// `GET /props`.
-pub fn props(d: &crate::worker::engine::Described, model: &str, model_path: &str) -> Value {
-    json!({"default_generation_settings": {"n_ctx": d.n_ctx, "model": model,
-               "params": {"temperature": crate::worker::engine::DEFAULT_TEMPERATURE,
-                          "top_k": crate::worker::engine::DEFAULT_TOP_K,
-                          "top_p": crate::worker::engine::DEFAULT_TOP_P,
-                          "n_predict": -1}},
-           "total_slots": d.slots.len(), "model_path": model_path, "chat_template": d.chat_template,
-           "n_vocab": d.n_vocab, "modalities": {"vision": false, "audio": false},
-           "build_info": format!("rbee {}", env!("CARGO_PKG_VERSION"))})
-}
-
-/// `GET /slots`.
-pub fn slots(d: &crate::worker::engine::Described) -> Value {
-    let slots: Vec<Value> = d
-        .slots
-        .iter()
-        .enumerate()
-        .map(|(id, s)| match s {
-            Some((prompt, decoded)) => json!({"id": id, "n_ctx": d.n_ctx, "is_processing": true,
-                                              "n_prompt_tokens": prompt, "n_decoded": decoded}),
-            None => json!({"id": id, "n_ctx": d.n_ctx, "is_processing": false}),
-        })
-        .collect();
-    Value::Array(slots)
-}
 
 #[cfg(test)]
 mod tests {

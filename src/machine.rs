@@ -1,5 +1,5 @@
 //! Facts about this machine, from the OS's own calls: memory, a process's
-//! resident memory, the host name. Through `sysinfo`, which has a branch per
+//! resident memory, the host name; and its GPUs, from llama.cpp's device registry. Through `sysinfo`, which has a branch per
 //! OS (Linux, macOS, Windows), so nothing here assumes `/proc`.
 
 use std::collections::HashMap;
@@ -79,6 +79,23 @@ pub fn addresses() -> Vec<std::net::IpAddr> {
     all.sort_by_key(|ip| ip.is_ipv6());
     all.dedup();
     all
+}
+
+/// The GPUs llama.cpp can use in this build (none in a CPU-only build).
+pub fn gpus() -> Vec<crate::protocol::GpuInfo> {
+    use llama_cpp_2::LlamaBackendDeviceType as Kind;
+    llama_cpp_2::list_llama_ggml_backend_devices()
+        .into_iter()
+        .filter(|d| matches!(d.device_type, Kind::Gpu | Kind::IntegratedGpu))
+        .enumerate()
+        .map(|(i, d)| crate::protocol::GpuInfo {
+            index: i as u32,
+            name: d.name,
+            description: d.description,
+            memory_total_mb: (d.memory_total >> 20) as u64,
+            memory_free_mb: (d.memory_free >> 20) as u64,
+        })
+        .collect()
 }
 
 #[cfg(test)]

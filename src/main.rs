@@ -28,30 +28,9 @@ fn main() -> ExitCode {
     rbee::process::take_ready_pipe();
     let argv = rbee::cli::normalize(std::env::args().collect());
     let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let cmd = strs.first().map_or("rbee", |c| {
-        std::path::Path::new(c)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("rbee")
-    });
-    let args = strs.get(1..).unwrap_or(&[]);
-    let cli = match Cli::from_args(&[cmd], args) {
+    let cli = match parse(&strs) {
         Ok(cli) => cli,
-        Err(early) if early.status.is_ok() => {
-            println!("{}", early.output);
-            return ExitCode::SUCCESS;
-        }
-        Err(early) => {
-            let help = |prefix: &[&str]| {
-                let asked: Vec<&str> = prefix.iter().copied().chain(["--help"]).collect();
-                match Cli::from_args(&[cmd], &asked) {
-                    Err(e) if e.status.is_ok() => Some(e.output),
-                    _ => None,
-                }
-            };
-            eprintln!("{cmd}: {}", rbee::cli::explain(&early.output, args, help));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if cli.version {
         println!(
@@ -69,26 +48,61 @@ fn main() -> ExitCode {
         // Its hive logs every line; llama.cpp's notes on each cached tensor are noise there.
         init_tracing("warn");
         // Blocking C code that serves until killed: no async runtime.
-        return match rbee::hive::lend::serve(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("rbee: error: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return said(rbee::hive::lend::serve(args).map(|()| None));
     }
     if let Some(done) = service(&role, strs.get(2..).unwrap_or(&[])) {
-        return match done {
-            Ok(said) => {
-                println!("{said}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("rbee: error: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return said(done.map(Some));
     }
+    run(role)
+}
+
+/// The command line read; on `--help` or a mistake, what was printed and the exit code.
+fn parse(strs: &[&str]) -> Result<Cli, ExitCode> {
+    let cmd = strs.first().map_or("rbee", |c| {
+        std::path::Path::new(c)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("rbee")
+    });
+    let args = strs.get(1..).unwrap_or(&[]);
+    match Cli::from_args(&[cmd], args) {
+        Ok(cli) => Ok(cli),
+        Err(early) if early.status.is_ok() => {
+            println!("{}", early.output);
+            Err(ExitCode::SUCCESS)
+        }
+        Err(early) => {
+            let help = |prefix: &[&str]| {
+                let asked: Vec<&str> = prefix.iter().copied().chain(["--help"]).collect();
+                match Cli::from_args(&[cmd], &asked) {
+                    Err(e) if e.status.is_ok() => Some(e.output),
+                    _ => None,
+                }
+            };
+            eprintln!("{cmd}: {}", rbee::cli::explain(&early.output, args, help));
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// A one-shot action's end: what it says on stdout, or its error on stderr.
+fn said(done: Result<Option<String>, String>) -> ExitCode {
+    match done {
+        Ok(words) => {
+            if let Some(words) = words {
+                println!("{words}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rbee: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a role on the async runtime until it ends.
+fn run(role: Role) -> ExitCode {
     if !matches!(role, Role::Keeper(_)) {
         // A daemon's connections are files: let it hold as many as it may.
         rbee::process::raise_open_file_limit();

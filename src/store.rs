@@ -106,7 +106,7 @@ impl Store {
         let reserve = PathBuf::from(format!("{}.reserve", path.display()));
         let db = match sled::open(path) {
             // sled writes as it opens: on a full disk, the space set aside lets it.
-            Err(sled::Error::Io(io)) if crate::hive::disk::is_full(&io) && reserve.exists() => {
+            Err(sled::Error::Io(io)) if crate::disk::is_full(&io) && reserve.exists() => {
                 tracing::warn!(
                     "the disk under {} is full: using the {} MiB set aside to open the {what}; free some space",
                     path.display(),

@@ -2,8 +2,8 @@
 //! its GGUF file, and transferring that file into a `.part` file with `Range`
 //! resume, retries and a sha256 check. The one place rbee talks to Hugging Face.
 
-use super::disk;
-use super::model_ref::HfPick;
+use crate::disk;
+use crate::model_ref::HfPick;
 use crate::protocol::{ApiError, DownloadEvent, ErrorCode};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};

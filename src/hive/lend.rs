@@ -21,7 +21,7 @@ use super::rpc_door::Door;
 use super::state::Changes;
 use crate::metrics::HiveMetrics;
 use crate::process::{signal, Spawner};
-use crate::protocol::{new_id, now_rfc3339, ApiError, ErrorCode, LeaseInfo, LeaseRequest};
+use crate::protocol::{now_rfc3339, ApiError, ErrorCode, LeaseInfo, LeaseRequest};
 use argh::FromArgs;
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -31,8 +31,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The upgrade protocol `GET /v1/rpc` speaks.
-pub const PROTOCOL: &str = "ggml-rpc";
 /// A lease whose tunnels have all closed ends after this long (llama.cpp's
 /// client opens and closes a few connections while the model loads).
 const UNUSED_AFTER_USE: Duration = Duration::from_secs(30);
@@ -81,7 +79,7 @@ pub fn serve(args: &RpcArgs) -> Result<(), String> {
         .saturating_add(THREAD_OVERHEAD_MB.saturating_mul(threads as u64));
     crate::process::limit_address_space(most.saturating_mul(1 << 20))
         .map_err(|e| format!("cannot limit the RPC server to {most} MiB: {e}"))?;
-    crate::worker::engine::rpc::serve(
+    crate::rpc::serve(
         &format!("127.0.0.1:{}", args.port),
         &args.cache_dir,
         threads,
@@ -196,7 +194,7 @@ impl Leases {
     /// Starts the RPC server for a lease (the budget was checked by the
     /// caller) and waits until it listens.
     pub async fn make(&self, req: &LeaseRequest) -> Result<LeaseInfo, ApiError> {
-        check_lease_id(&req.lease)?;
+        crate::protocol::check_lease_id(&req.lease)?;
         {
             let leases = self.lock();
             if leases.contains_key(&req.lease) {
@@ -224,7 +222,7 @@ impl Leases {
             .arg("--cache-dir")
             .arg(&cache_dir)
             .env_remove("RBEE_TOKEN")
-            .env_remove(crate::worker::WORKER_SECRET_ENV)
+            .env_remove(crate::protocol::WORKER_SECRET_ENV)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -420,26 +418,6 @@ impl Drop for Tunnel {
     }
 }
 
-/// A lease id is 1 to 64 ASCII letters, digits and dashes: it goes into a URL.
-pub fn check_lease_id(id: &str) -> Result<(), ApiError> {
-    let fine = !id.is_empty()
-        && id.len() <= 64
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-    if fine {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(
-            "lease",
-            format!("a lease id is 1 to 64 letters, digits and dashes, not {id:?}"),
-        ))
-    }
-}
-
-/// A new lease's id.
-pub fn new_lease_id() -> String {
-    new_id("lease")
-}
-
 /// A port free on loopback now.
 fn free_loopback_port() -> Result<u16, ApiError> {
     std::net::TcpListener::bind(("127.0.0.1", 0))
@@ -531,13 +509,5 @@ mod tests {
             "{}",
             e.message
         );
-    }
-
-    #[test]
-    fn lease_ids_go_into_urls() {
-        assert!(check_lease_id("lease-0a1b").is_ok());
-        for bad in ["", "a/b", "a b", "é", &"x".repeat(65)] {
-            assert!(check_lease_id(bad).is_err(), "{bad:?}");
-        }
     }
 }

@@ -2,27 +2,21 @@
 //! fetches the ones it lacks, and starts, watches and stops workers.
 
 pub mod catalog;
-pub mod disk;
 pub mod downloads;
 pub mod hf;
 pub mod join;
 pub mod lend;
-pub mod model_ref;
 pub mod models;
 pub mod rpc_door;
 pub mod state;
 pub mod workers;
 
-/// The catalog's directory in the data dir (where the queen's local hive
-/// keeps it too, so a queen knows whether this machine's hive ran before).
-pub const CATALOG: &str = "hive-catalog";
-
 use crate::http::{self, Auth, Body, Reply, Route};
+use crate::protocol::FlashAttn;
 use crate::protocol::{
     ApiError, Capabilities, DownloadEvent, DownloadRequest, ErrorCode, Health, LeaseRequest,
     SpawnRequest, WorkerReadyCallback, WorkerState,
 };
-use crate::worker::FlashAttn;
 use argh::FromArgs;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -116,14 +110,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     if args.show_identity {
         return crate::identity::show(args.data_dir.as_deref(), "hive");
     }
-    let idle_timeout =
-        crate::parse_duration(&args.idle_timeout).map_err(|e| format!("--idle-timeout: {e}"))?;
-    let ready_timeout =
-        crate::parse_duration(&args.ready_timeout).map_err(|e| format!("--ready-timeout: {e}"))?;
-    let budget_mb = match &args.max_memory {
-        Some(size) => crate::parse_size_mb(size).map_err(|e| format!("--max-memory: {e}"))?,
-        None => state::default_budget_mb(crate::machine::ram().available_mb),
-    };
+    let limits = Limits::of(&args)?;
     let data_dir = crate::data_dir(args.data_dir.as_deref());
     crate::create_data_dir(&data_dir)?;
     let identity = crate::identity::load_or_make(&data_dir, "hive")?;
@@ -140,101 +127,21 @@ pub async fn run(args: Args) -> Result<(), String> {
         .as_ref()
         .map(|t| t.fingerprint.clone())
         .or(joined.as_ref().map(|j| j.fingerprint.clone()));
-    let pins = crate::http::tls::Pins::new([identity.fingerprint.clone()]);
-    if let Some(fp) = &queen_pin {
-        pins.add(fp);
-    }
-    crate::http::tls::install(Some(&identity), pins.clone())?;
-    let host = args.host.clone().unwrap_or_else(|| {
-        match queen_pin {
-            Some(_) => "0.0.0.0",
-            None => "127.0.0.1",
-        }
-        .to_string()
-    });
-    let mut auth = Auth::load(args.token_file.as_deref())?.with_doors(
-        &host,
-        args.allowed_hosts.as_deref(),
-        args.allowed_origins.as_deref(),
-    );
-    // A lease's borrower reaches this hive's tunnels, and nothing else.
-    let borrowers = crate::http::tls::Pins::default();
-    if queen_pin.is_some() {
-        auth = auth
-            .with_peers(pins.clone())
-            .with_tunnel_peers(borrowers.clone(), "/v1/rpc");
-    }
-    auth.check_bind(&host)?;
-    let listener = crate::process::bind(&host, args.port).await?;
+    let door = Door::open(&args, &identity, queen_pin)?;
+    let listener = crate::process::bind(&door.host, args.port).await?;
     let port = listener.local_addr().map_or(args.port, |a| a.port());
-    let changes = Changes::new();
-    let catalog_path = data_dir.join(CATALOG);
-    let models = if args.rebuild_catalog {
-        rebuild_catalog(&catalog_path, &data_dir, changes.clone())?
-    } else {
-        let catalog = catalog::Catalog::open(&catalog_path, &data_dir, changes.clone())?;
-        Models::new(catalog, data_dir.join("models"))
-    };
-
-    let unspecified = host == "0.0.0.0" || host == "::";
-    let local_host = if unspecified || host == "localhost" {
-        "127.0.0.1".to_string()
-    } else {
-        host.clone()
-    };
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
-    let leases = lend::Leases::new(
-        exe.clone(),
-        &data_dir,
-        changes.clone(),
-        models.metrics().clone(),
-        borrowers,
-    )
-    .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
-    tokio::spawn(leases.clone().reap());
-    let settings = Settings {
-        exe,
-        host: host.clone(),
-        advertise_host: args.advertise_host.clone(),
-        tls: Some(workers::WorkerTls {
-            identity_dir: data_dir.clone(),
-            pins: pins.clone(),
-        }),
-        callback_url: format!("http://{local_host}:{port}/v1/workers/ready"),
-        first_port: args.worker_port,
-        ready_timeout,
-        idle_timeout,
-        token: auth.token().map(str::to_string),
-        flash_attn: args.worker_flash_attn,
-    };
-    let workers = Workers::new(settings, changes.clone())
-        .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
-    tokio::spawn(workers.clone().reap_idle());
-    let hive = Hive {
-        state: State::new(
-            models.clone(),
-            workers.clone(),
-            leases.clone(),
-            changes,
-            budget_mb,
-        ),
-        models,
-        workers: workers.clone(),
-        leases: leases.clone(),
-        auth,
-        shutdown: Arc::new(tokio::sync::Notify::new()),
-    };
+    let hive = Hive::start(&args, &data_dir, &door, port, &limits)?;
     tracing::info!(
-        "hive listening on {host}:{port}, data in {}, {budget_mb} MiB of memory for workers",
-        data_dir.display()
+        "hive listening on {}:{port}, data in {}, {} MiB of memory for workers",
+        door.host,
+        data_dir.display(),
+        limits.budget_mb
     );
     let addr = listener
         .local_addr()
         .map_err(|e| format!("no local address: {e}"))?;
     crate::process::report_ready(addr);
     let admin = hive.shutdown.clone();
-    let door = hive.auth.clone();
-    let state = hive.state.clone();
     // Joining (or checking in) needs this hive answering: the queen checks
     // that it reaches it. A refusal stops the hive with the queen's reason.
     let refusal = Arc::new(std::sync::Mutex::new(None::<String>));
@@ -258,6 +165,163 @@ pub async fn run(args: Args) -> Result<(), String> {
             }
         });
     }
+    serve(hive, listener).await;
+    let refused = refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The hive's time limits and memory budget, from its flags.
+struct Limits {
+    idle_timeout: std::time::Duration,
+    ready_timeout: std::time::Duration,
+    budget_mb: u64,
+}
+
+impl Limits {
+    fn of(args: &Args) -> Result<Limits, String> {
+        let idle_timeout = crate::parse_duration(&args.idle_timeout)
+            .map_err(|e| format!("--idle-timeout: {e}"))?;
+        let ready_timeout = crate::parse_duration(&args.ready_timeout)
+            .map_err(|e| format!("--ready-timeout: {e}"))?;
+        let budget_mb = match &args.max_memory {
+            Some(size) => crate::parse_size_mb(size).map_err(|e| format!("--max-memory: {e}"))?,
+            None => state::default_budget_mb(crate::machine::ram().available_mb),
+        };
+        Ok(Limits {
+            idle_timeout,
+            ready_timeout,
+            budget_mb,
+        })
+    }
+}
+
+/// Who the hive answers: where it listens, its TLS pins (its own certificate,
+/// its queen's) and its door (token, peers, a lease's borrowers at `/v1/rpc`).
+struct Door {
+    host: String,
+    auth: Auth,
+    pins: crate::http::tls::Pins,
+    borrowers: crate::http::tls::Pins,
+}
+
+impl Door {
+    fn open(
+        args: &Args,
+        identity: &crate::identity::Identity,
+        queen_pin: Option<String>,
+    ) -> Result<Door, String> {
+        let pins = crate::http::tls::Pins::new([identity.fingerprint.clone()]);
+        if let Some(fp) = &queen_pin {
+            pins.add(fp);
+        }
+        crate::http::tls::install(Some(identity), pins.clone())?;
+        let host = args.host.clone().unwrap_or_else(|| {
+            match queen_pin {
+                Some(_) => "0.0.0.0",
+                None => "127.0.0.1",
+            }
+            .to_string()
+        });
+        let mut auth = Auth::load(args.token_file.as_deref())?.with_doors(
+            &host,
+            args.allowed_hosts.as_deref(),
+            args.allowed_origins.as_deref(),
+        );
+        // A lease's borrower reaches this hive's tunnels, and nothing else.
+        let borrowers = crate::http::tls::Pins::default();
+        if queen_pin.is_some() {
+            auth = auth
+                .with_peers(pins.clone())
+                .with_tunnel_peers(borrowers.clone(), "/v1/rpc");
+        }
+        auth.check_bind(&host)?;
+        Ok(Door {
+            host,
+            auth,
+            pins,
+            borrowers,
+        })
+    }
+}
+
+impl Hive {
+    /// The catalog opened, and the spawners of leases and workers started.
+    fn start(
+        args: &Args,
+        data_dir: &std::path::Path,
+        door: &Door,
+        port: u16,
+        limits: &Limits,
+    ) -> Result<Hive, String> {
+        let changes = Changes::new();
+        let catalog_path = data_dir.join(crate::HIVE_CATALOG);
+        let models = if args.rebuild_catalog {
+            rebuild_catalog(&catalog_path, data_dir, changes.clone())?
+        } else {
+            let catalog = catalog::Catalog::open(&catalog_path, data_dir, changes.clone())?;
+            Models::new(catalog, data_dir.join("models"))
+        };
+        let host = &door.host;
+        let unspecified = host == "0.0.0.0" || host == "::";
+        let local_host = if unspecified || host == "localhost" {
+            "127.0.0.1"
+        } else {
+            host
+        };
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+        let leases = lend::Leases::new(
+            exe.clone(),
+            data_dir,
+            changes.clone(),
+            models.metrics().clone(),
+            door.borrowers.clone(),
+        )
+        .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
+        tokio::spawn(leases.clone().reap());
+        let settings = Settings {
+            exe,
+            host: host.clone(),
+            advertise_host: args.advertise_host.clone(),
+            tls: Some(workers::WorkerTls {
+                identity_dir: data_dir.to_path_buf(),
+                pins: door.pins.clone(),
+            }),
+            callback_url: format!("http://{local_host}:{port}/v1/workers/ready"),
+            first_port: args.worker_port,
+            ready_timeout: limits.ready_timeout,
+            idle_timeout: limits.idle_timeout,
+            token: door.auth.token().map(str::to_string),
+            flash_attn: args.worker_flash_attn,
+        };
+        let workers = Workers::new(settings, changes.clone())
+            .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
+        tokio::spawn(workers.clone().reap_idle());
+        Ok(Hive {
+            state: State::new(
+                models.clone(),
+                workers.clone(),
+                leases.clone(),
+                changes,
+                limits.budget_mb,
+            ),
+            models,
+            workers,
+            leases,
+            auth: door.auth.clone(),
+            shutdown: Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+}
+
+/// Serves until a shutdown (a signal, or `POST /v1/admin/shutdown`), then
+/// ends the leases and stops the workers.
+async fn serve(hive: Hive, listener: tokio::net::TcpListener) {
+    let (admin, door, state) = (hive.shutdown.clone(), hive.auth.clone(), hive.state.clone());
+    let (leases, workers) = (hive.leases.clone(), hive.workers.clone());
     http::serve(
         listener,
         door,
@@ -271,11 +335,6 @@ pub async fn run(args: Args) -> Result<(), String> {
     .await;
     leases.end_all();
     workers.stop_all().await;
-    let refused = refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
-    match refused {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
 }
 
 /// `GET /metrics`: downloads as counted, memory and workers as the snapshot has them.
@@ -442,7 +501,7 @@ async fn keep_alive(h: &Hive, id: &str, req: Request<Incoming>) -> Reply {
 
 async fn download(h: &Hive, req: Request<Incoming>) -> Reply {
     let body: DownloadRequest = http::read_json(req).await?;
-    let model_ref = model_ref::canonical(&body.model_ref)?;
+    let model_ref = crate::model_ref::canonical(&body.model_ref)?;
     let started = h.models.download(&model_ref).await?;
     Ok(http::json(StatusCode::ACCEPTED, &started))
 }
@@ -482,10 +541,10 @@ async fn lend(h: &Hive, req: Request<Incoming>) -> Reply {
 /// reach llama.cpp.
 fn rpc(h: &Hive, req: &mut Request<Incoming>) -> Reply {
     let id = http::query_param(req.uri().query(), "lease").unwrap_or_default();
-    let upgrade = http::tunnel::accept(req, lend::PROTOCOL)?;
+    let upgrade = http::tunnel::accept(req, crate::protocol::RPC_PROTOCOL)?;
     let tunnel = h.leases.open(&id)?;
     tokio::spawn(tunnel.carry(upgrade));
-    Ok(http::tunnel::switching(lend::PROTOCOL))
+    Ok(http::tunnel::switching(crate::protocol::RPC_PROTOCOL))
 }
 
 async fn worker_ready(h: &Hive, req: Request<Incoming>) -> Reply {
@@ -503,14 +562,14 @@ fn capabilities(models_dir: &std::path::Path) -> Capabilities {
         cores: crate::machine::cores(),
         ram_total_mb: ram.total_mb,
         ram_available_mb: ram.available_mb,
-        disk_free_mb: disk::free_space(&probe).map_or(0, |b| b >> 20),
-        partial_downloads_mb: disk::partial_files(models_dir)
+        disk_free_mb: crate::disk::free_space(&probe).map_or(0, |b| b >> 20),
+        partial_downloads_mb: crate::disk::partial_files(models_dir)
             .iter()
             .map(|(_, size)| size)
             .sum::<u64>()
             .div_ceil(1 << 20),
         backends: crate::BACKENDS.split(',').map(str::to_string).collect(),
-        gpus: crate::worker::engine::gpus(),
+        gpus: crate::machine::gpus(),
         version: env!("CARGO_PKG_VERSION").into(),
     }
 }

@@ -9,10 +9,10 @@
 //! when whole and verified.
 
 use super::catalog::Catalog;
-use super::disk;
 use super::downloads::{Downloads, Joined};
 use super::hf::{HfClient, Remote};
-use super::model_ref::{HfPick, ModelRef};
+use crate::disk;
+use crate::model_ref::{HfPick, ModelRef};
 use crate::protocol::{
     now_rfc3339, ApiError, DownloadEvent, DownloadStarted, DownloadState, ErrorCode, Hashing,
     ModelEntry,
@@ -325,7 +325,7 @@ impl Models {
 }
 
 fn parse(model_ref: &str) -> Result<ModelRef, ApiError> {
-    super::model_ref::check(model_ref)
+    crate::model_ref::check(model_ref)
 }
 
 /// Registers a GGUF file in place (no copy); the hive never deletes it.

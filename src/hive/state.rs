@@ -178,13 +178,13 @@ impl State {
     ) -> Result<WorkerInfo, ApiError> {
         let entry = self.models.find(&req.model_ref).await?;
         let plan = self.plan_for(&entry, req.slots, req.ctx_size);
-        crate::worker::check_slots(plan.slots, plan.ctx_size, entry.context_length).map_err(
+        crate::protocol::check_slots(plan.slots, plan.ctx_size, entry.context_length).map_err(
             |(field, message)| ApiError::invalid(field, format!("{}: {message}", entry.name)),
         )?;
         let mut plan = plan;
         if !req.remotes.is_empty() {
             for r in &req.remotes {
-                super::lend::check_lease_id(&r.lease)?;
+                crate::protocol::check_lease_id(&r.lease)?;
                 let web = r.url.starts_with("http://") || r.url.starts_with("https://");
                 if r.layers == 0 || !web {
                     return Err(ApiError::invalid(
@@ -257,7 +257,7 @@ impl State {
                 .sum()
         };
         let ram = crate::machine::ram();
-        let gpus = crate::worker::engine::gpus()
+        let gpus = crate::machine::gpus()
             .into_iter()
             .map(|g| MemoryPool {
                 name: g.name,

@@ -40,7 +40,7 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub token: Option<String>,
     /// The workers' `--flash-attn`.
-    pub flash_attn: crate::worker::FlashAttn,
+    pub flash_attn: crate::protocol::FlashAttn,
     /// The hive's identity, which its workers serve TLS with, and whom they pin.
     pub tls: Option<WorkerTls>,
 }
@@ -276,10 +276,10 @@ impl Workers {
                 .iter()
                 .map(|r| r.token.as_deref().unwrap_or(""))
                 .collect();
-            command.env(crate::worker::remote::REMOTE_TOKENS_ENV, tokens.join("\n"));
+            command.env(crate::protocol::REMOTE_TOKENS_ENV, tokens.join("\n"));
         }
         // Secrets travel in the environment, not argv, where `ps` would show them.
-        command.env(crate::worker::WORKER_SECRET_ENV, secret);
+        command.env(crate::protocol::WORKER_SECRET_ENV, secret);
         match &s.token {
             Some(t) => command.env("RBEE_TOKEN", t),
             None => command.env_remove("RBEE_TOKEN"),

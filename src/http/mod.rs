@@ -138,69 +138,12 @@ pub async fn serve<H, F>(
                 };
                 let _ = stream.set_nodelay(true);
                 keepalive(&stream);
-                let local = stream.local_addr().ok();
-                let (handler, door) = (handler.clone(), door.clone());
-                let tls = tls.clone();
-                let mut stop = stopping.subscribe();
+                let accepted = Accepted { stream, peer, header_timeout };
+                let (handler, door, tls) = (handler.clone(), door.clone(), tls.clone());
+                let stop = stopping.subscribe();
                 tokio::spawn(async move {
                     let _held = (permit, place);
-                    let Some((io, secure)) = open(stream, tls, header_timeout).await else {
-                        return;
-                    };
-                    let service = service_fn(move |mut req: Request<Incoming>| {
-                        req.extensions_mut().insert(Peer(peer));
-                        if let Some(local) = local {
-                            req.extensions_mut().insert(Local(local));
-                        }
-                        if let Some(peer_cert) = &secure {
-                            req.extensions_mut().insert(tls::Secure);
-                            if let Some(fp) = peer_cert {
-                                req.extensions_mut().insert(tls::PeerCert(fp.clone()));
-                            }
-                        }
-                        let call = door.admit(&req).map(|(cors, grant)| {
-                            if let Some(g) = &grant {
-                                req.extensions_mut().insert(auth::KeyName {
-                                    name: g.key.clone(),
-                                    admin: g.admin,
-                                });
-                            }
-                            (handler(req), cors, grant)
-                        });
-                        async move {
-                            Ok::<_, Infallible>(match call {
-                                Ok((response, cors, grant)) => {
-                                    let response = with_cors(response.await, cors);
-                                    match grant {
-                                        Some(g) => {
-                                            g.held.answered(response.status().as_u16());
-                                            holding(response, g.held)
-                                        }
-                                        None => response,
-                                    }
-                                }
-                                Err(refused) => *refused,
-                            })
-                        }
-                    });
-                    // Upgrades (the hive's `/v1/rpc` tunnels) leave the connection
-                    // and its slot when switched: no timeout of this loop cuts them.
-                    let conn = http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(header_timeout)
-                        .serve_connection(TokioIo::new(io), service)
-                        .with_upgrades();
-                    tokio::pin!(conn);
-                    let ended = tokio::select! {
-                        ended = conn.as_mut() => ended,
-                        _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    };
-                    if let Err(e) = ended {
-                        tracing::debug!("connection ended: {e}");
-                    }
+                    connection(accepted, tls, door, handler, stop).await;
                 });
             }
             () = &mut shutdown => break,
@@ -214,6 +157,99 @@ pub async fn serve<H, F>(
         .is_err()
     {
         tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+}
+
+/// A connection just accepted, and how long its client has to send headers.
+struct Accepted {
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    header_timeout: Duration,
+}
+
+/// Serves one connection's requests until it ends, or until the shutdown
+/// (`stop`) lets it finish what it is answering.
+async fn connection<H, F>(
+    c: Accepted,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    door: Auth,
+    handler: H,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let (peer, local) = (c.peer, c.stream.local_addr().ok());
+    let Some((io, secure)) = open(c.stream, tls, c.header_timeout).await else {
+        return;
+    };
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(Peer(peer));
+        if let Some(local) = local {
+            req.extensions_mut().insert(Local(local));
+        }
+        if let Some(peer_cert) = &secure {
+            req.extensions_mut().insert(tls::Secure);
+            if let Some(fp) = peer_cert {
+                req.extensions_mut().insert(tls::PeerCert(fp.clone()));
+            }
+        }
+        through_door(req, &door, &handler)
+    });
+    // Upgrades (the hive's `/v1/rpc` tunnels) leave the connection
+    // and its slot when switched: no timeout of this loop cuts them.
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(c.header_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!("connection ended: {e}");
+    }
+}
+
+/// One request past the door (its token or key, its origin): the handler's
+/// answer with the CORS headers and the key's accounting, or the door's refusal.
+fn through_door<H, F>(
+    mut req: Request<Incoming>,
+    door: &Auth,
+    handler: &H,
+) -> impl Future<Output = Result<Response<Body>, Infallible>>
+where
+    H: Fn(Request<Incoming>) -> F,
+    F: Future<Output = Response<Body>>,
+{
+    let call = door.admit(&req).map(|(cors, grant)| {
+        if let Some(g) = &grant {
+            req.extensions_mut().insert(auth::KeyName {
+                name: g.key.clone(),
+                admin: g.admin,
+            });
+        }
+        (handler(req), cors, grant)
+    });
+    async move {
+        Ok::<_, Infallible>(match call {
+            Ok((response, cors, grant)) => {
+                let response = with_cors(response.await, cors);
+                match grant {
+                    Some(g) => {
+                        g.held.answered(response.status().as_u16());
+                        holding(response, g.held)
+                    }
+                    None => response,
+                }
+            }
+            Err(refused) => *refused,
+        })
     }
 }
 

@@ -624,7 +624,7 @@ mod tests {
     fn worker(id: &str, model: &str) -> HiveWorker {
         HiveWorker {
             hive: "localhost".into(),
-            worker: crate::queen::placement::fixtures::worker(id, model, 0),
+            worker: crate::protocol::WorkerInfo::ready(id, model, 0),
             in_flight: 0,
             tokens_per_second: None,
         }

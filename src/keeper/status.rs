@@ -41,6 +41,13 @@ fn render(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
         s.hives.len(),
         s.workers.len()
     )?;
+    hives(s, out)?;
+    workers(s, out)?;
+    jobs(s, out)
+}
+
+/// Each hive with its memory, what it lends and its models.
+fn hives(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out, "\nHIVES")?;
     if s.hives.is_empty() {
         writeln!(
@@ -87,6 +94,10 @@ fn render(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+fn workers(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out, "\nWORKERS")?;
     if s.workers.is_empty() {
         writeln!(
@@ -111,6 +122,10 @@ fn render(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
             mb(w.worker.memory_mb)
         )?;
     }
+    Ok(())
+}
+
+fn jobs(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out, "\nJOBS")?;
     if s.jobs.is_empty() {
         writeln!(out, "  none yet")?;

@@ -190,81 +190,15 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
     sampling.top_k.get_or_insert(0);
     let bad = |m: String, param: &str| ApiError::invalid(param, m);
     let (prompt, chat) = match kind {
-        Kind::Chat => {
-            let messages = req
-                .messages
-                .ok_or_else(|| bad("messages is required".into(), "messages"))?;
-            if messages.is_empty() {
-                return Err(bad("messages is empty".into(), "messages"));
-            }
-            let mut chat = Vec::new();
-            for m in messages {
-                let role = match m.role.as_str() {
-                    "system" | "developer" => "system",
-                    "user" => "user",
-                    "assistant" => "assistant",
-                    "tool" => "tool",
-                    other => {
-                        return Err(bad(
-                            format!("unknown role {other:?}: use system, user, assistant or tool"),
-                            "messages",
-                        ))
-                    }
-                };
-                let text = match m.content {
-                    Some(Content::Text(t)) => t,
-                    Some(Content::Parts(parts)) => parts
-                        .iter()
-                        .filter_map(|p| p.get("text").and_then(Value::as_str))
-                        .collect::<Vec<_>>()
-                        .join(""),
-                    None => String::new(),
-                };
-                let mut message = ChatMessage::new(role, text);
-                message.tool_calls = m.tool_calls.unwrap_or_default();
-                message.tool_call_id = m.tool_call_id;
-                chat.push(message);
-            }
-            (String::new(), Some(chat))
-        }
-        Kind::Completion => {
-            let prompt = match req.prompt {
-                Some(Value::String(s)) => s,
-                Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-                    a[0].as_str().unwrap_or("").to_string()
-                }
-                Some(Value::Array(_)) => {
-                    return Err(bad(
-                        "only one prompt per request is supported".into(),
-                        "prompt",
-                    ))
-                }
-                _ => return Err(bad("prompt must be a string".into(), "prompt")),
-            };
-            if prompt.is_empty() {
-                return Err(bad("prompt is empty".into(), "prompt"));
-            }
-            (prompt, None)
-        }
+        Kind::Chat => (String::new(), Some(chat_messages(req.messages)?)),
+        Kind::Completion => (completion_prompt(req.prompt)?, None),
     };
     let (tools, tool_constraint) = tools_of(
         req.tools.unwrap_or_default(),
         req.tool_choice.as_ref(),
         req.parallel_tool_calls,
     )?;
-    let format = match req.grammar {
-        Some(_) if req.response_format.is_some() => {
-            return Err(bad(
-                "a grammar and a response_format cannot both hold: give one".into(),
-                "grammar",
-            ))
-        }
-        Some(gbnf) => {
-            crate::gbnf::check(&gbnf).map_err(|e| bad(e, "grammar"))?;
-            Some(Constraint::Grammar { gbnf })
-        }
-        None => response_format(req.response_format.as_ref())?,
-    };
+    let format = format_of(req.grammar, req.response_format.as_ref())?;
     if tool_constraint.is_some() && format.is_some() {
         return Err(bad(
             "a tool_choice that requires a call and a response_format cannot both hold: give one"
@@ -292,6 +226,78 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
     })
+}
+
+/// Chat's `messages`, each role read as the chat template knows it.
+fn chat_messages(messages: Option<Vec<Message>>) -> Result<Vec<ChatMessage>, ApiError> {
+    let bad = |m: String| ApiError::invalid("messages", m);
+    let messages = messages.ok_or_else(|| bad("messages is required".into()))?;
+    if messages.is_empty() {
+        return Err(bad("messages is empty".into()));
+    }
+    let mut chat = Vec::new();
+    for m in messages {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            "tool" => "tool",
+            other => {
+                return Err(bad(format!(
+                    "unknown role {other:?}: use system, user, assistant or tool"
+                )))
+            }
+        };
+        let text = match m.content {
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+            None => String::new(),
+        };
+        let mut message = ChatMessage::new(role, text);
+        message.tool_calls = m.tool_calls.unwrap_or_default();
+        message.tool_call_id = m.tool_call_id;
+        chat.push(message);
+    }
+    Ok(chat)
+}
+
+/// Completions' `prompt`: one string (alone, or alone in a list).
+fn completion_prompt(prompt: Option<Value>) -> Result<String, ApiError> {
+    let bad = |m: &str| ApiError::invalid("prompt", m);
+    let prompt = match prompt {
+        Some(Value::String(s)) => s,
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or("").to_string()
+        }
+        Some(Value::Array(_)) => return Err(bad("only one prompt per request is supported")),
+        _ => return Err(bad("prompt must be a string")),
+    };
+    if prompt.is_empty() {
+        return Err(bad("prompt is empty"));
+    }
+    Ok(prompt)
+}
+
+/// The answer's shape: a GBNF `grammar` (llama-server's field), or `response_format`.
+fn format_of(
+    grammar: Option<String>,
+    format: Option<&Value>,
+) -> Result<Option<Constraint>, ApiError> {
+    match grammar {
+        Some(_) if format.is_some() => Err(ApiError::invalid(
+            "grammar",
+            "a grammar and a response_format cannot both hold: give one",
+        )),
+        Some(gbnf) => {
+            crate::gbnf::check(&gbnf).map_err(|e| ApiError::invalid("grammar", e))?;
+            Ok(Some(Constraint::Grammar { gbnf }))
+        }
+        None => response_format(format),
+    }
 }
 
 /// How many alternatives to send with each token's log-probability, if any:

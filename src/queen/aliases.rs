@@ -43,11 +43,11 @@ impl Aliases {
         if self.any() {
             for key in keys(given) {
                 if let Some(alias) = self.store()?.get::<Alias>(&key) {
-                    return crate::hive::model_ref::canonical(&alias.model);
+                    return crate::model_ref::canonical(&alias.model);
                 }
             }
         }
-        crate::hive::model_ref::canonical(given)
+        crate::model_ref::canonical(given)
     }
 
     pub fn list(&self) -> Result<Vec<Alias>, ApiError> {
@@ -62,8 +62,8 @@ impl Aliases {
     /// Names `model` `name` (again, if it named another).
     pub fn set(&self, name: &str, model: &str) -> Result<Alias, ApiError> {
         let name = check_name(name)?;
-        let model = crate::hive::model_ref::canonical(model)?;
-        if crate::hive::model_ref::canonical(&name).is_ok_and(|c| c == model) {
+        let model = crate::model_ref::canonical(model)?;
+        if crate::model_ref::canonical(&name).is_ok_and(|c| c == model) {
             return Err(ApiError::invalid(
                 "name",
                 format!("{name} already names {model}"),
@@ -105,9 +105,7 @@ fn keys(given: &str) -> Vec<String> {
     if key.is_empty() {
         return Vec::new();
     }
-    let plain = crate::hive::model_ref::canonical(&key)
-        .ok()
-        .filter(|p| *p != key);
+    let plain = crate::model_ref::canonical(&key).ok().filter(|p| *p != key);
     std::iter::once(key).chain(plain).collect()
 }
 

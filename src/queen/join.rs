@@ -84,7 +84,7 @@ impl JoinTokens {
             .secure_random
             .fill(&mut bytes)
             .map_err(|_| ApiError::internal("no randomness for a secret"))?;
-        let secret = crate::hive::disk::hex(&bytes);
+        let secret = crate::disk::hex(&bytes);
         let store = self.store()?;
         prune(store);
         let record = Record {
@@ -350,7 +350,7 @@ pub(super) async fn check_in(q: &Queen, req: Request<Incoming>) -> Reply {
 }
 
 fn hash(secret: &str) -> String {
-    crate::hive::disk::hex(&Sha256::digest(secret.as_bytes()))
+    crate::disk::hex(&Sha256::digest(secret.as_bytes()))
 }
 
 #[cfg(test)]

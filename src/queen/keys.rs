@@ -383,7 +383,7 @@ fn allows(scope: KeyScope, method: &Method, path: &str) -> bool {
 }
 
 fn hash(key: &str) -> String {
-    crate::hive::disk::hex(&Sha256::digest(key.as_bytes()))
+    crate::disk::hex(&Sha256::digest(key.as_bytes()))
 }
 
 /// `bytes` random bytes from the kernel, hex.
@@ -392,7 +392,7 @@ fn random_hex(bytes: usize) -> Result<String, ApiError> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("no randomness: {e}")))?;
-    Ok(crate::hive::disk::hex(&buf))
+    Ok(crate::disk::hex(&buf))
 }
 
 #[cfg(test)]

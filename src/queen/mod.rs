@@ -142,7 +142,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     tokio::spawn(keys.clone().save_use());
     let auth = auth.with_keys(Arc::new(keys.clone()));
     let cluster = Live::start(registry.clone(), metrics, keys).await;
-    if local_hive && data_dir.join(crate::hive::CATALOG).exists() {
+    if local_hive && data_dir.join(crate::HIVE_CATALOG).exists() {
         tokio::spawn(cluster.clone().bring_back_local());
     }
     let queen = Queen {

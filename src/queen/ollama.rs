@@ -172,12 +172,11 @@ pub(super) fn tags(q: &Queen) -> Response<Body> {
         entries.iter().find(|e| e.name == found.entry.name)
     };
     let aliases = q.aliases.list().unwrap_or_default();
-    let named = entries
-        .iter()
-        .map(|e| (ollama::tagged(&e.name), e))
-        .chain(aliases.iter().filter_map(|a| {
-            Some((ollama::alias_tagged(&a.name), aliased(&a.model)?))
-        }));
+    let named = entries.iter().map(|e| (ollama::tagged(&e.name), e)).chain(
+        aliases
+            .iter()
+            .filter_map(|a| Some((ollama::alias_tagged(&a.name), aliased(&a.model)?))),
+    );
     http::json(StatusCode::OK, &ollama::tags(named))
 }
 

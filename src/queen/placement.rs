@@ -349,27 +349,7 @@ pub mod fixtures {
     }
 
     pub fn worker(id: &str, model: &str, memory_mb: u64) -> WorkerInfo {
-        WorkerInfo {
-            worker_id: id.into(),
-            url: format!("http://{id}"),
-            model: model.into(),
-            model_path: String::new(),
-            pid: 1,
-            state: WorkerState::Ready,
-            slots: 4,
-            backend: "cpu".into(),
-            device: 0,
-            error: None,
-            started_at: String::new(),
-            ctx_size: 2048,
-            threads: 2,
-            memory_mb,
-            memory_measured: true,
-            idle_since: None,
-            stops_at: None,
-            split: vec![],
-            crashed: false,
-        }
+        WorkerInfo::ready(id, model, memory_mb)
     }
 
     pub fn pool(name: &str, budget_mb: u64, used_mb: u64) -> MemoryPool {

@@ -8,7 +8,7 @@ use super::jobs::Job;
 use super::placement::{self, Placement, Target};
 use super::registry::HiveConn;
 use super::view::ClusterState;
-use crate::hive::model_ref::ModelRef;
+use crate::model_ref::ModelRef;
 use crate::protocol::{
     ApiError, ClusterEvent, DownloadEvent, DownloadState, ErrorCode, JobEvent, LeaseRequest,
     LoadingEvent, RemoteShare, SpawnRequest, WorkerInfo, WorkerState,
@@ -269,7 +269,7 @@ async fn lend(
     let mut remotes = Vec::new();
     for share in &split.lenders {
         let req = LeaseRequest {
-            lease: crate::hive::lend::new_lease_id(),
+            lease: crate::protocol::new_lease_id(),
             model: model.to_string(),
             borrower: place.hive.name.clone(),
             layers: share.layers,

@@ -387,9 +387,11 @@ async fn relay(
         .map_err(refused)?;
     let lost = cluster.view().worker_lost(&target.hive.name, &target.url);
     tokio::pin!(lost);
-    let first = sent.events;
-    // The worker's own name for its model: what the metrics are labelled with.
-    let mut model = String::new();
+    let mut relaying = Relaying {
+        first: sent.events,
+        resumed,
+        model: String::new(),
+    };
     loop {
         let event = tokio::select! {
             event = events.next() => event,
@@ -398,14 +400,50 @@ async fn relay(
         let Some(event) = event else {
             return Err(Relay::Lost);
         };
-        let event = match event {
+        let Some(event) = relaying.event(event, cluster, target, job, sent) else {
+            continue;
+        };
+        let terminal = matches!(
+            event,
+            InferenceEvent::End { .. } | InferenceEvent::Error { .. }
+        );
+        job.push(&JobEvent::Inference(event));
+        if terminal {
+            return Ok(());
+        }
+    }
+}
+
+/// One worker's events becoming the job's: numbered on from what earlier
+/// workers sent, counted in the metrics and the key's use.
+struct Relaying {
+    /// Events the job had before this worker.
+    first: u32,
+    /// Tokens the job had before this worker.
+    resumed: u32,
+    /// The worker's own name for its model: what the metrics are labelled with.
+    model: String,
+}
+
+impl Relaying {
+    /// The job's event for the worker's `event`; `None` for one the client
+    /// has had already (a failover's `started`).
+    fn event(
+        &mut self,
+        event: InferenceEvent,
+        cluster: &impl Cluster,
+        target: &Target,
+        job: &Job,
+        sent: &mut Sent,
+    ) -> Option<InferenceEvent> {
+        Some(match event {
             // One `started` per job: a failover's is not news to the client.
-            InferenceEvent::Started { model: ref m, .. } if sent.started => {
-                model = m.clone();
-                continue;
+            InferenceEvent::Started { model, .. } if sent.started => {
+                self.model = model;
+                return None;
             }
-            InferenceEvent::Started { model: ref m, .. } => {
-                model = m.clone();
+            InferenceEvent::Started { ref model, .. } => {
+                self.model = model.clone();
                 sent.started = true;
                 event
             }
@@ -415,16 +453,16 @@ async fn relay(
                 ids,
                 logprobs,
             } => {
-                if first + i == 0 {
+                if self.first + i == 0 {
                     let ttft = job.created.elapsed();
                     sent.first_token_ms = ttft.as_millis() as u64;
-                    cluster.metrics().first_token(&model, ttft);
+                    cluster.metrics().first_token(&self.model, ttft);
                 }
                 sent.ids.extend(&ids);
-                sent.events = first + i + 1;
+                sent.events = self.first + i + 1;
                 InferenceEvent::Token {
                     t,
-                    i: first + i,
+                    i: self.first + i,
                     ids,
                     logprobs,
                 }
@@ -437,18 +475,9 @@ async fn relay(
                 ids,
                 ..
             } => {
-                cluster
-                    .metrics()
-                    .decoded(&model, tokens_out, decode_time_ms);
-                if let Some(key) = job.key() {
-                    cluster.tokens_used(&key, u64::from(tokens_out));
-                }
-                if decode_time_ms > 0 {
-                    let rate = f64::from(tokens_out) * 1000.0 / decode_time_ms as f64;
-                    cluster.view().record_rate(&target.url, rate);
-                }
+                self.ended(cluster, target, job, tokens_out, decode_time_ms);
                 InferenceEvent::End {
-                    tokens_out: tokens_out + resumed,
+                    tokens_out: tokens_out + self.resumed,
                     decode_time_ms,
                     stop_reason,
                     cached_tokens,
@@ -457,14 +486,28 @@ async fn relay(
                 }
             }
             other => other,
-        };
-        let terminal = matches!(
-            event,
-            InferenceEvent::End { .. } | InferenceEvent::Error { .. }
-        );
-        job.push(&JobEvent::Inference(event));
-        if terminal {
-            return Ok(());
+        })
+    }
+
+    /// The answer's figures counted: the model's metrics, the key's tokens,
+    /// the worker's rate.
+    fn ended(
+        &self,
+        cluster: &impl Cluster,
+        target: &Target,
+        job: &Job,
+        tokens_out: u32,
+        decode_time_ms: u64,
+    ) {
+        cluster
+            .metrics()
+            .decoded(&self.model, tokens_out, decode_time_ms);
+        if let Some(key) = job.key() {
+            cluster.tokens_used(&key, u64::from(tokens_out));
+        }
+        if decode_time_ms > 0 {
+            let rate = f64::from(tokens_out) * 1000.0 / decode_time_ms as f64;
+            cluster.view().record_rate(&target.url, rate);
         }
     }
 }

@@ -207,7 +207,10 @@ pub async fn respond(answer: Answer, mut pieces: Pieces) -> Response<Body> {
                         )
                         .await;
                     }
-                    let end = Ending { logprobs: lps, ..end };
+                    let end = Ending {
+                        logprobs: lps,
+                        ..end
+                    };
                     let response = answer.finish(&text, &end);
                     let kind = if response["status"] == "incomplete" {
                         "response.incomplete"

@@ -432,7 +432,10 @@ mod tests {
             ),
             (json!({"text": {"format": {"type": "yaml"}}}), "text"),
             (json!({"max_output_tokens": 0}), "max_output_tokens"),
-            (json!({"include": ["message.output_txt.logprobs"]}), "include"),
+            (
+                json!({"include": ["message.output_txt.logprobs"]}),
+                "include",
+            ),
             (json!({"include": "everything"}), "include"),
             (json!({"top_logprobs": 21}), "top_logprobs"),
         ] {
@@ -453,7 +456,10 @@ mod tests {
             (json!({"include": []}), None),
             (json!({"include": ["reasoning.encrypted_content"]}), None),
             (json!({"top_logprobs": 0}), None),
-            (json!({"include": ["message.output_text.logprobs"]}), Some(0)),
+            (
+                json!({"include": ["message.output_text.logprobs"]}),
+                Some(0),
+            ),
             (
                 json!({"include": ["message.output_text.logprobs"], "top_logprobs": 3}),
                 Some(3),

@@ -5,13 +5,14 @@
 //! `/props` and `/slots`. Each reads its request with its protocol's module
 //! and answers in its shapes; the worker's own API stays in `mod.rs`.
 
-use super::engine::ToTokenize;
+use super::engine::{self, ToTokenize};
 use super::{loaded, start, Endpoint, Worker};
 use crate::http::{self, Body};
 use crate::protocol::{ApiError, ErrorCode};
 use crate::{anthropic, llama_server, ollama, openai, responses};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use serde_json::{json, Value};
 
 /// `POST /v1/chat/completions` and `POST /v1/completions`.
 pub(super) async fn openai_completion(
@@ -217,7 +218,7 @@ pub(super) async fn tokenize(w: &Worker, req: Request<Incoming>) -> Response<Bod
             }
         };
         let tokens = engine_answer(w, w.engine.tokenize(what)).await??;
-        Ok::<_, ApiError>(llama_server::tokens(&tokens, r.with_pieces))
+        Ok::<_, ApiError>(tokens_json(&tokens, r.with_pieces))
     };
     match answered.await {
         Ok(v) => http::json(StatusCode::OK, &v),
@@ -245,20 +246,15 @@ pub(super) async fn detokenize(w: &Worker, req: Request<Incoming>) -> Response<B
 /// llama-server's `GET /props` and `GET /slots`.
 pub(super) async fn describe(w: &Worker, endpoint: Endpoint) -> Response<Body> {
     match engine_answer(w, w.engine.describe()).await {
-        Ok(d) if endpoint == Endpoint::Slots => {
-            http::json(StatusCode::OK, &llama_server::slots(&d))
-        }
-        Ok(d) => http::json(
-            StatusCode::OK,
-            &llama_server::props(&d, &w.model, &w.model_path),
-        ),
+        Ok(d) if endpoint == Endpoint::Slots => http::json(StatusCode::OK, &slots(&d)),
+        Ok(d) => http::json(StatusCode::OK, &props(&d, &w.model, &w.model_path)),
         Err(e) => llama_server::error(e),
     }
 }
 
 /// OpenAI's `GET /v1/models/{id}`: this worker's model, by its name.
 pub(super) fn model(w: &Worker, id: &str) -> Response<Body> {
-    let named = crate::hive::model_ref::canonical(id).is_ok_and(|c| c == *w.model);
+    let named = crate::model_ref::canonical(id).is_ok_and(|c| c == *w.model);
     match named {
         true => http::json(StatusCode::OK, &openai::model_object(&w.model, "rbee")),
         false => openai::error(ApiError::new(
@@ -286,4 +282,49 @@ pub(super) async fn embeddings(w: &Worker, req: Request<Incoming>) -> Response<B
         Ok(v) => http::json(StatusCode::OK, &v),
         Err(e) => openai::error(e),
     }
+}
+
+/// The answer to `/tokenize`: ids, or with `with_pieces` each id and its text
+/// (its bytes where they are not whole UTF-8), as llama-server gives them.
+fn tokens_json(t: &engine::Tokenized, with_pieces: bool) -> Value {
+    if !with_pieces {
+        return json!({ "tokens": t.ids });
+    }
+    let tokens: Vec<Value> = t
+        .ids
+        .iter()
+        .zip(&t.pieces)
+        .map(|(id, piece)| match std::str::from_utf8(piece) {
+            Ok(text) => json!({"id": id, "piece": text}),
+            Err(_) => json!({"id": id, "piece": piece}),
+        })
+        .collect();
+    json!({ "tokens": tokens })
+}
+
+/// `GET /props`.
+fn props(d: &engine::Described, model: &str, model_path: &str) -> Value {
+    json!({"default_generation_settings": {"n_ctx": d.n_ctx, "model": model,
+               "params": {"temperature": engine::DEFAULT_TEMPERATURE,
+                          "top_k": engine::DEFAULT_TOP_K,
+                          "top_p": engine::DEFAULT_TOP_P,
+                          "n_predict": -1}},
+           "total_slots": d.slots.len(), "model_path": model_path, "chat_template": d.chat_template,
+           "n_vocab": d.n_vocab, "modalities": {"vision": false, "audio": false},
+           "build_info": format!("rbee {}", env!("CARGO_PKG_VERSION"))})
+}
+
+/// `GET /slots`.
+fn slots(d: &engine::Described) -> Value {
+    let slots: Vec<Value> = d
+        .slots
+        .iter()
+        .enumerate()
+        .map(|(id, s)| match s {
+            Some((prompt, decoded)) => json!({"id": id, "n_ctx": d.n_ctx, "is_processing": true,
+                                              "n_prompt_tokens": prompt, "n_decoded": decoded}),
+            None => json!({"id": id, "n_ctx": d.n_ctx, "is_processing": false}),
+        })
+        .collect();
+    Value::Array(slots)
 }

@@ -18,13 +18,13 @@ pub mod template;
 pub mod text;
 
 use crate::http::{self, sse, Auth, Body, Reply, Route};
+pub use crate::protocol::FlashAttn;
 use crate::protocol::{
     new_id, now_rfc3339, ApiError, ErrorCode, Health, InferenceEvent, InferenceRequest,
     LoadingEvent, ReadyStatus, WorkerReadyCallback, WorkerState,
 };
 use crate::{ollama, openai, responses};
 use argh::FromArgs;
-pub use engine::FlashAttn;
 use engine::{Config, Engine, Submission};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -105,13 +105,6 @@ pub struct Args {
     #[argh(option)]
     pub peer: Vec<String>,
 }
-
-/// Where a spawned worker finds the secret its report to the hive carries
-/// (the environment: argv is visible to every user of the machine).
-pub const WORKER_SECRET_ENV: &str = "RBEE_WORKER_SECRET";
-
-/// Smaller contexts leave no room for a prompt and an answer.
-const MIN_CTX_SIZE: u32 = 64;
 
 /// What every request handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -208,8 +201,8 @@ pub async fn run(args: Args) -> Result<(), String> {
 /// Refuses flags that cannot work, naming the limit. The context against the
 /// model's own limit is checked once the model is open (`engine.rs`).
 fn check_flags(args: &Args) -> Result<(), String> {
-    let ctx = args.ctx_size.unwrap_or(MIN_CTX_SIZE);
-    check_slots(args.slots, ctx, 0)
+    let ctx = args.ctx_size.unwrap_or(crate::protocol::MIN_CTX_SIZE);
+    crate::protocol::check_slots(args.slots, ctx, 0)
         .map_err(|(flag, message)| format!("--{}: {message}", flag.replace('_', "-")))?;
     if args.threads.is_some_and(|t| t < 1) {
         return Err("--threads must be at least 1".into());
@@ -228,47 +221,6 @@ fn check_flags(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `slots` slots of `ctx` tokens each can work for a model trained
-/// on `model_ctx` tokens (0: not known yet): the one rule for the worker's
-/// flags, its engine and the hive's spawn requests. `Err` names the field
-/// at fault (`slots` or `ctx_size`) and the limit.
-pub fn check_slots(slots: u32, ctx: u32, model_ctx: u64) -> Result<(), (&'static str, String)> {
-    if slots == 0 || slots > MAX_SLOTS {
-        return Err((
-            "slots",
-            format!("slots must be between 1 and {MAX_SLOTS}, not {slots}"),
-        ));
-    }
-    if ctx < MIN_CTX_SIZE {
-        return Err((
-            "ctx_size",
-            format!("a context of {ctx} tokens per slot is less than the least of {MIN_CTX_SIZE}"),
-        ));
-    }
-    if model_ctx > 0 && u64::from(ctx) > model_ctx {
-        return Err((
-            "ctx_size",
-            format!(
-                "a context of {ctx} tokens per slot is more than the model's training context of {model_ctx} tokens"
-            ),
-        ));
-    }
-    if slots
-        .checked_mul(ctx)
-        .is_none_or(|total| total > MAX_TOTAL_CTX)
-    {
-        return Err((
-            "ctx_size",
-            format!("{slots} slots of {ctx} tokens are more than the {MAX_TOTAL_CTX} tokens one llama.cpp context holds"),
-        ));
-    }
-    Ok(())
-}
-
-/// llama.cpp keeps at most 256 sequences in one context.
-const MAX_SLOTS: u32 = 256;
-/// llama.cpp counts a context's tokens in an `int32_t`.
-const MAX_TOTAL_CTX: u32 = i32::MAX as u32;
 /// 1 TiB: more host memory than any machine rbee runs on.
 const MAX_CACHE_RAM_MB: u64 = 1 << 20;
 /// Waiting requests beyond this are a client stampede, not a queue.
@@ -304,7 +256,7 @@ async fn live(w: &Worker, args: &Args, url: &str) -> Result<(), String> {
     if let Some(callback) = &args.callback_url {
         let report = WorkerReadyCallback {
             worker_id: args.worker_id.clone().unwrap_or_else(|| new_id("worker")),
-            secret: std::env::var(WORKER_SECRET_ENV).unwrap_or_default(),
+            secret: std::env::var(crate::protocol::WORKER_SECRET_ENV).unwrap_or_default(),
             url: url.to_string(),
             model: w.model.to_string(),
             slots: args.slots,
@@ -626,36 +578,5 @@ mod tests {
         assert_eq!(parse(&["--flash-attn", "on"]), Ok(FlashAttn::On));
         let refused = parse(&["--flash-attn", "yes"]).unwrap_err().output;
         assert!(refused.contains("on, off or auto"), "{refused}");
-    }
-
-    #[test]
-    fn slots_and_contexts_are_checked_against_real_limits() {
-        assert_eq!(check_slots(4, 2048, 8192), Ok(()));
-        assert_eq!(
-            check_slots(4, 2048, 0),
-            Ok(()),
-            "the model's limit unknown yet"
-        );
-        let field = |slots, ctx, model| check_slots(slots, ctx, model).map_err(|(f, _)| f);
-        assert_eq!(field(0, 2048, 8192), Err("slots"));
-        assert_eq!(field(257, 2048, 8192), Err("slots"));
-        assert_eq!(field(4, 63, 8192), Err("ctx_size"));
-        // 2^31 tokens per slot: beyond SmolLM2's 8,192, and beyond what a
-        // context holds for a model that claims more.
-        let (_, message) = check_slots(2, 2_147_483_648, 8192).unwrap_err();
-        assert!(
-            message.contains("training context of 8192 tokens"),
-            "{message}"
-        );
-        let (_, message) = check_slots(2, 2_147_483_648, u64::MAX).unwrap_err();
-        assert!(
-            message.contains("2147483647 tokens one llama.cpp context holds"),
-            "{message}"
-        );
-        assert_eq!(
-            field(256, 16_777_216, u64::MAX),
-            Err("ctx_size"),
-            "the product wraps u32"
-        );
     }
 }

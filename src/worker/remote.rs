@@ -3,15 +3,6 @@
 //! to (each connection tunnelled through the hive's `/v1/rpc`), and the exit
 //! when a lender is gone.
 
-/// Where a split worker finds the lending hives' tokens: one line per
-/// `--remote`, in order (an empty line: none; absent: this worker's own).
-pub const REMOTE_TOKENS_ENV: &str = "RBEE_REMOTE_TOKENS";
-
-/// Milliseconds every chunk through a tunnel to a lending hive is held, each
-/// way: a slower network for the benchmark (`make bench`), where `tc netem`
-/// is not available.
-pub const TUNNEL_DELAY_ENV: &str = "RBEE_TUNNEL_DELAY_MS";
-
 /// `--remote LAYERS@URL`: the layers, and the URL of the lending hive's `/v1/rpc`.
 pub fn parse(s: &str) -> Result<(u32, String), String> {
     let (layers, url) = s.split_once('@').ok_or_else(|| {
@@ -37,10 +28,10 @@ pub async fn open_tunnels(
     remotes: &[String],
     own_token: Option<&str>,
 ) -> Result<Vec<(String, u32)>, String> {
-    let tokens: Option<Vec<String>> = std::env::var(REMOTE_TOKENS_ENV)
+    let tokens: Option<Vec<String>> = std::env::var(crate::protocol::REMOTE_TOKENS_ENV)
         .ok()
         .map(|t| t.split('\n').map(str::to_string).collect());
-    let delay = std::env::var(TUNNEL_DELAY_ENV)
+    let delay = std::env::var(crate::protocol::TUNNEL_DELAY_ENV)
         .ok()
         .and_then(|ms| ms.parse::<f64>().ok())
         .map_or(std::time::Duration::ZERO, |ms| {
@@ -53,7 +44,7 @@ pub async fn open_tunnels(
             Some(t) => t.get(i).filter(|t| !t.is_empty()).cloned(),
             None => own_token.map(str::to_string),
         };
-        let protocol = crate::hive::lend::PROTOCOL;
+        let protocol = crate::protocol::RPC_PROTOCOL;
         let addr = crate::http::tunnel::listen(url.clone(), token, protocol, delay, lender_lost)
             .await
             .map_err(|e| format!("cannot open a loopback port for {url}: {e}"))?;

@@ -35,10 +35,23 @@ pub fn serial() -> MutexGuard<'static, ()> {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    // Below the ephemeral range (32768 and up), from which the kernel takes the
+    // source port of every outgoing connection: a port found by binding port 0
+    // could be taken by another test's next connection before its server binds
+    // it. Each call steps by 16, so a hive counting up from a worker port it was
+    // given stays clear of the next one handed out.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    let offset = std::process::id() * 16 * 37;
+    for _ in 0..SPAN / 16 {
+        let n = NEXT.fetch_add(16, std::sync::atomic::Ordering::Relaxed);
+        let port = (FIRST + (offset + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// A running `rbee` process, killed when dropped (a failing test leaves nothing behind).

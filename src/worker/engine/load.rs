@@ -1,8 +1,9 @@
 //! Loading the model: the file checked, its layers loaded with progress
 //! (a layer at a time to subscribers), a split model's remote devices added.
 
-use super::{rpc, Config};
+use super::Config;
 use crate::protocol::LoadingEvent;
+use crate::rpc;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
@@ -117,21 +118,4 @@ pub(super) fn progress_event(
             ram_mb: mb,
         }
     }
-}
-
-/// The GPUs llama.cpp can use in this build (none in a CPU-only build).
-pub fn gpus() -> Vec<crate::protocol::GpuInfo> {
-    use llama_cpp_2::LlamaBackendDeviceType as Kind;
-    llama_cpp_2::list_llama_ggml_backend_devices()
-        .into_iter()
-        .filter(|d| matches!(d.device_type, Kind::Gpu | Kind::IntegratedGpu))
-        .enumerate()
-        .map(|(i, d)| crate::protocol::GpuInfo {
-            index: i as u32,
-            name: d.name,
-            description: d.description,
-            memory_total_mb: (d.memory_total >> 20) as u64,
-            memory_free_mb: (d.memory_free >> 20) as u64,
-        })
-        .collect()
 }

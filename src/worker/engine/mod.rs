@@ -22,12 +22,12 @@ mod flash_attn;
 mod guard;
 mod load;
 mod prompt;
-pub mod rpc;
 
 use super::cache::{Placement, PromptCache, Step, Token};
 use super::slots::{plan_batch, Phase, PieceKind, Slots};
 use super::template::Template;
 use super::text::{Released, TokenText};
+use crate::protocol::FlashAttn;
 use crate::protocol::{
     ApiError, ErrorCode, InferenceEvent, LoadingEvent, StopReason, TokenLogprob,
 };
@@ -38,7 +38,7 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-pub use load::gpus;
+
 use load::{load_model, progress_event};
 use prompt::{model_template, prepare};
 use std::num::NonZeroU32;
@@ -71,43 +71,6 @@ pub struct Config {
     /// Lending hives' RPC servers (loopback tunnel endpoints) and the layers
     /// each takes, in order: the last layers of the model (DESIGN.md §12).
     pub remotes: Vec<(String, u32)>,
-}
-
-/// Whether llama.cpp's attention uses its flash-attention kernel.
-///
-/// `Auto` (llama.cpp's choice, and llama-server's default) turns it on on a
-/// CPU too, where it is a trade: SmolLM2 on 2 cores generates at 87 tokens/s
-/// with it and 80 without from an empty context, but 39 against 68 with 1,450
-/// tokens in, and reads a chat's 18 new prompt tokens at that depth at 87
-/// against 152 tokens/s (llama-bench `-d 0,1450 -fa 0,1`); through the worker,
-/// 8 short streams make 135 tokens/s with it and 106 without. The KV cache's
-/// layout depends on it, so it is fixed for the life of the worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlashAttn {
-    On,
-    Off,
-    /// llama.cpp's choice: on where the device supports it.
-    Auto,
-}
-
-impl FlashAttn {
-    /// The flag's value: `on`, `off` or `auto`.
-    pub fn parse(value: &str) -> Result<FlashAttn, String> {
-        match value {
-            "on" => Ok(FlashAttn::On),
-            "off" => Ok(FlashAttn::Off),
-            "auto" => Ok(FlashAttn::Auto),
-            other => Err(format!("flash attention is on, off or auto, not {other:?}")),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FlashAttn::On => "on",
-            FlashAttn::Off => "off",
-            FlashAttn::Auto => "auto",
-        }
-    }
 }
 
 /// Counters the HTTP side reads for `/v1/ready` and admission.
@@ -515,7 +478,7 @@ impl<'m> Batcher<'m> {
             .ctx_size
             .unwrap_or_else(|| model.n_ctx_train().min(4096));
         let n_slots = config.slots;
-        super::check_slots(n_slots, n_ctx_slot, u64::from(model.n_ctx_train()))
+        crate::protocol::check_slots(n_slots, n_ctx_slot, u64::from(model.n_ctx_train()))
             .map_err(|(_, message)| message)?;
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx_slot * n_slots))
