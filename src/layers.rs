@@ -4,6 +4,8 @@
 //! references, worker flags a hive passes, environment variable names, disk
 //! and machine facts) lives below them, and nothing below uses a role. Only
 //! the entry (`main.rs`, `cli.rs`, `lib.rs`) names roles, to start one.
+//! And no function outside the tests is longer than a screen (80 lines): a
+//! longer one becomes named steps.
 
 use std::path::{Path, PathBuf};
 
@@ -107,6 +109,89 @@ fn roles_depend_only_downward() {
          shared fact below the roles (protocol/, model_ref.rs, …):\n{}",
         found.join("\n")
     );
+}
+
+/// The most lines a function may take, its signature and closing brace included.
+const SCREEN: usize = 80;
+
+/// Where a function starts on `line`: its indentation, if it is one.
+fn function_at(line: &str) -> Option<usize> {
+    let code = line.trim_start();
+    let indent = line.len() - code.len();
+    let mut rest = code;
+    for prefix in [
+        "pub(crate) ",
+        "pub(super) ",
+        "pub ",
+        "const ",
+        "async ",
+        "unsafe ",
+        "extern \"C\" ",
+    ] {
+        rest = rest.strip_prefix(prefix).unwrap_or(rest);
+    }
+    rest.starts_with("fn ").then_some(indent)
+}
+
+/// Each function of `text` longer than [`SCREEN`], `#[test]`s left out: its
+/// first line (1-based) and length.
+fn long_functions(text: &str) -> Vec<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut long = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(indent) = function_at(line) else {
+            continue;
+        };
+        let test = lines[i.saturating_sub(3)..i]
+            .iter()
+            .any(|l| l.trim() == "#[test]" || l.trim().starts_with("#[tokio::test"));
+        // The body opens on the signature's last line; a declaration has none.
+        let Some(open) =
+            (i..lines.len()).find(|&k| lines[k].contains('{') || lines[k].ends_with(';'))
+        else {
+            continue;
+        };
+        let one_line = lines[open].matches('{').count() == lines[open].matches('}').count();
+        if test || !lines[open].contains('{') || one_line {
+            continue;
+        }
+        let closing = format!("{}}}", " ".repeat(indent));
+        let end = (open..lines.len()).find(|&k| lines[k] == closing);
+        if let Some(end) = end.filter(|&end| end + 1 - i > SCREEN) {
+            long.push((i + 1, end + 1 - i));
+        }
+    }
+    long
+}
+
+#[test]
+fn no_function_is_longer_than_a_screen() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut found = Vec::new();
+    for file in sources(&src) {
+        let text = std::fs::read_to_string(&file).expect("a source file");
+        for (line, length) in long_functions(&text) {
+            let relative = file.strip_prefix(&src).expect("under src/").display();
+            found.push(format!("{relative}:{line}: {length} lines"));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "functions longer than {SCREEN} lines: make them named steps\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_length_check_counts_bodies_not_declarations_or_tests() {
+    let body = |n: usize| "    let x = 1;\n".repeat(n);
+    let long = format!("pub async fn f(\n    a: u8,\n) -> u8 {{\n{}}}\n", body(80));
+    assert_eq!(long_functions(&long), [(1, 84)]);
+    let short = format!("fn f() {{\n{}}}\n", body(78));
+    assert!(long_functions(&short).is_empty());
+    let test = format!("#[test]\nfn t() {{\n{}}}\n", body(100));
+    assert!(long_functions(&test).is_empty());
+    assert!(long_functions("extern \"C\" {\n    fn g(x: i32) -> i32;\n}\n").is_empty());
 }
 
 #[test]

@@ -81,6 +81,18 @@ impl Default for WorkerMetrics {
             time_to_first_token: seconds_histogram(),
             registry: Arc::default(),
         };
+        m.register(&mut r);
+        WorkerMetrics {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+}
+
+impl WorkerMetrics {
+    /// Each series under its name (llama-server's where it has one).
+    fn register(&self, r: &mut Registry) {
+        let m = self;
         r.register(
             "llamacpp:prompt_tokens",
             "Number of prompt tokens processed",
@@ -141,10 +153,6 @@ impl Default for WorkerMetrics {
             "From a request's arrival to its first generated token",
             m.time_to_first_token.clone(),
         );
-        WorkerMetrics {
-            registry: Arc::new(r),
-            ..m
-        }
     }
 }
 

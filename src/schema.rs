@@ -79,78 +79,85 @@ fn walk(root: &Value, schema: &Value, at: &str) -> Result<(), String> {
                 ENFORCED.join(", ")
             ));
         }
-        match key.as_str() {
-            "type" => {
-                let names: Vec<&Value> = match value {
-                    Value::Array(a) => a.iter().collect(),
-                    one => vec![one],
-                };
-                for n in names {
-                    if !n.as_str().is_some_and(|t| TYPES.contains(&t)) {
-                        return Err(format!("unknown type {n} at {here}"));
-                    }
-                }
-            }
-            "properties" | "$defs" | "definitions" => {
-                let Some(map) = value.as_object() else {
-                    return Err(format!("{here} must be an object of schemas"));
-                };
-                for (name, sub) in map {
-                    walk(root, sub, &format!("{here}/{name}"))?;
-                }
-            }
-            "items" | "additionalProperties" => walk(root, value, &here)?,
-            "prefixItems" | "anyOf" | "oneOf" | "allOf" => {
-                let Some(list) = value.as_array().filter(|l| !l.is_empty()) else {
-                    return Err(format!("{here} must be a list of schemas"));
-                };
-                for (i, sub) in list.iter().enumerate() {
-                    walk(root, sub, &format!("{here}/{i}"))?;
-                }
-            }
-            "$ref" => {
-                let target = value.as_str().unwrap_or_default();
-                if !(target.starts_with("#/$defs/") || target.starts_with("#/definitions/")) {
-                    return Err(format!(
-                        "only local references (#/$defs/… or #/definitions/…) are supported, not {value} at {here}"
-                    ));
-                }
-                if resolve(root, target).is_none() {
-                    return Err(format!("{target} (at {here}) names nothing in the schema"));
-                }
-            }
-            "format" => {
-                let f = value.as_str().unwrap_or_default();
-                if !FORMATS.contains(&f) {
-                    return Err(format!(
-                        "format {f:?} at {here} is not supported; supported: {}",
-                        FORMATS.join(", ")
-                    ));
-                }
-            }
-            "required" if !value.is_array() => {
-                return Err(format!("{here} must be a list of names"))
-            }
-            "enum" if value.as_array().is_none_or(|e| e.is_empty()) => {
-                return Err(format!("{here} must be a list of values"))
-            }
-            "pattern" => {
-                let Some(p) = value.as_str() else {
-                    return Err(format!("{here} must be a string"));
-                };
-                pattern(p).map_err(|e| format!("pattern {p:?} at {here}: {e}"))?;
-            }
-            "minLength" | "maxLength" | "minItems" | "maxItems" if !value.is_u64() => {
-                return Err(format!("{here} must be a whole number, not {value}"))
-            }
-            "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum"
-                if !value.is_number() =>
-            {
-                return Err(format!("{here} must be a number, not {value}"))
-            }
-            _ => {}
-        }
+        keyword(root, key, value, &here)?;
     }
+    bounds(object, at)
+}
+
+/// One keyword of a schema checked (its subschemas walked in turn).
+fn keyword(root: &Value, key: &str, value: &Value, here: &str) -> Result<(), String> {
+    match key {
+        "type" => {
+            let names: Vec<&Value> = match value {
+                Value::Array(a) => a.iter().collect(),
+                one => vec![one],
+            };
+            for n in names {
+                if !n.as_str().is_some_and(|t| TYPES.contains(&t)) {
+                    return Err(format!("unknown type {n} at {here}"));
+                }
+            }
+        }
+        "properties" | "$defs" | "definitions" => {
+            let Some(map) = value.as_object() else {
+                return Err(format!("{here} must be an object of schemas"));
+            };
+            for (name, sub) in map {
+                walk(root, sub, &format!("{here}/{name}"))?;
+            }
+        }
+        "items" | "additionalProperties" => walk(root, value, here)?,
+        "prefixItems" | "anyOf" | "oneOf" | "allOf" => {
+            let Some(list) = value.as_array().filter(|l| !l.is_empty()) else {
+                return Err(format!("{here} must be a list of schemas"));
+            };
+            for (i, sub) in list.iter().enumerate() {
+                walk(root, sub, &format!("{here}/{i}"))?;
+            }
+        }
+        "$ref" => {
+            let target = value.as_str().unwrap_or_default();
+            if !(target.starts_with("#/$defs/") || target.starts_with("#/definitions/")) {
+                return Err(format!(
+                    "only local references (#/$defs/… or #/definitions/…) are supported, not {value} at {here}"
+                ));
+            }
+            if resolve(root, target).is_none() {
+                return Err(format!("{target} (at {here}) names nothing in the schema"));
+            }
+        }
+        "format" => {
+            let f = value.as_str().unwrap_or_default();
+            if !FORMATS.contains(&f) {
+                return Err(format!(
+                    "format {f:?} at {here} is not supported; supported: {}",
+                    FORMATS.join(", ")
+                ));
+            }
+        }
+        "required" if !value.is_array() => return Err(format!("{here} must be a list of names")),
+        "enum" if value.as_array().is_none_or(|e| e.is_empty()) => {
+            return Err(format!("{here} must be a list of values"))
+        }
+        "pattern" => {
+            let Some(p) = value.as_str() else {
+                return Err(format!("{here} must be a string"));
+            };
+            pattern(p).map_err(|e| format!("pattern {p:?} at {here}: {e}"))?;
+        }
+        "minLength" | "maxLength" | "minItems" | "maxItems" if !value.is_u64() => {
+            return Err(format!("{here} must be a whole number, not {value}"))
+        }
+        "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum" if !value.is_number() => {
+            return Err(format!("{here} must be a number, not {value}"))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Lower bounds not above their upper bounds: else no value satisfies both.
+fn bounds(object: &serde_json::Map<String, Value>, at: &str) -> Result<(), String> {
     for (low, high) in [
         ("minLength", "maxLength"),
         ("minItems", "maxItems"),

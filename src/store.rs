@@ -70,6 +70,44 @@ fn digest(contents: &Contents) -> String {
     format!("{h:016x}")
 }
 
+/// Why sled did not open a store.
+enum Opened {
+    /// Another process holds it, or the file system refused: said in words.
+    Refused(String),
+    /// sled could not read what is there.
+    Unreadable(sled::Error),
+}
+
+/// sled's database at `path`; on a full disk, the space set aside (`reserve`) lets it open.
+fn open_sled(path: &Path, reserve: &Path, what: &str, owner: &str) -> Result<sled::Db, Opened> {
+    let db = match sled::open(path) {
+        // sled writes as it opens: on a full disk, the space set aside lets it.
+        Err(sled::Error::Io(io)) if crate::disk::is_full(&io) && reserve.exists() => {
+            tracing::warn!(
+                "the disk under {} is full: using the {} MiB set aside to open the {what}; free some space",
+                path.display(),
+                RESERVE_BYTES >> 20
+            );
+            let _ = std::fs::remove_file(reserve);
+            sled::open(path)
+        }
+        opened => opened,
+    };
+    db.map_err(|e| match &e {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            Opened::Refused(format!(
+                "cannot open the {what} at {}: is another {owner} using this --data-dir?",
+                path.display()
+            ))
+        }
+        sled::Error::Io(io) => Opened::Refused(format!(
+            "cannot open the {what} at {}: {io}",
+            path.display()
+        )),
+        _ => Opened::Unreadable(e),
+    })
+}
+
 impl Store {
     /// Opens (or creates) the store at `path`. A store that does not hold
     /// what its check file says it was last given is an error naming what is
@@ -104,26 +142,9 @@ impl Store {
         }
         let existed = path.exists();
         let reserve = PathBuf::from(format!("{}.reserve", path.display()));
-        let db = match sled::open(path) {
-            // sled writes as it opens: on a full disk, the space set aside lets it.
-            Err(sled::Error::Io(io)) if crate::disk::is_full(&io) && reserve.exists() => {
-                tracing::warn!(
-                    "the disk under {} is full: using the {} MiB set aside to open the {what}; free some space",
-                    path.display(),
-                    RESERVE_BYTES >> 20
-                );
-                let _ = std::fs::remove_file(&reserve);
-                sled::open(path)
-            }
-            opened => opened,
-        };
-        let db = db.map_err(|e| match &e {
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => format!(
-                "cannot open the {what} at {}: is another {owner} using this --data-dir?",
-                path.display()
-            ),
-            sled::Error::Io(io) => format!("cannot open the {what} at {}: {io}", path.display()),
-            _ => damaged(format!(
+        let db = open_sled(path, &reserve, what, owner).map_err(|e| match e {
+            Opened::Refused(said) => said,
+            Opened::Unreadable(e) => damaged(format!(
                 "sled cannot read it ({e}){}",
                 held(expected.as_ref())
             )),

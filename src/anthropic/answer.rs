@@ -101,25 +101,15 @@ pub async fn respond(answer: Answer, mut pieces: Pieces, stream: bool) -> Respon
             }
         }
         // The text block opens with the first text; calls follow it, one block each.
-        let mut block: Option<usize> = None;
+        let mut text_open = false;
         loop {
             let Some(piece) = pieces.next_for(&tx).await else {
                 return;
             };
             let mut out = Vec::new();
-            let open_text = |out: &mut Vec<Bytes>, block: &mut Option<usize>| {
-                if block.is_none() {
-                    *block = Some(0);
-                    out.push(event(
-                        "content_block_start",
-                        &json!({"type": "content_block_start", "index": 0,
-                        "content_block": {"type": "text", "text": ""}}),
-                    ));
-                }
-            };
             let last = match piece {
                 Piece::Text(text) => {
-                    open_text(&mut out, &mut block);
+                    open_text(&mut out, &mut text_open);
                     out.push(event(
                         "content_block_delta",
                         &json!({"type": "content_block_delta", "index": 0,
@@ -128,36 +118,7 @@ pub async fn respond(answer: Answer, mut pieces: Pieces, stream: bool) -> Respon
                     false
                 }
                 Piece::End(end) => {
-                    if end.calls.is_empty() {
-                        open_text(&mut out, &mut block);
-                    }
-                    if block.is_some() {
-                        out.push(event(
-                            "content_block_stop",
-                            &json!({"type": "content_block_stop", "index": 0}),
-                        ));
-                    }
-                    let first = usize::from(block.is_some());
-                    for (i, call) in end.calls.iter().enumerate() {
-                        let index = first + i;
-                        let mut start = tool_use(call);
-                        start["input"] = json!({});
-                        out.push(event("content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": start})));
-                        out.push(event("content_block_delta", &json!({"type": "content_block_delta", "index": index,
-                            "delta": {"type": "input_json_delta", "partial_json": call.function.arguments}})));
-                        out.push(event(
-                            "content_block_stop",
-                            &json!({"type": "content_block_stop", "index": index}),
-                        ));
-                    }
-                    let (reason, sequence) = answer.stop_reason(&end);
-                    out.push(event(
-                        "message_delta",
-                        &json!({"type": "message_delta",
-                        "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                        "usage": {"output_tokens": end.tokens_out}}),
-                    ));
-                    out.push(event("message_stop", &json!({"type": "message_stop"})));
+                    ending(&answer, &end, &mut out, &mut text_open);
                     true
                 }
                 Piece::Failed(e) => {
@@ -176,6 +137,59 @@ pub async fn respond(answer: Answer, mut pieces: Pieces, stream: bool) -> Respon
         }
     });
     resp
+}
+
+/// The text block's start, unless it is open already.
+fn open_text(out: &mut Vec<Bytes>, open: &mut bool) {
+    if !*open {
+        *open = true;
+        out.push(event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}}),
+        ));
+    }
+}
+
+/// The end of a streamed message: the text block closed (opened first when
+/// there is neither text nor a call), each call as a block, the stop reason.
+fn ending(answer: &Answer, end: &Ending, out: &mut Vec<Bytes>, text_open: &mut bool) {
+    if end.calls.is_empty() {
+        open_text(out, text_open);
+    }
+    if *text_open {
+        out.push(event(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": 0}),
+        ));
+    }
+    let first = usize::from(*text_open);
+    for (i, call) in end.calls.iter().enumerate() {
+        let index = first + i;
+        let mut start = tool_use(call);
+        start["input"] = json!({});
+        out.push(event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index, "content_block": start}),
+        ));
+        out.push(event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": index,
+                "delta": {"type": "input_json_delta", "partial_json": call.function.arguments}}),
+        ));
+        out.push(event(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        ));
+    }
+    let (reason, sequence) = answer.stop_reason(end);
+    out.push(event(
+        "message_delta",
+        &json!({"type": "message_delta",
+        "delta": {"stop_reason": reason, "stop_sequence": sequence},
+        "usage": {"output_tokens": end.tokens_out}}),
+    ));
+    out.push(event("message_stop", &json!({"type": "message_stop"})));
 }
 
 #[cfg(test)]

@@ -191,27 +191,58 @@ impl Leases {
         all
     }
 
+    /// A new lease's id is not taken, and the leases (all of them, and the
+    /// borrower's) are not at their most.
+    fn check_room(&self, req: &LeaseRequest) -> Result<(), ApiError> {
+        let leases = self.lock();
+        if leases.contains_key(&req.lease) {
+            return Err(ApiError::invalid(
+                "lease",
+                format!("lease {} exists already", req.lease),
+            ));
+        }
+        check_count(
+            leases.len(),
+            leases
+                .values()
+                .filter(|l| l.info.borrower == req.borrower)
+                .count(),
+            &req.borrower,
+        )
+    }
+
+    /// Waits on a lease's RPC server (on a thread of its own): when it exits
+    /// the lease is over, its borrower unpinned and its cache removed.
+    fn watch(&self, mut child: std::process::Child, id: String, cache_dir: PathBuf) {
+        let this = self.clone();
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let status = child.wait();
+            let removed = this.lock().remove(&id);
+            let ending = removed.as_ref().is_some_and(|l| l.ending);
+            this.unpin(removed.and_then(|l| l.borrower_fingerprint).as_deref());
+            let _ = std::fs::remove_dir_all(&cache_dir);
+            match status {
+                Ok(s) if ending || s.success() => {
+                    tracing::info!("lease {id}: RPC server (pid {pid}) ended: {s}");
+                }
+                Ok(s) => {
+                    tracing::warn!(
+                        "lease {id}: its RPC server (pid {pid}) crashed ({s}); the lease is over, its borrower's worker loses these layers"
+                    );
+                    this.metrics.lease_fault("rpc_server_crashed");
+                }
+                Err(e) => tracing::warn!("lease {id}: cannot wait for its RPC server: {e}"),
+            }
+            this.changes.bump();
+        });
+    }
+
     /// Starts the RPC server for a lease (the budget was checked by the
     /// caller) and waits until it listens.
     pub async fn make(&self, req: &LeaseRequest) -> Result<LeaseInfo, ApiError> {
         crate::protocol::check_lease_id(&req.lease)?;
-        {
-            let leases = self.lock();
-            if leases.contains_key(&req.lease) {
-                return Err(ApiError::invalid(
-                    "lease",
-                    format!("lease {} exists already", req.lease),
-                ));
-            }
-            check_count(
-                leases.len(),
-                leases
-                    .values()
-                    .filter(|l| l.info.borrower == req.borrower)
-                    .count(),
-                &req.borrower,
-            )?;
-        }
+        self.check_room(req)?;
         let port = free_loopback_port()?;
         let cache_dir = self.cache_dir.join(&req.lease);
         let mut command = Command::new(&self.exe);
@@ -261,28 +292,7 @@ impl Leases {
         );
         self.pin(req.borrower_fingerprint.as_deref());
         self.changes.bump();
-        let this = self.clone();
-        let id = req.lease.clone();
-        std::thread::spawn(move || {
-            let status = child.wait();
-            let removed = this.lock().remove(&id);
-            let ending = removed.as_ref().is_some_and(|l| l.ending);
-            this.unpin(removed.and_then(|l| l.borrower_fingerprint).as_deref());
-            let _ = std::fs::remove_dir_all(&cache_dir);
-            match status {
-                Ok(s) if ending || s.success() => {
-                    tracing::info!("lease {id}: RPC server (pid {pid}) ended: {s}");
-                }
-                Ok(s) => {
-                    tracing::warn!(
-                        "lease {id}: its RPC server (pid {pid}) crashed ({s}); the lease is over, its borrower's worker loses these layers"
-                    );
-                    this.metrics.lease_fault("rpc_server_crashed");
-                }
-                Err(e) => tracing::warn!("lease {id}: cannot wait for its RPC server: {e}"),
-            }
-            this.changes.bump();
-        });
+        self.watch(child, req.lease.clone(), cache_dir);
         // llama.cpp names its transport just before it binds; a tunnel
         // that comes in that moment early retries ([`crate::http::tunnel::connect_local`]).
         let started = tokio::task::spawn_blocking(move || said.recv_timeout(START_WAIT)).await;

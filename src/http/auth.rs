@@ -250,35 +250,8 @@ impl Auth {
                  it pinned (machines join with `rbee hive --join`)",
             ))));
         }
-        let (method, path) = (req.method(), req.uri().path());
-        let presented = presented(
-            header(hyper::header::AUTHORIZATION),
-            header(hyper::header::HeaderName::from_static("x-api-key")),
-        );
         let verdict = match self.token.as_deref() {
-            Some(_)
-                if self.sessions.is_some()
-                    && session::is_door(session::LOGIN_DOORS, method, path) =>
-            {
-                Ok(None)
-            }
-            Some(token) if constant_time_eq(presented.as_bytes(), token.as_bytes()) => Ok(None),
-            Some(_) => match &self.keys {
-                Some(keys) if presented.starts_with(KEY_PREFIX) => {
-                    keys.admit(presented, method, path).map(Some)
-                }
-                _ => {
-                    let page = session::is_door(session::SESSION_DOORS, method, path);
-                    let sessions = self.sessions.as_ref().filter(|_| page);
-                    match sessions {
-                        Some(s) if s.admits(header(hyper::header::COOKIE)) => Ok(None),
-                        _ => Err(ApiError::new(
-                            ErrorCode::Unauthorized,
-                            "missing or wrong bearer token",
-                        )),
-                    }
-                }
-            },
+            Some(token) => self.credential(req, token),
             None => self
                 .doors
                 .check(host, cross, allowed_cross.is_some())
@@ -287,6 +260,45 @@ impl Auth {
         verdict
             .map(|grant| (cors, grant))
             .map_err(|e| Box::new(error(e)))
+    }
+}
+
+impl Auth {
+    /// With a token: what the request presents (the token, a client key, the
+    /// status page's session cookie at its doors), or none at the login doors.
+    fn credential(&self, req: &Request<Incoming>, token: &str) -> Result<Option<Grant>, ApiError> {
+        let header = |name| {
+            req.headers()
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        let (method, path) = (req.method(), req.uri().path());
+        if self.sessions.is_some() && session::is_door(session::LOGIN_DOORS, method, path) {
+            return Ok(None);
+        }
+        let presented = presented(
+            header(hyper::header::AUTHORIZATION),
+            header(hyper::header::HeaderName::from_static("x-api-key")),
+        );
+        if constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+            return Ok(None);
+        }
+        match &self.keys {
+            Some(keys) if presented.starts_with(KEY_PREFIX) => {
+                keys.admit(presented, method, path).map(Some)
+            }
+            _ => {
+                let page = session::is_door(session::SESSION_DOORS, method, path);
+                let sessions = self.sessions.as_ref().filter(|_| page);
+                match sessions {
+                    Some(s) if s.admits(header(hyper::header::COOKIE)) => Ok(None),
+                    _ => Err(ApiError::new(
+                        ErrorCode::Unauthorized,
+                        "missing or wrong bearer token",
+                    )),
+                }
+            }
+        }
     }
 }
 

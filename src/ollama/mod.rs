@@ -174,25 +174,7 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
         })?;
     crate::protocol::refuse_unhonoured(&rest, &[])?;
     let keep_alive = req.keep_alive.as_ref().map(keep_alive).transpose()?;
-    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs.unwrap_or(0)) {
-        (_, top) if top > crate::protocol::MAX_TOP_LOGPROBS => {
-            return Err(ApiError::invalid(
-                "top_logprobs",
-                format!(
-                    "top_logprobs must be between 0 and {}, got {top}",
-                    crate::protocol::MAX_TOP_LOGPROBS
-                ),
-            ))
-        }
-        (true, top) => Some(top),
-        (false, 0) => None,
-        (false, _) => {
-            return Err(ApiError::invalid(
-                "top_logprobs",
-                "top_logprobs needs logprobs: true",
-            ))
-        }
-    };
+    let logprobs = logprobs_of(req.logprobs, req.top_logprobs)?;
     let (sampling, context_limit) = options(req.options.unwrap_or_default())?;
     let constraint = format(req.format.as_ref())?;
     let (tools, _) = crate::openai::tools_of(req.tools.unwrap_or_default(), None, None)?;
@@ -214,24 +196,7 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
                     "messages and tools belong to /api/chat: /api/generate takes a prompt",
                 ));
             }
-            let prompt = req.prompt.unwrap_or_default();
-            match (req.raw.unwrap_or(false), req.system) {
-                (true, Some(_)) => {
-                    return Err(ApiError::invalid(
-                        "system",
-                        "a raw prompt goes to the model as it is: put the system text in it",
-                    ))
-                }
-                (true, None) => (prompt, None),
-                (false, system) => {
-                    let mut messages: Vec<ChatMessage> = system
-                        .map(|s| ChatMessage::new("system", s))
-                        .into_iter()
-                        .collect();
-                    messages.push(ChatMessage::new("user", prompt.clone()));
-                    (prompt, Some(messages))
-                }
-            }
+            generated(req.prompt.unwrap_or_default(), req.system, req.raw)?
         }
     };
     let load_only = match (&messages, kind) {
@@ -262,6 +227,50 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
         keep_alive,
         load_only,
     })
+}
+
+/// `logprobs` and `top_logprobs`: how many alternatives each token's
+/// log-probability comes with, or `None` when not asked.
+fn logprobs_of(logprobs: Option<bool>, top: Option<u32>) -> Result<Option<u32>, ApiError> {
+    match (logprobs.unwrap_or(false), top.unwrap_or(0)) {
+        (_, top) if top > crate::protocol::MAX_TOP_LOGPROBS => Err(ApiError::invalid(
+            "top_logprobs",
+            format!(
+                "top_logprobs must be between 0 and {}, got {top}",
+                crate::protocol::MAX_TOP_LOGPROBS
+            ),
+        )),
+        (true, top) => Ok(Some(top)),
+        (false, 0) => Ok(None),
+        (false, _) => Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        )),
+    }
+}
+
+/// `/api/generate`'s prompt: as it is (`raw`), else a user message through
+/// the chat template, after its `system` message if any.
+fn generated(
+    prompt: String,
+    system: Option<String>,
+    raw: Option<bool>,
+) -> Result<(String, Option<Vec<ChatMessage>>), ApiError> {
+    match (raw.unwrap_or(false), system) {
+        (true, Some(_)) => Err(ApiError::invalid(
+            "system",
+            "a raw prompt goes to the model as it is: put the system text in it",
+        )),
+        (true, None) => Ok((prompt, None)),
+        (false, system) => {
+            let mut messages: Vec<ChatMessage> = system
+                .map(|s| ChatMessage::new("system", s))
+                .into_iter()
+                .collect();
+            messages.push(ChatMessage::new("user", prompt.clone()));
+            Ok((prompt, Some(messages)))
+        }
+    }
 }
 
 /// Ollama's messages as rbee's: an assistant's calls with their arguments as

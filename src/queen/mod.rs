@@ -117,46 +117,8 @@ pub async fn run(args: Args) -> Result<(), String> {
     };
     let data_dir = crate::data_dir(args.data_dir.as_deref());
     crate::create_data_dir(&data_dir)?;
-    let identity = crate::identity::load_or_make(&data_dir, "queen")?;
-    tracing::info!("queen identity {}", identity.fingerprint);
-    let local_hive = !args.no_local_hive
-        && !std::env::var("RBEE_LOCAL_HIVE").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
-    let registry = Registry::open(
-        data_dir.clone(),
-        auth.token().map(str::to_string),
-        local_hive,
-    )?;
-    crate::http::tls::install(Some(&identity), registry.pins())?;
     let port = listener.local_addr().map_or(args.port, |a| a.port());
-    // Found on the LAN by joining hives, when other machines can reach it.
-    let _announced = match join::reachable_addresses(&args.host, port).is_empty() {
-        true => None,
-        false => {
-            crate::discovery::announce(&crate::machine::hostname(), port, &identity.fingerprint)
-                .map_err(|e| tracing::warn!("not announced on the LAN (mDNS): {e}"))
-                .ok()
-        }
-    };
-    let metrics = crate::metrics::QueenMetrics::default();
-    let keys = keys::Keys::open(&data_dir, metrics.clone())?;
-    tokio::spawn(keys.clone().save_use());
-    let auth = auth.with_keys(Arc::new(keys.clone()));
-    let cluster = Live::start(registry.clone(), metrics, keys).await;
-    if local_hive && data_dir.join(crate::HIVE_CATALOG).exists() {
-        tokio::spawn(cluster.clone().bring_back_local());
-    }
-    let queen = Queen {
-        registry: registry.clone(),
-        cluster,
-        jobs: Jobs::default(),
-        auth,
-        shutdown: Arc::new(tokio::sync::Notify::new()),
-        join_tokens: join::JoinTokens::open(&data_dir)?,
-        fingerprint: identity.fingerprint.clone(),
-        listen: (args.host.clone(), port),
-        responses: Default::default(),
-        aliases: Arc::new(aliases::Aliases::open(&data_dir)?),
-    };
+    let (queen, _announced) = Queen::start(&args, &data_dir, auth, port).await?;
     tracing::info!(
         "queen listening on {}:{port} (http:// on this machine, https:// from others), data in {}",
         args.host,
@@ -166,9 +128,74 @@ pub async fn run(args: Args) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("no local address: {e}"))?;
     crate::process::report_ready(addr);
+    serve(queen, listener, ollama_listener).await;
+    Ok(())
+}
+
+impl Queen {
+    /// The queen's identity, its hive registry and keys, the cluster's live
+    /// view; announced on the LAN (mDNS) when other machines can reach it.
+    async fn start(
+        args: &Args,
+        data_dir: &std::path::Path,
+        auth: Auth,
+        port: u16,
+    ) -> Result<(Queen, Option<crate::discovery::Announcement>), String> {
+        let identity = crate::identity::load_or_make(data_dir, "queen")?;
+        tracing::info!("queen identity {}", identity.fingerprint);
+        let local_hive = !args.no_local_hive
+            && !std::env::var("RBEE_LOCAL_HIVE").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
+        let registry = Registry::open(
+            data_dir.to_path_buf(),
+            auth.token().map(str::to_string),
+            local_hive,
+        )?;
+        crate::http::tls::install(Some(&identity), registry.pins())?;
+        // Found on the LAN by joining hives, when other machines can reach it.
+        let announced = match join::reachable_addresses(&args.host, port).is_empty() {
+            true => None,
+            false => {
+                crate::discovery::announce(&crate::machine::hostname(), port, &identity.fingerprint)
+                    .map_err(|e| tracing::warn!("not announced on the LAN (mDNS): {e}"))
+                    .ok()
+            }
+        };
+        let metrics = crate::metrics::QueenMetrics::default();
+        let keys = keys::Keys::open(data_dir, metrics.clone())?;
+        tokio::spawn(keys.clone().save_use());
+        let auth = auth.with_keys(Arc::new(keys.clone()));
+        let cluster = Live::start(registry.clone(), metrics, keys).await;
+        if local_hive && data_dir.join(crate::HIVE_CATALOG).exists() {
+            tokio::spawn(cluster.clone().bring_back_local());
+        }
+        let queen = Queen {
+            registry,
+            cluster,
+            jobs: Jobs::default(),
+            auth,
+            shutdown: Arc::new(tokio::sync::Notify::new()),
+            join_tokens: join::JoinTokens::open(data_dir)?,
+            fingerprint: identity.fingerprint.clone(),
+            listen: (args.host.clone(), port),
+            responses: Default::default(),
+            aliases: Arc::new(aliases::Aliases::open(data_dir)?),
+        };
+        Ok((queen, announced))
+    }
+}
+
+/// Serves (and Ollama's port beside, if asked) until a shutdown; then cancels
+/// the jobs and stops the local hive while still answering health, so
+/// `rbee keeper queen stop` returns only once everything is gone.
+async fn serve(
+    queen: Queen,
+    listener: tokio::net::TcpListener,
+    ollama_listener: Option<tokio::net::TcpListener>,
+) {
     let admin = queen.shutdown.clone();
     let jobs = queen.jobs.clone();
     let door = queen.auth.clone();
+    let registry = queen.registry.clone();
     let (stopping, stopped) = tokio::sync::watch::channel(false);
     if let Some(listener) = ollama_listener {
         tokio::spawn(serve_ollama(listener, queen.clone(), stopped));
@@ -182,13 +209,10 @@ pub async fn run(args: Args) -> Result<(), String> {
             let _ = stopping.send(true);
             tracing::info!("queen shutting down");
             jobs.cancel_all();
-            // Still answering health while the local hive and its workers stop, so
-            // `rbee keeper queen stop` returns only once everything is gone.
             registry.stop_local().await;
         },
     )
     .await;
-    Ok(())
 }
 
 /// `--ollama-port`: the queen's routes again where tools expect Ollama, whose
@@ -246,10 +270,6 @@ enum Endpoint {
     HiveDownloadProgress,
     HiveDeleteModel,
     HiveRemovePartials,
-    ChatCompletions,
-    Embeddings,
-    Completions,
-    Models,
     Shutdown,
     Page,
     Status,
@@ -263,6 +283,20 @@ enum Endpoint {
     AddJoinToken,
     Join,
     CheckIn,
+    Aliases,
+    SetAlias,
+    RemoveAlias,
+    /// The client APIs (OpenAI's, Ollama's, Anthropic's, llama-server's).
+    Client(Client),
+}
+
+/// The endpoints of the client APIs the queen serves for the whole cluster.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Client {
+    ChatCompletions,
+    Embeddings,
+    Completions,
+    Models,
     Probe,
     OllamaVersion,
     OllamaTags,
@@ -286,9 +320,6 @@ enum Endpoint {
     Responses,
     GetResponse,
     DeleteResponse,
-    Aliases,
-    SetAlias,
-    RemoveAlias,
 }
 
 /// How long the view may take to list a model a hive just downloaded.
@@ -333,11 +364,19 @@ const ROUTES: &[Route<Endpoint>] = &[
     (
         Method::POST,
         "/v1/chat/completions",
-        Endpoint::ChatCompletions,
+        Endpoint::Client(Client::ChatCompletions),
     ),
-    (Method::POST, "/v1/completions", Endpoint::Completions),
-    (Method::POST, "/v1/embeddings", Endpoint::Embeddings),
-    (Method::GET, "/v1/models", Endpoint::Models),
+    (
+        Method::POST,
+        "/v1/completions",
+        Endpoint::Client(Client::Completions),
+    ),
+    (
+        Method::POST,
+        "/v1/embeddings",
+        Endpoint::Client(Client::Embeddings),
+    ),
+    (Method::GET, "/v1/models", Endpoint::Client(Client::Models)),
     (Method::POST, "/v1/admin/shutdown", Endpoint::Shutdown),
     (Method::GET, "/", Endpoint::Page),
     (Method::GET, "/v1/status", Endpoint::Status),
@@ -352,37 +391,121 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::POST, "/v1/hives/checkin", Endpoint::CheckIn),
     (Method::DELETE, "/v1/keys/{}", Endpoint::RevokeKey),
     // Ollama's API (DESIGN.md §16).
-    (Method::HEAD, "/", Endpoint::Probe),
-    (Method::GET, "/api/version", Endpoint::OllamaVersion),
-    (Method::GET, "/api/tags", Endpoint::OllamaTags),
-    (Method::GET, "/api/ps", Endpoint::OllamaPs),
-    (Method::POST, "/api/show", Endpoint::OllamaShow),
-    (Method::POST, "/api/pull", Endpoint::OllamaPull),
-    (Method::DELETE, "/api/delete", Endpoint::OllamaDelete),
-    (Method::POST, "/api/copy", Endpoint::OllamaCopy),
-    (Method::POST, "/api/create", Endpoint::OllamaCreate),
-    (Method::POST, "/api/push", Endpoint::OllamaRegistry),
-    (Method::HEAD, "/api/blobs/{}", Endpoint::OllamaRegistry),
-    (Method::POST, "/api/blobs/{}", Endpoint::OllamaRegistry),
-    (Method::POST, "/api/chat", Endpoint::OllamaChat),
-    (Method::POST, "/api/generate", Endpoint::OllamaGenerate),
-    (Method::POST, "/api/embed", Endpoint::OllamaEmbed),
-    (Method::POST, "/api/embeddings", Endpoint::OllamaEmbeddings),
+    (Method::HEAD, "/", Endpoint::Client(Client::Probe)),
+    (
+        Method::GET,
+        "/api/version",
+        Endpoint::Client(Client::OllamaVersion),
+    ),
+    (
+        Method::GET,
+        "/api/tags",
+        Endpoint::Client(Client::OllamaTags),
+    ),
+    (Method::GET, "/api/ps", Endpoint::Client(Client::OllamaPs)),
+    (
+        Method::POST,
+        "/api/show",
+        Endpoint::Client(Client::OllamaShow),
+    ),
+    (
+        Method::POST,
+        "/api/pull",
+        Endpoint::Client(Client::OllamaPull),
+    ),
+    (
+        Method::DELETE,
+        "/api/delete",
+        Endpoint::Client(Client::OllamaDelete),
+    ),
+    (
+        Method::POST,
+        "/api/copy",
+        Endpoint::Client(Client::OllamaCopy),
+    ),
+    (
+        Method::POST,
+        "/api/create",
+        Endpoint::Client(Client::OllamaCreate),
+    ),
+    (
+        Method::POST,
+        "/api/push",
+        Endpoint::Client(Client::OllamaRegistry),
+    ),
+    (
+        Method::HEAD,
+        "/api/blobs/{}",
+        Endpoint::Client(Client::OllamaRegistry),
+    ),
+    (
+        Method::POST,
+        "/api/blobs/{}",
+        Endpoint::Client(Client::OllamaRegistry),
+    ),
+    (
+        Method::POST,
+        "/api/chat",
+        Endpoint::Client(Client::OllamaChat),
+    ),
+    (
+        Method::POST,
+        "/api/generate",
+        Endpoint::Client(Client::OllamaGenerate),
+    ),
+    (
+        Method::POST,
+        "/api/embed",
+        Endpoint::Client(Client::OllamaEmbed),
+    ),
+    (
+        Method::POST,
+        "/api/embeddings",
+        Endpoint::Client(Client::OllamaEmbeddings),
+    ),
     // Anthropic's Messages API.
-    (Method::POST, "/v1/messages", Endpoint::Messages),
+    (
+        Method::POST,
+        "/v1/messages",
+        Endpoint::Client(Client::Messages),
+    ),
     (
         Method::POST,
         "/v1/messages/count_tokens",
-        Endpoint::CountTokens,
+        Endpoint::Client(Client::CountTokens),
     ),
     // llama-server's own endpoints, by `model`.
-    (Method::POST, "/completion", Endpoint::Completion),
-    (Method::POST, "/tokenize", Endpoint::Tokenize),
-    (Method::GET, "/v1/models/{}", Endpoint::Model),
+    (
+        Method::POST,
+        "/completion",
+        Endpoint::Client(Client::Completion),
+    ),
+    (
+        Method::POST,
+        "/tokenize",
+        Endpoint::Client(Client::Tokenize),
+    ),
+    (
+        Method::GET,
+        "/v1/models/{}",
+        Endpoint::Client(Client::Model),
+    ),
     // OpenAI's Responses API.
-    (Method::POST, "/v1/responses", Endpoint::Responses),
-    (Method::GET, "/v1/responses/{}", Endpoint::GetResponse),
-    (Method::DELETE, "/v1/responses/{}", Endpoint::DeleteResponse),
+    (
+        Method::POST,
+        "/v1/responses",
+        Endpoint::Client(Client::Responses),
+    ),
+    (
+        Method::GET,
+        "/v1/responses/{}",
+        Endpoint::Client(Client::GetResponse),
+    ),
+    (
+        Method::DELETE,
+        "/v1/responses/{}",
+        Endpoint::Client(Client::DeleteResponse),
+    ),
     (Method::GET, "/v1/aliases", Endpoint::Aliases),
     (Method::PUT, "/v1/aliases/{}", Endpoint::SetAlias),
     (Method::DELETE, "/v1/aliases/{}", Endpoint::RemoveAlias),
@@ -414,12 +537,6 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
             Ok(hive) => hive_models(&hive, &q.cluster.view, endpoint, &params, req).await,
             Err(e) => Err(e),
         },
-        Endpoint::ChatCompletions => return front::openai_route(&q, req, openai::Kind::Chat).await,
-        Endpoint::Embeddings => return front::embeddings_route(&q, req).await,
-        Endpoint::Completions => {
-            return front::openai_route(&q, req, openai::Kind::Completion).await
-        }
-        Endpoint::Models => Ok(http::json(StatusCode::OK, &front::models(&q))),
         Endpoint::Shutdown => {
             q.shutdown.notify_one();
             Ok(http::json(StatusCode::ACCEPTED, &Health::stopping("queen")))
@@ -444,47 +561,55 @@ async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
             .keys
             .revoke(param)
             .map(|k| http::json(StatusCode::OK, &k)),
-        Endpoint::Probe => Ok(Response::new(http::full(""))),
-        Endpoint::OllamaVersion => Ok(http::json(
-            StatusCode::OK,
-            &serde_json::json!({ "version": crate::ollama::VERSION }),
-        )),
-        Endpoint::OllamaTags => return ollama::tags(&q),
-        Endpoint::OllamaPs => return ollama::ps(&q),
-        Endpoint::OllamaShow => return ollama::show(&q, req).await,
-        Endpoint::OllamaPull => return ollama::pull(&q, req).await,
-        Endpoint::OllamaDelete => return ollama::delete(&q, req).await,
-        Endpoint::OllamaCopy => return ollama::copy(&q, req).await,
-        Endpoint::OllamaCreate => return ollama::create(&q, req).await,
-        Endpoint::OllamaRegistry => {
-            return crate::ollama::error(ApiError::new(
-                ErrorCode::InvalidRequest,
-                "rbee has no model registry to push to or create from blobs: models come from \
-                 Hugging Face (pull hf.co/ORG/REPO:QUANT) or a GGUF file on a hive \
-                 (rbee keeper pull file:/path/model.gguf)",
-            ))
-        }
-        Endpoint::OllamaChat => return ollama::chat(&q, req, crate::ollama::Kind::Chat).await,
-        Endpoint::OllamaGenerate => {
-            return ollama::chat(&q, req, crate::ollama::Kind::Generate).await
-        }
-        Endpoint::OllamaEmbed => return ollama::embed(&q, req, false).await,
-        Endpoint::OllamaEmbeddings => return ollama::embed(&q, req, true).await,
-        Endpoint::Messages => return front::anthropic_route(&q, req).await,
-        Endpoint::CountTokens => return front::count_tokens_route(&q, req).await,
-        Endpoint::Completion => return front::completion_route(&q, req).await,
-        Endpoint::Tokenize => return front::tokenize_route(&q, req).await,
-        Endpoint::Model => return front::model_route(&q, param),
-        Endpoint::Responses => return front::responses_route(&q, req).await,
-        Endpoint::GetResponse => return front::stored_response(&q, param, false),
-        Endpoint::DeleteResponse => return front::stored_response(&q, param, true),
         Endpoint::Aliases => q.aliases.list().map(|a| http::json(StatusCode::OK, &a)),
         Endpoint::SetAlias => set_alias(&q, param, req).await,
         Endpoint::RemoveAlias => q
             .aliases
             .remove(param)
             .map(|a| http::json(StatusCode::OK, &a)),
+        Endpoint::Client(c) => return client_api(&q, c, req, param).await,
     })
+}
+
+/// A client API's request (OpenAI's, Ollama's, Anthropic's, llama-server's),
+/// answered in that API's own shape.
+async fn client_api(q: &Queen, c: Client, req: Request<Incoming>, param: &str) -> Response<Body> {
+    match c {
+        Client::ChatCompletions => front::openai_route(q, req, openai::Kind::Chat).await,
+        Client::Embeddings => front::embeddings_route(q, req).await,
+        Client::Completions => front::openai_route(q, req, openai::Kind::Completion).await,
+        Client::Models => http::json(StatusCode::OK, &front::models(q)),
+        Client::Probe => Response::new(http::full("")),
+        Client::OllamaVersion => http::json(
+            StatusCode::OK,
+            &serde_json::json!({ "version": crate::ollama::VERSION }),
+        ),
+        Client::OllamaTags => ollama::tags(q),
+        Client::OllamaPs => ollama::ps(q),
+        Client::OllamaShow => ollama::show(q, req).await,
+        Client::OllamaPull => ollama::pull(q, req).await,
+        Client::OllamaDelete => ollama::delete(q, req).await,
+        Client::OllamaCopy => ollama::copy(q, req).await,
+        Client::OllamaCreate => ollama::create(q, req).await,
+        Client::OllamaRegistry => crate::ollama::error(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "rbee has no model registry to push to or create from blobs: models come from \
+                 Hugging Face (pull hf.co/ORG/REPO:QUANT) or a GGUF file on a hive \
+                 (rbee keeper pull file:/path/model.gguf)",
+        )),
+        Client::OllamaChat => ollama::chat(q, req, crate::ollama::Kind::Chat).await,
+        Client::OllamaGenerate => ollama::chat(q, req, crate::ollama::Kind::Generate).await,
+        Client::OllamaEmbed => ollama::embed(q, req, false).await,
+        Client::OllamaEmbeddings => ollama::embed(q, req, true).await,
+        Client::Messages => front::anthropic_route(q, req).await,
+        Client::CountTokens => front::count_tokens_route(q, req).await,
+        Client::Completion => front::completion_route(q, req).await,
+        Client::Tokenize => front::tokenize_route(q, req).await,
+        Client::Model => front::model_route(q, param),
+        Client::Responses => front::responses_route(q, req).await,
+        Client::GetResponse => front::stored_response(q, param, false),
+        Client::DeleteResponse => front::stored_response(q, param, true),
+    }
 }
 
 async fn set_alias(q: &Queen, name: &str, req: Request<Incoming>) -> Reply {

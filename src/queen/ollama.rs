@@ -377,62 +377,92 @@ pub(super) async fn delete(q: &Queen, req: Request<Incoming>) -> Response<Body> 
 /// room, its progress as Ollama's lines (`pulling …` with `completed` and
 /// `total`, then `success`); one a hive has already is a `success` at once.
 pub(super) async fn pull(q: &Queen, req: Request<Incoming>) -> Response<Body> {
-    let started = async {
-        let (named, model) = Named::read(q, req).await?;
-        let job = q.jobs.create();
-        job.describe(&model);
-        let hives = hives::candidates(&q.cluster, &job, None).await;
-        job.finish();
-        let state = q.cluster.view.state();
-        let had =
-            placement::usable(&state, &hives?).any(|(_, s)| placement::entry(s, &model).is_some());
-        if had {
-            return Ok((named, None));
-        }
-        let all: Vec<String> = state.hives.iter().map(|h| h.conn.name.clone()).collect();
-        let hive = placement::fetch_onto(&state, &all)
-            .ok_or_else(|| ApiError::new(ErrorCode::HiveUnreachable, "no hive is reachable"))?;
-        let client = hive.client();
-        let download = client.download(&model).await?;
-        let progress = client.download_progress(&download.download_id).await?;
-        Ok((named, Some((model, progress))))
-    };
-    let (named, progress) = match started.await {
+    let (named, progress) = match start_pull(q, req).await {
         Ok(started) => started,
         Err(e) => return ollama::error(e),
     };
     let stream = named.stream.unwrap_or(true);
-    let (tx, resp) = http::sse::ndjson_response();
-    let Some((model, mut progress)) = progress else {
+    let Some((model, progress)) = progress else {
         let done = json!({"status": "success"});
         return match stream {
             true => {
+                let (tx, resp) = http::sse::ndjson_response();
                 let _ = tx.send(http::sse::json_line(&done)).await;
                 resp
             }
             false => http::json(StatusCode::OK, &done),
         };
     };
-    if !stream {
-        let mut last = None;
-        while let Some(event) = progress.next().await {
-            last = Some(event);
-        }
-        return match last {
-            Some(DownloadEvent::Complete { .. }) => {
-                listed(q, &model, true).await;
-                http::json(StatusCode::OK, &json!({"status": "success"}))
-            }
-            Some(DownloadEvent::Error { message }) => {
-                ollama::error(ApiError::new(ErrorCode::DownloadFailed, message))
-            }
-            _ => ollama::error(ApiError::new(
-                ErrorCode::DownloadFailed,
-                "the download ended without a word",
-            )),
-        };
+    match stream {
+        true => pull_lines(q.clone(), model, progress),
+        false => pull_whole(q, &model, progress).await,
     }
-    let q = q.clone();
+}
+
+/// A pulled model's download on the hive with the most room, or `None` when
+/// a usable hive has the model already.
+async fn start_pull(
+    q: &Queen,
+    req: Request<Incoming>,
+) -> Result<
+    (
+        Named,
+        Option<(String, crate::clients::Events<DownloadEvent>)>,
+    ),
+    ApiError,
+> {
+    let (named, model) = Named::read(q, req).await?;
+    let job = q.jobs.create();
+    job.describe(&model);
+    let hives = hives::candidates(&q.cluster, &job, None).await;
+    job.finish();
+    let state = q.cluster.view.state();
+    let had =
+        placement::usable(&state, &hives?).any(|(_, s)| placement::entry(s, &model).is_some());
+    if had {
+        return Ok((named, None));
+    }
+    let all: Vec<String> = state.hives.iter().map(|h| h.conn.name.clone()).collect();
+    let hive = placement::fetch_onto(&state, &all)
+        .ok_or_else(|| ApiError::new(ErrorCode::HiveUnreachable, "no hive is reachable"))?;
+    let client = hive.client();
+    let download = client.download(&model).await?;
+    let progress = client.download_progress(&download.download_id).await?;
+    Ok((named, Some((model, progress))))
+}
+
+/// `stream: false`: one answer once the download ends.
+async fn pull_whole(
+    q: &Queen,
+    model: &str,
+    mut progress: crate::clients::Events<DownloadEvent>,
+) -> Response<Body> {
+    let mut last = None;
+    while let Some(event) = progress.next().await {
+        last = Some(event);
+    }
+    match last {
+        Some(DownloadEvent::Complete { .. }) => {
+            listed(q, model, true).await;
+            http::json(StatusCode::OK, &json!({"status": "success"}))
+        }
+        Some(DownloadEvent::Error { message }) => {
+            ollama::error(ApiError::new(ErrorCode::DownloadFailed, message))
+        }
+        _ => ollama::error(ApiError::new(
+            ErrorCode::DownloadFailed,
+            "the download ended without a word",
+        )),
+    }
+}
+
+/// The download's progress as Ollama's lines, `success` once the cluster lists it.
+fn pull_lines(
+    q: Queen,
+    model: String,
+    mut progress: crate::clients::Events<DownloadEvent>,
+) -> Response<Body> {
+    let (tx, resp) = http::sse::ndjson_response();
     tokio::spawn(async move {
         let line = |v: Value| http::sse::json_line(&v);
         if tx

@@ -129,105 +129,160 @@ pub async fn respond(answer: Answer, mut pieces: Pieces) -> Response<Body> {
     }
     let (tx, resp) = http::sse_response();
     tokio::spawn(async move {
-        let mut ev = Events { tx, n: 0 };
-        let started = answer.object("in_progress", vec![], None);
-        if !ev
-            .send("response.created", json!({"response": started}))
-            .await
-            || !ev
-                .send("response.in_progress", json!({"response": started}))
-                .await
-        {
+        let mut s = Streaming {
+            ev: Events { tx, n: 0 },
+            answer,
+            text: String::new(),
+            logprobs: Vec::new(),
+            opened: false,
+        };
+        if !s.start().await {
             return;
         }
-        let (item, mut text, mut opened) = (answer.message_id.clone(), String::new(), false);
-        let mut lps = Vec::new();
-        let open = json!({"output_index": 0, "item": answer.message("", &[], "in_progress")});
-        let part = json!({"item_id": item, "output_index": 0, "content_index": 0,
-                          "part": answer.text_part("", &[])});
         loop {
-            let Some(piece) = pieces.next_for(&ev.tx).await else {
+            let Some(piece) = pieces.next_for(&s.ev.tx).await else {
                 return;
             };
             match piece {
                 Piece::Text(t) => {
-                    if !opened {
-                        opened = true;
-                        if !ev.send("response.output_item.added", open.clone()).await
-                            || !ev.send("response.content_part.added", part.clone()).await
-                        {
-                            return;
-                        }
-                    }
-                    text.push_str(&t);
                     let these = pieces.take_logprobs();
-                    let delta = json!({"item_id": item, "output_index": 0, "content_index": 0, "delta": t,
-                                       "logprobs": answer.logprobs(&these)});
-                    lps.extend(these);
-                    if !ev.send("response.output_text.delta", delta).await {
+                    if !s.text(&t, these).await {
                         return;
                     }
                 }
-                Piece::End(end) => {
-                    if !opened && end.calls.is_empty() {
-                        opened = true;
-                        ev.send("response.output_item.added", open.clone()).await;
-                        ev.send("response.content_part.added", part.clone()).await;
-                    }
-                    if opened {
-                        let done = json!({"item_id": item, "output_index": 0, "content_index": 0, "text": text,
-                                          "logprobs": answer.logprobs(&lps)});
-                        ev.send("response.output_text.done", done).await;
-                        let part = json!({"item_id": item, "output_index": 0, "content_index": 0,
-                                          "part": answer.text_part(&text, &lps)});
-                        ev.send("response.content_part.done", part).await;
-                        let item = json!({"output_index": 0,
-                                          "item": answer.message(&text, &lps, "completed")});
-                        ev.send("response.output_item.done", item).await;
-                    }
-                    for (i, call) in end.calls.iter().enumerate() {
-                        let index = i + usize::from(opened);
-                        let done = function_call(call);
-                        let mut added = done.clone();
-                        added["arguments"] = json!("");
-                        added["status"] = json!("in_progress");
-                        let id = done["id"].clone();
-                        ev.send(
-                            "response.output_item.added",
-                            json!({"output_index": index, "item": added}),
-                        )
-                        .await;
-                        ev.send("response.function_call_arguments.delta",
-                                json!({"item_id": id, "output_index": index, "delta": call.function.arguments})).await;
-                        ev.send("response.function_call_arguments.done",
-                                json!({"item_id": id, "output_index": index, "arguments": call.function.arguments})).await;
-                        ev.send(
-                            "response.output_item.done",
-                            json!({"output_index": index, "item": done}),
-                        )
-                        .await;
-                    }
-                    let end = Ending {
-                        logprobs: lps,
-                        ..end
-                    };
-                    let response = answer.finish(&text, &end);
-                    let kind = if response["status"] == "incomplete" {
-                        "response.incomplete"
-                    } else {
-                        "response.completed"
-                    };
-                    ev.send(kind, json!({ "response": response })).await;
-                    return;
-                }
+                Piece::End(end) => return s.end(end).await,
                 Piece::Failed(e) => {
                     let failed =
                         json!({"code": e.code.as_str(), "message": e.message, "param": e.param});
-                    ev.send("error", failed).await;
+                    s.ev.send("error", failed).await;
                     return;
                 }
             }
         }
     });
     resp
+}
+
+/// A response streamed as its events: the message item opened at its first
+/// text (or at the end, when there is neither text nor a call), its text
+/// deltas, then its calls and the finished response.
+struct Streaming {
+    ev: Events,
+    answer: Answer,
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    /// The message item and its text part were announced.
+    opened: bool,
+}
+
+impl Streaming {
+    /// `response.created` and `response.in_progress`; false once the client left.
+    async fn start(&mut self) -> bool {
+        let started = self.answer.object("in_progress", vec![], None);
+        self.ev
+            .send("response.created", json!({"response": started}))
+            .await
+            && self
+                .ev
+                .send("response.in_progress", json!({"response": started}))
+                .await
+    }
+
+    /// The message item and its text part announced.
+    async fn open(&mut self) -> bool {
+        self.opened = true;
+        let item = &self.answer.message_id;
+        let open = json!({"output_index": 0, "item": self.answer.message("", &[], "in_progress")});
+        let part = json!({"item_id": item, "output_index": 0, "content_index": 0,
+                          "part": self.answer.text_part("", &[])});
+        self.ev.send("response.output_item.added", open).await
+            && self.ev.send("response.content_part.added", part).await
+    }
+
+    /// A piece of text as its delta (with its tokens' log-probabilities).
+    async fn text(&mut self, t: &str, these: Vec<TokenLogprob>) -> bool {
+        if !self.opened && !self.open().await {
+            return false;
+        }
+        self.text.push_str(t);
+        let delta = json!({"item_id": self.answer.message_id, "output_index": 0, "content_index": 0,
+                           "delta": t, "logprobs": self.answer.logprobs(&these)});
+        self.logprobs.extend(these);
+        self.ev.send("response.output_text.delta", delta).await
+    }
+
+    /// The text's `done` events, the calls as items, and the finished response.
+    async fn end(mut self, end: Ending) {
+        if !self.opened && end.calls.is_empty() {
+            self.open().await;
+        }
+        if self.opened {
+            self.close_text().await;
+        }
+        for (i, call) in end.calls.iter().enumerate() {
+            self.call(i + usize::from(self.opened), call).await;
+        }
+        let end = Ending {
+            logprobs: std::mem::take(&mut self.logprobs),
+            ..end
+        };
+        let response = self.answer.finish(&self.text, &end);
+        let kind = if response["status"] == "incomplete" {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
+        self.ev.send(kind, json!({ "response": response })).await;
+    }
+
+    async fn close_text(&mut self) {
+        let (a, item, text, lps) = (
+            &self.answer,
+            &self.answer.message_id,
+            &self.text,
+            &self.logprobs,
+        );
+        let done = json!({"item_id": item, "output_index": 0, "content_index": 0, "text": text,
+                          "logprobs": a.logprobs(lps)});
+        let part = json!({"item_id": item, "output_index": 0, "content_index": 0,
+                          "part": a.text_part(text, lps)});
+        let message = json!({"output_index": 0, "item": a.message(text, lps, "completed")});
+        self.ev.send("response.output_text.done", done).await;
+        self.ev.send("response.content_part.done", part).await;
+        self.ev.send("response.output_item.done", message).await;
+    }
+
+    /// A function call as an item: added, its arguments, done.
+    async fn call(&mut self, index: usize, call: &ToolCall) {
+        let done = function_call(call);
+        let mut added = done.clone();
+        added["arguments"] = json!("");
+        added["status"] = json!("in_progress");
+        let id = done["id"].clone();
+        let arguments = &call.function.arguments;
+        self.ev
+            .send(
+                "response.output_item.added",
+                json!({"output_index": index, "item": added}),
+            )
+            .await;
+        self.ev
+            .send(
+                "response.function_call_arguments.delta",
+                json!({"item_id": id, "output_index": index, "delta": arguments}),
+            )
+            .await;
+        self.ev
+            .send(
+                "response.function_call_arguments.done",
+                json!({"item_id": id, "output_index": index, "arguments": arguments}),
+            )
+            .await;
+        self.ev
+            .send(
+                "response.output_item.done",
+                json!({"output_index": index, "item": done}),
+            )
+            .await;
+    }
 }

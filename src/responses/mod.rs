@@ -79,39 +79,14 @@ pub struct Prepared {
 
 /// Checks a `/v1/responses` request; `previous_response_id` is looked up in `store`.
 pub fn parse(body: &[u8], store: &Store) -> Result<Prepared, ApiError> {
-    let req: Request = crate::protocol::parse_json(body)?;
+    let mut req: Request = crate::protocol::parse_json(body)?;
     if req.model.is_empty() {
         return Err(ApiError::invalid("model", "model is required"));
     }
-    let mut rest = req.rest;
+    let mut rest = std::mem::take(&mut req.rest);
     let logprobs = logprobs_of(rest.remove("include"), req.top_logprobs)?;
-    for name in ["truncation", "reasoning"] {
-        // Their off values: no truncation, no reasoning.
-        let off = match rest.get(name) {
-            Some(Value::String(s)) => s == "disabled",
-            Some(Value::Array(a)) => a.is_empty(),
-            Some(Value::Object(o)) => o.values().all(Value::is_null),
-            _ => true,
-        };
-        if off {
-            rest.remove(name);
-        }
-    }
-    crate::protocol::refuse_unhonoured(&rest, HARMLESS)?;
-    let sampling = SamplingParams {
-        max_tokens: req.max_output_tokens,
-        temperature: Some(req.temperature.unwrap_or(1.0)),
-        top_p: req.top_p,
-        top_k: Some(0),
-        ..SamplingParams::default()
-    };
-    sampling.validate().map_err(|e| match e.param.as_deref() {
-        Some("max_tokens") => ApiError::invalid(
-            "max_output_tokens",
-            e.message.replace("max_tokens", "max_output_tokens"),
-        ),
-        _ => e,
-    })?;
+    refuse_unhonoured(rest)?;
+    let sampling = sampling_of(&req)?;
     let mut conversation = match &req.previous_response_id {
         Some(id) => store
             .take_messages(id)
@@ -162,6 +137,42 @@ pub fn parse(body: &[u8], store: &Store) -> Result<Prepared, ApiError> {
         echo,
         store: req.store.unwrap_or(true),
     })
+}
+
+/// Fields rbee does not honour refused by name; `truncation` and
+/// `reasoning` pass only at their off values (no truncation, no reasoning).
+fn refuse_unhonoured(mut rest: Map<String, Value>) -> Result<(), ApiError> {
+    for name in ["truncation", "reasoning"] {
+        let off = match rest.get(name) {
+            Some(Value::String(s)) => s == "disabled",
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(Value::Object(o)) => o.values().all(Value::is_null),
+            _ => true,
+        };
+        if off {
+            rest.remove(name);
+        }
+    }
+    crate::protocol::refuse_unhonoured(&rest, HARMLESS)
+}
+
+/// The request's sampling, OpenAI's defaults (temperature 1, no top-k), checked.
+fn sampling_of(req: &Request) -> Result<SamplingParams, ApiError> {
+    let sampling = SamplingParams {
+        max_tokens: req.max_output_tokens,
+        temperature: Some(req.temperature.unwrap_or(1.0)),
+        top_p: req.top_p,
+        top_k: Some(0),
+        ..SamplingParams::default()
+    };
+    sampling.validate().map_err(|e| match e.param.as_deref() {
+        Some("max_tokens") => ApiError::invalid(
+            "max_output_tokens",
+            e.message.replace("max_tokens", "max_output_tokens"),
+        ),
+        _ => e,
+    })?;
+    Ok(sampling)
 }
 
 /// What `include` may name: the output text's log-probabilities, which

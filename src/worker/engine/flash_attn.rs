@@ -33,6 +33,87 @@ struct Case {
     f16: bool,
 }
 
+impl Case {
+    /// Whether batch token `t` sees cache cell `c`.
+    fn visible(&self, t: i64, c: i64) -> bool {
+        c <= self.depth + t && !(self.holes.0..self.holes.1).contains(&c)
+    }
+
+    /// The mask as llama.cpp builds it: 0 where a token sees a cell, -∞ elsewhere.
+    fn mask(&self) -> Vec<f32> {
+        let mut ms = Vec::new();
+        for _ in 0..self.streams {
+            for t in 0..self.tokens {
+                ms.extend((0..self.n_kv).map(|c| {
+                    if self.visible(t, c) {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+        }
+        ms
+    }
+
+    /// softmax(Q·Kᵀ·scale + mask)·V in f64, as [stream][token][head][dv].
+    fn reference(&self, qs: &[f32], ks: &[f32], vs: &[f32], scale: f32) -> Vec<f64> {
+        let Case {
+            dk,
+            dv,
+            tokens,
+            heads,
+            kv_heads,
+            streams,
+            n_kv,
+            ..
+        } = *self;
+        let group = heads / kv_heads;
+        let mut want = Vec::new();
+        for s in 0..streams {
+            for t in 0..tokens {
+                for h in 0..heads {
+                    let qrow = &qs[(dk * (t + tokens * (h + heads * s))) as usize..][..dk as usize];
+                    let kvh = h / group + kv_heads * s;
+                    let scores: Vec<Option<f64>> = (0..n_kv)
+                        .map(|c| {
+                            self.visible(t, c).then(|| {
+                                let krow = &ks[(dk * (c + n_kv * kvh)) as usize..][..dk as usize];
+                                let dot: f64 = qrow
+                                    .iter()
+                                    .zip(krow)
+                                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                                    .sum();
+                                dot * f64::from(scale)
+                            })
+                        })
+                        .collect();
+                    let max = scores
+                        .iter()
+                        .flatten()
+                        .cloned()
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores
+                        .iter()
+                        .map(|s| s.map_or(0.0, |s| (s - max).exp()))
+                        .collect();
+                    let sum: f64 = weights.iter().sum();
+                    for d in 0..dv {
+                        let acc: f64 = (0..n_kv)
+                            .map(|c| {
+                                weights[c as usize]
+                                    * f64::from(vs[(d + dv * (c + n_kv * kvh)) as usize])
+                            })
+                            .sum();
+                        want.push(acc / sum);
+                    }
+                }
+            }
+        }
+        want
+    }
+}
+
 /// A small deterministic generator (xorshift), values in [-1, 1).
 struct Rng(u64);
 
@@ -56,9 +137,8 @@ fn attend(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
         kv_heads,
         streams,
         n_kv,
-        depth,
-        holes,
         f16,
+        ..
     } = case;
     let kv_type = if f16 {
         ggml::GGML_TYPE_F16
@@ -102,20 +182,7 @@ fn attend(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
         let qs = fill(q, random(dk * tokens * heads * streams, 2.0), false);
         let ks = fill(k, random(dk * n_kv * kv_heads * streams, 2.0), f16);
         let vs = fill(v, random(dv * n_kv * kv_heads * streams, 1.0), f16);
-        let visible = |t: i64, c: i64| c <= depth + t && !(holes.0..holes.1).contains(&c);
-        let mut ms = Vec::new();
-        for _ in 0..streams {
-            for t in 0..tokens {
-                ms.extend((0..n_kv).map(|c| {
-                    if visible(t, c) {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                }));
-            }
-        }
-        fill(mask, ms, true);
+        fill(mask, case.mask(), true);
 
         let out = ggml::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0);
         let graph = ggml::ggml_new_graph(ctx);
@@ -131,48 +198,7 @@ fn attend(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
             std::slice::from_raw_parts(ggml::ggml_get_data(out) as *const f32, n_out).to_vec();
         ggml::ggml_free(ctx);
 
-        let group = heads / kv_heads;
-        let mut want = Vec::with_capacity(n_out);
-        for s in 0..streams {
-            for t in 0..tokens {
-                for h in 0..heads {
-                    let qrow = &qs[(dk * (t + tokens * (h + heads * s))) as usize..][..dk as usize];
-                    let kvh = h / group + kv_heads * s;
-                    let scores: Vec<Option<f64>> = (0..n_kv)
-                        .map(|c| {
-                            visible(t, c).then(|| {
-                                let krow = &ks[(dk * (c + n_kv * kvh)) as usize..][..dk as usize];
-                                let dot: f64 = qrow
-                                    .iter()
-                                    .zip(krow)
-                                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                                    .sum();
-                                dot * f64::from(scale)
-                            })
-                        })
-                        .collect();
-                    let max = scores
-                        .iter()
-                        .flatten()
-                        .cloned()
-                        .fold(f64::NEG_INFINITY, f64::max);
-                    let weights: Vec<f64> = scores
-                        .iter()
-                        .map(|s| s.map_or(0.0, |s| (s - max).exp()))
-                        .collect();
-                    let sum: f64 = weights.iter().sum();
-                    for d in 0..dv {
-                        let acc: f64 = (0..n_kv)
-                            .map(|c| {
-                                weights[c as usize]
-                                    * f64::from(vs[(d + dv * (c + n_kv * kvh)) as usize])
-                            })
-                            .sum();
-                        want.push(acc / sum);
-                    }
-                }
-            }
-        }
+        let want = case.reference(&qs, &ks, &vs, scale);
         (got, want, small)
     }
 }

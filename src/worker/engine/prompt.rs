@@ -5,7 +5,9 @@
 use super::{
     guard, Request, Submission, Template, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
 };
-use crate::protocol::{ApiError, ChatMessage, Constraint, ErrorCode, SamplingParams};
+use crate::protocol::{
+    ApiError, ChatMessage, Constraint, ErrorCode, InferenceRequest, SamplingParams,
+};
 use crate::worker::text::TokenText;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
@@ -35,29 +37,8 @@ pub(super) fn prepare(
     if tokens.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt has no tokens"));
     }
-    // A failover: the answer so far, as the worker that was lost generated it.
     let n_vocab = model.n_vocab();
-    if let Some(bad) = request
-        .resume_tokens
-        .iter()
-        .find(|&&t| t < 0 || t >= n_vocab)
-    {
-        return Err(ApiError::invalid(
-            "resume_tokens",
-            format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
-        ));
-    }
-    if let Some(&(bad, _)) = request
-        .sampling
-        .logit_bias
-        .iter()
-        .find(|&&(t, _)| t >= n_vocab)
-    {
-        return Err(ApiError::invalid(
-            "logit_bias",
-            format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
-        ));
-    }
+    check_token_ids(request, n_vocab)?;
     let (n_ctx_slot, whose) = match request.context_limit {
         Some(n) if n < n_ctx_slot => (n, "the request's num_ctx"),
         _ => (n_ctx_slot, "this worker's context"),
@@ -110,6 +91,33 @@ pub(super) fn prepare(
         admitted: None,
         decode_started: None,
     })
+}
+
+/// Token ids a request names are in the model's vocabulary: a failover's
+/// answer so far (as the worker that was lost generated it) and `logit_bias`.
+fn check_token_ids(request: &InferenceRequest, n_vocab: i32) -> Result<(), ApiError> {
+    let outside = |what: &str, bad: i32| {
+        ApiError::invalid(
+            what,
+            format!("token {bad} is not in this model's vocabulary of {n_vocab}"),
+        )
+    };
+    if let Some(&bad) = request
+        .resume_tokens
+        .iter()
+        .find(|&&t| t < 0 || t >= n_vocab)
+    {
+        return Err(outside("resume_tokens", bad));
+    }
+    if let Some(&(bad, _)) = request
+        .sampling
+        .logit_bias
+        .iter()
+        .find(|&&(t, _)| t >= n_vocab)
+    {
+        return Err(outside("logit_bias", bad));
+    }
+    Ok(())
 }
 
 /// `/tokenize`: a text's tokens, or the prompt chat messages make, each
