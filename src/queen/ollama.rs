@@ -162,14 +162,9 @@ fn catalog(q: &Queen) -> Vec<ModelEntry> {
 /// `GET /api/tags`: every model, and every alias of one a hive has.
 pub(super) fn tags(q: &Queen) -> Response<Body> {
     let entries = catalog(q);
-    let state = q.cluster.view.state();
     let aliased = |model: &str| {
-        let found = state
-            .hives
-            .iter()
-            .filter(|h| h.reachable)
-            .find_map(|h| placement::entry(h.snapshot.as_ref()?, model))?;
-        entries.iter().find(|e| e.name == found.entry.name)
+        let found = entry_of(q, model).ok()?;
+        entries.iter().find(|e| e.name == found.name)
     };
     let aliases = q.aliases.list().unwrap_or_default();
     let named = entries.iter().map(|e| (ollama::tagged(&e.name), e)).chain(
@@ -242,14 +237,7 @@ pub(super) async fn create(q: &Queen, req: Request<Incoming>) -> Response<Body> 
 /// `name` set as an alias of `model`, which some hive must have.
 async fn alias_of(q: &Queen, name: &str, model: &str) -> Result<(), ApiError> {
     let model = q.aliases.resolve(model)?;
-    let state = q.cluster.view.state();
-    let entry = state
-        .hives
-        .iter()
-        .filter(|h| h.reachable)
-        .find_map(|h| placement::entry(h.snapshot.as_ref()?, &model))
-        .ok_or_else(|| not_found(&model))?;
-    let alias = q.aliases.set(name, &entry.entry.name)?;
+    let alias = q.aliases.set(name, &entry_of(q, &model)?.name)?;
     tracing::info!("alias {} is {} (Ollama's copy)", alias.name, alias.model);
     Ok(())
 }
@@ -292,6 +280,18 @@ impl Named {
     }
 }
 
+/// The catalog entry of `model` on a reachable hive, as the first that has it lists it.
+fn entry_of(q: &Queen, model: &str) -> Result<ModelEntry, ApiError> {
+    let state = q.cluster.view.state();
+    state
+        .hives
+        .iter()
+        .filter(|h| h.reachable)
+        .find_map(|h| placement::entry(h.snapshot.as_ref()?, model))
+        .map(|m| m.entry.clone())
+        .ok_or_else(|| not_found(model))
+}
+
 fn not_found(model: &str) -> ApiError {
     ApiError::new(
         ErrorCode::ModelNotFound,
@@ -318,14 +318,7 @@ async fn listed(q: &Queen, model: &str, wanted: bool) {
 pub(super) async fn show(q: &Queen, req: Request<Incoming>) -> Response<Body> {
     let shown = async {
         let (_, model) = Named::read(q, req).await?;
-        let state = q.cluster.view.state();
-        let entry = state
-            .hives
-            .iter()
-            .filter(|h| h.reachable)
-            .find_map(|h| placement::entry(h.snapshot.as_ref()?, &model))
-            .ok_or_else(|| not_found(&model))?;
-        Ok::<_, ApiError>(ollama::show(&entry.entry))
+        Ok::<_, ApiError>(ollama::show(&entry_of(q, &model)?))
     };
     match shown.await {
         Ok(v) => http::json(StatusCode::OK, &v),

@@ -89,7 +89,10 @@ impl TokenText {
         }
     }
 
-    /// Everything held when generation ends for another reason, however incomplete.
+    /// Everything held when generation ends for another reason (`max_tokens`,
+    /// the end of the context, a cancel), less the first bytes of a character
+    /// the cut left unfinished: an answer ends in whole characters, never in a
+    /// U+FFFD that the model did not write. Its tokens are named all the same.
     pub fn finish(&mut self) -> Released {
         let all: Vec<u8> = self
             .held
@@ -97,9 +100,24 @@ impl TokenText {
             .flat_map(|(_, b)| b.iter().copied())
             .collect();
         Released {
-            text: String::from_utf8_lossy(&all).into_owned(),
+            text: String::from_utf8_lossy(&all[..whole_characters(&all)]).into_owned(),
             ids: self.held.drain(..).map(|(id, _)| id).collect(),
             stopped: false,
+        }
+    }
+}
+
+/// How many of `bytes` come before a character left unfinished at their end
+/// (all of them when none is).
+fn whole_characters(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    loop {
+        match std::str::from_utf8(&bytes[at..]) {
+            Ok(_) => return bytes.len(),
+            Err(e) => match e.error_len() {
+                None => return at + e.valid_up_to(),
+                Some(bad) => at += e.valid_up_to() + bad,
+            },
         }
     }
 }
@@ -170,15 +188,29 @@ mod tests {
     fn invalid_bytes_become_replacement_characters() {
         let mut t = TokenText::new(Vec::new());
         assert_eq!(t.push(0, b"a\xffb").text, "a\u{fffd}b");
-        assert_eq!(t.push(1, &"é".as_bytes()[..1]).text, "");
+        assert_eq!(t.push(1, b"\xfe").text, "\u{fffd}");
+    }
+
+    #[test]
+    fn an_answer_cut_inside_a_character_ends_before_it() {
+        // max_tokens after the first of a tree emoji's two tokens: no U+FFFD.
+        let tree = "🌳".as_bytes();
+        let mut t = TokenText::new(Vec::new());
+        assert_eq!(t.push(0, tree).text, "🌳");
+        assert_eq!(t.push(1, &tree[..2]).text, "");
         assert_eq!(
             t.finish(),
             Released {
-                text: "\u{fffd}".into(),
+                text: String::new(),
                 ids: vec![1],
                 stopped: false
             }
         );
+        // Invalid bytes before the unfinished character still show.
+        let mut t = TokenText::new(Vec::new());
+        assert_eq!(t.push(0, b"ok").text, "ok");
+        assert_eq!(t.push(1, &[b'!', 0xff, 0xe2, 0x82]).text, "");
+        assert_eq!(t.finish().text, "!\u{fffd}");
     }
 
     #[test]

@@ -79,6 +79,23 @@ def suite(base, where, model):
                 assert p["id"] == top[0]["id"] and abs(p["logprob"] - top[0]["logprob"]) < 1e-4, p
                 assert p["logprob"] <= 0 and bytes(p["bytes"]).decode() == p["token"], p
 
+    def cut_inside_a_character():
+        # A tree emoji is two tokens, the first of them the emoji's first bytes: an
+        # answer cut after it (max_tokens 1) ends before it, with no U+FFFD.
+        status, text = call(base, "/tokenize", {"model": model, "content": "🌳", "with_pieces": True})
+        first = json.loads(text)["tokens"][0]
+        assert isinstance(first["piece"], list), first  # bytes, not text
+        bias = {"n_predict": 1, "temperature": 0, "logit_bias": [[first["id"], 100]]}
+        for stream in [False, True]:
+            r = completion(base, dict(bias, model=model, prompt="A tree:", stream=stream))
+            assert r["tokens_predicted"] == 1 and r["content"] == "", r
+        status, text = call(base, "/v1/chat/completions", {
+            "model": model, "messages": [{"role": "user", "content": "A tree?"}], "max_tokens": 1,
+            "temperature": 0, "logit_bias": {str(first["id"]): 100}})
+        answer = json.loads(text)["choices"][0]
+        assert status == 200 and answer["message"]["content"] == "", (status, text)
+        assert answer["finish_reason"] == "length", answer
+
     def tokenize():
         status, text = call(base, "/tokenize", {"model": model, "content": "Hello world", "with_pieces": True})
         assert status == 200, text
@@ -88,7 +105,7 @@ def suite(base, where, model):
 
     checks = [("completion", completion_whole_and_streamed), ("grammar", grammar_yes_or_no),
               ("sampling", sampler_fields_and_refusals), ("n_probs", n_probs_whole_and_streamed),
-              ("tokenize", tokenize)]
+              ("cut inside a character", cut_inside_a_character), ("tokenize", tokenize)]
     for name, fn in checks:
         check(f"{where} {name}", fn)
 

@@ -62,7 +62,7 @@ fn ollama_and_anthropic_clients_work_against_queen_and_worker() {
         "clients/llama_server_test.py",
         &[&worker.url, &queen.url, name],
     );
-    assert!(stdout.contains("11 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("13 passed, 0 failed"), "{stdout}");
     let stdout = python(
         "clients/responses_test.py",
         &[&queen.url, &worker.url, name],
