@@ -34,9 +34,10 @@ fn main() -> ExitCode {
     };
     if cli.version {
         println!(
-            "rbee {} (backends: {})",
+            "rbee {} (backends: {}; kernels: {})",
             env!("CARGO_PKG_VERSION"),
-            rbee::BACKENDS
+            rbee::BACKENDS,
+            rbee::worker::engine::kernel::NAME
         );
         return ExitCode::SUCCESS;
     }

@@ -59,6 +59,8 @@ pub struct WorkerMetrics {
     kv_cache_tokens: Gauge,
     cached_tokens: Counter,
     time_to_first_token: Histogram,
+    /// 1 for the attention kernel serving, by name.
+    attention_kernel: Family<Vec<(String, String)>, Gauge>,
     registry: Arc<Registry>,
 }
 
@@ -79,6 +81,7 @@ impl Default for WorkerMetrics {
             kv_cache_tokens: Gauge::default(),
             cached_tokens: Counter::default(),
             time_to_first_token: seconds_histogram(),
+            attention_kernel: Family::default(),
             registry: Arc::default(),
         };
         m.register(&mut r);
@@ -90,6 +93,13 @@ impl Default for WorkerMetrics {
 }
 
 impl WorkerMetrics {
+    /// Which attention kernel serves (`RBEE_ATTN_KERNEL`).
+    pub fn attention_kernel(&self, name: &str) {
+        self.attention_kernel
+            .get_or_create(&vec![("kernel".to_string(), name.to_string())])
+            .set(1);
+    }
+
     /// Each series under its name (llama-server's where it has one).
     fn register(&self, r: &mut Registry) {
         let m = self;
@@ -152,6 +162,11 @@ impl WorkerMetrics {
             "rbee_worker_time_to_first_token_seconds",
             "From a request's arrival to its first generated token",
             m.time_to_first_token.clone(),
+        );
+        r.register(
+            "rbee_worker_attention_kernel",
+            "The attention kernel serving (1): fa-small, rbee's, or upstream, llama.cpp's",
+            m.attention_kernel.clone(),
         );
     }
 }

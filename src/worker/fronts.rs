@@ -247,7 +247,7 @@ pub(super) async fn detokenize(w: &Worker, req: Request<Incoming>) -> Response<B
 pub(super) async fn describe(w: &Worker, endpoint: Endpoint) -> Response<Body> {
     match engine_answer(w, w.engine.describe()).await {
         Ok(d) if endpoint == Endpoint::Slots => http::json(StatusCode::OK, &slots(&d)),
-        Ok(d) => http::json(StatusCode::OK, &props(&d, &w.model, &w.model_path)),
+        Ok(d) => http::json(StatusCode::OK, &props(&d, w)),
         Err(e) => llama_server::error(e),
     }
 }
@@ -303,13 +303,14 @@ fn tokens_json(t: &engine::Tokenized, with_pieces: bool) -> Value {
 }
 
 /// `GET /props`.
-fn props(d: &engine::Described, model: &str, model_path: &str) -> Value {
-    json!({"default_generation_settings": {"n_ctx": d.n_ctx, "model": model,
+fn props(d: &engine::Described, w: &Worker) -> Value {
+    json!({"default_generation_settings": {"n_ctx": d.n_ctx, "model": &*w.model,
                "params": {"temperature": engine::DEFAULT_TEMPERATURE,
                           "top_k": engine::DEFAULT_TOP_K,
                           "top_p": engine::DEFAULT_TOP_P,
                           "n_predict": -1}},
-           "total_slots": d.slots.len(), "model_path": model_path, "chat_template": d.chat_template,
+           "total_slots": d.slots.len(), "model_path": &*w.model_path, "chat_template": d.chat_template,
+           "attention_kernel": w.kernel,
            "n_vocab": d.n_vocab, "modalities": {"vision": false, "audio": false},
            "build_info": format!("rbee {}", env!("CARGO_PKG_VERSION"))})
 }

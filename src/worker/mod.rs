@@ -124,6 +124,8 @@ struct Worker {
     shutdown: Arc<tokio::sync::Notify>,
     /// What `GET /metrics` shows; the engine counts into it.
     metrics: crate::metrics::WorkerMetrics,
+    /// The attention kernel serving (`/props`).
+    kernel: &'static str,
 }
 
 /// Runs the worker until it is told to stop; `Err` is the one-line reason it failed.
@@ -156,6 +158,20 @@ pub async fn run(args: Args) -> Result<(), String> {
         listener.local_addr().map_or(args.port, |a| a.port())
     );
     let metrics = crate::metrics::WorkerMetrics::default();
+    let kernel = engine::kernel::Kernel::from_env()?;
+    kernel.serve();
+    metrics.attention_kernel(kernel.as_str());
+    tracing::info!(
+        "attention kernel: {} ({}; {}=upstream|{} picks)",
+        kernel.as_str(),
+        match kernel {
+            engine::kernel::Kernel::Rbee =>
+                "rbee's for chat turns over a long cache, llama.cpp's for other shapes",
+            engine::kernel::Kernel::Upstream => "llama.cpp's for every shape",
+        },
+        engine::kernel::ENV,
+        engine::kernel::NAME
+    );
     let mut config = engine_config(&args, &metrics);
     config.remotes = remote::open_tunnels(&args.remote, auth.token()).await?;
     let (engine, loading, thread) =
@@ -170,6 +186,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         auth,
         shutdown: Arc::new(tokio::sync::Notify::new()),
         metrics,
+        kernel: kernel.as_str(),
     };
     tracing::info!(
         "worker listening on {url}, loading {}",

@@ -122,6 +122,7 @@ def worker_only():
         props = json.loads(text)
         assert props["total_slots"] == 2 and props["default_generation_settings"]["n_ctx"] > 0, props
         assert "im_start" in props["chat_template"], props["chat_template"][:100]
+        assert props["attention_kernel"] == "fa-small", props
         status, text = call(WORKER, "/slots")
         slots = json.loads(text)
         assert len(slots) == 2 and all(not s["is_processing"] for s in slots), slots

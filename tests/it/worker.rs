@@ -502,3 +502,77 @@ fn nonsensical_flags_are_refused_with_the_reason() {
         assert!(w.stderr().contains(says), "{flag} {value}: {}", w.stderr());
     }
 }
+
+#[test]
+fn rbee_attn_kernel_picks_the_attention_kernel_and_the_worker_says_which() {
+    let _turn = serial();
+    let kernel_of = |w: &Proc| {
+        let (_, props) = get(&format!("{}/props", w.url));
+        let metrics = ureq::get(&format!("{}/metrics", w.url))
+            .call()
+            .expect("metrics")
+            .into_body()
+            .read_to_string()
+            .expect("text");
+        (props["attention_kernel"].clone(), metrics)
+    };
+    // A long prompt, then a turn after it: a few new tokens over a cache of
+    // hundreds, the shape rbee's kernel takes.
+    let story = "Once upon a time, in a small village by the sea, there lived a baker. ".repeat(12);
+    let turn = |w: &Proc| {
+        for prompt in [story.clone(), format!("{story} And one morning")] {
+            let (text, end) = text_and_end(&infer(
+                w,
+                json!({"prompt": prompt, "max_tokens": 4, "temperature": 0}),
+            ));
+            assert_eq!(end["tokens_out"], 4, "{text}");
+        }
+    };
+    let ours = ready_worker(&[]);
+    let (name, metrics) = kernel_of(&ours);
+    assert_eq!(name, "fa-small");
+    assert!(
+        metrics.contains(r#"rbee_worker_attention_kernel{kernel="fa-small"} 1"#),
+        "{metrics}"
+    );
+    assert!(ours.stderr().contains("attention kernel: fa-small"));
+    turn(&ours);
+    drop(ours);
+
+    let port = free_port();
+    let model = model_path();
+    let args = [
+        "worker",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--port",
+        &port.to_string(),
+    ];
+    let upstream = Proc::start_with_env(&args, port, &[("RBEE_ATTN_KERNEL", "upstream")]);
+    wait_ready(&upstream);
+    let (name, metrics) = kernel_of(&upstream);
+    assert_eq!(name, "upstream");
+    assert!(
+        metrics.contains(r#"rbee_worker_attention_kernel{kernel="upstream"} 1"#),
+        "{metrics}"
+    );
+    turn(&upstream);
+    drop(upstream);
+
+    let port = free_port();
+    let args = [
+        "worker",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--port",
+        &port.to_string(),
+    ];
+    let mut bad = Proc::start_with_env(&args, port, &[("RBEE_ATTN_KERNEL", "off")]);
+    let status = bad.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert!(!status.success());
+    assert!(
+        bad.stderr().contains("RBEE_ATTN_KERNEL"),
+        "{}",
+        bad.stderr()
+    );
+}

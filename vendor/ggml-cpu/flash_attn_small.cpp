@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <atomic>
 
 extern "C" void ggml_compute_forward_flash_attn_ext_upstream(
         const struct ggml_compute_params * params, struct ggml_tensor * dst);
@@ -33,7 +34,13 @@ extern "C" void ggml_compute_forward_flash_attn_ext_upstream(
 // in the binary and which shapes come here.
 extern "C" uint64_t rbee_flash_attn_small_calls(void);
 
+// Whether this kernel takes the shapes it can (on unless rbee turns it off:
+// RBEE_ATTN_KERNEL=upstream); off, every op goes to upstream's kernel.
+extern "C" void rbee_flash_attn_small_enable(bool on);
+
 namespace {
+
+std::atomic<bool> enabled{true};
 
 constexpr int64_t ROWS = ggml_fa_tile_config::Q;  // query rows per tile (the scratch upstream plans for)
 constexpr int64_t KV   = ggml_fa_tile_config::KV; // cached tokens per tile
@@ -58,9 +65,35 @@ int64_t span(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * m
     return seen;
 }
 
+// Floats of per-thread scratch a tile uses (laid out as upstream's tiled kernel
+// plans it in ggml-cpu.c: Q, KQ, mask, VKQ, V, K, and a cache line).
+int64_t scratch_per_thread(int64_t DK, int64_t DV) {
+    return ROWS*DK + 2*ROWS*KV + ROWS*DV + KV*DV + KV*DK + CACHE_LINE_SIZE_F32;
+}
+
+// Only what this kernel knows of the op: q, k, v, mask and sinks as sources,
+// and scale, max_bias, logit_softcap and precision as parameters. Anything
+// more is a feature upstream added after this kernel was written: upstream's
+// kernel takes it.
+bool knows(const ggml_tensor * dst) {
+    for (int i = 5; i < GGML_MAX_SRC; i++) {
+        if (dst->src[i] != nullptr) {
+            return false;
+        }
+    }
+    for (size_t i = 4; i < GGML_MAX_OP_PARAMS / sizeof(int32_t); i++) {
+        if (dst->op_params[i] != 0) {
+            return false;
+        }
+    }
+    return true;
+}
+
 // The shapes this kernel takes; the same answer on every thread. Below two
 // tiles of visible cache upstream's loop does less work (it skips masked
 // tokens one at a time, this kernel a tile at a time), and is as fast or faster.
+// The scratch ggml planned must hold this kernel's tiles: were upstream to
+// plan less, upstream's kernel runs rather than this one writing past it.
 bool takes(const ggml_compute_params * params, const ggml_tensor * dst) {
     const ggml_tensor * q    = dst->src[0];
     const ggml_tensor * k    = dst->src[1];
@@ -74,7 +107,11 @@ bool takes(const ggml_compute_params * params, const ggml_tensor * dst) {
 
     const int64_t n_tokens = q->ne[1];
     const bool kv_type = (k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_F32) && v->type == k->type;
-    return !params->use_ref
+    const size_t scratch = (size_t) params->nth * scratch_per_thread(k->ne[0], v->ne[0]) * sizeof(float);
+    return enabled.load(std::memory_order_relaxed)
+        && knows(dst)
+        && params->wsize >= scratch
+        && !params->use_ref
         && n_tokens >= 2 && n_tokens < ROWS
         && q->type == GGML_TYPE_F32 && kv_type
         && (mask == nullptr || mask->type == GGML_TYPE_F16)
@@ -150,8 +187,7 @@ void tile(const ggml_compute_params * params, ggml_tensor * dst,
 
     // The per-thread scratch ggml plans for upstream's tiled kernel (ggml-cpu.c),
     // laid out as there: Q, KQ, mask, VKQ, V, K.
-    float * base = (float *) params->wdata
-        + params->ith*(ROWS*DK + 2*ROWS*KV + ROWS*DV + KV*DV + KV*DK + CACHE_LINE_SIZE_F32);
+    float * base = (float *) params->wdata + params->ith*scratch_per_thread(DK, DV);
     float * Q      = base;
     float * KQ     = Q + ROWS*DK;
     float * mask32 = KQ + ROWS*KV;
@@ -277,6 +313,10 @@ thread_local uint64_t calls = 0;
 
 extern "C" uint64_t rbee_flash_attn_small_calls(void) {
     return calls;
+}
+
+extern "C" void rbee_flash_attn_small_enable(bool on) {
+    enabled.store(on, std::memory_order_relaxed);
 }
 
 extern "C" void ggml_compute_forward_flash_attn_ext(

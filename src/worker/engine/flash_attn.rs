@@ -9,11 +9,7 @@
 use llama_cpp_sys_2 as ggml;
 use std::ptr;
 
-extern "C" {
-    /// Defined beside the kernel (flash_attn_small.cpp): how many ops it computed
-    /// in graphs this thread ran.
-    fn rbee_flash_attn_small_calls() -> u64;
-}
+use super::kernel;
 
 /// One attention op: `tokens` query tokens of `heads` heads (sharing `kv_heads`
 /// KV heads) in each of `streams` sequences, over `n_kv` cache cells of which
@@ -126,9 +122,18 @@ impl Rng {
     }
 }
 
+/// Which kernel serves is one switch for the whole process: a test that turns
+/// it holds this, and every test that runs the op takes it too.
+static SWITCH: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// The op's output through ggml (`threads` threads) and the reference, both as
 /// [stream][token][head][dv], and whether the small-batch kernel computed it.
 fn attend(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
+    let _serving = SWITCH.read().unwrap_or_else(|p| p.into_inner());
+    run_op(case, threads)
+}
+
+fn run_op(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
     let Case {
         dk,
         dv,
@@ -187,12 +192,12 @@ fn attend(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
         let out = ggml::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0);
         let graph = ggml::ggml_new_graph(ctx);
         ggml::ggml_build_forward_expand(graph, out);
-        let before = rbee_flash_attn_small_calls();
+        let before = kernel::calls();
         assert_eq!(
             ggml::ggml_graph_compute_with_ctx(ctx, graph, threads),
             ggml::GGML_STATUS_SUCCESS
         );
-        let small = rbee_flash_attn_small_calls() > before;
+        let small = kernel::calls() > before;
         let n_out = (dv * heads * tokens * streams) as usize;
         let got =
             std::slice::from_raw_parts(ggml::ggml_get_data(out) as *const f32, n_out).to_vec();
@@ -321,4 +326,18 @@ fn other_shapes_keep_llama_cpps_kernels_and_still_match() {
             case.depth
         );
     }
+}
+
+#[test]
+fn rbee_attn_kernel_upstream_hands_every_shape_to_llama_cpps_kernel() {
+    let _switching = SWITCH.write().unwrap_or_else(|p| p.into_inner());
+    kernel::Kernel::Upstream.serve();
+    let (got, want, small) = run_op(TURN, 2);
+    kernel::Kernel::Rbee.serve();
+    assert!(!small, "the small-batch kernel ran though turned off");
+    // Upstream's loop accumulates in f16.
+    let error = max_error(&got, &want);
+    assert!(error < 5e-3, "off by {error}");
+    let (_, _, small) = run_op(TURN, 2);
+    assert!(small, "turned on again, the small-batch kernel did not run");
 }

@@ -20,6 +20,7 @@
 mod embed;
 mod flash_attn;
 mod guard;
+pub mod kernel;
 mod load;
 mod prompt;
 
