@@ -158,20 +158,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         listener.local_addr().map_or(args.port, |a| a.port())
     );
     let metrics = crate::metrics::WorkerMetrics::default();
-    let kernel = engine::kernel::Kernel::from_env()?;
-    kernel.serve();
-    metrics.attention_kernel(kernel.as_str());
-    tracing::info!(
-        "attention kernel: {} ({}; {}=upstream|{} picks)",
-        kernel.as_str(),
-        match kernel {
-            engine::kernel::Kernel::Rbee =>
-                "rbee's for chat turns over a long cache, llama.cpp's for other shapes",
-            engine::kernel::Kernel::Upstream => "llama.cpp's for every shape",
-        },
-        engine::kernel::ENV,
-        engine::kernel::NAME
-    );
+    let kernel = attention_kernel(&metrics)?;
     let mut config = engine_config(&args, &metrics);
     config.remotes = remote::open_tunnels(&args.remote, auth.token()).await?;
     let (engine, loading, thread) =
@@ -186,7 +173,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         auth,
         shutdown: Arc::new(tokio::sync::Notify::new()),
         metrics,
-        kernel: kernel.as_str(),
+        kernel,
     };
     tracing::info!(
         "worker listening on {url}, loading {}",
@@ -213,6 +200,24 @@ pub async fn run(args: Args) -> Result<(), String> {
     let _ = server.await;
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     outcome
+}
+
+/// The attention kernel `RBEE_ATTN_KERNEL` picks, serving from now on, said
+/// in the log and the metrics.
+fn attention_kernel(metrics: &crate::metrics::WorkerMetrics) -> Result<&'static str, String> {
+    use engine::kernel::{Kernel, ENV, NAME};
+    let kernel = Kernel::from_env()?;
+    kernel.serve();
+    metrics.attention_kernel(kernel.as_str());
+    let which = match kernel {
+        Kernel::Rbee => "rbee's for chat turns over a long cache, llama.cpp's for other shapes",
+        Kernel::Upstream => "llama.cpp's for every shape",
+    };
+    tracing::info!(
+        "attention kernel: {} ({which}; {ENV}=upstream|{NAME} picks)",
+        kernel.as_str()
+    );
+    Ok(kernel.as_str())
 }
 
 /// Refuses flags that cannot work, naming the limit. The context against the
