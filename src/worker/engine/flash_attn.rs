@@ -27,6 +27,42 @@ struct Case {
     depth: i64,
     holes: (i64, i64),
     f16: bool,
+    /// Q, K and V as llama.cpp's graph makes them: permuted views (heads and
+    /// tokens swapped), not contiguous tensors.
+    permuted: bool,
+    /// How large Q's values are (2: ordinary; larger: logits in the hundreds).
+    amp: f32,
+    /// A feature of the op the kernel must leave to upstream's.
+    extra: Extra,
+}
+
+/// What the op may carry beyond plain attention.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Extra {
+    None,
+    /// ALiBi positional biases (`max_bias`).
+    Alibi,
+    /// Logit soft-capping (Gemma 2).
+    Softcap,
+    /// Attention sinks (gpt-oss).
+    Sinks,
+}
+
+/// `values` of a tensor laid out [a, b, c, d] as the same tensor laid out
+/// [a, c, b, d] (what a permute of the middle axes makes of it).
+fn swap_middle(values: &[f32], a: i64, b: i64, c: i64, d: i64) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for l in 0..d {
+        for k in 0..c {
+            for j in 0..b {
+                for i in 0..a {
+                    out[(i + a * (k + c * (j + b * l))) as usize] =
+                        values[(i + a * (j + b * (k + c * l))) as usize];
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Case {
@@ -164,9 +200,15 @@ fn run_op(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
             no_alloc: false,
         });
         assert!(!ctx.is_null());
-        let q = ggml::ggml_new_tensor_4d(ctx, ggml::GGML_TYPE_F32, dk, tokens, heads, streams);
-        let k = ggml::ggml_new_tensor_4d(ctx, kv_type, dk, n_kv, kv_heads, streams);
-        let v = ggml::ggml_new_tensor_4d(ctx, kv_type, dv, n_kv, kv_heads, streams);
+        // Permuted: made [d, heads, tokens] as llama.cpp's projections are, then
+        // viewed [d, tokens, heads] (the middle axes swapped, not contiguous).
+        let new = |t, d, a, b| match case.permuted {
+            false => ggml::ggml_new_tensor_4d(ctx, t, d, a, b, streams),
+            true => ggml::ggml_new_tensor_4d(ctx, t, d, b, a, streams),
+        };
+        let q = new(ggml::GGML_TYPE_F32, dk, tokens, heads);
+        let k = new(kv_type, dk, n_kv, kv_heads);
+        let v = new(kv_type, dv, n_kv, kv_heads);
         let mask = ggml::ggml_new_tensor_4d(ctx, ggml::GGML_TYPE_F16, n_kv, tokens, 1, streams);
 
         // Values as the tensors hold them (f16-rounded where f16), for the reference.
@@ -184,12 +226,31 @@ fn run_op(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
             }
         };
         let mut random = |n: i64, amp: f32| (0..n).map(|_| rng.next() * amp).collect::<Vec<f32>>();
-        let qs = fill(q, random(dk * tokens * heads * streams, 2.0), false);
-        let ks = fill(k, random(dk * n_kv * kv_heads * streams, 2.0), f16);
-        let vs = fill(v, random(dv * n_kv * kv_heads * streams, 1.0), f16);
+        let mut qs = fill(q, random(dk * tokens * heads * streams, case.amp), false);
+        let mut ks = fill(k, random(dk * n_kv * kv_heads * streams, 2.0), f16);
+        let mut vs = fill(v, random(dv * n_kv * kv_heads * streams, 1.0), f16);
         fill(mask, case.mask(), true);
-
-        let out = ggml::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0);
+        let (q, k, v) = match case.permuted {
+            false => (q, k, v),
+            true => {
+                qs = swap_middle(&qs, dk, heads, tokens, streams);
+                ks = swap_middle(&ks, dk, kv_heads, n_kv, streams);
+                vs = swap_middle(&vs, dv, kv_heads, n_kv, streams);
+                let view = |t| ggml::ggml_permute(ctx, t, 0, 2, 1, 3);
+                (view(q), view(k), view(v))
+            }
+        };
+        let (max_bias, softcap) = match case.extra {
+            Extra::Alibi => (8.0, 0.0),
+            Extra::Softcap => (0.0, 30.0),
+            _ => (0.0, 0.0),
+        };
+        let out = ggml::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, max_bias, softcap);
+        if case.extra == Extra::Sinks {
+            let sinks = ggml::ggml_new_tensor_1d(ctx, ggml::GGML_TYPE_F32, heads);
+            fill(sinks, random(heads, 1.0), false);
+            ggml::ggml_flash_attn_ext_add_sinks(out, sinks);
+        }
         let graph = ggml::ggml_new_graph(ctx);
         ggml::ggml_build_forward_expand(graph, out);
         let before = kernel::calls();
@@ -229,6 +290,9 @@ const TURN: Case = Case {
     depth: 1450,
     holes: (0, 0),
     f16: true,
+    permuted: false,
+    amp: 2.0,
+    extra: Extra::None,
 };
 
 #[test]
@@ -340,4 +404,80 @@ fn rbee_attn_kernel_upstream_hands_every_shape_to_llama_cpps_kernel() {
     assert!(error < 5e-3, "off by {error}");
     let (_, _, small) = run_op(TURN, 2);
     assert!(small, "turned on again, the small-batch kernel did not run");
+}
+
+#[test]
+fn the_shapes_llama_cpp_makes_match_the_reference() {
+    let mut cases = vec![
+        // Permuted views, as the graph builds Q, K and V.
+        Case {
+            permuted: true,
+            ..TURN
+        },
+        Case {
+            permuted: true,
+            streams: 2,
+            tokens: 9,
+            ..TURN
+        },
+        // Logits in the hundreds: the online softmax must not overflow.
+        Case { amp: 60.0, ..TURN },
+        // More threads than tiles (below): one KV head, two tokens.
+        Case {
+            heads: 2,
+            kv_heads: 1,
+            tokens: 2,
+            ..TURN
+        },
+        // K and V of different head sizes.
+        Case {
+            dk: 128,
+            dv: 64,
+            ..TURN
+        },
+    ];
+    // Head sizes of real models.
+    for d in [80, 96, 128, 256] {
+        cases.push(Case {
+            dk: d,
+            dv: d,
+            n_kv: 512,
+            depth: 450,
+            ..TURN
+        });
+    }
+    // Groups of 1–8 query heads on 1–8 KV heads.
+    for kv_heads in [1, 2, 4, 8] {
+        for group in [1, 2, 4, 8] {
+            cases.push(Case {
+                heads: kv_heads * group,
+                kv_heads,
+                tokens: 6,
+                n_kv: 384,
+                depth: 300,
+                ..TURN
+            });
+        }
+    }
+    for case in cases {
+        for threads in [2, 8] {
+            let (got, want, small) = attend(case, threads);
+            let what = format!(
+                "{threads} threads, {}×{} head size, {}/{} heads, {} tokens, amp {}, permuted {}",
+                case.dk, case.dv, case.heads, case.kv_heads, case.tokens, case.amp, case.permuted
+            );
+            assert!(small, "{what}: not the small-batch kernel");
+            let error = max_error(&got, &want);
+            assert!(error < 1e-4, "{what}: off by {error}");
+        }
+    }
+}
+
+#[test]
+fn what_the_kernel_does_not_know_reaches_upstreams() {
+    for extra in [Extra::Alibi, Extra::Softcap, Extra::Sinks] {
+        let (got, _, small) = attend(Case { extra, ..TURN }, 2);
+        assert!(!small, "{extra:?}: the small-batch kernel ran");
+        assert!(got.iter().all(|x| x.is_finite()), "{extra:?}: not finite");
+    }
 }
