@@ -211,20 +211,6 @@ fn run_op(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
         let v = new(kv_type, dv, n_kv, kv_heads);
         let mask = ggml::ggml_new_tensor_4d(ctx, ggml::GGML_TYPE_F16, n_kv, tokens, 1, streams);
 
-        // Values as the tensors hold them (f16-rounded where f16), for the reference.
-        let fill = |t: *mut ggml::ggml_tensor, values: Vec<f32>, as_f16: bool| -> Vec<f32> {
-            let n = values.len();
-            if as_f16 {
-                let data = ggml::ggml_get_data(t) as *mut u16;
-                ggml::ggml_fp32_to_fp16_row(values.as_ptr(), data, n as i64);
-                let mut back = vec![0f32; n];
-                ggml::ggml_fp16_to_fp32_row(data, back.as_mut_ptr(), n as i64);
-                back
-            } else {
-                ptr::copy_nonoverlapping(values.as_ptr(), ggml::ggml_get_data(t) as *mut f32, n);
-                values
-            }
-        };
         let mut random = |n: i64, amp: f32| (0..n).map(|_| rng.next() * amp).collect::<Vec<f32>>();
         let mut qs = fill(q, random(dk * tokens * heads * streams, case.amp), false);
         let mut ks = fill(k, random(dk * n_kv * kv_heads * streams, 2.0), f16);
@@ -251,22 +237,54 @@ fn run_op(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
             fill(sinks, random(heads, 1.0), false);
             ggml::ggml_flash_attn_ext_add_sinks(out, sinks);
         }
-        let graph = ggml::ggml_new_graph(ctx);
-        ggml::ggml_build_forward_expand(graph, out);
-        let before = kernel::calls();
-        assert_eq!(
-            ggml::ggml_graph_compute_with_ctx(ctx, graph, threads),
-            ggml::GGML_STATUS_SUCCESS
-        );
-        let small = kernel::calls() > before;
-        let n_out = (dv * heads * tokens * streams) as usize;
-        let got =
-            std::slice::from_raw_parts(ggml::ggml_get_data(out) as *const f32, n_out).to_vec();
-        ggml::ggml_free(ctx);
+        let (got, small) = compute(ctx, out, threads);
 
         let want = case.reference(&qs, &ks, &vs, scale);
         (got, want, small)
     }
+}
+
+/// `values` written into tensor `t` (as f16 with `as_f16`); the values as the
+/// tensor holds them (f16-rounded where f16), for the reference.
+///
+/// # Safety
+/// `t` is a contiguous tensor of `values.len()` elements of that type.
+unsafe fn fill(t: *mut ggml::ggml_tensor, values: Vec<f32>, as_f16: bool) -> Vec<f32> {
+    let n = values.len();
+    if as_f16 {
+        let data = ggml::ggml_get_data(t) as *mut u16;
+        ggml::ggml_fp32_to_fp16_row(values.as_ptr(), data, n as i64);
+        let mut back = vec![0f32; n];
+        ggml::ggml_fp16_to_fp32_row(data, back.as_mut_ptr(), n as i64);
+        back
+    } else {
+        ptr::copy_nonoverlapping(values.as_ptr(), ggml::ggml_get_data(t) as *mut f32, n);
+        values
+    }
+}
+
+/// Computes `out` on `threads` threads, frees the context; its values, and
+/// whether the small-batch kernel computed it.
+///
+/// # Safety
+/// `out` is an f32 tensor of `ctx`, which is not used again.
+unsafe fn compute(
+    ctx: *mut ggml::ggml_context,
+    out: *mut ggml::ggml_tensor,
+    threads: i32,
+) -> (Vec<f32>, bool) {
+    let graph = ggml::ggml_new_graph(ctx);
+    ggml::ggml_build_forward_expand(graph, out);
+    let before = kernel::calls();
+    assert_eq!(
+        ggml::ggml_graph_compute_with_ctx(ctx, graph, threads),
+        ggml::GGML_STATUS_SUCCESS
+    );
+    let small = kernel::calls() > before;
+    let n_out = ggml::ggml_nelements(out) as usize;
+    let got = std::slice::from_raw_parts(ggml::ggml_get_data(out) as *const f32, n_out).to_vec();
+    ggml::ggml_free(ctx);
+    (got, small)
 }
 
 fn max_error(got: &[f32], want: &[f64]) -> f64 {
