@@ -9,7 +9,6 @@ use crate::answer::{Ending, Piece, Pieces};
 use crate::http::{self, Body};
 use crate::protocol::{
     ApiError, Constraint, InferenceRequest, SamplingParams, StopReason, TokenLogprob,
-    MAX_TOP_LOGPROBS,
 };
 use hyper::{Response, StatusCode};
 use serde::Deserialize;
@@ -80,12 +79,10 @@ pub fn parse_completion(body: &[u8]) -> Result<Prepared, ApiError> {
     let mut sampling = req.sampling;
     // -1: until the end (llama-server's default).
     sampling.max_tokens = req.n_predict.filter(|&n| n >= 0).or(sampling.max_tokens);
-    if req.n_probs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
-        return Err(ApiError::invalid(
-            "n_probs",
-            format!("n_probs must be 0 to {MAX_TOP_LOGPROBS}"),
-        ));
-    }
+    let n_probs = req
+        .n_probs
+        .map(|n| crate::protocol::check_alternatives("n_probs", n))
+        .transpose()?;
     if req.post_sampling_probs == Some(true) {
         return Err(ApiError::invalid(
             "post_sampling_probs",
@@ -119,7 +116,7 @@ pub fn parse_completion(body: &[u8]) -> Result<Prepared, ApiError> {
             cache_prompt: req.cache_prompt,
             constraint,
             // A token's own log-probability comes with its alternatives, as llama-server's does.
-            logprobs: req.n_probs.filter(|&n| n > 0),
+            logprobs: n_probs.filter(|&n| n > 0),
             ..InferenceRequest::default()
         },
         stream: req.stream,

@@ -232,14 +232,8 @@ pub fn parse(body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
 /// `logprobs` and `top_logprobs`: how many alternatives each token's
 /// log-probability comes with, or `None` when not asked.
 fn logprobs_of(logprobs: Option<bool>, top: Option<u32>) -> Result<Option<u32>, ApiError> {
-    match (logprobs.unwrap_or(false), top.unwrap_or(0)) {
-        (_, top) if top > crate::protocol::MAX_TOP_LOGPROBS => Err(ApiError::invalid(
-            "top_logprobs",
-            format!(
-                "top_logprobs must be between 0 and {}, got {top}",
-                crate::protocol::MAX_TOP_LOGPROBS
-            ),
-        )),
+    let top = crate::protocol::check_alternatives("top_logprobs", top.unwrap_or(0))?;
+    match (logprobs.unwrap_or(false), top) {
         (true, top) => Ok(Some(top)),
         (false, 0) => Ok(None),
         (false, _) => Err(ApiError::invalid(

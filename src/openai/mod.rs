@@ -334,19 +334,12 @@ fn logprobs_of(
             ))
         }
     };
-    let max = crate::protocol::MAX_TOP_LOGPROBS;
-    if asked > max {
-        let param = if kind == Kind::Chat {
-            "top_logprobs"
-        } else {
-            "logprobs"
-        };
-        return Err(ApiError::invalid(
-            param,
-            format!("{param} must be between 0 and {max}, got {asked}"),
-        ));
-    }
-    Ok(Some(asked))
+    let param = if kind == Kind::Chat {
+        "top_logprobs"
+    } else {
+        "logprobs"
+    };
+    crate::protocol::check_alternatives(param, asked).map(Some)
 }
 
 /// The tools the model is shown, and the constraint `tool_choice` asks for:

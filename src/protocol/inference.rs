@@ -309,6 +309,18 @@ pub struct TokenLogprob {
 /// The most alternatives a request may ask for, as OpenAI allows.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
+/// A count of alternatives per token, as field `param` asks for it: within
+/// [`MAX_TOP_LOGPROBS`], the one rule every front's field is read by.
+pub fn check_alternatives(param: &str, n: u32) -> Result<u32, ApiError> {
+    if n > MAX_TOP_LOGPROBS {
+        return Err(ApiError::invalid(
+            param,
+            format!("{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+        ));
+    }
+    Ok(n)
+}
+
 impl From<ApiError> for InferenceEvent {
     fn from(e: ApiError) -> InferenceEvent {
         InferenceEvent::Error {

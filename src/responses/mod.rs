@@ -202,15 +202,9 @@ fn logprobs_of(include: Option<Value>, top: Option<u32>) -> Result<Option<u32>, 
             format!("include cannot name {bad:?}: {}", INCLUDABLE.join(", ")),
         ));
     }
-    if top.is_some_and(|n| n > crate::protocol::MAX_TOP_LOGPROBS) {
-        return Err(ApiError::invalid(
-            "top_logprobs",
-            format!(
-                "top_logprobs must be 0 to {}",
-                crate::protocol::MAX_TOP_LOGPROBS
-            ),
-        ));
-    }
+    let top = top
+        .map(|n| crate::protocol::check_alternatives("top_logprobs", n))
+        .transpose()?;
     let asked = names.iter().any(|n| n == "message.output_text.logprobs");
     Ok((asked || top.is_some_and(|n| n > 0)).then(|| top.unwrap_or(0)))
 }

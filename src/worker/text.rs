@@ -124,16 +124,7 @@ fn whole_characters(bytes: &[u8]) -> usize {
 
 /// Whether `bytes` end with the first bytes of a character still to come.
 fn ends_inside_a_character(bytes: &[u8]) -> bool {
-    let mut rest = bytes;
-    loop {
-        match std::str::from_utf8(rest) {
-            Ok(_) => return false,
-            Err(e) => match e.error_len() {
-                None => return true,
-                Some(bad) => rest = &rest[e.valid_up_to() + bad..],
-            },
-        }
-    }
+    whole_characters(bytes) < bytes.len()
 }
 
 /// Length in bytes of the longest suffix of `text` that is a proper prefix of `stop`.
