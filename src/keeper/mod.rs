@@ -16,6 +16,7 @@ mod chat;
 mod config;
 mod infer;
 mod manage;
+mod models;
 mod queen;
 mod render;
 mod status;

@@ -3,7 +3,8 @@
 //! embeddings routed by `model` to a worker of it.
 
 use super::jobs::Job;
-use super::{scheduler, start_job, Queen};
+use super::routes::start_job;
+use super::{scheduler, Queen};
 use crate::http::{self, Body};
 use crate::protocol::{ApiError, ErrorCode, InferenceEvent};
 use crate::{anthropic, llama_server, openai, responses};
