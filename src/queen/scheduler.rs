@@ -400,6 +400,18 @@ async fn relay(
         let Some(event) = event else {
             return Err(Relay::Lost);
         };
+        // A worker that stops under the job (SIGTERM, its hive gone) cancels its
+        // streams; that is a loss like any other. The queen's own cancel never
+        // reaches here: it drops this relay.
+        if matches!(
+            event,
+            InferenceEvent::Error {
+                code: ErrorCode::Cancelled,
+                ..
+            }
+        ) {
+            return Err(Relay::Lost);
+        }
         let Some(event) = relaying.event(event, cluster, target, job, sent) else {
             continue;
         };
@@ -548,6 +560,9 @@ mod tests {
         Tokens(u32),
         /// n tokens, then the connection drops.
         LostAfter(u32),
+        /// n tokens, then the worker stops under the job (SIGTERM, its hive
+        /// gone) and cancels its streams, as a worker does.
+        StoppedAfter(u32),
         /// The connection drops before a token, and its hive says it crashed.
         Crash,
         /// Refused before any event.
@@ -770,6 +785,12 @@ mod tests {
             Ok(Events::from_events(match answer {
                 Answer::Refuse(code) => return Err(ApiError::new(code, "refused")),
                 Answer::LostAfter(n) => tokens(n).collect(),
+                Answer::StoppedAfter(n) => tokens(n)
+                    .chain([InferenceEvent::Error {
+                        code: ErrorCode::Cancelled,
+                        message: "the worker is shutting down".into(),
+                    }])
+                    .collect(),
                 Answer::Crash => {
                     self.view.edit(&hive.name, |s| {
                         for w in s.workers.iter_mut().filter(|w| w.url == worker) {
@@ -986,6 +1007,22 @@ mod tests {
             1,
             "one started per job"
         );
+        assert!(narrated(&events, "failover"));
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_stops_under_the_job_is_a_loss_continued_by_another() {
+        let fake = Fake::with_hives(&["a"])
+            .worker("a", "w1", 0, &[Answer::StoppedAfter(2)])
+            .worker("a", "w2", 1, &[Answer::Tokens(3)]);
+        let (result, events) = run_job(&fake, None).await;
+        result.expect("the failover succeeds");
+        assert_eq!(
+            fake.calls(),
+            ["infer http://w1", "infer http://w2 after [100, 101]"]
+        );
+        let error = |e: &&JobEvent| matches!(e, JobEvent::Inference(InferenceEvent::Error { .. }));
+        assert_eq!(events.iter().filter(error).count(), 0, "{events:?}");
         assert!(narrated(&events, "failover"));
     }
 
