@@ -93,10 +93,14 @@ impl Default for WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    /// Which attention kernel serves (`RBEE_ATTN_KERNEL`).
-    pub fn attention_kernel(&self, name: &str) {
+    /// Which attention kernel serves (`RBEE_ATTN_KERNEL`, and its self-test:
+    /// `passed`, `failed` or `not run`).
+    pub fn attention_kernel(&self, name: &str, self_test: &str) {
         self.attention_kernel
-            .get_or_create(&vec![("kernel".to_string(), name.to_string())])
+            .get_or_create(&vec![
+                ("kernel".to_string(), name.to_string()),
+                ("self_test".to_string(), self_test.to_string()),
+            ])
             .set(1);
     }
 
@@ -165,7 +169,7 @@ impl WorkerMetrics {
         );
         r.register(
             "rbee_worker_attention_kernel",
-            "The attention kernel serving (1): fa-small, rbee's, or upstream, llama.cpp's",
+            "The attention kernel serving (1): fa-small, rbee's, or upstream, llama.cpp's; and what rbee's self-test at start found",
             m.attention_kernel.clone(),
         );
     }

@@ -28,7 +28,7 @@ use argh::FromArgs;
 use engine::{Config, Engine, Submission};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
@@ -124,8 +124,9 @@ struct Worker {
     shutdown: Arc<tokio::sync::Notify>,
     /// What `GET /metrics` shows; the engine counts into it.
     metrics: crate::metrics::WorkerMetrics,
-    /// The attention kernel serving (`/props`).
+    /// The attention kernel serving and what its self-test found (`/props`).
     kernel: &'static str,
+    self_test: Arc<str>,
 }
 
 /// Runs the worker until it is told to stop; `Err` is the one-line reason it failed.
@@ -158,8 +159,8 @@ pub async fn run(args: Args) -> Result<(), String> {
         listener.local_addr().map_or(args.port, |a| a.port())
     );
     let metrics = crate::metrics::WorkerMetrics::default();
-    let kernel = attention_kernel(&metrics)?;
     let mut config = engine_config(&args, &metrics);
+    let (kernel, self_test) = attention_kernel(&args.model, config.threads, &metrics)?;
     config.remotes = remote::open_tunnels(&args.remote, auth.token()).await?;
     let (engine, loading, thread) =
         Engine::start(config).map_err(|e| format!("cannot start the engine thread: {e}"))?;
@@ -174,6 +175,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         shutdown: Arc::new(tokio::sync::Notify::new()),
         metrics,
         kernel,
+        self_test: self_test.into(),
     };
     tracing::info!(
         "worker listening on {url}, loading {}",
@@ -202,22 +204,51 @@ pub async fn run(args: Args) -> Result<(), String> {
     outcome
 }
 
-/// The attention kernel `RBEE_ATTN_KERNEL` picks, serving from now on, said
-/// in the log and the metrics.
-fn attention_kernel(metrics: &crate::metrics::WorkerMetrics) -> Result<&'static str, String> {
-    use engine::kernel::{Kernel, ENV, NAME};
-    let kernel = Kernel::from_env()?;
+/// The attention kernel `RBEE_ATTN_KERNEL` picks, serving from now on once
+/// rbee's has passed its self-test on the model's attention shape (else
+/// llama.cpp's serves), said in the log and the metrics: its name, and what
+/// the self-test found.
+fn attention_kernel(
+    model: &Path,
+    threads: i32,
+    metrics: &crate::metrics::WorkerMetrics,
+) -> Result<(&'static str, String), String> {
+    use engine::kernel::{self, Kernel, Shape, ENV, NAME};
+    let asked = Kernel::from_env()?;
+    // A file whose metadata cannot be read fails to load a moment later, saying why.
+    let shape = crate::gguf::read(model)
+        .ok()
+        .and_then(|info| Shape::of(&info))
+        .unwrap_or(Shape::SMOLLM2);
+    let kernel::Chosen {
+        kernel,
+        verdict,
+        said,
+    } = kernel::choose(asked, || {
+        let started = std::time::Instant::now();
+        let verdict = kernel::self_test(shape, threads);
+        tracing::debug!(
+            "attention kernel self-test: {} ms",
+            started.elapsed().as_millis()
+        );
+        verdict
+    });
     kernel.serve();
-    metrics.attention_kernel(kernel.as_str());
+    metrics.attention_kernel(kernel.as_str(), verdict);
     let which = match kernel {
         Kernel::Rbee => "rbee's for chat turns over a long cache, llama.cpp's for other shapes",
         Kernel::Upstream => "llama.cpp's for every shape",
     };
-    tracing::info!(
-        "attention kernel: {} ({which}; {ENV}=upstream|{NAME} picks)",
+    let line = format!(
+        "attention kernel: {} ({which}; {ENV}=upstream|{NAME} picks); self-test on {shape} \
+         at {threads} threads: {said}",
         kernel.as_str()
     );
-    Ok(kernel.as_str())
+    match asked != kernel {
+        true => tracing::warn!("{line}"),
+        false => tracing::info!("{line}"),
+    }
+    Ok((kernel.as_str(), said))
 }
 
 /// Refuses flags that cannot work, naming the limit. The context against the

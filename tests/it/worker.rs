@@ -514,7 +514,11 @@ fn rbee_attn_kernel_picks_the_attention_kernel_and_the_worker_says_which() {
             .into_body()
             .read_to_string()
             .expect("text");
-        (props["attention_kernel"].clone(), metrics)
+        (
+            props["attention_kernel"].clone(),
+            props["attention_kernel_self_test"].clone(),
+            metrics,
+        )
     };
     // A long prompt, then a turn after it: a few new tokens over a cache of
     // hundreds, the shape rbee's kernel takes.
@@ -529,13 +533,21 @@ fn rbee_attn_kernel_picks_the_attention_kernel_and_the_worker_says_which() {
         }
     };
     let ours = ready_worker(&[]);
-    let (name, metrics) = kernel_of(&ours);
+    let (name, self_test, metrics) = kernel_of(&ours);
     assert_eq!(name, "fa-small");
+    // The self-test ran on SmolLM2's own shape at the worker's threads, and passed.
+    assert_eq!(self_test, "passed");
     assert!(
-        metrics.contains(r#"rbee_worker_attention_kernel{kernel="fa-small"} 1"#),
+        metrics.contains(r#"rbee_worker_attention_kernel{kernel="fa-small",self_test="passed"} 1"#),
         "{metrics}"
     );
-    assert!(ours.stderr().contains("attention kernel: fa-small"));
+    let said = ours.stderr();
+    assert!(
+        said.contains("attention kernel: fa-small")
+            && said.contains("self-test on head size 64, 9 query heads on 3 KV heads at ")
+            && said.contains("threads: passed"),
+        "{said}"
+    );
     turn(&ours);
     drop(ours);
 
@@ -550,10 +562,12 @@ fn rbee_attn_kernel_picks_the_attention_kernel_and_the_worker_says_which() {
     ];
     let upstream = Proc::start_with_env(&args, port, &[("RBEE_ATTN_KERNEL", "upstream")]);
     wait_ready(&upstream);
-    let (name, metrics) = kernel_of(&upstream);
+    let (name, self_test, metrics) = kernel_of(&upstream);
     assert_eq!(name, "upstream");
+    assert_eq!(self_test, "not run (RBEE_ATTN_KERNEL=upstream)");
     assert!(
-        metrics.contains(r#"rbee_worker_attention_kernel{kernel="upstream"} 1"#),
+        metrics
+            .contains(r#"rbee_worker_attention_kernel{kernel="upstream",self_test="not run"} 1"#),
         "{metrics}"
     );
     turn(&upstream);

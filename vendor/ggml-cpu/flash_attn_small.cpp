@@ -9,9 +9,11 @@
 // matter at that size: the GEMMs are as tall as the rows there are (upstream
 // pads every tile to 64 rows), and the query heads that share a KV head share a
 // tile (grouped-query attention: the K and V tiles are converted once for the
-// whole group, not once per query head). Everything else (one-token decode,
-// large batches, ALiBi, soft-capping, attention sinks, quantized caches) goes
-// to upstream's kernel, renamed by rbee.cmake.
+// whole group, not once per query head). Where those tiles are fewer than the
+// threads (one or two KV heads, a short batch), the cached tokens are split
+// among threads as well and the parts' softmax states merged. Everything else
+// (one-token decode, large batches, ALiBi, soft-capping, attention sinks,
+// quantized and BF16 caches) goes to upstream's kernel, renamed by rbee.cmake.
 
 #include "ops.h"
 
@@ -33,6 +35,9 @@ extern "C" void ggml_compute_forward_flash_attn_ext_upstream(
 // (ggml's thread 0 is the caller's): rbee's tests read it to know the hook is
 // in the binary and which shapes come here.
 extern "C" uint64_t rbee_flash_attn_small_calls(void);
+
+// How many of those split the cached tokens among threads (fewer tiles than threads).
+extern "C" uint64_t rbee_flash_attn_small_split_calls(void);
 
 // Whether this kernel takes the shapes it can (on unless rbee turns it off:
 // RBEE_ATTN_KERNEL=upstream); off, every op goes to upstream's kernel.
@@ -166,10 +171,40 @@ void pack_v(float * out, const ggml_tensor * v, int64_t ic, int64_t n, int64_t i
     }
 }
 
-// One tile: the query rows of tokens [t0, t0 + nt) in every head of KV head ik2's
-// group, over all cached tokens. Row r is head ik2*group + r/nt, token t0 + r%nt.
-void tile(const ggml_compute_params * params, ggml_tensor * dst,
-          int64_t iq3, int64_t ik2, int64_t t0, int64_t nt) {
+// The per-thread scratch ggml plans for upstream's tiled kernel (ggml-cpu.c),
+// laid out as there: Q, KQ, mask, VKQ, V, K.
+struct Scratch {
+    float * Q;
+    float * KQ;
+    float * mask32;
+    float * VKQ;
+    float * V32;
+    float * K32;
+
+    Scratch(const ggml_compute_params * params, int ith, int64_t DK, int64_t DV) {
+        Q      = (float *) params->wdata + ith*scratch_per_thread(DK, DV);
+        KQ     = Q + ROWS*DK;
+        mask32 = KQ + ROWS*KV;
+        VKQ    = mask32 + ROWS*KV;
+        V32    = VKQ + ROWS*DV;
+        K32    = V32 + KV*DV;
+    }
+};
+
+// Which query rows a tile holds: tokens [t0, t0 + nt) in every head of KV head
+// ik2's group, of stream iq3. Row r is head ik2*group + r/nt, token t0 + r%nt.
+struct Tile {
+    int64_t iq3;
+    int64_t ik2;
+    int64_t t0;
+    int64_t nt;
+};
+
+// One tile over cached tokens [c0, c1), in scratch w: leaves there the rows'
+// unnormalised sums of V (VKQ) and, per row, the running maximum M and sum of
+// weights S of the online softmax. Returns the tile's row count.
+int64_t attend(const ggml_tensor * dst, const Scratch & w, const Tile & t,
+               int64_t c0, int64_t c1, float * M, float * S) {
     const ggml_tensor * q    = dst->src[0];
     const ggml_tensor * k    = dst->src[1];
     const ggml_tensor * v    = dst->src[2];
@@ -177,50 +212,37 @@ void tile(const ggml_compute_params * params, ggml_tensor * dst,
 
     const int64_t DK    = k->ne[0];
     const int64_t DV    = v->ne[0];
-    const int64_t n_kv  = k->ne[1];
     const int64_t group = q->ne[2] / k->ne[2];
-    const int64_t ik3   = iq3 / (q->ne[3] / k->ne[3]);
-    const int64_t R     = group * nt;
+    const int64_t ik3   = t.iq3 / (q->ne[3] / k->ne[3]);
+    const int64_t R     = group * t.nt;
 
     float scale;
     memcpy(&scale, (const float *) dst->op_params + 0, sizeof(float));
 
-    // The per-thread scratch ggml plans for upstream's tiled kernel (ggml-cpu.c),
-    // laid out as there: Q, KQ, mask, VKQ, V, K.
-    float * base = (float *) params->wdata + params->ith*scratch_per_thread(DK, DV);
-    float * Q      = base;
-    float * KQ     = Q + ROWS*DK;
-    float * mask32 = KQ + ROWS*KV;
-    float * VKQ    = mask32 + ROWS*KV;
-    float * V32    = VKQ + ROWS*DV;
-    float * K32    = V32 + KV*DV;
-
-    float M[ROWS];
-    float S[ROWS];
     const ggml_fp16_t * mrow[ROWS];
 
     for (int64_t r = 0; r < R; r++) {
-        const int64_t iq2 = ik2*group + r/nt;
-        const int64_t iq1 = t0 + r%nt;
-        const float * src = (const float *) ((const char *) q->data + iq1*q->nb[1] + iq2*q->nb[2] + iq3*q->nb[3]);
+        const int64_t iq2 = t.ik2*group + r/t.nt;
+        const int64_t iq1 = t.t0 + r%t.nt;
+        const float * src = (const float *) ((const char *) q->data + iq1*q->nb[1] + iq2*q->nb[2] + t.iq3*q->nb[3]);
         for (int64_t d = 0; d < DK; d++) {
-            Q[r*DK + d] = src[d]*scale;
+            w.Q[r*DK + d] = src[d]*scale;
         }
         mrow[r] = mask ? (const ggml_fp16_t *) ((const char *) mask->data + iq1*mask->nb[1]
-                                                + (iq2 % mask->ne[2])*mask->nb[2] + (iq3 % mask->ne[3])*mask->nb[3])
+                                                + (iq2 % mask->ne[2])*mask->nb[2] + (t.iq3 % mask->ne[3])*mask->nb[3])
                        : nullptr;
         M[r] = -INFINITY;
         S[r] = 0.0f;
     }
-    memset(VKQ, 0, R*DV*sizeof(float));
+    memset(w.VKQ, 0, R*DV*sizeof(float));
 
-    for (int64_t ic = 0; ic < n_kv; ic += KV) {
-        const int64_t n = std::min(KV, n_kv - ic);
+    for (int64_t ic = c0; ic < c1; ic += KV) {
+        const int64_t n = std::min(KV, c1 - ic);
 
-        // The mask, -inf past the cache's end; a tile masked out for every row is skipped.
+        // The mask, -inf past the range's end; a tile masked out for every row is skipped.
         bool any = false;
         for (int64_t r = 0; r < R; r++) {
-            float * m = mask32 + r*KV;
+            float * m = w.mask32 + r*KV;
             for (int64_t tk = 0; tk < n; tk++) {
                 m[tk] = mrow[r] ? GGML_CPU_FP16_TO_FP32(mrow[r][ic + tk]) : 0.0f;
                 any |= m[tk] != -INFINITY;
@@ -233,14 +255,14 @@ void tile(const ggml_compute_params * params, ggml_tensor * dst,
             continue;
         }
 
-        pack_k(K32, k, ic, n, ik2, ik3);
-        memset(KQ, 0, R*KV*sizeof(float));
-        simd_gemm(KQ, Q, K32, R, DK, KV);
-        ggml_vec_add_f32(R*KV, KQ, KQ, mask32);
+        pack_k(w.K32, k, ic, n, t.ik2, ik3);
+        memset(w.KQ, 0, R*KV*sizeof(float));
+        simd_gemm(w.KQ, w.Q, w.K32, R, DK, KV);
+        ggml_vec_add_f32(R*KV, w.KQ, w.KQ, w.mask32);
 
         // Online softmax, a tile at a time; KQ becomes the tile's weights.
         for (int64_t r = 0; r < R; r++) {
-            float * row = KQ + r*KV;
+            float * row = w.KQ + r*KV;
             float tile_max;
             ggml_vec_max_f32(KV, &tile_max, row);
             if (tile_max == -INFINITY) {
@@ -250,29 +272,116 @@ void tile(const ggml_compute_params * params, ggml_tensor * dst,
             const float m_new = std::max(M[r], tile_max);
             if (m_new > M[r]) {
                 const float ms = expf(M[r] - m_new);
-                ggml_vec_scale_f32(DV, VKQ + r*DV, ms);
+                ggml_vec_scale_f32(DV, w.VKQ + r*DV, ms);
                 S[r] *= ms;
                 M[r] = m_new;
             }
             S[r] += (float) ggml_vec_soft_max_f32(KV, row, row, m_new);
         }
 
-        pack_v(V32, v, ic, n, ik2, ik3);
-        simd_gemm(VKQ, KQ, V32, R, KV, DV);
+        pack_v(w.V32, v, ic, n, t.ik2, ik3);
+        simd_gemm(w.VKQ, w.KQ, w.V32, R, KV, DV);
     }
+    return R;
+}
 
-    // Normalised rows to dst, permuted as upstream: (token, head) → row token*heads + head.
+// A tile's rows, normalised, to dst, permuted as upstream: (token, head) → row
+// token*heads + head. A row that saw no cached token (S = 0) is zero.
+void write_rows(ggml_tensor * dst, const Tile & t, int64_t R, float * VKQ, const float * S) {
+    const int64_t DV    = dst->ne[0];
+    const int64_t group = dst->src[0]->ne[2] / dst->src[1]->ne[2];
     for (int64_t r = 0; r < R; r++) {
-        const int64_t iq2 = ik2*group + r/nt;
-        const int64_t iq1 = t0 + r%nt;
+        const int64_t iq2 = t.ik2*group + r/t.nt;
+        const int64_t iq1 = t.t0 + r%t.nt;
         const float inv = S[r] == 0.0f ? 0.0f : 1.0f/S[r];
         ggml_vec_scale_f32(DV, VKQ + r*DV, inv);
-        memcpy((char *) dst->data + (iq3*dst->ne[2]*dst->ne[1] + iq2 + iq1*dst->ne[1])*dst->nb[1],
+        memcpy((char *) dst->data + (t.iq3*dst->ne[2]*dst->ne[1] + iq2 + iq1*dst->ne[1])*dst->nb[1],
                VKQ + r*DV, DV*sizeof(float));
     }
 }
 
-void small_batch(const ggml_compute_params * params, ggml_tensor * dst) {
+// Every tile over all cached tokens, tiles handed to threads as they free up.
+void by_tiles(const ggml_compute_params * params, ggml_tensor * dst,
+              int64_t n_tiles, int64_t per_tile, int64_t blocks) {
+    const int64_t n_tokens = dst->src[0]->ne[1];
+    const int64_t kv_heads = dst->src[1]->ne[2];
+    const int64_t n_kv     = dst->src[1]->ne[1];
+
+    if (params->ith == 0) {
+        ggml_threadpool_chunk_set(params->threadpool, params->nth);
+    }
+    ggml_barrier(params->threadpool);
+
+    const Scratch w(params, params->ith, dst->src[1]->ne[0], dst->ne[0]);
+    float M[ROWS];
+    float S[ROWS];
+    for (int64_t i = params->ith; i < n_tiles; i = ggml_threadpool_chunk_add(params->threadpool, 1)) {
+        const int64_t t0 = (i % blocks)*per_tile;
+        const Tile t = { i / (blocks*kv_heads), (i / blocks) % kv_heads, t0, std::min(per_tile, n_tokens - t0) };
+        const int64_t R = attend(dst, w, t, 0, n_kv, M, S);
+        write_rows(dst, t, R, w.VKQ, S);
+    }
+}
+
+// Fewer tiles than threads (few KV heads, few tokens): each tile's cached
+// tokens are cut into `parts` ranges of whole KV tiles, one thread each (thread
+// ith: tile ith / parts, range ith % parts). Each range's softmax state stays
+// in its thread's scratch (M and S copied to where KQ was); once all are done, the
+// thread of a tile's first range merges the others' into its own, the same
+// rescaling the online softmax does from one KV tile to the next.
+void by_ranges(const ggml_compute_params * params, ggml_tensor * dst,
+               int64_t n_tiles, int64_t per_tile, int64_t blocks, int64_t parts, int64_t visible) {
+    const int64_t n_tokens = dst->src[0]->ne[1];
+    const int64_t kv_heads = dst->src[1]->ne[2];
+    const int64_t n_kv     = dst->src[1]->ne[1];
+    const int64_t DK       = dst->src[1]->ne[0];
+    const int64_t DV       = dst->ne[0];
+    const int64_t kv_tiles = (visible + KV - 1)/KV;
+
+    const int64_t i    = params->ith / parts;
+    const int64_t part = params->ith % parts;
+    const bool working = i < n_tiles;
+    Tile t = {};
+    int64_t R = 0;
+    const Scratch w(params, params->ith, DK, DV);
+    float M[ROWS];
+    float S[ROWS];
+    if (working) {
+        const int64_t t0 = (i % blocks)*per_tile;
+        t = { i / (blocks*kv_heads), (i / blocks) % kv_heads, t0, std::min(per_tile, n_tokens - t0) };
+        const int64_t c0 = KV*(kv_tiles*part/parts);
+        const int64_t c1 = part == parts - 1 ? n_kv : KV*(kv_tiles*(part + 1)/parts);
+        R = attend(dst, w, t, c0, c1, M, S);
+        memcpy(w.KQ, M, R*sizeof(float));
+        memcpy(w.KQ + ROWS, S, R*sizeof(float));
+    }
+    ggml_barrier(params->threadpool);
+    if (!working || part != 0) {
+        return;
+    }
+
+    for (int64_t p = 1; p < parts; p++) {
+        const Scratch other(params, params->ith + p, DK, DV);
+        const float * Mp = other.KQ;
+        const float * Sp = other.KQ + ROWS;
+        for (int64_t r = 0; r < R; r++) {
+            if (Mp[r] == -INFINITY) {
+                continue;
+            }
+            const float m_new = std::max(M[r], Mp[r]);
+            const float ours = M[r] == -INFINITY ? 0.0f : expf(M[r] - m_new);
+            const float theirs = expf(Mp[r] - m_new);
+            ggml_vec_scale_f32(DV, w.VKQ + r*DV, ours);
+            ggml_vec_mad_f32(DV, w.VKQ + r*DV, other.VKQ + r*DV, theirs);
+            S[r] = S[r]*ours + Sp[r]*theirs;
+            M[r] = m_new;
+        }
+    }
+    write_rows(dst, t, R, w.VKQ, S);
+}
+
+// Computes the op; whether it split the cached tokens among threads.
+bool small_batch(const ggml_compute_params * params, ggml_tensor * dst) {
     const ggml_tensor * q = dst->src[0];
     const ggml_tensor * k = dst->src[1];
 
@@ -293,26 +402,29 @@ void small_batch(const ggml_compute_params * params, ggml_tensor * dst) {
     const int64_t blocks = (n_tokens + per_tile - 1)/per_tile;
     const int64_t n_tiles = tiles(per_tile);
 
-    if (params->ith == 0) {
-        ggml_threadpool_chunk_set(params->threadpool, nth);
+    // Still fewer tiles than threads: split the cached tokens too, each range
+    // at least two KV tiles of the visible cache.
+    const int64_t visible = span(q, k, dst->src[3]);
+    const int64_t parts = std::min<int64_t>(nth / n_tiles, visible / (2*KV));
+    if (parts >= 2) {
+        by_ranges(params, dst, n_tiles, per_tile, blocks, parts, visible);
+        return true;
     }
-    ggml_barrier(params->threadpool);
-
-    for (int64_t i = params->ith; i < n_tiles; i = ggml_threadpool_chunk_add(params->threadpool, 1)) {
-        const int64_t block = i % blocks;
-        const int64_t ik2   = (i / blocks) % kv_heads;
-        const int64_t iq3   = i / (blocks*kv_heads);
-        const int64_t t0    = block*per_tile;
-        tile(params, dst, iq3, ik2, t0, std::min(per_tile, n_tokens - t0));
-    }
+    by_tiles(params, dst, n_tiles, per_tile, blocks);
+    return false;
 }
 
 thread_local uint64_t calls = 0;
+thread_local uint64_t split_calls = 0;
 
 } // namespace
 
 extern "C" uint64_t rbee_flash_attn_small_calls(void) {
     return calls;
+}
+
+extern "C" uint64_t rbee_flash_attn_small_split_calls(void) {
+    return split_calls;
 }
 
 extern "C" void rbee_flash_attn_small_enable(bool on) {
@@ -322,10 +434,11 @@ extern "C" void rbee_flash_attn_small_enable(bool on) {
 extern "C" void ggml_compute_forward_flash_attn_ext(
         const struct ggml_compute_params * params, struct ggml_tensor * dst) {
     if (takes(params, dst)) {
+        const bool split = small_batch(params, dst);
         if (params->ith == 0) {
             calls++;
+            split_calls += split;
         }
-        small_batch(params, dst);
     } else {
         ggml_compute_forward_flash_attn_ext_upstream(params, dst);
     }

@@ -1,10 +1,9 @@
-//! Tests of the flash-attention kernel rbee gives llama.cpp's CPU backend for
-//! small batches over a long cache (vendor/ggml-cpu, README there): ggml's own
-//! attention op, on random tensors of the shapes llama.cpp builds, against a
-//! plain softmax(Q·Kᵀ·scale + mask)·V in f64. No model; the kernel's code is C++,
-//! so these tests are all of this module.
-
-#![cfg(test)]
+//! ggml's own attention op, on random tensors of the shapes llama.cpp builds,
+//! against a plain softmax(Q·Kᵀ·scale + mask)·V in f64: what checks the
+//! flash-attention kernel rbee gives llama.cpp's CPU backend for small batches
+//! over a long cache (vendor/ggml-cpu, README there). The worker runs a few
+//! cases of its model's shape at start (`kernel::self_test`); the tests below
+//! run many (no model; the kernel's code is C++, so they are all of its tests).
 
 use llama_cpp_sys_2 as ggml;
 use std::ptr;
@@ -15,30 +14,35 @@ use super::kernel;
 /// KV heads) in each of `streams` sequences, over `n_kv` cache cells of which
 /// the first `depth` precede the batch (causal within it, cells past it masked),
 /// with every cell in `holes` masked too (another conversation's, say).
-#[derive(Clone, Copy)]
-struct Case {
-    dk: i64,
-    dv: i64,
-    tokens: i64,
-    heads: i64,
-    kv_heads: i64,
-    streams: i64,
-    n_kv: i64,
-    depth: i64,
-    holes: (i64, i64),
-    f16: bool,
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Case {
+    pub dk: i64,
+    pub dv: i64,
+    pub tokens: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub streams: i64,
+    pub n_kv: i64,
+    pub depth: i64,
+    pub holes: (i64, i64),
+    /// How many of the batch's first tokens see no cell at all (rows wholly masked).
+    pub blind: i64,
+    /// The type of the K and V cells (f16 as llama.cpp's default cache).
+    pub kv: ggml::ggml_type,
     /// Q, K and V as llama.cpp's graph makes them: permuted views (heads and
     /// tokens swapped), not contiguous tensors.
-    permuted: bool,
+    pub permuted: bool,
     /// How large Q's values are (2: ordinary; larger: logits in the hundreds).
-    amp: f32,
+    pub amp: f32,
     /// A feature of the op the kernel must leave to upstream's.
-    extra: Extra,
+    pub extra: Extra,
 }
 
 /// What the op may carry beyond plain attention.
+// The self-test runs plain attention only; the tests run every variant.
+#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Extra {
+pub(super) enum Extra {
     None,
     /// ALiBi positional biases (`max_bias`).
     Alibi,
@@ -46,6 +50,8 @@ enum Extra {
     Softcap,
     /// Attention sinks (gpt-oss).
     Sinks,
+    /// V with fewer heads than K (broadcast differently).
+    VBroadcast,
 }
 
 /// `values` of a tensor laid out [a, b, c, d] as the same tensor laid out
@@ -68,7 +74,7 @@ fn swap_middle(values: &[f32], a: i64, b: i64, c: i64, d: i64) -> Vec<f32> {
 impl Case {
     /// Whether batch token `t` sees cache cell `c`.
     fn visible(&self, t: i64, c: i64) -> bool {
-        c <= self.depth + t && !(self.holes.0..self.holes.1).contains(&c)
+        t >= self.blind && c <= self.depth + t && !(self.holes.0..self.holes.1).contains(&c)
     }
 
     /// The mask as llama.cpp builds it: 0 where a token sees a cell, -∞ elsewhere.
@@ -88,7 +94,8 @@ impl Case {
         ms
     }
 
-    /// softmax(Q·Kᵀ·scale + mask)·V in f64, as [stream][token][head][dv].
+    /// softmax(Q·Kᵀ·scale + mask)·V in f64, as [stream][token][head][dv]; a
+    /// row that sees no cell is zero (as both of ggml's kernels make it).
     fn reference(&self, qs: &[f32], ks: &[f32], vs: &[f32], scale: f32) -> Vec<f64> {
         let Case {
             dk,
@@ -137,7 +144,7 @@ impl Case {
                                     * f64::from(vs[(d + dv * (c + n_kv * kvh)) as usize])
                             })
                             .sum();
-                        want.push(acc / sum);
+                        want.push(if sum == 0.0 { 0.0 } else { acc / sum });
                     }
                 }
             }
@@ -158,18 +165,28 @@ impl Rng {
     }
 }
 
-/// Which kernel serves is one switch for the whole process: a test that turns
-/// it holds this, and every test that runs the op takes it too.
-static SWITCH: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-/// The op's output through ggml (`threads` threads) and the reference, both as
-/// [stream][token][head][dv], and whether the small-batch kernel computed it.
-fn attend(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
-    let _serving = SWITCH.read().unwrap_or_else(|p| p.into_inner());
-    run_op(case, threads)
+/// What one op gave: its output and the reference, both as
+/// [stream][token][head][dv], whether rbee's kernel computed it, and whether
+/// it split the cached tokens among threads.
+pub(super) struct Outcome {
+    pub got: Vec<f32>,
+    pub want: Vec<f64>,
+    pub small: bool,
+    /// Read by the tests (the self-test takes whichever path its threads make).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub split: bool,
 }
 
-fn run_op(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
+impl Outcome {
+    /// The largest difference between the op's output and the reference (∞
+    /// where the output is not a number).
+    pub fn error(&self) -> f64 {
+        max_error(&self.got, &self.want)
+    }
+}
+
+/// `case` through ggml's attention op on `threads` threads, and the reference.
+pub(super) fn run(case: Case, threads: i32) -> Result<Outcome, String> {
     let Case {
         dk,
         dv,
@@ -178,93 +195,153 @@ fn run_op(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
         kv_heads,
         streams,
         n_kv,
-        f16,
         ..
     } = case;
-    let kv_type = if f16 {
-        ggml::GGML_TYPE_F16
-    } else {
-        ggml::GGML_TYPE_F32
-    };
-    let scale = 1.0 / (dk as f32).sqrt();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (tokens * 7919 + n_kv) as u64);
+    // The tensors (f32 at most), the output, and the kernels' scratch: under
+    // 1 MiB a thread for head sizes up to 256.
+    let floats = (dk * (tokens * heads + n_kv * kv_heads)
+        + dv * (n_kv * kv_heads + tokens * heads))
+        * streams
+        + n_kv * tokens * streams;
+    let mem_size =
+        usize::try_from(floats * 4).unwrap_or(0) + (threads.max(1) as usize + 8) * (1 << 20);
 
-    // SAFETY: a ggml context owns every tensor below and outlives all uses of
-    // them; each tensor's data is written within its ggml_nbytes, as the type
-    // and shape it was made with (contiguous: ggml_new_tensor_4d makes it so).
+    // SAFETY: the context lives until `compute` frees it, after its last use.
     unsafe {
         ggml::ggml_cpu_init();
         let ctx = ggml::ggml_init(ggml::ggml_init_params {
-            mem_size: 256 << 20,
+            mem_size,
             mem_buffer: ptr::null_mut(),
             no_alloc: false,
         });
-        assert!(!ctx.is_null());
-        // Permuted: made [d, heads, tokens] as llama.cpp's projections are, then
-        // viewed [d, tokens, heads] (the middle axes swapped, not contiguous).
-        let new = |t, d, a, b| match case.permuted {
-            false => ggml::ggml_new_tensor_4d(ctx, t, d, a, b, streams),
-            true => ggml::ggml_new_tensor_4d(ctx, t, d, b, a, streams),
-        };
-        let q = new(ggml::GGML_TYPE_F32, dk, tokens, heads);
-        let k = new(kv_type, dk, n_kv, kv_heads);
-        let v = new(kv_type, dv, n_kv, kv_heads);
-        let mask = ggml::ggml_new_tensor_4d(ctx, ggml::GGML_TYPE_F16, n_kv, tokens, 1, streams);
-
-        let mut random = |n: i64, amp: f32| (0..n).map(|_| rng.next() * amp).collect::<Vec<f32>>();
-        let mut qs = fill(q, random(dk * tokens * heads * streams, case.amp), false);
-        let mut ks = fill(k, random(dk * n_kv * kv_heads * streams, 2.0), f16);
-        let mut vs = fill(v, random(dv * n_kv * kv_heads * streams, 1.0), f16);
-        fill(mask, case.mask(), true);
-        let (q, k, v) = match case.permuted {
-            false => (q, k, v),
-            true => {
-                qs = swap_middle(&qs, dk, heads, tokens, streams);
-                ks = swap_middle(&ks, dk, kv_heads, n_kv, streams);
-                vs = swap_middle(&vs, dv, kv_heads, n_kv, streams);
-                let view = |t| ggml::ggml_permute(ctx, t, 0, 2, 1, 3);
-                (view(q), view(k), view(v))
-            }
-        };
-        let (max_bias, softcap) = match case.extra {
-            Extra::Alibi => (8.0, 0.0),
-            Extra::Softcap => (0.0, 30.0),
-            _ => (0.0, 0.0),
-        };
-        let out = ggml::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, max_bias, softcap);
-        if case.extra == Extra::Sinks {
-            let sinks = ggml::ggml_new_tensor_1d(ctx, ggml::GGML_TYPE_F32, heads);
-            fill(sinks, random(heads, 1.0), false);
-            ggml::ggml_flash_attn_ext_add_sinks(out, sinks);
+        if ctx.is_null() {
+            return Err(format!("ggml could not allocate {} MiB", mem_size >> 20));
         }
-        let (got, small) = compute(ctx, out, threads);
-
-        let want = case.reference(&qs, &ks, &vs, scale);
-        (got, want, small)
+        let (out, values) = build(ctx, case);
+        let (got, small, split) = compute(ctx, out, threads)?;
+        // Plain attention's reference; none for what it does not model.
+        let want = match case.extra {
+            Extra::None => case.reference(&values[0], &values[1], &values[2], scale(case)),
+            _ => Vec::new(),
+        };
+        Ok(Outcome {
+            got,
+            want,
+            small,
+            split,
+        })
     }
 }
 
-/// `values` written into tensor `t` (as f16 with `as_f16`); the values as the
-/// tensor holds them (f16-rounded where f16), for the reference.
+/// The op's scale: 1/√(head size), as llama.cpp's graph sets it.
+fn scale(case: Case) -> f32 {
+    1.0 / (case.dk as f32).sqrt()
+}
+
+/// `case`'s op in `ctx`, on random Q, K and V (deterministic by shape) and
+/// the case's mask: the op's output tensor, and Q's, K's and V's values as
+/// the reference reads them (contiguous, [d, token, head, stream]).
 ///
 /// # Safety
-/// `t` is a contiguous tensor of `values.len()` elements of that type.
-unsafe fn fill(t: *mut ggml::ggml_tensor, values: Vec<f32>, as_f16: bool) -> Vec<f32> {
-    let n = values.len();
-    if as_f16 {
-        let data = ggml::ggml_get_data(t) as *mut u16;
-        ggml::ggml_fp32_to_fp16_row(values.as_ptr(), data, n as i64);
-        let mut back = vec![0f32; n];
-        ggml::ggml_fp16_to_fp32_row(data, back.as_mut_ptr(), n as i64);
-        back
-    } else {
-        ptr::copy_nonoverlapping(values.as_ptr(), ggml::ggml_get_data(t) as *mut f32, n);
-        values
+/// `ctx` is a ggml context with room for the case's tensors.
+unsafe fn build(
+    ctx: *mut ggml::ggml_context,
+    case: Case,
+) -> (*mut ggml::ggml_tensor, [Vec<f32>; 3]) {
+    let Case {
+        dk,
+        dv,
+        tokens,
+        heads,
+        kv_heads,
+        streams,
+        n_kv,
+        kv: kv_type,
+        ..
+    } = case;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (tokens * 7919 + n_kv) as u64);
+    // Permuted: made [d, heads, tokens] as llama.cpp's projections are, then
+    // viewed [d, tokens, heads] (the middle axes swapped, not contiguous).
+    let new = |t, d, a, b| match case.permuted {
+        false => ggml::ggml_new_tensor_4d(ctx, t, d, a, b, streams),
+        true => ggml::ggml_new_tensor_4d(ctx, t, d, b, a, streams),
+    };
+    let v_heads = match case.extra {
+        Extra::VBroadcast => 1,
+        _ => kv_heads,
+    };
+    let (q, k, v) = (
+        new(ggml::GGML_TYPE_F32, dk, tokens, heads),
+        new(kv_type, dk, n_kv, kv_heads),
+        new(kv_type, dv, n_kv, v_heads),
+    );
+    let mask = ggml::ggml_new_tensor_4d(ctx, ggml::GGML_TYPE_F16, n_kv, tokens, 1, streams);
+
+    // Each tensor's data is written within its ggml_nbytes, as the type and
+    // shape it was made with (contiguous: ggml_new_tensor_4d makes it so).
+    let mut random = |n: i64, amp: f32| (0..n).map(|_| rng.next() * amp).collect::<Vec<f32>>();
+    let mut qs = fill(q, random(dk * tokens * heads * streams, case.amp));
+    let mut ks = fill(k, random(dk * n_kv * kv_heads * streams, 2.0));
+    let mut vs = fill(v, random(dv * n_kv * v_heads * streams, 1.0));
+    fill(mask, case.mask());
+    let (q, k, v) = match case.permuted {
+        false => (q, k, v),
+        true => {
+            qs = swap_middle(&qs, dk, heads, tokens, streams);
+            ks = swap_middle(&ks, dk, kv_heads, n_kv, streams);
+            vs = swap_middle(&vs, dv, v_heads, n_kv, streams);
+            let view = |t| ggml::ggml_permute(ctx, t, 0, 2, 1, 3);
+            (view(q), view(k), view(v))
+        }
+    };
+    let (max_bias, softcap) = match case.extra {
+        Extra::Alibi => (8.0, 0.0),
+        Extra::Softcap => (0.0, 30.0),
+        _ => (0.0, 0.0),
+    };
+    let out = ggml::ggml_flash_attn_ext(ctx, q, k, v, mask, scale(case), max_bias, softcap);
+    if case.extra == Extra::Sinks {
+        let sinks = ggml::ggml_new_tensor_1d(ctx, ggml::GGML_TYPE_F32, heads);
+        fill(sinks, random(heads, 1.0));
+        ggml::ggml_flash_attn_ext_add_sinks(out, sinks);
     }
+    (out, [qs, ks, vs])
+}
+
+/// `values` written into contiguous tensor `t`, in its type (f32, or
+/// converted as ggml quantizes: f16, bf16, q8_0, ...); the values as the
+/// tensor holds them (rounded as its type rounds), for the reference.
+///
+/// # Safety
+/// `t` is a contiguous tensor of `values.len()` elements whose rows fit its type's blocks.
+unsafe fn fill(t: *mut ggml::ggml_tensor, values: Vec<f32>) -> Vec<f32> {
+    let n = values.len();
+    let ty = (*t).type_;
+    let data = ggml::ggml_get_data(t);
+    if ty == ggml::GGML_TYPE_F32 {
+        ptr::copy_nonoverlapping(values.as_ptr(), data as *mut f32, n);
+        return values;
+    }
+    let row = (*t).ne[0];
+    ggml::ggml_quantize_chunk(
+        ty,
+        values.as_ptr(),
+        data,
+        0,
+        n as i64 / row,
+        row,
+        ptr::null(),
+    );
+    let mut back = vec![0f32; n];
+    let to_float = (*ggml::ggml_get_type_traits(ty))
+        .to_float
+        .expect("every type ggml quantizes to converts back");
+    to_float(data, back.as_mut_ptr(), n as i64);
+    back
 }
 
 /// Computes `out` on `threads` threads, frees the context; its values, and
-/// whether the small-batch kernel computed it.
+/// whether the small-batch kernel computed it, and whether it split the cache.
 ///
 /// # Safety
 /// `out` is an f32 tensor of `ctx`, which is not used again.
@@ -272,230 +349,352 @@ unsafe fn compute(
     ctx: *mut ggml::ggml_context,
     out: *mut ggml::ggml_tensor,
     threads: i32,
-) -> (Vec<f32>, bool) {
+) -> Result<(Vec<f32>, bool, bool), String> {
     let graph = ggml::ggml_new_graph(ctx);
     ggml::ggml_build_forward_expand(graph, out);
-    let before = kernel::calls();
-    assert_eq!(
-        ggml::ggml_graph_compute_with_ctx(ctx, graph, threads),
-        ggml::GGML_STATUS_SUCCESS
-    );
-    let small = kernel::calls() > before;
+    let before = (kernel::calls(), kernel::split_calls());
+    let status = ggml::ggml_graph_compute_with_ctx(ctx, graph, threads);
+    let small = kernel::calls() > before.0;
+    let split = kernel::split_calls() > before.1;
     let n_out = ggml::ggml_nelements(out) as usize;
     let got = std::slice::from_raw_parts(ggml::ggml_get_data(out) as *const f32, n_out).to_vec();
     ggml::ggml_free(ctx);
-    (got, small)
+    if status != ggml::GGML_STATUS_SUCCESS {
+        return Err(format!("ggml could not compute the op (status {status})"));
+    }
+    Ok((got, small, split))
 }
 
 fn max_error(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
     got.iter()
         .zip(want)
-        .map(|(g, w)| (f64::from(*g) - w).abs())
+        .map(|(g, w)| match (f64::from(*g) - w).abs() {
+            e if e.is_nan() => f64::INFINITY,
+            e => e,
+        })
         .fold(0.0, f64::max)
 }
 
-/// SmolLM2's attention (64-wide heads, 9 query heads on 3 KV heads) for a
-/// chat's next turn: 18 tokens over 1,450 cached, cache padded to 1,536 cells.
-const TURN: Case = Case {
-    dk: 64,
-    dv: 64,
-    tokens: 18,
-    heads: 9,
-    kv_heads: 3,
-    streams: 1,
-    n_kv: 1536,
-    depth: 1450,
-    holes: (0, 0),
-    f16: true,
-    permuted: false,
-    amp: 2.0,
-    extra: Extra::None,
-};
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
 
-#[test]
-fn a_turn_over_a_long_cache_takes_the_small_batch_kernel_and_matches_the_reference() {
-    for threads in [1, 2, 3] {
-        let (got, want, small) = attend(TURN, threads);
-        assert!(small, "{threads} threads: the small-batch kernel did not run (is vendor/ggml-cpu/rbee.cmake in the build?)");
-        let error = max_error(&got, &want);
-        assert!(error < 1e-4, "{threads} threads: off by {error}");
+    /// Which kernel serves is one switch for the whole process: a test that turns
+    /// it holds this, and every test that runs the op takes it too.
+    pub(in crate::worker::engine) static SWITCH: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+    /// The op's output through ggml (`threads` threads) and the reference, both as
+    /// [stream][token][head][dv], and whether the small-batch kernel computed it.
+    fn attend(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
+        let _serving = SWITCH.read().unwrap_or_else(|p| p.into_inner());
+        run_op(case, threads)
     }
-}
 
-#[test]
-fn batch_sizes_head_groups_and_cache_layouts_match_the_reference() {
-    let cases = [
-        Case { tokens: 2, ..TURN },
-        Case { tokens: 63, ..TURN },
-        // A cache not a whole number of tiles, a part masked out (a whole tile in
-        // it), f32 cells.
-        Case {
-            n_kv: 1000,
-            depth: 900,
-            holes: (100, 300),
-            ..TURN
-        },
-        Case {
-            f16: false,
-            n_kv: 700,
-            depth: 650,
-            ..TURN
-        },
-        // No grouping (one KV head per query head), a grouping of 8 (a 7B
-        // llama's 32 on 4), 128-wide heads, several sequences in one op.
-        Case {
-            heads: 4,
-            kv_heads: 4,
-            ..TURN
-        },
-        Case {
-            heads: 32,
-            kv_heads: 4,
-            dk: 128,
-            dv: 128,
-            tokens: 5,
-            n_kv: 512,
-            depth: 400,
-            ..TURN
-        },
-        Case {
-            streams: 3,
-            tokens: 7,
-            n_kv: 600,
-            depth: 300,
-            ..TURN
-        },
-    ];
-    for case in cases {
-        let (got, want, small) = attend(case, 2);
-        let what = format!(
-            "{} tokens, {}/{} heads, {} cells",
-            case.tokens, case.heads, case.kv_heads, case.n_kv
-        );
-        assert!(small, "{what}: not the small-batch kernel");
-        let error = max_error(&got, &want);
-        assert!(error < 1e-4, "{what}: off by {error}");
+    fn run_op(case: Case, threads: i32) -> (Vec<f32>, Vec<f64>, bool) {
+        let Outcome {
+            got, want, small, ..
+        } = run(case, threads).expect("the op runs");
+        (got, want, small)
     }
-}
+    /// SmolLM2's attention (64-wide heads, 9 query heads on 3 KV heads) for a
+    /// chat's next turn: 18 tokens over 1,450 cached, cache padded to 1,536 cells.
+    const TURN: Case = Case {
+        dk: 64,
+        dv: 64,
+        tokens: 18,
+        heads: 9,
+        kv_heads: 3,
+        streams: 1,
+        n_kv: 1536,
+        depth: 1450,
+        holes: (0, 0),
+        blind: 0,
+        kv: ggml::GGML_TYPE_F16,
+        permuted: false,
+        amp: 2.0,
+        extra: Extra::None,
+    };
 
-#[test]
-fn other_shapes_keep_llama_cpps_kernels_and_still_match() {
-    // One token (decoding), 64 tokens (upstream's tiled kernel), a short cache
-    // (upstream's loop is faster there): the renamed upstream entry point runs.
-    let cases = [
-        Case { tokens: 1, ..TURN },
-        Case { tokens: 64, ..TURN },
-        Case {
-            depth: 40,
-            n_kv: 256,
-            ..TURN
-        },
-    ];
-    for case in cases {
-        let (got, want, small) = attend(case, 2);
-        assert!(
-            !small,
-            "{} tokens over {}: the small-batch kernel ran",
-            case.tokens, case.depth
-        );
-        // Upstream's one-token loop accumulates in f16.
-        let error = max_error(&got, &want);
-        assert!(
-            error < 5e-3,
-            "{} tokens over {}: off by {error}",
-            case.tokens,
-            case.depth
-        );
-    }
-}
-
-#[test]
-fn rbee_attn_kernel_upstream_hands_every_shape_to_llama_cpps_kernel() {
-    let _switching = SWITCH.write().unwrap_or_else(|p| p.into_inner());
-    kernel::Kernel::Upstream.serve();
-    let (got, want, small) = run_op(TURN, 2);
-    kernel::Kernel::Rbee.serve();
-    assert!(!small, "the small-batch kernel ran though turned off");
-    // Upstream's loop accumulates in f16.
-    let error = max_error(&got, &want);
-    assert!(error < 5e-3, "off by {error}");
-    let (_, _, small) = run_op(TURN, 2);
-    assert!(small, "turned on again, the small-batch kernel did not run");
-}
-
-#[test]
-fn the_shapes_llama_cpp_makes_match_the_reference() {
-    let mut cases = vec![
-        // Permuted views, as the graph builds Q, K and V.
-        Case {
-            permuted: true,
-            ..TURN
-        },
-        Case {
-            permuted: true,
-            streams: 2,
-            tokens: 9,
-            ..TURN
-        },
-        // Logits in the hundreds: the online softmax must not overflow.
-        Case { amp: 60.0, ..TURN },
-        // More threads than tiles (below): one KV head, two tokens.
-        Case {
-            heads: 2,
-            kv_heads: 1,
-            tokens: 2,
-            ..TURN
-        },
-        // K and V of different head sizes.
-        Case {
-            dk: 128,
-            dv: 64,
-            ..TURN
-        },
-    ];
-    // Head sizes of real models.
-    for d in [80, 96, 128, 256] {
-        cases.push(Case {
-            dk: d,
-            dv: d,
-            n_kv: 512,
-            depth: 450,
-            ..TURN
-        });
-    }
-    // Groups of 1–8 query heads on 1–8 KV heads.
-    for kv_heads in [1, 2, 4, 8] {
-        for group in [1, 2, 4, 8] {
-            cases.push(Case {
-                heads: kv_heads * group,
-                kv_heads,
-                tokens: 6,
-                n_kv: 384,
-                depth: 300,
-                ..TURN
-            });
+    #[test]
+    fn a_turn_over_a_long_cache_takes_the_small_batch_kernel_and_matches_the_reference() {
+        for threads in [1, 2, 3] {
+            let (got, want, small) = attend(TURN, threads);
+            assert!(small, "{threads} threads: the small-batch kernel did not run (is vendor/ggml-cpu/rbee.cmake in the build?)");
+            let error = max_error(&got, &want);
+            assert!(error < 1e-4, "{threads} threads: off by {error}");
         }
     }
-    for case in cases {
-        for threads in [2, 8] {
-            let (got, want, small) = attend(case, threads);
+
+    #[test]
+    fn batch_sizes_head_groups_and_cache_layouts_match_the_reference() {
+        let cases = [
+            Case { tokens: 2, ..TURN },
+            Case { tokens: 63, ..TURN },
+            // A cache not a whole number of tiles, a part masked out (a whole tile in
+            // it), f32 cells.
+            Case {
+                n_kv: 1000,
+                depth: 900,
+                holes: (100, 300),
+                ..TURN
+            },
+            Case {
+                kv: ggml::GGML_TYPE_F32,
+                n_kv: 700,
+                depth: 650,
+                ..TURN
+            },
+            // No grouping (one KV head per query head), a grouping of 8 (a 7B
+            // llama's 32 on 4), 128-wide heads, several sequences in one op.
+            Case {
+                heads: 4,
+                kv_heads: 4,
+                ..TURN
+            },
+            Case {
+                heads: 32,
+                kv_heads: 4,
+                dk: 128,
+                dv: 128,
+                tokens: 5,
+                n_kv: 512,
+                depth: 400,
+                ..TURN
+            },
+            Case {
+                streams: 3,
+                tokens: 7,
+                n_kv: 600,
+                depth: 300,
+                ..TURN
+            },
+        ];
+        for case in cases {
+            let (got, want, small) = attend(case, 2);
             let what = format!(
-                "{threads} threads, {}×{} head size, {}/{} heads, {} tokens, amp {}, permuted {}",
-                case.dk, case.dv, case.heads, case.kv_heads, case.tokens, case.amp, case.permuted
+                "{} tokens, {}/{} heads, {} cells",
+                case.tokens, case.heads, case.kv_heads, case.n_kv
             );
             assert!(small, "{what}: not the small-batch kernel");
             let error = max_error(&got, &want);
             assert!(error < 1e-4, "{what}: off by {error}");
         }
     }
-}
 
-#[test]
-fn what_the_kernel_does_not_know_reaches_upstreams() {
-    for extra in [Extra::Alibi, Extra::Softcap, Extra::Sinks] {
-        let (got, _, small) = attend(Case { extra, ..TURN }, 2);
-        assert!(!small, "{extra:?}: the small-batch kernel ran");
-        assert!(got.iter().all(|x| x.is_finite()), "{extra:?}: not finite");
+    #[test]
+    fn other_shapes_keep_llama_cpps_kernels_and_still_match() {
+        // One token (decoding), 64 tokens (upstream's tiled kernel), a short cache
+        // (upstream's loop is faster there): the renamed upstream entry point runs.
+        let cases = [
+            Case { tokens: 1, ..TURN },
+            Case { tokens: 64, ..TURN },
+            Case {
+                depth: 40,
+                n_kv: 256,
+                ..TURN
+            },
+        ];
+        for case in cases {
+            let (got, want, small) = attend(case, 2);
+            assert!(
+                !small,
+                "{} tokens over {}: the small-batch kernel ran",
+                case.tokens, case.depth
+            );
+            // Upstream's one-token loop accumulates in f16.
+            let error = max_error(&got, &want);
+            assert!(
+                error < 5e-3,
+                "{} tokens over {}: off by {error}",
+                case.tokens,
+                case.depth
+            );
+        }
+    }
+
+    #[test]
+    fn rbee_attn_kernel_upstream_hands_every_shape_to_llama_cpps_kernel() {
+        let _switching = SWITCH.write().unwrap_or_else(|p| p.into_inner());
+        kernel::Kernel::Upstream.serve();
+        let (got, want, small) = run_op(TURN, 2);
+        kernel::Kernel::Rbee.serve();
+        assert!(!small, "the small-batch kernel ran though turned off");
+        // Upstream's loop accumulates in f16.
+        let error = max_error(&got, &want);
+        assert!(error < 5e-3, "off by {error}");
+        let (_, _, small) = run_op(TURN, 2);
+        assert!(small, "turned on again, the small-batch kernel did not run");
+    }
+
+    #[test]
+    fn the_shapes_llama_cpp_makes_match_the_reference() {
+        let mut cases = vec![
+            // Permuted views, as the graph builds Q, K and V.
+            Case {
+                permuted: true,
+                ..TURN
+            },
+            Case {
+                permuted: true,
+                streams: 2,
+                tokens: 9,
+                ..TURN
+            },
+            // Logits in the hundreds: the online softmax must not overflow.
+            Case { amp: 60.0, ..TURN },
+            // More threads than tiles (below): one KV head, two tokens.
+            Case {
+                heads: 2,
+                kv_heads: 1,
+                tokens: 2,
+                ..TURN
+            },
+            // K and V of different head sizes.
+            Case {
+                dk: 128,
+                dv: 64,
+                ..TURN
+            },
+        ];
+        // Head sizes of real models.
+        for d in [80, 96, 128, 256] {
+            cases.push(Case {
+                dk: d,
+                dv: d,
+                n_kv: 512,
+                depth: 450,
+                ..TURN
+            });
+        }
+        // Groups of 1–8 query heads on 1–8 KV heads.
+        for kv_heads in [1, 2, 4, 8] {
+            for group in [1, 2, 4, 8] {
+                cases.push(Case {
+                    heads: kv_heads * group,
+                    kv_heads,
+                    tokens: 6,
+                    n_kv: 384,
+                    depth: 300,
+                    ..TURN
+                });
+            }
+        }
+        for case in cases {
+            for threads in [2, 8] {
+                let (got, want, small) = attend(case, threads);
+                let what = format!(
+                "{threads} threads, {}×{} head size, {}/{} heads, {} tokens, amp {}, permuted {}",
+                case.dk, case.dv, case.heads, case.kv_heads, case.tokens, case.amp, case.permuted
+            );
+                assert!(small, "{what}: not the small-batch kernel");
+                let error = max_error(&got, &want);
+                assert!(error < 1e-4, "{what}: off by {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn what_the_kernel_does_not_know_reaches_upstreams() {
+        let extras = [
+            Extra::Alibi,
+            Extra::Softcap,
+            Extra::Sinks,
+            Extra::VBroadcast,
+        ];
+        for extra in extras {
+            let (got, _, small) = attend(Case { extra, ..TURN }, 2);
+            assert!(!small, "{extra:?}: the small-batch kernel ran");
+            assert!(got.iter().all(|x| x.is_finite()), "{extra:?}: not finite");
+        }
+        // Quantized and BF16 caches (llama.cpp's --cache-type-k/v): upstream's
+        // kernel computes them, and close to the reference on the values the
+        // cells hold.
+        for kv in [
+            ggml::GGML_TYPE_Q8_0,
+            ggml::GGML_TYPE_Q4_0,
+            ggml::GGML_TYPE_BF16,
+        ] {
+            let (got, want, small) = attend(Case { kv, ..TURN }, 2);
+            assert!(!small, "type {kv}: the small-batch kernel ran");
+            let error = max_error(&got, &want);
+            assert!(error < 2e-2, "type {kv}: off by {error}");
+        }
+    }
+
+    #[test]
+    fn rows_that_see_no_cell_are_zero_in_both_kernels() {
+        // The batch's first three tokens see nothing (as a padded row would).
+        let case = Case { blind: 3, ..TURN };
+        let row = (case.heads * case.dv) as usize;
+        let _switching = SWITCH.write().unwrap_or_else(|p| p.into_inner());
+        for kernel in [kernel::Kernel::Rbee, kernel::Kernel::Upstream] {
+            kernel.serve();
+            let (got, want, small) = run_op(case, 2);
+            kernel::Kernel::Rbee.serve();
+            assert_eq!(small, kernel == kernel::Kernel::Rbee, "{kernel:?}");
+            // Upstream's loop accumulates in f16.
+            let error = max_error(&got, &want);
+            assert!(error < 5e-3, "{kernel:?}: off by {error}");
+            assert!(
+                got[..3 * row].iter().all(|x| *x == 0.0),
+                "{kernel:?}: a blind row is not zero"
+            );
+            assert!(got[3 * row..].iter().any(|x| *x != 0.0));
+        }
+    }
+
+    #[test]
+    fn fewer_tiles_than_threads_split_the_cache_among_them_and_still_match() {
+        // One KV head (Gemma 2B's 8 query heads on 1), a few tokens: one or two
+        // tiles for 4-16 threads. The cache is not a whole number of tiles, a part
+        // of it is masked out wholly (a range with nothing to see), a row sees nothing.
+        let few = Case {
+            heads: 8,
+            kv_heads: 1,
+            dk: 256,
+            dv: 256,
+            tokens: 3,
+            n_kv: 1000,
+            depth: 990,
+            holes: (130, 520),
+            blind: 1,
+            ..TURN
+        };
+        let cases = [
+            few,
+            Case { tokens: 5, ..few },
+            Case {
+                heads: 2,
+                kv_heads: 1,
+                dk: 64,
+                dv: 64,
+                tokens: 2,
+                blind: 0,
+                holes: (0, 0),
+                amp: 60.0,
+                ..few
+            },
+            Case {
+                permuted: true,
+                streams: 2,
+                ..few
+            },
+        ];
+        let _serving = SWITCH.read().unwrap_or_else(|p| p.into_inner());
+        for case in cases {
+            for threads in [4, 8, 16] {
+                let outcome = run(case, threads).expect("the op runs");
+                let what = format!("{threads} threads, {case:?}");
+                assert!(outcome.small && outcome.split, "{what}: not split");
+                let error = outcome.error();
+                assert!(error < 1e-4, "{what}: off by {error}");
+            }
+        }
+        // Tiles enough for every thread: not split.
+        let outcome = run(TURN, 2).expect("the op runs");
+        assert!(outcome.small && !outcome.split);
     }
 }

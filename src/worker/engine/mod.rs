@@ -15,8 +15,9 @@
 //! between two decode steps.
 //! This module and those three (with `rpc`, and `guard`, through which every
 //! call that can throw a C++ exception goes) are the only code that touches
-//! llama-cpp-2; `flash_attn` holds the tests of the CPU attention kernel rbee
-//! adds to llama.cpp (vendor/ggml-cpu).
+//! llama-cpp-2; `flash_attn` runs ggml's attention op against a reference (the
+//! self-test `kernel` runs at start, and the tests of the CPU attention kernel
+//! rbee adds to llama.cpp, vendor/ggml-cpu).
 
 mod embed;
 mod flash_attn;
