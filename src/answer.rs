@@ -31,9 +31,22 @@ pub struct Ending {
     pub cached_tokens: u32,
     /// Milliseconds the worker spent generating.
     pub decode_time_ms: u64,
+    /// The tokens it generated in that time: `tokens_out`, or after a
+    /// failover the last worker's share of them.
+    pub decoded_tokens: u32,
     /// Every token's log-probability, when the request asked and the answer
     /// was read whole ([`Pieces::whole`]).
     pub logprobs: Vec<TokenLogprob>,
+}
+
+impl Ending {
+    /// The decode speed, tokens/s: the last worker's tokens over its time (0 when it spent none).
+    pub fn tokens_per_second(&self) -> f64 {
+        match self.decode_time_ms {
+            0 => 0.0,
+            ms => f64::from(self.decoded_tokens) * 1000.0 / ms as f64,
+        }
+    }
 }
 
 /// Reads an answer's events as pieces. With `tool_calls`, text that may be
@@ -85,6 +98,7 @@ impl Pieces {
                     stop_reason,
                     cached_tokens,
                     decode_time_ms,
+                    figures,
                     ..
                 }) => {
                     let held = std::mem::take(&mut self.held);
@@ -98,6 +112,9 @@ impl Pieces {
                         tokens_out,
                         cached_tokens,
                         decode_time_ms,
+                        decoded_tokens: figures
+                            .and_then(|f| f.decoded_tokens)
+                            .unwrap_or(tokens_out),
                         logprobs: Vec::new(),
                     });
                     if text.is_empty() {

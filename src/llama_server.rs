@@ -164,7 +164,7 @@ impl Answer {
                "timings": {"prompt_n": self.prompt_tokens.saturating_sub(end.cached_tokens),
                            "prompt_ms": (total_ms - predicted_ms).max(0.0),
                            "predicted_n": end.tokens_out, "predicted_ms": predicted_ms,
-                           "predicted_per_second": if predicted_ms > 0.0 { f64::from(end.tokens_out) * 1000.0 / predicted_ms } else { 0.0 }}})
+                           "predicted_per_second": end.tokens_per_second()}})
     }
 }
 

@@ -206,6 +206,7 @@ mod tests {
             tokens_out: 3,
             cached_tokens: 2,
             decode_time_ms: 1,
+            decoded_tokens: 3,
             logprobs: vec![],
         };
         let v = a.whole("hi", &end(StopReason::StopSequence, vec![]));

@@ -163,10 +163,9 @@ impl<O: Write, E: Write> JobView<O, E> {
     /// One line on how the answer went (`--verbose`), once `end` came.
     pub fn summary(&self) -> Option<String> {
         let end = self.end.as_ref()?;
-        let rate = match end.decode_time_ms {
-            0 => "-".to_string(),
-            ms => format!("{:.1}", f64::from(end.tokens_out) * 1000.0 / ms as f64),
-        };
+        let rate =
+            crate::protocol::decode_rate(end.tokens_out, end.decode_time_ms, end.figures.as_ref())
+                .map_or("-".to_string(), |r| format!("{r:.1}"));
         let stop = serde_json::to_value(end.stop_reason)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -329,6 +328,20 @@ mod tests {
         assert_eq!(view.answer, "Paris");
         drop(view);
         assert_eq!(String::from_utf8(out).unwrap(), "Paris");
+    }
+
+    #[test]
+    fn after_a_failover_the_rate_is_the_last_workers_tokens_over_its_time() {
+        // 89 tokens in the job, 2 of them from the worker that took over, in 20 ms:
+        // 100 tokens/s, not 4,450.
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut view = JobView::new(&mut out, &mut err, false, false, false);
+        view.event(r#"{"type":"end","tokens_out":89,"decode_time_ms":20,"stop_reason":"max_tokens","figures":{"hive":"h","worker":"w","time_to_first_token_ms":9,"decoded_tokens":2}}"#);
+        let summary = view.summary().expect("a summary");
+        assert!(
+            summary.contains("89 tokens out, 100.0 tokens/s"),
+            "{summary}"
+        );
     }
 
     #[test]

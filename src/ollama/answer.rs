@@ -86,7 +86,14 @@ impl Answer {
         v["prompt_eval_count"] = json!(self.prompt_tokens);
         v["prompt_eval_duration"] = json!(nanos(prompt));
         v["eval_count"] = json!(end.tokens_out);
-        v["eval_duration"] = json!(end.decode_time_ms * 1_000_000);
+        // After a failover the last worker's decode time covers only its share
+        // of the tokens: the answer's generation is then the time since its
+        // first token, so eval_count / eval_duration stays a true rate.
+        let generating = match (end.decoded_tokens < end.tokens_out, self.first) {
+            (true, Some(first)) => first.elapsed(),
+            _ => decode,
+        };
+        v["eval_duration"] = json!(nanos(generating));
         v
     }
 }
@@ -273,6 +280,7 @@ mod tests {
             tokens_out: 3,
             cached_tokens: 0,
             decode_time_ms: 2,
+            decoded_tokens: 3,
             logprobs: vec![],
         };
         let v = a.done("hi", &end);

@@ -338,6 +338,7 @@ mod tests {
             tokens_out: 9,
             cached_tokens: 0,
             decode_time_ms: 1,
+            decoded_tokens: 9,
             logprobs: vec![],
         };
         // Without tools in the request, the text is just text.
@@ -376,6 +377,7 @@ mod tests {
             tokens_out,
             cached_tokens: 0,
             decode_time_ms: 1,
+            decoded_tokens: tokens_out,
             logprobs: vec![],
         }
     }

@@ -29,6 +29,23 @@ pub struct JobFigures {
     pub worker: String,
     /// From the job's creation to its first token: placement, loading and prompt included.
     pub time_to_first_token_ms: u64,
+    /// The tokens the last worker generated in the `end`'s `decode_time_ms`:
+    /// after a failover fewer than `tokens_out`, which counts the whole job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoded_tokens: Option<u32>,
+}
+
+/// The decode speed an `end` event gives, tokens/s: the tokens the last
+/// worker generated over the time it spent generating them (`None` when it
+/// spent none). A queen's `end` after a failover counts the whole job's tokens
+/// in `tokens_out` and names the last worker's in its figures.
+pub fn decode_rate(
+    tokens_out: u32,
+    decode_time_ms: u64,
+    figures: Option<&JobFigures>,
+) -> Option<f64> {
+    let decoded = figures.and_then(|f| f.decoded_tokens).unwrap_or(tokens_out);
+    (decode_time_ms > 0).then(|| f64::from(decoded) * 1000.0 / decode_time_ms as f64)
 }
 
 /// What a client key may reach: `use`, inference, models and embeddings;

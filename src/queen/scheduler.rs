@@ -197,11 +197,13 @@ struct Sent {
 
 impl Sent {
     /// The queen's part of the `end` event: who answered, how soon.
-    fn figures(&self, target: &Target) -> Option<JobFigures> {
+    /// The `end`'s figures; `decoded`: the tokens the last worker generated.
+    fn figures(&self, target: &Target, decoded: u32) -> Option<JobFigures> {
         Some(JobFigures {
             hive: target.hive.name.clone(),
             worker: target.worker_id.clone(),
             time_to_first_token_ms: self.first_token_ms,
+            decoded_tokens: Some(decoded),
         })
     }
 }
@@ -370,7 +372,7 @@ async fn relay(
             stop_reason: StopReason::MaxTokens,
             cached_tokens: 0,
             ids: Vec::new(),
-            figures: sent.figures(target),
+            figures: sent.figures(target, 0),
         }));
         return Ok(());
     }
@@ -494,7 +496,7 @@ impl Relaying {
                     stop_reason,
                     cached_tokens,
                     ids,
-                    figures: sent.figures(target),
+                    figures: sent.figures(target, tokens_out),
                 }
             }
             other => other,
@@ -992,14 +994,20 @@ mod tests {
             })
             .collect();
         assert_eq!(numbers, [0, 1, 2, 3, 4]);
-        let ends: Vec<u32> = events
+        let ends: Vec<(u32, Option<u32>)> = events
             .iter()
             .filter_map(|e| match e {
-                JobEvent::Inference(InferenceEvent::End { tokens_out, .. }) => Some(*tokens_out),
+                JobEvent::Inference(InferenceEvent::End {
+                    tokens_out,
+                    figures,
+                    ..
+                }) => Some((*tokens_out, figures.as_ref().and_then(|f| f.decoded_tokens))),
                 _ => None,
             })
             .collect();
-        assert_eq!(ends, [5]);
+        // The job's 5 tokens; the 3 the last worker generated in its decode time
+        // (what a rate divides, not the job's).
+        assert_eq!(ends, [(5, Some(3))]);
         let started =
             |e: &&JobEvent| matches!(e, JobEvent::Inference(InferenceEvent::Started { .. }));
         assert_eq!(

@@ -397,6 +397,7 @@ mod tests {
             tokens_out: 2,
             cached_tokens: 0,
             decode_time_ms: 1,
+            decoded_tokens: 2,
             logprobs: vec![],
         };
         let response = answer.finish("It is sunny.", &end);
