@@ -350,6 +350,64 @@ def chat_section(a, with_llama):
             for name, runs in one.items()}
 
 
+def synthetic_model(shape, qtype="Q4_0"):
+    """The synthetic GGUF of `shape` (bench/synthetic.py: real shapes, random weights),
+    written on first use."""
+    path = ROOT / f".models/synthetic/{shape}-{qtype}.gguf"
+    subprocess.run([sys.executable, str(ROOT / "bench/synthetic.py"), shape, "--type", qtype, "--out", str(path)],
+                   check=True, env=dict(os.environ, PYTHONPATH=str(ROOT / ".models/py")))
+    return path
+
+
+def chat_scaling(a, with_llama):
+    """The chat section again, shorter (one run, flash attention as each starts), where
+    rbee's attention kernel meets other shapes: SmolLM2 at more threads (on a machine
+    with fewer cores, oversubscribed: a correctness and regression check, the speed
+    figure comes from machines with the cores), and synthetic models of other attention
+    shapes (llama-8kv128: an 8B's 8 KV heads of size 128, 4 layers)."""
+    out = {}
+    variants = [(f"SmolLM2, {t} threads", {"threads": t}) for t in a.chat_threads]
+    variants += [(f"{shape}, {a.threads} threads", {"model": str(synthetic_model(shape)),
+                                                    "doc_sentences": a.doc_sentences // 2})
+                 for shape in a.chat_shapes]
+    for label, changes in variants:
+        v = argparse.Namespace(**vars(a))
+        v.chat_runs, v.chat_fa_off, v.conversations, v.chat_rounds = 1, False, min(a.conversations, 4), 2
+        for k, value in changes.items():
+            setattr(v, k, value)
+        print(f"chat: {label}", file=sys.stderr)
+        out[label] = chat_section(v, with_llama)
+    return out
+
+
+def chat_scaling_lines(scaling):
+    lines = ["chat turns at other threads and shapes, TTFT ms (one run each; rbee/llama-server):",
+             f"{'variant':<28}{'contender':<16}{'turn 1':>10}{'turns 2+':>10}{'interleaved 2+':>16}"]
+    for label, chat in scaling.items():
+        for k, v in chat.items():
+            lines.append(f"{label:<28}{k:<16}{v['first_turn_ms']:>10.1f}{v['later_turns_ms']:>10.1f}"
+                         f"{v['interleaved_later_turns_ms']:>16.1f}")
+        if "llama-server" in chat:
+            r, l = chat["rbee worker"], chat["llama-server"]
+            lines.append(f"{'':<28}{'ratio':<16}{r['first_turn_ms'] / l['first_turn_ms']:>10.2f}"
+                         f"{r['later_turns_ms'] / l['later_turns_ms']:>10.2f}"
+                         f"{r['interleaved_later_turns_ms'] / l['interleaved_later_turns_ms']:>16.2f}")
+    return lines
+
+
+def chat_scaling_only(a):
+    """Only the chat section at other threads and shapes (`--chat-scaling-only`)."""
+    with_llama = Path(a.llama_server).exists()
+    scaling = chat_scaling(a, with_llama)
+    lines = [f"machine: {os.cpu_count()} cores", *chat_scaling_lines(scaling)]
+    print("\n".join(lines))
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    out = Path(a.out) / time.strftime("chat-scaling-%Y%m%d-%H%M%S.json")
+    out.write_text(json.dumps({"settings": vars(a), "llama_cpp_versions": a.llama_version,
+                               "chat_scaling": scaling, "table": lines}, indent=1))
+    print(f"written: {out}")
+
+
 def http_get(port, path):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     c.request("GET", path)
@@ -440,6 +498,12 @@ def main():
     ap.add_argument("--chat-rounds", type=int, default=3)
     ap.add_argument("--no-chat-fa-off", dest="chat_fa_off", action="store_false",
                     help="leave out the chat section's flash-attention-off rows")
+    ap.add_argument("--chat-threads", type=lambda s: [int(t) for t in s.split(",") if t], default=[8, 16],
+                    help="the chat section again at these thread counts (SmolLM2)")
+    ap.add_argument("--chat-shapes", type=lambda s: [t for t in s.split(",") if t], default=["llama-8kv128"],
+                    help="the chat section again on these synthetic shapes (bench/synthetic.py)")
+    ap.add_argument("--chat-scaling-only", action="store_true",
+                    help="only the chat section at other threads and shapes")
     ap.add_argument("--split-runs", type=int, default=5)
     ap.add_argument("--split-layers", type=int, default=15, help="of SmolLM2's 30, on the lending hive")
     ap.add_argument("--tiny", action="store_true", help="one quick run of rbee's own contenders (for the test)")
@@ -452,9 +516,12 @@ def main():
         a.chat_runs, a.chat_turns, a.chat_tokens, a.doc_sentences = 1, 2, 4, 6
         a.conversations, a.chat_rounds, a.chat_slots, a.chat_ctx = 3, 2, 2, 2048
         a.split_runs, a.chat_fa_off = 1, False
+        a.chat_threads, a.chat_shapes = [], []
     concurrency = [int(c) for c in a.concurrency.split(",")]
     if a.fronts_only:
         return fronts_only(a)
+    if a.chat_scaling_only:
+        return chat_scaling_only(a)
     with_llama = not a.tiny and Path(a.llama_server).exists()
     if not a.tiny and not with_llama:
         sys.exit(f"{a.llama_server} is missing: run `make bench`, which builds it")
@@ -492,6 +559,7 @@ def main():
                        for r in json.loads(out or "[]")]
 
     chat = chat_section(a, with_llama)
+    scaling = chat_scaling(a, with_llama)
     import split
     split_figures = split.section(a)
 
@@ -545,6 +613,7 @@ def main():
         checks.append(("chat turns 2+ TTFT rbee/llama-server ≤ 1.0", ratio(r["later_turns_ms"], l["later_turns_ms"]), -1.0))
         checks.append(("interleaved turns 2+ TTFT rbee/llama-server ≤ 1.0",
                        ratio(r["interleaved_later_turns_ms"], l["interleaved_later_turns_ms"]), -1.0))
+    lines += chat_scaling_lines(scaling)
     lines += split.lines(split_figures, a)
     for name, value, target in checks:
         met = value >= target if target > 0 else value <= -target
@@ -558,7 +627,7 @@ def main():
     out.write_text(json.dumps({"settings": vars(a), "llama_cpp_versions": a.llama_version, "single": single,
                                "medians": med, "aggregate": agg, "aggregate_medians": med_agg,
                                "cold_start_ms": cold, "memory_mb": memory, "llama_bench": llama_bench,
-                               "chat": chat, "split": split_figures, "fronts": fronts,
+                               "chat": chat, "chat_scaling": scaling, "split": split_figures, "fronts": fronts,
                                "previous_response": previous,
                                "fronts_medians": med_fronts,
                                "checks": [{"name": n, "value": v} for n, v, _ in checks],

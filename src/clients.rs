@@ -58,6 +58,16 @@ impl HiveClient {
         client::call(Method::DELETE, &url, self.token(), None::<&()>).await
     }
 
+    /// `PUT /v1/models/{name}/settings`: the entry with its new settings.
+    pub async fn set_model_settings(
+        &self,
+        name: &str,
+        settings: &crate::protocol::ModelSettings,
+    ) -> Result<ModelEntry, ApiError> {
+        let url = self.at(&format!("/v1/models/{}/settings", segment(name)));
+        client::call(Method::PUT, &url, self.token(), Some(settings)).await
+    }
+
     /// `DELETE /v1/models/download/partial`: the partial downloads removed.
     pub async fn remove_partials(&self) -> Result<PartialsRemoved, ApiError> {
         let url = self.at("/v1/models/download/partial");

@@ -7,6 +7,7 @@
 //! a few megabytes at most (the tokenizer's vocabulary is the bulk of it).
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>.
 
+use crate::protocol::CacheType;
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufReader, Read};
 use std::path::Path;
@@ -228,7 +229,8 @@ pub const BATCH_TOKENS: u64 = 512;
 pub struct Estimate {
     /// The weights: the file, less its header.
     pub weights: u64,
-    /// The KV cache: layers × tokens (slots × context) × (K + V widths) × 2 bytes (f16).
+    /// The KV cache: layers × tokens (slots × context) × (K + V widths) × the
+    /// bytes a cell takes (2 for f16; 34/32 for q8_0, 18/32 for q4_0).
     pub kv_cache: u64,
     /// llama.cpp's compute buffer and logits for one batch, plus a fixed margin.
     pub compute: u64,
@@ -244,11 +246,19 @@ impl Estimate {
 const MARGIN: u64 = 48 << 20;
 
 /// The memory a worker of this model with `slots` × `ctx_per_slot` tokens of
-/// context will take. Checked against what llama.cpp reports allocating for
-/// SmolLM2 (see the test below and ARCHITECTURE.md).
-pub fn estimate(info: &GgufInfo, file_size: u64, slots: u64, ctx_per_slot: u64) -> Estimate {
-    let kv_width = info.head_count_kv * (info.key_length + info.value_length);
-    let kv_cache = info.layers * slots * ctx_per_slot * kv_width * 2;
+/// context, its KV cache's K and V cells of types `kv`, will take. Checked
+/// against what llama.cpp reports allocating for SmolLM2 (see the test below
+/// and ARCHITECTURE.md).
+pub fn estimate(
+    info: &GgufInfo,
+    file_size: u64,
+    slots: u64,
+    ctx_per_slot: u64,
+    kv: (CacheType, CacheType),
+) -> Estimate {
+    let per_token_32 = info.head_count_kv
+        * (info.key_length * kv.0.bytes_per_32() + info.value_length * kv.1.bytes_per_32());
+    let kv_cache = (info.layers * slots * ctx_per_slot * per_token_32).div_ceil(32);
     // llama.cpp's compute buffer for a batch is dominated by the logits
     // (vocab × batch) and a few hidden-width activations, all f32. For
     // SmolLM2 at 1×2048, 4×4096 and 8×1024 tokens it reported 104.8, 106.8
@@ -289,11 +299,12 @@ pub fn split_cost(
     file_size: u64,
     slots: u64,
     ctx_per_slot: u64,
+    kv: (CacheType, CacheType),
 ) -> Option<SplitCost> {
     if info.layers == 0 || info.layer_bytes == 0 {
         return None;
     }
-    let whole = estimate(info, file_size, slots, ctx_per_slot);
+    let whole = estimate(info, file_size, slots, ctx_per_slot, kv);
     let activations = 8 * info.embedding_length * BATCH_TOKENS * 4;
     let logits = info.vocab_size * BATCH_TOKENS * 4;
     let per_layer = (info.layer_bytes + whole.kv_cache).div_ceil(info.layers);
@@ -548,12 +559,42 @@ pub mod tests {
     fn the_kv_cache_grows_with_slots_and_context() {
         let info = smollm2();
         // 30 layers × 3 heads × (64 + 64) × 2 bytes = 23,040 bytes per token.
-        let one = estimate(&info, 100 << 20, 1, 4096);
+        let one = estimate(&info, 100 << 20, 1, 4096, F16S);
         assert_eq!(one.kv_cache, 4096 * 23_040);
-        let four = estimate(&info, 100 << 20, 4, 4096);
+        let four = estimate(&info, 100 << 20, 4, 4096, F16S);
         assert_eq!(four.kv_cache, 4 * one.kv_cache);
         assert_eq!(four.weights, 100 << 20);
         assert!(four.total() > four.weights + four.kv_cache);
+    }
+
+    /// f16 K and V cells: llama.cpp's default.
+    const F16S: (CacheType, CacheType) = (CacheType::F16, CacheType::F16);
+
+    #[test]
+    fn a_quantized_kv_cache_takes_its_blocks_bytes() {
+        let info = smollm2();
+        let f16 = estimate(&info, 100 << 20, 4, 4096, F16S).kv_cache;
+        let q8 = estimate(
+            &info,
+            100 << 20,
+            4,
+            4096,
+            (CacheType::Q8_0, CacheType::Q8_0),
+        )
+        .kv_cache;
+        let q4 = estimate(
+            &info,
+            100 << 20,
+            4,
+            4096,
+            (CacheType::Q4_0, CacheType::Q4_0),
+        )
+        .kv_cache;
+        // 34 and 18 bytes a block of 32 cells against f16's 64.
+        assert_eq!(q8 * 64, f16 * 34);
+        assert_eq!(q4 * 64, f16 * 18);
+        let mixed = estimate(&info, 100 << 20, 4, 4096, (CacheType::Q8_0, CacheType::F16)).kv_cache;
+        assert_eq!(mixed, (q8 + f16) / 2);
     }
 
     #[test]
@@ -577,8 +618,8 @@ pub mod tests {
             output_bytes: 20 << 20,
             ..smollm2()
         };
-        let cost = split_cost(&info, 100 << 20, 4, 4096).unwrap();
-        let whole = estimate(&info, 100 << 20, 4, 4096);
+        let cost = split_cost(&info, 100 << 20, 4, 4096, F16S).unwrap();
+        let whole = estimate(&info, 100 << 20, 4, 4096, F16S);
         assert_eq!(cost.per_layer, ((60 << 20) + whole.kv_cache).div_ceil(30));
         assert_eq!(cost.host, (40 << 20) + whole.compute);
         // The worker's share and the layers add up to the whole model on one
@@ -588,7 +629,7 @@ pub mod tests {
         let shares = cost.host + 30 * cost.per_layer;
         assert!(shares >= whole.total() && shares < whole.total() + 30);
         assert_eq!(cost.output, (20 << 20) + 49152 * BATCH_TOKENS * 4);
-        assert_eq!(split_cost(&smollm2(), 100 << 20, 4, 4096), None);
+        assert_eq!(split_cost(&smollm2(), 100 << 20, 4, 4096, F16S), None);
     }
 
     #[test]

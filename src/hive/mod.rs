@@ -387,6 +387,7 @@ enum Endpoint {
     State,
     Models,
     DeleteModel,
+    ModelSettings,
     Download,
     DownloadProgress,
     RemovePartials,
@@ -409,6 +410,11 @@ const ROUTES: &[Route<Endpoint>] = &[
     (Method::GET, "/v1/state/stream", Endpoint::State),
     (Method::GET, "/v1/models", Endpoint::Models),
     (Method::DELETE, "/v1/models/{}", Endpoint::DeleteModel),
+    (
+        Method::PUT,
+        "/v1/models/{}/settings",
+        Endpoint::ModelSettings,
+    ),
     (Method::POST, "/v1/models/download", Endpoint::Download),
     (
         Method::DELETE,
@@ -461,6 +467,7 @@ async fn route(h: Hive, mut req: Request<Incoming>) -> Response<Body> {
             .models
             .delete(param)
             .map(|entry| http::json(StatusCode::OK, &entry)),
+        Endpoint::ModelSettings => model_settings(&h, param, req).await,
         Endpoint::Download => download(&h, req).await,
         Endpoint::DownloadProgress => download_progress(&h, &req),
         Endpoint::RemovePartials => Ok(http::json(StatusCode::OK, &h.models.remove_partials())),
@@ -528,6 +535,12 @@ async fn spawn(h: &Hive, req: Request<Incoming>) -> Reply {
     let body: SpawnRequest = http::read_json(req).await?;
     let info = h.state.spawn(&body, reached).await?;
     Ok(http::json(StatusCode::ACCEPTED, &info))
+}
+
+async fn model_settings(h: &Hive, name: &str, req: Request<Incoming>) -> Reply {
+    let settings: crate::protocol::ModelSettings = http::read_json(req).await?;
+    let entry = h.state.set_settings(name, settings)?;
+    Ok(http::json(StatusCode::OK, &entry))
 }
 
 async fn lend(h: &Hive, req: Request<Incoming>) -> Reply {

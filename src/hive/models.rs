@@ -15,7 +15,7 @@ use crate::disk;
 use crate::model_ref::{HfPick, ModelRef};
 use crate::protocol::{
     now_rfc3339, ApiError, DownloadEvent, DownloadStarted, DownloadState, ErrorCode, Hashing,
-    ModelEntry,
+    ModelEntry, ModelSettings,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -227,6 +227,26 @@ impl Models {
         Ok(entry)
     }
 
+    /// Sets a model's worker settings (what `plan_for` starts its workers
+    /// with); the entry as it now is. The caller has checked them.
+    pub fn set_settings(
+        &self,
+        name: &str,
+        settings: ModelSettings,
+    ) -> Result<ModelEntry, ApiError> {
+        let mut entry = self.catalog.get(name).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("no model named {name} in this hive's catalog"),
+            )
+        })?;
+        entry.settings = settings;
+        self.catalog
+            .put(&entry)
+            .map_err(|m| ApiError::new(ErrorCode::Internal, m))?;
+        Ok(entry)
+    }
+
     /// A catalog entry whose file is still there.
     fn on_disk(&self, model_ref: &str, path: Option<&Path>) -> Option<ModelEntry> {
         self.catalog
@@ -434,6 +454,7 @@ fn entry_for(
         owned,
         added_at: now_rfc3339(),
         hashing: None,
+        settings: Default::default(),
     }
 }
 

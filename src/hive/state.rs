@@ -10,8 +10,8 @@ use super::workers::{Plan, Workers};
 use crate::gguf::{self, GgufInfo};
 use crate::http::{self, sse};
 use crate::protocol::{
-    ApiError, ErrorCode, HiveModel, HiveSnapshot, LeaseInfo, LeaseRequest, MemoryPool, ModelEntry,
-    SpawnRequest, SplitCostMb, WorkerInfo, WorkerState,
+    ApiError, CacheType, ErrorCode, HiveModel, HiveSnapshot, LeaseInfo, LeaseRequest, MemoryPool,
+    ModelEntry, ModelSettings, SpawnRequest, SplitCostMb, WorkerInfo, WorkerState,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -80,12 +80,20 @@ pub fn ctx_per_slot(asked: Option<u32>, model_ctx: u64) -> u32 {
 /// How a worker of `info` would be started with `slots` × `ctx` tokens, and
 /// the memory it would take: llama.cpp's share (weights, KV cache, compute)
 /// plus a host-memory prompt cache as large as its KV cache.
-pub fn plan(info: &GgufInfo, file_size: u64, slots: u32, ctx: u32, threads: u32) -> Plan {
-    let est = gguf::estimate(info, file_size, u64::from(slots), u64::from(ctx));
+pub fn plan(
+    info: &GgufInfo,
+    file_size: u64,
+    (slots, ctx): (u32, u32),
+    cache_type: CacheType,
+    threads: u32,
+) -> Plan {
+    let kv = (cache_type, cache_type);
+    let est = gguf::estimate(info, file_size, u64::from(slots), u64::from(ctx), kv);
     let cache_ram_mb = est.kv_cache.div_ceil(1 << 20);
     Plan {
         slots,
         ctx_size: ctx,
+        cache_type,
         threads,
         cache_ram_mb,
         memory_mb: est.total().div_ceil(1 << 20) + cache_ram_mb,
@@ -146,8 +154,15 @@ impl State {
         Ok(info)
     }
 
-    /// How a worker of `entry` would run with these settings, and what it takes.
-    pub fn plan_for(&self, entry: &ModelEntry, slots: Option<u32>, ctx: Option<u32>) -> Plan {
+    /// How a worker of `entry` would run with these settings (each unset: the
+    /// model's own setting, else the hive's default), and what it takes.
+    pub fn plan_for(
+        &self,
+        entry: &ModelEntry,
+        slots: Option<u32>,
+        ctx: Option<u32>,
+        cache_type: Option<CacheType>,
+    ) -> Plan {
         let info = self.header(entry).unwrap_or_else(|e| {
             tracing::warn!("cannot read {}'s header for its estimate: {e}", entry.name);
             GgufInfo {
@@ -159,12 +174,49 @@ impl State {
                 ..GgufInfo::default()
             }
         });
-        let slots = slots.unwrap_or(DEFAULT_SLOTS);
-        let ctx = ctx_per_slot(ctx, info.context_length);
-        let mut plan = plan(&info, entry.size, slots, ctx, crate::machine::cores());
-        plan.split = gguf::split_cost(&info, entry.size, slots.into(), ctx.into())
+        let set = entry.settings;
+        let slots = slots.or(set.slots).unwrap_or(DEFAULT_SLOTS);
+        let ctx = ctx_per_slot(ctx.or(set.ctx_size), info.context_length);
+        let cache_type = cache_type.or(set.cache_type).unwrap_or_default();
+        let mut plan = plan(
+            &info,
+            entry.size,
+            (slots, ctx),
+            cache_type,
+            crate::machine::cores(),
+        );
+        let kv = (cache_type, cache_type);
+        plan.split = gguf::split_cost(&info, entry.size, slots.into(), ctx.into(), kv)
             .map(|cost| SplitCostMb::of(&cost, plan.cache_ram_mb));
         plan
+    }
+
+    /// `PUT /v1/models/{name}/settings`: a model's worker settings, checked as a
+    /// spawn would check them (slots and context against the model's and
+    /// llama.cpp's limits; a quantized cache needs this hive's workers to
+    /// have flash attention); the entry as it now is.
+    pub fn set_settings(
+        &self,
+        name: &str,
+        settings: ModelSettings,
+    ) -> Result<ModelEntry, ApiError> {
+        let entry = self.models.catalog().get(name).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("no model named {name} in this hive's catalog"),
+            )
+        })?;
+        let with = ModelEntry {
+            settings,
+            ..entry.clone()
+        };
+        let plan = self.plan_for(&with, None, None, None);
+        crate::protocol::check_slots(plan.slots, plan.ctx_size, entry.context_length)
+            .map_err(|(field, message)| ApiError::invalid(field, format!("{name}: {message}")))?;
+        plan.cache_type
+            .check_v(self.workers.flash_attn())
+            .map_err(|e| ApiError::invalid("cache_type", format!("{name}: {e}")))?;
+        self.models.set_settings(name, settings)
     }
 
     /// Starts a worker if the budget has room for it; else `INSUFFICIENT_MEMORY`
@@ -177,10 +229,13 @@ impl State {
         reached: super::workers::Reached,
     ) -> Result<WorkerInfo, ApiError> {
         let entry = self.models.find(&req.model_ref).await?;
-        let plan = self.plan_for(&entry, req.slots, req.ctx_size);
+        let plan = self.plan_for(&entry, req.slots, req.ctx_size, req.cache_type);
         crate::protocol::check_slots(plan.slots, plan.ctx_size, entry.context_length).map_err(
             |(field, message)| ApiError::invalid(field, format!("{}: {message}", entry.name)),
         )?;
+        plan.cache_type
+            .check_v(self.workers.flash_attn())
+            .map_err(|e| ApiError::invalid("cache_type", format!("{}: {e}", entry.name)))?;
         let mut plan = plan;
         if !req.remotes.is_empty() {
             for r in &req.remotes {
@@ -273,7 +328,7 @@ impl State {
             .list()
             .into_iter()
             .map(|entry| {
-                let plan = self.plan_for(&entry, None, None);
+                let plan = self.plan_for(&entry, None, None, None);
                 HiveModel {
                     memory_estimate_mb: plan.memory_mb,
                     split: plan.split,

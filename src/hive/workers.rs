@@ -68,6 +68,8 @@ pub struct WorkerTls {
 pub struct Plan {
     pub slots: u32,
     pub ctx_size: u32,
+    /// The KV cache's cells, K and V.
+    pub cache_type: crate::protocol::CacheType,
     pub threads: u32,
     /// The worker's host-memory prompt cache (`--cache-ram`).
     pub cache_ram_mb: u64,
@@ -108,6 +110,11 @@ impl Workers {
             spawner: Spawner::new()?,
             changes,
         })
+    }
+
+    /// The flash attention this hive's workers start with.
+    pub fn flash_attn(&self) -> crate::protocol::FlashAttn {
+        self.settings.flash_attn
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
@@ -248,6 +255,8 @@ impl Workers {
             .args(["--threads", &plan.threads.to_string()])
             .args(["--cache-ram", &plan.cache_ram_mb.to_string()])
             .args(["--flash-attn", s.flash_attn.as_str()])
+            .args(["--cache-type-k", plan.cache_type.as_str()])
+            .args(["--cache-type-v", plan.cache_type.as_str()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

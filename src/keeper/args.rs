@@ -350,6 +350,7 @@ pub enum ModelsAction {
     Download(ModelsDownload),
     Remove(ModelsRemove),
     Clean(ModelsClean),
+    Set(ModelsSet),
 }
 
 /// List a hive's models.
@@ -386,6 +387,32 @@ pub struct ModelsRemove {
     /// the hive (default localhost)
     #[argh(option, default = "String::from(\"localhost\")")]
     pub node: String,
+}
+
+/// Set how a model's workers start on a hive: context, slots, KV cache type.
+/// Its memory estimate, placement and every new worker of it follow; a
+/// worker already running keeps what it started with.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "set", help_triggers("-h", "--help"))]
+pub struct ModelsSet {
+    /// the catalog name
+    #[argh(positional)]
+    pub name: String,
+    /// the hive (default localhost)
+    #[argh(option, default = "String::from(\"localhost\")")]
+    pub node: String,
+    /// context of each slot, in tokens
+    #[argh(option)]
+    pub ctx: Option<u32>,
+    /// requests a worker serves at once, each with its own context
+    #[argh(option)]
+    pub slots: Option<u32>,
+    /// the KV cache's cells: f16, q8_0 (about half the memory) or q4_0
+    #[argh(option, from_str_fn(crate::protocol::CacheType::parse))]
+    pub cache_type: Option<crate::protocol::CacheType>,
+    /// back to the hive's defaults (then the options given, if any)
+    #[argh(switch)]
+    pub reset: bool,
 }
 
 /// Remove a hive's partial downloads (those not running), freeing their space.

@@ -9,7 +9,7 @@ use super::args::{
 };
 use super::config::{self, Config};
 use super::models::{
-    list, models_clean, models_download, models_list, models_remove, stop, workers_list,
+    list, models_clean, models_download, models_list, models_remove, models_set, stop, workers_list,
 };
 use super::queen::Queen;
 use super::table::{lends, mb, print_json, Table};
@@ -51,6 +51,7 @@ pub async fn manage(queen: &Queen, command: Command) -> Result<u8, String> {
             ModelsAction::Download(d) => models_download(queen, d).await,
             ModelsAction::Remove(r) => models_remove(queen, &r.node, &r.name).await,
             ModelsAction::Clean(c) => models_clean(queen, &c.node).await,
+            ModelsAction::Set(s) => models_set(queen, s).await,
         },
         Command::Pull(p) => {
             let d = ModelsDownload {

@@ -2,7 +2,7 @@
 //! removed, partial downloads cleaned) and workers (listed, stopped by id or
 //! by model). Lists are tables with a header (`--json` for scripts).
 
-use super::args::ModelsDownload;
+use super::args::{ModelsDownload, ModelsSet};
 use super::queen::Queen;
 use super::render::Progress;
 use super::table::{bytes, mb, print_json, worker_hives, Table};
@@ -10,7 +10,7 @@ use crate::http::sse::Frame;
 use crate::http::{client, segment};
 use crate::protocol::{
     parse_rfc3339, DownloadEvent, DownloadRequest, DownloadStarted, HiveWorker, ModelEntry,
-    PartialsRemoved, QueenStatus,
+    ModelSettings, PartialsRemoved, QueenStatus,
 };
 use hyper::Method;
 use std::io::IsTerminal;
@@ -21,7 +21,7 @@ pub(super) async fn models_list(queen: &Queen, node: &str, json: bool) -> Result
     if json {
         return print_json(&models);
     }
-    let mut table = Table::new(&["NAME", "QUANT", "ARCH", "SIZE", "SOURCE"]);
+    let mut table = Table::new(&["NAME", "QUANT", "ARCH", "SIZE", "SETTINGS", "SOURCE"]);
     for m in models {
         let size = match m.hashing {
             Some(h) => format!(
@@ -36,6 +36,7 @@ pub(super) async fn models_list(queen: &Queen, node: &str, json: bool) -> Result
             m.quantization,
             m.architecture,
             size,
+            settings(&m.settings),
             m.model_ref,
         ]);
     }
@@ -94,6 +95,60 @@ pub(super) async fn models_download(queen: &Queen, d: ModelsDownload) -> Result<
         }
     }
     Err("the download stream ended early".into())
+}
+
+/// A model's settings in a few words (`-`: the hive's defaults).
+fn settings(s: &ModelSettings) -> String {
+    let mut words = Vec::new();
+    if let Some(ctx) = s.ctx_size {
+        words.push(format!("ctx {ctx}"));
+    }
+    if let Some(slots) = s.slots {
+        words.push(format!("{slots} slots"));
+    }
+    if let Some(t) = s.cache_type {
+        words.push(format!("cache {t}"));
+    }
+    match words.is_empty() {
+        true => "-".into(),
+        false => words.join(", "),
+    }
+}
+
+/// `models set`: the model's settings as they were, with the options given.
+pub(super) async fn models_set(queen: &Queen, s: ModelsSet) -> Result<(), String> {
+    let path = format!("/v1/hives/{}/models", segment(&s.node));
+    let models: Vec<ModelEntry> = queen.call(Method::GET, &path, None::<&()>).await?;
+    let entry = models
+        .into_iter()
+        .find(|m| m.name == s.name)
+        .ok_or_else(|| {
+            format!(
+                "no model named {} on hive {} (`rbee keeper models list --node {}` lists them)",
+                s.name, s.node, s.node
+            )
+        })?;
+    let mut new = if s.reset {
+        ModelSettings::default()
+    } else {
+        entry.settings
+    };
+    new.ctx_size = s.ctx.or(new.ctx_size);
+    new.slots = s.slots.or(new.slots);
+    new.cache_type = s.cache_type.or(new.cache_type);
+    let path = format!(
+        "/v1/hives/{}/models/{}/settings",
+        segment(&s.node),
+        segment(&s.name)
+    );
+    let set: ModelEntry = queen.call(Method::PUT, &path, Some(&new)).await?;
+    println!(
+        "{} on hive {}: {} (new workers of it start so)",
+        set.name,
+        s.node,
+        settings(&set.settings)
+    );
+    Ok(())
 }
 
 pub(super) async fn models_remove(queen: &Queen, node: &str, name: &str) -> Result<(), String> {

@@ -127,6 +127,33 @@ pub struct ModelEntry {
     /// (`sha256` is empty until it is done). Not stored: `GET /v1/models` says it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hashing: Option<Hashing>,
+    /// What a worker of it starts with where a spawn does not say (`keeper
+    /// models set`); each unset: the hive's default.
+    #[serde(default, skip_serializing_if = "ModelSettings::is_default")]
+    pub settings: ModelSettings,
+}
+
+/// A model's worker settings in a hive's catalog: `PUT /v1/models/{name}/settings`
+/// (`rbee keeper models set`). The memory estimate, placement, and every worker
+/// of the model follow them; a request's own (Ollama's `num_ctx`) still goes
+/// through the same checks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Context of each slot, in tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctx_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// The KV cache's cells, K and V alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<CacheType>,
+}
+
+impl ModelSettings {
+    pub fn is_default(&self) -> bool {
+        *self == ModelSettings::default()
+    }
 }
 
 /// How far the sha256 of a registered file has got.
@@ -150,6 +177,9 @@ pub struct SpawnRequest {
     pub slots: Option<u32>,
     #[serde(default)]
     pub ctx_size: Option<u32>,
+    /// The KV cache's cells; absent: the model's setting, else f16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<CacheType>,
     /// Other hives' devices holding part of its layers (DESIGN.md §12): the
     /// worker keeps the rest on its own machine, the first layers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -100,6 +100,70 @@ impl FlashAttn {
     }
 }
 
+/// The type of the KV cache's cells (`--cache-type-k`, `--cache-type-v`, as
+/// llama.cpp's): f16, or quantized in blocks of 32 — q8_0 about halves the
+/// cache (34 bytes a block against 64), q4_0 takes 18. A quantized V cache
+/// needs flash attention (llama.cpp's rule); rbee's attention kernel takes
+/// f16 caches only, llama.cpp's own kernel the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CacheType {
+    #[default]
+    #[serde(rename = "f16")]
+    F16,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4_0")]
+    Q4_0,
+}
+
+impl CacheType {
+    /// The flag's value: `f16`, `q8_0` or `q4_0`.
+    pub fn parse(value: &str) -> Result<CacheType, String> {
+        match value.to_ascii_lowercase().as_str() {
+            "f16" => Ok(CacheType::F16),
+            "q8_0" => Ok(CacheType::Q8_0),
+            "q4_0" => Ok(CacheType::Q4_0),
+            other => Err(format!("a cache type is f16, q8_0 or q4_0, not {other:?}")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheType::F16 => "f16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Bytes a block of 32 cells takes.
+    pub fn bytes_per_32(self) -> u64 {
+        match self {
+            CacheType::F16 => 64,
+            CacheType::Q8_0 => 34,
+            CacheType::Q4_0 => 18,
+        }
+    }
+
+    /// Whether a V cache of this type can work with flash attention `fa`
+    /// (llama.cpp refuses a quantized V cache without it).
+    pub fn check_v(self, fa: FlashAttn) -> Result<(), String> {
+        match (self, fa) {
+            (CacheType::F16, _) | (_, FlashAttn::On | FlashAttn::Auto) => Ok(()),
+            (v, FlashAttn::Off) => Err(format!(
+                "a {} V cache needs flash attention (llama.cpp's rule): drop --flash-attn off, \
+                 or keep the V cache f16",
+                v.as_str()
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where a spawned worker finds the secret its report to the hive carries
 /// (the environment: argv is visible to every user of the machine).
 pub const WORKER_SECRET_ENV: &str = "RBEE_WORKER_SECRET";
@@ -162,6 +226,18 @@ const MAX_TOTAL_CTX: u32 = i32::MAX as u32;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_types_are_llama_cpps_names_and_a_quantized_v_needs_flash_attention() {
+        assert_eq!(CacheType::parse("Q8_0"), Ok(CacheType::Q8_0));
+        assert_eq!(CacheType::parse("f16"), Ok(CacheType::F16));
+        assert!(CacheType::parse("q5_1").unwrap_err().contains("f16, q8_0 or q4_0"));
+        assert_eq!(serde_json::to_string(&CacheType::Q4_0).unwrap(), r#""q4_0""#);
+        assert_eq!(CacheType::F16.check_v(FlashAttn::Off), Ok(()));
+        assert_eq!(CacheType::Q8_0.check_v(FlashAttn::Auto), Ok(()));
+        let e = CacheType::Q4_0.check_v(FlashAttn::Off).unwrap_err();
+        assert!(e.contains("needs flash attention"), "{e}");
+    }
 
     #[test]
     fn slots_and_contexts_are_checked_against_real_limits() {

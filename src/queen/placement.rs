@@ -326,6 +326,7 @@ pub mod fixtures {
                 owned: true,
                 added_at: String::new(),
                 hashing: None,
+                settings: Default::default(),
             },
             memory_estimate_mb: estimate_mb,
             split: None,

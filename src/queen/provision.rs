@@ -339,6 +339,7 @@ async fn spawn_worker(
         device: gpu.unwrap_or(0),
         slots: None,
         ctx_size: None,
+        cache_type: None,
         remotes,
     };
     cluster.spawn(hive, &spawn).await.map_err(|e| {

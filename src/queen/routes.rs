@@ -33,6 +33,7 @@ enum Endpoint {
     HiveDownload,
     HiveDownloadProgress,
     HiveDeleteModel,
+    HiveModelSettings,
     HiveRemovePartials,
     Shutdown,
     Page,
@@ -116,6 +117,11 @@ const ROUTES: &[Route<Endpoint>] = &[
         Method::DELETE,
         "/v1/hives/{}/models/{}",
         Endpoint::HiveDeleteModel,
+    ),
+    (
+        Method::PUT,
+        "/v1/hives/{}/models/{}/settings",
+        Endpoint::HiveModelSettings,
     ),
     (
         Method::DELETE,
@@ -294,6 +300,7 @@ pub(super) async fn route(q: Queen, req: Request<Incoming>) -> Response<Body> {
         | Endpoint::HiveDownload
         | Endpoint::HiveDownloadProgress
         | Endpoint::HiveDeleteModel
+        | Endpoint::HiveModelSettings
         | Endpoint::HiveRemovePartials => match hive_for(&q, param).await {
             Ok(hive) => hive_models(&hive, &q.cluster.view, endpoint, &params, req).await,
             Err(e) => Err(e),
@@ -552,6 +559,15 @@ async fn hive_models(
         Endpoint::HiveDeleteModel => {
             let name = params.get(1).map(String::as_str).unwrap_or_default();
             let entry = client.delete_model(name).await.map_err(relayed)?;
+            Ok(http::json(StatusCode::OK, &entry))
+        }
+        Endpoint::HiveModelSettings => {
+            let name = params.get(1).map(String::as_str).unwrap_or_default();
+            let settings: crate::protocol::ModelSettings = http::read_json(req).await?;
+            let entry = client
+                .set_model_settings(name, &settings)
+                .await
+                .map_err(relayed)?;
             Ok(http::json(StatusCode::OK, &entry))
         }
         Endpoint::HiveRemovePartials => {

@@ -311,6 +311,7 @@ fn props(d: &engine::Described, w: &Worker) -> Value {
                           "n_predict": -1}},
            "total_slots": d.slots.len(), "model_path": &*w.model_path, "chat_template": d.chat_template,
            "attention_kernel": w.kernel, "attention_kernel_self_test": &*w.self_test,
+           "cache_type_k": w.cache_types.0, "cache_type_v": w.cache_types.1,
            "n_vocab": d.n_vocab, "modalities": {"vision": false, "audio": false},
            "build_info": format!("rbee {}", env!("CARGO_PKG_VERSION"))})
 }

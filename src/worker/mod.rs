@@ -18,11 +18,11 @@ pub mod template;
 pub mod text;
 
 use crate::http::{self, sse, Auth, Body, Reply, Route};
-pub use crate::protocol::FlashAttn;
 use crate::protocol::{
     new_id, now_rfc3339, ApiError, ErrorCode, Health, InferenceEvent, InferenceRequest,
     LoadingEvent, ReadyStatus, WorkerReadyCallback, WorkerState,
 };
+pub use crate::protocol::{CacheType, FlashAttn};
 use crate::{ollama, openai, responses};
 use argh::FromArgs;
 use engine::{Config, Engine, Submission};
@@ -67,6 +67,14 @@ pub struct Args {
     /// which turns it on; on a CPU the faster setting at every depth measured)
     #[argh(option, default = "FlashAttn::Auto", from_str_fn(FlashAttn::parse))]
     pub flash_attn: FlashAttn,
+    /// the KV cache's K cells: f16, q8_0 or q4_0 (default f16; q8_0 about
+    /// halves the cache's memory)
+    #[argh(option, default = "CacheType::F16", from_str_fn(CacheType::parse))]
+    pub cache_type_k: CacheType,
+    /// the KV cache's V cells: f16, q8_0 or q4_0 (default f16; quantized
+    /// needs flash attention)
+    #[argh(option, default = "CacheType::F16", from_str_fn(CacheType::parse))]
+    pub cache_type_v: CacheType,
     /// which GPU to use (default 0)
     #[argh(option, default = "0")]
     pub device: i32,
@@ -127,6 +135,8 @@ struct Worker {
     /// The attention kernel serving and what its self-test found (`/props`).
     kernel: &'static str,
     self_test: Arc<str>,
+    /// The KV cache's K and V cell types (`/props`).
+    cache_types: (CacheType, CacheType),
 }
 
 /// Runs the worker until it is told to stop; `Err` is the one-line reason it failed.
@@ -176,6 +186,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         metrics,
         kernel,
         self_test: self_test.into(),
+        cache_types: (args.cache_type_k, args.cache_type_v),
     };
     tracing::info!(
         "worker listening on {url}, loading {}",
@@ -260,6 +271,9 @@ fn check_flags(args: &Args) -> Result<(), String> {
     if args.threads.is_some_and(|t| t < 1) {
         return Err("--threads must be at least 1".into());
     }
+    args.cache_type_v
+        .check_v(args.flash_attn)
+        .map_err(|e| format!("--cache-type-v: {e}"))?;
     for r in &args.remote {
         remote::parse(r)?;
     }
@@ -292,6 +306,7 @@ fn engine_config(args: &Args, metrics: &crate::metrics::WorkerMetrics) -> Config
             .unwrap_or(if crate::GPU_BACKEND { 999 } else { 0 }),
         main_gpu: args.device,
         flash_attn: args.flash_attn,
+        cache_types: (args.cache_type_k, args.cache_type_v),
         queue_size: args.queue_size,
         cache_ram: usize::try_from(args.cache_ram << 20).unwrap_or(usize::MAX),
         metrics: metrics.clone(),

@@ -401,6 +401,78 @@ fn a_job_runs_on_the_node_it_names_and_the_tables_show_it_there() {
 }
 
 #[test]
+fn models_set_starts_the_models_workers_with_its_context_slots_and_kv_cache() {
+    let _turn = serial();
+    let home = TempDir::new("hive-set");
+    let hive = start_hive(&home, &[], &[]);
+    let c = Cluster::with_hives("chain-set", &[("one", &hive)]);
+    let (code, first, err) = c.infer("one", "Hello there");
+    assert_eq!(code, 0, "{err}");
+    let name = "smollm2-135m-instruct.q4_1";
+    let worker = |field: &str| workers_of(&hive.url)[0][field].clone();
+    let (default_mb, default_slots) = (worker("memory_mb"), worker("slots"));
+    let (code, _, err) = c.keeper(&["stop", name]);
+    assert_eq!(code, 0, "{err}");
+
+    let set = ["models", "set", name, "--node", "one"];
+    let (code, out, err) = c.keeper(&[&set[..], &["--ctx", "2048", "--slots", "2"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ctx 2048, 2 slots"), "{out}");
+    // Options given later add to what is set.
+    let (code, out, err) = c.keeper(&[&set[..], &["--cache-type", "q8_0"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ctx 2048, 2 slots, cache q8_0"), "{out}");
+    let models = c.listed(&["models", "list", "--node", "one"]);
+    assert_eq!(
+        models[0]["settings"],
+        serde_json::json!({"ctx_size": 2048, "slots": 2, "cache_type": "q8_0"})
+    );
+    // What cannot work is refused, naming the limit; nothing changes.
+    for (bad, says) in [
+        (&["--slots", "0"][..], "slots must be between 1 and"),
+        (&["--ctx", "999999"], "training context of 8192"),
+        (&["--cache-type", "q5"], "f16, q8_0 or q4_0"),
+    ] {
+        let (code, _, err) = c.keeper(&[&set[..], bad].concat());
+        assert_ne!(code, 0, "{bad:?}");
+        assert!(err.contains(says), "{bad:?}: {err}");
+    }
+
+    // The next worker starts so, and answers the same greedy question.
+    let (code, again, err) = c.infer("one", "Hello there");
+    assert_eq!(code, 0, "{err}");
+    assert!(!again.trim().is_empty() && !first.trim().is_empty());
+    assert_eq!(
+        (worker("slots"), worker("ctx_size")),
+        (2.into(), 2048.into()),
+        "{default_slots}"
+    );
+    let (smaller, before) = (worker("memory_mb"), default_mb.as_u64().unwrap_or(0));
+    assert!(
+        smaller.as_u64().unwrap_or(u64::MAX) < before,
+        "{smaller} MB against {before} MB with the defaults"
+    );
+    let (_, props) = get(&format!(
+        "{}/props",
+        worker("url").as_str().unwrap_or_default()
+    ));
+    assert_eq!(
+        (&props["cache_type_k"], &props["cache_type_v"]),
+        (&"q8_0".into(), &"q8_0".into()),
+        "{props}"
+    );
+    assert_eq!(
+        props["default_generation_settings"]["n_ctx"], 2048,
+        "{props}"
+    );
+
+    // --reset: the hive's defaults again.
+    let (code, out, err) = c.keeper(&[&set[..], &["--reset"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": - (new workers"), "{out}");
+}
+
+#[test]
 fn an_unknown_node_is_refused_naming_the_registered_hives() {
     let (one_home, two_home) = (TempDir::new("hive-n1"), TempDir::new("hive-n2"));
     let one = start_hive(&one_home, &[], &[]);

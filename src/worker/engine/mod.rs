@@ -31,15 +31,15 @@ use super::cache::{Placement, PromptCache, Step, Token};
 use super::slots::{plan_batch, Phase, PieceKind, Slots};
 use super::template::Template;
 use super::text::{Released, TokenText};
-use crate::protocol::FlashAttn;
 use crate::protocol::{
     ApiError, ErrorCode, InferenceEvent, LoadingEvent, StopReason, TokenLogprob,
 };
+use crate::protocol::{CacheType, FlashAttn};
 use handle::Command;
 pub use handle::{
     Admission, Described, Embedded, Engine, Load, Reservation, Submission, ToTokenize, Tokenized,
 };
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -70,6 +70,8 @@ pub struct Config {
     pub gpu_layers: u32,
     pub main_gpu: i32,
     pub flash_attn: FlashAttn,
+    /// The KV cache's K and V cell types.
+    pub cache_types: (CacheType, CacheType),
     /// Requests that may wait for a slot before the worker answers 503.
     pub queue_size: u32,
     /// Host memory for conversations saved out of their slots, in bytes.
@@ -285,12 +287,16 @@ impl<'m> Batcher<'m> {
                 FlashAttn::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
                 FlashAttn::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
                 FlashAttn::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
-            });
+            })
+            .with_type_k(kv_cache_type(config.cache_types.0))
+            .with_type_v(kv_cache_type(config.cache_types.1));
         let ctx = model.new_context(backend, params).map_err(|e| {
             format!("cannot create a llama.cpp context of {n_slots}×{n_ctx_slot} tokens: {e}")
         })?;
+        let (k, v) = config.cache_types;
         tracing::info!(
-            "ready: {n_slots} slots of {n_ctx_slot} tokens, prompt cache of {} MiB, {} threads",
+            "ready: {n_slots} slots of {n_ctx_slot} tokens (KV cache K {k}, V {v}), \
+             prompt cache of {} MiB, {} threads",
             config.cache_ram >> 20,
             config.threads
         );
@@ -712,3 +718,12 @@ fn logprob(
 pub const DEFAULT_TEMPERATURE: f32 = 0.8;
 pub const DEFAULT_TOP_K: i32 = 40;
 pub const DEFAULT_TOP_P: f32 = 0.95;
+
+/// llama.cpp's type for a KV cache's cells.
+fn kv_cache_type(t: CacheType) -> KvCacheType {
+    match t {
+        CacheType::F16 => KvCacheType::F16,
+        CacheType::Q8_0 => KvCacheType::Q8_0,
+        CacheType::Q4_0 => KvCacheType::Q4_0,
+    }
+}
