@@ -23,7 +23,7 @@ class Rbee:
             self.name = f"{self.name} {' '.join(flags)}"
         self.proc = subprocess.Popen(
             [a.rbee, "worker", "--model", a.model, "--port", str(self.port), "--threads", str(a.threads),
-             "--slots", str(a.slots), "--ctx-size", str(a.ctx // a.slots), *flags],
+             "--slots", str(a.slots), "--ctx-size", str(a.ctx // a.slots), *flags, *getattr(a, "rbee_kv", ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http(self.port, "/v1/ready", lambda s, b: '"ready":true' in b)
 
@@ -51,7 +51,7 @@ class LlamaServer:
         # The prompt cache is llama-server's default; the single-prompt table turns it off per request.
         self.proc = subprocess.Popen(
             [a.llama_server, "-m", a.model, "--port", str(self.port), "-t", str(a.threads), "-tb", str(a.threads),
-             "-np", str(a.slots), "-c", str(a.ctx), "--no-webui", *flags],
+             "-np", str(a.slots), "-c", str(a.ctx), "--no-webui", *flags, *getattr(a, "llama_kv", ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http(self.port, "/health", lambda s, b: s == 200)
 
@@ -364,9 +364,12 @@ def chat_scaling(a, with_llama):
     rbee's attention kernel meets other shapes: SmolLM2 at more threads (on a machine
     with fewer cores, oversubscribed: a correctness and regression check, the speed
     figure comes from machines with the cores), and synthetic models of other attention
-    shapes (llama-8kv128: an 8B's 8 KV heads of size 128, 4 layers)."""
+    shapes (llama-8kv128: an 8B's 8 KV heads of size 128, 4 layers); and SmolLM2 with a
+    q8_0 KV cache (both servers), against the f16 of the chat section."""
     out = {}
     variants = [(f"SmolLM2, {t} threads", {"threads": t}) for t in a.chat_threads]
+    variants += [("SmolLM2, KV cache q8_0", {"rbee_kv": ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"],
+                                             "llama_kv": ["-ctk", "q8_0", "-ctv", "q8_0"]})] if a.chat_q8 else []
     variants += [(f"{shape}, {a.threads} threads", {"model": str(synthetic_model(shape)),
                                                     "doc_sentences": a.doc_sentences // 2})
                  for shape in a.chat_shapes]
@@ -381,7 +384,7 @@ def chat_scaling(a, with_llama):
 
 
 def chat_scaling_lines(scaling):
-    lines = ["chat turns at other threads and shapes, TTFT ms (one run each; rbee/llama-server):",
+    lines = ["chat turns at other threads, shapes and caches, TTFT ms (one run each; rbee/llama-server):",
              f"{'variant':<28}{'contender':<16}{'turn 1':>10}{'turns 2+':>10}{'interleaved 2+':>16}"]
     for label, chat in scaling.items():
         for k, v in chat.items():
@@ -502,6 +505,8 @@ def main():
                     help="the chat section again at these thread counts (SmolLM2)")
     ap.add_argument("--chat-shapes", type=lambda s: [t for t in s.split(",") if t], default=["llama-8kv128"],
                     help="the chat section again on these synthetic shapes (bench/synthetic.py)")
+    ap.add_argument("--no-chat-q8", dest="chat_q8", action="store_false",
+                    help="skip the chat section with a q8_0 KV cache")
     ap.add_argument("--chat-scaling-only", action="store_true",
                     help="only the chat section at other threads and shapes")
     ap.add_argument("--split-runs", type=int, default=5)
@@ -516,7 +521,7 @@ def main():
         a.chat_runs, a.chat_turns, a.chat_tokens, a.doc_sentences = 1, 2, 4, 6
         a.conversations, a.chat_rounds, a.chat_slots, a.chat_ctx = 3, 2, 2, 2048
         a.split_runs, a.chat_fa_off = 1, False
-        a.chat_threads, a.chat_shapes = [], []
+        a.chat_threads, a.chat_shapes, a.chat_q8 = [], [], False
     concurrency = [int(c) for c in a.concurrency.split(",")]
     if a.fronts_only:
         return fronts_only(a)

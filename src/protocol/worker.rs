@@ -231,8 +231,13 @@ mod tests {
     fn cache_types_are_llama_cpps_names_and_a_quantized_v_needs_flash_attention() {
         assert_eq!(CacheType::parse("Q8_0"), Ok(CacheType::Q8_0));
         assert_eq!(CacheType::parse("f16"), Ok(CacheType::F16));
-        assert!(CacheType::parse("q5_1").unwrap_err().contains("f16, q8_0 or q4_0"));
-        assert_eq!(serde_json::to_string(&CacheType::Q4_0).unwrap(), r#""q4_0""#);
+        assert!(CacheType::parse("q5_1")
+            .unwrap_err()
+            .contains("f16, q8_0 or q4_0"));
+        assert_eq!(
+            serde_json::to_string(&CacheType::Q4_0).unwrap(),
+            r#""q4_0""#
+        );
         assert_eq!(CacheType::F16.check_v(FlashAttn::Off), Ok(()));
         assert_eq!(CacheType::Q8_0.check_v(FlashAttn::Auto), Ok(()));
         let e = CacheType::Q4_0.check_v(FlashAttn::Off).unwrap_err();

@@ -80,6 +80,27 @@ pub fn local_hive_wanted(state: &ClusterState) -> bool {
 /// name alone proves nothing: machines cloned from one image, or network
 /// namespaces, share one.
 pub fn on_this_machine(url: &str, hostname: Option<&str>) -> bool {
+    // Asked for every hive on every job: an address's answer is kept a
+    // minute (a bind per hive per job would be a thousand system calls).
+    type Memo = std::collections::HashMap<(String, Option<String>), (bool, std::time::Instant)>;
+    static MEMO: std::sync::Mutex<Option<Memo>> = std::sync::Mutex::new(None);
+    let key = (url.to_string(), hostname.map(str::to_string));
+    let mut memo = MEMO.lock().unwrap_or_else(|p| p.into_inner());
+    let memo = memo.get_or_insert_with(Memo::new);
+    if let Some((here, at)) = memo.get(&key) {
+        if at.elapsed() < std::time::Duration::from_secs(60) {
+            return *here;
+        }
+    }
+    if memo.len() > 10_000 {
+        memo.clear();
+    }
+    let here = looks_local(url, hostname);
+    memo.insert(key, (here, std::time::Instant::now()));
+    here
+}
+
+fn looks_local(url: &str, hostname: Option<&str>) -> bool {
     let Ok(uri) = url.parse::<hyper::Uri>() else {
         return false;
     };
@@ -121,16 +142,22 @@ async fn reachable(
     names: Vec<String>,
 ) -> Result<Vec<String>, ApiError> {
     let view = cluster.view();
+    // A set: a job may name every one of a thousand hives.
+    let named: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
     let wanted = |s: &ClusterState| {
         s.hives
             .iter()
-            .any(|h| names.contains(&h.conn.name) && h.reachable)
+            .any(|h| h.reachable && named.contains(h.conn.name.as_str()))
     };
     view.wait_until(SILENCE, wanted).await;
     let state = view.state();
     let mut alive = Vec::new();
     let mut down = Vec::new();
-    for hive in state.hives.iter().filter(|h| names.contains(&h.conn.name)) {
+    for hive in state
+        .hives
+        .iter()
+        .filter(|h| named.contains(h.conn.name.as_str()))
+    {
         if hive.reachable {
             alive.push(hive.conn.name.clone());
         } else {

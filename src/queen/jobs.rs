@@ -225,20 +225,34 @@ impl Job {
 
 #[derive(Clone, Default)]
 pub struct Jobs {
-    jobs: Arc<Mutex<HashMap<String, Arc<Job>>>>,
+    jobs: Arc<Mutex<Table>>,
 }
+
+/// The jobs by id, and when finished ones were last forgotten.
+#[derive(Default)]
+struct Table {
+    by_id: HashMap<String, Arc<Job>>,
+    pruned: Option<Instant>,
+}
+
+/// How often the table is swept for jobs to forget: creating a job stays
+/// O(1) however many the queen keeps (a sweep looks at them all).
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// The most finished jobs kept (their streams replayable) however recent:
+/// at hundreds of jobs a second, [`KEEP_FINISHED`] alone would keep hundreds
+/// of thousands.
+const MAX_FINISHED: usize = 10_000;
 
 impl Jobs {
     pub fn create(&self) -> Arc<Job> {
         let job = Arc::new(Job::new(crate::protocol::new_id("job")));
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget jobs that finished long ago.
-        jobs.retain(|_, j| {
-            j.finished
-                .borrow()
-                .is_none_or(|at| at.elapsed() < KEEP_FINISHED)
-        });
-        jobs.insert(job.id.clone(), job.clone());
+        if jobs.pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            jobs.pruned = Some(Instant::now());
+            prune(&mut jobs.by_id);
+        }
+        jobs.by_id.insert(job.id.clone(), job.clone());
         job
     }
 
@@ -246,6 +260,7 @@ impl Jobs {
         self.jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .by_id
             .get(id)
             .cloned()
     }
@@ -256,6 +271,7 @@ impl Jobs {
             .jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .by_id
             .values()
             .cloned()
             .collect();
@@ -269,8 +285,34 @@ impl Jobs {
 
     /// Cancels every job that is still running (the queen is stopping).
     pub fn cancel_all(&self) {
-        for job in self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for job in self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .values()
+        {
             job.cancel();
+        }
+    }
+}
+
+/// Forgets jobs that finished more than [`KEEP_FINISHED`] ago, and the
+/// oldest finished ones past [`MAX_FINISHED`]; running jobs stay.
+fn prune(jobs: &mut HashMap<String, Arc<Job>>) {
+    jobs.retain(|_, j| {
+        j.finished
+            .borrow()
+            .is_none_or(|at| at.elapsed() < KEEP_FINISHED)
+    });
+    let mut finished: Vec<(Instant, String)> = jobs
+        .iter()
+        .filter_map(|(id, j)| j.finished.borrow().map(|at| (at, id.clone())))
+        .collect();
+    if finished.len() > MAX_FINISHED {
+        finished.sort_unstable();
+        for (_, id) in &finished[..finished.len() - MAX_FINISHED] {
+            jobs.remove(id);
         }
     }
 }
@@ -279,6 +321,23 @@ impl Jobs {
 mod tests {
     use super::*;
     use crate::protocol::ErrorCode;
+
+    #[test]
+    fn finished_jobs_are_kept_ten_minutes_but_never_more_than_the_cap() {
+        let jobs = Jobs::default();
+        let running = jobs.create();
+        for _ in 0..MAX_FINISHED + 5 {
+            jobs.create().finish();
+        }
+        let mut table = jobs.jobs.lock().unwrap();
+        prune(&mut table.by_id);
+        assert_eq!(
+            table.by_id.len(),
+            MAX_FINISHED + 1,
+            "the cap, and the running one"
+        );
+        assert!(table.by_id.contains_key(&running.id));
+    }
 
     #[tokio::test]
     async fn a_tap_gets_the_inference_events_and_a_reader_that_left_cancels_the_job() {

@@ -95,7 +95,7 @@ async fn keep(q: &Queen, hive: &str, worker: &str, keep_alive: KeepAlive) -> Res
         .cluster
         .view
         .hive(hive)
-        .map(|h| h.conn)
+        .map(|h| h.conn.clone())
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownNode, format!("hive {hive} is gone")))?;
     let client = conn.client();
     match keep_alive {

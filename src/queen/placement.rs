@@ -58,19 +58,24 @@ pub struct Placement {
 /// catalog name, or its file.
 pub fn names(entry: &HiveModel, model: &str) -> bool {
     let path = model.strip_prefix("file:").unwrap_or(model);
-    entry.entry.model_ref == model
-        || entry.entry.name == model.to_lowercase()
-        || entry.entry.path == path
+    // Catalog names are lower-case; compared without a lower-cased copy of
+    // the request's name for every hive.
+    let lower = model.chars().flat_map(char::to_lowercase);
+    entry.entry.model_ref == model || lower.eq(entry.entry.name.chars()) || entry.entry.path == path
 }
 
-/// The reachable hives among `allowed`, with their snapshots.
+/// The reachable hives among `allowed`, with their snapshots. Linear in
+/// the hives however many are allowed (a job may name a thousand).
 pub(super) fn usable<'a>(
     state: &'a ClusterState,
     allowed: &'a [String],
 ) -> impl Iterator<Item = (&'a HiveView, &'a HiveSnapshot)> {
+    let allowed: std::collections::HashSet<&str> = allowed.iter().map(String::as_str).collect();
     state.hives.iter().filter_map(move |h| {
-        let snapshot = h.snapshot.as_ref().filter(|_| h.reachable)?;
-        allowed.contains(&h.conn.name).then_some((h, snapshot))
+        let snapshot = h.snapshot.as_deref().filter(|_| h.reachable)?;
+        allowed
+            .contains(h.conn.name.as_str())
+            .then_some((&**h, snapshot))
     })
 }
 
@@ -133,7 +138,7 @@ pub fn route(
     let least = |candidates: &[(&HiveView, &WorkerInfo)]| {
         candidates
             .iter()
-            .min_by_key(|(_, w)| (outstanding(w), w.url.clone()))
+            .min_by(|(_, a), (_, b)| (outstanding(a), &a.url).cmp(&(outstanding(b), &b.url)))
             .map(|(h, w)| Route::To(Target::of(h, w)))
     };
     let free: Vec<_> = workers
@@ -374,7 +379,7 @@ pub mod fixtures {
         let used = workers.iter().map(|w| w.memory_mb).sum();
         HiveView {
             conn: conn(name),
-            snapshot: Some(HiveSnapshot {
+            snapshot: Some(std::sync::Arc::new(HiveSnapshot {
                 version: env!("CARGO_PKG_VERSION").into(),
                 backends: vec!["cpu".into(), "rpc".into()],
                 hostname: crate::machine::hostname(),
@@ -384,7 +389,7 @@ pub mod fixtures {
                 models,
                 workers,
                 leases: vec![],
-            }),
+            })),
             reachable: true,
             error: None,
             last_seen: None,
@@ -396,7 +401,7 @@ pub mod fixtures {
 
     pub fn state(hives: Vec<HiveView>) -> ClusterState {
         ClusterState {
-            hives,
+            hives: hives.into_iter().map(std::sync::Arc::new).collect(),
             ..ClusterState::default()
         }
     }
@@ -430,7 +435,7 @@ mod tests {
     #[test]
     fn a_gpu_with_room_comes_before_any_cpu() {
         let mut gpu = hive("gpu", 1000, vec![], vec![]);
-        gpu.snapshot.as_mut().unwrap().gpus = vec![pool("RTX", 4000, 0)];
+        std::sync::Arc::make_mut(gpu.snapshot.as_mut().unwrap()).gpus = vec![pool("RTX", 4000, 0)];
         let s = state(vec![
             hive("roomy", 60_000, vec![model(M, 800)], vec![]),
             gpu,
@@ -467,12 +472,12 @@ mod tests {
             ],
         )]);
         let now = Instant::now();
-        s.last_used.insert(
+        std::sync::Arc::make_mut(&mut s.last_used).insert(
             "http://old".into(),
             now - std::time::Duration::from_secs(60),
         );
-        s.last_used.insert("http://new".into(), now);
-        s.in_flight.insert("http://busy".into(), 1);
+        std::sync::Arc::make_mut(&mut s.last_used).insert("http://new".into(), now);
+        std::sync::Arc::make_mut(&mut s.in_flight).insert("http://busy".into(), 1);
         let p = placed(&s, 800).unwrap();
         let stopped: Vec<&str> = p.evict.iter().map(|t| t.worker_id.as_str()).collect();
         // 0 MB free; the oldest idle one frees 500, not enough; the next makes 1000.
@@ -502,7 +507,7 @@ mod tests {
             hive("a", 1000, vec![], vec![worker("w1", "m1", 400)]),
             hive("mac", 3200, vec![], vec![]),
         ]);
-        s.in_flight.insert("http://w1".into(), 1);
+        std::sync::Arc::make_mut(&mut s.in_flight).insert("http://w1".into(), 1);
         let e = placed(&s, 5120).unwrap_err();
         assert_eq!(e.code, ErrorCode::InsufficientMemory);
         assert_eq!(
@@ -526,8 +531,8 @@ mod tests {
             vec![model(M, 800)],
             vec![worker("w1", M, 800), worker("w2", M, 800)],
         )]);
-        s.in_flight.insert("http://w1".into(), busy.0);
-        s.in_flight.insert("http://w2".into(), busy.1);
+        std::sync::Arc::make_mut(&mut s.in_flight).insert("http://w1".into(), busy.0);
+        std::sync::Arc::make_mut(&mut s.in_flight).insert("http://w2".into(), busy.1);
         s
     }
 
@@ -563,7 +568,12 @@ mod tests {
         assert_eq!(routed(&s, None), to("w2"));
         // Another hive with room and no worker of this model: a new worker there.
         let mut s = two_workers((5, 4));
-        s.hives.push(hive("b", 9000, vec![model(M, 800)], vec![]));
+        s.hives.push(std::sync::Arc::new(hive(
+            "b",
+            9000,
+            vec![model(M, 800)],
+            vec![],
+        )));
         assert_eq!(routed(&s, None), Route::Provision);
     }
 

@@ -203,8 +203,8 @@ fn narrate_placement(cluster: &impl Cluster, job: &Job, model: &str, place: &Pla
     let version = cluster
         .view()
         .hive(&place.hive.name)
-        .and_then(|h| h.snapshot)
-        .map(|s| s.version);
+        .and_then(|h| h.snapshot.clone())
+        .map(|s| s.version.clone());
     if let Some(v) = version.filter(|v| v != env!("CARGO_PKG_VERSION")) {
         job.narrate(
             "queen",

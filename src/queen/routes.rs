@@ -494,7 +494,7 @@ async fn stop_worker(q: &Queen, id: &str) -> Reply {
         .cluster
         .view
         .hive(&found.hive)
-        .map(|h| h.conn)
+        .map(|h| h.conn.clone())
         .ok_or_else(|| {
             ApiError::new(
                 ErrorCode::UnknownNode,

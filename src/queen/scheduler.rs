@@ -615,7 +615,7 @@ mod tests {
         }
 
         fn down(self, name: &str) -> Fake {
-            let mut h = self.view.hive(name).expect("a hive");
+            let mut h = std::sync::Arc::unwrap_or_clone(self.view.hive(name).expect("a hive"));
             h.reachable = false;
             h.error = Some("connection refused".into());
             self.view.put(h);

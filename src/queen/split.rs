@@ -228,9 +228,9 @@ mod tests {
     fn only_hives_of_this_build_with_rpc_lend_and_a_split_that_cannot_fit_is_an_error() {
         // Each of them, with a, would hold it.
         let mut other = hive("other", 500, vec![], vec![]);
-        other.snapshot.as_mut().unwrap().version = "0.0.9".into();
+        std::sync::Arc::make_mut(other.snapshot.as_mut().unwrap()).version = "0.0.9".into();
         let mut plain = hive("plain", 500, vec![], vec![]);
-        plain.snapshot.as_mut().unwrap().backends = vec!["cpu".into()];
+        std::sync::Arc::make_mut(plain.snapshot.as_mut().unwrap()).backends = vec!["cpu".into()];
         let s = state(vec![
             hive("a", 600, vec![splittable(M)], vec![]),
             other,

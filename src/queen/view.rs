@@ -25,8 +25,9 @@ pub const PREFIX_BLOCK: usize = 256;
 #[derive(Debug, Clone, PartialEq)]
 pub struct HiveView {
     pub conn: HiveConn,
-    /// Its last snapshot; `None` before the first.
-    pub snapshot: Option<HiveSnapshot>,
+    /// Its last snapshot; `None` before the first. Shared: a hive's view is
+    /// replaced whole on every change, never copied with its snapshot.
+    pub snapshot: Option<Arc<HiveSnapshot>>,
     pub reachable: bool,
     /// Why it is unreachable.
     pub error: Option<String>,
@@ -38,11 +39,13 @@ pub struct HiveView {
 /// made from.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
-    pub hives: Vec<HiveView>,
-    /// Requests the queen has in flight, per worker URL.
-    pub in_flight: HashMap<String, u32>,
+    /// Shared with the view: taking the cluster's state copies no hive.
+    pub hives: Vec<Arc<HiveView>>,
+    /// Requests the queen has in flight, per worker URL (shared with the
+    /// view until it next changes).
+    pub in_flight: Arc<HashMap<String, u32>>,
     /// When the queen last sent a request to each worker (URL) or finished one.
-    pub last_used: HashMap<String, Instant>,
+    pub last_used: Arc<HashMap<String, Instant>>,
 }
 
 impl ClusterState {
@@ -61,11 +64,14 @@ pub struct View {
 
 #[derive(Default)]
 struct Inner {
-    hives: BTreeMap<String, HiveView>,
+    hives: BTreeMap<String, Arc<HiveView>>,
     /// The subscription task of each tracked hive, with the address it follows.
     tasks: HashMap<String, (HiveConn, tokio::task::JoinHandle<()>)>,
-    in_flight: HashMap<String, u32>,
-    last_used: HashMap<String, Instant>,
+    in_flight: Arc<HashMap<String, u32>>,
+    last_used: Arc<HashMap<String, Instant>>,
+    /// A channel per tracked hive, bumped when that hive's view changes: a
+    /// relay waits on its worker's hive alone, not on every hive's news.
+    hive_changed: HashMap<String, watch::Sender<u64>>,
     affinity: Affinity,
     /// The decode speed of each worker's last answer (URL → tokens/s).
     rates: HashMap<String, f64>,
@@ -111,7 +117,7 @@ impl View {
         }
     }
 
-    pub fn hive(&self, name: &str) -> Option<HiveView> {
+    pub fn hive(&self, name: &str) -> Option<Arc<HiveView>> {
         self.lock().hives.get(name).cloned()
     }
 
@@ -119,10 +125,11 @@ impl View {
     /// (or ones whose address or token changed) are dropped.
     pub fn track(&self, hives: &[HiveConn]) {
         let mut inner = self.lock();
+        let wanted: HashMap<&str, &HiveConn> = hives.iter().map(|h| (h.name.as_str(), h)).collect();
         let stale: Vec<String> = inner
             .tasks
             .iter()
-            .filter(|(name, (conn, _))| !hives.iter().any(|h| h.name == **name && h == conn))
+            .filter(|(name, (conn, _))| wanted.get(name.as_str()) != Some(&conn))
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
@@ -130,6 +137,9 @@ impl View {
                 task.abort();
             }
             inner.hives.remove(&name);
+            if let Some(changed) = inner.hive_changed.remove(&name) {
+                changed.send_modify(|n| *n = n.wrapping_add(1));
+            }
         }
         for conn in hives {
             if inner.tasks.contains_key(&conn.name) {
@@ -137,14 +147,17 @@ impl View {
             }
             inner.hives.insert(
                 conn.name.clone(),
-                HiveView {
+                Arc::new(HiveView {
                     conn: conn.clone(),
                     snapshot: None,
                     reachable: false,
                     error: None,
                     last_seen: None,
-                },
+                }),
             );
+            inner
+                .hive_changed
+                .insert(conn.name.clone(), watch::channel(0).0);
             let task = tokio::spawn(self.clone().follow(conn.clone()));
             inner.tasks.insert(conn.name.clone(), (conn.clone(), task));
         }
@@ -178,29 +191,60 @@ impl View {
         }
     }
 
+    /// A snapshot came from hive `name`. One that says what the last one said
+    /// (a hive re-sends it now and then) only marks the hive as heard: no
+    /// waiter wakes for it.
     fn heard(&self, name: &str, snapshot: HiveSnapshot) {
-        if let Some(hive) = self.lock().hives.get_mut(name) {
-            if !hive.reachable {
-                tracing::info!("hive {name} is reachable");
-            }
-            hive.snapshot = Some(snapshot);
-            hive.reachable = true;
-            hive.error = None;
-            hive.last_seen = Some(now_rfc3339());
+        let mut inner = self.lock();
+        let Some(hive) = inner.hives.get_mut(name) else {
+            return;
+        };
+        let news = !hive.reachable || hive.snapshot.as_deref() != Some(&snapshot);
+        if !hive.reachable {
+            tracing::info!("hive {name} is reachable");
         }
-        self.bump();
+        *hive = Arc::new(HiveView {
+            conn: hive.conn.clone(),
+            snapshot: Some(Arc::new(snapshot)),
+            reachable: true,
+            error: None,
+            last_seen: Some(now_rfc3339()),
+        });
+        if news {
+            Self::changed(&inner, name);
+            drop(inner);
+            self.bump();
+        }
     }
 
     fn lost(&self, name: &str, why: String) {
-        if let Some(hive) = self.lock().hives.get_mut(name) {
-            if hive.reachable {
-                tracing::warn!("hive {name} is unreachable: {why}");
-                hive.last_seen = Some(now_rfc3339());
-            }
-            hive.reachable = false;
-            hive.error = Some(why);
+        let mut inner = self.lock();
+        let Some(hive) = inner.hives.get_mut(name) else {
+            return;
+        };
+        if hive.reachable {
+            tracing::warn!("hive {name} is unreachable: {why}");
         }
+        *hive = Arc::new(HiveView {
+            conn: hive.conn.clone(),
+            snapshot: hive.snapshot.clone(),
+            reachable: false,
+            error: Some(why),
+            last_seen: match hive.reachable {
+                true => Some(now_rfc3339()),
+                false => hive.last_seen.clone(),
+            },
+        });
+        Self::changed(&inner, name);
+        drop(inner);
         self.bump();
+    }
+
+    /// Wakes those waiting on hive `name` alone.
+    fn changed(inner: &Inner, name: &str) {
+        if let Some(changed) = inner.hive_changed.get(name) {
+            changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// Waits (at most `limit`) until `ok` holds of the cluster; whether it did.
@@ -224,7 +268,14 @@ impl View {
     /// that went quiet (a cut network sends no reset) learns it from this.
     /// Every relay waits on it, so it looks at that one hive, cloning nothing.
     pub async fn worker_lost(&self, hive: &str, url: &str) {
-        let mut changed = self.changed.subscribe();
+        // Its hive's own news; a split worker's lenders are any hive's.
+        let split = self
+            .hive(hive)
+            .is_some_and(|h| !lenders(&h, url).is_empty());
+        let mut changed = match self.lock().hive_changed.get(hive) {
+            Some(own) if !split => own.subscribe(),
+            _ => self.changed.subscribe(),
+        };
         loop {
             let lost = {
                 let inner = self.lock();
@@ -262,29 +313,41 @@ impl View {
     /// Sets a hive's view directly, without a subscription (fake clusters in tests).
     #[cfg(test)]
     pub fn put(&self, hive: HiveView) {
-        self.lock().hives.insert(hive.conn.name.clone(), hive);
+        let mut inner = self.lock();
+        let name = hive.conn.name.clone();
+        inner.hives.insert(name.clone(), Arc::new(hive));
+        inner
+            .hive_changed
+            .entry(name.clone())
+            .or_insert_with(|| watch::channel(0).0);
+        Self::changed(&inner, &name);
+        drop(inner);
         self.bump();
     }
 
     /// Changes a hive's snapshot in place (fake clusters in tests).
     #[cfg(test)]
     pub fn edit(&self, name: &str, f: impl FnOnce(&mut HiveSnapshot)) {
-        if let Some(s) = self
-            .lock()
+        let mut inner = self.lock();
+        if let Some(s) = inner
             .hives
             .get_mut(name)
-            .and_then(|h| h.snapshot.as_mut())
+            .and_then(|h| Arc::make_mut(h).snapshot.as_mut())
         {
-            f(s);
+            f(Arc::make_mut(s));
         }
+        Self::changed(&inner, name);
+        drop(inner);
         self.bump();
     }
 
     /// Counts a request in flight on the worker at `url` until the guard drops.
     pub fn begin(&self, url: &str) -> InFlight {
         let mut inner = self.lock();
-        *inner.in_flight.entry(url.to_string()).or_default() += 1;
-        inner.last_used.insert(url.to_string(), Instant::now());
+        *Arc::make_mut(&mut inner.in_flight)
+            .entry(url.to_string())
+            .or_default() += 1;
+        Arc::make_mut(&mut inner.last_used).insert(url.to_string(), Instant::now());
         inner.dispatches += 1;
         let number = inner.dispatches;
         inner.last_dispatch.insert(url.to_string(), number);
@@ -393,10 +456,10 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut inner = self.view.lock();
-        if let Some(n) = inner.in_flight.get_mut(&self.url) {
+        if let Some(n) = Arc::make_mut(&mut inner.in_flight).get_mut(&self.url) {
             *n = n.saturating_sub(1);
         }
-        inner.last_used.insert(self.url.clone(), Instant::now());
+        Arc::make_mut(&mut inner.last_used).insert(self.url.clone(), Instant::now());
     }
 }
 
@@ -457,6 +520,53 @@ mod tests {
         let other = prefix_hashes(&format!("z{}", &doc[1..]));
         assert_ne!(other[0], a[0]);
         assert!(prefix_hashes("short").is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_that_says_nothing_new_wakes_nobody_and_news_wakes_only_its_hives_waiters() {
+        use crate::queen::placement::fixtures::{hive, model};
+        let view = View::default();
+        let (a, b) = (
+            hive("a", 4000, vec![model("m", 500)], vec![]),
+            hive("b", 4000, vec![], vec![]),
+        );
+        let (snapshot, conn_a) = ((*a.snapshot.clone().unwrap()).clone(), a.conn.clone());
+        view.put(a);
+        view.put(b);
+        let mut any = view.changed.subscribe();
+        let mut of_b = view.lock().hive_changed["b"].subscribe();
+        let mut of_a = view.lock().hive_changed["a"].subscribe();
+        any.mark_unchanged();
+        view.heard("a", snapshot.clone());
+        assert!(
+            !any.has_changed().unwrap(),
+            "the same snapshot again is no news"
+        );
+        let state = view.state();
+        let mut moved = snapshot;
+        moved.ram.available_mb -= 1000;
+        view.heard("a", moved);
+        assert!(any.has_changed().unwrap() && of_a.has_changed().unwrap());
+        assert!(
+            !of_b.has_changed().unwrap(),
+            "b's waiters sleep on a's news"
+        );
+        // A state taken before keeps what it saw; the view has the news.
+        assert_eq!(
+            state.hives[0].snapshot.as_ref().unwrap().ram.available_mb,
+            64_000
+        );
+        assert_eq!(
+            view.hive("a")
+                .unwrap()
+                .snapshot
+                .as_ref()
+                .unwrap()
+                .ram
+                .available_mb,
+            63_000
+        );
+        assert_eq!(view.hive("a").unwrap().conn, conn_a);
     }
 
     #[test]
