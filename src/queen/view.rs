@@ -534,8 +534,8 @@ mod tests {
         view.put(a);
         view.put(b);
         let mut any = view.changed.subscribe();
-        let mut of_b = view.lock().hive_changed["b"].subscribe();
-        let mut of_a = view.lock().hive_changed["a"].subscribe();
+        let of_b = view.lock().hive_changed["b"].subscribe();
+        let of_a = view.lock().hive_changed["a"].subscribe();
         any.mark_unchanged();
         view.heard("a", snapshot.clone());
         assert!(
