@@ -105,16 +105,18 @@ $(LLAMA_SERVER):
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
 	cmake --build $(LLAMA_SRC)/build -j$$(nproc) --target llama-server llama-bench
 
-# gguf and numpy, for bench/synthetic.py's models of other shapes.
-BENCHDEPS := $(MODEL_DIR)/py/gguf/__init__.py
+# gguf and numpy, for bench/synthetic.py's models of other shapes; matplotlib for
+# bench/curves.py's charts.
+BENCHDEPS := $(MODEL_DIR)/py/matplotlib/__init__.py
 $(BENCHDEPS):
-	python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts --root-user-action=ignore --upgrade --target $(MODEL_DIR)/py gguf numpy
+	python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts --root-user-action=ignore --upgrade --target $(MODEL_DIR)/py gguf numpy matplotlib
 
 bench: build model $(LLAMA_SERVER) $(BENCHDEPS)
 	$(CARGO) build --release --example bare_engine
 	python3 bench/run.py --llama-version "llama-server $$($(LLAMA_SERVER) --version 2>&1 | grep -m1 version); \
 	  rbee: llama-cpp-sys-2 $$(grep -m1 -A1 'name = "llama-cpp-sys-2"' Cargo.lock | grep version | cut -d'"' -f2)"
 	bench/queen_scale
+	PYTHONPATH=$(MODEL_DIR)/py python3 bench/curves.py
 
 lint:
 	$(CARGO) fmt --check
