@@ -170,10 +170,24 @@ pub async fn run(args: Args) -> Result<(), String> {
     );
     let metrics = crate::metrics::WorkerMetrics::default();
     let mut config = engine_config(&args, &metrics);
-    let (kernel, self_test) = attention_kernel(&args.model, config.threads, &metrics)?;
+    let asked = engine::kernel::Kernel::from_env()?;
     config.remotes = remote::open_tunnels(&args.remote, auth.token()).await?;
-    let (engine, loading, thread) =
-        Engine::start(config).map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    // The kernel's self-test runs on the engine thread, before the model
+    // loads: llama.cpp's OpenMP threads belong to the thread that first
+    // computes a graph, and a second team (the test's, on this thread) left
+    // idle beside the engine's halved its decoding speed.
+    let (chosen_tx, chosen) = tokio::sync::oneshot::channel();
+    let first = {
+        let (model, threads, metrics) = (args.model.clone(), config.threads, metrics.clone());
+        move || {
+            let _ = chosen_tx.send(attention_kernel(asked, &model, threads, &metrics));
+        }
+    };
+    let (engine, loading, thread) = Engine::start(config, first)
+        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    let (kernel, self_test) = chosen
+        .await
+        .map_err(|_| "the engine thread ended before testing the attention kernel".to_string())?;
     let worker = Worker {
         engine: engine.clone(),
         model: crate::gguf::catalog_name(&args.model).into(),
@@ -220,12 +234,12 @@ pub async fn run(args: Args) -> Result<(), String> {
 /// llama.cpp's serves), said in the log and the metrics: its name, and what
 /// the self-test found.
 fn attention_kernel(
+    asked: engine::kernel::Kernel,
     model: &Path,
     threads: i32,
     metrics: &crate::metrics::WorkerMetrics,
-) -> Result<(&'static str, String), String> {
+) -> (&'static str, String) {
     use engine::kernel::{self, Kernel, Shape, ENV, NAME};
-    let asked = Kernel::from_env()?;
     // A file whose metadata cannot be read fails to load a moment later, saying why.
     let shape = crate::gguf::read(model)
         .ok()
@@ -259,7 +273,7 @@ fn attention_kernel(
         true => tracing::warn!("{line}"),
         false => tracing::info!("{line}"),
     }
-    Ok((kernel.as_str(), said))
+    (kernel.as_str(), said)
 }
 
 /// Refuses flags that cannot work, naming the limit. The context against the

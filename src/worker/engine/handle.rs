@@ -121,8 +121,10 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread. It loads the model, reporting on `progress`,
     /// then serves until [`Engine::shutdown`]. The handle joins the thread.
+    /// Starts the engine thread, which runs `first` before it loads the model.
     pub fn start(
         config: Config,
+        first: impl FnOnce() + Send + 'static,
     ) -> std::io::Result<(
         Engine,
         watch::Receiver<LoadingEvent>,
@@ -142,6 +144,7 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
+                first();
                 let run = std::panic::AssertUnwindSafe(|| {
                     let (backend, model) = load_model(&config, layers_total, &progress, &stopping)?;
                     serve(&config, &backend, &model, &rx, &load, &progress)
