@@ -172,22 +172,8 @@ pub async fn run(args: Args) -> Result<(), String> {
     let mut config = engine_config(&args, &metrics);
     let asked = engine::kernel::Kernel::from_env()?;
     config.remotes = remote::open_tunnels(&args.remote, auth.token()).await?;
-    // The kernel's self-test runs on the engine thread, before the model
-    // loads: llama.cpp's OpenMP threads belong to the thread that first
-    // computes a graph, and a second team (the test's, on this thread) left
-    // idle beside the engine's halved its decoding speed.
-    let (chosen_tx, chosen) = tokio::sync::oneshot::channel();
-    let first = {
-        let (model, threads, metrics) = (args.model.clone(), config.threads, metrics.clone());
-        move || {
-            let _ = chosen_tx.send(attention_kernel(asked, &model, threads, &metrics));
-        }
-    };
-    let (engine, loading, thread) = Engine::start(config, first)
-        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
-    let (kernel, self_test) = chosen
-        .await
-        .map_err(|_| "the engine thread ended before testing the attention kernel".to_string())?;
+    let (engine, loading, thread, (kernel, self_test)) =
+        start_engine(config, asked, &args.model, &metrics).await?;
     let worker = Worker {
         engine: engine.clone(),
         model: crate::gguf::catalog_name(&args.model).into(),
@@ -227,6 +213,42 @@ pub async fn run(args: Args) -> Result<(), String> {
     let _ = server.await;
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     outcome
+}
+
+/// Starts the engine thread, which tests the attention kernel `asked` for
+/// before it loads the model: the engine, its loading state, its thread, and
+/// the kernel serving with what its self-test found.
+///
+/// The test runs there because llama.cpp's OpenMP threads belong to the
+/// thread that first computes a graph: a second team (the test's, on the
+/// worker's main thread) left idle beside the engine's halved its decoding speed.
+async fn start_engine(
+    config: Config,
+    asked: engine::kernel::Kernel,
+    model: &Path,
+    metrics: &crate::metrics::WorkerMetrics,
+) -> Result<
+    (
+        Engine,
+        watch::Receiver<LoadingEvent>,
+        std::thread::JoinHandle<()>,
+        (&'static str, String),
+    ),
+    String,
+> {
+    let (chosen_tx, chosen) = tokio::sync::oneshot::channel();
+    let first = {
+        let (model, threads, metrics) = (model.to_path_buf(), config.threads, metrics.clone());
+        move || {
+            let _ = chosen_tx.send(attention_kernel(asked, &model, threads, &metrics));
+        }
+    };
+    let (engine, loading, thread) = Engine::start(config, first)
+        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    let chosen = chosen
+        .await
+        .map_err(|_| "the engine thread ended before testing the attention kernel".to_string())?;
+    Ok((engine, loading, thread, chosen))
 }
 
 /// The attention kernel `RBEE_ATTN_KERNEL` picks, serving from now on once
