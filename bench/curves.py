@@ -52,6 +52,26 @@ def turn(port, messages, max_tokens):
     return ttft, tps, "".join(text)
 
 
+def tokens(port, text):
+    """How many tokens `text` is, as the server's own /tokenize counts (both have it)."""
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    c.request("POST", "/tokenize", body=json.dumps({"content": text}), headers={"content-type": "application/json"})
+    return len(json.loads(c.getresponse().read())["tokens"])
+
+
+def document_of(port, tag, target):
+    """A run.document of about `target` tokens (never more), sized by the server's tokenizer."""
+    n = max(1, int(target / TOKENS_PER_SENTENCE))
+    for _ in range(4):
+        doc = run.document(tag, n)
+        have = tokens(port, doc)
+        if have <= target and have > 0.97 * target:
+            return doc
+        n = max(1, int(n * target / have * 0.99))
+    return run.document(tag, n)
+
+
 def depth_curve(server, depths, answer_tokens, ctx):
     """Per depth: a document of that many tokens read (turn 1), then a question
     over it (turn 2, the point): its TTFT and its answer's decode speed. A depth
@@ -59,7 +79,7 @@ def depth_curve(server, depths, answer_tokens, ctx):
     out = {}
     for d in depths:
         fits = min(d, ctx - answer_tokens - 160)
-        doc = run.document(f"{server.name} depth {d} {time.time()}", max(1, int(fits / TOKENS_PER_SENTENCE)))
+        doc = document_of(server.port, f"{server.name} depth {d} {time.time()}", fits)
         messages = [{"role": "system", "content": doc}, {"role": "user", "content": "What is this about?"}]
         _, _, answer = turn(server.port, messages, 8)
         messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Which mill is first?"}]
