@@ -117,6 +117,7 @@ bench: build model $(LLAMA_SERVER) $(BENCHDEPS)
 	  rbee: llama-cpp-sys-2 $$(grep -m1 -A1 'name = "llama-cpp-sys-2"' Cargo.lock | grep version | cut -d'"' -f2)"
 	bench/queen_scale
 	PYTHONPATH=$(MODEL_DIR)/py python3 bench/curves.py
+	PYTHONPATH=$(MODEL_DIR)/py python3 bench/memory.py
 
 lint:
 	$(CARGO) fmt --check
