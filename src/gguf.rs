@@ -44,6 +44,30 @@ pub struct GgufInfo {
     pub layer_bytes: u64,
     #[serde(default)]
     pub output_bytes: u64,
+    /// Bytes of the matrices llama.cpp's CPU backend keeps a second,
+    /// interleaved copy of for its AVX2 kernels ([`repacked`]): on a CPU the
+    /// weights take the file and these again.
+    #[serde(default)]
+    pub repacked_bytes: u64,
+}
+
+/// Bytes of a tensor of ggml type `ty` with `dims` that llama.cpp's CPU
+/// backend repacks on an x86-64-v3 CPU (rbee's build; `ggml-cpu/repack.cpp`,
+/// `ggml_repack_get_optimal_repack_type`): Q4_0, Q4_K, IQ4_NL and MXFP4
+/// matrices with rows in whole groups of 8; 0 for any other. Token embeddings
+/// are read by row, never repacked.
+fn repacked(ty: u32, dims: &[u64], part: Part) -> u64 {
+    // (type, elements a block, bytes a block)
+    const REPACKED: [(u32, u64, u64); 4] =
+        [(2, 32, 18), (12, 256, 144), (20, 32, 18), (39, 32, 17)];
+    let Some(&(_, per, bytes)) = REPACKED.iter().find(|(t, _, _)| *t == ty) else {
+        return 0;
+    };
+    if part == Part::TokenEmbeddings || dims.len() < 2 || !dims[1].is_multiple_of(8) {
+        return 0;
+    }
+    let elements = dims.iter().fold(1u64, |n, d| n.saturating_mul(*d));
+    elements / per * bytes
 }
 
 /// Reads the header of the GGUF file at `path`.
@@ -146,23 +170,11 @@ fn parse_sized(r: &mut impl Read, file_len: Option<u64>) -> io::Result<GgufInfo>
             .find(|(k, _)| *k == format!("{architecture}.{suffix}"))
             .map_or(0, |(_, n)| *n)
     };
-    let mut parameters = 0u64;
-    let mut offsets = Vec::new();
-    for _ in 0..n_tensors {
-        let name = read_string(r)?;
-        let n_dims = read_u32(r)?;
-        if n_dims > 8 {
-            return Err(invalid("tensor with more than 8 dimensions"));
-        }
-        let mut elements = 1u64;
-        for _ in 0..n_dims {
-            elements = elements.saturating_mul(read_u64(r)?);
-        }
-        let _type = read_u32(r)?;
-        let offset = read_u64(r)?;
-        parameters = parameters.saturating_add(elements);
-        offsets.push((offset, part(&name)));
-    }
+    let Tensors {
+        parameters,
+        repacked_bytes,
+        mut offsets,
+    } = read_tensors(r, n_tensors)?;
     let data_start = r.read.next_multiple_of(alignment);
     let data_len = file_len.map(|len| len.saturating_sub(data_start));
     let (layer_bytes, output_bytes) = part_sizes(&mut offsets, data_len);
@@ -186,7 +198,44 @@ fn parse_sized(r: &mut impl Read, file_len: Option<u64>) -> io::Result<GgufInfo>
         quantization: file_type.map_or("unknown", file_type_name).to_string(),
         layer_bytes,
         output_bytes,
+        repacked_bytes,
     })
+}
+
+/// What the tensor infos say: elements in all, the bytes llama.cpp repacks,
+/// and each tensor's data offset with the part of the model it is.
+struct Tensors {
+    parameters: u64,
+    repacked_bytes: u64,
+    offsets: Vec<(u64, Part)>,
+}
+
+fn read_tensors(r: &mut impl Read, n_tensors: u64) -> io::Result<Tensors> {
+    let mut t = Tensors {
+        parameters: 0,
+        repacked_bytes: 0,
+        offsets: Vec::new(),
+    };
+    for _ in 0..n_tensors {
+        let name = read_string(r)?;
+        let n_dims = read_u32(r)?;
+        if n_dims > 8 {
+            return Err(invalid("tensor with more than 8 dimensions"));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(read_u64(r)?);
+        }
+        let ty = read_u32(r)?;
+        let offset = read_u64(r)?;
+        let elements = dims.iter().fold(1u64, |n, d| n.saturating_mul(*d));
+        t.parameters = t.parameters.saturating_add(elements);
+        t.repacked_bytes = t
+            .repacked_bytes
+            .saturating_add(repacked(ty, &dims, part(&name)));
+        t.offsets.push((offset, part(&name)));
+    }
+    Ok(t)
 }
 
 /// The bytes of the repeating layers and of the output layer: each tensor
@@ -227,7 +276,9 @@ pub const BATCH_TOKENS: u64 = 512;
 /// What a model takes in memory, in bytes, before it is loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Estimate {
-    /// The weights: the file, less its header.
+    /// The weights: the file (mapped), and the copy llama.cpp's CPU backend
+    /// makes of the matrices it repacks (`GgufInfo::repacked_bytes`; for a
+    /// Q4_0 model about the file again — `bench/memory.py` measured it).
     pub weights: u64,
     /// The KV cache: layers × tokens (slots × context) × (K + V widths) × the
     /// bytes a cell takes (2 for f16; 34/32 for q8_0, 18/32 for q4_0).
@@ -266,7 +317,7 @@ pub fn estimate(
     let logits = info.vocab_size * BATCH_TOKENS * 4;
     let activations = 8 * info.embedding_length * BATCH_TOKENS * 4;
     Estimate {
-        weights: file_size,
+        weights: file_size + info.repacked_bytes,
         kv_cache,
         compute: logits + activations + MARGIN,
     }
@@ -532,6 +583,8 @@ pub mod tests {
                 vocab_size: 2,
                 layer_bytes: 0,
                 output_bytes: 0,
+                // The 2-D Q4_0 matrix (rows in groups of 8), once more.
+                repacked_bytes: 576 * 49152 / 32 * 18,
             }
         );
     }
@@ -552,6 +605,7 @@ pub mod tests {
             vocab_size: 49152,
             layer_bytes: 0,
             output_bytes: 0,
+            repacked_bytes: 0,
         }
     }
 
@@ -565,6 +619,28 @@ pub mod tests {
         assert_eq!(four.kv_cache, 4 * one.kv_cache);
         assert_eq!(four.weights, 100 << 20);
         assert!(four.total() > four.weights + four.kv_cache);
+    }
+
+    #[test]
+    fn matrices_llama_cpp_repacks_are_counted_again() {
+        // A Q4_0 matrix of 2048 × 8192: 16,777,216 elements, 18 bytes a block of 32.
+        let q4_0 = repacked(2, &[2048, 8192], Part::Layer);
+        assert_eq!(q4_0, 16_777_216 / 32 * 18);
+        assert_eq!(
+            repacked(12, &[4096, 4096], Part::Output),
+            4096 * 4096 / 256 * 144
+        );
+        // Embeddings are read by row; rows not in groups of 8, Q4_1 and F16 stay as they are.
+        assert_eq!(repacked(2, &[2048, 8192], Part::TokenEmbeddings), 0);
+        assert_eq!(repacked(2, &[2048, 8193], Part::Layer), 0);
+        assert_eq!(repacked(3, &[2048, 8192], Part::Layer), 0);
+        assert_eq!(repacked(1, &[2048, 8192], Part::Layer), 0);
+        let info = GgufInfo {
+            repacked_bytes: q4_0,
+            ..smollm2()
+        };
+        let est = estimate(&info, 100 << 20, 1, 4096, F16S);
+        assert_eq!(est.weights, (100 << 20) + q4_0);
     }
 
     /// f16 K and V cells: llama.cpp's default.

@@ -243,8 +243,8 @@ async fn start_engine(
             let _ = chosen_tx.send(attention_kernel(asked, &model, threads, &metrics));
         }
     };
-    let (engine, loading, thread) = Engine::start(config, first)
-        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    let (engine, loading, thread) =
+        Engine::start(config, first).map_err(|e| format!("cannot start the engine thread: {e}"))?;
     let chosen = chosen
         .await
         .map_err(|_| "the engine thread ended before testing the attention kernel".to_string())?;
