@@ -278,7 +278,8 @@ pub const BATCH_TOKENS: u64 = 512;
 pub struct Estimate {
     /// The weights: the file (mapped), and the copy llama.cpp's CPU backend
     /// makes of the matrices it repacks (`GgufInfo::repacked_bytes`; for a
-    /// Q4_0 model about the file again — `bench/memory.py` measured it).
+    /// Q4_0 model about the file again — `bench/memory.py` measured it) in a
+    /// build without a GPU backend.
     pub weights: u64,
     /// The KV cache: layers × tokens (slots × context) × (K + V widths) × the
     /// bytes a cell takes (2 for f16; 34/32 for q8_0, 18/32 for q4_0).
@@ -316,8 +317,15 @@ pub fn estimate(
     // and 103.8 MiB; this gives 105.0.
     let logits = info.vocab_size * BATCH_TOKENS * 4;
     let activations = 8 * info.embedding_length * BATCH_TOKENS * 4;
+    // A build with a GPU backend offloads every layer by default: nothing is
+    // left on the CPU to repack (and a GPU's room is checked with this figure).
+    let repacked = if crate::GPU_BACKEND {
+        0
+    } else {
+        info.repacked_bytes
+    };
     Estimate {
-        weights: file_size + info.repacked_bytes,
+        weights: file_size + repacked,
         kv_cache,
         compute: logits + activations + MARGIN,
     }
@@ -640,7 +648,8 @@ pub mod tests {
             ..smollm2()
         };
         let est = estimate(&info, 100 << 20, 1, 4096, F16S);
-        assert_eq!(est.weights, (100 << 20) + q4_0);
+        let on_cpu = if crate::GPU_BACKEND { 0 } else { q4_0 };
+        assert_eq!(est.weights, (100 << 20) + on_cpu);
     }
 
     /// f16 K and V cells: llama.cpp's default.
