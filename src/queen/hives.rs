@@ -5,57 +5,48 @@
 
 use super::cluster::Cluster;
 use super::jobs::Job;
+use super::placement::Allowed;
 use super::registry::LOCALHOST;
-use super::view::{ClusterState, SILENCE};
+use super::view::{ClusterState, HiveView, SILENCE};
 use crate::protocol::{ApiError, ErrorCode};
+use std::sync::Arc;
 
-/// The names of the hives this job may use, at least one of them reachable.
+/// The hives this job may use, at least one of them reachable.
 pub async fn candidates(
     cluster: &impl Cluster,
     job: &Job,
     node: Option<&str>,
-) -> Result<Vec<String>, ApiError> {
-    let names = named_hives(cluster, job, node).await?;
-    reachable(cluster, job, names).await
+) -> Result<Allowed, ApiError> {
+    let allowed = named_hives(cluster, job, node).await?;
+    reachable(cluster, job, allowed).await
 }
 
-/// The hive `node` names, or every hive with this machine's among them;
+/// The hive `node` names, or any hive with this machine's among them;
 /// `localhost`, or no hive on this machine, starts the local one (again, if
 /// it has gone).
 async fn named_hives(
     cluster: &impl Cluster,
     job: &Job,
     node: Option<&str>,
-) -> Result<Vec<String>, ApiError> {
+) -> Result<Allowed, ApiError> {
     let view = cluster.view();
     let state = view.state();
-    let known: Vec<String> = state.hives.iter().map(|h| h.conn.name.clone()).collect();
-    let up = |name: &str| {
-        state
-            .hives
-            .iter()
-            .any(|h| h.conn.name == name && h.reachable)
-    };
+    let up = |name: &str| state.hives.named(name).is_some_and(|h| h.reachable);
     match node {
-        Some(LOCALHOST) if !up(LOCALHOST) => Ok(vec![cluster.local_hive(job).await?.name]),
-        Some(name) if known.iter().any(|k| k == name) => Ok(vec![name.to_string()]),
-        Some(name) => Err(unknown_node(name, &known)),
+        Some(LOCALHOST) if !up(LOCALHOST) => {
+            Ok(Allowed::Only(vec![cluster.local_hive(job).await?.name]))
+        }
+        Some(name) if state.hives.named(name).is_some() => {
+            Ok(Allowed::Only(vec![name.to_string()]))
+        }
+        Some(name) => Err(unknown_node(name, &state)),
         None => {
             // Until every hive has answered or failed, this machine's may be among them.
-            view.wait_until(SILENCE, |s| {
-                s.hives
-                    .iter()
-                    .all(|h| h.snapshot.is_some() || h.error.is_some())
-            })
-            .await;
-            let mut names = known;
+            view.wait_until(SILENCE, |s| s.hives.all_heard()).await;
             if cluster.local_hive_allowed() && local_hive_wanted(&view.state()) {
-                let local = cluster.local_hive(job).await?.name;
-                if !names.contains(&local) {
-                    names.push(local);
-                }
+                cluster.local_hive(job).await?;
             }
-            Ok(names)
+            Ok(Allowed::Any)
         }
     }
 }
@@ -63,13 +54,16 @@ async fn named_hives(
 /// Whether this machine's hive should run (and be started if it does not):
 /// it is registered as `localhost` and not up, or no registered hive runs
 /// on this machine.
+/// Worked out once per change of the view, not per job.
 pub fn local_hive_wanted(state: &ClusterState) -> bool {
-    let local = state.hives.iter().find(|h| h.conn.name == LOCALHOST);
+    let local = state.hives.named(LOCALHOST);
     match local {
         Some(h) => !h.reachable,
-        None => !state.hives.iter().any(|h| {
-            let hostname = h.snapshot.as_ref().map(|s| s.hostname.as_str());
-            on_this_machine(&h.conn.url, hostname)
+        None => state.hives.local_wanted(|hives| {
+            !hives.iter().any(|h| {
+                let hostname = h.snapshot.as_ref().map(|s| s.hostname.as_str());
+                on_this_machine(&h.conn.url, hostname)
+            })
         }),
     }
 }
@@ -121,7 +115,8 @@ fn looks_local(url: &str, hostname: Option<&str>) -> bool {
     !here.is_empty() && first(host) == first(&here) && hostname == Some(here.as_str())
 }
 
-fn unknown_node(name: &str, known: &[String]) -> ApiError {
+fn unknown_node(name: &str, state: &ClusterState) -> ApiError {
+    let known: Vec<&str> = state.hives.iter().map(|h| h.conn.name.as_str()).collect();
     let known = if known.is_empty() {
         "none".to_string()
     } else {
@@ -133,48 +128,56 @@ fn unknown_node(name: &str, known: &[String]) -> ApiError {
     )
 }
 
-/// The hives that are reachable (waiting a moment for ones not heard from
-/// yet); the others are narrated as skipped, or, when none is, named in the
-/// `HIVE_UNREACHABLE` error with why.
+/// The allowed hives, once one is reachable (waiting a moment for ones not
+/// heard from yet); the others are narrated as skipped, or, when none is
+/// reachable, named in the `HIVE_UNREACHABLE` error with why.
 async fn reachable(
     cluster: &impl Cluster,
     job: &Job,
-    names: Vec<String>,
-) -> Result<Vec<String>, ApiError> {
+    allowed: Allowed,
+) -> Result<Allowed, ApiError> {
     let view = cluster.view();
-    // A set: a job may name every one of a thousand hives.
-    let named: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
-    let wanted = |s: &ClusterState| {
-        s.hives
-            .iter()
-            .any(|h| h.reachable && named.contains(h.conn.name.as_str()))
-    };
-    view.wait_until(SILENCE, wanted).await;
-    let state = view.state();
-    let mut alive = Vec::new();
-    let mut down = Vec::new();
-    for hive in state
-        .hives
-        .iter()
-        .filter(|h| named.contains(h.conn.name.as_str()))
-    {
-        if hive.reachable {
-            alive.push(hive.conn.name.clone());
-        } else {
-            let why = hive.error.as_deref().unwrap_or("not heard from yet");
-            down.push(format!(
-                "hive {} at {} is not answering ({why})",
-                hive.conn.name, hive.conn.url
-            ));
+    // The allowed hives, and those of them down: from the view's index, not
+    // a walk over every hive (a job that names none may use a thousand).
+    let split = |s: &ClusterState| -> (usize, Vec<Arc<HiveView>>) {
+        match &allowed {
+            Allowed::Any => (s.hives.len(), s.hives.down().cloned().collect()),
+            Allowed::Only(names) => {
+                let named: Vec<_> = names.iter().filter_map(|n| s.hives.named(n)).collect();
+                let down = named.iter().filter(|h| !h.reachable).map(|&h| h.clone());
+                (named.len(), down.collect())
+            }
         }
+    };
+    let any_up = |s: &ClusterState| {
+        let (all, down) = split(s);
+        all > down.len()
+    };
+    view.wait_until(SILENCE, any_up).await;
+    let (all, down) = split(&view.state());
+    let down = down.iter().map(|hive| {
+        let why = hive.error.as_deref().unwrap_or("not heard from yet");
+        format!(
+            "hive {} at {} is not answering ({why})",
+            hive.conn.name, hive.conn.url
+        )
+    });
+    if all == 0 {
+        return Err(ApiError::new(
+            ErrorCode::HiveUnreachable,
+            "no hive is registered (add one with `rbee keeper hive add`)",
+        ));
     }
-    if alive.is_empty() {
-        return Err(ApiError::new(ErrorCode::HiveUnreachable, down.join("; ")));
+    if all == down.len() {
+        return Err(ApiError::new(
+            ErrorCode::HiveUnreachable,
+            down.collect::<Vec<_>>().join("; "),
+        ));
     }
     for d in down {
         job.narrate("queen", "skip_hive", d);
     }
-    Ok(alive)
+    Ok(allowed)
 }
 
 #[cfg(test)]

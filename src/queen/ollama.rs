@@ -415,8 +415,7 @@ async fn start_pull(
     if had {
         return Ok((named, None));
     }
-    let all: Vec<String> = state.hives.iter().map(|h| h.conn.name.clone()).collect();
-    let hive = placement::fetch_onto(&state, &all)
+    let hive = placement::fetch_onto(&state, &placement::Allowed::Any)
         .ok_or_else(|| ApiError::new(ErrorCode::HiveUnreachable, "no hive is reachable"))?;
     let client = hive.client();
     let download = client.download(&model).await?;

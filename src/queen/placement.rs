@@ -64,18 +64,30 @@ pub fn names(entry: &HiveModel, model: &str) -> bool {
     entry.entry.model_ref == model || lower.eq(entry.entry.name.chars()) || entry.entry.path == path
 }
 
-/// The reachable hives among `allowed`, with their snapshots. Linear in
-/// the hives however many are allowed (a job may name a thousand).
+/// The hives a job may use: any (a job that names none), or those named.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Allowed {
+    Any,
+    Only(Vec<String>),
+}
+
+impl Allowed {
+    pub fn admits(&self, name: &str) -> bool {
+        match self {
+            Allowed::Any => true,
+            Allowed::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
+/// The reachable hives among `allowed`, with their snapshots.
 pub(super) fn usable<'a>(
     state: &'a ClusterState,
-    allowed: &'a [String],
+    allowed: &'a Allowed,
 ) -> impl Iterator<Item = (&'a HiveView, &'a HiveSnapshot)> {
-    let allowed: std::collections::HashSet<&str> = allowed.iter().map(String::as_str).collect();
     state.hives.iter().filter_map(move |h| {
         let snapshot = h.snapshot.as_deref().filter(|_| h.reachable)?;
-        allowed
-            .contains(h.conn.name.as_str())
-            .then_some((&**h, snapshot))
+        allowed.admits(&h.conn.name).then_some((&**h, snapshot))
     })
 }
 
@@ -84,23 +96,43 @@ pub fn entry<'a>(snapshot: &'a HiveSnapshot, model: &str) -> Option<&'a HiveMode
     snapshot.models.iter().find(|m| names(m, model))
 }
 
+/// The reachable hives among `allowed` whose catalogs have `model`, with its
+/// entry there (as [`entry`] finds it): from the view's index, not a walk
+/// over every hive.
+fn having<'a>(
+    state: &'a ClusterState,
+    model: &'a str,
+    allowed: &'a Allowed,
+) -> impl Iterator<Item = (&'a HiveView, &'a HiveSnapshot, &'a HiveModel)> {
+    state
+        .hives
+        .with_model(model)
+        .into_iter()
+        .filter_map(move |(h, m)| {
+            let snapshot = h.snapshot.as_deref().filter(|_| h.reachable)?;
+            let entry = snapshot.models.get(m)?;
+            allowed
+                .admits(&h.conn.name)
+                .then_some((&**h, snapshot, entry))
+        })
+}
+
 /// The memory a worker of `model` takes, from any catalog that has it.
-pub fn need_mb(state: &ClusterState, model: &str, allowed: &[String]) -> Option<u64> {
-    usable(state, allowed).find_map(|(_, s)| entry(s, model).map(|e| e.memory_estimate_mb))
+pub fn need_mb(state: &ClusterState, model: &str, allowed: &Allowed) -> Option<u64> {
+    having(state, model, allowed)
+        .next()
+        .map(|(_, _, e)| e.memory_estimate_mb)
 }
 
 /// The ready workers of `model` on usable hives, less the excluded ones.
 fn ready_workers<'a>(
     state: &'a ClusterState,
-    model: &str,
-    allowed: &'a [String],
+    model: &'a str,
+    allowed: &'a Allowed,
     excluded: &[String],
 ) -> Vec<(&'a HiveView, &'a WorkerInfo)> {
     let mut found = Vec::new();
-    for (hive, snapshot) in usable(state, allowed) {
-        let Some(entry) = entry(snapshot, model) else {
-            continue;
-        };
+    for (hive, snapshot, entry) in having(state, model, allowed) {
         for w in &snapshot.workers {
             if w.state == WorkerState::Ready
                 && w.model == entry.entry.name
@@ -116,12 +148,10 @@ fn ready_workers<'a>(
 
 /// Whether every hive lending a split worker its devices is reachable.
 fn lenders_up(state: &ClusterState, w: &WorkerInfo) -> bool {
-    w.split.iter().filter(|p| !p.hive.is_empty()).all(|p| {
-        state
-            .hives
-            .iter()
-            .any(|h| h.conn.name == p.hive && h.reachable)
-    })
+    w.split
+        .iter()
+        .filter(|p| !p.hive.is_empty())
+        .all(|p| state.hives.named(&p.hive).is_some_and(|h| h.reachable))
 }
 
 /// Where a request for `model` goes. `preferred` is the worker that last
@@ -129,24 +159,30 @@ fn lenders_up(state: &ClusterState, w: &WorkerInfo) -> bool {
 pub fn route(
     state: &ClusterState,
     model: &str,
-    allowed: &[String],
+    allowed: &Allowed,
     preferred: Option<&str>,
     excluded: &[String],
 ) -> Route {
-    let workers = ready_workers(state, model, allowed, excluded);
-    let outstanding = |w: &WorkerInfo| state.in_flight(&w.url);
-    let least = |candidates: &[(&HiveView, &WorkerInfo)]| {
+    // Each with its requests outstanding, looked up once.
+    let workers: Vec<_> = ready_workers(state, model, allowed, excluded)
+        .into_iter()
+        .map(|(h, w)| (h, w, state.in_flight(&w.url)))
+        .collect();
+    let least = |candidates: &[(&HiveView, &WorkerInfo, u32)]| {
         candidates
             .iter()
-            .min_by(|(_, a), (_, b)| (outstanding(a), &a.url).cmp(&(outstanding(b), &b.url)))
-            .map(|(h, w)| Route::To(Target::of(h, w)))
+            .min_by(|(_, a, m), (_, b, n)| (m, &a.url).cmp(&(n, &b.url)))
+            .map(|(h, w, _)| Route::To(Target::of(h, w)))
     };
     let free: Vec<_> = workers
         .iter()
         .copied()
-        .filter(|(_, w)| outstanding(w) < w.slots)
+        .filter(|(_, w, n)| *n < w.slots)
         .collect();
-    if let Some((h, w)) = free.iter().find(|(_, w)| Some(w.url.as_str()) == preferred) {
+    if let Some((h, w, _)) = free
+        .iter()
+        .find(|(_, w, _)| Some(w.url.as_str()) == preferred)
+    {
         return Route::To(Target::of(h, w));
     }
     if let Some(route) = least(&free) {
@@ -162,7 +198,7 @@ pub fn route(
 /// room, or a hive whose CPU no worker of this model uses yet and whose
 /// budget fits it. A second worker of a model on the same cores only adds
 /// contention; its queue serves as well.
-fn own_compute(state: &ClusterState, model: &str, allowed: &[String]) -> bool {
+fn own_compute(state: &ClusterState, model: &str, allowed: &Allowed) -> bool {
     let Some(need) = need_mb(state, model, allowed) else {
         return false;
     };
@@ -179,7 +215,7 @@ fn own_compute(state: &ClusterState, model: &str, allowed: &[String]) -> bool {
 
 /// The hive a model that no catalog has is fetched onto: the one with the
 /// most free memory (a free GPU first).
-pub fn fetch_onto(state: &ClusterState, allowed: &[String]) -> Option<HiveConn> {
+pub fn fetch_onto(state: &ClusterState, allowed: &Allowed) -> Option<HiveConn> {
     usable(state, allowed)
         .max_by_key(|(_, s)| {
             let gpu = s.gpus.iter().map(|g| g.free_mb()).max().unwrap_or(0);
@@ -193,7 +229,7 @@ pub fn place(
     state: &ClusterState,
     model: &str,
     need: u64,
-    allowed: &[String],
+    allowed: &Allowed,
 ) -> Result<Placement, ApiError> {
     // (GPU, has the file, free memory) ranks the hives that fit as they are.
     let mut fits = Vec::new();
@@ -392,7 +428,7 @@ pub mod fixtures {
             })),
             reachable: true,
             error: None,
-            last_seen: None,
+            last_seen: Default::default(),
         }
     }
 
@@ -400,19 +436,12 @@ pub mod fixtures {
     pub const M: &str = "smollm";
 
     pub fn state(hives: Vec<HiveView>) -> ClusterState {
-        ClusterState {
-            hives: hives.into_iter().map(std::sync::Arc::new).collect(),
-            ..ClusterState::default()
-        }
+        ClusterState::of(hives.into_iter().map(std::sync::Arc::new).collect())
     }
 
     /// Where a new worker of [`M`] taking `need` MiB goes, any hive allowed.
     pub fn placed(state: &ClusterState, need: u64) -> Result<Placement, ApiError> {
-        place(state, M, need, &all_names(state))
-    }
-
-    pub fn all_names(state: &ClusterState) -> Vec<String> {
-        state.hives.iter().map(|h| h.conn.name.clone()).collect()
+        place(state, M, need, &Allowed::Any)
     }
 }
 
@@ -537,7 +566,7 @@ mod tests {
     }
 
     fn routed(s: &ClusterState, preferred: Option<&str>) -> Route {
-        route(s, M, &all_names(s), preferred, &[])
+        route(s, M, &Allowed::Any, preferred, &[])
     }
 
     fn to(id: &str) -> Route {
@@ -567,13 +596,13 @@ mod tests {
         let s = two_workers((5, 4));
         assert_eq!(routed(&s, None), to("w2"));
         // Another hive with room and no worker of this model: a new worker there.
-        let mut s = two_workers((5, 4));
-        s.hives.push(std::sync::Arc::new(hive(
-            "b",
-            9000,
-            vec![model(M, 800)],
-            vec![],
-        )));
+        let s = two_workers((5, 4));
+        let b = hive("b", 9000, vec![model(M, 800)], vec![]);
+        let hives = s.hives.iter().cloned().chain([std::sync::Arc::new(b)]);
+        let s = ClusterState {
+            hives: std::sync::Arc::new(super::super::view::Hives::new(hives.collect())),
+            ..s
+        };
         assert_eq!(routed(&s, None), Route::Provision);
     }
 

@@ -5,7 +5,7 @@
 
 use super::cluster::Cluster;
 use super::jobs::Job;
-use super::placement::{self, Placement, Target};
+use super::placement::{self, Allowed, Placement, Target};
 use super::registry::HiveConn;
 use super::view::ClusterState;
 use crate::model_ref::ModelRef;
@@ -26,7 +26,7 @@ const VIEW_WAIT: Duration = Duration::from_secs(5);
 /// starts it and waits for it to load.
 pub async fn provision(
     cluster: &impl Cluster,
-    hives: &[String],
+    hives: &Allowed,
     job: &Job,
     model: &str,
 ) -> Result<Target, ApiError> {
@@ -90,7 +90,7 @@ pub async fn provision(
 
 /// A catalog name no allowed hive lists cannot be fetched: the error names
 /// the hives asked and the closest names their catalogs have.
-fn unknown_name(state: &ClusterState, model: &str, hives: &[String]) -> Result<(), ApiError> {
+fn unknown_name(state: &ClusterState, model: &str, hives: &Allowed) -> Result<(), ApiError> {
     let Ok(ModelRef::Name(name)) = ModelRef::parse(model) else {
         return Ok(());
     };
@@ -101,9 +101,19 @@ fn unknown_name(state: &ClusterState, model: &str, hives: &[String]) -> Result<(
         .flat_map(|(hive, s)| s.models.iter().map(move |m| (hive, m.entry.name.as_str())))
         .collect();
     let known: Vec<&str> = listed.iter().map(|(_, m)| *m).collect();
-    let asked = match hives {
+    let asked: Vec<&str> = placement::usable(state, hives)
+        .map(|(h, _)| h.conn.name.as_str())
+        .collect();
+    let asked = match asked.as_slice() {
         [one] => format!("hive {one} has no"),
-        _ => format!("none of the hives ({}) has a", hives.join(", ")),
+        [first @ .., _] if first.len() >= 8 => {
+            let more = asked.len() - 8;
+            format!(
+                "none of the hives ({}, and {more} more) has a",
+                asked[..8].join(", ")
+            )
+        }
+        _ => format!("none of the hives ({}) has a", asked.join(", ")),
     };
     let elsewhere = listed.iter().find(|(_, m)| *m == name).map(|(h, _)| *h);
     let hint = match crate::suggest::nearest(&name, known.iter().copied()) {
@@ -124,7 +134,7 @@ fn unknown_name(state: &ClusterState, model: &str, hives: &[String]) -> Result<(
 /// worker of it needs, as that hive estimates it.
 async fn fetch_somewhere(
     cluster: &impl Cluster,
-    hives: &[String],
+    hives: &Allowed,
     job: &Job,
     model: &str,
 ) -> Result<u64, ApiError> {
@@ -135,7 +145,7 @@ async fn fetch_somewhere(
     let need = placement::need_mb(
         &cluster.view().state(),
         model,
-        std::slice::from_ref(&hive.name),
+        &Allowed::Only(vec![hive.name.clone()]),
     );
     need.ok_or_else(|| {
         ApiError::internal(format!("hive {} lost {model} as it fetched it", hive.name))

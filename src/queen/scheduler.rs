@@ -14,7 +14,7 @@
 use super::cluster::Cluster;
 use super::hives;
 use super::jobs::Job;
-use super::placement::{self, Route};
+use super::placement::{self, Allowed, Route};
 use super::provision;
 use super::view::{prefix_hashes, InFlight, POISON_WINDOW};
 use crate::protocol::{
@@ -308,7 +308,7 @@ impl Attempts {
 /// for it route again first).
 async fn pick_worker(
     cluster: &impl Cluster,
-    hives: &[String],
+    hives: &Allowed,
     job: &Job,
     model: &str,
     prefix: &[u64],
@@ -329,7 +329,7 @@ async fn pick_worker(
 
 fn route(
     cluster: &impl Cluster,
-    hives: &[String],
+    hives: &Allowed,
     model: &str,
     prefix: &[u64],
     excluded: &[String],
@@ -1277,11 +1277,12 @@ mod tests {
         let fake = Fake::default();
         let job = Jobs::default().create();
         let hives = hives::candidates(&fake, &job, None).await.expect("a hive");
-        assert_eq!(hives, [LOCALHOST]);
+        assert_eq!(hives, Allowed::Any);
+        assert!(fake.view.hive(LOCALHOST).is_some_and(|h| h.reachable));
         let hives = hives::candidates(&fake, &job, Some(LOCALHOST))
             .await
             .expect("a hive");
-        assert_eq!(hives, [LOCALHOST]);
+        assert_eq!(hives, Allowed::Only(vec![LOCALHOST.to_string()]));
         // Started once: the second job finds it up.
         assert_eq!(fake.calls(), ["start local"]);
     }

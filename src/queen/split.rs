@@ -3,7 +3,7 @@
 //! rest of placement; [`super::placement::place`] asks for a plan when no hive
 //! fits the model whole, as it is or after eviction.
 
-use super::placement::{entry, usable, Placement};
+use super::placement::{entry, usable, Allowed, Placement};
 use super::registry::HiveConn;
 use super::view::{ClusterState, HiveView};
 use crate::protocol::{HiveSnapshot, SplitCostMb};
@@ -34,7 +34,7 @@ fn can_split(s: &HiveSnapshot) -> bool {
 /// free budgets together hold it, its layers in proportion to those budgets.
 /// The worker goes to a hive that has the file (the lenders are sent their
 /// layers by it); `None` when even every hive together cannot hold it.
-pub fn plan(state: &ClusterState, model: &str, allowed: &[String]) -> Option<Placement> {
+pub fn plan(state: &ClusterState, model: &str, allowed: &Allowed) -> Option<Placement> {
     let able: Vec<(&HiveView, &HiveSnapshot)> = usable(state, allowed)
         .filter(|(_, s)| can_split(s))
         .collect();

@@ -181,7 +181,7 @@ pub(super) fn metrics(q: &Queen) -> Response<Body> {
 pub(super) async fn hive_list(q: &Queen) -> Vec<HiveStatus> {
     q.cluster.retrack().await;
     let mut list = Vec::new();
-    for h in q.cluster.view.state().hives {
+    for h in q.cluster.view.state().hives.iter() {
         let snapshot = h.snapshot.as_ref();
         list.push(HiveStatus {
             managed: q.registry.is_managed(&h.conn.name).await,
@@ -195,7 +195,7 @@ pub(super) async fn hive_list(q: &Queen) -> Vec<HiveStatus> {
                 (false, Some(_)) => HiveState::Unreachable,
                 (false, None) => HiveState::Unknown,
             },
-            last_seen: h.last_seen.clone(),
+            last_seen: h.last_seen.get(),
             error: h.error.as_deref().map(http::without_credentials),
             version: snapshot.map(|s| s.version.clone()),
             version_matches: snapshot.is_some_and(|s| s.version == env!("CARGO_PKG_VERSION")),

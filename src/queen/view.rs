@@ -32,7 +32,126 @@ pub struct HiveView {
     /// Why it is unreachable.
     pub error: Option<String>,
     /// When it was last heard from (RFC 3339).
-    pub last_seen: Option<String>,
+    pub last_seen: LastSeen,
+}
+
+/// When a hive was last heard from: set in place by every snapshot, so that
+/// one saying nothing new replaces no view (and rebuilds no index).
+#[derive(Debug, Clone, Default)]
+pub struct LastSeen(Arc<Mutex<Option<String>>>);
+
+impl LastSeen {
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn now(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(now_rfc3339());
+    }
+}
+
+impl PartialEq for LastSeen {
+    fn eq(&self, other: &LastSeen) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.get() == other.get()
+    }
+}
+
+/// The hives as the view last had them, with what a job looks them up by:
+/// built once per change of any hive's view and shared by every job until
+/// the next, so that routing looks at the hives that have its model (a
+/// name, a model, are found without a walk over a thousand hives).
+#[derive(Debug, Default)]
+pub struct Hives {
+    list: Vec<Arc<HiveView>>,
+    /// Positions in `list`, by hive name.
+    by_name: HashMap<String, usize>,
+    /// (position in `list`, catalog entry) of each hive whose catalog has a
+    /// model, under each name a request may give it: its catalog name, its
+    /// reference, its file (as [`super::placement::names`] compares them).
+    by_model: [HashMap<String, Vec<(usize, usize)>>; 3],
+    /// Positions in `list` of the unreachable hives.
+    down: Vec<usize>,
+    /// Every hive has sent a snapshot or failed.
+    all_heard: bool,
+    /// Whether this machine's hive should be started ([`super::hives::local_hive_wanted`]),
+    /// worked out once per build.
+    local_wanted: std::sync::OnceLock<bool>,
+}
+
+impl Hives {
+    pub fn new(list: Vec<Arc<HiveView>>) -> Hives {
+        let mut hives = Hives {
+            all_heard: list
+                .iter()
+                .all(|h| h.snapshot.is_some() || h.error.is_some()),
+            ..Hives::default()
+        };
+        for (i, h) in list.iter().enumerate() {
+            hives.by_name.insert(h.conn.name.clone(), i);
+            if !h.reachable {
+                hives.down.push(i);
+            }
+            let models = h.snapshot.as_ref().map(|s| s.models.as_slice());
+            for (m, entry) in models.unwrap_or_default().iter().enumerate() {
+                let e = &entry.entry;
+                for (by, key) in hives
+                    .by_model
+                    .iter_mut()
+                    .zip([&e.name, &e.model_ref, &e.path])
+                {
+                    by.entry(key.clone()).or_default().push((i, m));
+                }
+            }
+        }
+        hives.list = list;
+        hives
+    }
+
+    pub fn named(&self, name: &str) -> Option<&Arc<HiveView>> {
+        self.by_name.get(name).map(|&i| &self.list[i])
+    }
+
+    /// The hives whose catalog has `model` (under a name
+    /// [`super::placement::names`] accepts), each with its first entry that
+    /// does, in the view's order.
+    pub fn with_model(&self, model: &str) -> Vec<(&Arc<HiveView>, usize)> {
+        let lower = model.to_lowercase();
+        let path = model.strip_prefix("file:").unwrap_or(model);
+        let mut hits = self
+            .by_model
+            .iter()
+            .zip([lower.as_str(), model, path])
+            .filter_map(|(by, key)| by.get(key).filter(|_| !key.is_empty()));
+        let mut found: Vec<(usize, usize)> = hits.next().cloned().unwrap_or_default();
+        let mut more = hits.peekable();
+        if more.peek().is_some() {
+            found.extend(more.flatten());
+            found.sort_unstable();
+        }
+        found.dedup_by_key(|(hive, _)| *hive);
+        found.into_iter().map(|(i, m)| (&self.list[i], m)).collect()
+    }
+
+    /// The unreachable hives.
+    pub fn down(&self) -> impl Iterator<Item = &Arc<HiveView>> {
+        self.down.iter().map(|&i| &self.list[i])
+    }
+
+    pub fn all_heard(&self) -> bool {
+        self.all_heard
+    }
+
+    pub fn local_wanted(&self, work_out: impl FnOnce(&[Arc<HiveView>]) -> bool) -> bool {
+        *self.local_wanted.get_or_init(|| work_out(&self.list))
+    }
+}
+
+impl std::ops::Deref for Hives {
+    type Target = [Arc<HiveView>];
+
+    fn deref(&self) -> &[Arc<HiveView>] {
+        &self.list
+    }
 }
 
 /// The cluster at one moment: what every placement and routing decision is
@@ -40,7 +159,7 @@ pub struct HiveView {
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
     /// Shared with the view: taking the cluster's state copies no hive.
-    pub hives: Vec<Arc<HiveView>>,
+    pub hives: Arc<Hives>,
     /// Requests the queen has in flight, per worker URL (shared with the
     /// view until it next changes).
     pub in_flight: Arc<HashMap<String, u32>>,
@@ -49,6 +168,13 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    pub fn of(hives: Vec<Arc<HiveView>>) -> ClusterState {
+        ClusterState {
+            hives: Arc::new(Hives::new(hives)),
+            ..ClusterState::default()
+        }
+    }
+
     pub fn in_flight(&self, url: &str) -> u32 {
         self.in_flight.get(url).copied().unwrap_or(0)
     }
@@ -65,6 +191,8 @@ pub struct View {
 #[derive(Default)]
 struct Inner {
     hives: BTreeMap<String, Arc<HiveView>>,
+    /// `hives` indexed, built at the first look after a change.
+    indexed: Option<Arc<Hives>>,
     /// The subscription task of each tracked hive, with the address it follows.
     tasks: HashMap<String, (HiveConn, tokio::task::JoinHandle<()>)>,
     in_flight: Arc<HashMap<String, u32>>,
@@ -109,9 +237,17 @@ impl View {
 
     /// The cluster now.
     pub fn state(&self) -> ClusterState {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        let hives = match &inner.indexed {
+            Some(hives) => hives.clone(),
+            None => {
+                let hives = Arc::new(Hives::new(inner.hives.values().cloned().collect()));
+                inner.indexed = Some(hives.clone());
+                hives
+            }
+        };
         ClusterState {
-            hives: inner.hives.values().cloned().collect(),
+            hives,
             in_flight: inner.in_flight.clone(),
             last_used: inner.last_used.clone(),
         }
@@ -132,6 +268,7 @@ impl View {
             .filter(|(name, (conn, _))| wanted.get(name.as_str()) != Some(&conn))
             .map(|(name, _)| name.clone())
             .collect();
+        inner.indexed = None;
         for name in stale {
             if let Some((_, task)) = inner.tasks.remove(&name) {
                 task.abort();
@@ -152,7 +289,7 @@ impl View {
                     snapshot: None,
                     reachable: false,
                     error: None,
-                    last_seen: None,
+                    last_seen: LastSeen::default(),
                 }),
             );
             inner
@@ -199,7 +336,10 @@ impl View {
         let Some(hive) = inner.hives.get_mut(name) else {
             return;
         };
-        let news = !hive.reachable || hive.snapshot.as_deref() != Some(&snapshot);
+        hive.last_seen.now();
+        if hive.reachable && hive.snapshot.as_deref() == Some(&snapshot) {
+            return;
+        }
         if !hive.reachable {
             tracing::info!("hive {name} is reachable");
         }
@@ -208,13 +348,11 @@ impl View {
             snapshot: Some(Arc::new(snapshot)),
             reachable: true,
             error: None,
-            last_seen: Some(now_rfc3339()),
+            last_seen: hive.last_seen.clone(),
         });
-        if news {
-            Self::changed(&inner, name);
-            drop(inner);
-            self.bump();
-        }
+        Self::changed(&mut inner, name);
+        drop(inner);
+        self.bump();
     }
 
     fn lost(&self, name: &str, why: String) {
@@ -224,24 +362,24 @@ impl View {
         };
         if hive.reachable {
             tracing::warn!("hive {name} is unreachable: {why}");
+            hive.last_seen.now();
         }
         *hive = Arc::new(HiveView {
             conn: hive.conn.clone(),
             snapshot: hive.snapshot.clone(),
             reachable: false,
             error: Some(why),
-            last_seen: match hive.reachable {
-                true => Some(now_rfc3339()),
-                false => hive.last_seen.clone(),
-            },
+            last_seen: hive.last_seen.clone(),
         });
-        Self::changed(&inner, name);
+        Self::changed(&mut inner, name);
         drop(inner);
         self.bump();
     }
 
-    /// Wakes those waiting on hive `name` alone.
-    fn changed(inner: &Inner, name: &str) {
+    /// Wakes those waiting on hive `name` alone; the index is built anew
+    /// at the next look.
+    fn changed(inner: &mut Inner, name: &str) {
+        inner.indexed = None;
         if let Some(changed) = inner.hive_changed.get(name) {
             changed.send_modify(|n| *n = n.wrapping_add(1));
         }
@@ -320,7 +458,7 @@ impl View {
             .hive_changed
             .entry(name.clone())
             .or_insert_with(|| watch::channel(0).0);
-        Self::changed(&inner, &name);
+        Self::changed(&mut inner, &name);
         drop(inner);
         self.bump();
     }
@@ -336,7 +474,7 @@ impl View {
         {
             f(Arc::make_mut(s));
         }
-        Self::changed(&inner, name);
+        Self::changed(&mut inner, name);
         drop(inner);
         self.bump();
     }
@@ -537,12 +675,18 @@ mod tests {
         let of_b = view.lock().hive_changed["b"].subscribe();
         let of_a = view.lock().hive_changed["a"].subscribe();
         any.mark_unchanged();
+        let before = view.state();
         view.heard("a", snapshot.clone());
         assert!(
             !any.has_changed().unwrap(),
             "the same snapshot again is no news"
         );
         let state = view.state();
+        assert!(
+            Arc::ptr_eq(&before.hives, &state.hives),
+            "nor does it rebuild the index"
+        );
+        assert!(state.hives.named("a").unwrap().last_seen.get().is_some());
         let mut moved = snapshot;
         moved.ram.available_mb -= 1000;
         view.heard("a", moved);
@@ -567,6 +711,43 @@ mod tests {
             63_000
         );
         assert_eq!(view.hive("a").unwrap().conn, conn_a);
+    }
+
+    #[test]
+    fn the_index_finds_a_models_hives_by_any_name_it_goes_by() {
+        use crate::queen::placement::fixtures::{hive, model};
+        let mut c = hive("c", 4000, vec![model("other", 1), model("m", 500)], vec![]);
+        c.reachable = false;
+        let mut renamed = model("mine", 500);
+        renamed.entry.model_ref = "hf:org/m".into();
+        let hives = Hives::new(
+            [
+                hive("a", 4000, vec![model("m", 500)], vec![]),
+                hive("b", 4000, vec![renamed], vec![]),
+                c,
+                hive("d", 4000, vec![], vec![]),
+            ]
+            .into_iter()
+            .map(Arc::new)
+            .collect(),
+        );
+        let found = |model: &str| -> Vec<(String, usize)> {
+            let found = hives.with_model(model).into_iter();
+            found.map(|(h, m)| (h.conn.name.clone(), m)).collect()
+        };
+        let pair = |h: &str, m: usize| (h.to_string(), m);
+        assert_eq!(found("M"), [pair("a", 0), pair("c", 1)]);
+        assert_eq!(
+            found("hf:org/m"),
+            [pair("a", 0), pair("b", 0), pair("c", 1)]
+        );
+        assert_eq!(found("file:/models/mine.gguf"), [pair("b", 0)]);
+        assert_eq!(found("/models/m.gguf"), [pair("a", 0), pair("c", 1)]);
+        assert!(found("nothing").is_empty());
+        assert_eq!(hives.named("d").map(|h| h.conn.name.as_str()), Some("d"));
+        let down: Vec<&str> = hives.down().map(|h| h.conn.name.as_str()).collect();
+        assert_eq!(down, ["c"]);
+        assert!(hives.all_heard() && hives.len() == 4);
     }
 
     #[test]
