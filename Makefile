@@ -97,10 +97,13 @@ fuzz: deps model
 LLAMA_PY := llama-cpp-python==0.3.36
 LLAMA_SRC := $(MODEL_DIR)/llama.cpp
 LLAMA_SERVER := $(LLAMA_SRC)/build/bin/llama-server
-$(LLAMA_SERVER):
+# llama.cpp's source, as llama-cpp-python packs it (bench/gpu.sh builds it with CUDA).
+LLAMA_SRC_TREE := $(LLAMA_SRC)/CMakeLists.txt
+$(LLAMA_SRC_TREE):
 	@mkdir -p $(MODEL_DIR)/sdist $(LLAMA_SRC)
 	python3 -m pip download --quiet --no-deps --no-binary :all: --dest $(MODEL_DIR)/sdist $(LLAMA_PY)
 	tar xzf $(MODEL_DIR)/sdist/llama_cpp_python-*.tar.gz -C $(LLAMA_SRC) --strip-components=3 --wildcards '*/vendor/llama.cpp/*'
+$(LLAMA_SERVER): $(LLAMA_SRC_TREE)
 	cmake -S $(LLAMA_SRC) -B $(LLAMA_SRC)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
 	cmake --build $(LLAMA_SRC)/build -j$$(nproc) --target llama-server llama-bench

@@ -4,14 +4,19 @@ Llama-3.2-1B's shape (bench/synthetic.py), each curve a few points:
 
 - a chat turn's time to first token against the conversation's depth (1k, 2k,
   4k, 8k tokens already in the cache), and the decode speed of its answer there;
-- aggregate decode tokens/s against concurrent streams (1, 2, 4, 8, 16);
+- aggregate decode tokens/s against concurrent streams (1, 2, 4, 8, 16), and for
+  the larger shapes (`--single`: Llama-3.1-8B's) the single stream alone;
 - the queen's routing overhead against registered hives, from bench/queen_scale's
   latest results (or a short run of it).
 
 Figures to bench/results/curves-*.json; charts to bench/results/curves-*.png
 and, under fixed names, to docs/curves/ (what the README shows).
 
-    python3 bench/curves.py [--models smollm2,llama-3.2-1b] [--depths 1024,2048,4096,8192]
+    python3 bench/curves.py [--models smollm2,llama-3.2-1b] [--single llama-3.1-8b]
+                            [--depths 1024,2048,4096,8192] [--gpu]
+
+`--gpu` (bench/gpu.sh): llama-server offloads every layer (`-ngl 999`), as rbee's
+worker does by default when built with a GPU backend.
 """
 import argparse, glob, json, os, shutil, subprocess, sys, threading, time
 from pathlib import Path
@@ -34,6 +39,8 @@ def model_path(name):
 def settings(a, model, slots, ctx):
     s = argparse.Namespace(**vars(a))
     s.model, s.slots, s.ctx = model, slots, ctx
+    if a.gpu:
+        s.llama_args = ["-ngl", "999"]
     return s
 
 
@@ -109,7 +116,7 @@ def queen_points(a):
     return {n: {"p50_ms": f["routing_p50_ms"], "p99_ms": f["routing_p99_ms"]} for n, f in sorted(found.items())}
 
 
-def charts(figures, stamp):
+def charts(figures, stamp, out, docs_too):
     """One PNG per curve, both servers and every model on it."""
     try:
         import matplotlib
@@ -123,11 +130,12 @@ def charts(figures, stamp):
     docs.mkdir(parents=True, exist_ok=True)
 
     def save(fig, name):
-        path = ROOT / f"bench/results/curves-{stamp}-{name}.png"
+        path = Path(out) / f"curves-{stamp}-{name}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        shutil.copy(path, docs / f"{name}.png")
+        if docs_too:
+            shutil.copy(path, docs / f"{'gpu-' if figures.get('gpu') else ''}{name}.png")
         written.append(str(path))
 
     for key, label, name in (("ttft_ms", "chat turn TTFT (ms)", "depth-ttft"),
@@ -176,6 +184,9 @@ def main():
     ap.add_argument("--llama-server", default=str(ROOT / ".models/llama.cpp/build/bin/llama-server"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--models", default="smollm2,llama-3.2-1b")
+    ap.add_argument("--single", default="llama-3.1-8b", help="models measured at one stream only ('' for none)")
+    ap.add_argument("--gpu", action="store_true", help="llama-server offloads every layer (-ngl 999)")
+    ap.add_argument("--no-docs", action="store_true", help="charts to --out only, not docs/curves/")
     ap.add_argument("--depths", default="1024,2048,4096,8192")
     ap.add_argument("--streams", default="1,2,4,8,16")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per answer")
@@ -184,14 +195,14 @@ def main():
     depths = [int(d) for d in a.depths.split(",")]
     counts = [int(n) for n in a.streams.split(",")]
     with_llama = Path(a.llama_server).exists()
-    figures = {"machine": f"{os.cpu_count()} cores", "threads": a.threads, "models": {}}
+    figures = {"machine": f"{os.cpu_count()} cores", "threads": a.threads, "gpu": a.gpu, "models": {}}
+    kinds = [run.Rbee] + ([run.LlamaServer] if with_llama else [])
     for name in a.models.split(","):
         model, trained = model_path(name)
         per = {"depth": {}, "streams": {}}
         # One slot deep enough for the deepest point (the model's context at most).
         ctx = min(max(depths) + 512, trained)
         deep = settings(a, model, 1, ctx)
-        kinds = [run.Rbee] + ([run.LlamaServer] if with_llama else [])
         for kind in kinds:
             server = kind(deep)
             try:
@@ -208,10 +219,25 @@ def main():
             finally:
                 server.stop()
         figures["models"][name] = per
-    figures["queen"] = queen_points(a)
+    for name in filter(None, a.single.split(",")):
+        model, _ = model_path(name)
+        one = settings(a, model, 1, 2048)
+        one.tokens = a.tokens
+        per = {"depth": {}, "streams": {}}
+        for kind in kinds:
+            server = kind(one)
+            try:
+                per["streams"][server.name] = streams_curve(server, one, [1])
+                print(f"  {name}, {server.name}: one stream {per['streams'][server.name][1]:.1f} tok/s",
+                      file=sys.stderr)
+            finally:
+                server.stop()
+        figures["models"][name] = per
+    # The queen's curve is the CPU run's (bench/queen_scale); a GPU run has only its own.
+    figures["queen"] = {} if a.gpu else queen_points(a)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    figures["charts"] = charts(figures, stamp)
+    figures["charts"] = charts(figures, stamp, a.out, not a.no_docs)
     out = Path(a.out) / f"curves-{stamp}.json"
     out.write_text(json.dumps(figures, indent=1))
     for model, per in figures["models"].items():

@@ -1,8 +1,9 @@
 """The memory estimate against reality (`make bench` runs it): for each model shape
 and KV cache type, a worker started through a real hive, as placement sees it —
 
-- the hive's estimate for it (`memory_mb` of the spawn's answer: llama.cpp's share,
-  and the host-memory prompt cache's budget, `--cache-ram`, told apart);
+- the hive's estimate for it (`memory_mb` of the spawn's answer) and what it is made
+  of (the hive's log: weights, KV cache, compute — llama.cpp's buffers — then a fixed
+  margin for the runtime and the host-memory prompt cache's budget, `--cache-ram`);
 - what llama.cpp reports allocating for it (its load log, which the hive passes on at
   debug level: the model, KV cache, compute and output buffers);
 - its resident memory (VmRSS) after its context has been used (every slot filled with a
@@ -20,6 +21,7 @@ from common import ROOT, free_port, wait_http  # noqa: E402
 import curves, run  # noqa: E402
 
 BUFFER = re.compile(r"(\S+): .*?(model|KV|compute|output) buffer size = +([0-9.]+) MiB")
+PARTS = re.compile(r"(\S+): memory estimate (\d+) MiB = .*\(llama\.cpp's buffers (\d+)\) \+ margin (\d+)")
 
 
 def call(port, method, path, body=None, timeout=600):
@@ -71,16 +73,20 @@ def measure(hive_port, log, shape, model, cache, slots, ctx):
         used = rss_mb(pid)
     finally:
         call(hive_port, "POST", f"/v1/workers/{wid}/shutdown")
-    buffers = {}
+    buffers, parts = {}, None
     for line in Path(log).read_text(errors="replace").splitlines():
         if wid not in line:
             continue
         m = BUFFER.search(line)
         if m:
             buffers[m.group(2)] = buffers.get(m.group(2), 0.0) + float(m.group(3))
+        m = PARTS.search(line)
+        if m:
+            parts = {"buffers_mb": int(m.group(3)), "margin_mb": int(m.group(4))}
     llama = sum(buffers.values())
     row = {"shape": shape, "cache": cache, "slots": slots, "ctx": ctx, "estimate_mb": estimate,
            "estimate_llama_mb": estimate - cache_ram, "cache_ram_mb": cache_ram,
+           "estimate_buffers_mb": parts and parts["buffers_mb"], "margin_mb": parts and parts["margin_mb"],
            "llama_cpp_mb": llama, "llama_cpp_buffers_mb": buffers,
            "rss_loaded_mb": loaded, "rss_full_mb": used}
     print(f"  {shape} {cache}: estimate {estimate - cache_ram} MiB (+{cache_ram} prompt cache), "
@@ -114,13 +120,14 @@ def main():
         hive.terminate()
         hive.wait()
     lines = [f"machine: {os.cpu_count()} cores; {a.slots} slots of {a.ctx} tokens each; MiB",
-             f"{'shape':<16}{'cache':<7}{'estimate':>9}{'llama.cpp':>10}{'est-llama':>10}{'est/llama':>10}"
-             f"{'RSS loaded':>11}{'RSS full':>9}{'+prompt cache':>14}"]
+             "(buffers: the estimate of llama.cpp's buffers; estimate: those, the margin and the prompt cache)",
+             f"{'shape':<16}{'cache':<7}{'buffers':>8}{'llama.cpp':>10}{'ratio':>7}{'estimate':>9}"
+             f"{'RSS loaded':>11}{'RSS full':>9}"]
     for r in rows:
-        lines.append(f"{r['shape']:<16}{r['cache']:<7}{r['estimate_llama_mb']:>9}{r['llama_cpp_mb']:>10.0f}"
-                     f"{r['estimate_llama_mb'] - r['llama_cpp_mb']:>10.0f}"
-                     f"{r['estimate_llama_mb'] / r['llama_cpp_mb']:>10.3f}{r['rss_loaded_mb']:>11.0f}"
-                     f"{r['rss_full_mb']:>9.0f}{r['cache_ram_mb']:>14}")
+        buffers = r["estimate_buffers_mb"] or float("nan")
+        lines.append(f"{r['shape']:<16}{r['cache']:<7}{buffers:>8}{r['llama_cpp_mb']:>10.0f}"
+                     f"{buffers / r['llama_cpp_mb']:>7.3f}{r['estimate_mb']:>9}"
+                     f"{r['rss_loaded_mb']:>11.0f}{r['rss_full_mb']:>9.0f}")
     print("\n".join(lines))
     Path(a.out).mkdir(parents=True, exist_ok=True)
     out = Path(a.out) / time.strftime("memory-%Y%m%d-%H%M%S.json")

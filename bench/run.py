@@ -23,7 +23,7 @@ class Rbee:
             self.name = f"{self.name} {' '.join(flags)}"
         self.proc = subprocess.Popen(
             [a.rbee, "worker", "--model", a.model, "--port", str(self.port), "--threads", str(a.threads),
-             "--slots", str(a.slots), "--ctx-size", str(a.ctx // a.slots), *flags, *getattr(a, "rbee_kv", ())],
+             "--slots", str(a.slots), "--ctx-size", str(a.ctx // a.slots), *flags, *getattr(a, "rbee_args", ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http(self.port, "/v1/ready", lambda s, b: '"ready":true' in b)
 
@@ -51,7 +51,7 @@ class LlamaServer:
         # The prompt cache is llama-server's default; the single-prompt table turns it off per request.
         self.proc = subprocess.Popen(
             [a.llama_server, "-m", a.model, "--port", str(self.port), "-t", str(a.threads), "-tb", str(a.threads),
-             "-np", str(a.slots), "-c", str(a.ctx), "--no-webui", *flags, *getattr(a, "llama_kv", ())],
+             "-np", str(a.slots), "-c", str(a.ctx), "--no-webui", *flags, *getattr(a, "llama_args", ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http(self.port, "/health", lambda s, b: s == 200)
 
@@ -368,8 +368,8 @@ def chat_scaling(a, with_llama):
     q8_0 KV cache (both servers), against the f16 of the chat section."""
     out = {}
     variants = [(f"SmolLM2, {t} threads", {"threads": t}) for t in a.chat_threads]
-    variants += [("SmolLM2, KV cache q8_0", {"rbee_kv": ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"],
-                                             "llama_kv": ["-ctk", "q8_0", "-ctv", "q8_0"]})] if a.chat_q8 else []
+    variants += [("SmolLM2, KV cache q8_0", {"rbee_args": ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"],
+                                             "llama_args": ["-ctk", "q8_0", "-ctv", "q8_0"]})] if a.chat_q8 else []
     variants += [(f"{shape}, {a.threads} threads", {"model": str(synthetic_model(shape)),
                                                     "doc_sentences": a.doc_sentences // 2})
                  for shape in a.chat_shapes]

@@ -603,7 +603,7 @@ pub mod tests {
         let cost = split_cost(&info, 100 << 20, 4, 4096, F16S).unwrap();
         let whole = estimate(&info, 100 << 20, 4, 4096, F16S);
         assert_eq!(cost.per_layer, ((60 << 20) + whole.kv_cache).div_ceil(30));
-        assert_eq!(cost.host, (40 << 20) + whole.compute);
+        assert_eq!(cost.host, (40 << 20) + whole.compute + whole.margin);
         // The worker's share and the layers add up to the whole model on one
         // machine (to the byte per layer rounded up); a split costs on top the
         // output layer again (tied to the embeddings here, with its logits) and

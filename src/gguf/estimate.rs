@@ -19,17 +19,24 @@ pub struct Estimate {
     /// The KV cache: layers × tokens (slots × context) × (K + V widths) × the
     /// bytes a cell takes (2 for f16; 34/32 for q8_0, 18/32 for q4_0).
     pub kv_cache: u64,
-    /// llama.cpp's compute buffer and logits for one batch, plus a fixed margin.
+    /// llama.cpp's compute buffer and logits for one batch.
     pub compute: u64,
+    /// Beyond llama.cpp's buffers: the runtime, threads, the HTTP side.
+    pub margin: u64,
 }
 
 impl Estimate {
     pub fn total(&self) -> u64 {
+        self.llama_cpp() + self.margin
+    }
+
+    /// What llama.cpp will report allocating: its buffers alone.
+    pub fn llama_cpp(&self) -> u64 {
         self.weights + self.kv_cache + self.compute
     }
 }
 
-/// A fixed share of the compute margin: the runtime, threads, the HTTP side.
+/// The fixed margin: the runtime, threads, the HTTP side.
 const MARGIN: u64 = 48 << 20;
 
 /// The memory a worker of this model with `slots` × `ctx_per_slot` tokens of
@@ -62,7 +69,8 @@ pub fn estimate(
     Estimate {
         weights: file_size + repacked,
         kv_cache,
-        compute: logits + activations + MARGIN,
+        compute: logits + activations,
+        margin: MARGIN,
     }
 }
 
@@ -105,7 +113,7 @@ pub fn split_cost(
     Some(SplitCost {
         layers: info.layers,
         per_layer,
-        host: file_size.saturating_sub(info.layer_bytes) + whole.compute,
+        host: file_size.saturating_sub(info.layer_bytes) + whole.compute + whole.margin,
         output: info.output_bytes + logits,
         device: activations + MARGIN,
     })

@@ -97,6 +97,7 @@ pub fn plan(
         threads,
         cache_ram_mb,
         memory_mb: est.total().div_ceil(1 << 20) + cache_ram_mb,
+        parts: Some(est),
         split: None,
     }
 }
@@ -263,6 +264,7 @@ impl State {
                 )
             })?;
             plan.memory_mb = cost.host_need(cost.layers - lent);
+            plan.parts = None;
         }
         let _one_at_a_time = self.spawning.lock().await;
         let free = self.snapshot().ram.free_mb();
@@ -408,6 +410,9 @@ fn notable(old: &HiveSnapshot, new: &HiveSnapshot) -> bool {
     for (w, o) in steady.workers.iter_mut().zip(&old.workers) {
         if w.worker_id == o.worker_id && !moved(w.memory_mb, o.memory_mb) {
             w.memory_mb = o.memory_mb;
+        }
+        if w.worker_id == o.worker_id && !moved(w.resident_mb, o.resident_mb) {
+            w.resident_mb = o.resident_mb;
         }
     }
     for (l, o) in steady.leases.iter_mut().zip(&old.leases) {

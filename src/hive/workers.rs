@@ -62,6 +62,25 @@ pub struct WorkerTls {
     pub pins: crate::http::tls::Pins,
 }
 
+/// What a new worker's estimate is made of, in the hive's log (MiB).
+fn log_estimate(id: &str, plan: &Plan) {
+    let Some(e) = plan.parts else {
+        return;
+    };
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    tracing::info!(
+        "{id}: memory estimate {} MiB = weights {} + KV cache {} + compute {} \
+         (llama.cpp's buffers {}) + margin {} + prompt cache {}",
+        plan.memory_mb,
+        mib(e.weights),
+        mib(e.kv_cache),
+        mib(e.compute),
+        mib(e.llama_cpp()),
+        mib(e.margin),
+        plan.cache_ram_mb
+    );
+}
+
 /// How one worker is started, and the memory that takes (MiB): decided by
 /// the hive's state from the model's header ([`super::state::plan`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,6 +93,9 @@ pub struct Plan {
     /// The worker's host-memory prompt cache (`--cache-ram`).
     pub cache_ram_mb: u64,
     pub memory_mb: u64,
+    /// What `memory_mb` is made of, for a whole worker (MiB each): said in
+    /// the hive's log when it starts one.
+    pub parts: Option<crate::gguf::Estimate>,
     /// What each share takes if the model is split across hives.
     pub split: Option<crate::protocol::SplitCostMb>,
 }
@@ -142,9 +164,11 @@ impl Workers {
                     .get(&info.pid)
                     .filter(|_| info.state == WorkerState::Ready);
                 info.memory_measured = measured.is_some();
+                info.estimate_mb = r.estimate_mb;
+                info.resident_mb = measured.copied().unwrap_or(0);
                 info.memory_mb = match info.state {
                     WorkerState::Failed => 0,
-                    _ => measured.copied().unwrap_or(0).max(r.estimate_mb),
+                    _ => info.resident_mb.max(r.estimate_mb),
                 };
                 if info.state == WorkerState::Ready {
                     info.idle_since = r.idle_since.map(at);
@@ -203,6 +227,8 @@ impl Workers {
             threads: plan.threads,
             memory_mb: plan.memory_mb,
             memory_measured: false,
+            estimate_mb: plan.memory_mb,
+            resident_mb: 0,
             idle_since: None,
             stops_at: None,
             split: split_parts(req, model.layers),
@@ -227,6 +253,7 @@ impl Workers {
             info.pid,
             model.name
         );
+        log_estimate(&id, plan);
         self.watch_exit(child, id.clone(), reader);
         self.watch_loading(id);
         Ok(info)

@@ -172,8 +172,8 @@ pub(super) async fn models_clean(queen: &Queen, node: &str) -> Result<(), String
     Ok(())
 }
 
-/// A row per worker: id, hive, model, state, URL, memory, busy slots, idle
-/// time and when the hive stops it if it stays idle.
+/// A row per worker: id, hive, model, state, URL, the memory estimated and
+/// resident, busy slots, idle time and when the hive stops it if it stays idle.
 pub(super) async fn workers_list(queen: &Queen, json: bool) -> Result<(), String> {
     let workers: Vec<HiveWorker> = queen.call(Method::GET, "/v1/workers", None::<&()>).await?;
     if json {
@@ -183,7 +183,7 @@ pub(super) async fn workers_list(queen: &Queen, json: bool) -> Result<(), String
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let mut table = Table::new(&[
-        "ID", "HIVE", "MODEL", "STATE", "URL", "MEMORY", "BUSY", "IDLE", "STOPS IN",
+        "ID", "HIVE", "MODEL", "STATE", "URL", "ESTIMATE", "RSS", "BUSY", "IDLE", "STOPS IN",
     ]);
     for HiveWorker {
         hive,
@@ -192,7 +192,6 @@ pub(super) async fn workers_list(queen: &Queen, json: bool) -> Result<(), String
         ..
     } in workers
     {
-        let measured = if w.memory_measured { "" } else { " (estimate)" };
         let since = |t: &Option<String>| t.as_deref().and_then(parse_rfc3339);
         let idle = match since(&w.idle_since) {
             Some(t) if in_flight == 0 => duration(now.saturating_sub(t)),
@@ -203,19 +202,29 @@ pub(super) async fn workers_list(queen: &Queen, json: bool) -> Result<(), String
             _ => "-".to_string(),
         };
         let hive = worker_hives(&hive, &w);
+        let rss = resident(&w);
         table.row(vec![
             w.worker_id,
             hive,
             w.model,
             w.state.to_string(),
             w.url,
-            format!("{}{measured}", mb(w.memory_mb)),
+            mb(w.estimate_mb),
+            rss,
             format!("{in_flight}/{}", w.slots),
             idle,
             stops,
         ]);
     }
     table.print("no workers (one starts with the first job for its model)")
+}
+
+/// A worker's resident set, `-` until its hive has measured it.
+pub(super) fn resident(w: &crate::protocol::WorkerInfo) -> String {
+    match w.resident_mb {
+        0 => "-".to_string(),
+        r => mb(r),
+    }
 }
 
 /// `42s`, `3m`, `2h`.

@@ -111,7 +111,7 @@ fn workers(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
             .map_or("-".to_string(), |r| format!("{r:.1} tok/s"));
         writeln!(
             out,
-            "  {:<24} {:<10} {:<28} {:<8} {}/{} busy  {:>12}  {}",
+            "  {:<24} {:<10} {:<28} {:<8} {}/{} busy  {:>12}  est {} · rss {}",
             w.worker.worker_id,
             super::table::worker_hives(&w.hive, &w.worker),
             w.worker.model,
@@ -119,7 +119,8 @@ fn workers(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
             w.in_flight,
             w.worker.slots,
             rate,
-            mb(w.worker.memory_mb)
+            mb(w.worker.estimate_mb),
+            super::models::resident(&w.worker)
         )?;
     }
     Ok(())

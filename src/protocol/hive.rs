@@ -271,6 +271,13 @@ pub struct WorkerInfo {
     /// Whether `memory_mb` was measured.
     #[serde(default)]
     pub memory_measured: bool,
+    /// The hive's estimate for it before it started, in MiB (what placement
+    /// counted; `memory_mb` is the larger of this and `resident_mb`).
+    #[serde(default)]
+    pub estimate_mb: u64,
+    /// Its resident set as the OS measures it, in MiB; 0 until measured.
+    #[serde(default)]
+    pub resident_mb: u64,
     /// Since when it has had nothing to do (RFC 3339), as its hive last saw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_since: Option<String>,
@@ -444,6 +451,8 @@ impl WorkerInfo {
             threads: 2,
             memory_mb,
             memory_measured: true,
+            estimate_mb: memory_mb,
+            resident_mb: memory_mb,
             idle_since: None,
             stops_at: None,
             split: vec![],
