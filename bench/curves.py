@@ -101,7 +101,8 @@ def streams_curve(server, a, counts):
 
 
 def queen_points(a):
-    """Routing p50/p99 against hives, 10 in flight: bench/queen_scale's latest, else a short run."""
+    """Routing p50/p99 against hives, 10 in flight: bench/queen_scale's latest, else a short run.
+    (Its files are named by time: in name order, the latest of each hive count wins.)"""
     found = {}
     for path in sorted(glob.glob(str(ROOT / "bench/results/queen-scale-*-x10.json"))):
         f = json.loads(Path(path).read_text())
@@ -109,7 +110,7 @@ def queen_points(a):
     if not found:
         exe = ROOT / "target/release/examples/queen_scale"
         for n in (10, 100, 1000):
-            out = ROOT / f"bench/results/queen-scale-curves-{n}-hives-x10.json"
+            out = ROOT / f"bench/results/queen-scale-{time.strftime('%Y%m%d-%H%M%S')}-{n}-hives-x10.json"
             subprocess.run([str(exe), "--rbee", a.rbee, "--hives", str(n), "--jobs", "1000",
                             "--concurrency", "10", "--json", str(out)], check=True)
             found[n] = json.loads(out.read_text())

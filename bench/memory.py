@@ -13,7 +13,7 @@ and KV cache type, a worker started through a real hive, as placement sees it â€
 
 Figures to bench/results/memory-*.json, and a table.
 """
-import argparse, http.client, json, os, re, subprocess, sys, tempfile, threading, time
+import argparse, http.client, json, os, re, shutil, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -119,6 +119,7 @@ def main():
     finally:
         hive.terminate()
         hive.wait()
+        shutil.rmtree(home, ignore_errors=True)
     lines = [f"machine: {os.cpu_count()} cores; {a.slots} slots of {a.ctx} tokens each; MiB",
              "(buffers: the estimate of llama.cpp's buffers; estimate: those, the margin and the prompt cache)",
              f"{'shape':<16}{'cache':<7}{'buffers':>8}{'llama.cpp':>10}{'ratio':>7}{'estimate':>9}"

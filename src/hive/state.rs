@@ -15,7 +15,7 @@ use crate::protocol::{
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How often an unchanged state stream says it is alive.
@@ -117,6 +117,38 @@ pub struct State {
     /// Set when the hive stops: its state streams end then, so that no
     /// follower holds the hive's exit for the drain's whole time.
     stopping: Arc<watch::Sender<bool>>,
+    /// The snapshot the state streams last built, shared by them all.
+    latest: Arc<Latest<HiveSnapshot>>,
+}
+
+/// A value built once per change and shared until the next, or until it is
+/// [`Latest::FRESH`] old (its memory figures move without a change): every
+/// subscriber of the state stream wakes on the same change and every 2 s,
+/// and the first to look builds the snapshot for all.
+pub struct Latest<T>(Mutex<Option<(u64, Instant, Arc<T>)>>);
+
+impl<T> Default for Latest<T> {
+    fn default() -> Latest<T> {
+        Latest(Mutex::new(None))
+    }
+}
+
+impl<T> Latest<T> {
+    const FRESH: Duration = Duration::from_secs(1);
+
+    /// The value as of change `change`: the one built for it within
+    /// [`Self::FRESH`], else `build`'s.
+    pub fn get(&self, change: u64, build: impl FnOnce() -> T) -> Arc<T> {
+        let mut latest = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*latest {
+            Some((c, at, v)) if *c == change && at.elapsed() < Self::FRESH => v.clone(),
+            _ => {
+                let v = Arc::new(build());
+                *latest = Some((change, Instant::now(), v.clone()));
+                v
+            }
+        }
+    }
 }
 
 impl State {
@@ -136,6 +168,7 @@ impl State {
             headers: Arc::default(),
             spawning: Arc::default(),
             stopping: Arc::new(watch::channel(false).0),
+            latest: Arc::default(),
         }
     }
 
@@ -364,14 +397,17 @@ impl State {
         tokio::spawn(async move {
             let mut changes = state.changes.subscribe();
             let mut stopping = state.stopping.subscribe();
-            let mut sent: Option<HiveSnapshot> = None;
+            let mut sent: Option<Arc<HiveSnapshot>> = None;
             loop {
                 if *stopping.borrow_and_update() {
                     return;
                 }
-                let now = state.snapshot();
+                // The change is read before the snapshot is built: one that
+                // comes during the build makes the next look build again.
+                let change = *changes.borrow_and_update();
+                let now = state.latest.get(change, || state.snapshot());
                 if sent.as_ref().is_none_or(|old| notable(old, &now)) {
-                    if tx.send(sse::event(&now)).await.is_err() {
+                    if tx.send(sse::event(&*now)).await.is_err() {
                         return;
                     }
                     sent = Some(now);
@@ -432,6 +468,21 @@ fn notable(old: &HiveSnapshot, new: &HiveSnapshot) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_stream_shares_the_snapshot_built_for_a_change() {
+        let latest = Latest::default();
+        let builds = std::cell::Cell::new(0);
+        let build = |n: u32| {
+            builds.set(builds.get() + 1);
+            n
+        };
+        let first = latest.get(1, || build(10));
+        let again = latest.get(1, || build(11));
+        assert!(Arc::ptr_eq(&first, &again) && builds.get() == 1);
+        assert_eq!(*latest.get(2, || build(12)), 12, "a change builds anew");
+        assert_eq!(builds.get(), 2);
+    }
 
     #[test]
     fn the_default_budget_leaves_a_margin() {

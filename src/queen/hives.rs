@@ -163,9 +163,13 @@ async fn reachable(
         )
     });
     if all == 0 {
+        let which = match &allowed {
+            Allowed::Any => "no hive is registered".to_string(),
+            Allowed::Only(names) => format!("hive {} is no longer registered", names.join(", ")),
+        };
         return Err(ApiError::new(
             ErrorCode::HiveUnreachable,
-            "no hive is registered (add one with `rbee keeper hive add`)",
+            format!("{which} (add one with `rbee keeper hive add`)"),
         ));
     }
     if all == down.len() {
