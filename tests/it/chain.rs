@@ -387,9 +387,14 @@ fn a_job_runs_on_the_node_it_names_and_the_tables_show_it_there() {
         )
     );
     // The estimate placement counted, and the resident set once the hive has measured it.
-    assert!(workers[0]["estimate_mb"].as_u64() > Some(100), "{workers:?}");
+    assert!(
+        workers[0]["estimate_mb"].as_u64() > Some(100),
+        "{workers:?}"
+    );
     let resident = (0..20).find_map(|_| {
-        let r = c.listed(&["ps"])[0]["resident_mb"].as_u64().filter(|&r| r > 0);
+        let r = c.listed(&["ps"])[0]["resident_mb"]
+            .as_u64()
+            .filter(|&r| r > 0);
         r.or_else(|| {
             std::thread::sleep(Duration::from_millis(250));
             None
@@ -399,7 +404,9 @@ fn a_job_runs_on_the_node_it_names_and_the_tables_show_it_there() {
     let (_, table, _) = c.keeper(&["workers", "list"]);
     let header = table.lines().next().unwrap_or_default();
     assert!(
-        header.starts_with("ID") && header.contains("  MODEL  ") && header.contains("  ESTIMATE  RSS  "),
+        header.starts_with("ID")
+            && header.contains("  MODEL  ")
+            && header.contains("  ESTIMATE  RSS  "),
         "{table}"
     );
     let models = c.listed(&["models", "list", "--node", "two"]);
