@@ -101,12 +101,15 @@ fn unknown_name(state: &ClusterState, model: &str, hives: &Allowed) -> Result<()
         .flat_map(|(hive, s)| s.models.iter().map(move |m| (hive, m.entry.name.as_str())))
         .collect();
     let known: Vec<&str> = listed.iter().map(|(_, m)| *m).collect();
-    let asked: Vec<&str> = placement::usable(state, hives)
-        .map(|(h, _)| h.conn.name.as_str())
-        .collect();
+    let asked: Vec<&str> = match hives {
+        Allowed::Only(names) => names.iter().map(String::as_str).collect(),
+        Allowed::Any => placement::usable(state, hives)
+            .map(|(h, _)| h.conn.name.as_str())
+            .collect(),
+    };
     let asked = match asked.as_slice() {
         [one] => format!("hive {one} has no"),
-        [first @ .., _] if first.len() >= 8 => {
+        _ if asked.len() > 9 => {
             let more = asked.len() - 8;
             format!(
                 "none of the hives ({}, and {more} more) has a",

@@ -268,6 +268,11 @@ impl View {
             .filter(|(name, (conn, _))| wanted.get(name.as_str()) != Some(&conn))
             .map(|(name, _)| name.clone())
             .collect();
+        let new = hives.iter().any(|h| !inner.tasks.contains_key(&h.name));
+        if stale.is_empty() && !new {
+            // Called every second and on every hive list: the same hives change nothing.
+            return;
+        }
         inner.indexed = None;
         for name in stale {
             if let Some((_, task)) = inner.tasks.remove(&name) {
@@ -360,6 +365,10 @@ impl View {
         let Some(hive) = inner.hives.get_mut(name) else {
             return;
         };
+        if !hive.reachable && hive.error.as_deref() == Some(why.as_str()) {
+            // A reconnection failed as the last did: nothing to tell anyone.
+            return;
+        }
         if hive.reachable {
             tracing::warn!("hive {name} is unreachable: {why}");
             hive.last_seen.now();
@@ -711,6 +720,24 @@ mod tests {
             63_000
         );
         assert_eq!(view.hive("a").unwrap().conn, conn_a);
+    }
+
+    #[test]
+    fn a_hive_that_fails_again_as_it_did_changes_nothing() {
+        use crate::queen::placement::fixtures::hive;
+        let view = View::default();
+        view.put(hive("a", 4000, vec![], vec![]));
+        view.lost("a", "refused".into());
+        let before = view.state();
+        let mut any = view.changed.subscribe();
+        any.mark_unchanged();
+        view.lost("a", "refused".into());
+        assert!(!any.has_changed().unwrap(), "the same failure is no news");
+        assert!(Arc::ptr_eq(&before.hives, &view.state().hives));
+        view.lost("a", "timed out".into());
+        assert!(any.has_changed().unwrap());
+        let error = view.hive("a").and_then(|h| h.error.clone());
+        assert_eq!(error.as_deref(), Some("timed out"));
     }
 
     #[test]
