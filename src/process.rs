@@ -449,7 +449,7 @@ pub fn report_failure(reason: StartFailure, message: &str) {
 /// Binds a daemon's listener; a port someone else holds is reported as
 /// [`StartFailure::PortTaken`], so a starter that can use any port moves on.
 pub async fn bind(host: &str, port: u16) -> Result<tokio::net::TcpListener, String> {
-    match tokio::net::TcpListener::bind((host, port)).await {
+    match crate::http::listen(host, port).await {
         Ok(listener) => Ok(listener),
         Err(e) => {
             let message = format!("cannot listen on {host}:{port}: {e}");

@@ -395,9 +395,37 @@ pub fn without_credentials(text: &str) -> String {
     out
 }
 
+/// Connections the kernel holds for a listener before it accepts them. Not
+/// the 128 of `TcpListener::bind` (std's, and mio's): a queen with hundreds
+/// of clients connecting at once overflowed that, and each connection lost
+/// there waited a second for its SYN to be sent again. The kernel caps it at
+/// `net.core.somaxconn`.
+const BACKLOG: u32 = 1024;
+
+/// Listens on `host:port` (its first address that can be bound), with a
+/// [`BACKLOG`] of pending connections.
+pub async fn listen(host: &str, port: u16) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
+    }))
+}
+
 /// Binds `host:port`, with an error that says which address could not be had.
 pub async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
-    TcpListener::bind((host, port))
+    listen(host, port)
         .await
         .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))
 }
@@ -515,6 +543,45 @@ const DRAIN_LIMIT: usize = 64 << 20;
 
 #[cfg(test)]
 mod tests {
+
+    /// What the kernel says a listening socket's backlog is (TCP_INFO's
+    /// `tcpi_sacked` holds it for a listener).
+    #[cfg(target_os = "linux")]
+    fn backlog_of(listener: &TcpListener) -> u32 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes of it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let fd = listener.as_raw_fd();
+        let got = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(got, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_sacked
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_listener_holds_a_thousand_pending_connections_not_128() {
+        let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(BACKLOG);
+        let listener = listen("127.0.0.1", 0).await.expect("a port");
+        assert_eq!(backlog_of(&listener), BACKLOG.min(cap));
+        // A port someone listens on is refused, as before.
+        let port = listener.local_addr().unwrap().port();
+        let taken = listen("127.0.0.1", port)
+            .await
+            .expect_err("the port is taken");
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+    }
 
     #[test]
     fn credentials_are_taken_out_of_urls_shown() {

@@ -22,6 +22,8 @@ pub struct Job {
     summary: Mutex<JobSummary>,
     /// Every SSE frame so far, `[DONE]` last once finished.
     frames: Mutex<Vec<Bytes>>,
+    /// Their bytes, together.
+    frame_bytes: std::sync::atomic::AtomicUsize,
     /// The number of frames, for streams waiting on new ones.
     count: watch::Sender<usize>,
     /// Set when the job has ended, either way.
@@ -51,6 +53,7 @@ impl Job {
             created: Instant::now(),
             id,
             frames: Mutex::default(),
+            frame_bytes: Default::default(),
             count: watch::channel(0).0,
             finished: watch::channel(None).0,
             cancelled: watch::channel(false).0,
@@ -93,6 +96,8 @@ impl Job {
     }
 
     fn push_frame(&self, frame: Bytes) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.frame_bytes.fetch_add(frame.len(), Relaxed);
         let mut frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
         frames.push(frame);
         self.count.send_replace(frames.len());
@@ -164,6 +169,11 @@ impl Job {
         });
         self.push_frame(Bytes::from_static(sse::DONE));
         self.finished.send_replace(Some(Instant::now()));
+    }
+
+    /// What keeping it takes, about: its frames and the job itself.
+    fn kept_bytes(&self) -> usize {
+        self.frame_bytes.load(std::sync::atomic::Ordering::Relaxed) + JOB_BYTES
     }
 
     pub fn is_finished(&self) -> bool {
@@ -243,6 +253,13 @@ const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// at hundreds of jobs a second, [`KEEP_FINISHED`] alone would keep hundreds
 /// of thousands.
 const MAX_FINISHED: usize = 10_000;
+/// The most memory finished jobs are kept in, newest first: a job's stream
+/// holds every token it sent (one of 500 tokens, ~75 kB), so a count alone
+/// would let ten thousand long answers hold most of a gigabyte.
+const MAX_FINISHED_BYTES: usize = 32 << 20;
+/// A job's own share beside its frames: the table's entry, its summary, its
+/// channels.
+const JOB_BYTES: usize = 2 << 10;
 
 impl Jobs {
     pub fn create(&self) -> Arc<Job> {
@@ -298,22 +315,32 @@ impl Jobs {
 }
 
 /// Forgets jobs that finished more than [`KEEP_FINISHED`] ago, and the
-/// oldest finished ones past [`MAX_FINISHED`]; running jobs stay.
+/// oldest finished ones past [`MAX_FINISHED`] or [`MAX_FINISHED_BYTES`];
+/// running jobs stay.
 fn prune(jobs: &mut HashMap<String, Arc<Job>>) {
     jobs.retain(|_, j| {
         j.finished
             .borrow()
             .is_none_or(|at| at.elapsed() < KEEP_FINISHED)
     });
-    let mut finished: Vec<(Instant, String)> = jobs
+    let mut finished: Vec<(Instant, &String, usize)> = jobs
         .iter()
-        .filter_map(|(id, j)| j.finished.borrow().map(|at| (at, id.clone())))
+        .filter_map(|(id, j)| j.finished.borrow().map(|at| (at, id, j.kept_bytes())))
         .collect();
-    if finished.len() > MAX_FINISHED {
-        finished.sort_unstable();
-        for (_, id) in &finished[..finished.len() - MAX_FINISHED] {
-            jobs.remove(id);
-        }
+    // Newest first: the most recent are kept, within both caps.
+    finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    let mut kept = 0;
+    let forget: Vec<String> = finished
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, _, bytes))| {
+            kept += bytes;
+            *i >= MAX_FINISHED || kept > MAX_FINISHED_BYTES
+        })
+        .map(|(_, (_, id, _))| (*id).clone())
+        .collect();
+    for id in forget {
+        jobs.remove(&id);
     }
 }
 
@@ -337,6 +364,30 @@ mod tests {
             "the cap, and the running one"
         );
         assert!(table.by_id.contains_key(&running.id));
+    }
+
+    #[test]
+    fn finished_jobs_are_kept_within_a_memory_budget_newest_first() {
+        let jobs = Jobs::default();
+        let megabyte = "x".repeat(1 << 20);
+        for _ in 0..40 {
+            let job = jobs.create();
+            job.narrate("worker", "token", megabyte.clone());
+            job.finish();
+        }
+        let newest = jobs.create();
+        newest.narrate("worker", "token", "a short answer");
+        newest.finish();
+        let mut table = jobs.jobs.lock().unwrap();
+        prune(&mut table.by_id);
+        let kept: usize = table.by_id.values().map(|j| j.kept_bytes()).sum();
+        assert!(kept <= MAX_FINISHED_BYTES, "{kept}");
+        assert_eq!(
+            table.by_id.len(),
+            1 + 31,
+            "the short one and 31 of about 1 MiB"
+        );
+        assert!(table.by_id.contains_key(&newest.id));
     }
 
     #[tokio::test]
