@@ -328,7 +328,7 @@ fn prune(jobs: &mut HashMap<String, Arc<Job>>) {
         .filter_map(|(id, j)| j.finished.borrow().map(|at| (at, id, j.kept_bytes())))
         .collect();
     // Newest first: the most recent are kept, within both caps.
-    finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
     let mut kept = 0;
     let forget: Vec<String> = finished
         .iter()
