@@ -473,6 +473,7 @@ def cold_start(a):
     first = time.perf_counter() - t0
     p.stdout.read()
     p.wait()
+    shutil.rmtree(home, ignore_errors=True)
     return first * 1000
 
 

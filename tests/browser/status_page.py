@@ -12,6 +12,8 @@ size are written to SCREENSHOT_DIR.
 import base64
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,11 +35,14 @@ class Browser:
             r, w = os.dup(to_chrome_r), os.dup(from_chrome_w)
             os.dup2(r, 3)
             os.dup2(w, 4)
+            os.setsid()  # a group of its own: closing ends its helper processes too
 
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--remote-debugging-pipe", f"--user-data-dir={self.profile}", "about:blank"],
             preexec_fn=fds, close_fds=False,
+            # Its singleton socket's folder too, so that closing removes everything.
+            env=dict(os.environ, TMPDIR=self.profile),
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.profile, "chromium.log"), "w"))
         os.close(to_chrome_r)
         os.close(from_chrome_w)
@@ -93,8 +98,16 @@ class Browser:
         print(f"screenshot {path}")
 
     def close(self):
-        self.proc.kill()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait()
+        for _ in range(50):  # its helpers may still be going away
+            shutil.rmtree(self.profile, ignore_errors=True)
+            if not os.path.exists(self.profile):
+                break
+            time.sleep(0.1)
 
 
 def get(path):
