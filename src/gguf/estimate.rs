@@ -115,6 +115,6 @@ pub fn split_cost(
         per_layer,
         host: file_size.saturating_sub(info.layer_bytes) + whole.compute + whole.margin,
         output: info.output_bytes + logits,
-        device: activations + MARGIN,
+        device: activations + whole.margin,
     })
 }

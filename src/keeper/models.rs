@@ -5,7 +5,7 @@
 use super::args::{ModelsDownload, ModelsSet};
 use super::queen::Queen;
 use super::render::Progress;
-use super::table::{bytes, mb, print_json, worker_hives, Table};
+use super::table::{bytes, mb, print_json, resident, worker_hives, Table};
 use crate::http::sse::Frame;
 use crate::http::{client, segment};
 use crate::protocol::{
@@ -217,14 +217,6 @@ pub(super) async fn workers_list(queen: &Queen, json: bool) -> Result<(), String
         ]);
     }
     table.print("no workers (one starts with the first job for its model)")
-}
-
-/// A worker's resident set, `-` until its hive has measured it.
-pub(super) fn resident(w: &crate::protocol::WorkerInfo) -> String {
-    match w.resident_mb {
-        0 => "-".to_string(),
-        r => mb(r),
-    }
 }
 
 /// `42s`, `3m`, `2h`.

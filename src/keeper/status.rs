@@ -120,7 +120,7 @@ fn workers(s: &QueenStatus, out: &mut impl Write) -> std::io::Result<()> {
             w.worker.slots,
             rate,
             mb(w.worker.estimate_mb),
-            super::models::resident(&w.worker)
+            super::table::resident(&w.worker)
         )?;
     }
     Ok(())

@@ -77,6 +77,14 @@ pub fn mb(n: u64) -> String {
     }
 }
 
+/// A worker's resident set, `-` until its hive has measured it.
+pub fn resident(w: &crate::protocol::WorkerInfo) -> String {
+    match w.resident_mb {
+        0 => "-".to_string(),
+        r => mb(r),
+    }
+}
+
 /// Bytes in human units.
 pub fn bytes(n: u64) -> String {
     mb(n.div_ceil(1 << 20))

@@ -188,7 +188,7 @@ impl Cluster for Live {
         let heard = self
             .view
             .wait_until(SILENCE, |s| {
-                s.hives.iter().any(|h| h.conn.name == name && h.reachable)
+                s.hives.named(&name).is_some_and(|h| h.reachable)
             })
             .await;
         if !heard {

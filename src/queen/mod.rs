@@ -1,10 +1,12 @@
 //! `rbee queen`: the orchestrator. It takes jobs, picks a machine, streams
 //! results back, and keeps the registry of hives.
 
+mod affinity;
 mod aliases;
 pub mod cluster;
 mod front;
 mod hives;
+mod index;
 pub mod jobs;
 mod join;
 pub mod keys;

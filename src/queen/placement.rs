@@ -600,7 +600,7 @@ mod tests {
         let b = hive("b", 9000, vec![model(M, 800)], vec![]);
         let hives = s.hives.iter().cloned().chain([std::sync::Arc::new(b)]);
         let s = ClusterState {
-            hives: std::sync::Arc::new(super::super::view::Hives::new(hives.collect())),
+            hives: std::sync::Arc::new(super::super::index::Hives::new(hives.collect())),
             ..s
         };
         assert_eq!(routed(&s, None), Route::Provision);

@@ -158,7 +158,7 @@ async fn fetch_somewhere(
 /// The catalog name of `model` on `hive`, if it has it.
 fn catalog_name(cluster: &impl Cluster, hive: &HiveConn, model: &str) -> Option<String> {
     let state = cluster.view().state();
-    let h = state.hives.iter().find(|h| h.conn.name == hive.name)?;
+    let h = state.hives.named(&hive.name)?;
     placement::entry(h.snapshot.as_ref()?, model).map(|e| e.entry.name.clone())
 }
 
@@ -320,7 +320,7 @@ async fn lend(
 async fn end_leases(cluster: &impl Cluster, remotes: &[RemoteShare]) {
     let state = cluster.view().state();
     for r in remotes {
-        let Some(hive) = state.hives.iter().find(|h| h.conn.name == r.hive) else {
+        let Some(hive) = state.hives.named(&r.hive) else {
             continue;
         };
         if let Err(e) = cluster.end_lease(&hive.conn, &r.lease).await {
@@ -489,12 +489,7 @@ async fn open_loading(
 
 /// The hive's account of why a worker failed, if it has failed.
 fn failed_in(state: &ClusterState, hive: &HiveConn, id: &str) -> Option<String> {
-    let snapshot = state
-        .hives
-        .iter()
-        .find(|h| h.conn.name == hive.name)?
-        .snapshot
-        .as_ref()?;
+    let snapshot = state.hives.named(&hive.name)?.snapshot.as_ref()?;
     let w = snapshot.workers.iter().find(|w| w.worker_id == id)?;
     (w.state == WorkerState::Failed).then(|| w.error.clone().unwrap_or_else(|| "failed".into()))
 }

@@ -411,8 +411,8 @@ async fn add_hive(q: &Queen, req: Request<Incoming>) -> Reply {
         .view
         .wait_until(std::time::Duration::from_secs(3), |s| {
             s.hives
-                .iter()
-                .any(|h| h.conn.name == name && (h.snapshot.is_some() || h.error.is_some()))
+                .named(&name)
+                .is_some_and(|h| h.snapshot.is_some() || h.error.is_some())
         })
         .await;
     let status = status::hive_list(q)
@@ -592,11 +592,10 @@ fn relay_download(hive: String, mut events: Events<DownloadEvent>, view: View) -
         while let Some(event) = events.next().await {
             if let DownloadEvent::Complete { local_path } = &event {
                 let listed = |s: &ClusterState| {
-                    s.hives.iter().any(|h| {
-                        h.conn.name == hive
-                            && h.snapshot.as_ref().is_some_and(|snap| {
-                                snap.models.iter().any(|m| &m.entry.path == local_path)
-                            })
+                    s.hives.named(&hive).is_some_and(|h| {
+                        h.snapshot.as_ref().is_some_and(|snap| {
+                            snap.models.iter().any(|m| &m.entry.path == local_path)
+                        })
                     })
                 };
                 view.wait_until(VIEW_WAIT, listed).await;

@@ -11,12 +11,13 @@
 //! continued on another from the tokens already sent (up to [`MAX_LOSSES`]
 //! workers); a full worker is waited for ([`BUSY_WAITS`] times) before `BUSY`.
 
+use super::affinity::prefix_hashes;
 use super::cluster::Cluster;
 use super::hives;
 use super::jobs::Job;
 use super::placement::{self, Allowed, Route};
 use super::provision;
-use super::view::{prefix_hashes, InFlight, POISON_WINDOW};
+use super::view::{InFlight, POISON_WINDOW};
 use crate::protocol::{
     ApiError, EmbeddingsRequest, ErrorCode, InferenceEvent, InferenceRequest, JobEvent, JobFigures,
     JobRequest, StopReason,

@@ -4,10 +4,12 @@
 //! conversation prefix. Jobs are placed and routed from this view alone: no
 //! hive is asked anything per job.
 
+use super::affinity::Affinity;
+use super::index::Hives;
 use super::registry::HiveConn;
 use crate::http::client::Silent;
 use crate::protocol::{now_rfc3339, HiveSnapshot, WorkerState};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -16,11 +18,6 @@ use tokio::sync::watch;
 pub const SILENCE: Duration = Duration::from_secs(6);
 /// Reconnection waits: doubling from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
-/// Conversation prefixes remembered for routing, most recent kept.
-const AFFINITY_ENTRIES: usize = 65_536;
-/// Bytes per prefix block: prompts are matched a block at a time.
-pub const PREFIX_BLOCK: usize = 256;
-
 /// One hive as the queen last heard it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HiveView {
@@ -53,104 +50,6 @@ impl LastSeen {
 impl PartialEq for LastSeen {
     fn eq(&self, other: &LastSeen) -> bool {
         Arc::ptr_eq(&self.0, &other.0) || self.get() == other.get()
-    }
-}
-
-/// The hives as the view last had them, with what a job looks them up by:
-/// built once per change of any hive's view and shared by every job until
-/// the next, so that routing looks at the hives that have its model (a
-/// name, a model, are found without a walk over a thousand hives).
-#[derive(Debug, Default)]
-pub struct Hives {
-    list: Vec<Arc<HiveView>>,
-    /// Positions in `list`, by hive name.
-    by_name: HashMap<String, usize>,
-    /// (position in `list`, catalog entry) of each hive whose catalog has a
-    /// model, under each name a request may give it: its catalog name, its
-    /// reference, its file (as [`super::placement::names`] compares them).
-    by_model: [HashMap<String, Vec<(usize, usize)>>; 3],
-    /// Positions in `list` of the unreachable hives.
-    down: Vec<usize>,
-    /// Every hive has sent a snapshot or failed.
-    all_heard: bool,
-    /// Whether this machine's hive should be started ([`super::hives::local_hive_wanted`]),
-    /// worked out once per build.
-    local_wanted: std::sync::OnceLock<bool>,
-}
-
-impl Hives {
-    pub fn new(list: Vec<Arc<HiveView>>) -> Hives {
-        let mut hives = Hives {
-            all_heard: list
-                .iter()
-                .all(|h| h.snapshot.is_some() || h.error.is_some()),
-            ..Hives::default()
-        };
-        for (i, h) in list.iter().enumerate() {
-            hives.by_name.insert(h.conn.name.clone(), i);
-            if !h.reachable {
-                hives.down.push(i);
-            }
-            let models = h.snapshot.as_ref().map(|s| s.models.as_slice());
-            for (m, entry) in models.unwrap_or_default().iter().enumerate() {
-                let e = &entry.entry;
-                for (by, key) in hives
-                    .by_model
-                    .iter_mut()
-                    .zip([&e.name, &e.model_ref, &e.path])
-                {
-                    by.entry(key.clone()).or_default().push((i, m));
-                }
-            }
-        }
-        hives.list = list;
-        hives
-    }
-
-    pub fn named(&self, name: &str) -> Option<&Arc<HiveView>> {
-        self.by_name.get(name).map(|&i| &self.list[i])
-    }
-
-    /// The hives whose catalog has `model` (under a name
-    /// [`super::placement::names`] accepts), each with its first entry that
-    /// does, in the view's order.
-    pub fn with_model(&self, model: &str) -> Vec<(&Arc<HiveView>, usize)> {
-        let lower = model.to_lowercase();
-        let path = model.strip_prefix("file:").unwrap_or(model);
-        let mut hits = self
-            .by_model
-            .iter()
-            .zip([lower.as_str(), model, path])
-            .filter_map(|(by, key)| by.get(key).filter(|_| !key.is_empty()));
-        let mut found: Vec<(usize, usize)> = hits.next().cloned().unwrap_or_default();
-        let mut more = hits.peekable();
-        if more.peek().is_some() {
-            found.extend(more.flatten());
-            found.sort_unstable();
-        }
-        found.dedup_by_key(|(hive, _)| *hive);
-        found.into_iter().map(|(i, m)| (&self.list[i], m)).collect()
-    }
-
-    /// The unreachable hives.
-    pub fn down(&self) -> impl Iterator<Item = &Arc<HiveView>> {
-        self.down.iter().map(|&i| &self.list[i])
-    }
-
-    pub fn all_heard(&self) -> bool {
-        self.all_heard
-    }
-
-    pub fn local_wanted(&self, work_out: impl FnOnce(&[Arc<HiveView>]) -> bool) -> bool {
-        *self.local_wanted.get_or_init(|| work_out(&self.list))
-    }
-}
-
-impl std::ops::Deref for Hives {
-    type Target = [Arc<HiveView>];
-
-    fn deref(&self) -> &[Arc<HiveView>] {
-        &self.list
     }
 }
 
@@ -511,7 +410,7 @@ impl View {
     pub async fn crashed(&self, hive: &str, url: &str) -> bool {
         // Some(crashed) once the hive has said how the worker ended, or cannot.
         let said = |s: &ClusterState| {
-            let Some(h) = s.hives.iter().find(|h| h.conn.name == hive && h.reachable) else {
+            let Some(h) = s.hives.named(hive).filter(|h| h.reachable) else {
                 return Some(false);
             };
             let listed = h
@@ -552,7 +451,7 @@ impl View {
         self.lock().rates.get(url).copied()
     }
 
-    /// The worker that last served the longest of these prefixes (from [`prefix_hashes`]).
+    /// The worker that last served the longest of these prefixes (from [`super::affinity::prefix_hashes`]).
     pub fn affinity(&self, prefix: &[u64]) -> Option<String> {
         self.lock().affinity.lookup(prefix)
     }
@@ -610,64 +509,9 @@ impl Drop for InFlight {
     }
 }
 
-/// The hashes of a prompt's leading blocks: the first covers one block, the
-/// next two, and so on (whole blocks only). Two prompts share their first
-/// k hashes exactly when they share their first k blocks.
-pub fn prefix_hashes(text: &str) -> Vec<u64> {
-    use std::hash::Hasher;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    text.as_bytes()
-        .chunks_exact(PREFIX_BLOCK)
-        .map(|block| {
-            hasher.write(block);
-            hasher.finish()
-        })
-        .collect()
-}
-
-/// Prefix hash → the worker (URL) that last served it, bounded, oldest forgotten first.
-#[derive(Default)]
-struct Affinity {
-    owner: HashMap<u64, String>,
-    order: VecDeque<u64>,
-}
-
-impl Affinity {
-    fn lookup(&self, prefix: &[u64]) -> Option<String> {
-        prefix.iter().rev().find_map(|h| self.owner.get(h).cloned())
-    }
-
-    fn insert(&mut self, prefix: &[u64], url: &str) {
-        for h in prefix {
-            if self.owner.insert(*h, url.to_string()).is_none() {
-                self.order.push_back(*h);
-            }
-        }
-        while self.order.len() > AFFINITY_ENTRIES {
-            if let Some(old) = self.order.pop_front() {
-                self.owner.remove(&old);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prompts_share_hashes_exactly_as_far_as_they_share_blocks() {
-        let doc = "x".repeat(PREFIX_BLOCK * 3);
-        let turn1 = format!("{doc}question one");
-        let turn2 = format!("{doc}question one, answer, question two{}", "y".repeat(300));
-        let (a, b) = (prefix_hashes(&turn1), prefix_hashes(&turn2));
-        assert_eq!(a.len(), 3);
-        assert_eq!(b.len(), 4);
-        assert_eq!(a[..3], b[..3]);
-        let other = prefix_hashes(&format!("z{}", &doc[1..]));
-        assert_ne!(other[0], a[0]);
-        assert!(prefix_hashes("short").is_empty());
-    }
 
     #[test]
     fn a_snapshot_that_says_nothing_new_wakes_nobody_and_news_wakes_only_its_hives_waiters() {
@@ -738,54 +582,6 @@ mod tests {
         assert!(any.has_changed().unwrap());
         let error = view.hive("a").and_then(|h| h.error.clone());
         assert_eq!(error.as_deref(), Some("timed out"));
-    }
-
-    #[test]
-    fn the_index_finds_a_models_hives_by_any_name_it_goes_by() {
-        use crate::queen::placement::fixtures::{hive, model};
-        let mut c = hive("c", 4000, vec![model("other", 1), model("m", 500)], vec![]);
-        c.reachable = false;
-        let mut renamed = model("mine", 500);
-        renamed.entry.model_ref = "hf:org/m".into();
-        let hives = Hives::new(
-            [
-                hive("a", 4000, vec![model("m", 500)], vec![]),
-                hive("b", 4000, vec![renamed], vec![]),
-                c,
-                hive("d", 4000, vec![], vec![]),
-            ]
-            .into_iter()
-            .map(Arc::new)
-            .collect(),
-        );
-        let found = |model: &str| -> Vec<(String, usize)> {
-            let found = hives.with_model(model).into_iter();
-            found.map(|(h, m)| (h.conn.name.clone(), m)).collect()
-        };
-        let pair = |h: &str, m: usize| (h.to_string(), m);
-        assert_eq!(found("M"), [pair("a", 0), pair("c", 1)]);
-        assert_eq!(
-            found("hf:org/m"),
-            [pair("a", 0), pair("b", 0), pair("c", 1)]
-        );
-        assert_eq!(found("file:/models/mine.gguf"), [pair("b", 0)]);
-        assert_eq!(found("/models/m.gguf"), [pair("a", 0), pair("c", 1)]);
-        assert!(found("nothing").is_empty());
-        assert_eq!(hives.named("d").map(|h| h.conn.name.as_str()), Some("d"));
-        let down: Vec<&str> = hives.down().map(|h| h.conn.name.as_str()).collect();
-        assert_eq!(down, ["c"]);
-        assert!(hives.all_heard() && hives.len() == 4);
-    }
-
-    #[test]
-    fn the_longest_remembered_prefix_wins() {
-        let mut affinity = Affinity::default();
-        affinity.insert(&[1, 2], "http://w1");
-        affinity.insert(&[1, 2, 3], "http://w2");
-        assert_eq!(affinity.lookup(&[1, 2, 3, 4]).as_deref(), Some("http://w2"));
-        affinity.insert(&[1, 5], "http://w1");
-        assert_eq!(affinity.lookup(&[1, 5]).as_deref(), Some("http://w1"));
-        assert_eq!(affinity.lookup(&[9]), None);
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@
 //! and answers in its shapes; the worker's own API stays in `mod.rs`.
 
 use super::engine::{self, ToTokenize};
-use super::{loaded, start, Endpoint, Worker};
+use super::routes::{loaded, start, Endpoint};
+use super::Worker;
 use crate::http::{self, Body};
 use crate::protocol::{ApiError, ErrorCode};
 use crate::{anthropic, llama_server, ollama, openai, responses};
